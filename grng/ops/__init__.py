@@ -1,0 +1,124 @@
+"""grng's ops: one signature each, several backends, one dispatch (``backend=`` per call).
+
+Optimizers call only these functions. The reference implementations are in
+:mod:`grng.ops.reference`; the Triton kernels (``grng.kernels``) and the compiled extension
+register themselves as the ``triton`` and ``ext`` backends.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from grng.ops import reference
+from grng.ops.dispatch import backends, call, register, validate_backend
+from grng.ops.errors import BackendUnavailable, FactorizationError
+
+__all__ = [
+    "BackendUnavailable", "FactorizationError", "NewtonResult", "backends", "cholesky_inverse",
+    "eigen_apply", "eigh", "factor_update", "fused_update", "kalman_update",
+    "newton_schulz_inverse", "newton_schulz_step", "validate_backend",
+]
+
+for _name in ("factor_update", "eigh", "eigen_apply", "newton_schulz_step", "cholesky_inverse",
+              "kalman_update", "fused_update"):
+    register(_name, "reference", getattr(reference, _name))
+
+
+def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float, *, backend: str = "auto") -> Tensor:
+    """M <- beta * M + alpha * X^T X in place (symmetric; ``beta == 0`` never reads M)."""
+    return call("factor_update", backend, M, X, float(alpha), float(beta))
+
+
+def eigh(M: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(l, Q) with M = Q diag(l) Q^T; float64 retry, then :class:`FactorizationError`."""
+    return call("eigh", backend, M)
+
+
+def eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
+                damping: float, *, backend: str = "auto") -> Tensor:
+    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V."""
+    return call("eigen_apply", backend, V, QG, lG, QA, lA, float(damping))
+
+
+def newton_schulz_step(M: Tensor, X: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(X (2I - M X), ||I - M X||_F)."""
+    return call("newton_schulz_step", backend, M, X)
+
+
+def cholesky_inverse(M: Tensor, *, backend: str = "auto") -> Tensor:
+    """M^-1 for SPD M through Cholesky (float64 retry, then :class:`FactorizationError`)."""
+    return call("cholesky_inverse", backend, M)
+
+
+def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float, *,
+                  backend: str = "auto") -> Tensor:
+    """P <- P/beta + qI - W W^T, W = P- H^T L^-T, L L^T = r I + H P- H^T (in place)."""
+    return call("kalman_update", backend, P, H, float(r), float(beta), float(q))
+
+
+def fused_update(params: Sequence[Tensor], grads: Sequence[Tensor], directions: Sequence[Tensor],
+                 momentum_buffers: Sequence[Tensor] | None, lr: float, momentum: float,
+                 weight_decay: float, rho: float, kl_clip: float | None, *,
+                 backend: str = "auto") -> bool:
+    """theta <- (1 - lr wd) theta - lr buf, buf = m buf + nu (d + rho g); False = skipped (non-finite)."""
+    return call("fused_update", backend, list(params), list(grads), list(directions),
+                None if momentum_buffers is None else list(momentum_buffers),
+                float(lr), float(momentum), float(weight_decay), float(rho),
+                None if kl_clip is None else float(kl_clip))
+
+
+class NewtonResult(NamedTuple):
+    """Outcome of :func:`newton_schulz_inverse`."""
+
+    inverse: Tensor
+    converged: bool
+    residual: float  # ||I - M X||_F / sqrt(d) of the returned X's predecessor (an upper bound)
+    iterations: int
+
+
+def default_newton_tol(dtype: torch.dtype) -> float:
+    """Stopping tolerance on the RMS residual ||I - M X||_F / sqrt(d) for a dtype."""
+    return 1e-10 if dtype == torch.float64 else 1e-3
+
+
+def newton_schulz_inverse(M: Tensor, X0: Tensor | None = None, *, tol: float | None = None,
+                          max_iter: int = 60, backend: str = "auto") -> NewtonResult:
+    """X ~ M^-1 for SPD M by X_{k+1} = X_k (2I - M X_k).
+
+    Starts from ``X0`` (warm start, e.g. the previous inverse) when ||I - M X0||_F < 1, else from
+    I / ||M||_F, whose residual has spectral radius < 1 for SPD M, so the iteration converges
+    quadratically. Stops when ||I - M X_k||_F / sqrt(d) <= tol (returning X_{k+1}, whose residual
+    is at most the square of that) or after ``max_iter`` steps.
+    """
+    d = M.shape[-1]
+    tol = default_newton_tol(M.dtype) if tol is None else tol
+    scale = math.sqrt(d)
+    X = X0
+    if X is not None:
+        X_next, res = newton_schulz_step(M, X, backend=backend)
+        if float(res) >= 1.0:
+            X = None
+        else:
+            if float(res) / scale <= tol:
+                return NewtonResult(_sym(X_next), True, float(res) / scale, 1)
+            X = X_next
+    if X is None:
+        X = torch.eye(d, dtype=M.dtype, device=M.device) / torch.linalg.matrix_norm(M)
+    rms = math.inf
+    for it in range(1, max_iter + 1):
+        X_next, res = newton_schulz_step(M, X, backend=backend)
+        rms = float(res) / scale
+        X = X_next
+        if rms <= tol:
+            return NewtonResult(_sym(X), True, rms, it)
+        if not math.isfinite(rms):
+            break
+    return NewtonResult(_sym(X), False, rms, max_iter)
+
+
+def _sym(X: Tensor) -> Tensor:
+    return 0.5 * (X + X.transpose(-2, -1))

@@ -1,0 +1,159 @@
+"""Reference implementations of grng's ops: plain, readable PyTorch, float64-capable.
+
+These are the truth every fast backend (Triton, the C++/CUDA extension) is tested against.
+The math is ``ALGORITHMS.md`` sections 1, 2, 4, 5 and 6; each function states its formula in
+its first docstring line. Every backend implements exactly these signatures.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from grng.ops.errors import FactorizationError
+
+
+def symmetrize_from_upper(S: Tensor) -> Tensor:
+    """Return triu(S) + triu(S, 1)^T: a matrix that is symmetric bit for bit."""
+    upper = torch.triu(S)
+    return upper + torch.triu(S, 1).transpose(-2, -1)
+
+
+def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
+    """M <- beta * M + alpha * X^T X, in place; ``beta == 0`` never reads M.
+
+    X (rows x d) may be any floating dtype; the product is accumulated in M's dtype. Only the
+    upper triangle of X^T X is kept and mirrored, so M stays exactly symmetric. Batched over
+    leading dimensions (M: (..., d, d), X: (..., m, d)).
+    """
+    Xc = X.to(M.dtype)
+    S = symmetrize_from_upper(Xc.transpose(-2, -1) @ Xc)
+    if beta == 0.0:
+        return M.copy_(S.mul_(alpha))
+    return M.mul_(beta).add_(S, alpha=alpha)
+
+
+def eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """M = Q diag(l) Q^T for symmetric M; a failed or non-finite solve is retried in float64.
+
+    Returns (eigenvalues, eigenvectors) in M's dtype. Raises :class:`FactorizationError` when the
+    float64 retry fails too (the optimizer then keeps the previous inverse and warns).
+    """
+    try:
+        evals, evecs = torch.linalg.eigh(M)
+        if bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all()):
+            return evals, evecs
+    except RuntimeError:
+        pass
+    try:
+        evals, evecs = torch.linalg.eigh(M.to(torch.float64))
+    except RuntimeError as err:
+        raise FactorizationError(f"eigh failed in float64 too: {err}") from err
+    if not (bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all())):
+        raise FactorizationError("eigh returned non-finite values in float64")
+    return evals.to(M.dtype), evecs.to(M.dtype)
+
+
+def eigen_apply(
+    V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor, damping: float
+) -> Tensor:
+    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V.
+
+    Eigenvalues are clamped at 0. ``QA is None`` means A is diagonal (its eigenvectors are the
+    identity), as for an embedding. V is (d_G x d_A); the result has V's shape and QG's dtype.
+    """
+    Vc = V.to(QG.dtype)
+    denom = torch.outer(lG.clamp(min=0), lA.clamp(min=0)) + damping
+    inner = QG.transpose(0, 1) @ Vc
+    if QA is not None:
+        inner = inner @ QA
+    inner = inner / denom
+    out = QG @ inner
+    return out if QA is None else out @ QA.transpose(0, 1)
+
+
+def newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """X_next = X (2I - M X), with the residual ||I - M X||_F of the input X (same pass).
+
+    Since I - M X_next = (I - M X)^2, the returned residual r bounds the next one by r^2.
+    """
+    R = -(M @ X)
+    R.diagonal().add_(1.0)
+    residual = torch.linalg.matrix_norm(R)
+    return X + X @ R, residual
+
+
+def cholesky_inverse(M: Tensor) -> Tensor:
+    """M^-1 for symmetric positive definite M, through M = L L^T (retried in float64)."""
+    L, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return symmetrize_from_upper(torch.cholesky_inverse(L))
+    L64, info = torch.linalg.cholesky_ex(M.to(torch.float64))
+    if int(info) != 0:
+        raise FactorizationError(f"Cholesky failed: leading minor {int(info)} not positive")
+    return symmetrize_from_upper(torch.cholesky_inverse(L64)).to(M.dtype)
+
+
+def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T.
+
+    In place on P (d x d); H is (k x d). This is the Kalman covariance update of ALGORITHMS.md
+    section 5: with q = 0 and H = X, P^-1 becomes beta P^-1 + X^T X / r (Woodbury). Only the
+    k x k innovation S is factorized (in float64); P is never inverted. The result is mirrored
+    from one triangle, so it is exactly symmetric.
+    """
+    Hc = H.to(P.dtype)
+    U = (P @ Hc.transpose(0, 1)).div_(beta)
+    if q != 0.0:
+        U.add_(Hc.transpose(0, 1), alpha=q)
+    S = (Hc.to(torch.float64) @ U.to(torch.float64))
+    S = 0.5 * (S + S.transpose(0, 1))
+    S.diagonal().add_(r)
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0:
+        raise FactorizationError(f"innovation Cholesky failed: leading minor {int(info)}")
+    W = torch.linalg.solve_triangular(L, U.to(torch.float64).transpose(0, 1), upper=False)
+    W = W.transpose(0, 1).to(P.dtype)
+    Pn = P / beta - W @ W.transpose(0, 1)
+    if q != 0.0:
+        Pn.diagonal().add_(q)
+    return P.copy_(symmetrize_from_upper(Pn))
+
+
+def fused_update(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor] | None,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float,
+    kl_clip: float | None,
+) -> bool:
+    """theta <- (1 - lr wd) theta - lr buf, buf = momentum buf + nu (d + rho g); all or nothing.
+
+    nu = min(1, sqrt(kl_clip / (lr^2 sum <d + rho g, g>))) when ``kl_clip`` is set, else 1.
+    Returns False, touching nothing, when any combined direction value is NaN or Inf.
+    ``momentum_buffers`` is required when momentum != 0.
+    """
+    combined = [d.add(g, alpha=rho) if rho != 0.0 else d for d, g in zip(directions, grads)]
+    if not all(bool(torch.isfinite(c).all()) for c in combined):
+        return False
+    nu = 1.0
+    if kl_clip is not None and lr > 0.0:
+        vg = sum(float(torch.sum(c.double() * g.double())) for c, g in zip(combined, grads))
+        if vg > 0.0:
+            nu = min(1.0, math.sqrt(kl_clip / (lr * lr * vg)))
+    for i, (p, c) in enumerate(zip(params, combined)):
+        if momentum != 0.0:
+            assert momentum_buffers is not None
+            step = momentum_buffers[i].mul_(momentum).add_(c, alpha=nu)
+        else:
+            step = c.mul(nu) if nu != 1.0 else c
+        if weight_decay != 0.0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(step.to(p.dtype), alpha=-lr)
+    return True

@@ -1,0 +1,1 @@
+"""Triton kernels of grng (registered as the ``triton`` backend of :mod:`grng.ops`)."""

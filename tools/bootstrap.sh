@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create .venv and install grng into it (editable), once. Re-running skips finished work.
+#
+# Two modes:
+#  - registry mode (default): a plain venv, torch pinned to 2.13.0 through constraints.txt so the
+#    local CPU wheel is used, then grng with its dev extra.
+#  - system mode: the host python3 already has torch (e.g. a GPU machine with CUDA torch and no
+#    package registry). The venv sees the host's packages through a .pth file (this also works
+#    when python3 is itself a venv, where --system-site-packages would not) and nothing is
+#    downloaded.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=.venv
+PY=python3
+mode_file=$VENV/.grng-mode
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if [ "${GRNG_SYSTEM_TORCH:-auto}" != 0 ] && $PY -c "import torch" >/dev/null 2>&1; then
+    mode=system
+  else
+    mode=registry
+  fi
+  echo "[bootstrap] creating $VENV ($mode mode)"
+  $PY -m venv "$VENV"
+  if [ "$mode" = system ]; then
+    host_site=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    venv_site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    echo "$host_site" > "$venv_site/_grng_host_site.pth"
+  fi
+  echo "$mode" > "$mode_file"
+fi
+mode=$(cat "$mode_file")
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+if [ "$mode" = registry ]; then
+  # Build requirements first: the extension is built with --no-build-isolation against this torch.
+  "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0" setuptools wheel pybind11 ninja
+  "${PIP[@]}" install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+else
+  "${PIP[@]}" install -q --no-deps --no-index --no-build-isolation -e .
+fi
+"$VENV/bin/python" -c "import grng, torch; print('[bootstrap] grng', grng.__version__, 'torch', torch.__version__, 'backends', grng.backends())"
