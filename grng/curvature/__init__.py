@@ -1,0 +1,1 @@
+"""Curvature capture: layer helpers, hooks and inverse strategies."""

@@ -1,0 +1,68 @@
+"""K-FAC: d = P(g), P the damped Kronecker-factored inverse (ALGORITHMS.md sections 1, 2, 4)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor, nn
+
+from grng.curvature.inverse import INVERSES, make_inverse
+from grng.curvature.layers import KroneckerLayer
+from grng.optim import validation as check
+from grng.optim.base import CurvatureOptimizer
+
+
+class KFAC(CurvatureOptimizer):
+    """Kronecker-factored natural gradient (the rho = 0 member of the GRNG family).
+
+    ``KFAC(model, lr, damping)`` then ``loss.backward(); opt.step()``, or ``opt.step(closure)``
+    with a closure that runs the forward pass and returns the loss (the optimizer runs the
+    backward). Factors A, G are updated every ``factor_every`` steps as
+    M <- factor_decay M + (1 - factor_decay) M_batch (the first update sets M); inverses are
+    refreshed every ``inverse_every`` steps with ``inverse`` = "eigen" (exact damping,
+    (A (x) G + damping I)^-1), "newton" (Newton-Schulz, factored Tikhonov damping) or
+    "cholesky" (the same damping by Cholesky).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        factor_decay: float = 0.95,
+        factor_every: int = 1,
+        inverse_every: int = 10,
+        inverse: str = "eigen",
+        kl_clip: float | None = None,
+        backend: str = "auto",
+        *,
+        param_groups: Iterable[dict] | None = None,
+        **extra_defaults: float,
+    ) -> None:
+        check.positive("damping", damping)
+        self.inverse_every = check.positive_int("inverse_every", inverse_every)
+        self.inverse = make_inverse(check.choice("inverse", inverse, INVERSES))
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                        kl_clip=kl_clip, **extra_defaults)
+        super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
+                         backend=backend, param_groups=param_groups)
+        for group in self.param_groups:
+            check.positive("damping", group["damping"])
+
+    def _refresh_inverses(self) -> None:
+        due = self._steps % self.inverse_every == 0
+        group_of = self._group_index()
+        for layer in self.layers:
+            st = self.layer_state(layer)
+            if "A" not in st or "G" not in st:
+                continue
+            if due or not self.inverse.ready(st):
+                damping = self.param_groups[group_of[id(layer.weight)]]["damping"]
+                self.inverse.refresh(st, damping, self.backend)
+
+    def _precondition_layer(self, layer: KroneckerLayer, st: dict, V: Tensor, group: dict) -> Tensor:
+        """P(V); the plain gradient until the layer has factors."""
+        if not self.inverse.ready(st):
+            return V
+        return self.inverse.apply(st, V, group["damping"], self.backend)

@@ -1,0 +1,46 @@
+"""RENG, the explicit GRNG: d = P(g + rho H g) (ALGORITHMS.md sections 3 and 4).
+
+RENG is gradient regularization feeding K-FAC: :func:`regularized_gradient` writes
+g + rho H g into ``.grad`` (H g by double backprop, ``gr="exact"``, or by the forward/backward
+finite difference with step ``epsilon``), then K-FAC preconditions it. The curvature factors
+come only from the evaluation at theta: the probe and the Hessian-vector pass run with capture
+paused, and BatchNorm buffers are restored after the probe.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from grng.optim import validation as check
+from grng.optim.gradreg import regularized_gradient
+from grng.optim.kfac import KFAC
+
+GR_MODES: tuple[str, ...] = ("exact", "forward", "backward")
+
+
+class RENG(KFAC):
+    """K-FAC's keywords plus ``rho`` (>= 0), ``gr`` and ``epsilon``; requires ``step(closure)``."""
+
+    def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3,
+                 rho: float = 0.1, gr: str = "exact", epsilon: float = 0.01, **kwargs) -> None:
+        self.rho = check.non_negative("rho", rho)
+        self.gr = check.choice("gr", gr, GR_MODES)
+        self.epsilon = check.finite("epsilon", epsilon)
+        if self.epsilon == 0.0:
+            raise ValueError("epsilon must be non-zero")
+        super().__init__(model, lr, damping, **kwargs)
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
+        """One RENG step; ``closure`` runs the forward pass and returns the loss."""
+        if closure is None:
+            raise ValueError("RENG.step needs a closure (it evaluates the gradient at a probe "
+                             "point or differentiates through it)")
+        return super().step(closure)
+
+    def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Write g + rho H g into .grad; capture only at theta; params restored exactly."""
+        params = list(self._all_params())
+        buffers = [b for b in self.model.buffers()]
+        return regularized_gradient(params, closure, self.rho, self.epsilon, self.gr,
+                                    probe_context=self.curvature_paused, buffers=buffers)
