@@ -92,32 +92,38 @@ def newton_schulz_inverse(M: Tensor, X0: Tensor | None = None, *, tol: float | N
     Starts from ``X0`` (warm start, e.g. the previous inverse) when ||I - M X0||_F < 1, else from
     I / ||M||_F, whose residual has spectral radius < 1 for SPD M, so the iteration converges
     quadratically. Stops when ||I - M X_k||_F / sqrt(d) <= tol (returning X_{k+1}, whose residual
-    is at most the square of that) or after ``max_iter`` steps.
+    is at most the square of that), after ``max_iter`` steps, or unconverged as soon as the
+    residual stops falling (the rounding floor: more steps cannot help).
     """
     d = M.shape[-1]
     tol = default_newton_tol(M.dtype) if tol is None else tol
     scale = math.sqrt(d)
     X = X0
+    iterations = 0
     if X is not None:
         X_next, res = newton_schulz_step(M, X, backend=backend)
+        iterations = 1
         if float(res) >= 1.0:
             X = None
         else:
             if float(res) / scale <= tol:
-                return NewtonResult(_sym(X_next), True, float(res) / scale, 1)
+                return NewtonResult(_sym(X_next), True, float(res) / scale, iterations)
             X = X_next
     if X is None:
         X = torch.eye(d, dtype=M.dtype, device=M.device) / torch.linalg.matrix_norm(M)
-    rms = math.inf
-    for it in range(1, max_iter + 1):
+    rms = previous = math.inf
+    while iterations < max_iter:
         X_next, res = newton_schulz_step(M, X, backend=backend)
+        iterations += 1
         rms = float(res) / scale
         X = X_next
         if rms <= tol:
-            return NewtonResult(_sym(X), True, rms, it)
-        if not math.isfinite(rms):
+            return NewtonResult(_sym(X), True, rms, iterations)
+        # the residual stopped falling: the rounding floor (or divergence); more steps cannot help
+        if not math.isfinite(rms) or rms >= previous:
             break
-    return NewtonResult(_sym(X), False, rms, max_iter)
+        previous = rms
+    return NewtonResult(_sym(X), False, rms, iterations)
 
 
 def _sym(X: Tensor) -> Tensor:

@@ -136,11 +136,11 @@ def fused_update(
     """theta <- (1 - lr wd) theta - lr buf, buf = momentum buf + nu (d + rho g); all or nothing.
 
     nu = min(1, sqrt(kl_clip / (lr^2 sum <d + rho g, g>))) when ``kl_clip`` is set, else 1.
-    Returns False, touching nothing, when any combined direction value is NaN or Inf.
+    Returns False, touching nothing, when any direction or gradient value is NaN or Inf.
     ``momentum_buffers`` is required when momentum != 0.
     """
     combined = [d.add(g, alpha=rho) if rho != 0.0 else d for d, g in zip(directions, grads)]
-    if not all(bool(torch.isfinite(c).all()) for c in combined):
+    if not all(bool(torch.isfinite(t).all()) for t in (*combined, *grads)):
         return False
     nu = 1.0
     if kl_clip is not None and lr > 0.0:
