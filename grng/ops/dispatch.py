@@ -29,6 +29,8 @@ BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "ext")
 _BACKEND_MODULES: dict[str, str] = {"triton": "grng.kernels", "ext": "grng.ops.ext"}
 
 # backend="auto": per device type, per op, the backends to try in order (reference is last).
+# "cuda" stays empty (auto = reference) until bench/kernels.py, run on a GPU, measures a backend
+# faster than the reference for an op; only such a measurement may add an entry here.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {"cpu": {}, "cuda": {}}
 
 

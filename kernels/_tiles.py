@@ -1,0 +1,115 @@
+"""Pieces shared by grng's Triton kernels: the masked GEMM tile loop, autotune configs, helpers.
+
+Every load and store is masked (the interpreter does no bounds checks), so any size works.
+Tile products use fp32 operands with ``input_precision="ieee"`` (true fp32, as torch's default
+matmul, not TF32) when ``F32_DOT`` is set: any fp32 operand, mixed dtypes, or Triton's
+interpreter (which stores bf16 as raw 16-bit integers, so its bf16 ``tl.dot`` would be wrong).
+Otherwise (bf16/fp16 operands on a GPU) they go to the tensor cores with fp32 accumulation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from grng.ops.dispatch import interpreter_enabled
+
+# Hopper (H100/H200) GEMM tiles; under the interpreter one small tile keeps the tests fast.
+_GEMM_HOPPER = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+_GEMM_INTERPRET = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+
+# Square tiles for the symmetric (one-triangle) kernels.
+_SYM_HOPPER = [
+    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+]
+_SYM_INTERPRET = [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4)]
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Autotune configs for the GEMM kernels: Hopper tiles, or one 32x32x32 tile when interpreting."""
+    return _GEMM_INTERPRET if interpreter_enabled() else _GEMM_HOPPER
+
+
+def sym_configs() -> list[triton.Config]:
+    """Autotune configs for the symmetric kernels: square Hopper tiles, or 32x32 when interpreting."""
+    return _SYM_INTERPRET if interpreter_enabled() else _SYM_HOPPER
+
+
+def device_ok(*tensors: Tensor) -> bool:
+    """True when all tensors sit on one CUDA device, or on the CPU with the interpreter on."""
+    dev = tensors[0].device
+    if any(t.device != dev for t in tensors):
+        return False
+    return dev.type == "cuda" or (dev.type == "cpu" and interpreter_enabled())
+
+
+def f32_dot(*tensors: Tensor) -> bool:
+    """Whether tile products run as fp32 IEEE dots: an fp32 operand, mixed dtypes, or interpreter."""
+    dtypes = {t.dtype for t in tensors}
+    return interpreter_enabled() or len(dtypes) > 1 or torch.float32 in dtypes
+
+
+@triton.jit
+def dot_acc(a, b, acc, F32_DOT: tl.constexpr):
+    """acc + a b: fp32 IEEE operands when F32_DOT, else the operands' own dtype (tensor cores)."""
+    if F32_DOT:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fresh, uninitialized output buffer (tests replace this to poison outputs with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              F32_DOT: tl.constexpr):
+    """acc = A[offs_m, :] @ B[:, offs_n] for strided A (M x K), B (K x N), fp32 accumulation."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m[:, None] < M
+    col_ok = offs_n[None, :] < N
+    a_ptrs = a_ptr + offs_m[:, None] * s_am + offs_k[None, :] * s_ak
+    b_ptrs = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
+        acc = dot_acc(a, b, acc, F32_DOT)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+    return acc
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in GROUP_M-row bands (L2 reuse of the B tiles)."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+def gemm_grid(M: int, N: int):
+    """Launch grid for a GEMM kernel: one program per BLOCK_M x BLOCK_N output tile."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -1,0 +1,111 @@
+"""Symmetric rank-m update M <- beta M + alpha X^T X (+ diag I), one triangle of tiles only.
+
+Program p of a batch entry owns the upper tile (ti, tj), ti <= tj, of the T x T grid of square
+BLOCK tiles (T(T+1)/2 programs: half the FLOPs of a full GEMM). It accumulates
+X[:, ti]^T X[:, tj] in fp32, adds beta * M and the diagonal term on the tile's upper-triangle
+elements (global row <= column; M's lower triangle is never read) and stores every such element
+both at (r, c) and, through the transposed tile, at (c, r). Each entry is thus written from
+one value, so the result is exactly symmetric, and no program reads what another writes. ``beta == 0`` compiles the read of
+M away (it may hold NaN). The Kalman covariance update reuses this kernel with X = W^T,
+alpha = -1, beta = 1 / beta_kalman and diag = q.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _tiles
+
+
+@triton.autotune(configs=_tiles.sym_configs(), key=["d", "m", "READ_M"], restore_value=["m_ptr"])
+@triton.jit
+def _sym_update_kernel(m_ptr, x_ptr, d, m, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
+                       alpha, beta, diag,
+                       READ_M: tl.constexpr, F32_DOT: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored."""
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    # Program pid -> tile (ti, tj), 0 <= ti <= tj: tj = floor((sqrt(8 pid + 1) - 1) / 2), fixed up
+    # by one in case float rounding lands on the neighbouring integer.
+    tj = ((tl.sqrt(8.0 * pid.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    tj = tl.where(tj * (tj + 1) // 2 > pid, tj - 1, tj)
+    tj = tl.where((tj + 1) * (tj + 2) // 2 <= pid, tj + 1, tj)
+    ti = pid - tj * (tj + 1) // 2
+
+    x_base = x_ptr + batch * s_xb
+    offs_r = ti * BLOCK + tl.arange(0, BLOCK)
+    offs_c = tj * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.arange(0, BLOCK_K)
+    r_ok = offs_r < d
+    c_ok = offs_c < d
+    xr_ptrs = x_base + offs_k[:, None] * s_xk + offs_r[None, :] * s_xc
+    xc_ptrs = x_base + offs_k[:, None] * s_xk + offs_c[None, :] * s_xc
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k0 in range(0, m, BLOCK_K):
+        k_ok = (k0 + offs_k)[:, None] < m
+        xr = tl.load(xr_ptrs, mask=k_ok & r_ok[None, :], other=0.0)
+        xc = tl.load(xc_ptrs, mask=k_ok & c_ok[None, :], other=0.0)
+        acc = _tiles.dot_acc(tl.trans(xr), xc, acc, F32_DOT)
+        xr_ptrs += BLOCK_K * s_xk
+        xc_ptrs += BLOCK_K * s_xk
+
+    rows = offs_r[:, None]
+    cols = offs_c[None, :]
+    upper = (rows <= cols) & r_ok[:, None] & c_ok[None, :]
+    m_base = m_ptr + batch * s_mb
+    out = alpha * acc
+    if READ_M:
+        old = tl.load(m_base + rows * s_mr + cols * s_mc, mask=upper, other=0.0).to(tl.float32)
+        out += beta * old
+    out = tl.where(rows == cols, out + diag, out)
+    out = out.to(m_ptr.dtype.element_ty)
+    tl.store(m_base + rows * s_mr + cols * s_mc, out, mask=upper)
+    # The mirror image, stored as the transposed tile so that the writes stay row-contiguous.
+    lower = (offs_r[None, :] <= offs_c[:, None]) & r_ok[None, :] & c_ok[:, None]
+    tl.store(m_base + offs_c[:, None] * s_mr + offs_r[None, :] * s_mc, tl.trans(out), mask=lower)
+
+
+def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> None:
+    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I for M (B, d, d), X (B, m, d), mirrored."""
+    B, d, _ = M.shape
+    m = X.shape[1]
+    if B == 0 or d == 0:
+        return
+
+    def grid(meta: dict) -> tuple[int, int]:
+        """T (T + 1) / 2 upper tiles of the T x T tile grid, per batch entry."""
+        tiles = triton.cdiv(d, meta["BLOCK"])
+        return (tiles * (tiles + 1) // 2, B)
+
+    _sym_update_kernel[grid](
+        M, X, d, m, M.stride(0), M.stride(1), M.stride(2), X.stride(0), X.stride(1), X.stride(2),
+        float(alpha), float(beta), float(diag),
+        READ_M=beta != 0.0, F32_DOT=_tiles.f32_dot(X))
+
+
+def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
+    """M <- beta * M + alpha * X^T X in place (symmetric; ``beta == 0`` never reads M); batched."""
+    d, m = M.shape[-1], X.shape[-2]
+    if M.dim() == 2:
+        sym_update(M.unsqueeze(0), X.unsqueeze(0), alpha, beta, 0.0)
+        return M
+    X3 = X.reshape(-1, m, d)
+    try:
+        M3 = M.view(-1, d, d)
+    except RuntimeError:  # batch dims that cannot be flattened in place: update a copy
+        M3 = M.reshape(-1, d, d).contiguous()
+        sym_update(M3, X3, alpha, beta, 0.0)
+        return M.copy_(M3.view(M.shape))
+    sym_update(M3, X3, alpha, beta, 0.0)
+    return M
+
+
+def supports(M: Tensor, X: Tensor, alpha: float, beta: float) -> bool:
+    """True for fp32 M (..., d, d) and fp32/bf16/fp16 X (..., m, d) on a device the kernel runs on."""
+    return (M.dtype == torch.float32 and X.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and M.dim() >= 2 and X.dim() == M.dim() and M.shape[-1] == M.shape[-2]
+            and X.shape[-1] == M.shape[-1] and X.shape[:-2] == M.shape[:-2]
+            and _tiles.device_ok(M, X))

@@ -1,0 +1,42 @@
+"""Kalman covariance update P <- P/beta + q I - W W^T, with the d x d part in one Triton kernel.
+
+The thin and small pieces run in torch, exactly as in the reference: U = P H^T / beta + q H^T
+(d x k), S = r I + H U (k x k, float64, symmetrized), S = L L^T, W = U L^-T (d x k). The only
+d x d work, P <- (1/beta) P + q I - W W^T, is the symmetric kernel of the factor update
+(:func:`grng.kernels.factor_update.sym_update`) with X = W^T (a stride view, no copy),
+alpha = -1, beta = 1/beta and diag = q: one triangle of tiles, mirrored, exactly symmetric.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grng.ops.errors import FactorizationError
+
+from . import _tiles
+from .factor_update import sym_update
+
+
+def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T."""
+    Hc = H.to(P.dtype)
+    U = (P @ Hc.transpose(0, 1)).div_(beta)
+    if q != 0.0:
+        U.add_(Hc.transpose(0, 1), alpha=q)
+    U64 = U.to(torch.float64)
+    S = Hc.to(torch.float64) @ U64
+    S = 0.5 * (S + S.transpose(0, 1))
+    S.diagonal().add_(r)
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) != 0:
+        raise FactorizationError(f"innovation Cholesky failed: leading minor {int(info)}")
+    Wt = torch.linalg.solve_triangular(L, U64.transpose(0, 1), upper=False).to(P.dtype)  # k x d
+    sym_update(P.unsqueeze(0), Wt.unsqueeze(0), -1.0, 1.0 / beta, q)
+    return P
+
+
+def supports(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> bool:
+    """True for fp32 P (d x d) and fp32/bf16/fp16 H (k x d) on a device the kernel runs on."""
+    return (P.dtype == torch.float32 and H.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and P.dim() == 2 and H.dim() == 2 and P.shape[0] == P.shape[1]
+            and H.shape[1] == P.shape[0] and _tiles.device_ok(P, H))
