@@ -20,6 +20,6 @@ packages = [p for p in find_packages(include=["grng", "grng.*"])] + ["grng.kerne
 setup(
     packages=packages,
     package_dir={"grng.kernels": "kernels"},
-    package_data={"grng": ["data/*"]},
+    package_data={"grng": ["demo/*.json"]},
     **extension_build_args(),
 )

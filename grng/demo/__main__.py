@@ -1,0 +1,5 @@
+import sys
+
+from grng.demo.cli import main
+
+sys.exit(main())
