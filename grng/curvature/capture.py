@@ -50,6 +50,7 @@ class CurvatureCapture:
             self.layers.append(layer)
             self.names.append(name)
         self.armed = True
+        self.loss_scale = 1.0  # the G rows carry the loss scale S of a scaled backward (GradScaler)
         self._paused = 0
         self._records: dict[int, _Record] = {id(layer.module): _Record() for layer in self.layers}
         self._handles: list[RemovableHandle] = [
@@ -75,8 +76,11 @@ class CurvatureCapture:
             return
         if not isinstance(output, Tensor) or not output.requires_grad:
             return
+        record = self._records.get(id(module))
+        if record is None:  # copy.deepcopy(model) copies this hook onto modules that are not ours
+            return
         call = _Call(inputs[0].detach())
-        self._records[id(module)].calls.append(call)
+        record.calls.append(call)
 
         def grad_hook(grad: Tensor) -> None:
             if call.grad is None and self._paused == 0:
@@ -86,11 +90,24 @@ class CurvatureCapture:
 
     def rows(self, layer: KroneckerLayer) -> tuple[Rows, Rows] | None:
         """(A rows, G rows) of the completed calls since the last :meth:`clear`, or None."""
-        calls = [c for c in self._records[id(layer.module)].calls if c.grad is not None]
+        # calls with no rows (an empty batch, an expert that got no tokens) add nothing: a
+        # layer with rows in no call gets no factor update this step (never a division by 0)
+        calls = [c for c in self._records[id(layer.module)].calls
+                 if c.grad is not None and c.inputs.numel() > 0 and c.grad.numel() > 0]
         if not calls:
             return None
         inputs = [c.inputs for c in calls]
-        return layer.a_rows(inputs), layer.g_rows(inputs, [c.grad for c in calls])
+        g_rows = layer.g_rows(inputs, [c.grad for c in calls])
+        if self.loss_scale != 1.0:
+            g_rows.scale /= self.loss_scale
+        return layer.a_rows(inputs), g_rows
+
+    def all_finite(self) -> bool:
+        """False when a completed call's input or output gradient (what :meth:`rows` would use)
+        holds a NaN or Inf."""
+        flags = [torch.isfinite(t).all() for record in self._records.values() for c in record.calls
+                 if c.grad is not None for t in (c.inputs, c.grad) if t.is_floating_point()]
+        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
 
     def clear(self) -> None:
         """Drop everything recorded (called after every optimizer step)."""

@@ -36,6 +36,7 @@ class EigenInverse:
     """Damped eigen-inverse application; the damping is applied at apply time."""
 
     name = "eigen"
+    keys: tuple[str, ...] = ("QG", "lG", "QA", "lA")  # what refresh writes into the state
 
     def refresh(self, st: dict, damping: float, backend: str) -> None:
         """Q, l of each factor (a diagonal A is its own eigenvalues)."""
@@ -64,6 +65,7 @@ class _TikhonovInverse:
     """Factored Tikhonov damping, X ~ (M + damping_part I)^-1 per factor; P(V) = X_G V X_A."""
 
     name = ""
+    keys: tuple[str, ...] = ("XG", "XA")
 
     def refresh(self, st: dict, damping: float, backend: str) -> None:
         da, dg = tikhonov_split(st["A"], st["G"], damping)

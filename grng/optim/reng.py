@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from grng.distributed.gradreg import regularized_gradient as ddp_regularized_gradient
 from grng.optim import validation as check
 from grng.optim.gradreg import regularized_gradient
 from grng.optim.kfac import KFAC
@@ -30,6 +31,8 @@ class RENG(KFAC):
         if self.epsilon == 0.0:
             raise ValueError("epsilon must be non-zero")
         super().__init__(model, lr, damping, **kwargs)
+        if self._dist is not None and self.grad_scaler is not None:
+            raise ValueError("grad_scaler is not supported with a process group (single process only)")
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         """One RENG step; ``closure`` runs the forward pass and returns the loss."""
@@ -42,5 +45,14 @@ class RENG(KFAC):
         """Write g + rho H g into .grad; capture only at theta; params restored exactly."""
         params = list(self._all_params())
         buffers = [b for b in self.model.buffers()]
-        return regularized_gradient(params, closure, self.rho, self.epsilon, self.gr,
-                                    probe_context=self.curvature_paused, buffers=buffers)
+        if self._dist is not None:  # under DDP: no_sync passes, grng all-reduces (distributed/gradreg.py)
+            return ddp_regularized_gradient(params, closure, self.rho, self.epsilon, self.gr,
+                                            group=self._dist.group, model=self.model,
+                                            probe_context=self.curvature_paused, buffers=buffers)
+        scaler = self._active_scaler()
+        loss = regularized_gradient(params, closure, self.rho, self.epsilon, self.gr,
+                                    probe_context=self.curvature_paused, buffers=buffers,
+                                    grad_scaler=scaler)
+        if scaler is not None:  # each evaluation was unscaled once; the G rows still carry S
+            self._closure_scale = float(scaler.get_scale())
+        return loss

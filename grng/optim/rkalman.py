@@ -60,6 +60,9 @@ class RKalman(CurvatureOptimizer):
         max_variance: float | None = -1.0,
         seed: int = 0,
         param_groups: Iterable[dict] | None = None,
+        process_group: object = None,
+        distributed_strategy: str = "comm-opt",
+        grad_scaler: object = None,
     ) -> None:
         check.finite("factor_decay", factor_decay)
         if not 0.0 < factor_decay < 1.0:
@@ -72,18 +75,21 @@ class RKalman(CurvatureOptimizer):
             max_variance = 1.0 / self.prior_precision
         self.max_variance = check.optional_positive("max_variance", max_variance)
         self.kalman_failures = 0
-        self._seed = int(seed)
+        self._seed = check.integer("seed", seed)
         self._generators: dict[torch.device, torch.Generator] = {}
         defaults = dict(lr=lr, rho=check.non_negative("rho", rho), momentum=momentum,
                         weight_decay=weight_decay, kl_clip=kl_clip)
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
-                         backend=backend, param_groups=param_groups)
+                         backend=backend, param_groups=param_groups, process_group=process_group,
+                         distributed_strategy=distributed_strategy, grad_scaler=grad_scaler)
         for group in self.param_groups:
             check.non_negative("rho", group["rho"])
 
     # ------------------------------------------------------------------ curvature hooks
     def _update_curvature(self, factors_due: bool) -> None:
         """Predict and update every P with this batch's rows (elementwise for diagonals)."""
+        if self._dist is not None:  # the global batch's observations, identical updates
+            return self._dist.kalman_update(self, factors_due)
         if not factors_due:
             return
         for layer in self.layers:
@@ -138,13 +144,19 @@ class RKalman(CurvatureOptimizer):
         if H.shape[0] > self.kalman_rank:
             H = self._sketch(H.shape[0], P) @ H
         r = rows.n / ((1.0 - beta) * rows.scale ** 2)
+        self._kalman_apply(st, key, H, r)
+
+    def _kalman_apply(self, st: dict, key: str, H: Tensor, r: float) -> None:
+        """Kalman update of st[key] with observation matrix H and noise r (then the cap)."""
+        beta = self.factor_decay
+        P = st[key]
         try:  # the op leaves P untouched when it raises
             ops.kalman_update(P, H, r, beta, self.process_noise, backend=self.backend)
         except ops.FactorizationError as err:
             self.kalman_failures += 1
             warnings.warn(f"R-Kalman: innovation factorization failed ({err}); keeping the "
                           f"previous covariance ({self.kalman_failures} failures)", RuntimeWarning,
-                          stacklevel=3)
+                          stacklevel=4)
             return
         self._cap(P)
 

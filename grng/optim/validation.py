@@ -51,3 +51,32 @@ def choice(name: str, value: str, options: tuple[str, ...]) -> str:
 def optional_positive(name: str, value: float | None) -> float | None:
     """None or a finite number > 0."""
     return None if value is None else positive(name, value)
+
+
+
+def storage_dtype(name: str, value: object) -> object:
+    """None or a storage dtype for factors/inverses: torch.bfloat16, torch.float32, torch.float64.
+
+    float16 is refused: its range (65504) is too small for second moments of activations.
+    """
+    import torch
+
+    allowed = (torch.bfloat16, torch.float32, torch.float64)
+    if value is not None and value not in allowed:
+        raise ValueError(f"{name} must be None or one of {allowed}, got {value!r}")
+    return value
+
+
+def grad_scaler(name: str, value: object) -> object:
+    """None or an object with GradScaler's interface (scale, unscale_, get_scale, is_enabled)."""
+    if value is not None and not all(callable(getattr(value, m, None))
+                                     for m in ("scale", "unscale_", "get_scale", "is_enabled")):
+        raise ValueError(f"{name} must be None or a torch.amp.GradScaler, got {type(value).__name__}")
+    return value
+
+
+def integer(name: str, value: int) -> int:
+    """Any integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value

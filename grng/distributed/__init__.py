@@ -1,0 +1,87 @@
+"""Data-parallel (DDP) support for grng's optimizers; see docs/distributed.md.
+
+- :func:`resolve_group`: which process group an optimizer communicates over (None = single
+  process: the optimizers then run exactly their single-process code).
+- :func:`refuse_sharded`: FSDP / DTensor parameters are refused at construction.
+- :mod:`grng.distributed.comm`: the bucketed asynchronous collectives.
+- :mod:`grng.distributed.assignment`: the cost-balanced layer-to-rank assignment.
+- :mod:`grng.distributed.curvature`: factor / observation reduction, distributed inverses.
+- :mod:`grng.distributed.gradreg`: gradient regularization's passes under DDP.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from grng.distributed.assignment import assign_layers, layer_cost
+
+__all__ = ["STRATEGIES", "assign_layers", "is_initialized", "layer_cost", "refuse_sharded",
+           "resolve_group"]
+
+STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt")
+
+
+def is_initialized() -> bool:
+    """torch.distributed is available and a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_group(model: nn.Module, process_group: Any = None) -> Any:
+    """The group to communicate over, or None for the single-process path.
+
+    ``process_group=None`` (the default): the DDP wrapper's group when ``model`` is a
+    ``DistributedDataParallel``, else the default group, and only when torch.distributed is
+    initialized with more than one rank in that group. An explicit group is always used (even
+    of size 1, which exercises the distributed code path).
+    """
+    if process_group is not None:
+        if not is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialized")
+        return process_group
+    if not is_initialized():
+        return None
+    group = getattr(model, "process_group", None) if _is_ddp(model) else None
+    group = group if group is not None else dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def refuse_sharded(model: nn.Module, who: str = "grng") -> None:
+    """Raise NotImplementedError for FSDP-wrapped models and DTensor (sharded) parameters.
+
+    Kronecker factors and preconditioners need each layer's full weight gradient and full
+    layer inputs/output gradients; under FSDP the parameters and their gradients are shards
+    (FSDP2: DTensor; FSDP1: flattened FlatParameter shards), so a curvature optimizer would
+    silently compute wrong factors. Refusing at construction is the documented behaviour.
+    """
+    why = None
+    # a DTensor or an FSDP module can only exist if its module was imported: looking them up
+    # in sys.modules avoids importing torch.distributed.tensor (and dynamo) for everyone else
+    tensor_mod = sys.modules.get("torch.distributed.tensor")
+    DTensor = getattr(tensor_mod, "DTensor", None)
+    fsdp_mod = sys.modules.get("torch.distributed.fsdp")
+    fsdp_types: tuple[type, ...] = tuple(
+        t for t in (getattr(fsdp_mod, "FSDPModule", None),
+                    getattr(fsdp_mod, "FullyShardedDataParallel", None)) if t is not None)
+    for name, module in model.named_modules():
+        if fsdp_types and isinstance(module, fsdp_types):
+            why = f"module {name or '<root>'!r} is FSDP-wrapped ({type(module).__name__})"
+            break
+    if why is None and DTensor is not None:
+        for name, p in model.named_parameters():
+            if isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor):
+                why = f"parameter {name!r} is a DTensor (sharded, e.g. by fully_shard)"
+                break
+    if why is not None:
+        raise NotImplementedError(
+            f"{who}: FSDP / sharded parameters are not supported ({why}). Kronecker factors "
+            "need full weight gradients and full layer activations; with sharded parameters "
+            "the result would be silently wrong. Use DistributedDataParallel (see "
+            "docs/distributed.md).")
