@@ -40,7 +40,7 @@ SCHEMA = ["model", "optimizer", "backend", "metric", "median_ms", "p20_ms", "p80
           "ratio_vs_adamw", "device", "torch_version", "date"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
-OPTIMIZERS = ["sgd", "adamw", "kfac", "ring", "reng-fd", "rkalman", "fgr-sgd", "db-sgd"]
+OPTIMIZERS = ["sgd", "adamw", "kfac", "ring", "reng-fd", "rkalman", "fgr-sgd", "bgr-sgd", "db-sgd"]
 CURVATURE = {"kfac", "ring", "reng-fd", "rkalman"}
 
 
@@ -81,13 +81,13 @@ def make_optimizer(name: str, model: nn.Module, backend: str, inverse_every: int
         return grng.RENG(model, lr=0.01, damping=1e-2, rho=0.01, gr="forward", epsilon=0.01, **kw)
     if name == "rkalman":
         return grng.RKalman(model, lr=0.01, rho=0.1, momentum=0.9, backend=backend)
-    mode = "forward" if name == "fgr-sgd" else "exact"
+    mode = {"fgr-sgd": "forward", "bgr-sgd": "backward", "db-sgd": "exact"}[name]
     return grng.GradReg(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), gamma=0.01,
                         epsilon=0.01, mode=mode, model=model)
 
 
 def needs_closure(name: str) -> bool:
-    return name in {"reng-fd", "fgr-sgd", "db-sgd"}
+    return name in {"reng-fd", "fgr-sgd", "bgr-sgd", "db-sgd"}
 
 
 class Clock:

@@ -145,7 +145,8 @@ def fused_update(
     nu = 1.0
     if kl_clip is not None and lr > 0.0:
         vg = sum(float(torch.sum(c.double() * g.double())) for c, g in zip(combined, grads))
-        if vg > 0.0:
+        # lr^2 vg can underflow to 0 for a tiny lr: then nu = 1 (the C++/CUDA ops get inf -> 1)
+        if vg > 0.0 and lr * lr * vg > 0.0:
             nu = min(1.0, math.sqrt(kl_clip / (lr * lr * vg)))
     for i, (p, c) in enumerate(zip(params, combined)):
         if momentum != 0.0:

@@ -28,6 +28,16 @@ from grng.distributed.curvature import DistributedCurvature
 from grng.optim import validation as check
 
 
+def _autocast_disabled() -> contextlib.ExitStack:
+    """Switch autocast off (CPU, and CUDA where present) for the optimizer's own arithmetic:
+    under autocast a matmul would run in bf16/fp16 and the factors lose their float32."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """Base class of grng's curvature optimizers; see the module docstring for one step."""
 
@@ -136,7 +146,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Number of steps skipped because of a non-finite gradient or direction."""
+        """Number of steps skipped: a non-finite gradient, loss, captured row or direction, or a
+        GradScaler overflow (docs/numerics.md)."""
         return self._skipped
 
     def curvature_paused(self) -> contextlib.AbstractContextManager:
@@ -170,9 +181,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                        warn=not self._amp_active)
             return loss
         factors_due = self._steps % self.factor_every == 0
-        self._update_curvature(factors_due)
-        self._refresh_inverses()
-        directions = self._directions()
+        with _autocast_disabled():  # a step taken inside torch.autocast keeps its GEMMs in fp32
+            self._update_curvature(factors_due)
+            self._refresh_inverses()
+            directions = self._directions()
         if not self._all_finite(directions.values()):
             self._skip("non-finite preconditioned direction")
             return loss

@@ -22,6 +22,12 @@ class KFAC(CurvatureOptimizer):
     refreshed every ``inverse_every`` steps with ``inverse`` = "eigen" (exact damping,
     (A (x) G + damping I)^-1), "newton" (Newton-Schulz, factored Tikhonov damping) or
     "cholesky" (the same damping by Cholesky).
+
+    ``factor_dtype`` / ``inverse_dtype`` (None, torch.bfloat16, float32, float64) store the
+    factors / inverses in that dtype (bf16 halves the curvature memory; arithmetic stays in
+    float32 or wider). ``grad_scaler`` (a torch.amp.GradScaler) is needed only for the closure
+    recipe or when ``scaler.unscale_(opt)`` precedes ``scaler.step(opt)``; ``scaler.step(opt)``
+    alone works without it. See docs/numerics.md.
     """
 
     def __init__(

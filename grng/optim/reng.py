@@ -21,7 +21,12 @@ GR_MODES: tuple[str, ...] = ("exact", "forward", "backward")
 
 
 class RENG(KFAC):
-    """K-FAC's keywords plus ``rho`` (>= 0), ``gr`` and ``epsilon``; requires ``step(closure)``."""
+    """K-FAC's keywords plus ``rho`` (>= 0), ``gr`` and ``epsilon``; requires ``step(closure)``.
+
+    Mixed precision: ``grad_scaler=scaler`` (K-FAC's keyword); each gradient evaluation is then
+    unscaled once and the probe formed from the unscaled gradient; call ``scaler.update()``
+    after ``step(closure)``, never ``scaler.step(opt)`` (docs/numerics.md).
+    """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3,
                  rho: float = 0.1, gr: str = "exact", epsilon: float = 0.01, **kwargs) -> None:

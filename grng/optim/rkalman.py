@@ -40,7 +40,11 @@ from grng.optim.base import CurvatureOptimizer
 
 
 class RKalman(CurvatureOptimizer):
-    """Bayesian GRNG: Kalman-filtered Kronecker covariances, direction P_G g P_A + rho g."""
+    """Bayesian GRNG: Kalman-filtered Kronecker covariances, direction P_G g P_A + rho g.
+
+    ``grad_scaler``: as for KFAC (docs/numerics.md). The covariances have no low-precision
+    storage option: the downdate's accuracy is the storage precision.
+    """
 
     def __init__(
         self,
@@ -202,5 +206,7 @@ class RKalman(CurvatureOptimizer):
         for dev, state in extra.get("rng", {}).items():
             device = torch.device(dev)
             if device.type == "cuda" and not torch.cuda.is_available():
-                device = torch.device("cpu")
+                # a CUDA generator's state does not fit a CPU generator: on a machine without
+                # CUDA the sketches continue from the CPU generator (its saved state or the seed)
+                continue
             self._generator(device).set_state(state.cpu())

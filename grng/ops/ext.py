@@ -1,0 +1,144 @@
+"""The ``ext`` backend: grng's compiled ops (``grng._C``, namespace ``torch.ops.grng_ext``).
+
+Importing this module loads the extension once (through the package import, so a process never
+holds two builds of it), registers fake implementations so ``torch.compile`` can trace the ops,
+and registers each op with :mod:`grng.ops.dispatch` under the reference signatures. An
+ImportError says why the extension is unavailable; the dispatch reports it in ``grng.backends()``.
+"""
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from grng.ops.dispatch import register
+from grng.ops.errors import FactorizationError
+
+try:
+    from grng import _C  # noqa: F401 - importing runs the TORCH_LIBRARY registrations
+except ImportError as _err:
+    if importlib.util.find_spec("grng._C") is None:
+        raise ImportError(
+            "grng._C was not built: no compiled extension next to grng/__init__.py (reinstall with "
+            "`pip install --no-build-isolation -e .` and read the '[grng] WARNING' it prints)") from _err
+    raise ImportError(f"grng._C was built but does not load (rebuild it against this torch): {_err}") from _err
+
+from grng.ops import batched  # noqa: E402 - registers the reference of batched_spd_inverse
+
+_ops = torch.ops.grng_ext
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+_FACTOR_DTYPES = (torch.float32, torch.float64)
+_X_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Largest matrix side batched_spd_inverse takes (the CUDA kernel holds a matrix in shared memory).
+MAX_BATCHED_DIM = 128
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"grng_ext::{op}", key)
+
+
+# ----------------------------------------------------------------------------- fake kernels
+
+@torch.library.register_fake("grng_ext::fused_update")
+def _fused_update_fake(params, grads, directions, momentum_buffers, lr, momentum, weight_decay, rho,
+                       kl_clip):
+    device = params[0].device if params else torch.device("cpu")
+    return torch.empty((), dtype=torch.bool, device=device)
+
+
+@torch.library.register_fake("grng_ext::factor_update")
+def _factor_update_fake(M, X, alpha, beta):
+    return None
+
+
+@torch.library.register_fake("grng_ext::kalman_update")
+def _kalman_update_fake(P, H, r, beta, q):
+    return None
+
+
+@torch.library.register_fake("grng_ext::batched_spd_inverse")
+def _batched_spd_inverse_fake(Ms, method, tol, max_iter):
+    return Ms.new_empty(Ms.shape), Ms.new_empty((Ms.shape[0],), dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- ops
+
+def fused_update(params: Sequence[Tensor], grads: Sequence[Tensor], directions: Sequence[Tensor],
+                 momentum_buffers: Sequence[Tensor] | None, lr: float, momentum: float,
+                 weight_decay: float, rho: float, kl_clip: float | None) -> bool:
+    """theta <- (1 - lr wd) theta - lr buf, buf = m buf + nu (d + rho g); False = skipped (non-finite)."""
+    bufs = list(momentum_buffers) if momentum != 0.0 and momentum_buffers is not None else []
+    ok = _ops.fused_update(list(params), list(grads), list(directions), bufs, float(lr), float(momentum),
+                           float(weight_decay), float(rho), None if kl_clip is None else float(kl_clip))
+    return bool(ok)
+
+
+def _fused_supports(params, grads, directions, momentum_buffers, lr, momentum, weight_decay, rho,
+                    kl_clip) -> bool:
+    if not params or not _has_kernel("fused_update", params[0].device.type):
+        return False
+    if momentum != 0.0 and (momentum_buffers is None or len(momentum_buffers) != len(params)):
+        return False
+    if not len(params) == len(grads) == len(directions):
+        return False
+    device = params[0].device
+    if device.type == "cuda" and any(t.dtype != params[0].dtype for t in params):
+        return False  # the CUDA launch takes one dtype per group
+    groups = zip(params, grads, directions, momentum_buffers if momentum != 0.0 else [None] * len(params))
+    for group in groups:
+        p = group[0]
+        if p.dtype not in _FUSED_DTYPES:
+            return False
+        for t in group:
+            if t is not None and (t.device != device or t.dtype != p.dtype or t.numel() != p.numel()):
+                return False
+    return True
+
+
+def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
+    """M <- beta * M + alpha * X^T X in place (exactly symmetric; ``beta == 0`` never reads M)."""
+    _ops.factor_update(M, X, float(alpha), float(beta))
+    return M
+
+
+def _factor_supports(M: Tensor, X: Tensor, alpha: float, beta: float) -> bool:
+    return (_has_kernel("factor_update", M.device.type) and X.device == M.device
+            and M.dtype in _FACTOR_DTYPES and X.dtype in _X_DTYPES and M.dim() >= 2 and X.dim() == M.dim()
+            and M.shape[-1] == M.shape[-2] == X.shape[-1] and M.shape[:-2] == X.shape[:-2])
+
+
+def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """P <- P/beta + q I - W W^T, W = P- H^T L^-T, L L^T = r I + H P- H^T (in place)."""
+    try:
+        _ops.kalman_update(P, H, float(r), float(beta), float(q))
+    except RuntimeError as err:
+        if "innovation Cholesky failed" in str(err):
+            raise FactorizationError(str(err).splitlines()[0]) from err
+        raise
+    return P
+
+
+def _kalman_supports(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> bool:
+    return (_has_kernel("kalman_update", P.device.type) and H.device == P.device and beta != 0.0
+            and P.dtype in _FACTOR_DTYPES and H.dtype in _X_DTYPES and P.dim() == 2 and H.dim() == 2
+            and P.shape[0] == P.shape[1] == H.shape[1])
+
+
+def batched_spd_inverse(Ms: Tensor, method: str, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
+    """(M_b^-1, ok_b) for SPD M_b (B x d x d); see :func:`grng.ops.batched.batched_spd_inverse`."""
+    return tuple(_ops.batched_spd_inverse(Ms, method, float(tol), int(max_iter)))
+
+
+def _batched_supports(Ms: Tensor, method: str, tol: float, max_iter: int) -> bool:
+    return (_has_kernel("batched_spd_inverse", Ms.device.type) and Ms.dtype in _FACTOR_DTYPES
+            and Ms.dim() == 3 and Ms.shape[1] == Ms.shape[2] <= MAX_BATCHED_DIM
+            and (method == "cholesky" if Ms.device.type == "cuda" else method in batched.METHODS))
+
+
+register("fused_update", "ext", fused_update, _fused_supports)
+register("factor_update", "ext", factor_update, _factor_supports)
+register("kalman_update", "ext", kalman_update, _kalman_supports)
+register("batched_spd_inverse", "ext", batched_spd_inverse, _batched_supports)
