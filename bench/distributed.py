@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gc
 import os
 import platform
 import socket
@@ -137,6 +138,8 @@ def _worker(rank: int, world: int, port: int, steps: int, width: int, batch: int
         for r in rows:
             print(r)
     dist.barrier()
+    opt = ddp = None  # they hold the process group: release them before destroying it
+    gc.collect()
     dist.destroy_process_group()
 
 

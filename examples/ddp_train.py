@@ -79,6 +79,7 @@ def main() -> None:
         dist.all_gather(copies, flat)
         if rank == 0:
             print("parameters identical on all ranks:", all(torch.equal(c, flat) for c in copies))
+        del opt, net  # they hold the process group: release them before destroying it
         dist.destroy_process_group()
 
 

@@ -16,6 +16,15 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Test problems are tiny: one intra-op thread is fastest and immune to a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _seeded() -> None:
     """Each test draws fresh but reproducible random inputs."""
     torch.manual_seed(int.from_bytes(os.urandom(2), "little") if os.environ.get("GRNG_RANDOM_SEED") else 1234)

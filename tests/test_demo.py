@@ -22,16 +22,6 @@ def digits():
     return load_digits_splits()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread, as the demo uses on CPU (fast for these tiny models, steady on a shared CPU);
-    the other tests get their thread count back."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ids(split) -> set[int]:
     return set(split.index.tolist())
 

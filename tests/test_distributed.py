@@ -7,6 +7,7 @@ in the test process before spawning. float64 throughout, tight tolerances.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import socket
@@ -172,48 +173,56 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
-    report = {}
-    # world size 1: pass the group explicitly, which exercises the distributed code path
-    dkw = {"process_group": dist.group.WORLD} if world == 1 else {}
+    report: dict = {}
     try:
-        for name, (kind, factory, _) in CASES.items():
-            try:
-                t0 = time.perf_counter()
-                model = _model(kind)
-                ddp = nn.parallel.DistributedDataParallel(model)
-                opt = factory(ddp, **dkw)
-                if name == "kfac_buckets":
-                    opt._dist.reducer.cap_bytes = 256
-                _train(name, ddp, opt, rank, world)
-                params = [p.detach() for p in model.parameters()]
-                err = max(float((p - r).abs().max() / (r.abs().max() + 1e-30))
-                          for p, r in zip(params, refs[name]))
-                report[name] = {"rel_err": err, "same_on_ranks": _same_on_ranks(params, world),
-                                "seconds": time.perf_counter() - t0}
-            except Exception:  # noqa: BLE001 - reported per case
-                report[name] = {"error": traceback.format_exc()}
-                raise
-        for name, factory in UNUSED_CASES.items():
-            model = _model("branchy")
-            model.skip = world > 1 and rank == world - 1
-            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-            opt = factory(ddp, **dkw)
-            t0 = time.perf_counter()
-            for step in range(STEPS):
-                x, y = _batch("branchy", step)
-                local = GLOBAL_BATCH // world
-                x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
-                opt.step(lambda: F.mse_loss(ddp(x), y))
-            params = [p.detach() for p in model.parameters()]
-            report[name] = {"same_on_ranks": _same_on_ranks(params, world),
-                            "finite": all(bool(torch.isfinite(p).all()) for p in params),
-                            "seconds": time.perf_counter() - t0}
-        if world == 1:
-            report["fsdp"] = _fsdp_refusals()
+        _run_cases(rank, world, refs, report)
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(report, fh)
+        # the DDP wrappers and optimizers (now out of scope) hold the process group: release
+        # them before destroying it, or the group's threads outlive it and abort the exit
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _run_cases(rank: int, world: int, refs: dict, report: dict) -> None:
+    """Every CASES and UNUSED_CASES run on this rank; results go into ``report``."""
+    # world size 1: pass the group explicitly, which exercises the distributed code path
+    dkw = {"process_group": dist.group.WORLD} if world == 1 else {}
+    for name, (kind, factory, _) in CASES.items():
+        try:
+            t0 = time.perf_counter()
+            model = _model(kind)
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = factory(ddp, **dkw)
+            if name == "kfac_buckets":
+                opt._dist.reducer.cap_bytes = 256
+            _train(name, ddp, opt, rank, world)
+            params = [p.detach() for p in model.parameters()]
+            err = max(float((p - r).abs().max() / (r.abs().max() + 1e-30))
+                      for p, r in zip(params, refs[name]))
+            report[name] = {"rel_err": err, "same_on_ranks": _same_on_ranks(params, world),
+                            "seconds": time.perf_counter() - t0}
+        except Exception:  # noqa: BLE001 - reported per case
+            report[name] = {"error": traceback.format_exc()}
+            raise
+    for name, factory in UNUSED_CASES.items():
+        model = _model("branchy")
+        model.skip = world > 1 and rank == world - 1
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = factory(ddp, **dkw)
+        t0 = time.perf_counter()
+        for step in range(STEPS):
+            x, y = _batch("branchy", step)
+            local = GLOBAL_BATCH // world
+            x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
+            opt.step(lambda: F.mse_loss(ddp(x), y))
+        params = [p.detach() for p in model.parameters()]
+        report[name] = {"same_on_ranks": _same_on_ranks(params, world),
+                        "finite": all(bool(torch.isfinite(p).all()) for p in params),
+                        "seconds": time.perf_counter() - t0}
+    if world == 1:
+        report["fsdp"] = _fsdp_refusals()
 
 
 def _fsdp_refusals() -> dict[str, str]:

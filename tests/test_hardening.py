@@ -12,7 +12,7 @@ import copy
 import io
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,20 +22,8 @@ from torch import Tensor, nn
 import grng.curvature.inverse as inverse_mod
 from grng import KFAC, RENG, RING, GradReg, RKalman
 from grng.ops import NewtonResult
-from grng.ops import reference as ref
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is fastest and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- helpers

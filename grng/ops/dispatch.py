@@ -31,7 +31,12 @@ _BACKEND_MODULES: dict[str, str] = {"triton": "grng.kernels", "ext": "grng.ops.e
 # backend="auto": per device type, per op, the backends to try in order (reference is last).
 # "cuda" stays empty (auto = reference) until bench/kernels.py, run on a GPU, measures a backend
 # faster than the reference for an op; only such a measurement may add an entry here.
-AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {"cpu": {}, "cuda": {}}
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    # measured in bench/results/ext.csv (2-core EPYC): ext 1.2-16x faster than the reference here;
+    # ext's batched Newton-Schulz and large-d batched Cholesky lose to MKL, so they stay out
+    "cpu": {"fused_update": ("ext",), "factor_update": ("ext",), "kalman_update": ("ext",)},
+    "cuda": {},
+}
 
 
 @dataclass(frozen=True)

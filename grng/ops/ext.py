@@ -22,7 +22,7 @@ except ImportError as _err:
     if importlib.util.find_spec("grng._C") is None:
         raise ImportError(
             "grng._C was not built: no compiled extension next to grng/__init__.py (reinstall with "
-            "`pip install --no-build-isolation -e .` and read the '[grng] WARNING' it prints)") from _err
+            "`pip install -v --no-build-isolation -e .` and read the '[grng] WARNING' it prints)") from _err
     raise ImportError(f"grng._C was built but does not load (rebuild it against this torch): {_err}") from _err
 
 from grng.ops import batched  # noqa: E402 - registers the reference of batched_spd_inverse

@@ -1,0 +1,473 @@
+// CPU kernels of grng_ext (OpenMP), plus factor_update / kalman_update, which are device-generic
+// (ATen GEMMs + a mirror kernel per device). The math is ALGORITHMS.md sections 1, 2, 4, 5, 6;
+// grng/ops/reference.py is the truth these are tested against.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "sym_update.h"
+
+namespace grng {
+namespace {
+
+using at::Tensor;
+
+// Work below this many elements runs on one thread (the fork/join costs more than it saves).
+constexpr int64_t kParallelMin = 1 << 16;
+// The fused update goes parallel from this many elements (a parallel region costs more than
+// a pass over fewer, and far more when the cores are shared with other processes).
+constexpr int64_t kFusedParallelMin = 1 << 20;
+// Elements per work item of the multi-tensor update.
+constexpr int64_t kChunk = 1 << 15;
+
+// ---------------------------------------------------------------------------------------------
+// Exact symmetry: mirror the upper triangle onto the lower one, diagonal += shift (64x64 tiles).
+
+template <typename T>
+void mirror_upper_tile(T* m, int64_t d, int64_t s0, int64_t s1, T shift) {
+  constexpr int64_t B = 64;
+  const int64_t nb = (d + B - 1) / B;
+#pragma omp parallel for schedule(dynamic) if (d * d >= kParallelMin)
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const int64_t i0 = bi * B, i1 = std::min(d, i0 + B);
+    for (int64_t bj = bi; bj < nb; ++bj) {
+      const int64_t j0 = bj * B, j1 = std::min(d, j0 + B);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = std::max(j0, i + 1); j < j1; ++j) m[j * s0 + i * s1] = m[i * s0 + j * s1];
+    }
+    if (shift != T(0))
+      for (int64_t i = i0; i < i1; ++i) m[i * s0 + i * s1] += shift;
+  }
+}
+
+}  // namespace
+
+void mirror_upper_cpu(Tensor& M, double shift) {
+  if (M.scalar_type() == at::kDouble)
+    mirror_upper_tile<double>(M.data_ptr<double>(), M.size(0), M.stride(0), M.stride(1), shift);
+  else
+    mirror_upper_tile<float>(M.data_ptr<float>(), M.size(0), M.stride(0), M.stride(1), static_cast<float>(shift));
+}
+
+namespace {
+
+// M (d x d) <- beta M + alpha X^T X + shift I, exactly symmetric.
+void sym_rank_update(Tensor M, const Tensor& X, double alpha, double beta, double shift) {
+  upper_rank_update(M, X, alpha, beta);
+  mirror_upper(M, shift);
+}
+
+void check_factor_dtype(const Tensor& M, const char* name) {
+  TORCH_CHECK(M.scalar_type() == at::kFloat || M.scalar_type() == at::kDouble, "grng_ext: ", name,
+              " must be float32 or float64, got ", M.scalar_type());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// factor_update: M <- beta M + alpha X^T X.
+
+void factor_update_impl(const Tensor& M, const Tensor& X, double alpha, double beta) {
+  check_factor_dtype(M, "M");
+  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "grng_ext::factor_update: M must be (..., d, d)");
+  TORCH_CHECK(X.dim() == M.dim() && X.size(-1) == M.size(-1) &&
+                  X.sizes().slice(0, X.dim() - 2).equals(M.sizes().slice(0, M.dim() - 2)),
+              "grng_ext::factor_update: X must be (..., m, d) matching M (..., d, d)");
+  TORCH_CHECK(X.is_floating_point() && X.device() == M.device(),
+              "grng_ext::factor_update: X must be floating point, on M's device");
+  const Tensor Xc = X.to(M.scalar_type());
+  if (M.dim() == 2) {
+    sym_rank_update(M, Xc, alpha, beta, 0.0);
+    return;
+  }
+  const int64_t d = M.size(-1);
+  const Tensor M3 = M.is_contiguous() ? M.view({-1, d, d}) : M.contiguous().view({-1, d, d});
+  const Tensor X3 = Xc.reshape({-1, Xc.size(-2), d});
+  for (int64_t b = 0; b < M3.size(0); ++b) sym_rank_update(M3[b], X3[b], alpha, beta, 0.0);
+  if (!M.is_contiguous()) M.copy_(M3.view(M.sizes()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// kalman_update: P <- P/beta + qI - W W^T, S = rI + H U = L L^T (float64), W = U L^-T.
+
+void kalman_update_impl(const Tensor& P, const Tensor& H, double r, double beta, double q) {
+  check_factor_dtype(P, "P");
+  TORCH_CHECK(P.dim() == 2 && P.size(0) == P.size(1), "grng_ext::kalman_update: P must be (d, d)");
+  TORCH_CHECK(H.dim() == 2 && H.size(1) == P.size(0) && H.device() == P.device(),
+              "grng_ext::kalman_update: H must be (k, d), on P's device");
+  TORCH_CHECK(beta != 0.0, "grng_ext::kalman_update: beta must be nonzero");
+  const Tensor Hc = H.to(P.scalar_type());
+  const Tensor Ht = Hc.t();
+  // U = q H^T + P H^T / beta in one GEMM (q == 0 never reads H^T there).
+  const Tensor U64 = at::addmm(Ht, P, Ht, q, 1.0 / beta).to(at::kDouble);
+  const Tensor SH = at::mm(Hc.to(at::kDouble), U64);
+  Tensor S = SH.add(SH.t()).mul_(0.5);
+  S.diagonal().add_(r);
+  auto [L, info] = at::linalg_cholesky_ex(S, /*upper=*/false, /*check_errors=*/false);
+  const int64_t bad = info.item<int64_t>();
+  TORCH_CHECK(bad == 0, "grng_ext::kalman_update: innovation Cholesky failed: leading minor ", bad);
+  const Tensor W = at::linalg_solve_triangular(L, U64.t(), /*upper=*/false).to(P.scalar_type());
+  sym_rank_update(P, W, -1.0, 1.0 / beta, q);
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// fused_update: one call for all parameters of a group, two passes over the chunks.
+
+struct Chunk {
+  int64_t t, begin, end;
+};
+
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// Element storage: bfloat16 is handled as its raw bits (uint16_t), which keeps the loops below
+// plain integer/float code that vectorizes (c10::BFloat16's conversion has a NaN branch).
+template <typename T>
+using storage_t = std::conditional_t<std::is_same_v<T, c10::BFloat16>, uint16_t, T>;
+
+// Widening load and round-to-nearest-even store.
+template <typename T>
+inline acc_t<T> ld(storage_t<T> x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  } else {
+    return x;
+  }
+}
+
+// No NaN branch for bfloat16: every value stored is the result of float arithmetic, whose NaNs
+// are quiet (mantissa bit 22 set), so rounding keeps them NaN.
+template <typename T>
+inline storage_t<T> st(acc_t<T> x) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  } else {
+    return x;
+  }
+}
+
+// d + rho g in the accumulation type (float for bfloat16: intermediates are not rounded to
+// bfloat16, only the stored results are). rho == 0 gives d itself, even where g is Inf/NaN.
+template <typename T>
+inline acc_t<T> combined(const storage_t<T>* d, const storage_t<T>* g, int64_t i, acc_t<T> rho, bool use_rho) {
+  const acc_t<T> dv = ld<T>(d[i]);
+  const acc_t<T> sum = dv + rho * ld<T>(g[i]);
+  return use_rho ? sum : dv;  // a select on values, not on loads: the loops stay branch-free
+}
+
+// Adds sum (d + rho g) g over [b, e) to dot (when want_dot) and clears finite if any d + rho g is
+// NaN/Inf. x - x is 0 for finite x and NaN otherwise, so one vectorizable sum checks finiteness.
+template <typename T>
+void check_range(const void* dp, const void* gp, int64_t b, int64_t e, double rho, bool use_rho, bool want_dot,
+                 int& finite, double& dot) {
+  using A = acc_t<T>;
+  using S = storage_t<T>;
+  const S* d = static_cast<const S*>(dp);
+  const S* g = static_cast<const S*>(gp);
+  const A r = static_cast<A>(rho);
+  A nonfinite = 0;
+  double s = 0.0;
+  if (want_dot) {
+#pragma omp simd reduction(+ : nonfinite, s)
+    for (int64_t i = b; i < e; ++i) {
+      const A c = combined<T>(d, g, i, r, use_rho);
+      nonfinite += c - c;
+      s += static_cast<double>(c) * static_cast<double>(ld<T>(g[i]));
+    }
+  } else {
+#pragma omp simd reduction(+ : nonfinite)
+    for (int64_t i = b; i < e; ++i) {
+      const A c = combined<T>(d, g, i, r, use_rho);
+      nonfinite += c - c;
+    }
+  }
+  finite = finite && nonfinite == A(0);
+  dot += s;
+}
+
+struct UpdateScalars {
+  double rho, nu, momentum, decay, lr;
+  bool use_rho;
+};
+
+// The update of [b, e); the momentum buffer is a template flag so the loop has no conditional
+// store and vectorizes.
+template <typename T, bool kMom>
+void update_range(void* pp, const void* gp, const void* dp, void* bp, int64_t b, int64_t e, const UpdateScalars& k) {
+  using A = acc_t<T>;
+  using S = storage_t<T>;
+  S* p = static_cast<S*>(pp);
+  S* buf = static_cast<S*>(bp);
+  const S* g = static_cast<const S*>(gp);
+  const S* d = static_cast<const S*>(dp);
+  const A rho = static_cast<A>(k.rho), nu = static_cast<A>(k.nu), m = static_cast<A>(k.momentum);
+  const A decay = static_cast<A>(k.decay), neg_lr = static_cast<A>(-k.lr);
+#pragma omp simd
+  for (int64_t i = b; i < e; ++i) {
+    const A c = combined<T>(d, g, i, rho, k.use_rho);
+    A step;
+    if constexpr (kMom) {
+      const S nb = st<T>(m * ld<T>(buf[i]) + nu * c);
+      buf[i] = nb;
+      step = ld<T>(nb);
+    } else {
+      step = c * nu;
+    }
+    p[i] = st<T>(ld<T>(p[i]) * decay + neg_lr * step);
+  }
+}
+
+template <bool kMom>
+void update_chunk(at::ScalarType dtype, void* pp, const void* gp, const void* dp, void* bp, int64_t b, int64_t e,
+                  const UpdateScalars& k) {
+  switch (dtype) {
+    case at::kFloat: update_range<float, kMom>(pp, gp, dp, bp, b, e, k); break;
+    case at::kDouble: update_range<double, kMom>(pp, gp, dp, bp, b, e, k); break;
+    case at::kBFloat16: update_range<c10::BFloat16, kMom>(pp, gp, dp, bp, b, e, k); break;
+    default: break;
+  }
+}
+
+void check_chunk(at::ScalarType dtype, const void* dp, const void* gp, int64_t b, int64_t e, double rho, bool use_rho,
+                 bool want_dot, int& finite, double& dot) {
+  switch (dtype) {
+    case at::kFloat: check_range<float>(dp, gp, b, e, rho, use_rho, want_dot, finite, dot); break;
+    case at::kDouble: check_range<double>(dp, gp, b, e, rho, use_rho, want_dot, finite, dot); break;
+    case at::kBFloat16: check_range<c10::BFloat16>(dp, gp, b, e, rho, use_rho, want_dot, finite, dot); break;
+    default: break;
+  }
+}
+
+Tensor fused_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                        at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                        double rho, std::optional<double> kl_clip) {
+  const size_t n = params.size();
+  const bool use_mom = momentum != 0.0;
+  TORCH_CHECK(grads.size() == n && directions.size() == n, "grng_ext::fused_update: list lengths differ");
+  TORCH_CHECK(!use_mom || momentum_buffers.size() == n,
+              "grng_ext::fused_update: momentum != 0 needs one momentum buffer per parameter");
+  std::vector<Tensor> P(n), G(n), D(n), Bf(use_mom ? n : 0);
+  std::vector<at::ScalarType> dtype(n);
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const at::ScalarType type = params[i].scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16,
+                "grng_ext::fused_update: dtype must be float32, float64 or bfloat16, got ", type);
+    TORCH_CHECK(grads[i].scalar_type() == type && directions[i].scalar_type() == type &&
+                    (!use_mom || momentum_buffers[i].scalar_type() == type),
+                "grng_ext::fused_update: tensor ", i, " mixes dtypes");
+    TORCH_CHECK(params[i].is_cpu() && grads[i].is_cpu() && directions[i].is_cpu() &&
+                    (!use_mom || momentum_buffers[i].is_cpu()),
+                "grng_ext::fused_update: tensor ", i, " is not on the CPU");
+    const int64_t numel = params[i].numel();
+    TORCH_CHECK(grads[i].numel() == numel && directions[i].numel() == numel &&
+                    (!use_mom || momentum_buffers[i].numel() == numel),
+                "grng_ext::fused_update: tensor ", i, " sizes differ");
+    dtype[i] = type;
+    P[i] = params[i].contiguous();
+    G[i] = grads[i].contiguous();
+    D[i] = directions[i].contiguous();
+    if (use_mom) Bf[i] = momentum_buffers[i].contiguous();
+    for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({static_cast<int64_t>(i), b, std::min(numel, b + kChunk)});
+    total += numel;
+  }
+  std::vector<void*> pp(n), bp(n, nullptr);
+  std::vector<const void*> gp(n), dp(n);
+  for (size_t i = 0; i < n; ++i) {
+    pp[i] = P[i].data_ptr();
+    gp[i] = G[i].const_data_ptr();
+    dp[i] = D[i].const_data_ptr();
+    if (use_mom) bp[i] = Bf[i].data_ptr();
+  }
+  const bool use_rho = rho != 0.0;
+  const bool want_dot = kl_clip.has_value() && lr > 0.0;
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+
+  int finite = 1;
+  double dot = 0.0;
+#pragma omp parallel for schedule(static) reduction(&& : finite) reduction(+ : dot) if (total >= kFusedParallelMin)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const Chunk& ch = chunks[c];
+    check_chunk(dtype[ch.t], dp[ch.t], gp[ch.t], ch.begin, ch.end, rho, use_rho, want_dot, finite, dot);
+  }
+  if (!finite) return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
+
+  double nu = 1.0;
+  // lr^2 dot can underflow to 0 for a tiny lr: then nu = 1, as in the reference.
+  if (want_dot && dot > 0.0 && lr * lr * dot > 0.0) nu = std::min(1.0, std::sqrt(*kl_clip / (lr * lr * dot)));
+  const UpdateScalars k{rho, nu, momentum, 1.0 - lr * weight_decay, lr, use_rho};
+#pragma omp parallel for schedule(static) if (total >= kFusedParallelMin)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const Chunk& ch = chunks[c];
+    if (use_mom)
+      update_chunk<true>(dtype[ch.t], pp[ch.t], gp[ch.t], dp[ch.t], bp[ch.t], ch.begin, ch.end, k);
+    else
+      update_chunk<false>(dtype[ch.t], pp[ch.t], gp[ch.t], dp[ch.t], bp[ch.t], ch.begin, ch.end, k);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (!P[i].is_same(params[i])) params[i].copy_(P[i]);
+    if (use_mom && !Bf[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(Bf[i]);
+  }
+  return at::scalar_tensor(true, at::TensorOptions().dtype(at::kBool));
+}
+
+// ---------------------------------------------------------------------------------------------
+// batched_spd_inverse: one matrix per OpenMP work item, computed in float64 (Cholesky) or in
+// the matrix's own precision (Newton-Schulz). Failed matrices come back as zeros with ok = false.
+
+// A (d x d, row-major, lower triangle read) -> A^-1 in place (both triangles); false if not SPD.
+bool cholesky_inverse_inplace(double* a, double* z, int64_t d) {
+  // a <- L (lower), L L^T = A.
+  for (int64_t j = 0; j < d; ++j) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < j; ++k) s += a[j * d + k] * a[j * d + k];
+    s = a[j * d + j] - s;
+    if (!(s > 0.0) || !std::isfinite(s)) return false;
+    const double ljj = std::sqrt(s);
+    a[j * d + j] = ljj;
+    for (int64_t i = j + 1; i < d; ++i) {
+      double t = 0.0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t k = 0; k < j; ++k) t += a[i * d + k] * a[j * d + k];
+      a[i * d + j] = (a[i * d + j] - t) / ljj;
+    }
+  }
+  // z <- L^-T (upper), row j of z is column j of L^-1.
+  std::fill(z, z + d * d, 0.0);
+  for (int64_t j = 0; j < d; ++j) {
+    double* zj = z + j * d;
+    zj[j] = 1.0 / a[j * d + j];
+    for (int64_t i = j + 1; i < d; ++i) {
+      double t = 0.0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t k = j; k < i; ++k) t += a[i * d + k] * zj[k];
+      zj[i] = -t / a[i * d + i];
+    }
+  }
+  // A^-1 = L^-T L^-1 = z z^T: upper triangle by row dot products, then mirrored.
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = i; j < d; ++j) {
+      double t = 0.0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t k = j; k < d; ++k) t += z[i * d + k] * z[j * d + k];
+      a[i * d + j] = t;
+      a[j * d + i] = t;
+    }
+  return true;
+}
+
+// C = A B for d x d row-major matrices (i-k-j order: the inner loop vectorizes).
+template <typename A>
+void matmul(const A* a, const A* b, A* c, int64_t d) {
+  std::fill(c, c + d * d, A(0));
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t k = 0; k < d; ++k) {
+      const A aik = a[i * d + k];
+      const A* bk = b + k * d;
+      A* ci = c + i * d;
+      for (int64_t j = 0; j < d; ++j) ci[j] += aik * bk[j];
+    }
+}
+
+// X ~ M^-1 by X <- X (2I - M X) from I / ||M||_F; stops when ||I - M X||_F / sqrt(d) <= tol,
+// keeping that step's X (X + X R), as grng.ops.newton_schulz_inverse does. Result symmetrized.
+template <typename A>
+bool newton_inverse(const A* m, A* x, int64_t d, double tol, int64_t max_iter) {
+  std::vector<A> r(d * d), xn(d * d);
+  double fro = 0.0;
+  for (int64_t i = 0; i < d * d; ++i) fro += static_cast<double>(m[i]) * static_cast<double>(m[i]);
+  std::fill(x, x + d * d, A(0));
+  for (int64_t i = 0; i < d; ++i) x[i * d + i] = static_cast<A>(1.0 / std::sqrt(fro));
+  bool converged = false;
+  const double scale = std::sqrt(static_cast<double>(d));
+  for (int64_t it = 0; it < max_iter; ++it) {
+    matmul(m, x, r.data(), d);
+    double res = 0.0;
+    for (int64_t i = 0; i < d * d; ++i) {
+      r[i] = -r[i];
+      if (i % (d + 1) == 0) r[i] += A(1);
+      res += static_cast<double>(r[i]) * static_cast<double>(r[i]);
+    }
+    matmul(x, r.data(), xn.data(), d);
+    for (int64_t i = 0; i < d * d; ++i) x[i] += xn[i];
+    const double rms = std::sqrt(res) / scale;
+    if (rms <= tol) {
+      converged = true;
+      break;
+    }
+    if (!std::isfinite(rms)) break;
+  }
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = i + 1; j < d; ++j) x[i * d + j] = x[j * d + i] = A(0.5) * (x[i * d + j] + x[j * d + i]);
+  return converged;
+}
+
+template <typename T>
+void batched_inverse_typed(const T* in, T* out, bool* ok, int64_t batch, int64_t d, bool newton, double tol,
+                           int64_t max_iter) {
+  using A = acc_t<T>;
+#pragma omp parallel for schedule(dynamic) if (batch > 1 && batch * d * d * d >= kParallelMin)
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* src = in + b * d * d;
+    T* dst = out + b * d * d;
+    bool good;
+    if (newton) {
+      std::vector<A> m(src, src + d * d), x(d * d);
+      good = newton_inverse<A>(m.data(), x.data(), d, tol, max_iter);
+      for (int64_t i = 0; i < d * d; ++i) dst[i] = static_cast<T>(x[i]);
+    } else {
+      std::vector<double> a(src, src + d * d), z(d * d);
+      good = cholesky_inverse_inplace(a.data(), z.data(), d);
+      for (int64_t i = 0; i < d * d; ++i) dst[i] = good ? static_cast<T>(a[i]) : T(0);
+    }
+    if (!good && newton) std::fill(dst, dst + d * d, T(0));
+    ok[b] = good;
+  }
+}
+
+std::tuple<Tensor, Tensor> batched_spd_inverse_cpu(const Tensor& Ms, c10::string_view method, double tol,
+                                                   int64_t max_iter) {
+  check_factor_dtype(Ms, "Ms");
+  TORCH_CHECK(Ms.dim() == 3 && Ms.size(1) == Ms.size(2), "grng_ext::batched_spd_inverse: Ms must be (B, d, d)");
+  TORCH_CHECK(method == "cholesky" || method == "newton",
+              "grng_ext::batched_spd_inverse: method must be 'cholesky' or 'newton', got ", std::string(method));
+  const Tensor in = Ms.contiguous();
+  Tensor out = at::empty_like(in);
+  Tensor ok = at::empty({Ms.size(0)}, Ms.options().dtype(at::kBool));
+  const bool newton = method == "newton";
+  if (Ms.scalar_type() == at::kDouble)
+    batched_inverse_typed<double>(in.const_data_ptr<double>(), out.data_ptr<double>(), ok.data_ptr<bool>(),
+                                  Ms.size(0), Ms.size(1), newton, tol, max_iter);
+  else
+    batched_inverse_typed<float>(in.const_data_ptr<float>(), out.data_ptr<float>(), ok.data_ptr<bool>(),
+                                 Ms.size(0), Ms.size(1), newton, tol, max_iter);
+  return {out, ok};
+}
+
+}  // namespace
+}  // namespace grng
+
+TORCH_LIBRARY_IMPL(grng_ext, CPU, m) {
+  m.impl("fused_update", &grng::fused_update_cpu);
+  m.impl("factor_update", &grng::factor_update_impl);
+  m.impl("kalman_update", &grng::kalman_update_impl);
+  m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cpu);
+}

@@ -1,0 +1,26 @@
+// grng._C: the op schemas of the namespace grng_ext and the (empty) Python module whose import
+// runs the static registrations. Kernels: cpu_ops.cpp (CPU), cuda_ops.cu (CUDA, optional).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "grng compiled ops (torch.ops.grng_ext)", -1,
+                            nullptr};
+  return PyModule_Create(&def);
+}
+
+TORCH_LIBRARY(grng_ext, m) {
+  m.set_python_module("grng.ops.ext");
+  // theta <- (1 - lr wd) theta - lr buf, buf = m buf + nu (d + rho g); returns a 0-d bool
+  // tensor, False (nothing touched) when any d + rho g is non-finite.
+  m.def(
+      "fused_update(Tensor(a!)[] params, Tensor[] grads, Tensor[] directions, "
+      "Tensor(b!)[] momentum_buffers, float lr, float momentum, float weight_decay, float rho, "
+      "float? kl_clip) -> Tensor");
+  // M <- beta M + alpha X^T X (exactly symmetric; beta == 0 never reads M).
+  m.def("factor_update(Tensor(a!) M, Tensor X, float alpha, float beta) -> ()");
+  // P <- P/beta + qI - W W^T, W = U L^-T, L L^T = rI + H U, U = P H^T/beta + q H^T.
+  m.def("kalman_update(Tensor(a!) P, Tensor H, float r, float beta, float q) -> ()");
+  // (inverses, ok) of a batch (B, d, d) of SPD matrices; method "cholesky" or "newton".
+  m.def("batched_spd_inverse(Tensor Ms, str method, float tol, int max_iter) -> (Tensor, Tensor)");
+}

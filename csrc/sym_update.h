@@ -1,0 +1,46 @@
+// Device-generic pieces shared by the CPU and CUDA kernels of grng_ext.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace grng {
+
+// Block rows of M updated per GEMM call when only the upper triangle is wanted.
+constexpr int64_t kSymBlock = 256;
+
+// Upper block rows of M (d x d) <- beta M + alpha X^T X (X: rows x d), one GEMM per block row,
+// so roughly half the flops of the full product for large d. The strictly lower blocks are left
+// stale: the caller mirrors the upper triangle. beta == 0 never reads M (GEMM semantics).
+inline void upper_rank_update(at::Tensor& M, const at::Tensor& X, double alpha, double beta) {
+  const int64_t d = M.size(0);
+  if (d <= kSymBlock) {
+    M.addmm_(X.t(), X, beta, alpha);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < d; r0 += kSymBlock) {
+    const int64_t r1 = std::min(d, r0 + kSymBlock);
+    at::Tensor block = M.slice(0, r0, r1).slice(1, r0, d);
+    block.addmm_(X.slice(1, r0, r1).t(), X.slice(1, r0, d), beta, alpha);
+  }
+}
+
+// Mirror the upper triangle of a 2-D M onto the lower one and add shift to the diagonal.
+void mirror_upper_cpu(at::Tensor& M, double shift);  // cpu_ops.cpp
+#ifdef GRNG_WITH_CUDA
+void mirror_upper_cuda(at::Tensor& M, double shift);  // cuda_ops.cu
+#endif
+
+inline void mirror_upper(at::Tensor& M, double shift) {
+#ifdef GRNG_WITH_CUDA
+  if (M.is_cuda()) return mirror_upper_cuda(M, shift);
+#endif
+  TORCH_CHECK(M.is_cpu(), "grng_ext: no kernel for device ", M.device());
+  mirror_upper_cpu(M, shift);
+}
+
+// Device-generic ops (cpu_ops.cpp), registered for CPU there and for CUDA in cuda_ops.cu.
+void factor_update_impl(const at::Tensor& M, const at::Tensor& X, double alpha, double beta);
+void kalman_update_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
+
+}  // namespace grng
