@@ -164,14 +164,8 @@ class DistributedCurvature:
             if float(v[-1]) == 0.0:
                 continue
             d_g, d_a = layer.dims()
-            D = v[:-1].view(d_g, d_a)
-            for p, d in zip(layer.params, layer.split(D)):
-                if p.grad is not None:
-                    out[id(p)] = d
-        for p in opt._diagonal_params():
-            if p.grad is not None:
-                out[id(p)] = opt._precondition_diagonal(p, opt.state[p],
-                                                        opt.param_groups[group_of[id(p)]])
+            opt._put_layer_direction(layer, v[:-1].view(d_g, d_a), out)
+        opt._put_diagonal_directions(out, group_of)
         return out
 
     def _exchange(self, entries) -> list[tuple[object, Tensor]]:
@@ -267,13 +261,7 @@ class DistributedCurvature:
                     opt._kalman_apply(st, key, reduced[ref][0], n_total / (1.0 - beta))
                 else:
                     opt._kalman_apply(st, key, gathered_rows[ref], n_total / (1.0 - beta))
-        for p in opt._diagonal_params():
-            if p.grad is not None:
-                st = opt.state[p]
-                if "PD" not in st:
-                    st["PD"] = torch.full_like(p, 1.0 / opt.prior_precision,
-                                               dtype=opt._factor_dtype(p))
-                opt._diagonal_update(st, "PD", p.grad.to(st["PD"].dtype).square())
+        opt._update_diagonal_params()
 
     def _gather_rows(self, parts, allc) -> list[Tensor]:
         """All-gather each factor's rows (padded to the largest rank's count), one call per

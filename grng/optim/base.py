@@ -319,15 +319,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if V is None:
                 continue
             group = self.param_groups[group_of[id(layer.weight)]]
-            D = self._precondition_layer(layer, self.layer_state(layer), V, group)
-            for p, d in zip(layer.params, layer.split(D)):
-                if p.grad is not None:
-                    out[id(p)] = d
+            self._put_layer_direction(layer, self._precondition_layer(
+                layer, self.layer_state(layer), V, group), out)
+        self._put_diagonal_directions(out, group_of)
+        return out
+
+    @staticmethod
+    def _put_layer_direction(layer: KroneckerLayer, D: Tensor, out: dict[int, Tensor]) -> None:
+        """Split a layer's d_G x d_A direction into ``out`` entries of its parameters."""
+        for p, d in zip(layer.params, layer.split(D)):
+            if p.grad is not None:
+                out[id(p)] = d
+
+    def _put_diagonal_directions(self, out: dict[int, Tensor], group_of: dict[int, int]) -> None:
+        """The direction of every parameter without a Kronecker block, into ``out``."""
         for p in self._diagonal_params():
             if p.grad is not None:
                 out[id(p)] = self._precondition_diagonal(p, self.state[p],
                                                          self.param_groups[group_of[id(p)]])
-        return out
 
     def _factor_ema(self, st: dict, key: str, rows: Rows, beta: float, like: Tensor) -> None:
         """st[key] <- beta st[key] + (1 - beta) (s^2/n) X^T X; the first update sets it.

@@ -108,6 +108,10 @@ class RKalman(CurvatureOptimizer):
             else:
                 self._kalman(st, "PA", a_rows)
             self._kalman(st, "PG", g_rows)
+        self._update_diagonal_params()
+
+    def _update_diagonal_params(self) -> None:
+        """Scalar Kalman update of every parameter without a Kronecker block, from g * g."""
         for p in self._diagonal_params():
             if p.grad is not None:
                 st = self.state[p]
