@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from grng.curvature.layers import KroneckerLayer, Rows, make_layer
+from grng.finite import all_finite
 
 
 @dataclass
@@ -105,9 +106,8 @@ class CurvatureCapture:
     def all_finite(self) -> bool:
         """False when a completed call's input or output gradient (what :meth:`rows` would use)
         holds a NaN or Inf."""
-        flags = [torch.isfinite(t).all() for record in self._records.values() for c in record.calls
-                 if c.grad is not None for t in (c.inputs, c.grad) if t.is_floating_point()]
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+        return all_finite(t for record in self._records.values() for c in record.calls
+                          if c.grad is not None for t in (c.inputs, c.grad) if t.is_floating_point())
 
     def clear(self) -> None:
         """Drop everything recorded (called after every optimizer step)."""

@@ -25,6 +25,7 @@ from grng.curvature.capture import CurvatureCapture
 from grng.curvature.layers import KroneckerLayer, Rows
 from grng.distributed import STRATEGIES, refuse_sharded, resolve_group
 from grng.distributed.curvature import DistributedCurvature
+from grng.finite import all_finite
 from grng.optim import validation as check
 
 
@@ -170,10 +171,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                  "e.g. nn.Embedding(sparse=False)")
         if not self._amp_handoff():
             return loss
-        if not self._all_finite(p.grad for p in self._params_with_grad()):
+        if not all_finite(p.grad for p in self._params_with_grad()):
             self._skip("non-finite gradient", warn=not self._amp_active)
             return loss
-        if not self._everywhere(loss is None or self._all_finite([loss])):
+        if not self._everywhere(loss is None or all_finite([loss])):
             self._skip("non-finite loss", warn=not self._amp_active)
             return loss
         if not self._everywhere(self.capture.all_finite()):
@@ -185,7 +186,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._update_curvature(factors_due)
             self._refresh_inverses()
             directions = self._directions()
-        if not self._all_finite(directions.values()):
+        if not all_finite(directions.values()):
             self._skip("non-finite preconditioned direction")
             return loss
         for group in self.param_groups:
@@ -388,10 +389,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}: step skipped ({why}); parameters and optimizer "
                           f"state unchanged ({self._skipped} skipped so far)", RuntimeWarning,
                           stacklevel=3)
-
-    @staticmethod
-    def _all_finite(tensors: Iterable[Tensor]) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def _all_params(self) -> Iterator[Tensor]:
         for group in self.param_groups:
