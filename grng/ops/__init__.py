@@ -128,3 +128,8 @@ def newton_schulz_inverse(M: Tensor, X0: Tensor | None = None, *, tol: float | N
 
 def _sym(X: Tensor) -> Tensor:
     return 0.5 * (X + X.transpose(-2, -1))
+
+
+from grng.ops.batched import batched_spd_inverse  # noqa: E402  (needs default_newton_tol above)
+
+__all__ += ["batched_spd_inverse"]
