@@ -12,9 +12,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grng import KFAC
+from grng.curvature.inverse import tikhonov_split
 
 DT = torch.float64
 
@@ -458,3 +460,57 @@ def test_kfac_fits_digits(digits, inverse: str) -> None:
     assert opt.skipped_steps == 0
     assert end < 0.25 * start, (start, end)
     assert acc > 0.9
+
+
+# ------------------------------------------------------------- batched small-factor inverses
+def _two_equal_layers() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).to(DT)
+
+
+def _cholesky_step(model: nn.Module) -> KFAC:
+    opt = KFAC(model, lr=0.1, damping=1e-2, inverse="cholesky")
+    x, y = torch.randn(10, 6, dtype=DT), torch.randn(10, 6, dtype=DT)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    return opt
+
+
+def test_small_cholesky_factors_are_inverted_in_one_batched_call(monkeypatch) -> None:
+    """Four 7x7/6x6 factors of two layers: one batched call per size, results = dense inverses."""
+    from grng.ops import dispatch
+
+    calls = []
+    impl = dispatch._IMPLS["batched_spd_inverse"]["reference"]
+    monkeypatch.setitem(dispatch._IMPLS["batched_spd_inverse"], "reference",
+                        dispatch.Impl(lambda Ms, *a: calls.append(Ms.shape) or impl.fn(Ms, *a),
+                                      impl.supports))
+    opt = _cholesky_step(_two_equal_layers())
+    assert sorted(calls) == [(2, 6, 6), (2, 7, 7)]
+    for layer in opt.layers:
+        st = opt.layer_state(layer)
+        da, dg = tikhonov_split(st["A"], st["G"], 1e-2)
+        for key, extra in (("A", da), ("G", dg)):
+            expected = torch.linalg.inv(st[key] + extra * torch.eye(st[key].shape[0], dtype=DT))
+            _close(st["X" + key], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_failure_falls_back_to_the_single_path(monkeypatch) -> None:
+    """A batch entry reported as failed is inverted one at a time instead (same result)."""
+    from grng.ops import dispatch
+
+    impl = dispatch._IMPLS["batched_spd_inverse"]["reference"]
+
+    def failing(Ms, *args):
+        inv, ok = impl.fn(Ms, *args)
+        return torch.zeros_like(inv), torch.zeros_like(ok)
+
+    monkeypatch.setitem(dispatch._IMPLS["batched_spd_inverse"], "reference",
+                        dispatch.Impl(failing, impl.supports))
+    failed = _cholesky_step(_two_equal_layers())
+    monkeypatch.undo()
+    normal = _cholesky_step(_two_equal_layers())
+    for a, b in zip(failed.layers, normal.layers):
+        for key in ("XA", "XG"):
+            x_failed, x_normal = failed.layer_state(a)[key], normal.layer_state(b)[key]
+            assert bool(x_failed.abs().sum() > 0)
+            _close(x_failed, x_normal, rtol=1e-10, atol=1e-12)

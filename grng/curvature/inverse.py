@@ -32,7 +32,28 @@ def tikhonov_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
     return pi * root, root / pi
 
 
-class EigenInverse:
+class InverseStrategy:
+    """How one inverse mode refreshes (from the factors) and applies a block's inverse."""
+
+    name = ""
+    keys: tuple[str, ...] = ()  # what refresh writes into a layer's state
+
+    def refresh(self, st: dict, damping: float, backend: str) -> None:
+        raise NotImplementedError
+
+    def refresh_many(self, items: list[tuple[dict, float]], backend: str) -> None:
+        """:meth:`refresh` for several layers' (state, damping) at once."""
+        for st, damping in items:
+            self.refresh(st, damping, backend)
+
+    def ready(self, st: dict) -> bool:
+        raise NotImplementedError
+
+    def apply(self, st: dict, V: Tensor, damping: float, backend: str) -> Tensor:
+        raise NotImplementedError
+
+
+class EigenInverse(InverseStrategy):
     """Damped eigen-inverse application; the damping is applied at apply time."""
 
     name = "eigen"
@@ -61,14 +82,21 @@ class EigenInverse:
                                backend=backend)
 
 
-class _TikhonovInverse:
+class _TikhonovInverse(InverseStrategy):
     """Factored Tikhonov damping, X ~ (M + damping_part I)^-1 per factor; P(V) = X_G V X_A."""
 
-    name = ""
     keys: tuple[str, ...] = ("XG", "XA")
 
     def refresh(self, st: dict, damping: float, backend: str) -> None:
+        for key, Md, extra in self._damped(st, damping):
+            self._invert_or_keep(st, key, Md, extra, backend)
+
+    @staticmethod
+    def _damped(st: dict, damping: float) -> list[tuple[str, Tensor, float]]:
+        """(key, M + damping_part I, damping_part) for each full factor; a diagonal factor is
+        inverted elementwise on the spot."""
         da, dg = tikhonov_split(st["A"], st["G"], damping)
+        out = []
         for key, extra in (("A", da), ("G", dg)):
             M = st[key]
             if M.dim() == 1:
@@ -76,12 +104,17 @@ class _TikhonovInverse:
                 continue
             Md = M.clone()
             Md.diagonal().add_(extra)
-            try:
-                st["X" + key] = self._invert(Md, st.get("X" + key), backend)
-            except ops.FactorizationError as err:
-                _keep_previous(st, "X" + key, err)
-                if "X" + key not in st:
-                    st["X" + key] = torch.eye(M.shape[0], dtype=M.dtype, device=M.device) / extra
+            out.append((key, Md, extra))
+        return out
+
+    def _invert_or_keep(self, st: dict, key: str, Md: Tensor, extra: float, backend: str) -> None:
+        """st["X" + key] <- Md^-1; on failure the previous inverse, else I / damping_part."""
+        try:
+            st["X" + key] = self._invert(Md, st.get("X" + key), backend)
+        except ops.FactorizationError as err:
+            _keep_previous(st, "X" + key, err)
+            if "X" + key not in st:
+                st["X" + key] = torch.eye(Md.shape[0], dtype=Md.dtype, device=Md.device) / extra
 
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         raise NotImplementedError
@@ -97,6 +130,29 @@ class _TikhonovInverse:
 
 class CholeskyInverse(_TikhonovInverse):
     name = "cholesky"
+
+    #: factors up to this size are inverted together, one batched call per (size, dtype, device)
+    BATCH_MAX_DIM = 128
+
+    def refresh_many(self, items: list[tuple[dict, float]], backend: str) -> None:
+        """Small factors of all layers in batched Cholesky calls; a failure, and every large
+        factor, goes through the one-at-a-time path (float64 retry, keep previous)."""
+        batches: dict[tuple, list[tuple[dict, str, Tensor, float]]] = {}
+        for st, damping in items:
+            for key, Md, extra in self._damped(st, damping):
+                if Md.shape[0] <= self.BATCH_MAX_DIM:
+                    batches.setdefault((Md.shape[0], Md.dtype, Md.device), []).append(
+                        (st, key, Md, extra))
+                else:
+                    self._invert_or_keep(st, key, Md, extra, backend)
+        for entries in batches.values():
+            inverses, ok = ops.batched_spd_inverse(torch.stack([e[2] for e in entries]),
+                                                   "cholesky", backend=backend)
+            for (st, key, Md, extra), X, good in zip(entries, inverses, ok.tolist()):
+                if good:
+                    st["X" + key] = X
+                else:
+                    self._invert_or_keep(st, key, Md, extra, backend)
 
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)
@@ -115,7 +171,7 @@ class NewtonInverse(_TikhonovInverse):
         return ops.cholesky_inverse(M, backend=backend)
 
 
-def make_inverse(name: str) -> EigenInverse | NewtonInverse | CholeskyInverse:
+def make_inverse(name: str) -> InverseStrategy:
     """The strategy called ``name`` (one of :data:`INVERSES`)."""
     return {"eigen": EigenInverse, "newton": NewtonInverse, "cholesky": CholeskyInverse}[name]()
 

@@ -72,21 +72,23 @@ class KFAC(CurvatureOptimizer):
         if self._dist is not None:  # owners factorize; comm-opt broadcasts the inverses
             return self._dist.refresh_inverses(self, due)
         group_of = self._group_index()
+        todo = []  # (layer, state, damping) of every layer whose inverse is due or missing
         for layer in self.layers:
             st = self.layer_state(layer)
-            if "A" not in st or "G" not in st:
-                continue
-            if due or not self.inverse.ready(st):
-                damping = self.param_groups[group_of[id(layer.weight)]]["damping"]
-                if self.factor_dtype is None and self.inverse_dtype is None:
-                    self.inverse.refresh(st, damping, self.backend)
-                else:  # low-precision storage: factorize in >= float32, store in inverse_dtype
-                    work = self._upcast(st, layer.weight)
-                    self.inverse.refresh(work, damping, self.backend)
-                    storage = self.inverse_dtype or self._factor_dtype(layer.weight)
-                    for key in self.inverse.keys:
-                        if key in work:
-                            st[key] = work[key].to(storage)
+            if "A" in st and "G" in st and (due or not self.inverse.ready(st)):
+                todo.append((layer, st, self.param_groups[group_of[id(layer.weight)]]["damping"]))
+        if self.factor_dtype is None and self.inverse_dtype is None:
+            self.inverse.refresh_many([(st, damping) for _, st, damping in todo], self.backend)
+            return
+        # low-precision storage: factorize in >= float32, store in inverse_dtype
+        work = [self._upcast(st, layer.weight) for layer, st, _ in todo]
+        self.inverse.refresh_many([(w, damping) for w, (_, _, damping) in zip(work, todo)],
+                                  self.backend)
+        for w, (layer, st, _) in zip(work, todo):
+            storage = self.inverse_dtype or self._factor_dtype(layer.weight)
+            for key in self.inverse.keys:
+                if key in w:
+                    st[key] = w[key].to(storage)
 
     def _precondition_layer(self, layer: KroneckerLayer, st: dict, V: Tensor, group: dict) -> Tensor:
         """P(V); the plain gradient until the layer has factors."""
