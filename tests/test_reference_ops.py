@@ -280,11 +280,14 @@ def test_eigen_apply_diagonal_A(impl, dG, dA):
 
 
 def test_eigen_apply_clamps_negative_eigenvalues(impl):
-    dG, dA, damping = 4, 5, 1e-3
-    G, QG, lG, _, _, _ = _factors(dG, dA)
+    damping = 1e-3
+    # fixed spectra keep every unclamped product l_G,i l_A,j + damping away from 0, so the
+    # unclamped dense systems below are well posed and the clamp's effect is measurable
+    lG = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
+    G, QG = from_spectrum(lG)
     lA = torch.tensor([-2e-3, 0.05, 0.4, 1.0, 2.0], dtype=F64)  # a slightly negative eigenvalue
     A, QA = from_spectrum(lA)
-    V = torch.randn(dG, dA, dtype=F64)
+    V = torch.randn(4, 5, dtype=F64)
     A_clamped = (QA * lA.clamp(min=0)) @ QA.T
     expected = _dense_solve(G, A_clamped, V, damping)
     out = impl.eigen_apply(V, QG, lG, QA, lA, damping)
@@ -293,7 +296,7 @@ def test_eigen_apply_clamps_negative_eigenvalues(impl):
     assert rel_err(unclamped, expected) > 1e-2  # the clamp is visible in this case
     # also for G and for diagonal A
     lG_neg = lG.clone()
-    lG_neg[0] = -1e-3
+    lG_neg[0] = -1e-4
     G_neg = (QG * lG_neg) @ QG.T
     G_clamped = (QG * lG_neg.clamp(min=0)) @ QG.T
     out = impl.eigen_apply(V, QG, lG_neg, None, lA, damping)
