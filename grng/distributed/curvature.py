@@ -250,7 +250,7 @@ class DistributedCurvature:
         gathered_rows = self._gather_rows(gather_parts, allc)
         reduced = reducer.finish()
         # (c) identical updates on every rank, in layer order
-        for i, (layer, entries) in enumerate(zip(layers, plan)):
+        for layer, entries in zip(layers, plan):
             if entries is None:
                 continue
             st = opt.layer_state(layer)
