@@ -1,16 +1,37 @@
-"""Triton kernels of grng, registered as the ``triton`` backend of :mod:`grng.ops`.
+"""Triton kernels of grng, implementing the ``triton`` backend of :mod:`grng.ops`.
 
 One module per op (kernel(s) and launcher): :mod:`.factor_update`, :mod:`.eigen_apply`,
 :mod:`.newton_schulz`, :mod:`.kalman_update`; shared tile code in :mod:`._tiles`. Each op
 accepts CUDA tensors, or CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1).
+Importing this package registers the kernels against the op specs (:mod:`grng.ops.registry`)
+and a poison hook, so that ``grng verify`` sees NaN in every output element a kernel leaves
+unwritten.
 """
 from __future__ import annotations
 
-from grng.ops.dispatch import register
+import contextlib
+from collections.abc import Iterator
 
-from . import eigen_apply, factor_update, kalman_update, newton_schulz
+from grng.ops import registry
 
-register("factor_update", "triton", factor_update.factor_update, factor_update.supports)
-register("eigen_apply", "triton", eigen_apply.eigen_apply, eigen_apply.supports)
-register("newton_schulz_step", "triton", newton_schulz.newton_schulz_step, newton_schulz.supports)
-register("kalman_update", "triton", kalman_update.kalman_update, kalman_update.supports)
+from . import _tiles, eigen_apply, factor_update, kalman_update, newton_schulz
+
+registry.implement("factor_update", "triton", factor_update.factor_update, factor_update.supports)
+registry.implement("eigen_apply", "triton", eigen_apply.eigen_apply, eigen_apply.supports)
+registry.implement("newton_schulz_step", "triton", newton_schulz.newton_schulz_step,
+                   newton_schulz.supports)
+registry.implement("kalman_update", "triton", kalman_update.kalman_update, kalman_update.supports)
+
+
+@contextlib.contextmanager
+def _nan_tile_outputs() -> Iterator[None]:
+    """Within the block the kernels' fresh outputs (``_tiles.new_output``) start as NaN."""
+    original = _tiles.new_output
+    _tiles.new_output = registry.nan_output
+    try:
+        yield
+    finally:
+        _tiles.new_output = original
+
+
+registry.add_poison_hook(_nan_tile_outputs)

@@ -59,8 +59,12 @@ class Row:
         return out
 
 
-def environment() -> dict[str, str]:
-    """device / torch / triton / grng strings for rows measured in this process."""
+def environment(device: str | None = None) -> dict[str, str]:
+    """device / torch / triton / grng strings for rows measured in this process.
+
+    ``device`` ("cpu", "cuda", "cuda:1", ...) names the device the rows were measured on;
+    by default the CUDA device when there is one, else the CPU.
+    """
     import torch
 
     import grng
@@ -71,11 +75,13 @@ def environment() -> dict[str, str]:
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - triton absent or broken: recorded as empty
         triton_version = ""
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
+    where = torch.device(device if device is not None
+                         else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if where.type == "cuda":
+        name = torch.cuda.get_device_name(where)
     else:
-        device = f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
-    return {"device": device, "torch": torch.__version__, "triton": triton_version,
+        name = f"{where.type} {platform.machine()} ({torch.get_num_threads()} threads)"
+    return {"device": name, "torch": torch.__version__, "triton": triton_version,
             "grng": grng.__version__}
 
 

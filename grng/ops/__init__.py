@@ -1,8 +1,10 @@
 """grng's ops: one signature each, several backends, one dispatch (``backend=`` per call).
 
-Optimizers call only these functions. The reference implementations are in
-:mod:`grng.ops.reference`; the Triton kernels (``grng.kernels``) and the compiled extension
-register themselves as the ``triton`` and ``ext`` backends.
+Optimizers call only these functions. Each op is declared once, in :mod:`grng.ops.specs`
+(signature, reference, input generator, comparison, FLOP and byte counts; see
+:mod:`grng.ops.registry`); the reference implementations are in :mod:`grng.ops.reference`; the
+Triton kernels (``grng.kernels``) and the compiled extension (:mod:`grng.ops.ext`) implement
+the specs as the ``triton`` and ``ext`` backends.
 """
 from __future__ import annotations
 
@@ -13,19 +15,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from grng.ops import reference
-from grng.ops.dispatch import backends, call, register, validate_backend
+from grng.ops import specs  # noqa: F401 - defines every op (and registers the reference backend)
+from grng.ops.batched import batched_spd_inverse
+from grng.ops.dispatch import backends, call, validate_backend
 from grng.ops.errors import BackendUnavailable, FactorizationError
+from grng.ops.reference import default_newton_tol
 
 __all__ = [
-    "BackendUnavailable", "FactorizationError", "NewtonResult", "backends", "cholesky_inverse",
-    "eigen_apply", "eigh", "factor_update", "fused_update", "kalman_update",
-    "newton_schulz_inverse", "newton_schulz_step", "validate_backend",
+    "BackendUnavailable", "FactorizationError", "NewtonResult", "backends", "batched_spd_inverse",
+    "cholesky_inverse", "default_newton_tol", "eigen_apply", "eigh", "factor_update",
+    "fused_update", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
+    "validate_backend",
 ]
-
-for _name in ("factor_update", "eigh", "eigen_apply", "newton_schulz_step", "cholesky_inverse",
-              "kalman_update", "fused_update"):
-    register(_name, "reference", getattr(reference, _name))
 
 
 def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float, *, backend: str = "auto") -> Tensor:
@@ -80,11 +81,6 @@ class NewtonResult(NamedTuple):
     iterations: int
 
 
-def default_newton_tol(dtype: torch.dtype) -> float:
-    """Stopping tolerance on the RMS residual ||I - M X||_F / sqrt(d) for a dtype."""
-    return 1e-10 if dtype == torch.float64 else 1e-3
-
-
 def newton_schulz_inverse(M: Tensor, X0: Tensor | None = None, *, tol: float | None = None,
                           max_iter: int = 60, backend: str = "auto") -> NewtonResult:
     """X ~ M^-1 for SPD M by X_{k+1} = X_k (2I - M X_k).
@@ -129,7 +125,3 @@ def newton_schulz_inverse(M: Tensor, X0: Tensor | None = None, *, tol: float | N
 def _sym(X: Tensor) -> Tensor:
     return 0.5 * (X + X.transpose(-2, -1))
 
-
-from grng.ops.batched import batched_spd_inverse  # noqa: E402  (needs default_newton_tol above)
-
-__all__ += ["batched_spd_inverse"]

@@ -1,7 +1,8 @@
 """One dispatch for every op: pick the backend (reference, triton, ext) per call.
 
-Backends register their implementations with :func:`register`. The ``reference`` backend is
-always live. ``triton`` (``grng.kernels``) and ``ext`` (the compiled ``grng._C``) are imported
+Backends register their implementations against the op specs
+(:func:`grng.ops.registry.implement`, which calls :func:`register` here). The ``reference``
+backend is always live. ``triton`` (``grng.kernels``) and ``ext`` (the compiled ``grng._C``) are imported
 lazily on first use; an import failure is recorded and reported by :func:`backends`, never
 raised at ``import grng``.
 
@@ -58,6 +59,12 @@ def _always(*_args, **_kwargs) -> bool:
 def register(op: str, backend: str, fn: Callable, supports: Callable[..., bool] | None = None) -> None:
     """Register ``fn`` as ``backend``'s implementation of ``op``."""
     _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports or _always)
+
+
+def implementation(op: str, backend: str) -> Impl | None:
+    """``backend``'s own implementation of ``op`` (None when it has none: the dispatch would
+    run the reference instead)."""
+    return _IMPLS.get(op, {}).get(backend)
 
 
 def _load(backend: str) -> str:

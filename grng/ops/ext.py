@@ -2,7 +2,8 @@
 
 Importing this module loads the extension once (through the package import, so a process never
 holds two builds of it), registers fake implementations so ``torch.compile`` can trace the ops,
-and registers each op with :mod:`grng.ops.dispatch` under the reference signatures. An
+and implements each op's spec (:func:`grng.ops.registry.implement`) under the reference
+signatures. An
 ImportError says why the extension is unavailable; the dispatch reports it in ``grng.backends()``.
 """
 from __future__ import annotations
@@ -13,8 +14,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from grng.ops.dispatch import register
 from grng.ops.errors import FactorizationError
+from grng.ops.reference import BATCHED_METHODS
+from grng.ops.registry import implement
 
 try:
     from grng import _C  # noqa: F401 - importing runs the TORCH_LIBRARY registrations
@@ -24,8 +26,6 @@ except ImportError as _err:
             "grng._C was not built: no compiled extension next to grng/__init__.py (reinstall with "
             "`pip install -v --no-build-isolation -e .` and read the '[grng] WARNING' it prints)") from _err
     raise ImportError(f"grng._C was built but does not load (rebuild it against this torch): {_err}") from _err
-
-from grng.ops import batched  # noqa: E402 - registers the reference of batched_spd_inverse
 
 _ops = torch.ops.grng_ext
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -135,10 +135,10 @@ def batched_spd_inverse(Ms: Tensor, method: str, tol: float, max_iter: int) -> t
 def _batched_supports(Ms: Tensor, method: str, tol: float, max_iter: int) -> bool:
     return (_has_kernel("batched_spd_inverse", Ms.device.type) and Ms.dtype in _FACTOR_DTYPES
             and Ms.dim() == 3 and Ms.shape[1] == Ms.shape[2] <= MAX_BATCHED_DIM
-            and (method == "cholesky" if Ms.device.type == "cuda" else method in batched.METHODS))
+            and (method == "cholesky" if Ms.device.type == "cuda" else method in BATCHED_METHODS))
 
 
-register("fused_update", "ext", fused_update, _fused_supports)
-register("factor_update", "ext", factor_update, _factor_supports)
-register("kalman_update", "ext", kalman_update, _kalman_supports)
-register("batched_spd_inverse", "ext", batched_spd_inverse, _batched_supports)
+implement("fused_update", "ext", fused_update, _fused_supports)
+implement("factor_update", "ext", factor_update, _factor_supports)
+implement("kalman_update", "ext", kalman_update, _kalman_supports)
+implement("batched_spd_inverse", "ext", batched_spd_inverse, _batched_supports)

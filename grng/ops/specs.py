@@ -1,0 +1,335 @@
+"""Every op of grng, declared once: an :class:`~grng.ops.registry.OpSpec` per op.
+
+Inputs are drawn on the CPU in float64 from a seeded generator (reproducible across devices),
+never zeros, then cast to the case dtype and moved to the device. Sizes: ``n`` is the matrix
+side (factor_update: M n x n, X n x n; eigen_apply: V, Q_G, Q_A n x n; newton_schulz_step:
+M, X n x n; kalman_update: P n x n, H k x n with k = min(64, n); fused_update: one n x n and
+one n-vector parameter; batched_spd_inverse: 3 matrices n x n). Layout variants: "strided"
+passes in-place targets as column slices of a wider buffer and read-only matrices in
+column-major order. The FLOP counts are the useful work (the same for every backend, so
+TFLOP/s compare); byte counts are the minimal traffic: each input read once, each output
+written once (an in-place target read and written).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from grng.ops import reference
+from grng.ops.registry import OpSpec, define
+
+F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+LOW_AND_DOUBLE = (F32, BF16, F64)
+FACTOR_DTYPES = (F32, F64)
+BATCH = 3  # matrices per batched_spd_inverse case
+
+
+def kalman_rank(n: int) -> int:
+    """Rows k of the Kalman observation H at size n."""
+    return min(64, n)
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of factors / eigenvectors / P in a case of ``dtype`` (float64 stays float64)."""
+    return F64 if dtype == F64 else F32
+
+
+def size_of(dtype: torch.dtype) -> int:
+    """Bytes per element."""
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) % (2 ** 63))
+
+
+def _randn(gen: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(*shape, dtype=F64, generator=gen)
+
+
+def _spd(gen: torch.Generator, n: int, batch: tuple[int, ...] = ()) -> Tensor:
+    """A A^T / n + I for Gaussian A: SPD, eigenvalues in about [1, 5], exactly symmetric."""
+    A = _randn(gen, *batch, n, n)
+    return reference.symmetrize_from_upper(A @ A.transpose(-2, -1) / n + torch.eye(n, dtype=F64))
+
+
+def _orthogonal(gen: torch.Generator, n: int) -> Tensor:
+    Q, R = torch.linalg.qr(_randn(gen, n, n))
+    return Q * torch.sign(torch.diagonal(R))
+
+
+def place(t: Tensor, dtype: torch.dtype, device: torch.device, layout: str = "contiguous") -> Tensor:
+    """``t`` cast to ``dtype`` on ``device``: contiguous, "slice" (a column slice of a wider
+    buffer: non-contiguous rows) or "colmajor" (transposed storage of the last two dims)."""
+    t = t.to(device=device, dtype=dtype)
+    if layout == "contiguous" or t.dim() < 2:
+        return t.contiguous()
+    if layout == "slice":
+        buf = torch.full((*t.shape[:-1], t.shape[-1] + 3), math.nan, dtype=dtype, device=device)
+        buf[..., 1:t.shape[-1] + 1] = t
+        return buf[..., 1:t.shape[-1] + 1]
+    if layout == "colmajor":
+        return t.transpose(-2, -1).contiguous().transpose(-2, -1)
+    raise ValueError(f"layout must be contiguous, slice or colmajor, got {layout!r}")
+
+
+def _layouts(variant: str) -> tuple[str, str]:
+    """(layout of in-place targets, layout of read-only matrices) of a variant."""
+    return ("slice", "colmajor") if variant == "strided" else ("contiguous", "contiguous")
+
+
+# ----------------------------------------------------------------------------- factor_update
+
+def _factor_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    g = _gen(seed)
+    batch = (2,) if variant == "batched" else ()
+    M0 = reference.symmetrize_from_upper(_randn(g, *batch, n, n))
+    X0 = _randn(g, *batch, n, n)
+    target, read = _layouts(variant)
+    M = place(M0, wide(dtype), device, target)
+    beta = 0.9
+    if variant == "beta0":
+        M.fill_(math.nan)  # beta == 0 must never read M
+        beta = 0.0
+    return M, place(X0, dtype, device, read), 0.37, beta
+
+
+define(OpSpec(
+    name="factor_update",
+    signature="factor_update(M, X, alpha, beta) -> M",
+    math="M <- beta M + alpha X^T X in place (exactly symmetric; beta == 0 never reads M)",
+    reference=reference.factor_update,
+    make_inputs=_factor_inputs,
+    outputs=lambda args, out: (args[0],),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="X (M is float32, float64 for float64)",
+    shape=lambda n: f"M {n}x{n}, X {n}x{n}",
+    reduction=lambda n: n,
+    flops=lambda n: n * n * (n + 1.0),  # m d (d + 1): one triangle of X^T X, m = d = n
+    bytes=lambda n, dt: 2.0 * n * n * size_of(wide(dt)) + n * n * size_of(dt),
+    variants=("contiguous", "strided", "beta0", "batched"),
+    symmetric=(0,),
+    returns_arg=0,
+))
+
+
+# ----------------------------------------------------------------------------- eigh
+
+def _eigh_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    g = _gen(seed)
+    B = _randn(g, n, n)
+    return (place(0.5 * (B + B.T), dtype, device, "slice" if variant == "strided" else "contiguous"),)
+
+
+def _eigh_outputs(args: tuple, out: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+    # eigenvectors are unique only up to sign: compare the eigenvalues, Q diag(l) Q^T and Q^T Q
+    l, Q = out
+    return l, (Q * l) @ Q.transpose(-2, -1), Q.transpose(-2, -1) @ Q
+
+
+define(OpSpec(
+    name="eigh",
+    signature="eigh(M) -> (l, Q)",
+    math="M = Q diag(l) Q^T (a failed solve is retried in float64)",
+    reference=reference.eigh,
+    make_inputs=_eigh_inputs,
+    outputs=_eigh_outputs,
+    dtypes=FACTOR_DTYPES,
+    dtype_role="M",
+    shape=lambda n: f"M {n}x{n}",
+    reduction=lambda n: n,
+    flops=lambda n: 9.0 * n ** 3,  # symmetric QR with eigenvectors (Golub & Van Loan 8.3)
+    bytes=lambda n, dt: (2.0 * n * n + n) * size_of(dt),
+))
+
+
+# ----------------------------------------------------------------------------- eigen_apply
+
+def _eigen_apply_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                        variant: str) -> tuple:
+    g = _gen(seed)
+    V = _randn(g, n, n)
+    QG, QA = _orthogonal(g, n), _orthogonal(g, n)
+    lG = torch.rand(n, dtype=F64, generator=g) * 2.0 - 0.2  # a few negatives: clamped at 0
+    lA = torch.rand(n, dtype=F64, generator=g) * 2.0 - 0.2
+    w = wide(dtype)
+    if variant == "strided":
+        return (place(V, dtype, device, "slice"), place(QG, w, device, "colmajor"), place(lG, w, device),
+                place(QA, w, device, "slice"), place(lA, w, device), 1e-2)
+    QA_arg = None if variant == "diagonal_a" else place(QA, w, device)
+    return (place(V, dtype, device), place(QG, w, device), place(lG, w, device), QA_arg,
+            place(lA, w, device), 1e-2)
+
+
+define(OpSpec(
+    name="eigen_apply",
+    signature="eigen_apply(V, QG, lG, QA, lA, damping) -> out",
+    math="Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V",
+    reference=reference.eigen_apply,
+    make_inputs=_eigen_apply_inputs,
+    outputs=lambda args, out: (out,),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="V (Q_G, Q_A, l_G, l_A are float32, float64 for float64)",
+    shape=lambda n: f"V {n}x{n}, Q_G {n}x{n}, Q_A {n}x{n}",
+    reduction=lambda n: 2 * n,
+    flops=lambda n: 4.0 * n * n * (2 * n) + n * n,  # 4 d_G d_A (d_G + d_A) + d_G d_A
+    bytes=lambda n, dt: n * n * size_of(dt) + (3.0 * n * n + 2 * n) * size_of(wide(dt)),
+    variants=("contiguous", "strided", "diagonal_a"),
+))
+
+
+# ----------------------------------------------------------------------------- newton_schulz_step
+
+def _newton_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    g = _gen(seed)
+    M = _spd(g, n)
+    X = torch.linalg.inv(M) + 0.05 * _randn(g, n, n) / math.sqrt(n)  # near, not at, M^-1
+    target, read = _layouts(variant)
+    return place(M, dtype, device, target), place(X, dtype, device, read)
+
+
+define(OpSpec(
+    name="newton_schulz_step",
+    signature="newton_schulz_step(M, X) -> (X_next, residual)",
+    math="X_next = X (2I - M X), residual = ||I - M X||_F of the input X",
+    reference=reference.newton_schulz_step,
+    make_inputs=_newton_inputs,
+    outputs=lambda args, out: (out[0], out[1]),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="M and X",
+    shape=lambda n: f"M {n}x{n}, X {n}x{n}",
+    reduction=lambda n: 2 * n,
+    flops=lambda n: 4.0 * n ** 3 + 2.0 * n * n,  # two GEMMs, the 2I - and the residual
+    bytes=lambda n, dt: 3.0 * n * n * size_of(dt),
+))
+
+
+# ----------------------------------------------------------------------------- cholesky_inverse
+
+def _cholesky_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    return (place(_spd(_gen(seed), n), dtype, device, "slice" if variant == "strided" else "contiguous"),)
+
+
+define(OpSpec(
+    name="cholesky_inverse",
+    signature="cholesky_inverse(M) -> M^-1",
+    math="M^-1 for SPD M through M = L L^T (retried in float64)",
+    reference=reference.cholesky_inverse,
+    make_inputs=_cholesky_inputs,
+    outputs=lambda args, out: (out,),
+    dtypes=FACTOR_DTYPES,
+    dtype_role="M",
+    shape=lambda n: f"M {n}x{n}",
+    reduction=lambda n: n,
+    flops=lambda n: float(n) ** 3,  # n^3 / 3 (Cholesky) + 2 n^3 / 3 (inverse from the factor)
+    bytes=lambda n, dt: 2.0 * n * n * size_of(dt),
+    symmetric=(0,),
+))
+
+
+# ----------------------------------------------------------------------------- kalman_update
+
+def _kalman_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    g = _gen(seed)
+    P = reference.symmetrize_from_upper(torch.linalg.inv(_spd(g, n)))
+    H = _randn(g, kalman_rank(n), n)
+    target, read = _layouts(variant)
+    # "steady": beta = 1, q = 0, a large r: repeated calls (a benchmark) keep P bounded and SPD
+    r, beta, q = (1e3, 1.0, 0.0) if variant == "steady" else (7.0, 0.95, 1e-3)
+    return place(P, wide(dtype), device, target), place(H, dtype, device, read), r, beta, q
+
+
+define(OpSpec(
+    name="kalman_update",
+    signature="kalman_update(P, H, r, beta, q) -> P",
+    math="P <- P/beta + qI - W W^T, W = P- H^T L^-T, L L^T = r I + H P- H^T (in place)",
+    reference=reference.kalman_update,
+    make_inputs=_kalman_inputs,
+    outputs=lambda args, out: (args[0],),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="H (P is float32, float64 for float64)",
+    shape=lambda n: f"P {n}x{n}, H {kalman_rank(n)}x{n}",
+    reduction=lambda n: n + kalman_rank(n),
+    # P H^T, H U and the triangular solve, one triangle of W W^T
+    flops=lambda n: (2.0 * n * n * kalman_rank(n) + 3.0 * kalman_rank(n) ** 2 * n
+                     + kalman_rank(n) * n * (n + 1.0)),
+    bytes=lambda n, dt: 2.0 * n * n * size_of(wide(dt)) + kalman_rank(n) * n * size_of(dt),
+    variants=("contiguous", "strided", "steady"),
+    bench_variant="steady",
+    symmetric=(0,),
+    returns_arg=0,
+))
+
+
+# ----------------------------------------------------------------------------- fused_update
+
+def _fused_shapes(n: int) -> list[tuple[int, ...]]:
+    return [(n, n), (n,)]
+
+
+def _fused_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    g = _gen(seed)
+    layout = "colmajor" if variant == "strided" else "contiguous"
+    groups = [[place(_randn(g, *s), dtype, device, layout) for s in _fused_shapes(n)] for _ in range(4)]
+    params, grads, dirs, bufs = groups
+    if variant == "plain":  # no momentum, no decay, no clip
+        return params, grads, dirs, None, 0.1, 0.0, 0.0, 0.3, None
+    return params, grads, dirs, bufs, 0.1, 0.9, 0.01, 0.3, 1e-3  # the clip is active (nu < 1)
+
+
+def _fused_outputs(args: tuple, out: bool) -> tuple[Tensor, ...]:
+    params, bufs = args[0], args[3]
+    flat = [torch.cat([p.reshape(-1) for p in params])]
+    if bufs is not None:
+        flat.append(torch.cat([b.reshape(-1) for b in bufs]))
+    return (*flat, torch.tensor([float(out)], dtype=F64))
+
+
+def _fused_numel(n: int) -> int:
+    return sum(math.prod(s) for s in _fused_shapes(n))
+
+
+define(OpSpec(
+    name="fused_update",
+    signature=("fused_update(params, grads, directions, momentum_buffers, lr, momentum, "
+               "weight_decay, rho, kl_clip) -> ok"),
+    math="theta <- (1 - lr wd) theta - lr buf, buf = m buf + nu (d + rho g); False = skipped (non-finite)",
+    reference=reference.fused_update,
+    make_inputs=_fused_inputs,
+    outputs=_fused_outputs,
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="every tensor",
+    shape=lambda n: f"params {n}x{n} + {n}",
+    reduction=lambda n: 1,  # elementwise; the clip's <d + rho g, g> is summed in float64
+    flops=lambda n: 10.0 * _fused_numel(n),  # d + rho g, the clip's dot, buf, decay, step
+    bytes=lambda n, dt: 6.0 * _fused_numel(n) * size_of(dt),  # theta, buf read+written; g, d read
+    variants=("contiguous", "strided", "plain"),
+))
+
+
+# ----------------------------------------------------------------------------- batched_spd_inverse
+
+def _batched_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
+    Ms = place(_spd(_gen(seed), n, (BATCH,)), dtype, device, "colmajor" if variant == "strided" else "contiguous")
+    method = "newton" if variant == "newton" else "cholesky"
+    return Ms, method, reference.default_newton_tol(dtype), 60
+
+
+define(OpSpec(
+    name="batched_spd_inverse",
+    signature="batched_spd_inverse(Ms, method, tol, max_iter) -> (inverses, ok)",
+    math="(M_b^-1, ok_b) for SPD M_b (B x d x d): Cholesky, or Newton-Schulz to an RMS residual <= tol",
+    reference=reference.batched_spd_inverse,
+    make_inputs=_batched_inputs,
+    outputs=lambda args, out: (out[0], out[1].to(F64)),
+    dtypes=FACTOR_DTYPES,
+    dtype_role="Ms",
+    shape=lambda n: f"Ms {BATCH}x{n}x{n}",
+    reduction=lambda n: n,
+    flops=lambda n: BATCH * float(n) ** 3,  # per matrix n^3 / 3 (Cholesky) + 2 n^3 / 3 (inverse)
+    bytes=lambda n, dt: 2.0 * BATCH * n * n * size_of(dt),
+    variants=("contiguous", "strided", "newton"),
+    symmetric=(0,),
+))
