@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from grng.curvature.layers import register_layer
 from grng.ops.dispatch import backends
 from grng.optim.gradreg import GradReg, flood, regularized_gradient
 from grng.optim.kfac import KFAC
@@ -17,4 +18,4 @@ from grng.optim.ring import RING
 from grng.optim.rkalman import RKalman
 
 __all__ = ["KFAC", "RENG", "RING", "GradReg", "RKalman", "__version__", "backends", "flood",
-           "regularized_gradient"]
+           "register_layer", "regularized_gradient"]

@@ -438,7 +438,7 @@ def test_layernorm_and_lone_bias_get_diagonal_fisher() -> None:
         D_exp = [g.square() for g in grads] if k == 0 else [
             beta * d + (1 - beta) * g.square() for d, g in zip(D_prev, grads)]
         for p, p0, g, D in zip(diag, before, grads, D_exp):
-            assert "A" not in opt.state[p]
-            _close(opt.state[p]["D"], D)
+            assert "A" not in opt.curvature_state(p)
+            _close(opt.curvature_state(p)["D"], D)
             _close(p.detach(), p0 - lr * g / (D + damping))
         D_prev = D_exp

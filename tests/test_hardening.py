@@ -330,7 +330,7 @@ def test_model_without_supported_layers_uses_the_diagonal_fallback(name: str) ->
     assert losses[-1] < losses[0]
     if name != "gradreg-sgd":
         key = "PD" if name == "rkalman" else "D"
-        assert key in _curv(opt).state[model.scale]
+        assert key in _curv(opt).curvature_state(model.scale)
 
 
 @pytest.mark.parametrize("name", CURVATURE)
@@ -347,7 +347,7 @@ def test_frozen_parameters_are_excluded(name: str) -> None:
     _train(model, outer, _data(3))
     assert torch.equal(model[0].weight, frozen[0]) and torch.equal(model[2].weight, frozen[1])
     key = "PD" if name == "rkalman" else "D"
-    assert key in _curv(outer).state[model[0].bias]
+    assert key in _curv(outer).curvature_state(model[0].bias)
 
 
 class _TiedLM(nn.Module):
@@ -381,10 +381,10 @@ def test_tied_embedding_and_output_weights(name: str) -> None:
         losses.append(float(opt.step(lambda: F.cross_entropy(model(idx).reshape(-1, 11),
                                                                 tgt.reshape(-1)))))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    st = curv.state[model.emb.weight]
+    st = curv.curvature_state(model.emb.weight)
     key = "PA" if name == "rkalman" else "A"
     assert st[key].shape == (11,)                    # the embedding's diagonal A, counted once
-    assert ("PD" if name == "rkalman" else "D") in curv.state[model.out.bias]
+    assert ("PD" if name == "rkalman" else "D") in curv.curvature_state(model.out.bias)
 
 
 def test_sparse_gradients_raise_a_clear_error() -> None:
@@ -448,7 +448,7 @@ def test_add_param_group_later_gets_the_diagonal_fallback(name: str) -> None:
     _train(model, opt, _data(3))
     key = "PD" if name == "rkalman" else "D"
     for p, p0 in zip(model[3].parameters(), before):
-        assert key in opt.state[p] and not torch.equal(p, p0)
+        assert key in opt.curvature_state(p) and not torch.equal(p, p0)
     assert [layer.module for layer in opt.layers] == [model[0]]
 
 
@@ -620,7 +620,7 @@ def test_rkalman_checkpoint_from_a_cuda_machine_loads_without_cuda() -> None:
     sd["grng"]["rng"]["cuda:0"] = torch.zeros(16, dtype=torch.uint8)  # a CUDA generator's state
     fresh = RKalman(model, kalman_rank=3)
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh._generator(torch.device("cpu")).get_state(), cpu_state)
+    assert torch.equal(fresh.block.generator(torch.device("cpu")).get_state(), cpu_state)
     _train(model, fresh, _data(1))
 
 
@@ -952,7 +952,7 @@ def test_bfloat16_factor_and_inverse_storage(inverse: str) -> None:
             assert st[key].dtype == torch.bfloat16, key
         assert st["momentum_buffer" if "momentum_buffer" in st else "A"].dtype in (torch.float32,
                                                                                    torch.bfloat16)
-    assert o16.state[m16[2].weight]["D"].dtype == torch.bfloat16
+    assert o16.curvature_state(m16[2].weight)["D"].dtype == torch.bfloat16
     for p, q in zip(m32.parameters(), m16.parameters()):
         assert bool(torch.isfinite(q).all())
         torch.testing.assert_close(q, p, rtol=0.05, atol=0.02)

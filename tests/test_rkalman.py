@@ -107,8 +107,8 @@ def test_covariances_are_inverse_running_factors(case: str) -> None:
             sk, so = probe.layer_state(lk), opt.layer_state(lo)
             pairs += [(id(lo.weight), "A", sk["A"], so["PA"]), (-id(lo.weight), "G", sk["G"], so["PG"])]
         for p_twin, p in zip(twin.parameters(), model.parameters()):
-            if "D" in probe.state[p_twin]:
-                pairs.append((id(p), "D", probe.state[p_twin]["D"], opt.state[p]["PD"]))
+            if "D" in probe.curvature_state(p_twin):
+                pairs.append((id(p), "D", probe.curvature_state(p_twin)["D"], opt.curvature_state(p)["PD"]))
         assert len(pairs) >= 4
         for key, name, batch, P in pairs:
             if key not in running:  # the prior is the start
@@ -323,7 +323,7 @@ def test_direction_is_pg_g_pa_plus_rho_g(case: str) -> None:
                 covered.add(id(p))
         for p in model.parameters():
             if id(p) not in covered:
-                e = before[id(p)] - lr * (opt.state[p]["PD"] * g_of[id(p)] + rho * g_of[id(p)])
+                e = before[id(p)] - lr * (opt.curvature_state(p)["PD"] * g_of[id(p)] + rho * g_of[id(p)])
                 torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-13)
     assert opt.skipped_steps == 0 and opt.kalman_failures == 0
 

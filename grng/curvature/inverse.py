@@ -1,19 +1,20 @@
-"""How a Kronecker block's damped inverse is kept and applied (ALGORITHMS.md section 2).
+"""How a Kronecker block's damped inverse is kept and applied (docs/algorithms.md section 2).
 
 - ``eigen``:    P(V) = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V.
 - ``newton``:   P(V) = X_G V X_A, X ~ (factor + pi-split Tikhonov damping)^-1 by Newton-Schulz;
                 an unconverged iteration falls back to Cholesky.
 - ``cholesky``: the same factored-Tikhonov inverses by Cholesky (the reference for ``newton``).
 
-Each strategy reads the running factors ``A``/``G`` from a layer's optimizer state and writes its
-inverse representation into the same dict, so ``state_dict`` carries it. A failed factorization
-keeps the previous inverse (with a warning); with no previous one, the factor is treated as 0.
-A diagonal A (embeddings) is a vector and is inverted elementwise.
+A strategy turns the running factors (A, G) into a typed inverse representation
+(:class:`EigenBasis` or :class:`TikhonovInverses`) and applies it. A failed factorization keeps
+the previous inverse (with a warning); with no previous one, the factor is treated as 0. A
+diagonal A (a vector) is inverted elementwise.
 """
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -32,24 +33,63 @@ def tikhonov_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
     return pi * root, root / pi
 
 
+class InverseState:
+    """Base of the typed inverse representations; each field belongs to the A or G side
+    (its name ends with the side, as in docs/algorithms.md: Q_G, l_A, X_G, ...)."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Field name -> tensor (fields that are None omitted)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
+                if getattr(self, f.name) is not None}
+
+    @staticmethod
+    def side(name: str) -> str:
+        """"A" or "G": the factor a field's sizes follow."""
+        return name[-1]
+
+    def cast(self, dtype: torch.dtype) -> InverseState:
+        """A copy with every tensor in ``dtype``."""
+        return type(self)(**{f.name: None if getattr(self, f.name) is None
+                             else getattr(self, f.name).to(dtype)
+                             for f in fields(self)})  # type: ignore[arg-type]
+
+
+@dataclass
+class EigenBasis(InverseState):
+    """Eigenpairs of G and A (Q_A is None for a diagonal A, whose eigenvalues are itself)."""
+
+    QG: Tensor
+    lG: Tensor
+    QA: Tensor | None
+    lA: Tensor
+
+
+@dataclass
+class TikhonovInverses(InverseState):
+    """X_G ~ (G + damping_G I)^-1 and X_A ~ (A + damping_A I)^-1 (a vector for a diagonal A)."""
+
+    XG: Tensor
+    XA: Tensor
+
+
+Item = tuple[Tensor, Tensor, float, "InverseState | None"]  # (A, G, damping, previous)
+
+
 class InverseStrategy:
     """How one inverse mode refreshes (from the factors) and applies a block's inverse."""
 
     name = ""
-    keys: tuple[str, ...] = ()  # what refresh writes into a layer's state
+    state_type: type[InverseState] = InverseState
 
-    def refresh(self, st: dict, damping: float, backend: str) -> None:
+    def refresh(self, A: Tensor, G: Tensor, damping: float, previous: InverseState | None,
+                backend: str) -> InverseState:
         raise NotImplementedError
 
-    def refresh_many(self, items: list[tuple[dict, float]], backend: str) -> None:
-        """:meth:`refresh` for several layers' (state, damping) at once."""
-        for st, damping in items:
-            self.refresh(st, damping, backend)
+    def refresh_many(self, items: list[Item], backend: str) -> list[InverseState]:
+        """:meth:`refresh` for several blocks' (A, G, damping, previous) at once."""
+        return [self.refresh(A, G, damping, prev, backend) for A, G, damping, prev in items]
 
-    def ready(self, st: dict) -> bool:
-        raise NotImplementedError
-
-    def apply(self, st: dict, V: Tensor, damping: float, backend: str) -> Tensor:
+    def apply(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> Tensor:
         raise NotImplementedError
 
 
@@ -57,74 +97,76 @@ class EigenInverse(InverseStrategy):
     """Damped eigen-inverse application; the damping is applied at apply time."""
 
     name = "eigen"
-    keys: tuple[str, ...] = ("QG", "lG", "QA", "lA")  # what refresh writes into the state
+    state_type = EigenBasis
 
-    def refresh(self, st: dict, damping: float, backend: str) -> None:
+    def refresh(self, A, G, damping, previous, backend) -> EigenBasis:
         """Q, l of each factor (a diagonal A is its own eigenvalues)."""
-        for key in ("G", "A"):
-            M = st[key]
-            if M.dim() == 1:
-                st["l" + key] = M.clone()
-                continue
-            try:
-                st["l" + key], st["Q" + key] = ops.eigh(M, backend=backend)
-            except ops.FactorizationError as err:
-                _keep_previous(st, "Q" + key, err)
-                if "Q" + key not in st:
-                    st["l" + key] = torch.zeros_like(M[0])
-                    st["Q" + key] = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+        lG, QG = self._eig(G, previous, "G", backend)
+        lA, QA = self._eig(A, previous, "A", backend)
+        return EigenBasis(QG=QG, lG=lG, QA=QA, lA=lA)
 
-    def ready(self, st: dict) -> bool:
-        return "lG" in st and "lA" in st
+    @staticmethod
+    def _eig(M: Tensor, previous: EigenBasis | None, side: str, backend: str
+             ) -> tuple[Tensor, Tensor | None]:
+        if M.dim() == 1:
+            return M.clone(), None
+        try:
+            return ops.eigh(M, backend=backend)
+        except ops.FactorizationError as err:
+            _warn_kept(err, previous is not None)
+            if previous is not None:
+                return getattr(previous, "l" + side), getattr(previous, "Q" + side)
+            return torch.zeros_like(M[0]), torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
 
-    def apply(self, st: dict, V: Tensor, damping: float, backend: str) -> Tensor:
-        return ops.eigen_apply(V, st["QG"], st["lG"], st.get("QA"), st["lA"], damping,
-                               backend=backend)
+    def apply(self, inv, V, damping, backend) -> Tensor:
+        return ops.eigen_apply(V, inv.QG, inv.lG, inv.QA, inv.lA, damping, backend=backend)
 
 
 class _TikhonovInverse(InverseStrategy):
     """Factored Tikhonov damping, X ~ (M + damping_part I)^-1 per factor; P(V) = X_G V X_A."""
 
-    keys: tuple[str, ...] = ("XG", "XA")
+    state_type = TikhonovInverses
 
-    def refresh(self, st: dict, damping: float, backend: str) -> None:
-        for key, Md, extra in self._damped(st, damping):
-            self._invert_or_keep(st, key, Md, extra, backend)
+    def refresh(self, A, G, damping, previous, backend) -> TikhonovInverses:
+        out: dict[str, Tensor] = {}
+        for side, Md, extra in self._damped(A, G, damping, out):
+            out["X" + side] = self._invert_or_keep(Md, extra, previous, side, backend)
+        return TikhonovInverses(**out)
 
     @staticmethod
-    def _damped(st: dict, damping: float) -> list[tuple[str, Tensor, float]]:
-        """(key, M + damping_part I, damping_part) for each full factor; a diagonal factor is
-        inverted elementwise on the spot."""
-        da, dg = tikhonov_split(st["A"], st["G"], damping)
-        out = []
-        for key, extra in (("A", da), ("G", dg)):
-            M = st[key]
+    def _damped(A: Tensor, G: Tensor, damping: float, out: dict[str, Tensor]
+                ) -> list[tuple[str, Tensor, float]]:
+        """(side, M + damping_part I, damping_part) for each dense factor; a diagonal factor is
+        inverted elementwise into ``out`` on the spot."""
+        da, dg = tikhonov_split(A, G, damping)
+        todo = []
+        for side, M, extra in (("A", A, da), ("G", G, dg)):
             if M.dim() == 1:
-                st["X" + key] = 1.0 / (M.clamp(min=0) + extra)
+                out["X" + side] = 1.0 / (M.clamp(min=0) + extra)
                 continue
             Md = M.clone()
             Md.diagonal().add_(extra)
-            out.append((key, Md, extra))
-        return out
+            todo.append((side, Md, extra))
+        return todo
 
-    def _invert_or_keep(self, st: dict, key: str, Md: Tensor, extra: float, backend: str) -> None:
-        """st["X" + key] <- Md^-1; on failure the previous inverse, else I / damping_part."""
+    def _invert_or_keep(self, Md: Tensor, extra: float, previous: TikhonovInverses | None,
+                        side: str, backend: str) -> Tensor:
+        """Md^-1; on failure the previous inverse, else I / damping_part."""
+        prev = None if previous is None else getattr(previous, "X" + side)
         try:
-            st["X" + key] = self._invert(Md, st.get("X" + key), backend)
+            return self._invert(Md, prev, backend)
         except ops.FactorizationError as err:
-            _keep_previous(st, "X" + key, err)
-            if "X" + key not in st:
-                st["X" + key] = torch.eye(Md.shape[0], dtype=Md.dtype, device=Md.device) / extra
+            _warn_kept(err, prev is not None)
+            if prev is not None:
+                return prev
+            return torch.eye(Md.shape[0], dtype=Md.dtype, device=Md.device) / extra
 
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         raise NotImplementedError
 
-    def ready(self, st: dict) -> bool:
-        return "XG" in st and "XA" in st
-
-    def apply(self, st: dict, V: Tensor, damping: float, backend: str) -> Tensor:
-        XA = st["XA"]
-        out = st["XG"] @ V.to(XA.dtype)
+    def apply(self, inv, V, damping, backend) -> Tensor:
+        XA = inv.XA
+        out = inv.XG @ V.to(XA.dtype)
         return out * XA if XA.dim() == 1 else out @ XA
 
 
@@ -134,25 +176,25 @@ class CholeskyInverse(_TikhonovInverse):
     #: factors up to this size are inverted together, one batched call per (size, dtype, device)
     BATCH_MAX_DIM = 128
 
-    def refresh_many(self, items: list[tuple[dict, float]], backend: str) -> None:
-        """Small factors of all layers in batched Cholesky calls; a failure, and every large
+    def refresh_many(self, items: list[Item], backend: str) -> list[InverseState]:
+        """Small factors of all blocks in batched Cholesky calls; a failure, and every large
         factor, goes through the one-at-a-time path (float64 retry, keep previous)."""
-        batches: dict[tuple, list[tuple[dict, str, Tensor, float]]] = {}
-        for st, damping in items:
-            for key, Md, extra in self._damped(st, damping):
+        outs: list[dict[str, Tensor]] = [{} for _ in items]
+        batches: dict[tuple, list[tuple[int, str, Tensor, float]]] = {}
+        for i, (A, G, damping, previous) in enumerate(items):
+            for side, Md, extra in self._damped(A, G, damping, outs[i]):
                 if Md.shape[0] <= self.BATCH_MAX_DIM:
                     batches.setdefault((Md.shape[0], Md.dtype, Md.device), []).append(
-                        (st, key, Md, extra))
+                        (i, side, Md, extra))
                 else:
-                    self._invert_or_keep(st, key, Md, extra, backend)
+                    outs[i]["X" + side] = self._invert_or_keep(Md, extra, previous, side, backend)
         for entries in batches.values():
             inverses, ok = ops.batched_spd_inverse(torch.stack([e[2] for e in entries]),
                                                    "cholesky", backend=backend)
-            for (st, key, Md, extra), X, good in zip(entries, inverses, ok.tolist()):
-                if good:
-                    st["X" + key] = X
-                else:
-                    self._invert_or_keep(st, key, Md, extra, backend)
+            for (i, side, Md, extra), X, good in zip(entries, inverses, ok.tolist()):
+                outs[i]["X" + side] = X if good else self._invert_or_keep(
+                    Md, extra, items[i][3], side, backend)
+        return [TikhonovInverses(**o) for o in outs]
 
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)
@@ -176,6 +218,6 @@ def make_inverse(name: str) -> InverseStrategy:
     return {"eigen": EigenInverse, "newton": NewtonInverse, "cholesky": CholeskyInverse}[name]()
 
 
-def _keep_previous(st: dict, key: str, err: Exception) -> None:
-    kept = "keeping the previous inverse" if key in st else "no previous inverse: using damping only"
+def _warn_kept(err: Exception, had_previous: bool) -> None:
+    kept = "keeping the previous inverse" if had_previous else "no previous inverse: using damping only"
     warnings.warn(f"factorization failed ({err}); {kept}", RuntimeWarning, stacklevel=4)

@@ -8,26 +8,26 @@ rows of autograd's output gradient g_hat and s = n_G the per-example scale e = N
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
 
-@dataclass
-class Rows:
-    """Observation rows of one factor: factor = (scale^2 / n) X^T X."""
-
-    X: Tensor
-    n: int
-    scale: float = 1.0
+__all__ = ["Conv2dLayer", "EmbeddingLayer", "KroneckerLayer", "LinearLayer", "Rows",
+           "make_layer", "register_layer", "registered_layers"]
 
 
 class KroneckerLayer:
-    """Base helper: a module whose [W b] gets a Kronecker factored block A (x) G."""
+    """Base helper: a module whose [W b] gets a Kronecker factored block A (x) G.
 
-    diagonal_a: bool = False
+    A helper owns its factor structures (:attr:`a_factor`, :attr:`g_factor`: dense or
+    diagonal, :mod:`grng.curvature.factors`) and how rows are extracted from a call's inputs
+    and output gradients; nothing outside the helpers asks which kind of layer it is.
+    """
+
+    #: the structure class of A (G is always dense)
+    a_structure: type[FactorStructure] = DenseFactor
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -44,6 +44,20 @@ class KroneckerLayer:
     @property
     def has_bias(self) -> bool:
         return self.bias is not None
+
+    @property
+    def a_factor(self) -> FactorStructure:
+        """The structure of A (size d_A)."""
+        return self.a_structure(self.dims()[1])
+
+    @property
+    def g_factor(self) -> FactorStructure:
+        """The structure of G (size d_G, dense)."""
+        return DenseFactor(self.dims()[0])
+
+    def cost(self) -> float:
+        """Factorization cost estimate of the block (inverse assignment across ranks)."""
+        return self.g_factor.cost() + self.a_factor.cost()
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         """Rows of a_bar from the inputs of every call in this forward (weight sharing stacks)."""
@@ -153,7 +167,7 @@ class EmbeddingLayer(KroneckerLayer):
     The embedding table E (V x D) computes s = E^T onehot, so its W (o x i) is E^T (D x V).
     """
 
-    diagonal_a = True
+    a_structure = DiagonalFactor
 
     def __init__(self, module: nn.Embedding) -> None:
         if module.sparse:
@@ -171,11 +185,6 @@ class EmbeddingLayer(KroneckerLayer):
         idx = torch.cat([i.reshape(-1) for i in inputs])
         return Rows(idx, idx.numel())
 
-    def a_diagonal(self, rows: Rows) -> Tensor:
-        """diag(A) = token counts / n."""
-        counts = torch.bincount(rows.X, minlength=self.weight.shape[0])
-        return counts.to(self.weight.dtype) / rows.n
-
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         rows = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
         return Rows(rows, rows.shape[0], float(rows.shape[0]))
@@ -187,17 +196,43 @@ class EmbeddingLayer(KroneckerLayer):
         return mat.transpose(0, 1)
 
 
-LAYER_TYPES: dict[type, type[KroneckerLayer]] = {
-    nn.Linear: LinearLayer,
-    nn.Conv2d: Conv2dLayer,
-    nn.Embedding: EmbeddingLayer,
-}
+_REGISTRY: dict[type, type[KroneckerLayer]] = {}
+
+
+def register_layer(module_type: type, helper: type[KroneckerLayer]) -> None:
+    """Give every module that is an instance of ``module_type`` (subclasses included) the
+    Kronecker helper ``helper``; the most specific registered type wins (method resolution
+    order), so a registration for a subclass overrides its base's."""
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
+    if not (isinstance(helper, type) and issubclass(helper, KroneckerLayer)):
+        raise TypeError(f"helper must be a subclass of grng.curvature.layers.KroneckerLayer, got {helper!r}")
+    _REGISTRY[module_type] = helper
+
+
+def registered_layers() -> dict[type, type[KroneckerLayer]]:
+    """A copy of the registry: module type -> helper."""
+    return dict(_REGISTRY)
+
+
+register_layer(nn.Linear, LinearLayer)
+register_layer(nn.Conv2d, Conv2dLayer)
+register_layer(nn.Embedding, EmbeddingLayer)
+
+
+def helper_for(module: nn.Module) -> type[KroneckerLayer] | None:
+    """The helper registered for the most specific type in ``module``'s MRO, or None."""
+    for cls in type(module).__mro__:
+        helper = _REGISTRY.get(cls)
+        if helper is not None:
+            return helper
+    return None
 
 
 def make_layer(module: nn.Module) -> KroneckerLayer | None:
     """The helper for a module whose weight is trainable, or None if no helper fits it."""
-    helper = LAYER_TYPES.get(type(module))
+    helper = helper_for(module)
     weight = getattr(module, "weight", None)
-    if helper is None or weight is None or not weight.requires_grad:
+    if helper is None or not isinstance(weight, Tensor) or not weight.requires_grad:
         return None
     return helper(module)

@@ -1,27 +1,41 @@
 """Data-parallel (DDP) support for grng's optimizers; see docs/distributed.md.
 
-- :func:`resolve_group`: which process group an optimizer communicates over (None = single
-  process: the optimizers then run exactly their single-process code).
+- :func:`make_communicator`: the optimizer's communicator, local (one process) or over a
+  process group (:mod:`grng.distributed.communicator`); the optimizers call it and never
+  branch on distributed.
+- :func:`resolve_group`: which process group an optimizer communicates over (None = one process).
 - :func:`refuse_sharded`: FSDP / DTensor parameters are refused at construction.
 - :mod:`grng.distributed.comm`: the bucketed asynchronous collectives.
 - :mod:`grng.distributed.assignment`: the cost-balanced layer-to-rank assignment.
-- :mod:`grng.distributed.curvature`: factor / observation reduction, distributed inverses.
-- :mod:`grng.distributed.gradreg`: gradient regularization's passes under DDP.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch.distributed as dist
 from torch import nn
 
 from grng.distributed.assignment import assign_layers, layer_cost
+from grng.distributed.communicator import (STRATEGIES, Communicator, LocalCommunicator,
+                                           ProcessGroupCommunicator)
 
-__all__ = ["STRATEGIES", "assign_layers", "is_initialized", "layer_cost", "refuse_sharded",
+__all__ = ["STRATEGIES", "Communicator", "LocalCommunicator", "ProcessGroupCommunicator",
+           "assign_layers", "is_initialized", "layer_cost", "make_communicator", "refuse_sharded",
            "resolve_group"]
 
-STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt")
+
+def make_communicator(model: nn.Module | None, process_group: Any = None,
+                      strategy: str = "comm-opt", costs: Sequence[float] = ()) -> Communicator:
+    """The communicator for ``model``: over the group :func:`resolve_group` finds (``costs``:
+    per Kronecker block, for the inverse assignment), else the local one."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed_strategy must be one of {STRATEGIES}, got {strategy!r}")
+    group = resolve_group(model, process_group)
+    if group is None:
+        return LocalCommunicator()
+    return ProcessGroupCommunicator(group, strategy, costs, model=model)
 
 
 def is_initialized() -> bool:
@@ -29,7 +43,7 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def resolve_group(model: nn.Module, process_group: Any = None) -> Any:
+def resolve_group(model: nn.Module | None, process_group: Any = None) -> Any:
     """The group to communicate over, or None for the single-process path.
 
     ``process_group=None`` (the default): the DDP wrapper's group when ``model`` is a

@@ -1,4 +1,4 @@
-"""R-Kalman: a Kalman filter over Kronecker covariance factors (ALGORITHMS.md section 5).
+"""R-Kalman: a Kalman filter over Kronecker covariance factors (docs/algorithms.md section 5).
 
 Per layer it keeps P_A ~ A^-1 and P_G ~ G^-1 directly, starting at I / prior_precision, and
 each step first folds the batch in (predict P- = P/beta + q I; innovation
@@ -24,26 +24,24 @@ An innovation Cholesky that fails anyway skips that factor's update for the step
 """
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from grng import ops
-from grng.curvature.layers import KroneckerLayer, Rows
-from grng.ops.reference import symmetrize_from_upper
 from grng.optim import validation as check
 from grng.optim.base import CurvatureOptimizer
+from grng.precondition import DiagonalKalman, KalmanConfig, KalmanPreconditioner
 
 
 class RKalman(CurvatureOptimizer):
     """Bayesian GRNG: Kalman-filtered Kronecker covariances, direction P_G g P_A + rho g.
 
-    ``grad_scaler``: as for KFAC (docs/numerics.md). The covariances have no low-precision
-    storage option: the downdate's accuracy is the storage precision.
+    The plain gradient, the Kalman preconditioner (:mod:`grng.precondition.kalman`) and its
+    elementwise variant for parameters without a block. ``grad_scaler``: as for KFAC
+    (docs/numerics.md). The covariances have no low-precision storage option: the downdate's
+    accuracy is the storage precision.
     """
 
     def __init__(
@@ -78,139 +76,23 @@ class RKalman(CurvatureOptimizer):
         if max_variance == -1.0:
             max_variance = 1.0 / self.prior_precision
         self.max_variance = check.optional_positive("max_variance", max_variance)
-        self.kalman_failures = 0
-        self._seed = check.integer("seed", seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        kalman = KalmanConfig(self.prior_precision, self.process_noise, self.kalman_rank,
+                              self.max_variance, check.integer("seed", seed))
         defaults = dict(lr=lr, rho=check.non_negative("rho", rho), momentum=momentum,
                         weight_decay=weight_decay, kl_clip=kl_clip)
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, grad_scaler=grad_scaler)
-        for group in self.param_groups:
-            check.non_negative("rho", group["rho"])
+        block = KalmanPreconditioner(self.config, kalman)
+        self._bind(block, DiagonalKalman(block))
 
-    # ------------------------------------------------------------------ curvature hooks
-    def _update_curvature(self, factors_due: bool) -> None:
-        """Predict and update every P with this batch's rows (elementwise for diagonals)."""
-        if self._dist is not None:  # the global batch's observations, identical updates
-            return self._dist.kalman_update(self, factors_due)
-        if not factors_due:
-            return
-        for layer in self.layers:
-            captured = self.capture.rows(layer)
-            if captured is None:
-                continue
-            st = self.layer_state(layer)
-            self._init_covariances(layer, st)
-            a_rows, g_rows = captured
-            if layer.diagonal_a:
-                self._diagonal_update(st, "PA", layer.a_diagonal(a_rows))
-            else:
-                self._kalman(st, "PA", a_rows)
-            self._kalman(st, "PG", g_rows)
-        self._update_diagonal_params()
-
-    def _update_diagonal_params(self) -> None:
-        """Scalar Kalman update of every parameter without a Kronecker block, from g * g."""
-        for p in self._diagonal_params():
-            if p.grad is not None:
-                st = self.state[p]
-                if "PD" not in st:
-                    st["PD"] = torch.full_like(p, 1.0 / self.prior_precision,
-                                               dtype=self._factor_dtype(p))
-                self._diagonal_update(st, "PD", p.grad.to(st["PD"].dtype).square())
-
-    def _precondition_layer(self, layer: KroneckerLayer, st: dict, V: Tensor, group: dict) -> Tensor:
-        """P_G V P_A (rho g is added by the shared update)."""
-        self._init_covariances(layer, st)
-        PA = st["PA"]
-        out = st["PG"] @ V.to(PA.dtype)
-        return out * PA if PA.dim() == 1 else out @ PA
-
-    def _precondition_diagonal(self, p: Tensor, st: dict, group: dict) -> Tensor:
-        """p_D * g (the prior variance before the first update)."""
-        if "PD" not in st:
-            return p.grad / self.prior_precision
-        return st["PD"] * p.grad
-
-    # ------------------------------------------------------------------------ internals
-    def _init_covariances(self, layer: KroneckerLayer, st: dict) -> None:
-        """P_A = P_G = I / prior_precision on first use."""
-        if "PA" in st:
-            return
-        d_g, d_a = layer.dims()
-        kw = dict(dtype=self._factor_dtype(layer.weight), device=layer.weight.device)
-        v = 1.0 / self.prior_precision
-        st["PA"] = torch.full((d_a,), v, **kw) if layer.diagonal_a else torch.eye(d_a, **kw) * v
-        st["PG"] = torch.eye(d_g, **kw) * v
-
-    def _kalman(self, st: dict, key: str, rows: Rows) -> None:
-        """Kalman update of st[key] with observation rows (sketched beyond kalman_rank)."""
-        beta = self.factor_decay
-        P = st[key]
-        H = rows.X.to(P.dtype)
-        if H.shape[0] > self.kalman_rank:
-            H = self._sketch(H.shape[0], P) @ H
-        r = rows.n / ((1.0 - beta) * rows.scale ** 2)
-        self._kalman_apply(st, key, H, r)
-
-    def _kalman_apply(self, st: dict, key: str, H: Tensor, r: float) -> None:
-        """Kalman update of st[key] with observation matrix H and noise r (then the cap)."""
-        beta = self.factor_decay
-        P = st[key]
-        try:  # the op leaves P untouched when it raises
-            ops.kalman_update(P, H, r, beta, self.process_noise, backend=self.backend)
-        except ops.FactorizationError as err:
-            self.kalman_failures += 1
-            warnings.warn(f"R-Kalman: innovation factorization failed ({err}); keeping the "
-                          f"previous covariance ({self.kalman_failures} failures)", RuntimeWarning,
-                          stacklevel=4)
-            return
-        self._cap(P)
-
-    def _diagonal_update(self, st: dict, key: str, observed: Tensor) -> None:
-        """p <- p- / (1 + p- (1 - beta) m), p- = p / beta + q: the scalar Kalman update."""
-        beta = self.factor_decay
-        p_minus = st[key].div_(beta).add_(self.process_noise)
-        p_minus.div_(1.0 + p_minus * observed.to(p_minus.dtype) * (1.0 - beta))
-        if self.max_variance is not None:
-            p_minus.clamp_(max=self.max_variance)
-
-    def _cap(self, P: Tensor) -> None:
-        """P <- D P D, D_ii = min(1, sqrt(max_variance / P_ii)): bounds the variances."""
-        if self.max_variance is None:
-            return
-        diag = P.diagonal()
-        if bool((diag <= self.max_variance).all()):
-            return
-        s = (self.max_variance / diag.clamp(min=self.max_variance)).sqrt()
-        P.mul_(s[:, None]).mul_(s[None, :])
-        P.copy_(symmetrize_from_upper(P))
-
-    def _sketch(self, m: int, like: Tensor) -> Tensor:
-        """Omega (k x m) with N(0, 1/k) entries from the optimizer's own generator."""
-        gen = self._generator(like.device)
-        k = self.kalman_rank
-        omega = torch.randn(k, m, generator=gen, dtype=like.dtype, device=like.device)
-        return omega.mul_(1.0 / math.sqrt(k))
-
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._seed)
-            self._generators[device] = gen
-        return self._generators[device]
+    @property
+    def kalman_failures(self) -> int:
+        """Innovation factorizations that failed (each kept the previous covariance)."""
+        return self.block.failures
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"kalman_failures": self.kalman_failures,
-                "rng": {str(d): g.get_state() for d, g in self._generators.items()}}
+        return self.block.extra_state()
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.kalman_failures = int(extra.get("kalman_failures", 0))
-        for dev, state in extra.get("rng", {}).items():
-            device = torch.device(dev)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                # a CUDA generator's state does not fit a CPU generator: on a machine without
-                # CUDA the sketches continue from the CPU generator (its saved state or the seed)
-                continue
-            self._generator(device).set_state(state.cpu())
+        self.block.load_extra_state(extra)

@@ -1,0 +1,74 @@
+"""Typed per-layer optimizer state, with a read-only mapping view under checkpoint names.
+
+Code reads and writes the fields (``block.A``, ``block.inverse``); the mapping view
+(``block["A"]``, ``block["QG"]``, ``block.items()``) exposes the same tensors under the names
+grng's checkpoints have always used (docs/algorithms.md notation), which is also how
+:mod:`grng.optim.checkpoint` saves and loads them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from grng.curvature.inverse import InverseState
+
+
+class StateView(Mapping):
+    """Mapping protocol over :meth:`tensors` (name -> tensor of the fields that are set)."""
+
+    def tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.tensors()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors())
+
+    def __len__(self) -> int:
+        return len(self.tensors())
+
+    __hash__ = object.__hash__  # a state object is identified by itself, never by its contents
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+@dataclass(eq=False)
+class KroneckerBlock(StateView):
+    """A Kronecker block's state: running factors A, G and the inverse built from them."""
+
+    A: Tensor | None = None
+    G: Tensor | None = None
+    inverse: InverseState | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {k: v for k, v in (("A", self.A), ("G", self.G)) if v is not None}
+        if self.inverse is not None:
+            out.update(self.inverse.tensors())
+        return out
+
+
+@dataclass(eq=False)
+class KalmanBlock(StateView):
+    """R-Kalman's state of a Kronecker block: the covariance factors P_A ~ A^-1, P_G ~ G^-1."""
+
+    PA: Tensor | None = None
+    PG: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: v for k, v in (("PA", self.PA), ("PG", self.PG)) if v is not None}
+
+
+@dataclass(eq=False)
+class DiagonalState(StateView):
+    """A parameter without a Kronecker block: its diagonal curvature (Fisher EMA ``D``, or
+    R-Kalman's variance ``PD``), under the name ``key``."""
+
+    key: str
+    value: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {} if self.value is None else {self.key: self.value}

@@ -1,0 +1,356 @@
+"""The communicator: everything an optimizer step needs from "the other ranks", behind one
+interface with two implementations (docs/architecture.md, docs/distributed.md).
+
+- :class:`LocalCommunicator` (one process, world size 1): reductions are the identity, every
+  block is owned here, directions are computed here. It runs the fused single-process ops
+  (a factor EMA is one ``factor_update``), so one process computes exactly what it always did.
+- :class:`ProcessGroupCommunicator` (torch.distributed): per step, on every rank, in the same
+  order: batch factors n_r M_r are all-reduced with their row counts in buckets (upper
+  triangles only, asynchronously) and blended as M <- beta M + (1 - beta) sum_r n_r M_r / sum_r n_r
+  -- the factor of the global batch; R-Kalman's observations are the global batch's (a shared-
+  seed sketch Omega E_global = sum_r Omega_r E_r all-reduced, or the rows all-gathered); each
+  block has an owner rank (cost-balanced, :mod:`grng.distributed.assignment`) that refreshes
+  its inverse; ``comm-opt`` broadcasts the inverses, ``mem-opt`` keeps them on the owner, which
+  preconditions and broadcasts the block's direction. Gradient regularization's passes run
+  under ``model.no_sync()`` and average their gradients here.
+
+The optimizer always calls its communicator and never asks whether it is distributed.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from grng.distributed.assignment import assign_layers
+from grng.distributed.comm import FactorReducer, Piece, allreduce_mean, broadcast_packed
+
+STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt")
+
+
+@dataclass
+class FactorFold:
+    """One factor to fold this step's rows into: ``result`` <- beta current + (1 - beta) M_batch
+    (stored in ``storage``); ``result`` is ``current`` when no rank has rows."""
+
+    structure: Any  # grng.curvature.factors.FactorStructure
+    rows: Any  # grng.curvature.factors.Rows | None
+    current: Tensor | None
+    like: Tensor  # the layer's weight (device; dtype of a diagonal factor's counts)
+    compute: torch.dtype
+    storage: torch.dtype | None
+    result: Tensor | None = None
+
+
+@dataclass
+class KalmanItem:
+    """One covariance factor P of R-Kalman and this rank's rows for it."""
+
+    structure: Any
+    rows: Any
+    P: Tensor
+    like: Tensor
+
+
+@dataclass
+class Observation:
+    """What a Kalman update folds in: (H, r) for a dense P (r = observation noise), or the
+    mean one-hot counts ``diag`` for a diagonal P."""
+
+    H: Tensor | None = None
+    r: float = 0.0
+    diag: Tensor | None = None
+
+
+class Communicator:
+    """The interface (see the module docstring); subclasses implement every method."""
+
+    world_size = 1
+    rank = 0
+    strategy = "comm-opt"
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank refreshes block ``index``'s inverse."""
+        raise NotImplementedError
+
+    def all_true(self, ok: bool) -> bool:
+        """True on every rank iff ``ok`` on every rank."""
+        raise NotImplementedError
+
+    def sync_context(self) -> ContextManager[Any]:
+        """Context for gradient passes whose average this communicator takes itself."""
+        raise NotImplementedError
+
+    def average(self, tensors: Sequence[Tensor | None], likes: Sequence[Tensor]) -> list[Tensor | None]:
+        """The mean over ranks of each tensor (None = zeros; None where None on every rank)."""
+        raise NotImplementedError
+
+    def fold_factors(self, folds: list[FactorFold], beta: float, backend: str) -> None:
+        """Set every ``fold.result`` (the global batch's factor blended into ``current``)."""
+        raise NotImplementedError
+
+    def kalman_observations(self, items: list[KalmanItem], beta: float, rank: int,
+                            sketch: Callable[[int, Tensor], Tensor]) -> list[Observation | None]:
+        """The global batch's observation of each factor (None: no rank has rows)."""
+        raise NotImplementedError
+
+    def refresh(self, due: list[int], refresh_owned: Callable[[list[int]], None],
+                exchange: Callable[[int], list[tuple[str, Piece, Tensor | None, torch.dtype, torch.device]]],
+                receive: Callable[[int, dict[str, Tensor]], None]) -> None:
+        """Refresh the inverses of blocks ``due``: ``refresh_owned`` on this rank's share;
+        then (comm-opt) each owner's fields ``exchange(i)`` travel to every rank (``receive``)."""
+        raise NotImplementedError
+
+    def directions(self, indices: list[int], compute: Callable[[int], Tensor | None],
+                   layout: Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]]
+                   ) -> dict[int, Tensor]:
+        """Each block's direction (``compute(i)``, None = no gradient), computed where its
+        inverse lives; ``layout(i)`` = (shape, dtype, device) of block i's direction."""
+        raise NotImplementedError
+
+
+class LocalCommunicator(Communicator):
+    """One process: identity reductions, every block owned, fused single-process ops."""
+
+    def owns(self, index: int) -> bool:
+        return True
+
+    def all_true(self, ok: bool) -> bool:
+        return ok
+
+    def sync_context(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def average(self, tensors, likes):
+        return list(tensors)
+
+    def fold_factors(self, folds, beta, backend):
+        for f in folds:
+            f.result = f.current if f.rows is None else f.structure.fold(
+                f.current, f.rows, beta, f.like, f.compute, f.storage, backend)
+
+    def kalman_observations(self, items, beta, rank, sketch):
+        out: list[Observation | None] = []
+        for it in items:
+            if it.rows is None:
+                out.append(None)
+            elif it.structure.diagonal:
+                out.append(Observation(diag=it.structure.mean(it.rows, it.like.dtype)))
+            else:
+                H = it.rows.X.to(it.P.dtype)
+                if H.shape[0] > rank:
+                    H = sketch(H.shape[0], it.P) @ H
+                out.append(Observation(H=H, r=it.rows.n / ((1.0 - beta) * it.rows.scale ** 2)))
+        return out
+
+    def refresh(self, due, refresh_owned, exchange, receive):
+        refresh_owned(due)
+
+    def directions(self, indices, compute, layout):
+        out = {}
+        for i in indices:
+            d = compute(i)
+            if d is not None:
+                out[i] = d
+        return out
+
+
+class ProcessGroupCommunicator(Communicator):
+    """torch.distributed: bucketed upper-triangle all-reduce, KAISA assignment, comm-opt or
+    mem-opt (module docstring)."""
+
+    def __init__(self, group: Any, strategy: str, costs: Sequence[float], model: Any = None,
+                 bucket_cap_mb: float = 25.0) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"distributed_strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.strategy = strategy
+        self.owner = assign_layers(list(costs), self.world_size)
+        self.reducer = FactorReducer(group, bucket_cap_mb)
+        self.model = model
+
+    def owns(self, index: int) -> bool:
+        return self.owner[index] == self.rank
+
+    def all_true(self, ok: bool) -> bool:
+        flag = torch.tensor([0.0 if ok else 1.0])
+        if dist.get_backend(self.group) == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag, group=self.group)
+        return float(flag) == 0.0
+
+    def sync_context(self) -> ContextManager[Any]:
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
+    def average(self, tensors, likes):
+        return allreduce_mean(list(tensors), list(likes), self.group, self.world_size)
+
+    # ---------------------------------------------------------------------- factors
+    def fold_factors(self, folds, beta, backend):
+        slots = []
+        for f in folds:
+            device = f.like.device
+            total = f.structure.batch_sum(f.rows, f.compute, device, backend)
+            slots.append(self.reducer.add(f.structure.piece(), total,
+                                          0.0 if f.rows is None else f.rows.n, f.compute, device))
+        results = self.reducer.finish()
+        for f, slot in zip(folds, slots):
+            total, n = results[slot]
+            f.result = f.current if n <= 0 else f.structure.blend(f.current, total.div_(n), beta,
+                                                                  f.storage)
+
+    # --------------------------------------------------------------------- R-Kalman
+    def kalman_observations(self, items, beta, rank, sketch):
+        # (a) per factor (rows m, examples n) of every rank, all-gathered
+        counts = torch.zeros(len(items), 2, dtype=torch.int64)
+        for i, it in enumerate(items):
+            if it.rows is not None:
+                counts[i, 0] = it.rows.X.shape[0]
+                counts[i, 1] = it.rows.n
+        gathered = [torch.empty_like(c) for c in [_on_comm_device(counts, self.group)] * self.world_size]
+        dist.all_gather(gathered, _on_comm_device(counts, self.group), group=self.group)
+        allc = torch.stack([g.cpu() for g in gathered])  # (R, items, 2)
+        # (b) sketched factors: all-reduce Omega_r E_r; diagonal: counts; small: gather rows
+        plan: list[tuple[str, int, int] | None] = []
+        gather_parts: list[tuple[int, int, int, Tensor | None, torch.dtype]] = []
+        for i, it in enumerate(items):
+            n_total = int(allc[:, i, 1].sum())
+            if n_total == 0:
+                plan.append(None)
+                continue
+            P = it.P
+            if it.structure.diagonal:
+                cnt = None if it.rows is None else it.structure.counts(it.rows, P.dtype)
+                slot = self.reducer.add(Piece("vec", (P.shape[0],)), cnt, 0.0, P.dtype, P.device)
+                plan.append(("diag", slot, n_total))
+                continue
+            m_r = allc[:, i, 0].tolist()
+            E = None if it.rows is None else it.rows.X.to(P.dtype) * it.rows.scale  # e rows
+            m_total = sum(m_r)
+            if m_total > rank:
+                omega = sketch(m_total, P)  # the same draws on every rank
+                off = sum(m_r[:self.rank])
+                H_r = None if E is None else omega[:, off:off + E.shape[0]] @ E
+                slot = self.reducer.add(Piece("full", (rank, P.shape[0])), H_r, 0.0, P.dtype, P.device)
+                plan.append(("sketch", slot, n_total))
+            else:
+                plan.append(("rows", len(gather_parts), n_total))
+                gather_parts.append((max(m_r), P.shape[0], i, E, P.dtype))
+        gathered_rows = self._gather_rows(gather_parts, allc)
+        reduced = self.reducer.finish()
+        out: list[Observation | None] = []
+        for entry in plan:
+            if entry is None:
+                out.append(None)
+                continue
+            kind, ref, n_total = entry
+            if kind == "diag":
+                out.append(Observation(diag=reduced[ref][0].div_(n_total)))
+            elif kind == "sketch":
+                out.append(Observation(H=reduced[ref][0], r=n_total / (1.0 - beta)))
+            else:
+                out.append(Observation(H=gathered_rows[ref], r=n_total / (1.0 - beta)))
+        return out
+
+    def _gather_rows(self, parts, allc) -> list[Tensor]:
+        """All-gather each factor's rows (padded to the largest rank's count), one call per
+        dtype; returns the global rows in rank order (rank 0's, then rank 1's, ...)."""
+        out: list[Tensor | None] = [None] * len(parts)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for idx, part in enumerate(parts):
+            by_dtype.setdefault(part[4], []).append(idx)
+        for dtype in sorted(by_dtype, key=str):
+            idxs = by_dtype[dtype]
+            device = next((parts[k][3].device for k in idxs if parts[k][3] is not None), None)
+            device = device if device is not None else torch.device("cpu")
+            segs = []
+            for idx in idxs:
+                mmax, d, _, E, _ = parts[idx]
+                seg = torch.zeros(mmax, d, dtype=dtype, device=device)
+                if E is not None:
+                    seg[:E.shape[0]] = E
+                segs.append(seg.reshape(-1))
+            flat = _on_comm_device(torch.cat(segs), self.group)
+            bufs = [torch.empty_like(flat) for _ in range(self.world_size)]
+            dist.all_gather(bufs, flat, group=self.group, async_op=True).wait()
+            offset = 0
+            for idx in idxs:
+                mmax, d, i, _, _ = parts[idx]
+                blocks = [buf[offset:offset + mmax * d].view(mmax, d)[:int(allc[r, i, 0])]
+                          for r, buf in enumerate(bufs)]
+                out[idx] = torch.cat(blocks).to(device)
+                offset += mmax * d
+        return out  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------------- inverses
+    def refresh(self, due, refresh_owned, exchange, receive):
+        refresh_owned([i for i in due if self.owns(i)])
+        if self.strategy != "comm-opt":
+            return
+        entries = []  # (owner, piece, value on the owner, (block, field), dtype, device)
+        for i in due:
+            for name, piece, value, dtype, device in exchange(i):
+                entries.append((self.owner[i], piece, value if self.owns(i) else None,
+                                (i, name), dtype, device))
+        # the owner too takes the unpacked copy: the same memory layout (an eigh Q is
+        # column-major) makes every rank's later GEMMs round identically
+        received: dict[int, dict[str, Tensor]] = {}
+        for (i, name), v in self._exchange(entries):
+            received.setdefault(i, {})[name] = v
+        for i in due:
+            receive(i, received.get(i, {}))
+
+    def directions(self, indices, compute, layout):
+        if self.strategy == "comm-opt":
+            return LocalCommunicator.directions(self, indices, compute, layout)  # type: ignore[arg-type]
+        entries = []
+        for i in indices:
+            shape, dtype, device = layout(i)
+            numel = 1
+            for s in shape:
+                numel *= s
+            D = None
+            if self.owns(i):
+                d = compute(i)
+                body = (torch.zeros(numel, dtype=dtype, device=device) if d is None
+                        else d.to(dtype).reshape(-1))
+                D = torch.cat([body, torch.full((1,), 0.0 if d is None else 1.0, dtype=dtype,
+                                                device=device)])
+            # a fixed layout: every block, its entries plus a "has a gradient" flag
+            entries.append((self.owner[i], Piece("full", (numel + 1,)), D, i, dtype, device))
+        out = {}
+        for i, v in self._exchange(entries):
+            if float(v[-1]) != 0.0:
+                out[i] = v[:-1].view(layout(i)[0])
+        return out
+
+    def _exchange(self, entries) -> list[tuple[Any, Tensor]]:
+        """Broadcast each entry's value from its owner: one packed asynchronous broadcast per
+        (dtype, device) and owner rank. Entries: (owner, piece, value or None, target, dtype,
+        device); returns (target, value) for every entry, on every rank."""
+        groups: dict[tuple[torch.dtype, torch.device], list] = {}
+        for e in entries:
+            groups.setdefault((e[4], torch.device(e[5])), []).append(e)
+        out = []
+        for (dtype, device) in sorted(groups, key=lambda k: (str(k[0]), str(k[1]))):
+            es = groups[(dtype, device)]
+            per_source = [[(e[1], e[2]) for e in es if e[0] == q] for q in range(self.world_size)]
+            received = broadcast_packed(self.group, self.rank, per_source, dtype, device)
+            for q in range(self.world_size):
+                out.extend(zip([e[3] for e in es if e[0] == q], received[q]))
+        return out
+
+
+def _on_comm_device(t: Tensor, group: Any) -> Tensor:
+    """NCCL needs CUDA tensors; gloo takes CPU ones (the counts are built on the CPU)."""
+    if dist.get_backend(group) == "nccl" and not t.is_cuda:
+        return t.cuda()
+    return t

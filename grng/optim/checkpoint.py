@@ -1,0 +1,99 @@
+"""Checkpoints of the curvature optimizers: torch.optim's format, plus the curvature state.
+
+``state_dict()`` is torch.optim's dict whose per-parameter entries also hold each unit's
+curvature tensors under the names of docs/algorithms.md (a Kronecker block's on its weight:
+``A``, ``G``, ``QG``/``lG``/``QA``/``lA`` or ``XG``/``XA``, R-Kalman's ``PA``/``PG``; a
+diagonal unit's ``D`` or ``PD`` on its parameter), and a ``"grng"`` entry with the step
+counters -- the format grng has always written, so older checkpoints load. Loading checks
+every saved tensor against the shape its unit's preconditioner expects before anything is
+changed, and restores each tensor on the parameter's device in the dtype the optimizer keeps
+it in (a float64 checkpoint loads into a float32 model as float32; a bfloat16 model's float32
+factors are not rounded through bfloat16).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from grng.precondition.base import compute_dtype
+
+if TYPE_CHECKING:
+    from grng.optim.base import CurvatureOptimizer
+
+MOMENTUM = "momentum_buffer"
+
+
+def save(opt: CurvatureOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
+    """Merge the curvature tensors into torch.optim's state dict ``sd``; add the counters."""
+    index = {id(p): i for i, p in enumerate(opt._all_params())}
+    for unit, _ in opt._curvature_units():
+        tensors = dict(unit.state.tensors())
+        if tensors:
+            sd["state"].setdefault(index[id(unit.like)], {}).update(tensors)
+    sd["grng"] = {"steps": opt._steps, "skipped": opt._skipped, **opt._extra_state()}
+    return sd
+
+
+def load(opt: CurvatureOptimizer, state_dict: dict[str, Any],
+         load_torch: Callable[[dict[str, Any]], None]) -> None:
+    """Inverse of :func:`save` (``load_torch``: torch.optim's own ``load_state_dict``)."""
+    sd = dict(state_dict)
+    extra = sd.pop("grng", None)
+    if extra is None:
+        raise ValueError("state_dict lacks grng's 'grng' entry: not a grng optimizer checkpoint")
+    params = list(opt._all_params())
+    saved = [i for g in sd.get("param_groups", []) for i in g["params"]]
+    units = {id(u.like): (u, pre) for u, pre in opt._curvature_units()}
+    if len(saved) == len(params):  # otherwise torch.optim's own check raises on group sizes
+        _check_shapes(opt, sd, saved, params, units)
+    # split each parameter's entry: curvature tensors to their unit, the rest to torch.optim
+    torch_state: dict[Any, dict[str, Any]] = {}
+    curvature: dict[int, dict[str, Tensor]] = {}
+    for i, p in zip(saved, params):
+        entry = dict(sd.get("state", {}).get(i, {}))
+        if id(p) in units:
+            names = set(units[id(p)][1].expected_shapes(units[id(p)][0]))
+            curvature[id(p)] = {k: entry.pop(k) for k in list(entry) if k in names}
+        if entry:
+            torch_state[i] = entry
+    load_torch({**sd, "state": torch_state})
+    for p in params:  # momentum (and any other torch-side buffer) in compute_dtype(p)
+        for key, value in opt.state.get(p, {}).items():
+            if isinstance(value, Tensor) and value.is_floating_point() and p.is_floating_point():
+                opt.state[p][key] = value.to(device=p.device, dtype=compute_dtype(p))
+    for p in params:
+        if id(p) not in units:
+            continue
+        unit, pre = units[id(p)]
+        pre.load(unit, {k: v.to(device=p.device, dtype=pre.storage_dtype(unit, k), copy=True)
+                        for k, v in curvature.get(id(p), {}).items()})
+    opt._steps = int(extra["steps"])
+    opt._skipped = int(extra["skipped"])
+    opt._load_extra_state(extra)
+
+
+def _check_shapes(opt: CurvatureOptimizer, sd: dict[str, Any], saved: list[int],
+                  params: list[Tensor], units: dict[int, tuple[Any, Any]]) -> None:
+    """ValueError, before anything is loaded, when a saved tensor does not fit: a curvature
+    tensor against the shape its preconditioner expects, any other against p.shape."""
+    names = {id(layer.weight): name for layer, name in zip(opt.layers, opt.capture.names)}
+    for i, p in zip(saved, params):
+        expected = {}
+        if id(p) in units:
+            unit, pre = units[id(p)]
+            expected = pre.expected_shapes(unit)
+        for key, value in sd.get("state", {}).get(i, {}).items():
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue
+            if key in expected:
+                if tuple(value.shape) != tuple(expected[key]):
+                    where = f"layer {names[id(p)]!r} " if id(p) in names else ""
+                    raise ValueError(f"checkpoint does not match the model: {where}state {key!r} "
+                                     f"has shape {tuple(value.shape)}, expected "
+                                     f"{tuple(expected[key])}")
+            elif value.shape != p.shape:
+                raise ValueError(f"checkpoint does not match the model: state {key!r} has "
+                                 f"shape {tuple(value.shape)} for a parameter of shape "
+                                 f"{tuple(p.shape)}")

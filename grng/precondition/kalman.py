@@ -1,0 +1,156 @@
+"""R-Kalman's preconditioner: Kalman-filtered Kronecker covariances (docs/algorithms.md
+section 5). Per block it keeps P_A ~ A^-1 and P_G ~ G^-1, starting at I / prior_precision;
+fold = one Kalman predict/update per factor with the (global) batch's observation; apply =
+P_G V P_A. No d x d factor is ever inverted, solved with or eigendecomposed: only the k x k
+innovation is factorized (:func:`grng.ops.kalman_update`). A dense P's observation is H = X
+(sketched H = Omega X beyond ``kalman_rank`` rows, Omega k x m with N(0, 1/k) entries), with
+noise r = n / ((1 - beta) s^2); a diagonal P takes the scalar update
+p <- p- / (1 + p- (1 - beta) m), p- = p / beta + q. After each update the variance cap
+(``max_variance``) scales row/column i by sqrt(cap / P_ii) where P_ii exceeds it.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grng import ops
+from grng.curvature.state import KalmanBlock
+from grng.distributed.communicator import Communicator, KalmanItem, Observation
+from grng.ops.reference import symmetrize_from_upper
+from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
+
+
+@dataclass(frozen=True)
+class KalmanConfig:
+    """prior precision (P_0 = I / prior_precision), process noise q, sketch rank k, variance
+    cap (None: off) and the seed of the sketch generator."""
+
+    prior_precision: float
+    process_noise: float
+    kalman_rank: int
+    max_variance: float | None
+    seed: int
+
+
+class KalmanPreconditioner(Preconditioner):
+    """P_G V P_A with Kalman-updated covariance factors (module docstring)."""
+
+    def __init__(self, config: CurvatureConfig, kalman: KalmanConfig) -> None:
+        super().__init__(config)
+        self.kalman = kalman
+        self.failures = 0
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def new_state(self, unit_params, layer) -> KalmanBlock:
+        return KalmanBlock()
+
+    def init(self, unit: Unit) -> None:
+        """P_A = P_G = I / prior_precision on first use."""
+        block = unit.state
+        if block.PA is not None:
+            return
+        kw = dict(dtype=compute_dtype(unit.like), device=unit.like.device)
+        v = 1.0 / self.kalman.prior_precision
+        block.PA = unit.layer.a_factor.identity(v, **kw)
+        block.PG = unit.layer.g_factor.identity(v, **kw)
+
+    def fold(self, units, comm: Communicator) -> None:
+        items, targets = [], []
+        for unit, rows in units:
+            self.init(unit)
+            a_rows, g_rows = rows if rows is not None else (None, None)
+            for side, structure, r in (("PA", unit.layer.a_factor, a_rows),
+                                       ("PG", unit.layer.g_factor, g_rows)):
+                items.append(KalmanItem(structure, r, getattr(unit.state, side), unit.like))
+                targets.append(getattr(unit.state, side))
+        observations = comm.kalman_observations(items, self.config.factor_decay,
+                                                self.kalman.kalman_rank, self.sketch)
+        for P, obs in zip(targets, observations):
+            if obs is not None:
+                self.update(P, obs)
+
+    def update(self, P: Tensor, obs: Observation) -> None:
+        """One Kalman update of P in place (then the cap); a failed innovation factorization
+        keeps P (counted in ``failures``, warned)."""
+        if obs.diag is not None:
+            self.scalar_update(P, obs.diag)
+            return
+        try:  # the op leaves P untouched when it raises
+            ops.kalman_update(P, obs.H, obs.r, self.config.factor_decay, self.kalman.process_noise,
+                              backend=self.config.backend)
+        except ops.FactorizationError as err:
+            self.failures += 1
+            warnings.warn(f"R-Kalman: innovation factorization failed ({err}); keeping the "
+                          f"previous covariance ({self.failures} failures)", RuntimeWarning,
+                          stacklevel=5)
+            return
+        self._cap(P)
+
+    def scalar_update(self, P: Tensor, observed: Tensor) -> None:
+        """p <- p- / (1 + p- (1 - beta) m), p- = p / beta + q: the elementwise Kalman update."""
+        beta = self.config.factor_decay
+        p_minus = P.div_(beta).add_(self.kalman.process_noise)
+        p_minus.div_(1.0 + p_minus * observed.to(p_minus.dtype) * (1.0 - beta))
+        if self.kalman.max_variance is not None:
+            p_minus.clamp_(max=self.kalman.max_variance)
+
+    def _cap(self, P: Tensor) -> None:
+        """P <- D P D, D_ii = min(1, sqrt(max_variance / P_ii)): bounds the variances."""
+        cap = self.kalman.max_variance
+        if cap is None:
+            return
+        diag = P.diagonal()
+        if bool((diag <= cap).all()):
+            return
+        s = (cap / diag.clamp(min=cap)).sqrt()
+        P.mul_(s[:, None]).mul_(s[None, :])
+        P.copy_(symmetrize_from_upper(P))
+
+    def apply(self, unit, V, group) -> Tensor:
+        """P_G V P_A (rho g is added by the shared update)."""
+        self.init(unit)
+        PA = unit.state.PA
+        out = unit.state.PG @ V.to(PA.dtype)
+        return out * PA if PA.dim() == 1 else out @ PA
+
+    # ------------------------------------------------------------------------ sketch
+    def sketch(self, m: int, like: Tensor) -> Tensor:
+        """Omega (k x m) with N(0, 1/k) entries from the preconditioner's own generator."""
+        k = self.kalman.kalman_rank
+        omega = torch.randn(k, m, generator=self.generator(like.device), dtype=like.dtype,
+                            device=like.device)
+        return omega.mul_(1.0 / math.sqrt(k))
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.kalman.seed)
+            self._generators[device] = gen
+        return self._generators[device]
+
+    # ------------------------------------------------------------------- checkpoints
+    def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
+        d_g, d_a = unit.layer.dims()
+        return {"PA": (d_a,) if unit.layer.a_factor.diagonal else (d_a, d_a), "PG": (d_g, d_g)}
+
+    def load(self, unit, tensors) -> None:
+        unit.state.PA, unit.state.PG = tensors.get("PA"), tensors.get("PG")
+
+    def extra_state(self) -> dict:
+        """The failure count and the sketch generators' states (checkpointed)."""
+        return {"kalman_failures": self.failures,
+                "rng": {str(d): g.get_state() for d, g in self._generators.items()}}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.failures = int(extra.get("kalman_failures", 0))
+        for dev, state in extra.get("rng", {}).items():
+            device = torch.device(dev)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                # a CUDA generator's state does not fit a CPU generator: on a machine without
+                # CUDA the sketches continue from the CPU generator (its saved state or the seed)
+                continue
+            self.generator(device).set_state(state.cpu())

@@ -1,0 +1,139 @@
+"""Kronecker-factored preconditioning, K-FAC style (docs/algorithms.md sections 1 and 2).
+
+fold:    A <- beta A + (1 - beta) A_batch, G likewise (the first update sets them), through the
+         communicator, so under data parallelism the batch factors are the global batch's;
+refresh: every ``inverse_every`` steps (and once a block has factors) its inverse is rebuilt by
+         the inverse strategy (eigen, newton, cholesky) on the rank that owns the block;
+apply:   P(V), the damped inverse applied to the block's gradient matrix (V itself until the
+         block has an inverse).
+
+Factors and inverses are kept in ``compute_dtype(W)`` unless ``factor_dtype`` /
+``inverse_dtype`` ask for a storage dtype; arithmetic always runs in ``compute_dtype(W)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grng.curvature.inverse import EigenBasis, InverseStrategy
+from grng.curvature.layers import KroneckerLayer
+from grng.curvature.state import KroneckerBlock
+from grng.distributed.comm import Piece
+from grng.distributed.communicator import Communicator, FactorFold
+from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
+
+
+class KroneckerPreconditioner(Preconditioner):
+    """(A (x) G + damping)^-1 per block, by the inverse strategy ``inverse``."""
+
+    def __init__(self, config: CurvatureConfig, inverse: InverseStrategy) -> None:
+        super().__init__(config)
+        self.inverse = inverse
+
+    def new_state(self, unit_params, layer) -> KroneckerBlock:
+        return KroneckerBlock()
+
+    # ------------------------------------------------------------------------- fold
+    def fold(self, units, comm: Communicator) -> None:
+        folds: list[tuple[KroneckerBlock, str, FactorFold]] = []
+        for unit, rows in units:
+            block = unit.state
+            a_rows, g_rows = rows if rows is not None else (None, None)
+            compute = compute_dtype(unit.like)
+            for side, structure, r in (("A", unit.layer.a_factor, a_rows),
+                                       ("G", unit.layer.g_factor, g_rows)):
+                folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
+                                                      compute, self.config.factor_dtype)))
+        comm.fold_factors([f for _, _, f in folds], self.config.factor_decay, self.config.backend)
+        for block, side, f in folds:
+            setattr(block, side, f.result)
+
+    # ---------------------------------------------------------------------- refresh
+    def refresh(self, units, comm, due, dampings) -> None:
+        todo = {u.index: (u, damping) for u, damping in zip(units, dampings)
+                if u.state.A is not None and u.state.G is not None
+                and (due or u.state.inverse is None)}
+        order = list(todo)
+
+        def refresh_owned(indices: list[int]) -> None:
+            items, targets = [], []
+            for i in indices:
+                unit, damping = todo[i]
+                block, compute = unit.state, compute_dtype(unit.like)
+                prev = None if block.inverse is None else block.inverse.cast(compute)
+                items.append((block.A.to(compute), block.G.to(compute), damping, prev))
+                targets.append(unit)
+            for unit, inv in zip(targets, self.inverse.refresh_many(items, self.config.backend)):
+                unit.state.inverse = inv.cast(self._inverse_storage(unit))
+
+        def exchange(i: int) -> list[tuple[str, Piece, Tensor | None, torch.dtype, torch.device]]:
+            unit = todo[i][0]
+            inv = unit.state.inverse
+            dtype, device = self._inverse_storage(unit), unit.like.device
+            return [(name, piece, None if inv is None else getattr(inv, name), dtype, device)
+                    for name, piece in self._pieces(unit.layer)]
+
+        def receive(i: int, fields: dict[str, Tensor]) -> None:
+            names = {n for n, _ in self._pieces(todo[i][0].layer)}
+            kwargs = {n: fields.get(n) for n in self._field_names()}
+            if names <= set(fields):
+                todo[i][0].state.inverse = self.inverse.state_type(**kwargs)
+
+        comm.refresh(order, refresh_owned, exchange, receive)
+
+    def _field_names(self) -> tuple[str, ...]:
+        return ("QG", "lG", "QA", "lA") if self.inverse.state_type is EigenBasis else ("XG", "XA")
+
+    def _pieces(self, layer: KroneckerLayer) -> list[tuple[str, Piece]]:
+        """The inverse representation's fields and how each travels (comm-opt broadcast)."""
+        d_g, d_a = layer.dims()
+        diagonal = layer.a_factor.diagonal
+        if self.inverse.state_type is EigenBasis:
+            pieces = [("lG", Piece("vec", (d_g,))), ("QG", Piece("full", (d_g, d_g))),
+                      ("lA", Piece("vec", (d_a,)))]
+            if not diagonal:
+                pieces.append(("QA", Piece("full", (d_a, d_a))))
+            return pieces
+        return [("XG", Piece("sym", (d_g, d_g))),
+                ("XA", Piece("vec", (d_a,)) if diagonal else Piece("sym", (d_a, d_a)))]
+
+    def _inverse_storage(self, unit: Unit) -> torch.dtype:
+        return self.config.inverse_dtype or compute_dtype(unit.like)
+
+    # ------------------------------------------------------------------------ apply
+    def ready(self, unit: Unit) -> bool:
+        return unit.state.inverse is not None
+
+    def apply(self, unit, V, group) -> Tensor:
+        """P(V); V itself until the block has an inverse."""
+        inv = unit.state.inverse
+        if inv is None:
+            return V
+        if self.config.inverse_dtype is not None:  # applied in >= float32
+            inv = inv.cast(compute_dtype(unit.like))
+        return self.inverse.apply(inv, V, group["damping"], self.config.backend)
+
+    # ------------------------------------------------------------------- checkpoints
+    def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
+        d_g, d_a = unit.layer.dims()
+        a_shape = (d_a,) if unit.layer.a_factor.diagonal else (d_a, d_a)
+        shapes = {"A": a_shape, "G": (d_g, d_g)}
+        for name, piece in self._pieces(unit.layer):
+            shapes[name] = piece.shape
+        return shapes
+
+    def storage_dtype(self, unit, name) -> torch.dtype:
+        if name in ("A", "G") and self.config.factor_dtype is not None:
+            return self.config.factor_dtype
+        if name not in ("A", "G") and self.config.inverse_dtype is not None:
+            return self.config.inverse_dtype
+        return compute_dtype(unit.like)
+
+    def load(self, unit, tensors) -> None:
+        block = unit.state
+        block.A, block.G = tensors.get("A"), tensors.get("G")
+        names = self._field_names()
+        present = {n: tensors.get(n) for n in names}
+        required = {n for n, _ in self._pieces(unit.layer)}
+        block.inverse = (self.inverse.state_type(**present)
+                         if all(present[n] is not None for n in required) else None)
