@@ -1,5 +1,5 @@
 // CPU kernels of grng_ext (OpenMP), plus factor_update / kalman_update, which are device-generic
-// (ATen GEMMs + a mirror kernel per device). The math is ALGORITHMS.md sections 1, 2, 4, 5, 6;
+// (ATen GEMMs + a mirror kernel per device). The math is docs/algorithms.md sections 1, 2, 4, 5, 6;
 // grng/ops/reference.py is the truth these are tested against.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>

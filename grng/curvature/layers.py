@@ -1,6 +1,6 @@
 """One helper per layer type: how a layer's captured inputs and output gradients become rows.
 
-Conventions (ALGORITHMS.md section 1): a layer's weight W (o x i) and bias b form
+Conventions (docs/algorithms.md section 1): a layer's weight W (o x i) and bias b form
 W_bar = [W b] (o x (i+1)); with a bias the input gets a homogeneous coordinate appended LAST.
 The Kronecker block is F ~ A (x) G acting on W_bar as V -> G V A, with
 A = (1/n_A) X_A^T X_A and G = (1/n_G) (s X_G)^T (s X_G), where X_A are the input rows, X_G the

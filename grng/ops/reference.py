@@ -1,7 +1,7 @@
 """Reference implementations of grng's ops: plain, readable PyTorch, float64-capable.
 
 These are the truth every fast backend (Triton, the C++/CUDA extension) is tested against.
-The math is ``ALGORITHMS.md`` sections 1, 2, 4, 5 and 6; each function states its formula in
+The math is docs/algorithms.md sections 1, 2, 4, 5 and 6; each function states its formula in
 its first docstring line. Every backend implements exactly these signatures.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def cholesky_inverse(M: Tensor) -> Tensor:
 def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
     """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T.
 
-    In place on P (d x d); H is (k x d). This is the Kalman covariance update of ALGORITHMS.md
+    In place on P (d x d); H is (k x d). This is the Kalman covariance update of docs/algorithms.md
     section 5: with q = 0 and H = X, P^-1 becomes beta P^-1 + X^T X / r (Woodbury). Only the
     k x k innovation S is factorized (in float64); P is never inverted. The result is mirrored
     from one triangle, so it is exactly symmetric.

@@ -1,4 +1,4 @@
-"""RING, the implicit GRNG: d = P(g) + rho g, one backward pass (ALGORITHMS.md section 4).
+"""RING, the implicit GRNG: d = P(g) + rho g, one backward pass (docs/algorithms.md section 4).
 
 With the Gauss-Newton/Fisher approximation H ~ F of the gradient-norm penalty
 L + (rho/2)||g||^2, whose gradient is g + rho H g: F^-1 (g + rho F g) = F^-1 g + rho g.
