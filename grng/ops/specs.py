@@ -112,6 +112,7 @@ define(OpSpec(
     variants=("contiguous", "strided", "beta0", "batched"),
     symmetric=(0,),
     returns_arg=0,
+    output_names=("M",),
 ))
 
 
@@ -142,6 +143,7 @@ define(OpSpec(
     reduction=lambda n: n,
     flops=lambda n: 9.0 * n ** 3,  # symmetric QR with eigenvectors (Golub & Van Loan 8.3)
     bytes=lambda n, dt: (2.0 * n * n + n) * size_of(dt),
+    output_names=("l", "Q diag(l) Q^T", "Q^T Q"),
 ))
 
 
@@ -177,6 +179,7 @@ define(OpSpec(
     flops=lambda n: 4.0 * n * n * (2 * n) + n * n,  # 4 d_G d_A (d_G + d_A) + d_G d_A
     bytes=lambda n, dt: n * n * size_of(dt) + (3.0 * n * n + 2 * n) * size_of(wide(dt)),
     variants=("contiguous", "strided", "diagonal_a"),
+    output_names=("out",),
 ))
 
 
@@ -203,6 +206,7 @@ define(OpSpec(
     reduction=lambda n: 2 * n,
     flops=lambda n: 4.0 * n ** 3 + 2.0 * n * n,  # two GEMMs, the 2I - and the residual
     bytes=lambda n, dt: 3.0 * n * n * size_of(dt),
+    output_names=("X_next", "residual"),
 ))
 
 
@@ -226,6 +230,7 @@ define(OpSpec(
     flops=lambda n: float(n) ** 3,  # n^3 / 3 (Cholesky) + 2 n^3 / 3 (inverse from the factor)
     bytes=lambda n, dt: 2.0 * n * n * size_of(dt),
     symmetric=(0,),
+    output_names=("M^-1",),
 ))
 
 
@@ -260,6 +265,7 @@ define(OpSpec(
     bench_variant="steady",
     symmetric=(0,),
     returns_arg=0,
+    output_names=("P",),
 ))
 
 
@@ -281,10 +287,9 @@ def _fused_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, v
 
 def _fused_outputs(args: tuple, out: bool) -> tuple[Tensor, ...]:
     params, bufs = args[0], args[3]
-    flat = [torch.cat([p.reshape(-1) for p in params])]
-    if bufs is not None:
-        flat.append(torch.cat([b.reshape(-1) for b in bufs]))
-    return (*flat, torch.tensor([float(out)], dtype=F64))
+    flat_params = torch.cat([p.reshape(-1) for p in params])
+    flat_bufs = flat_params[:0] if bufs is None else torch.cat([b.reshape(-1) for b in bufs])
+    return flat_params, flat_bufs, torch.tensor([float(out)], dtype=F64)
 
 
 def _fused_numel(n: int) -> int:
@@ -306,6 +311,7 @@ define(OpSpec(
     flops=lambda n: 10.0 * _fused_numel(n),  # d + rho g, the clip's dot, buf, decay, step
     bytes=lambda n, dt: 6.0 * _fused_numel(n) * size_of(dt),  # theta, buf read+written; g, d read
     variants=("contiguous", "strided", "plain"),
+    output_names=("params", "momentum_buffers", "ok"),
 ))
 
 
@@ -332,4 +338,5 @@ define(OpSpec(
     bytes=lambda n, dt: 2.0 * BATCH * n * n * size_of(dt),
     variants=("contiguous", "strided", "newton"),
     symmetric=(0,),
+    output_names=("inverses", "ok"),
 ))

@@ -1,0 +1,94 @@
+"""Whole-step check: one K-FAC, RING and R-Kalman step through a backend equals the reference.
+
+A small model (Linear 7 -> 13, tanh, Linear 13 -> 5; 19 examples) takes one step
+(``loss.backward(); opt.step()``) three times from the same start: in float64 on the reference
+backend (the truth T), in float32 on the reference backend (R) and in float32 on the backend
+(B). The compared output is the parameter update (theta_after - theta_before, all parameters
+concatenated), under the rule of :mod:`grng.verify.checks` (a float32 output: floor 2 eps).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+import grng
+from grng.verify.checks import Check, case_seed, compare, live_backends
+
+STEP_CHECKS: tuple[str, ...] = ("kfac_step", "ring_step", "rkalman_step")
+_IN, _HIDDEN, _OUT, _BATCH = 7, 13, 5, 19
+
+
+def _optimizer(name: str, model: nn.Module, backend: str) -> torch.optim.Optimizer:
+    if name == "kfac_step":
+        return grng.KFAC(model, lr=0.05, damping=1e-2, backend=backend)
+    if name == "ring_step":
+        return grng.RING(model, lr=0.05, damping=1e-2, rho=0.1, backend=backend)
+    if name == "rkalman_step":
+        return grng.RKalman(model, lr=0.05, backend=backend)
+    raise ValueError(f"step check must be one of {STEP_CHECKS}, got {name!r}")
+
+
+def _update(name: str, model: nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """theta_after - theta_before of one step, flattened."""
+    opt = _optimizer(name, model, backend)
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return after - before
+
+
+def check_step(name: str, backend: str, device: str | torch.device, seed: int = 0) -> Check:
+    """One ``name`` step through ``backend`` against the float64 reference step."""
+    dev = torch.device(device)
+    row = Check(name, backend, "float32", f"MLP {_IN}-{_HIDDEN}-{_OUT}, batch {_BATCH}")
+    gen = torch.Generator().manual_seed(case_seed(seed, name))
+    model = nn.Sequential(nn.Linear(_IN, _HIDDEN), nn.Tanh(), nn.Linear(_HIDDEN, _OUT))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    x = torch.randn(_BATCH, _IN, generator=gen)
+    y = torch.randint(0, _OUT, (_BATCH,), generator=gen)
+    try:
+        got = _update(name, copy.deepcopy(model).to(dev), backend, x.to(dev), y.to(dev))
+    except Exception as err:  # noqa: BLE001 - any failure of the backend is a failed check
+        row.passed, row.note = False, f"raised {type(err).__name__}: {err}"
+        return row
+    same = _update(name, copy.deepcopy(model).to(dev), "reference", x.to(dev), y.to(dev))
+    truth = _update(name, copy.deepcopy(model).to(device=dev, dtype=torch.float64), "reference",
+                    x.to(device=dev, dtype=torch.float64), y.to(dev))
+    c = compare(got, same, truth, 1)
+    row.error, row.ref_error = float(c["error"]), float(c["ref_error"])
+    row.ratio = row.error / row.ref_error if row.ref_error > 0 else None
+    allowed = 2.0 * row.ref_error + c["floor"]
+    row.passed = row.error <= allowed
+    if not row.passed:
+        row.note = (f"update off at {list(c['worst'])}: {c['got']:.6g} vs {c['want']:.6g}, "
+                    f"error {row.error:.2e} > allowed {allowed:.2e}")
+    return row
+
+
+def check_steps(device: str | torch.device, backends: Sequence[str] | None = None, seed: int = 0,
+                deadline: float | None = None, *, steps: Sequence[str] = STEP_CHECKS,
+                progress: Callable[[Check], None] | None = None) -> list[Check]:
+    """:func:`check_step` for every step check x backend (default: every live backend)."""
+    chosen = live_backends(device)[0] if backends is None else list(backends)
+    rows = []
+    for name in steps:
+        for backend in chosen:
+            if deadline is not None and time.monotonic() > deadline:
+                row = Check(name, backend, "float32", "", note="skipped: deadline passed")
+            else:
+                row = check_step(name, backend, device, seed)
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
+__all__ = ["STEP_CHECKS", "check_step", "check_steps"]
