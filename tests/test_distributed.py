@@ -24,7 +24,8 @@ from torch import nn
 
 import grng
 from grng.distributed import LocalCommunicator
-from grng.distributed.assignment import assign_layers, layer_cost, rank_loads
+from grng.curvature.factors import DenseFactor, DiagonalFactor
+from grng.distributed.assignment import assign_layers, rank_loads
 
 GLOBAL_BATCH = 12
 STEPS = 4
@@ -356,7 +357,7 @@ def test_fsdp2_is_refused_with_a_clear_message(references):
 def test_assignment_covers_every_layer_once_and_balances(world):
     g = torch.Generator().manual_seed(world)
     dims = [tuple(int(v) for v in torch.randint(1, 300, (2,), generator=g)) for _ in range(23)]
-    costs = [layer_cost(dg, da) for dg, da in dims]
+    costs = [DenseFactor(dg).cost() + DenseFactor(da).cost() for dg, da in dims]
     owner = assign_layers(costs, world)
     assert len(owner) == len(costs) and all(0 <= r < world for r in owner)
     loads = rank_loads(costs, owner, world)
@@ -376,7 +377,7 @@ def test_assignment_edge_cases():
         assign_layers([1.0], 0)
     with pytest.raises(ValueError):
         assign_layers([-1.0], 2)
-    assert layer_cost(4, 10, diagonal_a=True) == 64 + 10
+    assert DenseFactor(4).cost() + DiagonalFactor(10).cost() == 64 + 10
 
 
 def test_single_process_uses_the_local_communicator():

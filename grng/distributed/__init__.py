@@ -17,12 +17,12 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from grng.distributed.assignment import assign_layers, layer_cost
+from grng.distributed.assignment import assign_layers
 from grng.distributed.communicator import (STRATEGIES, Communicator, LocalCommunicator,
                                            ProcessGroupCommunicator)
 
 __all__ = ["STRATEGIES", "Communicator", "LocalCommunicator", "ProcessGroupCommunicator",
-           "assign_layers", "is_initialized", "layer_cost", "make_communicator", "refuse_sharded",
+           "assign_layers", "is_initialized", "make_communicator", "refuse_sharded",
            "resolve_group"]
 
 

@@ -1,7 +1,8 @@
 """Which rank does a layer's expensive curvature work (KAISA-style greedy assignment).
 
-The cost of a Kronecker block is estimated as the cost of its factorizations: d^3 per dense
-factor (eigendecomposition, Newton-Schulz or Cholesky are all O(d^3)), d per diagonal factor.
+The cost of a Kronecker block is estimated as the cost of its factorizations, which its layer
+helper reports (``KroneckerLayer.cost()``: d^3 per dense factor -- eigendecomposition,
+Newton-Schulz and Cholesky are all O(d^3) -- and d per diagonal factor).
 Layers are taken from the most to the least expensive (longest processing time first) and each
 goes to the rank with the least assigned cost so far (the lowest rank on a tie). The result is
 a pure function of the costs and the world size, so every rank computes the same assignment
@@ -11,14 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["assign_layers", "layer_cost", "rank_loads"]
-
-
-def layer_cost(d_g: int, d_a: int, diagonal_a: bool = False) -> float:
-    """Estimated factorization cost of one block: d_G^3 + d_A^3 (d_A for a diagonal A)."""
-    if d_g < 0 or d_a < 0:
-        raise ValueError(f"dimensions must be >= 0, got d_g={d_g}, d_a={d_a}")
-    return float(d_g) ** 3 + (float(d_a) if diagonal_a else float(d_a) ** 3)
+__all__ = ["assign_layers", "rank_loads"]
 
 
 def assign_layers(costs: Sequence[float], world_size: int) -> list[int]:

@@ -1,0 +1,83 @@
+"""Shared helpers of the optimizer tests: the small model and data, the optimizer cases (from
+:mod:`grng.optim.cases`, the table the benchmarks and the demo use too), training and state
+comparison."""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from grng import GradReg
+from grng.optim.cases import CASES
+from grng.testing import classification_batches, small_mlp
+
+F64 = torch.float64
+
+
+
+def _mlp(dtype: torch.dtype = F64) -> nn.Module:
+    """Two Kronecker blocks and a LayerNorm (diagonal fallback)."""
+    return small_mlp(dtype)
+
+
+def _data(k: int, n: int = 8, dtype: torch.dtype = F64, seed: int = 7) -> list[tuple[Tensor, Tensor]]:
+    return classification_batches(k, n, dtype=dtype, seed=seed)
+
+
+def _closure(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
+    return lambda: F.cross_entropy(model(x), y)
+
+
+NAMES = ("kfac-eigen", "kfac-newton", "kfac-cholesky", "ring", "reng-forward", "reng-exact",
+         "rkalman", "gradreg-kfac", "gradreg-sgd")
+FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {n: CASES[n].make for n in NAMES}
+ALL = list(FACTORIES)
+CURVATURE = [n for n in ALL if n != "gradreg-sgd"]
+
+
+def _curv(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return opt.base_optimizer if isinstance(opt, GradReg) else opt
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, data) -> list[float]:
+    return [float(opt.step(_closure(model, x, y))) for x, y in data]
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[list[Tensor], dict]:
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _assert_same(a, b, path: str = "") -> None:
+    """Recursive equality of nested state (tensors bit for bit)."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, a.keys(), b.keys())
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), (path, a, b)
+
+
+def _assert_unchanged(model, opt, before) -> None:
+    params, state = before
+    for p, p0 in zip(model.parameters(), params):
+        assert torch.equal(p, p0)
+    after = opt.state_dict()
+    if "grng" in after:  # everything but the skip counter
+        after["grng"] = {**after["grng"], "skipped": state["grng"]["skipped"]}
+    _assert_same(state, after)
+
+
+def _all_state_finite(opt) -> bool:
+    return all(bool(torch.isfinite(v).all()) for st in opt.state.values() for v in st.values()
+               if isinstance(v, Tensor) and v.is_floating_point())
+
