@@ -32,9 +32,27 @@ def _closure(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
     return lambda: F.cross_entropy(model(x), y)
 
 
-NAMES = ("kfac-eigen", "kfac-newton", "kfac-cholesky", "ring", "reng-forward", "reng-exact",
-         "rkalman", "gradreg-kfac", "gradreg-sgd")
-FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {n: CASES[n].make for n in NAMES}
+_CURV = dict(lr=0.1, damping=0.05, momentum=0.9, inverse_every=2)
+# test id -> (case of grng.optim.cases, the tests' hyperparameters)
+_TESTED: dict[str, tuple[str, dict]] = {
+    "kfac-eigen": ("kfac-eigen", _CURV),
+    "kfac-newton": ("kfac-newton", _CURV),
+    "kfac-cholesky": ("kfac-cholesky", _CURV),
+    "ring": ("ring", {**_CURV, "rho": 0.1}),
+    "reng-forward": ("reng-forward", {**_CURV, "rho": 0.1}),
+    "reng-exact": ("reng-exact", {**_CURV, "rho": 0.1}),
+    "rkalman": ("rkalman", dict(lr=0.1, rho=0.1, momentum=0.9, kalman_rank=5)),
+    "gradreg-kfac": ("gradreg-kfac", _CURV),
+    "gradreg-sgd": ("db-sgd", dict(lr=0.1, momentum=0.9)),
+}
+
+
+def _factory(case: str, hp: dict) -> Callable[..., torch.optim.Optimizer]:
+    return lambda m, **kw: CASES[case].make(m, **{**hp, **kw})
+
+
+FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    name: _factory(case, hp) for name, (case, hp) in _TESTED.items()}
 ALL = list(FACTORIES)
 CURVATURE = [n for n in ALL if n != "gradreg-sgd"]
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import grng
+from grng.optim.cases import CASES
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,10 @@ SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
 )}
 
 OPTIMIZERS: tuple[str, ...] = tuple(SPECS)
+
+# the demo's names -> cases of grng.optim.cases (the table the tests and the benchmarks use)
+CASE_OF = {"sgd": "sgd", "adamw": "adamw", "kfac": "kfac-eigen", "ring": "ring",
+           "reng": "reng-forward", "rkalman": "rkalman", "fgr": "fgr-sgd", "sam": "sam-sgd"}
 
 # Where SophiaG may live in the sophia-opt distribution (module name, attribute).
 _SOPHIA_LOCATIONS = (("sophia", "SophiaG"), ("sophia_opt", "SophiaG"),
@@ -189,39 +193,15 @@ def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 
     if reason is not None:
         raise RuntimeError(reason)
     hp = dict(hp)
-    if key == "sgd":
-        return Stepper(torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"]),
-                       model, use_closure=False)
-    if key == "adamw":
-        return Stepper(torch.optim.AdamW(model.parameters(), lr=hp["lr"],
-                                         weight_decay=hp["weight_decay"]), model, use_closure=False)
-    if key == "kfac":
-        return Stepper(grng.KFAC(model, lr=hp["lr"], damping=hp["damping"],
-                                 momentum=hp["momentum"]), model, use_closure=True)
-    if key == "ring":
-        return Stepper(grng.RING(model, lr=hp["lr"], damping=hp["damping"], rho=hp["rho"],
-                                 momentum=hp["momentum"]), model, use_closure=True)
-    if key == "reng":
-        return Stepper(grng.RENG(model, lr=hp["lr"], damping=hp["damping"], rho=hp["rho"],
-                                 gr=hp["gr"], epsilon=hp["epsilon"], momentum=hp["momentum"]),
-                       model, use_closure=True)
-    if key == "rkalman":
-        return Stepper(grng.RKalman(model, lr=hp["lr"], rho=hp["rho"], momentum=hp["momentum"],
-                                    seed=seed), model, use_closure=True)
-    if key == "fgr":
-        base = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"])
-        return Stepper(grng.GradReg(base, gamma=hp["gamma"], epsilon=hp["epsilon"], mode="forward",
-                                    model=model), model, use_closure=True)
-    if key == "sam":
-        base = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"])
-        return Stepper(grng.GradReg(base, gamma=0.0, epsilon=hp["epsilon"], mode="sam",
-                                    model=model), model, use_closure=True)
     if key == "sophia":
         cls = find_sophia()
         assert cls is not None
         opt = cls(model.parameters(), lr=hp["lr"], rho=hp["rho"], weight_decay=hp["weight_decay"])
         return SophiaStepper(opt, model, int(hp["hessian_every"]), batch_size)
-    raise ValueError(f"unknown optimizer {key!r}")
+    case = CASES[CASE_OF[key]]
+    if key == "rkalman":
+        hp["seed"] = seed
+    return Stepper(case.make(model, **hp), model, use_closure=case.curvature or case.two_pass)
 
 
 def iter_specs(keys: Iterable[str] | None = None) -> list[OptimizerSpec]:

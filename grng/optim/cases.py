@@ -67,30 +67,30 @@ def _case(name: str, label: str, build: Callable[..., torch.optim.Optimizer], *,
     return OptimizerCase(name, label, build, MappingProxyType(defaults), curvature, two_pass)
 
 
-_CURV = dict(lr=0.1, damping=0.05, momentum=0.9, inverse_every=2)
-
 CASES: Mapping[str, OptimizerCase] = MappingProxyType({c.name: c for c in (
     _case("sgd", "SGD", lambda m, **hp: torch.optim.SGD(m.parameters(), **hp), lr=0.1, momentum=0.9),
     _case("adamw", "AdamW", lambda m, **hp: torch.optim.AdamW(m.parameters(), **hp), lr=1e-3),
-    _case("kfac-eigen", "K-FAC (eigen)", KFAC, curvature=True, **_CURV),
-    _case("kfac-newton", "K-FAC (newton)", KFAC, curvature=True, inverse="newton", **_CURV),
-    _case("kfac-cholesky", "K-FAC (cholesky)", KFAC, curvature=True, inverse="cholesky", **_CURV),
-    _case("ring", "RING", RING, curvature=True, rho=0.1, **_CURV),
-    _case("reng-forward", "RENG (F-GR)", RENG, curvature=True, two_pass=True, rho=0.1,
-          gr="forward", epsilon=0.01, **_CURV),
-    _case("reng-exact", "RENG (DB)", RENG, curvature=True, two_pass=True, rho=0.1, gr="exact",
-          **_CURV),
-    _case("rkalman", "R-Kalman", RKalman, curvature=True, lr=0.1, rho=0.1, momentum=0.9,
-          kalman_rank=5),
+    _case("kfac-eigen", "K-FAC (eigen)", KFAC, curvature=True),
+    _case("kfac-newton", "K-FAC (newton)", KFAC, curvature=True, inverse="newton"),
+    _case("kfac-cholesky", "K-FAC (cholesky)", KFAC, curvature=True, inverse="cholesky"),
+    _case("ring", "RING", RING, curvature=True),
+    _case("reng-forward", "RENG (F-GR)", RENG, curvature=True, two_pass=True, gr="forward",
+          epsilon=0.01),
+    _case("reng-exact", "RENG (DB)", RENG, curvature=True, two_pass=True, gr="exact"),
+    _case("rkalman", "R-Kalman", RKalman, curvature=True),
     _case("gradreg-kfac", "F-GR (K-FAC)", _gradreg_kfac, curvature=True, two_pass=True,
-          gamma=0.05, epsilon=0.01, mode="forward", **_CURV),
-    _case("gradreg-sgd", "DB (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
-          gamma=0.05, epsilon=0.01, mode="exact"),
+          gamma=0.05, epsilon=0.01, mode="forward"),
     _case("fgr-sgd", "F-GR (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
           gamma=0.05, epsilon=0.01, mode="forward"),
+    _case("bgr-sgd", "B-GR (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
+          gamma=0.05, epsilon=0.01, mode="backward"),
+    _case("db-sgd", "DB (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
+          gamma=0.05, epsilon=0.01, mode="exact"),
     _case("sam-sgd", "SAM (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
           gamma=0.0, epsilon=0.05, mode="sam"),
 )})
+"""Each case's ``defaults`` say what makes it that case (the inverse, the GR mode); the
+library's own defaults fill in the rest, and every consumer passes its hyperparameters."""
 
 
 def make_optimizer(name: str, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
