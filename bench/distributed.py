@@ -12,16 +12,16 @@ the mean over the timed steps, which include inverse-refresh steps (inverse_ever
 ``--world-size 1`` gives the single-process baseline (the distributed path is then inactive,
 the strategy column is moot, bytes are 0).
 
-Rows append to ``bench/results/distributed.csv``:
-optimizer,strategy,world_size,bytes_per_step,naive_bytes_per_step,median_step_ms,device,torch_version,date
+Rows of grng's benchmark schema (:mod:`grng.benchmark.schema`, suite ``distributed``: name = the
+optimizer, provider = the strategy, x = world_size; metrics ``bytes_per_step`` and
+``naive_bytes_per_step`` in B, ``step_time`` in ms, the median of the slowest rank) append to
+``bench/results/distributed.csv``.
 
     python bench/distributed.py [--steps 30] [--width 256]
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import gc
 import os
 import platform
@@ -40,9 +40,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 import grng  # noqa: E402
+from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
 
-SCHEMA = ["optimizer", "strategy", "world_size", "bytes_per_step", "naive_bytes_per_step",
-          "median_step_ms", "device", "torch_version", "date"]
+SUITE = "distributed"
 CONFIGS = [("kfac", "comm-opt"), ("kfac", "mem-opt"), ("ring", "comm-opt"), ("reng-fd", "comm-opt"),
            ("rkalman", "replicated"), ("rkalman-sketch", "replicated"), ("fgr-sgd", "-")]
 
@@ -99,7 +99,9 @@ def _worker(rank: int, world: int, port: int, steps: int, width: int, batch: int
                             world_size=world)
     for name in ("all_reduce", "broadcast", "all_gather"):
         setattr(dist, name, _counting(getattr(dist, name)))
-    rows = []
+    rows: list[Row] = []
+    env = environment("cpu")
+    env["device"] = f"cpu ({platform.processor() or platform.machine()}, gloo, 1 thread/rank)"
     g = torch.Generator().manual_seed(rank)
     local = batch // world
     for opt_name, strategy in CONFIGS:
@@ -121,22 +123,17 @@ def _worker(rank: int, world: int, port: int, steps: int, width: int, batch: int
         # the slowest rank sets the step time
         t = torch.tensor([statistics.median(times)], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        rows.append({
-            "optimizer": opt_name, "strategy": strategy, "world_size": world,
-            "bytes_per_step": round(statistics.mean(sent)),
-            "naive_bytes_per_step": _naive_bytes(opt_name, model),
-            "median_step_ms": round(float(t) * 1e3, 2),
-            "device": f"cpu ({platform.processor() or platform.machine()}, gloo, 1 thread/rank)",
-            "torch_version": torch.__version__, "date": dt.date.today().isoformat()})
+        common = dict(suite=SUITE, name=opt_name, provider=strategy, x_name="world_size",
+                      x_value=str(world), dtype="float32", **env,
+                      config=f"MLP width {width}, global batch {batch}, {steps} timed steps, gloo, "
+                             f"1 thread/rank")
+        rows += [Row(metric="bytes_per_step", unit="B", p50=round(statistics.mean(sent)), **common),
+                 Row(metric="naive_bytes_per_step", unit="B", p50=_naive_bytes(opt_name, model), **common),
+                 Row(metric="step_time", unit="ms", p50=round(float(t) * 1e3, 2), n=len(times), **common)]
     if rank == 0:
-        new = not os.path.exists(out)
-        with open(out, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=SCHEMA)
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        append_rows(out, rows)
         for r in rows:
-            print(r)
+            print(f"{r.name:15s} {r.provider:11s} world {r.x_value}: {r.metric} {r.p50} {r.unit}")
     dist.barrier()
     opt = ddp = None  # they hold the process group: release them before destroying it
     gc.collect()

@@ -5,16 +5,17 @@ reference vs a Python chain of ``torch._foreach_*`` ops implementing the same ma
 ``factor_update``, ``kalman_update`` and ``batched_spd_inverse`` at a few sizes.
 
 Timing: ``torch.utils.benchmark.Timer.blocked_autorange``; median, p20 and p80 over its blocks.
-Rows are appended to ``bench/results/ext.csv``; ``ratio_vs_reference`` is this provider's
-median time over the reference's median time at the same op, size and dtype (< 1: faster).
+Rows of grng's benchmark schema (:mod:`grng.benchmark.schema`, suite ``ext``) are appended to
+``bench/results/ext.csv``: per (op, provider, size, dtype) the ``time`` (ms) and
+``time_vs_reference``, this provider's median time over the reference's median time at the same
+op, size and dtype (< 1: faster). ``x_name``/``x_value`` is the swept dimension (h, d), the
+``config`` cell the rest of the shape.
 
 Usage: ``python bench/ext_update.py [--quick] [--device cpu|cuda]``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import statistics
 from collections.abc import Callable
@@ -22,24 +23,25 @@ from collections.abc import Callable
 import torch
 from torch.utils import benchmark
 
+import grng.ops.ext  # noqa: F401 - the ext backend must be live; fail loudly if it is not
 from grng import ops
+from grng.benchmark.schema import Row, append_rows, environment
 from grng.ops import batched
 
-import grng.ops.ext  # noqa: F401 - the ext backend must be live; fail loudly if it is not
-
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ext.csv")
-COLUMNS = ["op", "provider", "size", "dtype", "median_ms", "p20_ms", "p80_ms", "ratio_vs_reference",
-           "device", "torch_version", "date"]
+SUITE = "ext"
 
 
-def measure(fn: Callable[[], object], min_run_time: float) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds of ``fn()`` over the blocks of blocked_autorange."""
+def measure(fn: Callable[[], object], min_run_time: float) -> tuple[float, float, float, int]:
+    """(median, p20, p80) in milliseconds of ``fn()`` over the blocks of blocked_autorange, and
+    the number of blocks."""
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     times = sorted(m.times)
-    if len(times) == 1:
+    n = len(times)
+    if n == 1:
         times = times * 2
     q = statistics.quantiles(times, n=10, method="inclusive")
-    return 1e3 * statistics.median(times), 1e3 * q[1], 1e3 * q[7]
+    return 1e3 * statistics.median(times), 1e3 * q[1], 1e3 * q[7], n
 
 
 def mlp12(h: int, dtype: torch.dtype, device: str) -> list[torch.Tensor]:
@@ -68,14 +70,14 @@ def foreach_update(params, grads, directions, bufs, lr, momentum, weight_decay, 
     return True
 
 
-def bench_fused(device: str, quick: bool, t: float) -> list[dict]:
+def bench_fused(device: str, quick: bool, t: float) -> list[Row]:
     rows = []
     scalars = (1e-3, 0.9, 0.01, 0.3, 1e-3)  # lr, momentum, weight_decay, rho, kl_clip
     for h in (64,) if quick else (64, 256):
         for dtype in (torch.float32, torch.bfloat16):
             p, g, d, b = (mlp12(h, dtype, device) for _ in range(4))
             numel = sum(x.numel() for x in p)
-            size = f"12 blocks h={h}: {len(p)} tensors, {numel / 1e6:.2f}M"
+            size = ("h", h, f"12 blocks h={h}: {len(p)} tensors, {numel / 1e6:.2f}M")
             runs = {
                 "reference": lambda: ops.fused_update(p, g, d, b, *scalars, backend="reference"),
                 "foreach": lambda: foreach_update(p, g, d, b, *scalars),
@@ -85,7 +87,7 @@ def bench_fused(device: str, quick: bool, t: float) -> list[dict]:
     return rows
 
 
-def bench_factor(device: str, quick: bool, t: float) -> list[dict]:
+def bench_factor(device: str, quick: bool, t: float) -> list[Row]:
     rows = []
     sizes = [(128, 256)] if quick else [(128, 256), (512, 512), (1024, 512), (2048, 256)]
     cases = [(d, m, torch.float32) for d, m in sizes] + [(512, 512, torch.bfloat16)]
@@ -94,22 +96,22 @@ def bench_factor(device: str, quick: bool, t: float) -> list[dict]:
         X = torch.randn(m, d, device=device).to(xdtype)
         runs = {name: (lambda name=name: ops.factor_update(M, X, 0.05, 0.95, backend=name))
                 for name in ("reference", "ext")}
-        rows += timed_rows("factor_update", f"d={d} rows={m}", xdtype, runs, t)
+        rows += timed_rows("factor_update", ("d", d, f"rows={m}"), xdtype, runs, t)
     return rows
 
 
-def bench_kalman(device: str, quick: bool, t: float) -> list[dict]:
+def bench_kalman(device: str, quick: bool, t: float) -> list[Row]:
     rows = []
     for d, k in [(128, 16)] if quick else [(128, 16), (512, 32), (1024, 64), (2048, 64)]:
         P = torch.eye(d, device=device)
         H = torch.randn(k, d, device=device)
         runs = {name: (lambda name=name: ops.kalman_update(P, H, 100.0, 0.9995, 1e-5, backend=name))
                 for name in ("reference", "ext")}
-        rows += timed_rows("kalman_update", f"d={d} k={k}", torch.float32, runs, t)
+        rows += timed_rows("kalman_update", ("d", d, f"k={k}"), torch.float32, runs, t)
     return rows
 
 
-def bench_batched(device: str, quick: bool, t: float) -> list[dict]:
+def bench_batched(device: str, quick: bool, t: float) -> list[Row]:
     rows = []
     methods = ("cholesky",) if device == "cuda" else ("cholesky", "newton")
     for B, d in [(64, 16)] if quick else [(256, 16), (64, 64), (16, 128)]:
@@ -118,21 +120,28 @@ def bench_batched(device: str, quick: bool, t: float) -> list[dict]:
         for method in methods:
             runs = {name: (lambda name=name: batched.batched_spd_inverse(Ms, method, backend=name))
                     for name in ("reference", "ext")}
-            rows += timed_rows(f"batched_spd_inverse[{method}]", f"B={B} d={d}", torch.float32, runs, t)
+            rows += timed_rows(f"batched_spd_inverse[{method}]", ("d", d, f"B={B}"), torch.float32, runs, t)
     return rows
 
 
-def timed_rows(op: str, size: str, dtype: torch.dtype, runs: dict[str, Callable], t: float) -> list[dict]:
-    """One row per provider; the reference first, so the ratios can refer to it."""
+def timed_rows(op: str, size: tuple[str, int, str], dtype: torch.dtype, runs: dict[str, Callable],
+               t: float) -> list[Row]:
+    """Rows (time, time_vs_reference) per provider; the reference first, so ratios can refer to it.
+
+    ``size`` is (x_name, x_value, the rest of the shape as text).
+    """
+    x_name, x_value, shape = size
     rows, ref = [], None
+    dname = str(dtype).replace("torch.", "")
     for provider, fn in runs.items():
         fn()  # warm-up (first-call allocations, MKL/OpenMP start-up)
-        med, p20, p80 = measure(fn, t)
+        med, p20, p80, n = measure(fn, t)
         ref = med if provider == "reference" else ref
-        rows.append(dict(op=op, provider=provider, size=size, dtype=str(dtype).replace("torch.", ""),
-                         median_ms=f"{med:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
-                         ratio_vs_reference=f"{med / ref:.3f}"))
-        print(f"{op:32s} {provider:10s} {size:42s} {rows[-1]['dtype']:9s} median {med:9.3f} ms "
+        common = dict(suite=SUITE, name=op, provider=provider, x_name=x_name, x_value=str(x_value),
+                      dtype=dname, config=shape)
+        rows += [Row(metric="time", unit="ms", p50=med, p20=p20, p80=p80, n=n, **common),
+                 Row(metric="time_vs_reference", unit="x", p50=med / ref, **common)]
+        print(f"{op:32s} {provider:10s} {x_name}={x_value:<6} {shape:34s} {dname:9s} median {med:9.3f} ms "
               f"[p20 {p20:9.3f}, p80 {p80:9.3f}]  x{med / ref:.3f} of reference", flush=True)
     return rows
 
@@ -157,21 +166,14 @@ def main() -> None:
     rows = []
     for bench in (bench_fused, bench_factor, bench_kalman, bench_batched):
         rows += bench(args.device, args.quick, args.min_run_time)
-    if args.device == "cuda":
-        device = torch.cuda.get_device_name()
-    else:
-        device = (f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
-                  f"load {os.getloadavg()[0]:.1f})")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    new_file = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new_file:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow(dict(row, device=device, torch_version=torch.__version__, date=stamp))
-    print(f"appended {len(rows)} rows to {args.out}")
+    env = environment(args.device)
+    if args.device == "cpu":
+        env["device"] = (f"{cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                         f"load {os.getloadavg()[0]:.1f})")
+    for row in rows:
+        row.device, row.torch, row.triton, row.grng = (env["device"], env["torch"], env["triton"],
+                                                       env["grng"])
+    print(f"appended {append_rows(args.out, rows)} rows to {args.out}")
 
 
 if __name__ == "__main__":

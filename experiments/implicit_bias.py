@@ -12,7 +12,6 @@ epsilon, and B-GR, and records what it measures, whatever it shows.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import math
 import platform
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 import grng
+from grng.benchmark.schema import Row, append_rows, environment
 
 
 class DiagonalLinear(nn.Module):
@@ -115,13 +115,27 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.date.today().isoformat()
-    with open(args.out / "implicit_bias.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["date", "machine"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "date": stamp, "machine": platform.processor() or "cpu"})
+    append_rows(args.out / "implicit_bias.csv", schema_rows(rows, args))
     _plot(rows, args.out / "implicit_bias.png")
     _report(rows, args, args.out / "implicit_bias.md", stamp)
+
+
+def schema_rows(rows: list[dict], args: argparse.Namespace) -> list[Row]:
+    """This run's rows in grng's benchmark schema (suite ``implicit_bias``, x = epsilon); the
+    metrics are means (and the standard deviation) over the seeds."""
+    env = environment("cpu")
+    config = (f"n={args.n}, d={args.d}, k={args.k}, alpha={args.alpha}, lr={args.lr}, "
+              f"steps={args.steps}, seeds={args.seeds}")
+    out = []
+    for r in rows:
+        common = dict(suite="implicit_bias", name=r["method"], provider="grng", x_name="epsilon",
+                      x_value=str(r["epsilon"]), dtype="float64", n=args.seeds, **env,
+                      config=f"gamma={r['gamma']}, {config}")
+        out += [Row(metric="test_error_mean", unit="1", p50=r["test_error_mean"], **common),
+                Row(metric="test_error_std", unit="1", p50=r["test_error_std"], **common),
+                Row(metric="train_loss_mean", unit="1", p50=r["train_loss_mean"], **common),
+                Row(metric="step_time_mean", unit="ms", p50=r["ms_per_step"], **common)]
+    return out
 
 
 def _plot(rows: list[dict], path: Path) -> None:

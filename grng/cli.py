@@ -114,6 +114,10 @@ def cmd_verify(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Run the checks; print the table or JSON; 1 if any check failed, else 0."""
     _check_device(parser, ns.device)
     _interpret_triton_on_cpu(ns.device)
+    if torch.device(ns.device).type == "cpu":
+        # the problems are small: one intra-op thread is fastest and keeps a busy machine from
+        # slowing the checks down tenfold (they are checks, not timings)
+        torch.set_num_threads(1)
     import grng
     from grng import verify
     from grng.ops import dispatch, registry
@@ -205,6 +209,10 @@ def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for op in ops or []:
         if op not in registry.SPECS:
             parser.error(f"--ops: unknown {op!r}; choose from {sorted(registry.SPECS)}")
+    if ns.threads is not None:
+        if ns.threads < 1:
+            parser.error(f"--threads must be >= 1, got {ns.threads}")
+        torch.set_num_threads(ns.threads)
     kind = torch.device(ns.device).type
     sizes = ([int(s) for s in ns.sizes.split(",")] if ns.sizes
              else (BENCH_QUICK_SIZES if ns.quick else BENCH_SIZES).get(kind, BENCH_SIZES["cpu"]))
@@ -248,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, help="timed calls per measurement (default 25)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--time-budget", type=float, help="seconds; measurements after that are skipped")
+    b.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's; recorded in "
+                   "the rows' device cell)")
     b.add_argument("--csv", default="grng-bench.csv", help="CSV the rows are appended to")
     b.add_argument("--plot", nargs="+", metavar="CSV", help="draw these CSVs' rows to a PNG")
     b.add_argument("--out", help="PNG path for --plot (default: the first CSV's name .png)")

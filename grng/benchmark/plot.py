@@ -41,6 +41,7 @@ def plot(rows: Iterable[Row], out: str | os.PathLike, title: str | None = None) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
@@ -61,7 +62,10 @@ def plot(rows: Iterable[Row], out: str | os.PathLike, title: str | None = None) 
             ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=2, label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel(timed[0].x_name if len({r.x_name for r in timed}) == 1 else "size")
+        xs = sorted({_number(r.x_value) for rs in lines.values() for r in rs})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(" / ".join(sorted({r.x_name for rs in lines.values() for r in rs})))
         ax.set_ylabel(f"{metric} (ms, median, p20-p80)")
         ax.set_title(name if suite == "kernels" else f"{suite}: {name}")
         ax.legend(fontsize=6)

@@ -126,8 +126,8 @@ def _eigh_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, va
 
 def _eigh_outputs(args: tuple, out: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
     # eigenvectors are unique only up to sign: compare the eigenvalues, Q diag(l) Q^T and Q^T Q
-    l, Q = out
-    return l, (Q * l) @ Q.transpose(-2, -1), Q.transpose(-2, -1) @ Q
+    evals, Q = out
+    return evals, (Q * evals) @ Q.transpose(-2, -1), Q.transpose(-2, -1) @ Q
 
 
 define(OpSpec(
@@ -318,7 +318,8 @@ define(OpSpec(
 # ----------------------------------------------------------------------------- batched_spd_inverse
 
 def _batched_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
-    Ms = place(_spd(_gen(seed), n, (BATCH,)), dtype, device, "colmajor" if variant == "strided" else "contiguous")
+    layout = "colmajor" if variant == "strided" else "contiguous"
+    Ms = place(_spd(_gen(seed), n, (BATCH,)), dtype, device, layout)
     method = "newton" if variant == "newton" else "cholesky"
     return Ms, method, reference.default_newton_tol(dtype), 60
 

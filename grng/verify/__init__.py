@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from grng.ops import dispatch, registry
-from grng.verify.checks import INTERPRETER_MAX_N, Check, check_case, live_backends
+from grng.verify.checks import (
+    INTERPRETER_MAX_N,
+    Check,
+    check_case,
+    dtype_name,
+    live_backends,
+    shape_label,
+)
 from grng.verify.steps import STEP_CHECKS, check_steps
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float64")
@@ -82,8 +89,7 @@ def check_ops(device: str | torch.device, backends: Sequence[str] | None = None,
     rows = []
     for op, backend, dt, n, variant in plan(device, backends, dtypes, sizes, ops, variants):
         if deadline is not None and time.monotonic() > deadline:
-            row = Check(op, backend, str(dt).removeprefix("torch."),
-                        f"n={n}" + ("" if variant == "contiguous" else f" {variant}"),
+            row = Check(op, backend, dtype_name(dt), shape_label(n, variant),
                         note="skipped: deadline passed")
         else:
             row = check_case(registry.spec(op), backend, dt, n, variant, device, seed,

@@ -78,6 +78,11 @@ def live_backends(device: str | torch.device) -> tuple[list[str], dict[str, str]
     return live, not_live
 
 
+def shape_label(n: int, variant: str) -> str:
+    """The ``shape`` cell of a check: "n=123", or "n=123 strided" for a non-default variant."""
+    return f"n={n}" + ("" if variant == "contiguous" else f" {variant}")
+
+
 def case_seed(seed: int, *parts: object) -> int:
     """A reproducible seed per case, derived from the run's seed and the case's coordinates."""
     return zlib.crc32(":".join(str(p) for p in (seed, *parts)).encode())
@@ -132,7 +137,7 @@ def check_case(spec: OpSpec, backend: str, dtype: torch.dtype, n: int, variant: 
     Under Triton's CPU interpreter, sizes above ``interpreter_max_n`` are skipped (too slow).
     """
     dev = torch.device(device)
-    row = Check(spec.name, backend, dtype_name(dtype), f"n={n}" + ("" if variant == "contiguous" else f" {variant}"))
+    row = Check(spec.name, backend, dtype_name(dtype), shape_label(n, variant))
     if backend == "reference":
         fn = spec.reference
     else:
@@ -194,4 +199,4 @@ def check_case(spec: OpSpec, backend: str, dtype: torch.dtype, n: int, variant: 
 
 
 __all__ = ["Check", "INTERPRETER_MAX_N", "case_seed", "check_case", "compare", "dtype_name",
-           "live_backends", "map_tensors"]
+           "live_backends", "map_tensors", "shape_label"]
