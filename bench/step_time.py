@@ -6,15 +6,16 @@ to AdamW is taken from the same run. Each configuration runs in its own subproce
 memory is that process's high-water mark (CPU: ru_maxrss, minus the idle interpreter's; CUDA:
 torch.cuda.max_memory_allocated). GPU timing uses CUDA events after a warm-up.
 
-Rows append to ``bench/results/step_time.csv`` (one fixed schema) and a Markdown summary and
-plot are written beside it.
+Rows of grng's benchmark schema (:mod:`grng.benchmark.schema`, suite ``step_time``: name = the
+optimizer, provider = the backend, x = the model; metrics ``full_step`` and ``optimizer_step``
+in ms, ``peak_memory`` in MB, each also ``..._vs_adamw``) append to
+``bench/results/step_time.csv``, and a Markdown summary and plot of this run are written beside it.
 
     python bench/step_time.py --models mlp,resnet,gpt --device cpu
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
@@ -35,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
 import grng  # noqa: E402
+from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
 
-SCHEMA = ["model", "optimizer", "backend", "metric", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
-          "ratio_vs_adamw", "device", "torch_version", "date"]
+SUITE = "step_time"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 OPTIMIZERS = ["sgd", "adamw", "kfac", "ring", "reng-fd", "rkalman", "fgr-sgd", "bgr-sgd", "db-sgd"]
@@ -225,6 +226,7 @@ def main() -> None:
                 med, p20, p80 = quantiles(xs)
                 rows.append(dict(model=model, optimizer=opt, backend=backend, metric=metric,
                                  median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
+                                 n=len(xs),
                                  peak_mem_mb=round(res["peak_mem_mb"], 1),
                                  ratio_vs_adamw=round(med / ref, 3),
                                  device=device_name, torch_version=torch.__version__, date=today))
@@ -233,19 +235,33 @@ def main() -> None:
                              peak_mem_mb=round(res["peak_mem_mb"], 1),
                              ratio_vs_adamw=round(res["peak_mem_mb"] / ref_mem, 3) if ref_mem else "",
                              device=device_name, torch_version=torch.__version__, date=today))
-    write(rows, args.out)
+    config = (f"steps={args.steps}, warmup={args.warmup}, inverse_every={args.inverse_every}, "
+              f"gpt_size={args.gpt_size}")
+    write(rows, args.out, config, environment(args.device))
 
 
-def write(rows: list[dict], out: Path) -> None:
+def schema_rows(rows: list[dict], config: str, env: dict[str, str]) -> list[Row]:
+    """This run's rows in grng's benchmark schema (device named as in the Markdown summary)."""
+    out = []
+    for r in rows:
+        common = dict(suite=SUITE, name=r["optimizer"], provider=r["backend"], x_name="model",
+                      x_value=r["model"], dtype="float32", device=r["device"], torch=env["torch"],
+                      triton=env["triton"], grng=env["grng"], config=config)
+        if r["metric"] == "peak_memory":
+            out.append(Row(metric="peak_memory", unit="MB", p50=r["peak_mem_mb"], **common))
+        else:
+            out.append(Row(metric=r["metric"], unit="ms", p50=r["median_ms"], p20=r["p20_ms"],
+                           p80=r["p80_ms"], n=r["n"], **common))
+        if r["ratio_vs_adamw"] != "":
+            out.append(Row(metric=f"{r['metric']}_vs_adamw", unit="x", p50=r["ratio_vs_adamw"],
+                           **common))
+    return out
+
+
+def write(rows: list[dict], out: Path, config: str, env: dict[str, str]) -> None:
     """Append rows to step_time.csv; write step_time.md and step_time.png from this run."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "step_time.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SCHEMA)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(out / "step_time.csv", schema_rows(rows, config, env))
     full = [r for r in rows if r["metric"] == "full_step"]
     lines = [f"# Step time and memory ({rows[0]['device']}, torch {rows[0]['torch_version']}, "
              f"{rows[0]['date']})", "",
