@@ -1,7 +1,10 @@
 """In-repo benchmark models: an MLP, a ResNet-style CNN and a GPT-style causal transformer.
 
 The transformer's attention is built from nn.Linear layers so the K-FAC family captures them;
-``gpt_config("gpt2-small")`` gives GPT-2 small's sizes (12 layers, 12 heads, width 768).
+``GPT_SIZES["gpt2-small"]`` gives GPT-2 small's sizes (12 layers, 12 heads, width 768, vocabulary
+50257). As in GPT-2 the output head is tied to the token embedding (one vocab x width matrix):
+the K-FAC family covers it once, as the embedding (a diagonal vocab-sized A and a width x width
+G), where an untied head would ask for a vocab x vocab G factor (10 GB in fp32 at 50257).
 """
 from __future__ import annotations
 
@@ -98,7 +101,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-style causal language model on token ids (B x T) -> logits (B x T x vocab)."""
+    """A GPT-style causal language model on token ids (B x T) -> logits (B x T x vocab);
+    logits = ln(h) E^T with E the token embedding (tied head)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -107,7 +111,8 @@ class GPT(nn.Module):
         self.pos = nn.Embedding(cfg.context, cfg.width)
         self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.layers)])
         self.ln = nn.LayerNorm(cfg.width)
-        self.head = nn.Linear(cfg.width, cfg.vocab, bias=False)
+        self.head = nn.Linear(cfg.width, cfg.vocab, bias=False, device="meta")
+        self.head.weight = self.tok.weight  # tied: one parameter, no separate head matrix
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.normal_(p, std=0.02)

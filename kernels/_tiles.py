@@ -1,6 +1,8 @@
 """Pieces shared by grng's Triton kernels: the masked GEMM tile loop, autotune configs, helpers.
 
 Every load and store is masked (the interpreter does no bounds checks), so any size works.
+Element offsets are 64-bit (:func:`block_range`, :func:`stride64`): index x stride products and
+pointer steps exceed 2^31 past d = 46341 (a d x d matrix) and would wrap in 32-bit arithmetic.
 Tile products use fp32 operands with ``input_precision="ieee"`` (true fp32, as torch's default
 matmul, not TF32) when ``F32_DOT`` is set: any fp32 operand, mixed dtypes, or Triton's
 interpreter (which stores bf16 as raw 16-bit integers, so its bf16 ``tl.dot`` would be wrong).
@@ -77,12 +79,25 @@ def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device)
 
 
 @triton.jit
+def block_range(block, BLOCK: tl.constexpr):
+    """block * BLOCK + [0, BLOCK) in int64, so index * stride never wraps at 2^31."""
+    return tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+
+
+@triton.jit
+def stride64(stride):
+    """A stride (a runtime int32, an int64, or a specialized constant 1) as an int64 scalar."""
+    return tl.cast(stride, tl.int64)
+
+
+@triton.jit
 def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               F32_DOT: tl.constexpr):
-    """acc = A[offs_m, :] @ B[:, offs_n] for strided A (M x K), B (K x N), fp32 accumulation."""
+    """acc = A[offs_m, :] @ B[:, offs_n] for strided A (M x K), B (K x N), fp32 accumulation
+    (offs_m, offs_n: int64 from :func:`block_range`)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = block_range(0, BLOCK_K)
     row_ok = offs_m[:, None] < M
     col_ok = offs_n[None, :] < N
     a_ptrs = a_ptr + offs_m[:, None] * s_am + offs_k[None, :] * s_ak
@@ -92,8 +107,8 @@ def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
         a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
         acc = dot_acc(a, b, acc, F32_DOT)
-        a_ptrs += BLOCK_K * s_ak
-        b_ptrs += BLOCK_K * s_bk
+        a_ptrs += BLOCK_K * stride64(s_ak)
+        b_ptrs += BLOCK_K * stride64(s_bk)
     return acc
 
 

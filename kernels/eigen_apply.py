@@ -25,8 +25,8 @@ def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C = A B, or (A B) / (max(lg, 0) max(la, 0)^T + damping) when SCALE, on one tile."""
     pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, 8)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = _tiles.block_range(pid_m, BLOCK_M)
+    offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT)
     m_ok = offs_m < M

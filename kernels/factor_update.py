@@ -36,9 +36,9 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
     ti = pid - tj * (tj + 1) // 2
 
     x_base = x_ptr + batch * s_xb
-    offs_r = ti * BLOCK + tl.arange(0, BLOCK)
-    offs_c = tj * BLOCK + tl.arange(0, BLOCK)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = _tiles.block_range(ti, BLOCK)
+    offs_c = _tiles.block_range(tj, BLOCK)
+    offs_k = _tiles.block_range(0, BLOCK_K)
     r_ok = offs_r < d
     c_ok = offs_c < d
     xr_ptrs = x_base + offs_k[:, None] * s_xk + offs_r[None, :] * s_xc
@@ -49,8 +49,8 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
         xr = tl.load(xr_ptrs, mask=k_ok & r_ok[None, :], other=0.0)
         xc = tl.load(xc_ptrs, mask=k_ok & c_ok[None, :], other=0.0)
         acc = _tiles.dot_acc(tl.trans(xr), xc, acc, F32_DOT)
-        xr_ptrs += BLOCK_K * s_xk
-        xc_ptrs += BLOCK_K * s_xk
+        xr_ptrs += BLOCK_K * _tiles.stride64(s_xk)
+        xc_ptrs += BLOCK_K * _tiles.stride64(s_xk)
 
     rows = offs_r[:, None]
     cols = offs_c[None, :]

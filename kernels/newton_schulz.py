@@ -26,8 +26,8 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
     """R = I - M X on one tile; part[pid] = sum of R^2 over the tile's entries."""
     pid = tl.program_id(0)
     pid_m, pid_n = _tiles.grouped_tile(pid, d, d, BLOCK_M, BLOCK_N, 8)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = _tiles.block_range(pid_m, BLOCK_M)
+    offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(m_ptr, x_ptr, d, d, d, s_mm, s_mk, s_xk, s_xn, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT)
     valid = (offs_m[:, None] < d) & (offs_n[None, :] < d)
@@ -45,8 +45,8 @@ def _update_kernel(x_ptr, r_ptr, o_ptr, d, s_xm, s_xk, s_rk, s_rn, s_om, s_on,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = X + X R = X (2I - M X) on one tile."""
     pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), d, d, BLOCK_M, BLOCK_N, 8)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = _tiles.block_range(pid_m, BLOCK_M)
+    offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(x_ptr, r_ptr, d, d, d, s_xm, s_xk, s_rk, s_rn, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT)
     valid = (offs_m[:, None] < d) & (offs_n[None, :] < d)

@@ -1,7 +1,8 @@
 """Whole optimizer steps through each fast backend equal the reference step (fp32 tolerance).
 
-The optimizers never call a backend directly: ``backend=`` flows through the op dispatch. Under
-CI (no CUDA) the Triton kernels run in the interpreter (tests/conftest.py sets
+The optimizers never call a backend directly: ``backend=`` flows through the op dispatch. With
+CUDA the models, inputs and both runs (reference and backend) sit on the GPU; under CI (no
+CUDA) they stay on the CPU and the Triton kernels run in the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so the shapes stay small.
 """
 from __future__ import annotations
@@ -16,12 +17,18 @@ import grng
 from grng.ops import dispatch
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _live(backend: str) -> bool:
+    """Whether ``backend`` runs on DEVICE: Triton on CUDA or under the interpreter, ext when its
+    ops have kernels for DEVICE (a CPU-only build has none for CUDA)."""
     status = grng.backends()[backend]
     if backend == "triton":
-        return status.startswith("live") and (torch.cuda.is_available()
-                                              or dispatch.interpreter_enabled())
-    return status == "live"
+        return status.startswith("live") and (DEVICE == "cuda" or dispatch.interpreter_enabled())
+    key = {"cpu": "CPU", "cuda": "CUDA"}[DEVICE]
+    return status == "live" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "grng_ext::factor_update", key)
 
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _live(b), reason=f"{b} backend not live"))
@@ -30,7 +37,7 @@ BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _live(b), reason=f"{b} 
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.LayerNorm(13), nn.Linear(13, 5))
+    return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.LayerNorm(13), nn.Linear(13, 5)).to(DEVICE)
 
 
 def _make(name: str, model: nn.Module, backend: str):
@@ -55,10 +62,12 @@ def test_step_matches_reference(name: str, backend: str) -> None:
     fast_opt = _make(name, fast_model, backend)
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
-        x = torch.randn(19, 7, generator=gen)  # 19 rows > kalman_rank: the sketch is exercised
-        y = torch.randint(0, 5, (19,), generator=gen)
+        x = torch.randn(19, 7, generator=gen).to(DEVICE)  # 19 rows > kalman_rank: sketched
+        y = torch.randint(0, 5, (19,), generator=gen).to(DEVICE)
         for model, opt in ((ref_model, ref_opt), (fast_model, fast_opt)):
-            opt.step(lambda m=model: nn.functional.cross_entropy(m(x), y))
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
     for p_ref, p_fast in zip(ref_model.parameters(), fast_model.parameters()):
         torch.testing.assert_close(p_fast, p_ref, rtol=2e-4, atol=2e-5)
     assert fast_opt.skipped_steps == 0
@@ -73,6 +82,7 @@ def test_forced_backend_is_used(backend: str, monkeypatch: pytest.MonkeyPatch) -
                         dispatch.Impl(lambda *a: calls.append(1) or impl.fn(*a), impl.supports))
     model = _model()
     opt = grng.KFAC(model, lr=0.05, damping=1e-2, backend=backend)
-    x, y = torch.randn(9, 7), torch.randint(0, 5, (9,))
-    opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    x, y = torch.randn(9, 7, device=DEVICE), torch.randint(0, 5, (9,), device=DEVICE)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
     assert len(calls) == 4  # A and G of both Linear layers

@@ -1,0 +1,75 @@
+"""bench/gpu_check.py end to end on the CPU (``--cpu``: tiny sizes, Triton interpreted), so the
+prepared GPU run cannot rot: every stage runs or says why not, its rows parse in the benchmark
+schema, the op checks pass, and a run out of budget says which stages it cut and still prints
+its summary last.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from grng.benchmark.schema import read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.py"
+STAGES = ("env", "build", "ceilings", "correct", "kernels", "step")
+
+
+def run_check(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """``python bench/gpu_check.py --cpu --out OUT FLAGS`` from the repository root."""
+    return subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--out", str(out), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def stage_table(stdout: str) -> dict[str, tuple[str, str]]:
+    """{stage: (status, notes)} from the summary table, which must be the last thing printed."""
+    lines = stdout.rstrip().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("| stage | status |"))
+    body = lines[start + 2:]
+    assert body and all(line.startswith("| ") for line in body), "the table is not printed last"
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in body]
+    return {c[0]: (c[1], c[3]) for c in cells}
+
+
+def test_cpu_mode_runs_every_stage(tmp_path: Path) -> None:
+    """Exit status 0; every stage ok (build skipped with its reason); the CSV holds passing op
+    checks of both fast backends, kernel timings, ceilings and whole steps of every optimizer."""
+    proc = run_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    table = stage_table(proc.stdout)
+    assert list(table) == list(STAGES)
+    for stage in STAGES:
+        status, notes = table[stage]
+        assert status == ("skipped" if stage == "build" else "ok"), (stage, status, notes)
+    assert "--cpu" in table["build"][1]
+    assert (tmp_path / "summary.md").read_text().rstrip().endswith(proc.stdout.rstrip()
+                                                                   .splitlines()[-1])
+
+    rows = read_rows(tmp_path / "gpu_check.csv")
+    passed = [r for r in rows if r.suite == "gpu_check.correct" and r.metric == "passed"]
+    assert {r.provider for r in passed} == {"triton", "ext"}
+    assert {r.name for r in passed if r.provider == "triton"} == {
+        "factor_update", "eigen_apply", "newton_schulz_step", "kalman_update"}
+    assert all(r.p50 == 1.0 for r in passed), [(r.name, r.provider, r.config) for r in passed
+                                               if r.p50 != 1.0]
+    assert any(r.suite == "ceilings" and r.name == "gemm" and r.p50 > 0 for r in rows)
+    times = [r for r in rows if r.suite == "kernels" and r.metric == "time"]
+    assert {r.provider for r in times} >= {"reference", "ext"} and all(r.p50 > 0 for r in times)
+    steps = {(r.name, r.provider) for r in rows
+             if r.suite == "gpu_check.step" and r.metric == "full_step_time" and r.p50 > 0}
+    assert steps == {("adamw", "-")} | {(o, b) for o in ("kfac", "ring", "rkalman")
+                                        for b in ("reference", "triton", "ext")}
+    assert {r.name for r in rows if r.suite == "gpu_check" and r.metric == "wall_time"} == {
+        "env", "ceilings", "correct", "kernels", "step"}
+
+
+def test_budget_cuts_stages_and_still_summarizes(tmp_path: Path) -> None:
+    """With a 12 s budget (8 s after the summary's reserve) the correct stage stops at its share
+    and runs no pytest, the step stage is never started; exit status 1, table printed last."""
+    proc = run_check(tmp_path, "--stages", "correct,step", "--budget", "12")
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]
+    table = stage_table(proc.stdout)
+    assert table["correct"][0] == "cut short by the budget", table["correct"]
+    assert table["step"] == ("cut short by the budget", "not started: budget spent")
+    assert all(table[s][0] == "skipped" for s in ("env", "build", "ceilings", "kernels"))
