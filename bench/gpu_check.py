@@ -191,12 +191,15 @@ class Ctx:
         append_rows(self.out / CSV_NAME, list(rows))
 
 
+ROW_DEVICE = ["cpu"]  # the device this stage measures (set by run_child), named in every row
+
+
 def row(stage: str, name: str, provider: str, metric: str, unit: str, value: float | None,
         **fields: Any):
     """A schema Row of this run (suite ``gpu_check.<stage>``), environment filled in."""
     from grng.benchmark.schema import Row, environment
     return Row(suite=f"gpu_check.{stage}", name=name, provider=provider, metric=metric, unit=unit,
-               p50=value, **{**environment(), **fields})
+               p50=value, **{**environment(ROW_DEVICE[0]), **fields})
 
 
 def ms_row(stage: str, name: str, provider: str, metric: str, stats: Any, **fields: Any):
@@ -838,6 +841,7 @@ def run_child(name: str, out: Path, cpu: bool, deadline: float, hard: float) -> 
     report.save()
     import torch
     device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    ROW_DEVICE[0] = device
     if cpu:
         torch.set_num_threads(1)  # tiny problems; steadier on a shared CPU (as tests/conftest.py)
     ctx = Ctx(out, cpu, device, deadline, hard, CPU_PLAN if cpu else GPU_PLAN, report)
