@@ -1,0 +1,234 @@
+"""grng in the Hugging Face transformers Trainer (real ``transformers.Trainer`` on CPU) on a
+small GPT-2 built from its config (no downloads), trained on the bytes of a standard-library
+source file: K-FAC, RING and R-Kalman in the plain Trainer, RENG and GradReg through
+:class:`grng.integrations.transformers.GRNGTrainer`, and checkpoint resume."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import grng
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (GPT2Config, GPT2LMHeadModel, Trainer,  # noqa: E402
+                          TrainingArguments, get_linear_schedule_with_warmup)
+
+from grng.integrations.transformers import GRNGTrainer  # noqa: E402
+
+BLOCK = 32
+STEPS = 12
+BATCH = 8
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state() -> Iterator[None]:
+    """The Trainer builds an accelerate Accelerator, whose state is process-wide; reset it
+    after each test (as transformers' and accelerate's own tests do)."""
+    from accelerate.state import AcceleratorState, GradientState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _chunks() -> Tensor:
+    """textwrap.py's bytes (mod the vocabulary) in blocks of BLOCK tokens."""
+    data = torch.tensor(list(Path(textwrap.__file__).read_bytes()), dtype=torch.long) % 128
+    return data[: len(data) // BLOCK * BLOCK].view(-1, BLOCK)
+
+
+class _Text(torch.utils.data.Dataset):
+    """Causal-LM examples: input_ids and labels, the same tokens."""
+
+    def __init__(self, chunks: Tensor) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"input_ids": self.chunks[i], "labels": self.chunks[i]}
+
+
+def _gpt2(attn: str = "sdpa") -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                        eos_token_id=0, attn_implementation=attn)
+    return GPT2LMHeadModel(config)
+
+
+def _eval_loss(model: nn.Module, chunks: Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=chunks[:64], labels=chunks[:64]).loss)
+
+
+def _args(out: Path, **overrides: Any) -> TrainingArguments:
+    kw = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
+              report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
+              disable_tqdm=True, seed=0)
+    return TrainingArguments(**{**kw, **overrides})
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+ONE_PASS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "kfac": lambda m: grng.KFAC(m, lr=0.05, damping=0.05, inverse_every=5),
+    "ring": lambda m: grng.RING(m, lr=0.05, damping=0.05, rho=0.05, inverse_every=5),
+    "rkalman": lambda m: grng.RKalman(m, lr=0.2, rho=0.05, kalman_rank=4),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_PASS))
+def test_one_pass_optimizers_in_the_plain_trainer(name: str, tmp_path: Path) -> None:
+    """Trainer(optimizers=(opt, sched)): every step taken, the scheduler drives the lr, the
+    eval loss falls, the parameters stay finite."""
+    chunks = _chunks()
+    model = _gpt2()
+    opt = ONE_PASS[name](model)
+    sched = get_linear_schedule_with_warmup(opt, 0, 2 * STEPS)
+    before = _eval_loss(model, chunks)
+    Trainer(model=model, args=_args(tmp_path), train_dataset=_Text(chunks),
+            optimizers=(opt, sched)).train()
+    assert opt.steps == STEPS and opt.skipped_steps == 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(opt.defaults["lr"] / 2)
+    assert _finite(model)
+    after = _eval_loss(model, chunks)
+    assert after < 0.85 * before, (before, after)
+
+
+class _Recording(GRNGTrainer):
+    """GRNGTrainer that also records the micro-batches it trained on and the Trainer's loss
+    normalizer (the label count of the step's micro-batches), to replay them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[dict[str, Tensor], Any]] = []
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: Tensor | int | None = None) -> Tensor:
+        self.seen.append(({k: v.clone() for k, v in inputs.items()}, num_items_in_batch))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+TWO_PASS: dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]] = {
+    "reng-forward": ("sdpa", lambda m: grng.RENG(m, lr=0.05, damping=0.05, rho=0.05,
+                                                 gr="forward", epsilon=0.01, inverse_every=5)),
+    # double backprop needs a double backward: CPU flash attention (sdpa) has none
+    "reng-exact": ("eager", lambda m: grng.RENG(m, lr=0.05, damping=0.05, rho=0.05, gr="exact",
+                                                inverse_every=5)),
+    "gradreg-sam-adamw": ("sdpa", lambda m: grng.GradReg(
+        torch.optim.AdamW(m.parameters(), lr=1e-2), gamma=0.0, epsilon=0.05, mode="sam",
+        model=m)),
+}
+
+
+@pytest.mark.parametrize("name", list(TWO_PASS))
+def test_two_pass_optimizers_through_grng_trainer(name: str, tmp_path: Path) -> None:
+    """GRNGTrainer with gradient accumulation 2 and the Trainer's default max_grad_norm=1:
+    the parameters equal a plain loop that steps with a closure over the same two
+    micro-batches (each loss summed over tokens and divided by the Trainer's label count of
+    the step, as the Trainer does) and max_grad_norm=1; two forward passes per micro-batch and step (theta
+    and probe) for the finite differences and SAM; the eval loss falls."""
+    attn, make = TWO_PASS[name]
+    chunks = _chunks()
+    model = _gpt2(attn)
+    reference = copy.deepcopy(model)
+    opt = make(model)
+    before = _eval_loss(model, chunks)
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    trainer = _Recording(model=model, args=_args(tmp_path, gradient_accumulation_steps=2,
+                                                 per_device_train_batch_size=BATCH // 2),
+                         train_dataset=_Text(chunks),
+                         optimizers=(opt, torch.optim.lr_scheduler.ConstantLR(opt, 1.0)))
+    trainer.train()
+    assert opt.max_grad_norm is None, "train() must restore the optimizer's max_grad_norm"
+    assert len(trainer.seen) == 2 * STEPS
+    # each micro-batch: the Trainer's pass and one more (at the probe; "exact": at theta)
+    assert len(forwards) == STEPS * 2 * 2
+    assert _finite(model)
+    after = _eval_loss(model, chunks)
+    assert after < 0.85 * before, (before, after)
+
+    ref_opt = make(reference)
+    ref_opt.max_grad_norm = 1.0
+    reference.train()
+    for i in range(STEPS):
+        window = trainer.seen[2 * i: 2 * i + 2]
+
+        def closure() -> Tensor:
+            ref_opt.zero_grad()
+            total = torch.zeros(())
+            for mb, num_items in window:
+                loss = reference(**mb, num_items_in_batch=num_items).loss
+                loss.backward()
+                total += loss.detach()
+            return total
+
+        ref_opt.step(closure)
+    for p, q in zip(reference.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=2e-4, atol=2e-5)
+
+
+def test_max_grad_norm_disagreement_is_refused(tmp_path: Path) -> None:
+    model = _gpt2()
+    opt = grng.RENG(model, lr=0.05, damping=0.05, gr="forward", max_grad_norm=0.5)
+    trainer = GRNGTrainer(model=model, args=_args(tmp_path), train_dataset=_Text(_chunks()),
+                          optimizers=(opt, None))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("name", ["kfac", "reng-forward"])
+def test_checkpoint_resume_continues_the_run(name: str, tmp_path: Path) -> None:
+    """train(resume_from_checkpoint=...) restores the optimizer's state (factors, step count)
+    with the Trainer's: the resumed run ends where the continuous run ends."""
+    make = ONE_PASS["kfac"] if name == "kfac" else TWO_PASS[name][1]
+    trainer_cls = Trainer if name == "kfac" else GRNGTrainer
+    chunks = _chunks()
+    half = STEPS // 2
+
+    def run(out: Path, max_steps: int, resume: str | None = None
+            ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = _gpt2()
+        opt = make(model)
+        args = _args(out, max_steps=max_steps, save_strategy="steps", save_steps=half)
+        trainer_cls(model=model, args=args, train_dataset=_Text(chunks),
+                    optimizers=(opt, get_linear_schedule_with_warmup(opt, 0, STEPS))
+                    ).train(resume_from_checkpoint=resume)
+        return model, opt
+
+    whole, whole_opt = run(tmp_path / "whole", STEPS)
+    run(tmp_path / "first", half)
+    resumed, resumed_opt = run(tmp_path / "first", STEPS, str(tmp_path / "first" / f"checkpoint-{half}"))
+    assert resumed_opt.steps == whole_opt.steps == STEPS
+    for layer, ref_layer in zip(resumed_opt.layers, whole_opt.layers):
+        for key in ("A", "G"):
+            torch.testing.assert_close(resumed_opt.layer_state(layer)[key],
+                                       whole_opt.layer_state(ref_layer)[key],
+                                       rtol=1e-5, atol=1e-6)
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert _finite(resumed)
+
+
+def test_import_grng_imports_no_framework() -> None:
+    """The integrations are opt-in: ``import grng`` (and ``grng.integrations``) load no framework."""
+    code = ("import sys, grng, grng.integrations; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'lightning', 'pytorch_lightning', 'transformers', 'accelerate'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
