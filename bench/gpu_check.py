@@ -8,7 +8,9 @@ Stages, in this order (``--stages`` takes a comma list of them):
 1. ``env``: device, driver, CUDA, torch, triton, nvcc versions and ``grng.backends()``;
 2. ``build``: ``pip install --no-deps --no-index --no-build-isolation -e .`` against the host
    torch (builds ``grng._C`` in place, CUDA sources included, for this GPU's architecture only;
-   log in ``build.log``), then checks that every ``grng_ext`` op has a CUDA kernel;
+   log in ``build.log``), then checks that every ``grng_ext`` op has a CUDA kernel; meanwhile
+   (best effort, on the idle cores) processes run every Triton op and a micro-GPT step once to
+   fill Triton's on-disk compile cache, so later stages do not compile one config at a time;
 3. ``ceilings``: device-to-device copy bandwidth; torch.matmul rate in fp32, tf32 and bf16;
 4. ``correct``: every op x backend (triton, ext) x (fp32, bf16) x size x layout against the
    float64 reference T with the project's rule max|B - T| <= 2 max|R - T| + 2 eps sqrt(K) max|T|
@@ -77,7 +79,8 @@ CSV_NAME = "gpu_check.csv"
 # Timed ops: the four Triton kernels' ops and the fused update of every step (eigh, too slow
 # for 25 repetitions at 4096, is timed apart; cholesky_inverse and batched_spd_inverse are not
 # on a per-step path at these sizes).
-BENCH_OPS = ("factor_update", "eigen_apply", "newton_schulz_step", "kalman_update", "fused_update")
+TRITON_OPS = ("factor_update", "eigen_apply", "newton_schulz_step", "kalman_update")
+BENCH_OPS = (*TRITON_OPS, "fused_update")
 PROVIDERS = ("reference", "triton", "ext")
 MAX_FACTOR = 16384  # largest dense Kronecker factor side the step stage builds (1 GiB in fp32)
 EXT_OPS = ("fused_update", "factor_update", "kalman_update", "batched_spd_inverse")
@@ -317,8 +320,33 @@ def probe_ext() -> dict[str, Any]:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
+class LockedLog:
+    """A log file that several threads append lines to."""
+
+    def __init__(self, path: Path) -> None:
+        self.fh = path.open("w")
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.fh.write(text)
+            self.fh.flush()
+
+
 def stage_build(ctx: Ctx) -> None:
-    """Build grng._C against the host torch (editable install, no index) and probe its CUDA ops."""
+    """Build grng._C against the host torch and probe its CUDA ops; meanwhile, on the cores the
+    build leaves idle, fill Triton's on-disk compile cache for the later stages."""
+    log = LockedLog(ctx.out / "build.log")
+    pool, jobs = start_warmup(ctx, log)
+    try:
+        build_ext(ctx, log)
+    finally:
+        finish_warmup(ctx, pool, jobs)
+
+
+def build_ext(ctx: Ctx, log: LockedLog) -> None:
+    """``pip install -e .`` (else ``setup.py build_ext --inplace``) for this GPU's architecture;
+    status ok when every grng_ext op then has a CUDA kernel."""
     import torch
     before = probe_ext()
     if before and all(before.get(op) is True for op in EXT_OPS):
@@ -331,27 +359,30 @@ def stage_build(ctx: Ctx) -> None:
     for so in (ROOT / "grng").glob("_C*.so"):
         so.unlink()
         ctx.report.note(f"removed a stale {so.name} before building")
-    log = ctx.out / "build.log"
     attempts = [[sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-index",
                  "--no-build-isolation", "-e", str(ROOT)],
                 [sys.executable, "setup.py", "build_ext", "--inplace"]]
     t0 = time.time()
-    with log.open("w") as fh:
-        for cmd in attempts:
-            fh.write(f"$ {' '.join(cmd)}\n")
-            fh.flush()
-            rc = run_capped(cmd, ctx.cap(), fh.write, env)
-            if rc is None:
-                ctx.report.note(f"`{' '.join(cmd[1:4])}` killed at the stage's time cap")
-                ctx.cut = True
-                break
-            if rc == 0:
-                ctx.report.note(f"built with `{' '.join(cmd[1:3])} ...` in {time.time() - t0:.0f} s"
-                                f" for sm_{major}{minor} (log: build.log)")
-                break
-            ctx.report.note(f"`{' '.join(cmd[1:4])}` exited {rc}")
-    text = log.read_text(errors="replace")
-    for warn in re.findall(r"\[grng\] WARNING: (.*)", text)[:3]:
+    warnings_seen: list[str] = []
+
+    def sink(line: str) -> None:
+        log.write(line)
+        if "[grng] WARNING:" in line:
+            warnings_seen.append(line.split("WARNING:", 1)[1].strip())
+
+    for cmd in attempts:
+        log.write(f"$ {' '.join(cmd)}\n")
+        rc = run_capped(cmd, ctx.cap(), sink, env)
+        if rc is None:
+            ctx.report.note(f"`{' '.join(cmd[1:4])}` killed at the stage's time cap")
+            ctx.cut = True
+            break
+        if rc == 0:
+            ctx.report.note(f"built with `{' '.join(cmd[1:3])} ...` in {time.time() - t0:.0f} s"
+                            f" for sm_{major}{minor} (log: build.log)")
+            break
+        ctx.report.note(f"`{' '.join(cmd[1:4])}` exited {rc}")
+    for warn in warnings_seen[:3]:
         ctx.report.note("build warning: " + warn[:200])
     ctx.emit([row("build", "grng._C", "nvcc", "wall_time", "s", time.time() - t0,
                   config=f"TORCH_CUDA_ARCH_LIST={major}.{minor}")])
@@ -364,6 +395,100 @@ def stage_build(ctx: Ctx) -> None:
     else:
         ctx.report.note(f"CUDA kernels registered for {', '.join(EXT_OPS)}")
         ctx.report.status = "ok"
+
+
+# Triton specializes integer arguments on == 1 and on divisibility by 16: one n per class.
+WARM_SIZES = (1, 32, 33)
+# A micro GPT whose factor sides and row counts fall in the classes of the step stage's GPT-2
+# small (width 768 -> 16, 769 -> 17, 3073 -> 65, vocabulary 50257 -> 65, 4096 tokens -> 32).
+WARM_GPT = dict(vocab=65, context=16, width=16, heads=2, layers=1)
+
+
+def warm_jobs() -> list[str]:
+    """The warm-up jobs: every Triton op x dtype x WARM_SIZES, and a micro-GPT step of K-FAC and
+    R-Kalman through the triton backend (RING runs K-FAC's kernels)."""
+    return ([f"{op}:{dt}:{n}" for n in WARM_SIZES for op in TRITON_OPS
+             for dt in ("float32", "bfloat16")] + ["step:kfac", "step:rkalman"])
+
+
+def start_warmup(ctx: Ctx, log: LockedLog) -> tuple[Any, list]:
+    """Start the warm-up jobs, each in its own process, a few at a time (best effort: Triton
+    compiles each autotune config of each specialization once; the compiled kernels land in its
+    on-disk cache, which every later stage reads; the noisy tunings are not kept)."""
+    from concurrent.futures import ThreadPoolExecutor
+    env = dict(os.environ, TRITON_CACHE_AUTOTUNING="0")
+
+    def job(name: str) -> int | None | str:
+        if ctx.cap() < 10:
+            return "not started"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--warm", name] + (
+            ["--cpu"] if ctx.cpu else [])
+        return run_capped(cmd, ctx.cap(), lambda line: log.write(f"[warm {name}] {line}"), env)
+
+    pool = ThreadPoolExecutor(max(1, (os.cpu_count() or 4) - 4))
+    return pool, [(name, pool.submit(job, name)) for name in warm_jobs()]
+
+
+def finish_warmup(ctx: Ctx, pool: Any, jobs: list) -> None:
+    """Wait for the warm-up jobs (each is killed at the stage's cap) and note how they went."""
+    t0 = time.time()
+    pool.shutdown(wait=True)
+    results = {name: f.result() for name, f in jobs}
+    failed = [n for n, rc in results.items() if rc not in (0, None, "not started")]
+    cut = [n for n, rc in results.items() if rc is None or rc == "not started"]
+    ctx.report.note(f"Triton warm-up: {sum(rc == 0 for rc in results.values())}/{len(jobs)} jobs "
+                    f"done ({time.time() - t0:.0f} s after the build)"
+                    + (f"; failed: {', '.join(failed)} (build.log)" if failed else "")
+                    + (f"; cut: {len(cut)}" if cut else ""))
+
+
+def warm(jobs: str, cpu: bool) -> int:
+    """Run each job once so that Triton compiles (and autotunes) what it runs: ``op:dtype:n``
+    is grng.verify's check of that op (every layout) on the triton backend at n; ``step:opt``
+    two micro-GPT (WARM_GPT) steps of that optimizer through the triton backend."""
+    ensure_importable()
+    import torch
+
+    import grng.kernels  # noqa: F401 - registers the Triton implementations (not the ext build)
+    from grng.verify import check_ops
+    device = "cuda" if torch.cuda.is_available() and not cpu else "cpu"
+    for job in jobs.split(","):
+        kind, *rest = job.split(":")
+        t0 = time.time()
+        if kind == "step":
+            warm_step(rest[0], device)
+            what = "2 steps"
+        else:
+            checks = check_ops(device, backends=("triton",), dtypes=(rest[0],),
+                               sizes=(int(rest[1]),), ops=(kind,))
+            what = f"{sum(bool(c.passed) for c in checks)}/{len(checks)} checks passed"
+        print(f"warm {job}: {what} in {time.time() - t0:.1f} s", flush=True)
+    return 0
+
+
+def warm_step(opt_name: str, device: str) -> None:
+    """Two steps of ``opt_name`` (triton backend, inverses every step) on the micro GPT."""
+    import torch
+
+    import models
+    cfg = models.GPTConfig(**WARM_GPT)
+    with torch.device(device):
+        model = models.GPT(cfg)
+    opt = make_optimizer(opt_name, model, "triton", inverse_every=1)
+    idx = torch.randint(0, cfg.vocab, (2, cfg.context + 1), device=device)
+    for _ in range(2):
+        forward_backward(model, opt, idx[:, :-1], idx[:, 1:], device)
+        opt.step()
+
+
+def forward_backward(model: Any, opt: Any, x: Any, y: Any, device: str) -> None:
+    """Zeroed gradients, then the cross entropy of model(x) (bf16 autocast) against y, backward."""
+    import torch
+    import torch.nn.functional as F
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logits = model(x)
+    F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
 
 
 def stage_ceilings(ctx: Ctx) -> None:
@@ -730,7 +855,6 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
     """Warm-up steps, then ``steps`` timed steps (full and opt.step alone), host syncs in one
     more opt.step (CUDA), peak memory (CUDA)."""
     import torch
-    import torch.nn.functional as F
 
     import models
     from grng.benchmark.timing import stats_of
@@ -743,16 +867,12 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
     opt = make_optimizer(opt_name, model, "reference" if backend == "-" else backend,
                          ctx.plan.inverse_every)
 
-    def forward_backward(i: int) -> None:
-        x, y = batches[i % len(batches)]
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            logits = model(x)
-        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+    def fb(i: int) -> None:
+        forward_backward(model, opt, *batches[i % len(batches)], dev)
 
     t0 = time.perf_counter()
     for i in range(ctx.plan.step_warmup):
-        forward_backward(i)
+        fb(i)
         opt.step()
     sync(dev)
     warm_s = time.perf_counter() - t0
@@ -761,7 +881,7 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
         if dev == "cuda":
             e = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
             e[0].record()
-            forward_backward(i)
+            fb(i)
             e[1].record()
             opt.step()
             e[2].record()
@@ -770,7 +890,7 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
             only.append(e[1].elapsed_time(e[2]) * 1e-3)
         else:
             a = time.perf_counter()
-            forward_backward(i)
+            fb(i)
             b = time.perf_counter()
             opt.step()
             c = time.perf_counter()
@@ -778,7 +898,7 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
             only.append(c - b)
     syncs = None
     if dev == "cuda":
-        forward_backward(steps)
+        fb(steps)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -917,9 +1037,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     t_start = time.time()
     end = t_start + args.budget - RESERVE_S
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.cpu:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any child imports a kernel
-    else:
+    if not args.cpu:
         os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # later stages reuse the tuning
     os.environ["PYTHONUNBUFFERED"] = "1"
     selected = [s for s in STAGES if s in args.stages]
@@ -1012,7 +1130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--hard", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.cpu:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything here or in a child imports a kernel
+    if args.warm:
+        return warm(args.warm, args.cpu)
     args.out = args.out.resolve()
     if args.child:
         return run_child(args.child, args.out, args.cpu, args.deadline, args.hard)

@@ -5,9 +5,14 @@ its summary last.
 """
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from grng.benchmark.schema import read_rows
 
@@ -73,3 +78,25 @@ def test_budget_cuts_stages_and_still_summarizes(tmp_path: Path) -> None:
     assert table["correct"][0] == "cut short by the budget", table["correct"]
     assert table["step"] == ("cut short by the budget", "not started: budget spent")
     assert all(table[s][0] == "skipped" for s in ("env", "build", "ceilings", "kernels"))
+
+
+def test_warmup_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build stage's Triton warm-up: jobs (an op check, a micro-GPT step through the triton
+    backend) run in parallel processes, log to build.log and are counted in the stage's notes
+    (here in the interpreter, where nothing is compiled)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "warm_jobs", lambda: ["eigen_apply:bfloat16:7", "step:rkalman"])
+    report = gpu_check.Report(tmp_path / "report.json")
+    now = time.time()
+    ctx = gpu_check.Ctx(tmp_path, True, "cpu", now + 300, now + 300, gpu_check.CPU_PLAN, report)
+    pool, jobs = gpu_check.start_warmup(ctx, gpu_check.LockedLog(tmp_path / "build.log"))
+    gpu_check.finish_warmup(ctx, pool, jobs)
+    assert report.notes[-1].startswith("Triton warm-up: 2/2 jobs done"), report.notes
+    log = (tmp_path / "build.log").read_text()
+    match = re.search(r"\[warm eigen_apply:bfloat16:7\] warm eigen_apply:bfloat16:7: (\d+)/(\d+) "
+                      r"checks passed", log)
+    assert match and match.group(1) == match.group(2) != "0", log
+    assert "[warm step:rkalman] warm step:rkalman: 2 steps" in log, log
