@@ -16,9 +16,13 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from grng.verify import Check
 
 # verify --quick: sizes, and the largest size the Triton CPU interpreter gets
 QUICK_SIZES = (1, 33, 123)
@@ -66,7 +70,7 @@ class _Progress:
             else:
                 self.bar = tqdm(total=total, file=sys.stderr, unit="check", leave=False)
 
-    def __call__(self, row) -> None:
+    def __call__(self, row: Check) -> None:
         self.done += 1
         if not self.enabled:
             return
@@ -92,7 +96,7 @@ def _fmt(x: float | None) -> str:
     return "inf" if math.isinf(x) else f"{x:.2e}"
 
 
-def format_checks(rows: Sequence) -> str:
+def format_checks(rows: Sequence[Check]) -> str:
     """The table of run checks, then the skipped ones grouped by reason."""
     run = [r for r in rows if r.passed is not None]
     header = ("op", "backend", "dtype", "shape", "error", "ref error", "ratio", "verdict")
@@ -217,13 +221,17 @@ def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     sizes = ([int(s) for s in ns.sizes.split(",")] if ns.sizes
              else (BENCH_QUICK_SIZES if ns.quick else BENCH_SIZES).get(kind, BENCH_SIZES["cpu"]))
     dtypes = _csv_list(ns.dtypes) or (["float32"] if ns.quick else ["float32", "bfloat16"])
-    providers = _csv_list(ns.providers) or [b for b, s in dispatch.backends().items() if s.startswith("live")]
+    status = dispatch.backends()  # imports the backends, so their implementations are registered
+    providers = _csv_list(ns.providers) or [b for b, s in status.items() if s.startswith("live")]
+    if ops is None:  # the ops some chosen backend besides the reference implements itself
+        ops = [op for op in registry.SPECS
+               if any(dispatch.implementation(op, p) is not None for p in providers if p != "reference")]
+        ops = ops or None
     reps = ns.reps or (10 if ns.quick else 25)
     deadline = None if ns.time_budget is None else time.monotonic() + ns.time_budget
-    print(f"backends: {dispatch.backends()}")
-    log: Callable[[str], None] = print
+    print(f"backends: {status}")
     rows = kernels.run(ns.device, providers, sizes, dtypes, ops, deadline, warmup=3, reps=reps,
-                       seed=ns.seed, log=log)
+                       seed=ns.seed, log=print)
     n = schema.append_rows(ns.csv, rows)
     print(f"appended {n} rows to {ns.csv}")
     return 0
@@ -249,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time the ops; append the rows to a CSV; plot or compare CSVs")
     b.add_argument("--device", default=_default_device())
     b.add_argument("--providers", help="comma-separated backends (default: every live one)")
-    b.add_argument("--ops", help="comma-separated ops (default: all)")
+    b.add_argument("--ops", help="comma-separated ops (default: those a chosen provider other than "
+                   "the reference implements; all with --providers reference)")
     b.add_argument("--sizes", help="comma-separated sizes n (default by device)")
     b.add_argument("--dtypes", help="comma-separated dtypes (default float32,bfloat16)")
     b.add_argument("--quick", action="store_true", help="two small sizes, float32, 10 repetitions")

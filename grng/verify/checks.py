@@ -151,7 +151,7 @@ def check_case(spec: OpSpec, backend: str, dtype: torch.dtype, n: int, variant: 
         fn = impl.fn
     args = spec.inputs(n, dtype, dev, case_seed(seed, spec.name, n, dtype, variant), variant)
     if backend != "reference" and not impl.supports(*args):
-        row.note = f"{backend} does not accept these inputs ({spec.shape(n)})"
+        row.note = f"{backend} does not accept these inputs ({row.dtype}: {spec.shape(n)})"
         return row
     same_args = map_tensors(args, lambda t: t.clone())
     args64 = map_tensors(args, _to_f64)
