@@ -5,6 +5,7 @@ wrapped optimizer skips ``step()``), and the two-pass methods step on the whole 
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -66,6 +67,10 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 FACTOR_KEYS = {"kfac": ("A", "G"), "ring": ("A", "G"), "rkalman": ("PA", "PG")}
 
 
+def _batch_loss(model: nn.Module, x: Tensor, idx: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x, idx), y)
+
+
 def _full_loss(model: nn.Module, data: TensorDataset) -> float:
     x, idx, y = data.tensors
     with torch.no_grad():
@@ -117,7 +122,7 @@ def test_accumulated_steps_fold_every_micro_batch(name: str) -> None:
     assert after < 0.9 * before, (before, after)
 
 
-def _window_closure(accelerator: "accelerate.Accelerator", model: nn.Module,
+def _window_closure(accelerator: accelerate.Accelerator, model: nn.Module,
                     opt: torch.optim.Optimizer, window: list[tuple[Tensor, Tensor, Tensor]]
                     ) -> Callable[[], Tensor]:
     """torch.optim's closure over a whole accumulation window: zero, then forward and
@@ -166,7 +171,7 @@ def test_two_pass_step_on_the_whole_window(name: str) -> None:
                 window = []
     assert not window
     for bx, bidx, by in DataLoader(data, batch_size=K * N, shuffle=False):
-        big_opt.step(grng.make_closure(big_opt, lambda: F.cross_entropy(big(bx, bidx), by)))
+        big_opt.step(grng.make_closure(big_opt, functools.partial(_batch_loss, big, bx, bidx, by)))
     for p, q in zip(big.parameters(), acc_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-11)
     after = _full_loss(acc_model, data)

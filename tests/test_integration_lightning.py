@@ -5,6 +5,7 @@ same batches where the semantics are exact (fp32), and for a falling loss and fi
 parameters everywhere."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import pytest
@@ -17,8 +18,8 @@ import grng
 
 L = pytest.importorskip("lightning")
 
-from grng.integrations import needs_closure  # noqa: E402
-from grng.integrations.lightning import GRNGModule  # noqa: E402
+from grng.integrations import needs_closure
+from grng.integrations.lightning import GRNGModule
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning"),
               # lightning 2.6's pytree helper on torch 2.13
@@ -109,7 +110,7 @@ class _Manual(_Classifier):
             opt.step()
 
 
-def _trainer(**kwargs: object) -> "L.Trainer":
+def _trainer(**kwargs: object) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, **kwargs)
@@ -132,8 +133,12 @@ def _plain_loop(make: Callable[[nn.Module], torch.optim.Optimizer],
     opt = make(net)
     opt.max_grad_norm = max_grad_norm
     for x, y in _loader():
-        opt.step(grng.make_closure(opt, lambda: F.cross_entropy(net(x), y)))
+        opt.step(grng.make_closure(opt, functools.partial(_batch_loss, net, x, y)))
     return net
+
+
+def _batch_loss(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(net(x), y)
 
 
 def _steps(opt: torch.optim.Optimizer) -> int:

@@ -20,10 +20,15 @@ import grng
 
 transformers = pytest.importorskip("transformers")
 
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer,  # noqa: E402
-                          TrainingArguments, get_linear_schedule_with_warmup)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+    get_linear_schedule_with_warmup,
+)
 
-from grng.integrations.transformers import GRNGTrainer  # noqa: E402
+from grng.integrations.transformers import GRNGTrainer
 
 BLOCK = 32
 STEPS = 12
@@ -74,9 +79,10 @@ def _eval_loss(model: nn.Module, chunks: Tensor) -> float:
 
 
 def _args(out: Path, **overrides: Any) -> TrainingArguments:
-    kw = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=BATCH,
-              report_to="none", save_strategy="no", logging_strategy="no", use_cpu=True,
-              disable_tqdm=True, seed=0)
+    kw: dict[str, Any] = {"output_dir": str(out), "max_steps": STEPS,
+                          "per_device_train_batch_size": BATCH, "report_to": "none",
+                          "save_strategy": "no", "logging_strategy": "no", "use_cpu": True,
+                          "disable_tqdm": True, "seed": 0}
     return TrainingArguments(**{**kw, **overrides})
 
 
@@ -135,6 +141,20 @@ TWO_PASS: dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]] = 
 }
 
 
+def _window_closure(model: nn.Module, opt: torch.optim.Optimizer,
+                    window: list[tuple[dict[str, Tensor], Any]]) -> Callable[[], Tensor]:
+    """torch.optim's closure over recorded micro-batches, normalized as the Trainer does."""
+    def closure() -> Tensor:
+        opt.zero_grad()
+        total = torch.zeros(())
+        for inputs, num_items in window:
+            loss = model(**inputs, num_items_in_batch=num_items).loss
+            loss.backward()
+            total += loss.detach()
+        return total
+    return closure
+
+
 @pytest.mark.parametrize("name", list(TWO_PASS))
 def test_two_pass_optimizers_through_grng_trainer(name: str, tmp_path: Path) -> None:
     """GRNGTrainer with gradient accumulation 2 and the Trainer's default max_grad_norm=1:
@@ -167,18 +187,7 @@ def test_two_pass_optimizers_through_grng_trainer(name: str, tmp_path: Path) -> 
     ref_opt.max_grad_norm = 1.0
     reference.train()
     for i in range(STEPS):
-        window = trainer.seen[2 * i: 2 * i + 2]
-
-        def closure() -> Tensor:
-            ref_opt.zero_grad()
-            total = torch.zeros(())
-            for mb, num_items in window:
-                loss = reference(**mb, num_items_in_batch=num_items).loss
-                loss.backward()
-                total += loss.detach()
-            return total
-
-        ref_opt.step(closure)
+        ref_opt.step(_window_closure(reference, ref_opt, trainer.seen[2 * i: 2 * i + 2]))
     for p, q in zip(reference.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=2e-4, atol=2e-5)
 

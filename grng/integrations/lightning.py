@@ -41,7 +41,7 @@ class GRNGModule(LightningModule):
     first among the bases (``class Model(GRNGModule, MyBaseModule)``)."""
 
     def configure_gradient_clipping(self, optimizer: Optimizer,
-                                    gradient_clip_val: int | float | None = None,
+                                    gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
         """Lightning's hook, called after every backward of a step's closure: for a grng
         optimizer set its ``max_grad_norm`` to ``gradient_clip_val`` (norm clipping only) and
