@@ -115,7 +115,7 @@ def _worker(rank: int, world: int, port: int, steps: int, width: int, batch: int
             dist.barrier()
             before = _COUNT["bytes"]
             t0 = time.perf_counter()
-            opt.step(lambda: F.cross_entropy(ddp(x), y))
+            opt.step(grng.make_closure(opt, lambda: F.cross_entropy(ddp(x), y)))
             elapsed = time.perf_counter() - t0
             if step >= 3:  # warm-up
                 times.append(elapsed)

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
-import grng  # noqa: E402
 from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
+from grng import make_closure  # noqa: E402
+from grng.optim.cases import CASES  # noqa: E402
 
 SUITE = "step_time"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,29 +68,27 @@ def loss_fn(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
+# the bench's names -> cases of grng.optim.cases (the table the tests and the demo use)
+CASE_OF = {"sgd": "sgd", "adamw": "adamw", "kfac": "kfac-eigen", "ring": "ring",
+           "reng-fd": "reng-forward", "rkalman": "rkalman", "fgr-sgd": "fgr-sgd",
+           "bgr-sgd": "bgr-sgd", "db-sgd": "db-sgd"}
+
+
 def make_optimizer(name: str, model: nn.Module, backend: str, inverse_every: int):
     """The optimizer under test with fixed, stable hyperparameters (timing only; a run that
     skips steps would time the cheap skip path, so the child reports skipped steps)."""
-    kw = dict(backend=backend, inverse_every=inverse_every, kl_clip=1e-3)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if name == "kfac":
-        return grng.KFAC(model, lr=0.01, damping=0.1, momentum=0.9, **kw)
-    if name == "ring":
-        return grng.RING(model, lr=0.01, damping=0.1, rho=0.1, momentum=0.9, **kw)
-    if name == "reng-fd":
-        return grng.RENG(model, lr=0.01, damping=0.1, rho=0.01, gr="forward", epsilon=0.01, **kw)
-    if name == "rkalman":
-        return grng.RKalman(model, lr=0.01, rho=0.1, momentum=0.9, kl_clip=1e-3, backend=backend)
-    mode = {"fgr-sgd": "forward", "bgr-sgd": "backward", "db-sgd": "exact"}[name]
-    return grng.GradReg(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), gamma=0.01,
-                        epsilon=0.01, mode=mode, model=model)
+    curv = dict(backend=backend, inverse_every=inverse_every, kl_clip=1e-3)
+    hp = {"sgd": dict(lr=0.01, momentum=0.9), "adamw": dict(lr=1e-3),
+          "kfac": dict(lr=0.01, damping=0.1, momentum=0.9, **curv),
+          "ring": dict(lr=0.01, damping=0.1, rho=0.1, momentum=0.9, **curv),
+          "reng-fd": dict(lr=0.01, damping=0.1, rho=0.01, epsilon=0.01, **curv),
+          "rkalman": dict(lr=0.01, rho=0.1, momentum=0.9, kl_clip=1e-3, backend=backend)
+          }.get(name, dict(lr=0.01, momentum=0.9, gamma=0.01, epsilon=0.01))
+    return CASES[CASE_OF[name]].make(model, **hp)
 
 
 def needs_closure(name: str) -> bool:
-    return name in {"reng-fd", "fgr-sgd", "bgr-sgd", "db-sgd"}
+    return CASES[CASE_OF[name]].two_pass
 
 
 class Clock:
@@ -126,7 +125,7 @@ def measure(args: argparse.Namespace) -> dict:
         x, y = batches[i % len(batches)]
         closure = lambda: loss_fn(model, x, y)  # noqa: E731
         if needs_closure(args.optimizer):
-            ms = clock.time(lambda: opt.step(closure))
+            ms = clock.time(lambda: opt.step(make_closure(opt, closure)))
             t_step = None
         else:
             def full_step() -> None:

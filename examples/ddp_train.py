@@ -65,7 +65,7 @@ def main() -> None:
         x = torch.randn(args.batch, 20, generator=data)
         y = (x @ W).argmax(1)
         x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
-        loss = opt.step(lambda: F.cross_entropy(net(x), y))
+        loss = opt.step(grng.make_closure(opt, lambda: F.cross_entropy(net(x), y)))
         if step % 10 == 0 or step == args.steps - 1:
             avg = loss.clone()
             if distributed:

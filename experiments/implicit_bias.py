@@ -68,7 +68,7 @@ def train(X: torch.Tensor, y: torch.Tensor, alpha: float, lr: float, steps: int,
             closure().backward()
             sgd.step()
         else:
-            opt.step(closure)
+            opt.step(grng.make_closure(opt, closure))
     seconds = time.perf_counter() - start
     with torch.no_grad():
         return model.weight().detach(), float(closure()), seconds

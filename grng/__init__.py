@@ -7,10 +7,11 @@ optional Triton / compiled backends chosen by one dispatch (:func:`grng.backends
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from grng.curvature.layers import register_layer
 from grng.ops.dispatch import backends
+from grng.optim.gradient_source import make_closure
 from grng.optim.gradreg import GradReg, flood, regularized_gradient
 from grng.optim.kfac import KFAC
 from grng.optim.reng import RENG
@@ -18,4 +19,4 @@ from grng.optim.ring import RING
 from grng.optim.rkalman import RKalman
 
 __all__ = ["KFAC", "RENG", "RING", "GradReg", "RKalman", "__version__", "backends", "flood",
-           "register_layer", "regularized_gradient"]
+           "make_closure", "register_layer", "regularized_gradient"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grng import GradReg
+from grng import GradReg, make_closure
 from grng.optim.cases import CASES
 from grng.testing import classification_batches, small_mlp
 
@@ -29,7 +29,18 @@ def _data(k: int, n: int = 8, dtype: torch.dtype = F64, seed: int = 7) -> list[t
 
 
 def _closure(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
-    return lambda: F.cross_entropy(model(x), y)
+    """torch.optim's closure: zero the model's gradients, cross entropy, backward, the loss."""
+    return make_closure(model, lambda: F.cross_entropy(model(x), y))
+
+
+def _scaled_closure(model: nn.Module, x: Tensor, y: Tensor, scaler) -> Callable[[], Tensor]:
+    """The closure of the GradScaler recipe: it backpropagates scaler.scale(loss)."""
+    def closure() -> Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+    return closure
 
 
 _CURV = dict(lr=0.1, damping=0.05, momentum=0.9, inverse_every=2)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grng import KFAC, RENG, RING, GradReg, RKalman
+from grng import make_closure
 from optimizer_helpers import (ALL, CURVATURE, F64, FACTORIES, _all_state_finite, _assert_unchanged, _closure, _curv, _data, _mlp, _snapshot, _train)
 
 @pytest.mark.parametrize(("make", "name"), [
@@ -120,8 +121,8 @@ def test_tied_embedding_and_output_weights(name: str) -> None:
     for _ in range(8):
         idx = torch.randint(0, 11, (6, 5), generator=g)
         tgt = torch.randint(0, 11, (6, 5), generator=g)
-        losses.append(float(opt.step(lambda: F.cross_entropy(model(idx).reshape(-1, 11),
-                                                                tgt.reshape(-1)))))
+        losses.append(float(opt.step(make_closure(opt, lambda: F.cross_entropy(model(idx).reshape(-1, 11),
+                                                                tgt.reshape(-1))))))
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     st = curv.curvature_state(model.emb.weight)
     key = "PA" if name == "rkalman" else "A"
@@ -147,7 +148,7 @@ def test_sparse_gradients_raise_a_clear_error() -> None:
         opt = make(model)
         idx, y = torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,))
         with pytest.raises(ValueError, match="sparse gradients"):
-            opt.step(lambda: F.cross_entropy(model(idx), y))
+            opt.step(make_closure(opt, lambda: F.cross_entropy(model(idx), y)))
 
 
 @pytest.mark.parametrize("name", ["kfac-eigen", "rkalman"])
@@ -246,7 +247,7 @@ def test_a_whole_empty_batch_is_skipped_not_divided_by_zero() -> None:
         opt.step(_closure(model, x, y))
     _assert_unchanged(model, opt, before)
     # a sum-reduced loss over 0 rows is 0 with zero gradients: factors untouched, params move by 0
-    opt.step(lambda: F.cross_entropy(model(x), y, reduction="sum"))
+    opt.step(make_closure(opt, lambda: F.cross_entropy(model(x), y, reduction="sum")))
     assert opt.skipped_steps == 1
     for k in ("A", "G"):
         assert torch.equal(opt.layer_state(opt.layers[0])[k], before[1]["state"][0][k])

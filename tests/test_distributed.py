@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import grng
+from grng import make_closure
 from grng.distributed import LocalCommunicator
 from grng.curvature.factors import DenseFactor, DiagonalFactor
 from grng.distributed.assignment import assign_layers, rank_loads
@@ -181,10 +182,18 @@ def _train(name: str, model: nn.Module, opt, rank: int, world: int) -> None:
         def closure():
             return F.mse_loss(model(x), y)
 
-        if use_closure:
-            opt.step(closure)
-            if getattr(opt, "grad_scaler", None) is not None:
-                opt.grad_scaler.update()
+        scaler = getattr(opt, "grad_scaler", None)
+        if use_closure and scaler is not None:  # the closure backpropagates the scaled loss
+            def scaled_closure():
+                opt.zero_grad()
+                loss = closure()
+                scaler.scale(loss).backward()
+                return loss
+
+            opt.step(scaled_closure)
+            scaler.update()
+        elif use_closure:
+            opt.step(make_closure(opt, closure))
         else:
             opt.zero_grad()
             closure().backward()
@@ -248,7 +257,7 @@ def _run_cases(rank: int, world: int, refs: dict, report: dict) -> None:
             x, y = _batch("branchy", step)
             local = GLOBAL_BATCH // world
             x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
-            opt.step(lambda: F.mse_loss(ddp(x), y))
+            opt.step(make_closure(opt, lambda: F.mse_loss(ddp(x), y)))
         params = [p.detach() for p in model.parameters()]
         report[name] = {"same_on_ranks": _same_on_ranks(params, world),
                         "finite": all(bool(torch.isfinite(p).all()) for p in params),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from grng import make_closure
 from grng.optim.gradreg import GradReg, flood, regularized_gradient
 
 MODES = ("forward", "backward", "exact", "sam")
@@ -91,7 +92,7 @@ class CountingContext:
 def test_quadratic_all_modes_equal_g_plus_gamma_A_g(mode: str) -> None:
     params, closure, a, b = _quadratic()
     gamma, eps = 0.3, 1e-2
-    loss = regularized_gradient(params, closure, gamma, eps, mode)
+    loss = regularized_gradient(params, make_closure(params, closure), gamma, eps, mode)
     x = _flat([p.detach() for p in params])
     g = a @ x - b
     expected = g + gamma * a @ g
@@ -104,7 +105,7 @@ def test_quadratic_modes_agree_with_each_other() -> None:
     params, closure, _, _ = _quadratic()
     results = []
     for mode in ("forward", "backward", "exact"):
-        regularized_gradient(params, closure, 0.7, 1e-3, mode)
+        regularized_gradient(params, make_closure(params, closure), 0.7, 1e-3, mode)
         results.append(_flat([p.grad for p in params]))
     for r in results[1:]:
         assert torch.allclose(r, results[0], rtol=0, atol=1e-10)
@@ -118,7 +119,7 @@ def test_forward_with_gamma_equal_epsilon_is_unnormalized_sam() -> None:
     eps = 0.05
     g = _grad_at(params, closure, torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
     expected = _grad_at(params, closure, eps * g)
-    regularized_gradient(params, closure, eps, eps, "forward")
+    regularized_gradient(params, make_closure(params, closure), eps, eps, "forward")
     assert torch.allclose(_flat([p.grad for p in params]), expected, rtol=0, atol=1e-12)
 
 
@@ -130,13 +131,13 @@ def test_sam_is_gradient_at_normalized_ascent_point() -> None:
     rho = 0.1
     g = _grad_at(params, closure, torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
     expected = _grad_at(params, closure, rho * g / g.norm())
-    regularized_gradient(params, closure, 123.0, rho, "sam")  # gamma is unused by SAM
+    regularized_gradient(params, make_closure(params, closure), 123.0, rho, "sam")  # gamma is unused by SAM
     assert torch.allclose(_flat([p.grad for p in params]), expected, rtol=0, atol=1e-12)
 
 
 def test_sam_zero_gradient_returns_zero_gradient() -> None:
     p = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-    regularized_gradient([p], lambda: (p**2).sum(), 0.0, 0.1, "sam")
+    regularized_gradient([p], make_closure([p], lambda: (p**2).sum()), 0.0, 0.1, "sam")
     assert torch.equal(p.grad, torch.zeros(4, dtype=torch.float64))
     assert torch.equal(p, torch.zeros(4, dtype=torch.float64))
 
@@ -149,7 +150,7 @@ def test_mlp_finite_differences_converge_to_double_backprop() -> None:
     params = list(model.parameters())
 
     def reg(mode: str, eps: float) -> Tensor:
-        regularized_gradient(params, closure, 0.5, eps, mode)
+        regularized_gradient(params, make_closure(params, closure), 0.5, eps, mode)
         return _flat([p.grad for p in params if p.grad is not None])
 
     exact = reg("exact", 1.0)
@@ -171,7 +172,7 @@ def test_params_bit_identical_and_unused_param_untouched(mode: str) -> None:
     before = [p.detach().clone() for p in params]
     for p in params:
         p.grad = torch.full_like(p, 7.0)  # stale gradients are discarded
-    regularized_gradient(params, _mlp_closure(model, x, y), 0.2, 1e-2, mode)
+    regularized_gradient(params, make_closure(params, _mlp_closure(model, x, y)), 0.2, 1e-2, mode)
     for p, b in zip(params, before):
         assert torch.equal(p, b)
     assert model.unused.grad is None
@@ -186,7 +187,7 @@ def test_requires_grad_false_param_gets_no_grad() -> None:
     model[0].bias.requires_grad_(False)
     model[0].bias.grad = torch.ones(8)
     closure = _mlp_closure(model, torch.randn(4, 5), torch.randn(4))
-    regularized_gradient(list(model.parameters()), closure, 0.1, 0.01, "forward")
+    regularized_gradient(list(model.parameters()), make_closure(model, closure), 0.1, 0.01, "forward")
     assert model[0].bias.grad is None
 
 
@@ -200,8 +201,8 @@ def test_gradreg_step_equals_base_step_on_regularized_gradient(mode: str) -> Non
     params_b = list(model_b.parameters())
     opt_b = torch.optim.SGD(params_b, lr=0.05, momentum=0.9)
     for _ in range(3):
-        loss_a = opt_a.step(_mlp_closure(model_a, x, y))
-        loss_b = regularized_gradient(params_b, _mlp_closure(model_b, x, y), 0.1, 0.02, mode)
+        loss_a = opt_a.step(make_closure(opt_a, _mlp_closure(model_a, x, y)))
+        loss_b = regularized_gradient(params_b, make_closure(params_b, _mlp_closure(model_b, x, y)), 0.1, 0.02, mode)
         opt_b.step()
         assert torch.equal(loss_a, loss_b)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
@@ -216,10 +217,10 @@ def test_forward_gradient_matches_hand_formula_on_mlp() -> None:
     gamma, eps = 0.4, 0.03
     g = _grad_at(params, closure, torch.zeros(sum(p.numel() for p in params), dtype=torch.float64))
     expected = (1 - gamma / eps) * g + (gamma / eps) * _grad_at(params, closure, eps * g)
-    regularized_gradient(params, closure, gamma, -eps, "forward")  # the sign of epsilon is the mode's
+    regularized_gradient(params, make_closure(params, closure), gamma, -eps, "forward")  # the sign of epsilon is the mode's
     assert torch.allclose(_flat([p.grad for p in params]), expected, rtol=0, atol=1e-11)
     expected_b = (1 + gamma / eps) * g - (gamma / eps) * _grad_at(params, closure, -eps * g)
-    regularized_gradient(params, closure, gamma, eps, "backward")
+    regularized_gradient(params, make_closure(params, closure), gamma, eps, "backward")
     assert torch.allclose(_flat([p.grad for p in params]), expected_b, rtol=0, atol=1e-11)
 
 
@@ -237,7 +238,7 @@ def test_batchnorm_stats_updated_once_with_model(mode: str) -> None:
     x, y = torch.randn(32, 5), torch.randn(32)
     reference(x)  # one plain training-mode forward at theta
     opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5, epsilon=0.1, mode=mode, model=model)
-    opt.step(_mlp_closure(model, x, y))
+    opt.step(make_closure(opt, _mlp_closure(model, x, y)))
     bn, ref = model[1], reference[1]
     assert int(bn.num_batches_tracked) == 1
     assert torch.equal(bn.running_mean, ref.running_mean)
@@ -247,7 +248,7 @@ def test_batchnorm_stats_updated_once_with_model(mode: str) -> None:
 def test_batchnorm_without_model_updates_twice() -> None:
     model = _bn_model()
     opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5, epsilon=0.1)
-    opt.step(_mlp_closure(model, torch.randn(32, 5), torch.randn(32)))
+    opt.step(make_closure(opt, _mlp_closure(model, torch.randn(32, 5), torch.randn(32))))
     assert int(model[1].num_batches_tracked) == 2
 
 
@@ -276,9 +277,9 @@ def test_training_on_digits_decreases_loss(make_base: Callable, mode: str) -> No
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
     opt = GradReg(make_base(model.parameters()), gamma=0.05, epsilon=0.05, mode=mode, model=model)
     closure = lambda: nn.functional.cross_entropy(model(x), y)  # noqa: E731
-    first = opt.step(closure)
+    first = opt.step(make_closure(opt, closure))
     for _ in range(49):
-        last = opt.step(closure)
+        last = opt.step(make_closure(opt, closure))
     assert torch.isfinite(last) and last < 0.5 * first
 
 
@@ -287,7 +288,7 @@ def test_step_lr_scheduler_changes_wrapper_and_base_lr() -> None:
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     opt = GradReg(base, gamma=0.1, epsilon=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    opt.step(_mlp_closure(model, torch.randn(8, 5), torch.randn(8)))
+    opt.step(make_closure(opt, _mlp_closure(model, torch.randn(8, 5), torch.randn(8))))
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
     assert base.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -297,7 +298,7 @@ def test_step_lr_scheduler_changes_wrapper_and_base_lr() -> None:
 def test_zero_grad_through_wrapper() -> None:
     model = _mlp()
     opt = GradReg(torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.1, epsilon=0.01)
-    opt.step(_mlp_closure(model, torch.randn(8, 5), torch.randn(8)))
+    opt.step(make_closure(opt, _mlp_closure(model, torch.randn(8, 5), torch.randn(8))))
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -308,7 +309,7 @@ def test_state_dict_round_trip() -> None:
     base_a = torch.optim.AdamW(model_a.parameters(), lr=1e-2)
     opt_a = GradReg(base_a, gamma=0.2, epsilon=0.03, mode="backward")
     for _ in range(3):
-        opt_a.step(_mlp_closure(model_a, x, y))
+        opt_a.step(make_closure(opt_a, _mlp_closure(model_a, x, y)))
     buffer = io.BytesIO()
     torch.save(opt_a.state_dict(), buffer)  # a real checkpoint: torch's state_dict aliases live state tensors
     buffer.seek(0)
@@ -322,8 +323,8 @@ def test_state_dict_round_trip() -> None:
     assert (opt_b.gamma, opt_b.epsilon, opt_b.mode) == (0.2, 0.03, "backward")
     assert opt_b.param_groups is base_b.param_groups and opt_b.state is base_b.state
     assert opt_b.param_groups[0]["lr"] == 1e-2
-    opt_a.step(_mlp_closure(model_a, x, y))
-    opt_b.step(_mlp_closure(model_b, x, y))
+    opt_a.step(make_closure(opt_a, _mlp_closure(model_a, x, y)))
+    opt_b.step(make_closure(opt_b, _mlp_closure(model_b, x, y)))
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
 
@@ -345,7 +346,7 @@ def test_probe_context_entered_exactly_for_probe(mode: str) -> None:
         h.register_hook(lambda grad: backward_calls.append(ctx.active))
         return (model[1:](h).squeeze(-1) - y).pow(2).mean()
 
-    regularized_gradient(list(model.parameters()), closure, 0.1, 0.01, mode, probe_context=ctx)
+    regularized_gradient(list(model.parameters()), make_closure(model, closure), 0.1, 0.01, mode, probe_context=ctx)
     assert ctx.entries == 1 and not ctx.active
     if mode == "exact":
         assert closure_calls == [False]
@@ -364,8 +365,8 @@ def test_gradreg_uses_base_curvature_paused() -> None:
 
     model = _mlp()
     opt = GradReg(PausingSGD(model.parameters(), lr=0.1), gamma=0.1, epsilon=0.01, mode="forward")
-    opt.step(_mlp_closure(model, torch.randn(8, 5), torch.randn(8)))
-    opt.step(_mlp_closure(model, torch.randn(8, 5), torch.randn(8)))
+    opt.step(make_closure(opt, _mlp_closure(model, torch.randn(8, 5), torch.randn(8))))
+    opt.step(make_closure(opt, _mlp_closure(model, torch.randn(8, 5), torch.randn(8))))
     assert ctx.entries == 2
 
 
@@ -373,7 +374,7 @@ def test_gamma_zero_skips_probe_and_gives_plain_gradient() -> None:
     params, closure, a, b = _quadratic()
     ctx = CountingContext()
     for mode in ("forward", "backward", "exact"):
-        regularized_gradient(params, closure, 0.0, 0.1, mode, probe_context=ctx)
+        regularized_gradient(params, make_closure(params, closure), 0.0, 0.1, mode, probe_context=ctx)
         plain = a @ _flat([p.detach() for p in params]) - b
         assert torch.allclose(_flat([p.grad for p in params]), plain, rtol=0, atol=1e-12)
     assert ctx.entries == 0
@@ -391,7 +392,7 @@ def test_params_restored_when_probe_raises() -> None:
         return (p**3).sum()
 
     with pytest.raises(RuntimeError, match="probe failed"):
-        regularized_gradient([p], closure, 0.1, 0.5, "forward")
+        regularized_gradient([p], make_closure([p], closure), 0.1, 0.5, "forward")
     assert torch.equal(p, before)
 
 
@@ -468,14 +469,17 @@ def test_deepcopy_keeps_sharing_with_copied_base() -> None:
 
 
 def test_first_order_passes_accumulate_into_grad() -> None:
-    """F-GR/B-GR/SAM take gradients by backward(), so accumulate-grad hooks (DDP's all-reduce) run."""
+    """F-GR/B-GR/SAM take gradients from the closure's backward(), so accumulate-grad hooks
+    (DDP's all-reduce) run; a leaf outside params is the closure's business, and only the params'
+    .grad are replaced by the regularized gradient."""
     model = _mlp()
     fired = []
     model[0].weight.register_post_accumulate_grad_hook(lambda p: fired.append(1))
-    other = torch.randn(3, requires_grad=True)  # a leaf outside params keeps its .grad
+    other = torch.randn(3, requires_grad=True)
 
     def closure() -> Tensor:
         return (model(torch.randn(4, 5)) ** 2).mean() + (other**2).sum()
 
-    regularized_gradient(list(model.parameters()), closure, 0.1, 0.01, "forward")
-    assert len(fired) == 2 and other.grad is None
+    regularized_gradient(list(model.parameters()), make_closure(model, closure), 0.1, 0.01, "forward")
+    assert len(fired) == 2
+    assert all(p.grad is not None for p in model.parameters() if p is not model.unused)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from grng import KFAC
 from grng.curvature.inverse import tikhonov_split
+from grng import make_closure
 
 DT = torch.float64
 
@@ -209,7 +210,7 @@ def test_step_closure_equals_backward_then_step() -> None:
         o1.step()
         for p in twin.parameters():                  # stale gradients must be discarded
             p.grad = torch.randn_like(p)
-        loss2 = o2.step(lambda: _loss(twin, x, y))
+        loss2 = o2.step(make_closure(o2, lambda: _loss(twin, x, y)))
         assert loss2 is not None and not loss2.requires_grad
         assert torch.equal(loss2, loss1.detach())
         for p, q in zip(model.parameters(), twin.parameters()):
@@ -453,7 +454,7 @@ def test_kfac_fits_digits(digits, inverse: str) -> None:
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
         idx = torch.randint(0, X.shape[0], (128,), generator=g)
-        opt.step(lambda: loss_fn(model(X[idx]), y[idx]))
+        opt.step(make_closure(opt, lambda: loss_fn(model(X[idx]), y[idx])))
     with torch.no_grad():
         end = loss_fn(model(X), y).item()
         acc = (model(X).argmax(1) == y).float().mean().item()
@@ -471,7 +472,7 @@ def _two_equal_layers() -> nn.Module:
 def _cholesky_step(model: nn.Module) -> KFAC:
     opt = KFAC(model, lr=0.1, damping=1e-2, inverse="cholesky")
     x, y = torch.randn(10, 6, dtype=DT), torch.randn(10, 6, dtype=DT)
-    opt.step(lambda: F.mse_loss(model(x), y))
+    opt.step(make_closure(opt, lambda: F.mse_loss(model(x), y)))
     return opt
 
 

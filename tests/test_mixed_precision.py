@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grng import KFAC, GradReg
-from optimizer_helpers import (ALL, FACTORIES, _assert_unchanged, _closure, _curv, _data, _mlp, _snapshot, _train)
+from grng import make_closure
+from optimizer_helpers import (ALL, FACTORIES, _assert_unchanged, _closure, _curv, _data, _mlp,
+                               _scaled_closure, _snapshot, _train)
 
 @pytest.mark.parametrize("name", ALL)
 def test_autocast_bfloat16_trains_every_optimizer(name: str) -> None:
@@ -26,7 +28,7 @@ def test_autocast_bfloat16_trains_every_optimizer(name: str) -> None:
             return F.cross_entropy(out.float(), y)
         return closure
 
-    losses = [float(opt.step(closure_for(x, y))) for x, y in data]
+    losses = [float(opt.step(make_closure(opt, closure_for(x, y)))) for x, y in data]
     assert losses[-1] < losses[0]
     assert opt.skipped_steps == 0 and all(bool(torch.isfinite(p).all()) for p in model.parameters())
     curv = _curv(opt)
@@ -88,8 +90,8 @@ def _scaled_vs_plain(name: str, scaler_kw: bool) -> None:
     amp = FACTORIES[name](amp_model, **({"grad_scaler": scaler} if scaler_kw else {}))
     for x, y in _data(4, dtype=torch.float32):
         plain.step(_closure(plain_model, x, y))
-        if scaler_kw:       # closure recipe: the optimizer scales, unscales each pass once
-            amp.step(_closure(amp_model, x, y))
+        if scaler_kw:       # closure recipe: the closure scales, the optimizer unscales each pass once
+            amp.step(_scaled_closure(amp_model, x, y, scaler))
         else:               # one-pass recipe: scaler.scale(loss).backward(); scaler.step(opt)
             amp.zero_grad()
             scaler.scale(F.cross_entropy(amp_model(x), y)).backward()
@@ -134,10 +136,18 @@ def test_grad_scaler_with_bfloat16_autocast(name: str) -> None:
                 return F.cross_entropy(m(x).float(), y)
         return closure
 
+    def scaled_closure_for(m, x, y):
+        def closure():
+            m.zero_grad(set_to_none=True)
+            loss = closure_for(m, x, y)()
+            scaler.scale(loss).backward()
+            return loss
+        return closure
+
     for x, y in _data(4, dtype=torch.float32):
-        o_plain.step(closure_for(m_plain, x, y))
+        o_plain.step(make_closure(o_plain, closure_for(m_plain, x, y)))
         if closure_recipe:
-            o_amp.step(closure_for(m_amp, x, y))
+            o_amp.step(scaled_closure_for(m_amp, x, y))
         else:
             o_amp.zero_grad()
             scaler.scale(closure_for(m_amp, x, y)()).backward()
@@ -157,7 +167,7 @@ def test_gradreg_sam_with_grad_scaler() -> None:
     o2 = GradReg(KFAC(m2, lr=0.1), 0.0, 0.05, "sam", model=m2, grad_scaler=scaler)
     for x, y in _data(3, dtype=torch.float32):
         o1.step(_closure(m1, x, y))
-        o2.step(_closure(m2, x, y))
+        o2.step(_scaled_closure(m2, x, y, scaler))
         scaler.update()
     for p, q in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
@@ -197,7 +207,7 @@ def test_two_pass_grad_scaler_skips_an_overflow_in_either_pass(name: str, where:
     opt = FACTORIES[name](model, grad_scaler=scaler)
     data = _data(3, dtype=torch.float32)
     for x, y in data[:2]:
-        opt.step(_closure(model, x, y))
+        opt.step(_scaled_closure(model, x, y, scaler))
         scaler.update()
     before = _snapshot(model, opt)
     calls = []
@@ -205,9 +215,12 @@ def test_two_pass_grad_scaler_skips_an_overflow_in_either_pass(name: str, where:
 
     def closure():
         calls.append(1)
+        model.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         blow = (where == "theta" and len(calls) == 1) or (where == "probe" and len(calls) == 2)
-        return loss * float("inf") if blow else loss
+        loss = loss * float("inf") if blow else loss
+        scaler.scale(loss).backward()
+        return loss
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from grng import KFAC, RENG, RING, RKalman
+from grng import make_closure
 
 F64 = torch.float64
 
@@ -99,7 +100,7 @@ def _check_step(opt, model: nn.Module, twin: nn.Module, loss_fn, x, y, lr: float
     g, hg = _gradient_and_hvp(twin, loss_fn, x, y)
     by_id = {id(p): i for i, p in enumerate(model.parameters())}
     before = [p.detach().clone() for p in model.parameters()]
-    opt.step(lambda: loss_fn(model(x), y))
+    opt.step(make_closure(opt, lambda: loss_fn(model(x), y)))
     for layer in opt.layers:
         st = opt.layer_state(layer)
         idx = [by_id[id(p)] for p in layer.params]
@@ -141,7 +142,7 @@ def test_ring_factors_match_hand_computed_running_factors() -> None:
     for x, y in _batches(3):
         _sync(twin, model)
         batch = _batch_factors(twin, x, y)
-        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+        opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(model(x), y)))
         for i, layer in enumerate(opt.layers):
             A_b, G_b = batch[i]
             if i not in running:
@@ -187,8 +188,8 @@ def test_ring_with_rho_zero_is_kfac_bit_for_bit() -> None:
               factor_decay=0.9, inverse_every=2)
     kfac, ring = KFAC(m1, **kw), RING(m2, rho=0.0, **kw)
     for x, y in _batches(5):
-        kfac.step(lambda: nn.functional.cross_entropy(m1(x), y))
-        ring.step(lambda: nn.functional.cross_entropy(m2(x), y))
+        kfac.step(make_closure(kfac, lambda: nn.functional.cross_entropy(m1(x), y)))
+        ring.step(make_closure(ring, lambda: nn.functional.cross_entropy(m2(x), y)))
         for p1, p2 in zip(m1.parameters(), m2.parameters()):
             assert torch.equal(p1, p2)
     # and rho > 0 does change the step (the comparison above can fail)
@@ -198,7 +199,7 @@ def test_ring_with_rho_zero_is_kfac_bit_for_bit() -> None:
     ring_rho, kfac_again = RING(copies[0], rho=0.5, **kw), KFAC(copies[1], **kw)
     x, y = _batches(1)[0]
     for opt in (ring_rho, kfac_again):
-        opt.step(lambda opt=opt: nn.functional.cross_entropy(opt.model(x), y))
+        opt.step(make_closure(opt, lambda opt=opt: nn.functional.cross_entropy(opt.model(x), y)))
     assert not torch.equal(next(ring_rho.model.parameters()), next(kfac_again.model.parameters()))
 
 
@@ -244,7 +245,7 @@ def _reng_update(model: nn.Module, x: Tensor, y: Tensor, **kw) -> list[Tensor]:
     m = copy.deepcopy(model)
     before = [p.detach().clone() for p in m.parameters()]
     opt = RENG(m, **kw)
-    opt.step(lambda: nn.functional.cross_entropy(m(x), y))
+    opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(m(x), y)))
     return [p.detach() - b for p, b in zip(m.parameters(), before)]
 
 
@@ -281,8 +282,8 @@ def test_reng_factors_come_only_from_theta(gr: str) -> None:
     kfac = KFAC(m1, **kw)
     reng = RENG(m2, rho=0.9, gr=gr, epsilon=0.3, **kw)
     x, y = _batches(1)[0]
-    kfac.step(lambda: nn.functional.cross_entropy(m1(x), y))
-    reng.step(lambda: nn.functional.cross_entropy(m2(x), y))
+    kfac.step(make_closure(kfac, lambda: nn.functional.cross_entropy(m1(x), y)))
+    reng.step(make_closure(reng, lambda: nn.functional.cross_entropy(m2(x), y)))
     for l1, l2 in zip(kfac.layers, reng.layers):
         s1, s2 = kfac.layer_state(l1), reng.layer_state(l2)
         for key in ("A", "G"):
@@ -299,8 +300,8 @@ def test_reng_keeps_batchnorm_statistics_of_theta() -> None:
     kfac = KFAC(m1, lr=0.1, damping=0.1)
     reng = RENG(m2, lr=0.1, damping=0.1, rho=0.5, gr="forward", epsilon=0.5)
     x, y = _batches(1, n=8)[0]
-    kfac.step(lambda: nn.functional.cross_entropy(m1(x), y))
-    reng.step(lambda: nn.functional.cross_entropy(m2(x), y))
+    kfac.step(make_closure(kfac, lambda: nn.functional.cross_entropy(m1(x), y)))
+    reng.step(make_closure(reng, lambda: nn.functional.cross_entropy(m2(x), y)))
     for b1, b2 in zip(m1.buffers(), m2.buffers()):
         assert torch.equal(b1, b2)
 
@@ -329,7 +330,7 @@ def test_reng_with_zero_lr_leaves_parameters_bit_identical(gr: str) -> None:
 
     for x, y in _batches(3):
         x, y = x.float(), y
-        opt.step(closure)
+        opt.step(make_closure(opt, closure))
         for p, b in zip(model.parameters(), before):
             assert torch.equal(p, b)
     if gr != "exact":  # the probe really was evaluated elsewhere
@@ -370,7 +371,7 @@ def test_every_optimizer_lowers_the_digits_loss(name: str) -> None:
     for _ in range(100):
         idx = torch.randint(0, X.shape[0], (32,), generator=gen)
         xb, yb = X[idx], y[idx]
-        opt.step(lambda: nn.functional.cross_entropy(model(xb), yb))
+        opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(model(xb), yb)))
     with torch.no_grad():
         end = float(nn.functional.cross_entropy(model(X), y))
     assert opt.skipped_steps == 0
@@ -390,7 +391,7 @@ def _roundtrip_case(make: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
 
     def run(m, o, bs):
         for x, y in bs:
-            o.step(lambda: nn.functional.cross_entropy(m(x), y))
+            o.step(make_closure(o, lambda: nn.functional.cross_entropy(m(x), y)))
 
     run(model, opt, batches[:5])
     buf = io.BytesIO()
@@ -462,13 +463,13 @@ def test_deepcopy_of_a_hooked_model_runs_and_is_not_captured() -> None:
     kfac, ring = KFAC(m1, lr=0.1, damping=0.1), RING(m2, lr=0.1, damping=0.1, rho=0.0)
     clone = copy.deepcopy(m2)
     x, y = _batches(1)[0]
-    kfac.step(lambda: nn.functional.cross_entropy(m1(x), y))
+    kfac.step(make_closure(kfac, lambda: nn.functional.cross_entropy(m1(x), y)))
 
     def closure() -> Tensor:
         nn.functional.cross_entropy(clone(x), y).backward()  # a copy's pass inside the step
         return nn.functional.cross_entropy(m2(x), y)
 
-    ring.step(closure)
+    ring.step(make_closure(ring, closure))
     for p1, p2 in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(p1, p2)
 
@@ -480,5 +481,5 @@ def test_no_warnings_in_a_plain_ring_reng_run() -> None:
         warnings.simplefilter("error")
         for opt in (RING(model, lr=0.1, damping=0.1), RENG(model, lr=0.1, damping=0.1)):
             for x, y in _batches(3):
-                opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+                opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(model(x), y)))
             opt.capture.remove()

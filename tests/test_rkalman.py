@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from grng import KFAC, RKalman
+from grng import make_closure
 
 F64 = torch.float64
 
@@ -71,7 +72,8 @@ def _build(case: str) -> tuple[nn.Module, Callable[[int], Tensor]]:
 
 
 def _ce(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], Tensor]:
-    return lambda: nn.functional.cross_entropy(model(x), y)
+    """torch.optim's closure: zero the gradients, cross entropy, backward, the loss."""
+    return make_closure(model, lambda: nn.functional.cross_entropy(model(x), y))
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -264,7 +266,7 @@ def test_sketched_update_is_unbiased() -> None:
     probe_model = copy.deepcopy(model)
     probe = KFAC(probe_model, lr=0.0, damping=1.0, factor_decay=0.0)
     x, y = torch.randn(12, 4, dtype=F64), torch.randn(12, 3, dtype=F64)
-    mse = lambda m: (lambda: nn.functional.mse_loss(m(x), y))  # noqa: E731  (G full rank)
+    mse = lambda m: make_closure(m, lambda: nn.functional.mse_loss(m(x), y))  # noqa: E731  (G full rank)
     probe.step(mse(probe_model))
     layer = opt.layers[0]
     batch = {"PA": probe.layer_state(probe.layers[0])["A"], "PG": probe.layer_state(probe.layers[0])["G"]}
@@ -356,7 +358,7 @@ def test_long_float32_digits_run_is_stable() -> None:
     t0 = time.perf_counter()
     for idx in idx_all:
         xb, yb = X[idx], y[idx]
-        opt.step(lambda: nn.functional.cross_entropy(model(xb), yb))
+        opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(model(xb), yb)))
     elapsed = time.perf_counter() - t0
     with torch.no_grad():
         end = float(nn.functional.cross_entropy(model(X), y))
@@ -394,7 +396,7 @@ def _windup_run(steps: int, **kw) -> tuple[RKalman, list[float]]:
     trace = []
     for x in xs:
         target = x @ W.T
-        opt.step(lambda: nn.functional.mse_loss(model(x), target))
+        opt.step(make_closure(opt, lambda: nn.functional.mse_loss(model(x), target)))
         trace.append(float(opt.layer_state(opt.layers[0])["PA"][1, 1]))
     return opt, trace
 

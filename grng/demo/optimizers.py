@@ -1,10 +1,9 @@
 """The demo's optimizers: how each is built, stepped, and which hyperparameters are searched.
 
 Every optimizer is driven through a :class:`Stepper`, which runs one training step on a
-minibatch and hides the three calling conventions: ``loss.backward(); opt.step()`` (torch
-optimizers), ``opt.step(closure)`` (grng's optimizers, which run the backward themselves;
-RENG and GradReg need the closure since they evaluate the loss twice) and Sophia's periodic
-Hessian refresh.
+minibatch and hides the two calling conventions: ``opt.step(closure)`` with torch.optim's
+closure (it zeroes, runs forward and backward and returns the loss; RENG and GradReg call it
+twice), and Sophia's periodic Hessian refresh.
 
 Search space (:data:`SPECS`): every optimizer searches 3 or 4 learning rates; the curvature
 and regularized ones also search one more knob with 2 values (damping, rho, gamma or the SAM
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from grng import make_closure
 from grng.optim.cases import CASES
 
 
@@ -126,19 +126,12 @@ def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 class Stepper:
     """One training step of ``optimizer`` on a minibatch; returns the detached loss."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, use_closure: bool) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         self.optimizer = optimizer
         self.model = model
-        self.use_closure = use_closure
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        if self.use_closure:
-            loss = self.optimizer.step(lambda: _loss(self.model, x, y))
-            return loss.detach()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = _loss(self.model, x, y)
-        loss.backward()
-        self.optimizer.step()
+        loss = self.optimizer.step(make_closure(self.optimizer, lambda: _loss(self.model, x, y)))
         return loss.detach()
 
     @property
@@ -160,7 +153,7 @@ class SophiaStepper(Stepper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, hessian_every: int,
                  batch_size: int) -> None:
-        super().__init__(optimizer, model, use_closure=False)
+        super().__init__(optimizer, model)
         self.hessian_every = hessian_every
         self.batch_size = batch_size
         self._count = 0
@@ -201,7 +194,7 @@ def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 
     case = CASES[CASE_OF[key]]
     if key == "rkalman":
         hp["seed"] = seed
-    return Stepper(case.make(model, **hp), model, use_closure=case.curvature or case.two_pass)
+    return Stepper(case.make(model, **hp), model)
 
 
 def iter_specs(keys: Iterable[str] | None = None) -> list[OptimizerSpec]:

@@ -71,6 +71,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
         grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,6 +88,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.config = CurvatureConfig(self.factor_decay, self.backend, self.factor_dtype,
                                       self.inverse_dtype)
         self.amp = AmpHandoff(check.grad_scaler("grad_scaler", grad_scaler))
+        self.max_grad_norm = check.optional_positive("max_grad_norm", max_grad_norm)
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -205,7 +207,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One step. ``closure`` runs the forward pass and returns the loss; backward is ours."""
+        """One step on the gradients present, or on those of ``closure``, which (as for
+        torch.optim.LBFGS) zeroes the gradients, runs forward and backward and returns the
+        loss; a closure that returns None leaves the gradients present to be used."""
         loss = self._evaluate(closure) if closure is not None else None
         params = list(self._params_with_grad())
         for p in params:
@@ -219,6 +223,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.skip_step("GradScaler found inf/NaN gradients", warn=False)
             return loss
         self.capture.loss_scale = scale
+        if self.max_grad_norm is not None and params:  # ||g|| <= max_grad_norm, what d uses
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if not all_finite(p.grad for p in params):
             self.skip_step("non-finite gradient", warn=quiet)
             return loss
@@ -255,13 +261,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._end_step()
         return loss
 
-    def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor:
-        """The gradient source's evaluation of the closure (existing .grad are discarded)."""
+    def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor | None:
+        """The gradient source's evaluation of the closure (it zeroes and backpropagates)."""
         scaler = self.amp.scaler()
         loss = self.gradient_source.evaluate(
             list(self._all_params()), closure, grad_scaler=scaler,
             unscale=None if scaler is None else lambda: scaler.unscale_(self))
-        if scaler is not None:
+        if scaler is not None and loss is not None:
             self.set_loss_scale(float(scaler.get_scale()))
         return loss
 

@@ -13,6 +13,13 @@ section 3, docs/architecture.md).
 
   On a quadratic loss the finite differences are exact, so F-GR, B-GR and DB agree to rounding.
 
+The closure follows torch.optim's convention (as for ``torch.optim.LBFGS`` and SAM): it zeroes
+the gradients, runs the forward AND the backward pass and returns the loss; a two-pass source
+calls it once at theta and once at the probe point (after moving the parameters). A closure
+that returns None leaves the gradients as it found them (the plain source uses them). For
+``"exact"`` the closure's backward is run with ``create_graph=True`` (``torch.autograd.backward``
+is wrapped for the duration of that one call) so that H g can be differentiated from it.
+
 Every gradient is averaged through the communicator's ``average`` hook (the identity in one
 process; the mean over ranks under data parallelism, where all passes run inside the
 communicator's ``sync_context`` -- DDP's ``no_sync`` -- so exactly two averages are taken per
@@ -20,28 +27,100 @@ step: g at theta, and the probe gradient or H g). The probe evaluation (and the 
 pass) runs inside ``probe_context`` so that curvature capture sees only theta. Buffers (BatchNorm
 statistics) are copied back after the probe forward and parameters are restored bit-exactly.
 
-Mixed precision: with a GradScaler every loss is scaled before its backward, each gradient
-evaluation is averaged while still scaled (as DDP does) and then unscaled exactly once through
-``scaler.unscale_`` (so ``scaler.update()`` sees each inf check); the probe point is formed
-from the unscaled gradient; a non-finite gradient at theta means no probe (the caller skips).
+Mixed precision: with a GradScaler the closure backpropagates ``scaler.scale(loss)``; each
+gradient evaluation is averaged while still scaled (as DDP does) and then unscaled exactly once
+through ``scaler.unscale_`` (so ``scaler.update()`` sees each inf check); the probe point is
+formed from the unscaled gradient; a non-finite gradient at theta means no probe (the caller
+skips).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ContextManager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from grng.distributed.communicator import Communicator, LocalCommunicator
 
-__all__ = ["MODES", "PlainGradient", "RegularizedGradient", "check_gr_hyperparameters",
-           "regularized_gradient"]
+__all__ = ["MODES", "PlainGradient", "RegularizedGradient", "call_closure",
+           "check_gr_hyperparameters", "make_closure", "regularized_gradient"]
 
 MODES: tuple[str, ...] = ("forward", "backward", "exact", "sam")
+
+FORWARD_ONLY = (
+    "the closure returned a loss that still needs its backward pass, and no gradient changed: "
+    "since grng 0.2 a closure follows torch.optim's convention (as for torch.optim.LBFGS): it "
+    "zeroes the gradients, runs the forward AND the backward pass and returns the loss. Wrap a "
+    "forward-only function with grng.make_closure(optimizer, forward), or write "
+    "`def closure(): opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss`")
+
+
+def make_closure(target: Any, forward: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """torch.optim's closure from a forward-only ``forward``: zero the gradients of ``target``
+    (an optimizer, a module, or an iterable of tensors), loss = forward(), loss.backward(),
+    return loss."""
+    if isinstance(target, (torch.optim.Optimizer, nn.Module)):
+        zero = functools.partial(target.zero_grad, set_to_none=True)
+    else:
+        tensors = list(target)
+
+        def zero() -> None:
+            for t in tensors:
+                t.grad = None
+
+    def closure() -> Tensor:
+        zero()
+        loss = forward()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def call_closure(closure: Callable[[], Tensor | None], params: Sequence[Tensor]) -> Tensor | None:
+    """``closure()`` under ``torch.enable_grad()``; a RuntimeError says what to change when it
+    is a forward-only closure (its loss needs a backward and no gradient of ``params`` moved)."""
+    if not callable(closure):
+        raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+    before = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+    with torch.enable_grad():
+        loss = closure()
+    if (isinstance(loss, Tensor) and loss.requires_grad and params
+            and all(p.grad is g and (g is None or g._version == v)
+                    for p, (g, v) in zip(params, before))):
+        raise RuntimeError(FORWARD_ONLY)
+    return loss
+
+
+@contextlib.contextmanager
+def _backward_keeps_graph() -> Iterator[None]:
+    """Inside: every ``backward`` builds the graph of its gradients (create_graph=True), so a
+    torch-convention closure's gradient can be differentiated again (double backprop)."""
+    original = torch.autograd.backward
+
+    def backward(tensors: Any, grad_tensors: Any = None, retain_graph: Any = None,
+                 create_graph: bool = False, grad_variables: Any = None, inputs: Any = None) -> None:
+        original(tensors, grad_tensors, retain_graph=True, create_graph=True, inputs=inputs)
+
+    torch.autograd.backward = backward  # type: ignore[assignment]
+    try:
+        with warnings.catch_warnings():  # the parameter <-> .grad reference cycle is intended
+            warnings.filterwarnings("ignore", message=".*create_graph=True.*")
+            yield
+    finally:
+        torch.autograd.backward = original  # type: ignore[assignment]
+
+
+def _double_backward_error(err: RuntimeError) -> RuntimeError:
+    return RuntimeError(
+        "the exact (double backprop) gradient regularization needs a double backward, which this "
+        f"model does not support ({err}); a torch.compile'd model does not: use the finite "
+        "differences (mode/gr='forward' or 'backward') or an uncompiled model")
 
 
 def check_gr_hyperparameters(gamma: float, epsilon: float, mode: str) -> None:
@@ -72,9 +151,6 @@ class _Amp:
         self.views: list = []
         _Amp._LIVE[id(scaler)] = self.views
 
-    def scale(self, loss: Tensor) -> Tensor:
-        return self.scaler.scale(loss)
-
     def unscale(self, params: Sequence[Tensor]) -> None:
         view = type("_AmpView", (), {})()
         view.param_groups = [{"params": list(params)}]
@@ -82,14 +158,18 @@ class _Amp:
         self.scaler.unscale_(view)
 
 
-def _backward_gradient(loss: Tensor, params: Sequence[Tensor], comm: Communicator,
-                       amp: _Amp | None = None) -> list[Tensor | None]:
-    """Averaged grad_params L via loss.backward(inputs=params), read from ``.grad`` (then reset
-    to None). With ``amp``: the backward of the scaled loss, averaged, then unscaled once."""
-    if amp is None:
-        loss.backward(inputs=list(params))
-    else:
-        amp.scale(loss).backward(inputs=list(params))
+def _closure_gradient(closure: Callable[[], Tensor], params: Sequence[Tensor],
+                      comm: Communicator, amp: _Amp | None = None
+                      ) -> tuple[Tensor, list[Tensor | None]]:
+    """(loss, averaged grad_params L) from one call of a torch-convention closure; ``.grad``
+    is reset to None around it. With ``amp``: the closure backpropagated the scaled loss; its
+    gradients are averaged, then unscaled once."""
+    for p in params:
+        p.grad = None
+    loss = call_closure(closure, params)
+    if loss is None:
+        raise ValueError("a two-pass gradient (RENG, GradReg) needs a closure that returns the "
+                         "loss: it calls the closure again at the probe point")
     grads = comm.average([p.grad for p in params], params)
     if amp is not None:
         for p, g in zip(params, grads):
@@ -98,22 +178,23 @@ def _backward_gradient(loss: Tensor, params: Sequence[Tensor], comm: Communicato
         grads = [p.grad for p in params]
     for p in params:
         p.grad = None
-    return grads
+    return loss, grads
 
 
 def _probe_gradient(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float | Tensor,
                     closure: Callable[[], Tensor], probe_context: Callable[[], ContextManager[Any]],
                     buffers: Sequence[Tensor], comm: Communicator, amp: _Amp | None = None
                     ) -> list[Tensor]:
-    """g(theta + scale * grads) (averaged), with params and buffers copied back bit-exactly."""
+    """g(theta + scale * grads) (averaged) from a second call of the closure, with params and
+    buffers copied back bit-exactly."""
     saved_params = [p.detach().clone() for p in params]
     saved_buffers = [b.detach().clone() for b in buffers]
     try:
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g * (scale.to(g.device) if isinstance(scale, Tensor) else scale))
-        with probe_context(), torch.enable_grad():
-            probe_grads = _backward_gradient(closure(), params, comm, amp)
+        with probe_context():
+            _, probe_grads = _closure_gradient(closure, params, comm, amp)
     finally:
         with torch.no_grad():
             for p, saved in zip(params, saved_params):
@@ -126,8 +207,8 @@ def _probe_gradient(params: Sequence[Tensor], grads: Sequence[Tensor], scale: fl
 def _hessian_vector(params: Sequence[Tensor], local: Sequence[Tensor], vectors: Sequence[Tensor],
                     probe_context: Callable[[], ContextManager[Any]], comm: Communicator,
                     v_scale: float = 1.0) -> list[Tensor]:
-    """H v averaged = grad_theta (g_local(theta) . v), v held constant (``local`` built with
-    create_graph=True); ``v_scale`` multiplies v (1/S for loss-scaled gradients)."""
+    """H v averaged = grad_theta (g_local(theta) . v), v held constant (``local`` has its graph);
+    ``v_scale`` multiplies v (1/S for loss-scaled gradients)."""
     pairs = [(g, v) for g, v in zip(local, vectors) if g is not None and g.requires_grad]
     hvp: Sequence[Tensor | None] = [None] * len(params)
     if pairs:
@@ -141,34 +222,26 @@ def _hessian_vector(params: Sequence[Tensor], local: Sequence[Tensor], vectors: 
         except RuntimeError as err:
             if "double backward" not in str(err):
                 raise
-            raise RuntimeError(
-                "the exact (double backprop) gradient regularization needs a double backward, "
-                f"which this model does not support ({err}); a torch.compile'd model does not: "
-                "use the finite differences (mode/gr='forward' or 'backward') or an uncompiled "
-                "model") from err
+            raise _double_backward_error(err) from err
     hvp = comm.average(list(hvp), params)
     return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvp)]
 
 
 class PlainGradient:
-    """g = grad L: zero the gradients, run the closure's forward, backward (scaled by the
-    GradScaler when one is given, then unscaled)."""
+    """g = grad L from a torch-convention closure (it zeroes, runs forward and backward)."""
 
-    def evaluate(self, params: Sequence[Tensor], closure: Callable[[], Tensor], *,
-                 grad_scaler: Any = None, unscale: Callable[[], None] | None = None) -> Tensor:
-        """Write g into ``.grad``; returns the detached loss. ``unscale`` unscales the
-        gradients after a scaled backward (the optimizer's own ``scaler.unscale_(opt)``)."""
-        with torch.enable_grad():
-            for p in params:
-                p.grad = None
-            loss = closure()
-            if grad_scaler is None:
-                loss.backward()
-            else:
-                grad_scaler.scale(loss).backward()
-                if unscale is not None:
-                    unscale()
-        return loss.detach()
+    def evaluate(self, params: Sequence[Tensor], closure: Callable[[], Tensor | None], *,
+                 grad_scaler: Any = None, unscale: Callable[[], None] | None = None
+                 ) -> Tensor | None:
+        """Call the closure; returns its loss (detached; None when it returned None, which
+        leaves the gradients present as they are). ``unscale`` unscales the gradients after a
+        closure that backpropagated ``grad_scaler.scale(loss)``."""
+        loss = call_closure(closure, params)
+        if loss is None:
+            return None
+        if grad_scaler is not None and unscale is not None:
+            unscale()
+        return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
 
 
 class RegularizedGradient:
@@ -199,21 +272,30 @@ class RegularizedGradient:
                   probe_context: Callable[[], ContextManager[Any]], buffers: Sequence[Tensor],
                   amp: _Amp | None) -> tuple[list[Tensor], list[Tensor], Tensor]:
         gamma, epsilon, mode = self.gamma, self.epsilon, self.mode
-        for p in params:
-            p.grad = None
         trainable = [p for p in params if p.requires_grad]
         double_backprop = mode == "exact" and gamma != 0
-        with torch.enable_grad():
-            loss = closure()
-            if not trainable:
-                return [], [], loss.detach()
-            if double_backprop:
-                scaled = loss if amp is None else amp.scale(loss)
-                local = list(torch.autograd.grad(scaled, trainable, allow_unused=True,
-                                                 create_graph=True))
-                averaged = comm.average(local, trainable)
-            else:
-                local = averaged = _backward_gradient(loss, trainable, comm, amp)
+        if double_backprop:
+            for p in params:
+                p.grad = None
+            try:
+                with _backward_keeps_graph():
+                    loss = call_closure(closure, trainable)
+            except RuntimeError as err:
+                if "double backward" not in str(err):
+                    raise
+                raise _double_backward_error(err) from err
+            if loss is None:
+                raise ValueError("a two-pass gradient (RENG, GradReg) needs a closure that "
+                                 "returns the loss")
+            local = [p.grad for p in trainable]
+            for p in params:
+                p.grad = None
+            averaged = comm.average(local, trainable)
+        else:
+            loss, local = _closure_gradient(closure, trainable, comm, amp)
+            averaged = local
+        if not trainable:
+            return [], [], loss.detach()
         idx = [i for i, gi in enumerate(averaged) if gi is not None]
         if not idx:
             return [], [], loss.detach()
@@ -265,13 +347,15 @@ def regularized_gradient(
 ) -> Tensor:
     """Write grad L_GR = g + gamma H g (L_GR = L + (gamma/2)||g||^2) into each param's ``.grad``.
 
-    ``closure()`` runs the forward pass and returns the scalar loss without calling
-    ``backward``; it is called under ``torch.enable_grad()``, once at theta and, for
-    ``"forward"``, ``"backward"`` and ``"sam"``, once more at the probe point inside
-    ``probe_context()`` (``"exact"`` runs its Hessian-vector pass there instead). ``buffers`` are
-    copied back after the probe forward and params are bit-identical afterwards.
+    ``closure()`` follows torch.optim's convention: it zeroes the gradients, runs the forward
+    and the backward pass and returns the loss (``grng.make_closure(params, forward)`` makes
+    one from a forward-only function). It is called under ``torch.enable_grad()``, once at
+    theta and, for ``"forward"``, ``"backward"`` and ``"sam"``, once more at the probe point
+    inside ``probe_context()`` (``"exact"`` keeps the graph of its backward and runs the
+    Hessian-vector pass there instead). ``buffers`` are copied back after the probe forward and
+    params are bit-identical afterwards.
 
-    Existing ``.grad`` values are discarded (set to None first). Params without a gradient at
+    Existing ``.grad`` values are discarded (set to None before each call). Params without a gradient at
     theta (unused, or ``requires_grad=False``) get ``.grad = None`` and are not moved; a param
     used at theta but not at the probe counts a zero probe gradient. ``grad_scaler``: see the
     module docstring; call ``scaler.update()`` after the optimizer step. ``comm``: the

@@ -22,6 +22,7 @@ from grng.optim.base import CurvatureOptimizer
 from grng.optim.gradient_source import (MODES, RegularizedGradient, check_gr_hyperparameters,
                                         regularized_gradient)
 from grng.optim.validation import grad_scaler as _check_scaler
+from grng.optim.validation import optional_positive
 
 __all__ = ["MODES", "GradReg", "flood", "regularized_gradient"]
 
@@ -31,16 +32,19 @@ class GradReg(torch.optim.Optimizer):
 
     Wraps any ``torch.optim.Optimizer`` (SGD, AdamW, grng's K-FAC family). The wrapper shares the
     base's ``param_groups``, ``state`` and ``defaults``, so LR schedulers and ``zero_grad`` act on
-    the base through it. ``step(closure)`` needs a closure that runs the forward pass and returns
-    the loss without calling ``backward``. If the base exposes ``curvature_paused()`` (a context
+    the base through it. ``step(closure)`` needs a closure in torch.optim's convention (it zeroes
+    the gradients, runs forward and backward and returns the loss, as for LBFGS); it is called at
+    theta and again at the probe point. ``max_grad_norm`` clips the regularized gradient before
+    the base steps. If the base exposes ``curvature_paused()`` (a context
     manager), the probe evaluation runs inside it so curvature is captured only at theta.
 
     Pass ``model=`` to protect BatchNorm statistics: every buffer of the model is restored after
     the probe forward, so running statistics are updated once per step. Without it the probe
     forward of ``"forward"``, ``"backward"`` and ``"sam"`` updates them a second time.
 
-    Mixed precision: pass ``grad_scaler=`` (a ``torch.amp.GradScaler``); ``step(closure)`` then
-    scales each loss, unscales each gradient evaluation once (the probe point is formed from
+    Mixed precision: pass ``grad_scaler=`` (a ``torch.amp.GradScaler``) and backpropagate
+    ``scaler.scale(loss)`` in the closure; ``step(closure)`` then unscales each gradient
+    evaluation once (the probe point is formed from
     the unscaled gradient), skips the base step on inf/NaN, and the caller runs
     ``scaler.update()`` after ``step`` (never ``scaler.step(opt)``). A non-finite loss or
     regularized gradient skips the step (parameters and state unchanged; counted in
@@ -59,6 +63,7 @@ class GradReg(torch.optim.Optimizer):
         model: torch.nn.Module | None = None,
         process_group: Any = None,
         grad_scaler: Any = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -68,6 +73,7 @@ class GradReg(torch.optim.Optimizer):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise ValueError(f"model must be None or a torch.nn.Module, got {type(model).__name__}")
         self.grad_scaler = _check_scaler("grad_scaler", grad_scaler)
+        self.max_grad_norm = optional_positive("max_grad_norm", max_grad_norm)
         self._own_skipped = 0
         if model is not None:
             refuse_sharded(model, "GradReg")
@@ -93,7 +99,8 @@ class GradReg(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         """Optimizer's state plus the base optimizer and GradReg's settings (pickle, deepcopy)."""
         own = {name: getattr(self, name, None)
-               for name in ("base_optimizer", "gamma", "epsilon", "mode", "model", "grad_scaler")}
+               for name in ("base_optimizer", "gamma", "epsilon", "mode", "model", "grad_scaler",
+                            "max_grad_norm")}
         own["_own_skipped"] = getattr(self, "_own_skipped", 0)
         return {**super().__getstate__(), **own}
 
@@ -101,9 +108,10 @@ class GradReg(torch.optim.Optimizer):
         """theta <- base step on grad L_GR = g + gamma H g; returns L(theta) before the step."""
         if closure is None:
             raise ValueError(
-                "GradReg.step needs a closure that runs the forward pass and returns the loss "
-                "(without calling backward): the regularized gradient evaluates the loss twice"
-            )
+                "GradReg.step needs a closure (torch.optim's convention: it zeroes the gradients, "
+                "runs forward and backward and returns the loss): the regularized gradient "
+                "evaluates the loss twice. In the Hugging Face Trainer use "
+                "grng.integrations.transformers (see the README)")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
@@ -129,6 +137,10 @@ class GradReg(torch.optim.Optimizer):
                                   f"parameters and optimizer state unchanged "
                                   f"({self._own_skipped} skipped so far)", RuntimeWarning, stacklevel=2)
             return loss
+        if getattr(self, "max_grad_norm", None) is not None:  # clip what the update uses
+            used = [p for p in params if p.grad is not None]
+            if used:
+                torch.nn.utils.clip_grad_norm_(used, self.max_grad_norm)
         if amp and curvature:  # the base's captured G rows carry S
             base.set_loss_scale(float(scaler.get_scale()))
         base.step()

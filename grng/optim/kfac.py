@@ -9,6 +9,7 @@ from torch import nn
 
 from grng.curvature.inverse import INVERSES, make_inverse
 from grng.optim import validation as check
+from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition import DiagonalFisher, KroneckerPreconditioner
 
@@ -17,10 +18,10 @@ class KFAC(CurvatureOptimizer):
     """Kronecker-factored natural gradient (the rho = 0 member of the GRNG family).
 
     ``KFAC(model, lr, damping)`` then ``loss.backward(); opt.step()``, or ``opt.step(closure)``
-    with a closure that runs the forward pass and returns the loss (the optimizer runs the
-    backward). Factors A, G are updated every ``factor_every`` steps as
-    M <- factor_decay M + (1 - factor_decay) M_batch (the first update sets M); inverses are
-    refreshed every ``inverse_every`` steps with ``inverse`` = "eigen" (exact damping,
+    with a closure in torch.optim's convention (it zeroes the gradients, runs forward and
+    backward and returns the loss, as for LBFGS). Factors A, G are updated every
+    ``factor_every`` steps as M <- factor_decay M + (1 - factor_decay) M_batch (the first
+    update sets M); inverses are refreshed every ``inverse_every`` steps with ``inverse`` = "eigen" (exact damping,
     (A (x) G + damping I)^-1), "newton" (Newton-Schulz, factored Tikhonov damping) or
     "cholesky" (the same damping by Cholesky).
 
@@ -28,7 +29,8 @@ class KFAC(CurvatureOptimizer):
     factors / inverses in that dtype (bf16 halves the curvature memory; arithmetic stays in
     float32 or wider). ``grad_scaler`` (a torch.amp.GradScaler) is needed only for the closure
     recipe or when ``scaler.unscale_(opt)`` precedes ``scaler.step(opt)``; ``scaler.step(opt)``
-    alone works without it. See docs/numerics.md.
+    alone works without it. ``max_grad_norm`` clips the gradient the step uses to that
+    Euclidean norm (all parameters together). See docs/numerics.md.
     """
 
     def __init__(
@@ -51,16 +53,20 @@ class KFAC(CurvatureOptimizer):
         factor_dtype: torch.dtype | None = None,
         inverse_dtype: torch.dtype | None = None,
         grad_scaler: object = None,
-        **extra_defaults: float,
+        max_grad_norm: float | None = None,
+        _group_defaults: dict[str, float] | None = None,
+        **unknown: object,
     ) -> None:
+        reject_unknown(type(self), unknown, optimizer_classes())
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         strategy = make_inverse(check.choice("inverse", inverse, INVERSES))
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
-                        kl_clip=kl_clip, **extra_defaults)
+                        kl_clip=kl_clip, **(_group_defaults or {}))
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, factor_dtype=factor_dtype,
-                         inverse_dtype=inverse_dtype, grad_scaler=grad_scaler)
+                         inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
+                         max_grad_norm=max_grad_norm)
         self._bind(KroneckerPreconditioner(self.config, strategy), DiagonalFisher(self.config))
 
     @property
@@ -69,4 +75,5 @@ class KFAC(CurvatureOptimizer):
         return self.block.inverse
 
     def _inverse_due(self) -> bool:
+        """Every ``inverse_every`` steps."""
         return self._steps % self.inverse_every == 0

@@ -20,11 +20,15 @@ GR_MODES: tuple[str, ...] = ("exact", "forward", "backward")
 
 
 class RENG(KFAC):
-    """K-FAC's keywords plus ``rho`` (>= 0), ``gr`` and ``epsilon``; requires ``step(closure)``.
+    """K-FAC's keywords plus ``rho`` (>= 0), ``gr`` and ``epsilon``; requires ``step(closure)``
+    with a closure in torch.optim's convention (zero the gradients, forward, backward, return the
+    loss), which RENG calls at theta and again at the probe point (``gr="exact"``: once, keeping
+    the backward's graph). ``max_grad_norm`` clips g + rho H g, the gradient the step uses.
 
-    Mixed precision: ``grad_scaler=scaler`` (K-FAC's keyword); each gradient evaluation is then
-    unscaled once and the probe formed from the unscaled gradient; call ``scaler.update()``
-    after ``step(closure)``, never ``scaler.step(opt)`` (docs/numerics.md).
+    Mixed precision: ``grad_scaler=scaler`` (K-FAC's keyword) and a closure that backpropagates
+    ``scaler.scale(loss)``; each gradient evaluation is then unscaled once and the probe formed
+    from the unscaled gradient; call ``scaler.update()`` after ``step(closure)``, never
+    ``scaler.step(opt)`` (docs/numerics.md).
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3,
@@ -40,8 +44,11 @@ class RENG(KFAC):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:
         """One RENG step; ``closure`` runs the forward pass and returns the loss."""
         if closure is None:
-            raise ValueError("RENG.step needs a closure (it evaluates the gradient at a probe "
-                             "point or differentiates through it)")
+            raise ValueError("RENG.step needs a closure (torch.optim's convention: it zeroes the "
+                             "gradients, runs forward and backward and returns the loss): RENG "
+                             "evaluates the gradient again at a probe point or differentiates "
+                             "through it. In the Hugging Face Trainer use "
+                             "grng.integrations.transformers (see the README)")
         return super().step(closure)
 
     def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor:

@@ -17,6 +17,7 @@ class RING(KFAC):
 
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3,
                  rho: float = 0.1, **kwargs) -> None:
-        super().__init__(model, lr, damping, rho=check.non_negative("rho", rho), **kwargs)
+        super().__init__(model, lr, damping,
+                         _group_defaults={"rho": check.non_negative("rho", rho)}, **kwargs)
         for group in self.param_groups:
             check.non_negative("rho", group["rho"])

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from grng.optim import validation as check
+from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition import DiagonalKalman, KalmanConfig, KalmanPreconditioner
 
@@ -65,7 +66,10 @@ class RKalman(CurvatureOptimizer):
         process_group: object = None,
         distributed_strategy: str = "comm-opt",
         grad_scaler: object = None,
+        max_grad_norm: float | None = None,
+        **unknown: object,
     ) -> None:
+        reject_unknown(type(self), unknown, optimizer_classes())
         check.finite("factor_decay", factor_decay)
         if not 0.0 < factor_decay < 1.0:
             raise ValueError(f"factor_decay must be in (0, 1) for R-Kalman, got {factor_decay!r}")
@@ -82,7 +86,8 @@ class RKalman(CurvatureOptimizer):
                         weight_decay=weight_decay, kl_clip=kl_clip)
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
                          backend=backend, param_groups=param_groups, process_group=process_group,
-                         distributed_strategy=distributed_strategy, grad_scaler=grad_scaler)
+                         distributed_strategy=distributed_strategy, grad_scaler=grad_scaler,
+                         max_grad_norm=max_grad_norm)
         block = KalmanPreconditioner(self.config, kalman)
         self._bind(block, DiagonalKalman(block))
 
