@@ -12,17 +12,30 @@ factors are not rounded through bfloat16).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from torch import Tensor
 
-from grng.precondition.base import compute_dtype
+from grng.precondition.base import Preconditioner, Unit, compute_dtype
 
-if TYPE_CHECKING:
-    from grng.optim.base import CurvatureOptimizer
 
-MOMENTUM = "momentum_buffer"
+class CurvatureOptimizer(Protocol):
+    """What checkpointing needs of a curvature optimizer (grng.optim.base.CurvatureOptimizer)."""
+
+    _steps: int
+    _skipped: int
+    state: Any
+    layers: list
+    capture: Any
+
+    def _all_params(self) -> Iterator[Tensor]: ...
+
+    def _curvature_units(self) -> list[tuple[Unit, Preconditioner]]: ...
+
+    def _extra_state(self) -> dict[str, Any]: ...
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None: ...
 
 
 def save(opt: CurvatureOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
