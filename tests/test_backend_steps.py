@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import grng
+from grng.optim.cases import CASES
 from grng.ops import dispatch
 
 
@@ -40,16 +41,15 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.LayerNorm(13), nn.Linear(13, 5)).to(DEVICE)
 
 
+# case of grng.optim.cases -> this test's hyperparameters
+_HP = {"kfac-eigen": dict(lr=0.05, damping=1e-2, momentum=0.5, inverse_every=2),
+       "kfac-newton": dict(lr=0.05, damping=1e-2, inverse_every=2),
+       "ring": dict(lr=0.05, damping=1e-2, rho=0.1, kl_clip=1e-2),
+       "rkalman": dict(lr=0.05, rho=0.1, kalman_rank=8)}
+
+
 def _make(name: str, model: nn.Module, backend: str):
-    if name == "kfac-eigen":
-        return grng.KFAC(model, lr=0.05, damping=1e-2, momentum=0.5, inverse_every=2,
-                         backend=backend)
-    if name == "kfac-newton":
-        return grng.KFAC(model, lr=0.05, damping=1e-2, inverse="newton", inverse_every=2,
-                         backend=backend)
-    if name == "ring":
-        return grng.RING(model, lr=0.05, damping=1e-2, rho=0.1, kl_clip=1e-2, backend=backend)
-    return grng.RKalman(model, lr=0.05, rho=0.1, kalman_rank=8, backend=backend)
+    return CASES[name].make(model, backend=backend, **_HP[name])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,8 +19,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from grng import KFAC, RENG, RING, RKalman
-from grng import make_closure
+from grng import KFAC, RENG, RING, make_closure
+from grng.optim.cases import CASES
 
 F64 = torch.float64
 
@@ -350,13 +350,15 @@ def _digits(n: int | None = None) -> tuple[Tensor, Tensor]:
     return (X, y) if n is None else (X[:n], y[:n])
 
 
+# test id -> (case of grng.optim.cases, this test's hyperparameters)
+_DIGITS_CASES = {"kfac": ("kfac-eigen", dict(lr=0.1, damping=0.1)),
+                 "ring": ("ring", dict(lr=0.1, damping=0.1, rho=0.1)),
+                 "reng_exact": ("reng-exact", dict(lr=0.1, damping=0.1, rho=0.1)),
+                 "reng_forward": ("reng-forward", dict(lr=0.1, damping=0.1, rho=0.1, epsilon=0.01)),
+                 "rkalman": ("rkalman", dict(lr=0.3))}
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "kfac": lambda m: KFAC(m, lr=0.1, damping=0.1),
-    "ring": lambda m: RING(m, lr=0.1, damping=0.1, rho=0.1),
-    "reng_exact": lambda m: RENG(m, lr=0.1, damping=0.1, rho=0.1, gr="exact"),
-    "reng_forward": lambda m: RENG(m, lr=0.1, damping=0.1, rho=0.1, gr="forward"),
-    "rkalman": lambda m: RKalman(m, lr=0.3),
-}
+    name: (lambda m, c=case, hp=hp: CASES[c].make(m, **hp))
+    for name, (case, hp) in _DIGITS_CASES.items()}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -412,14 +414,16 @@ def _roundtrip_case(make: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
 
 
 ROUNDTRIP = {
-    "ring": lambda m: RING(m, lr=0.1, damping=0.05, rho=0.3, momentum=0.9, weight_decay=1e-3,
-                           factor_every=2, inverse_every=3, kl_clip=1e-2),
+    "ring": lambda m: CASES["ring"].make(m, lr=0.1, damping=0.05, rho=0.3, momentum=0.9,
+                                         weight_decay=1e-3, factor_every=2, inverse_every=3,
+                                         kl_clip=1e-2),
     "ring_newton": lambda m: RING(m, lr=0.1, damping=0.05, rho=0.3, momentum=0.5,
                                   inverse="newton", inverse_every=4),
-    "reng_forward": lambda m: RENG(m, lr=0.1, damping=0.05, rho=0.3, gr="forward",
-                                   momentum=0.9, inverse_every=3),
-    "reng_exact": lambda m: RENG(m, lr=0.1, damping=0.05, rho=0.3, gr="exact",
-                                 factor_every=2, inverse_every=3),
+    "reng_forward": lambda m: CASES["reng-forward"].make(m, lr=0.1, damping=0.05, rho=0.3,
+                                                         epsilon=0.01, momentum=0.9,
+                                                         inverse_every=3),
+    "reng_exact": lambda m: CASES["reng-exact"].make(m, lr=0.1, damping=0.05, rho=0.3,
+                                                     factor_every=2, inverse_every=3),
 }
 
 
