@@ -16,12 +16,6 @@ from grng.ops import registry
 
 from . import _tiles, eigen_apply, factor_update, kalman_update, newton_schulz
 
-registry.implement("factor_update", "triton", factor_update.factor_update, factor_update.supports)
-registry.implement("eigen_apply", "triton", eigen_apply.eigen_apply, eigen_apply.supports)
-registry.implement("newton_schulz_step", "triton", newton_schulz.newton_schulz_step,
-                   newton_schulz.supports)
-registry.implement("kalman_update", "triton", kalman_update.kalman_update, kalman_update.supports)
-
 
 @contextlib.contextmanager
 def _nan_tile_outputs() -> Iterator[None]:
@@ -34,4 +28,14 @@ def _nan_tile_outputs() -> Iterator[None]:
         _tiles.new_output = original
 
 
-registry.add_poison_hook(_nan_tile_outputs)
+# From the repository root this folder is also importable as a top-level ``kernels`` (a probe
+# such as transformers' for the hub-kernels package does that): that second copy must not
+# replace the registered implementations.
+if __name__ == "grng.kernels":
+    registry.implement("factor_update", "triton", factor_update.factor_update, factor_update.supports)
+    registry.implement("eigen_apply", "triton", eigen_apply.eigen_apply, eigen_apply.supports)
+    registry.implement("newton_schulz_step", "triton", newton_schulz.newton_schulz_step,
+                       newton_schulz.supports)
+    registry.implement("kalman_update", "triton", kalman_update.kalman_update,
+                       kalman_update.supports)
+    registry.add_poison_hook(_nan_tile_outputs)
