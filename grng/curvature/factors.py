@@ -5,8 +5,9 @@ preconditioners and the communicator ask the structure, never the layer type, ho
 blend, reduce and invert a factor (docs/algorithms.md section 1):
 
 - dense:    M = (s^2 / n) X^T X, folded as M <- beta M + (1 - beta) M_batch (first update sets);
-- diagonal: the rows are category indices (one-hot inputs), M = diag(counts / n), kept as a
-  vector.
+- diagonal: diag(M) = (s^2 / n) sum_rows x * x, kept as a vector. The rows are dense (a factor
+  side above ``max_factor_dim``, docs/algorithms.md "Factor size limit") or the category indices
+  of one-hot rows (an embedding's A: x * x is the one-hot itself, so diag(M) = counts / n).
 """
 from __future__ import annotations
 
@@ -35,6 +36,11 @@ class FactorStructure:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The stored factor's shape: (d, d) dense, (d,) diagonal."""
+        return (self.dim,) if self.diagonal else (self.dim, self.dim)
 
     def fold(self, current: Tensor | None, rows: Rows, beta: float, like: Tensor,
              compute: torch.dtype, storage: torch.dtype | None, backend: str) -> Tensor:
@@ -104,29 +110,33 @@ class DenseFactor(FactorStructure):
 
 
 class DiagonalFactor(FactorStructure):
-    """A diagonal factor of one-hot inputs: the rows are indices, diag(M) = counts / n."""
+    """A diagonal factor kept as a vector: diag(M) = (s^2 / n) sum_rows x * x.
+
+    Floating rows are dense rows (the diagonal of a factor too large to keep dense); integer
+    rows are the category indices of one-hot rows, for which x * x is the one-hot itself, so
+    diag(M) = counts / n (docs/algorithms.md section 1).
+    """
 
     diagonal = True
 
-    def counts(self, rows: Rows, dtype: torch.dtype) -> Tensor:
-        """How often each index occurs in the rows, as ``dtype``."""
-        return torch.bincount(rows.X, minlength=self.dim).to(dtype)
+    def diag_sum(self, rows: Rows, dtype: torch.dtype) -> Tensor:
+        """n diag(M_batch) = s^2 sum_rows x * x in ``dtype`` (index rows: s^2 times the counts)."""
+        if rows.X.is_floating_point():
+            X = rows.X.to(dtype)
+            total = (X * X).sum(0)
+        else:
+            total = torch.bincount(rows.X, minlength=self.dim).to(dtype)
+        return total.mul_(rows.scale ** 2)
 
     def mean(self, rows: Rows, dtype: torch.dtype) -> Tensor:
-        """diag(M_batch) = counts / n."""
-        return self.counts(rows, dtype) / rows.n
+        """diag(M_batch) = diag_sum / n."""
+        return self.diag_sum(rows, dtype) / rows.n
 
     def fold(self, current, rows, beta, like, compute, storage, backend):
-        value = self.mean(rows, like.dtype)
-        storage = storage or value.dtype
-        if current is None:
-            return value.clone() if value.dtype == storage else value.to(storage)
-        if current.dtype == value.dtype:
-            return current.mul_(beta).add_(value, alpha=1.0 - beta)
-        return current.to(value.dtype).mul_(beta).add_(value, alpha=1.0 - beta).to(storage)
+        return self.blend(current, self.mean(rows, compute), beta, storage)
 
     def batch_sum(self, rows, compute, device, backend):
-        return None if rows is None else self.counts(rows, compute)
+        return None if rows is None else self.diag_sum(rows, compute)
 
     def piece(self) -> Piece:
         return Piece("vec", (self.dim,), True)

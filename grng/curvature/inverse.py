@@ -8,7 +8,8 @@
 A strategy turns the running factors (A, G) into a typed inverse representation
 (:class:`EigenBasis` or :class:`TikhonovInverses`) and applies it. A failed factorization keeps
 the previous inverse (with a warning); with no previous one, the factor is treated as 0. A
-diagonal A (a vector) is inverted elementwise.
+diagonal factor (a vector: an embedding's A, or a side above ``max_factor_dim``) is its own
+eigenbasis and is inverted elementwise.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ INVERSES: tuple[str, ...] = ("eigen", "newton", "cholesky")
 def tikhonov_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
     """(pi sqrt(damping), sqrt(damping) / pi) with pi = sqrt((tr A / dim A) / (tr G / dim G))."""
     tr_a = float(A.sum() if A.dim() == 1 else A.diagonal().sum()) / A.shape[0]
-    tr_g = float(G.diagonal().sum()) / G.shape[0]
+    tr_g = float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / G.shape[0]
     pi = math.sqrt(tr_a / tr_g) if tr_a > 0.0 and tr_g > 0.0 else 1.0
     root = math.sqrt(damping)
     return pi * root, root / pi
@@ -56,9 +57,9 @@ class InverseState:
 
 @dataclass
 class EigenBasis(InverseState):
-    """Eigenpairs of G and A (Q_A is None for a diagonal A, whose eigenvalues are itself)."""
+    """Eigenpairs of G and A (Q is None for a diagonal factor, whose eigenvalues are itself)."""
 
-    QG: Tensor
+    QG: Tensor | None
     lG: Tensor
     QA: Tensor | None
     lA: Tensor
@@ -66,7 +67,7 @@ class EigenBasis(InverseState):
 
 @dataclass
 class TikhonovInverses(InverseState):
-    """X_G ~ (G + damping_G I)^-1 and X_A ~ (A + damping_A I)^-1 (a vector for a diagonal A)."""
+    """X_G ~ (G + damping_G I)^-1 and X_A ~ (A + damping_A I)^-1 (vectors for diagonal factors)."""
 
     XG: Tensor
     XA: Tensor
@@ -119,7 +120,14 @@ class EigenInverse(InverseStrategy):
             return torch.zeros_like(M[0]), torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
 
     def apply(self, inv, V, damping, backend) -> Tensor:
-        return ops.eigen_apply(V, inv.QG, inv.lG, inv.QA, inv.lA, damping, backend=backend)
+        """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T; a diagonal G (Q_G = I) is the
+        transposed problem with a diagonal A."""
+        if inv.QG is not None:
+            return ops.eigen_apply(V, inv.QG, inv.lG, inv.QA, inv.lA, damping, backend=backend)
+        if inv.QA is not None:
+            return ops.eigen_apply(V.transpose(0, 1), inv.QA, inv.lA, None, inv.lG, damping,
+                                   backend=backend).transpose(0, 1)
+        return V.to(inv.lG.dtype) / (torch.outer(inv.lG.clamp(min=0), inv.lA.clamp(min=0)) + damping)
 
 
 class _TikhonovInverse(InverseStrategy):
@@ -165,8 +173,8 @@ class _TikhonovInverse(InverseStrategy):
         raise NotImplementedError
 
     def apply(self, inv, V, damping, backend) -> Tensor:
-        XA = inv.XA
-        out = inv.XG @ V.to(XA.dtype)
+        XA, XG = inv.XA, inv.XG
+        out = XG[:, None] * V.to(XA.dtype) if XG.dim() == 1 else XG @ V.to(XA.dtype)
         return out * XA if XA.dim() == 1 else out @ XA
 
 

@@ -5,17 +5,54 @@ W_bar = [W b] (o x (i+1)); with a bias the input gets a homogeneous coordinate a
 The Kronecker block is F ~ A (x) G acting on W_bar as V -> G V A, with
 A = (1/n_A) X_A^T X_A and G = (1/n_G) (s X_G)^T (s X_G), where X_A are the input rows, X_G the
 rows of autograd's output gradient g_hat and s = n_G the per-example scale e = N g_hat.
+
+Helpers are found through a registry matched along the module's method resolution order
+(:func:`register_layer`: a type, or a dotted class name such as
+``"transformers.pytorch_utils.Conv1D"`` so that a library need not be imported to be covered).
+A helper says why a module gets no block (:meth:`KroneckerLayer.unsupported`), which blocks a
+module has (:meth:`KroneckerLayer.blocks`: one for most layers, several for attention) and how
+its calls are observed (:meth:`KroneckerLayer.attach`); docs/algorithms.md "Layer helpers".
 """
 from __future__ import annotations
+
+import inspect
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
 
-__all__ = ["Conv2dLayer", "EmbeddingLayer", "KroneckerLayer", "LinearLayer", "Rows",
-           "make_layer", "register_layer", "registered_layers"]
+__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "EmbeddingLayer", "Handle",
+           "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer", "WeightNormLayer", "helper_for",
+           "make_layers", "register_layer", "registered_layers"]
+
+#: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
+#: float32 factor of this size is 256 MiB, its eigenbasis as much again
+MAX_FACTOR_DIM = 8192
+
+
+class Recorder(Protocol):
+    """What a helper's hooks report each call to (:class:`grng.curvature.capture.CurvatureCapture`)."""
+
+    @property
+    def recording(self) -> bool:
+        """Whether a call now would be recorded (armed and not paused)."""
+
+    def record(self, layer: KroneckerLayer, inputs: Tensor, output: Tensor,
+               column: int | None = None) -> None:
+        """One call of ``layer``: its input and output (whose gradient is the G row source).
+        ``column``: the call produced only the block's output columns from ``column`` on (the
+        others are zero for this call's rows); None: all of them."""
+
+
+class Handle(Protocol):
+    """What undoes one :meth:`KroneckerLayer.attach` (a hook handle or equivalent)."""
+
+    def remove(self) -> None:
+        """Detach."""
 
 
 class KroneckerLayer:
@@ -23,19 +60,77 @@ class KroneckerLayer:
 
     A helper owns its factor structures (:attr:`a_factor`, :attr:`g_factor`: dense or
     diagonal, :mod:`grng.curvature.factors`) and how rows are extracted from a call's inputs
-    and output gradients; nothing outside the helpers asks which kind of layer it is.
+    and output gradients; nothing outside the helpers asks which kind of layer it is. A factor
+    side larger than ``max_factor_dim`` is kept diagonal (docs/algorithms.md "Factor size
+    limit").
     """
 
-    #: the structure class of A (G is always dense)
+    #: the structure class of A (G is dense unless above ``max_factor_dim``)
     a_structure: type[FactorStructure] = DenseFactor
+    #: appended to the module's name to name the block (a module with several blocks)
+    suffix = ""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, *, weight: Tensor | None = None,
+                 max_factor_dim: int | None = None) -> None:
+        """``weight``: the trainable tensor laid out as the module's weight (default
+        ``module.weight``; a weight-normed layer passes its direction v)."""
         self.module = module
-        self.weight: Tensor = module.weight
-        self.bias: Tensor | None = getattr(module, "bias", None)
-        if self.bias is not None and not self.bias.requires_grad:
-            self.bias = None
+        self.weight: Tensor = module.weight if weight is None else weight
+        bias = getattr(module, "bias", None)
+        self.bias: Tensor | None = (bias if isinstance(bias, Tensor) and bias.requires_grad
+                                    and bias.is_leaf else None)
+        self.max_factor_dim = max_factor_dim
+        names = list(inspect.signature(type(module).forward).parameters)
+        self._input_name = names[1] if len(names) > 1 else ""
 
+    # ----------------------------------------------------------------- registry protocol
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        """Why ``module`` can get no Kronecker block (None when it can): its parameters then
+        get the diagonal fallback, named in the construction warning and ``opt.coverage()``."""
+        if parametrize.is_parametrized(module, "weight"):
+            if weight_norm_parts(module) is None:
+                return ("its weight is parametrized (torch.nn.utils.parametrize) by something "
+                        "other than one weight_norm")
+            return None
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.requires_grad and not weight.is_leaf:
+            return ("its weight is computed in the forward, not a parameter (e.g. the deprecated "
+                    "torch.nn.utils.weight_norm; torch.nn.utils.parametrizations.weight_norm is "
+                    "supported)")
+        return None
+
+    @classmethod
+    def blocks(cls, module: nn.Module, max_factor_dim: int | None) -> list[KroneckerLayer]:
+        """The blocks of a supported ``module`` whose weight is trainable: one for most layers
+        (on W = g v / ||v|| for a weight-normed one, :class:`WeightNormLayer`)."""
+        parts = weight_norm_parts(module)
+        if parts is not None:
+            v, g, dim = parts
+            if not v.requires_grad:
+                return []
+            return [WeightNormLayer(cls(module, weight=v, max_factor_dim=max_factor_dim), g, dim)]
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or not weight.requires_grad:
+            return []
+        return [cls(module, max_factor_dim=max_factor_dim)]
+
+    @classmethod
+    def attach(cls, module: nn.Module, blocks: list[KroneckerLayer],
+               recorder: Recorder) -> list[Handle]:
+        """Report each call of ``module`` (input given positionally or by keyword) to
+        ``recorder``, for each of its ``blocks``; returns the handles that undo it."""
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+            # a deep copy of the model carries this hook to modules that are not ours
+            if mod is not module or not recorder.recording:
+                return
+            for block in blocks:
+                recorder.record(block, block.layer_input(args, kwargs), output)
+
+        return [module.register_forward_hook(hook, with_kwargs=True)]
+
+    # ------------------------------------------------------------------------- block
     @property
     def params(self) -> list[Tensor]:
         """The parameters this block covers: [W] or [W, b]."""
@@ -48,16 +143,31 @@ class KroneckerLayer:
     @property
     def a_factor(self) -> FactorStructure:
         """The structure of A (size d_A)."""
-        return self.a_structure(self.dims()[1])
+        return self._limited(self.a_structure, self.dims()[1])
 
     @property
     def g_factor(self) -> FactorStructure:
-        """The structure of G (size d_G, dense)."""
-        return DenseFactor(self.dims()[0])
+        """The structure of G (size d_G; dense unless above ``max_factor_dim``)."""
+        return self._limited(DenseFactor, self.dims()[0])
+
+    def _limited(self, structure: type[FactorStructure], dim: int) -> FactorStructure:
+        if (structure is DenseFactor and self.max_factor_dim is not None
+                and dim > self.max_factor_dim):
+            return DiagonalFactor(dim)
+        return structure(dim)
 
     def cost(self) -> float:
         """Factorization cost estimate of the block (inverse assignment across ranks)."""
         return self.g_factor.cost() + self.a_factor.cost()
+
+    def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
+        """The input of one call, given positionally or by keyword (``layer(input=x)``)."""
+        if args:
+            return args[0]
+        if self._input_name in kwargs:
+            return kwargs[self._input_name]
+        raise TypeError(f"{type(self.module).__name__} was called without its input "
+                        f"{self._input_name!r}; grng cannot capture this call")
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         """Rows of a_bar from the inputs of every call in this forward (weight sharing stacks)."""
@@ -122,13 +232,42 @@ class LinearLayer(KroneckerLayer):
         return Rows(rows, rows.shape[0], float(rows.shape[0]))
 
 
+class TransposedLinearLayer(LinearLayer):
+    """A Linear whose weight is stored in x out, y = x W + b (transformers' ``Conv1D`` of GPT-2):
+    W_bar = [W^T b], so the gradient matrix (d_G x d_A) is the transpose of the stored one."""
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is not None or parametrize.is_parametrized(module, "weight"):
+            return reason
+        weight = getattr(module, "weight", None)
+        nf = getattr(module, "nf", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or (nf is not None
+                                                                   and weight.shape[1] != nf):
+            return (f"{type(module).__name__} is registered as an in x out Linear but its weight "
+                    f"is not (in, nf={nf}): shape "
+                    f"{None if not isinstance(weight, Tensor) else tuple(weight.shape)}")
+        return None
+
+    def dims(self) -> tuple[int, int]:
+        i, o = self.weight.shape
+        return o, i + int(self.has_bias)
+
+    def _weight_to_matrix(self, w: Tensor) -> Tensor:
+        return w.transpose(0, 1)
+
+    def _matrix_to_weight(self, mat: Tensor) -> Tensor:
+        return mat.transpose(0, 1)
+
+
 class Conv2dLayer(KroneckerLayer):
     """nn.Conv2d: rows are unfolded patches (channel-major, then kernel position).
 
     A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
     """
 
-    def __init__(self, module: nn.Conv2d) -> None:
+    def __init__(self, module: nn.Conv2d, **kwargs) -> None:
         if module.groups != 1:
             raise ValueError(
                 f"Conv2d with groups={module.groups} is not supported by the Kronecker capture; "
@@ -139,7 +278,7 @@ class Conv2dLayer(KroneckerLayer):
         if isinstance(module.padding, str):
             raise ValueError(f"Conv2d padding={module.padding!r} (a string) is not supported; "
                              "give the padding as integers")
-        super().__init__(module)
+        super().__init__(module, **kwargs)
 
     def dims(self) -> tuple[int, int]:
         o = self.weight.shape[0]
@@ -161,6 +300,55 @@ class Conv2dLayer(KroneckerLayer):
         return Rows(rows, n_examples, float(n_examples))
 
 
+class Conv1dLayer(KroneckerLayer):
+    """nn.Conv1d: rows are unfolded 1-D patches (channel-major, then kernel position), the
+    padding (any ``padding_mode``, ``"same"``/``"valid"``) applied first as the layer does.
+
+    A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat
+    (an unbatched (C, L) call is one example).
+    """
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is None and module.groups != 1:
+            return (f"Conv1d with groups={module.groups} (grouped/depthwise) has no Kronecker "
+                    "capture")
+        return reason
+
+    def dims(self) -> tuple[int, int]:
+        o = self.weight.shape[0]
+        return o, self.weight[0].numel() + int(self.has_bias)
+
+    def _padding(self) -> tuple[int, int]:
+        """(left, right) zero or ``padding_mode`` padding, as nn.Conv1d computes it."""
+        m = self.module
+        if m.padding == "valid":
+            return 0, 0
+        if m.padding == "same":
+            total = m.dilation[0] * (m.kernel_size[0] - 1)
+            return total // 2, total - total // 2
+        return m.padding[0], m.padding[0]
+
+    def a_rows(self, inputs: list[Tensor]) -> Rows:
+        m = self.module
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        blocks = []
+        for a in inputs:
+            a = F.pad(a if a.dim() == 3 else a.unsqueeze(0), self._padding(), mode=mode)
+            patches = F.unfold(a.unsqueeze(-1), (m.kernel_size[0], 1),
+                               dilation=(m.dilation[0], 1), stride=(m.stride[0], 1))
+            blocks.append(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+        rows = torch.cat(blocks)
+        return Rows(self._with_ones(rows), rows.shape[0])
+
+    def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
+        grads = [g if g.dim() == 3 else g.unsqueeze(0) for g in grads]
+        n_examples = sum(g.shape[0] for g in grads)
+        rows = torch.cat([g.transpose(1, 2).reshape(-1, g.shape[1]) for g in grads])
+        return Rows(rows, n_examples, float(n_examples))
+
+
 class EmbeddingLayer(KroneckerLayer):
     """nn.Embedding: one-hot inputs, so A is diagonal (token counts / N), stored as a vector.
 
@@ -169,11 +357,11 @@ class EmbeddingLayer(KroneckerLayer):
 
     a_structure = DiagonalFactor
 
-    def __init__(self, module: nn.Embedding) -> None:
+    def __init__(self, module: nn.Embedding, **kwargs) -> None:
         if module.sparse:
             raise ValueError("nn.Embedding(sparse=True) produces sparse gradients, which grng "
                              "does not support; use sparse=False")
-        super().__init__(module)
+        super().__init__(module, **kwargs)
         self.bias = None
 
     def dims(self) -> tuple[int, int]:
@@ -196,43 +384,143 @@ class EmbeddingLayer(KroneckerLayer):
         return mat.transpose(0, 1)
 
 
-_REGISTRY: dict[type, type[KroneckerLayer]] = {}
+def weight_norm_parts(module: nn.Module) -> tuple[Tensor, Tensor, int] | None:
+    """(v, g, dim) when ``module.weight`` is parametrized by exactly one
+    ``torch.nn.utils.parametrizations.weight_norm`` (W = g v / ||v||), else None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    plist = module.parametrizations["weight"]
+    if len(plist) != 1 or type(plist[0]).__name__ != "_WeightNorm":
+        return None
+    return plist.original1, plist.original0, int(plist[0].dim)
 
 
-def register_layer(module_type: type, helper: type[KroneckerLayer]) -> None:
+class WeightNormLayer(KroneckerLayer):
+    """A layer under ``torch.nn.utils.parametrizations.weight_norm``, W = g v / ||v|| (norms over
+    every dim but ``dim``; over all of them for dim = -1): the block is the effective W's, built
+    by the layer's own helper ``inner`` on v's layout; the chain rule maps gradients and
+    directions: grad_W = v_hat grad_g + (||v|| / g) grad_v, and a direction D on W becomes
+    delta_g = <v_hat, D>, delta_v = (||v|| / g)(D - v_hat delta_g), which moves W by exactly D
+    to first order (docs/algorithms.md "Weight-normed layers"). Where g = 0 the tangential part
+    is unreachable through v and delta_v is 0.
+    """
+
+    def __init__(self, inner: KroneckerLayer, g: Tensor, dim: int) -> None:
+        super().__init__(inner.module, weight=inner.weight, max_factor_dim=inner.max_factor_dim)
+        self.inner = inner
+        self.bias = inner.bias
+        self.a_structure = inner.a_structure
+        self.g = g
+        self.dim = dim
+
+    @property
+    def params(self) -> list[Tensor]:
+        """[v, g, b] (g while trainable, b when the layer has a trainable bias)."""
+        out = [self.weight] + ([self.g] if self.g.requires_grad else [])
+        return out + ([self.bias] if self.bias is not None else [])
+
+    def dims(self) -> tuple[int, int]:
+        return self.inner.dims()
+
+    def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
+        return self.inner.layer_input(args, kwargs)
+
+    def a_rows(self, inputs: list[Tensor]) -> Rows:
+        return self.inner.a_rows(inputs)
+
+    def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
+        return self.inner.g_rows(inputs, grads)
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """Sum over every dim but ``dim`` (keepdim), i.e. g's shape; all dims for dim = -1."""
+        if self.dim == -1:
+            return x.sum()
+        return x.sum(dim=[d for d in range(x.dim()) if d != self.dim], keepdim=True)
+
+    def _geometry(self) -> tuple[Tensor, Tensor]:
+        """(v_hat, ||v|| / g), the latter 0 where g = 0."""
+        v, g = self.weight.detach(), self.g.detach()
+        norms = torch.norm_except_dim(v, 2, self.dim)
+        scale = torch.where(g != 0, norms / g, torch.zeros_like(g))
+        return v / norms, scale
+
+    def to_matrix(self, tensors: list[Tensor | None]) -> Tensor | None:
+        """[dv, dg, db] (as :attr:`params`) to the d_G x d_A gradient of [W b]."""
+        dv = tensors[0]
+        if dv is None:
+            return None
+        rest = list(tensors[1:])
+        dg = rest.pop(0) if self.g.requires_grad else None
+        v_hat, scale = self._geometry()
+        grad_w = dv * scale
+        if dg is not None:
+            grad_w = grad_w + v_hat * dg
+        return self.inner.to_matrix([grad_w, rest[0] if self.has_bias else None])
+
+    def split(self, mat: Tensor) -> list[Tensor]:
+        """A direction on [W b] to [delta_v, delta_g, delta_b] (as :attr:`params`)."""
+        parts = self.inner.split(mat)
+        D = parts[0]
+        v_hat, scale = self._geometry()
+        dg = self._reduce(v_hat * D)
+        dv = (D - v_hat * dg) * scale
+        return [dv] + ([dg] if self.g.requires_grad else []) + parts[1:]
+
+
+_REGISTRY: dict[type | str, type[KroneckerLayer]] = {}
+
+
+def register_layer(module_type: type | str, helper: type[KroneckerLayer]) -> None:
     """Give every module that is an instance of ``module_type`` (subclasses included) the
     Kronecker helper ``helper``; the most specific registered type wins (method resolution
-    order), so a registration for a subclass overrides its base's."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"module_type must be a subclass of torch.nn.Module, got {module_type!r}")
+    order), so a registration for a subclass overrides its base's.
+
+    ``module_type`` may be a dotted class name, ``"package.module.Class"``, matched against
+    each class's ``__module__`` and ``__qualname__``: a library's layer is covered without
+    importing the library (transformers' ``Conv1D`` is registered so).
+    """
+    if isinstance(module_type, str):
+        module_name, _, class_name = module_type.rpartition(".")
+        if not module_name or not class_name:
+            raise ValueError(f"module_type as a string must be a dotted class name "
+                             f"'package.module.Class', got {module_type!r}")
+    elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be a subclass of torch.nn.Module or a dotted class "
+                        f"name, got {module_type!r}")
     if not (isinstance(helper, type) and issubclass(helper, KroneckerLayer)):
         raise TypeError(f"helper must be a subclass of grng.curvature.layers.KroneckerLayer, got {helper!r}")
     _REGISTRY[module_type] = helper
 
 
-def registered_layers() -> dict[type, type[KroneckerLayer]]:
-    """A copy of the registry: module type -> helper."""
+def registered_layers() -> dict[type | str, type[KroneckerLayer]]:
+    """A copy of the registry: module type (or dotted class name) -> helper."""
     return dict(_REGISTRY)
 
 
 register_layer(nn.Linear, LinearLayer)
+register_layer(nn.Conv1d, Conv1dLayer)
 register_layer(nn.Conv2d, Conv2dLayer)
 register_layer(nn.Embedding, EmbeddingLayer)
+register_layer("transformers.pytorch_utils.Conv1D", TransposedLinearLayer)
 
 
 def helper_for(module: nn.Module) -> type[KroneckerLayer] | None:
-    """The helper registered for the most specific type in ``module``'s MRO, or None."""
+    """The helper registered for the most specific class in ``module``'s MRO, or None."""
     for cls in type(module).__mro__:
-        helper = _REGISTRY.get(cls)
+        helper = _REGISTRY.get(cls) or _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}")
         if helper is not None:
             return helper
     return None
 
 
-def make_layer(module: nn.Module) -> KroneckerLayer | None:
-    """The helper for a module whose weight is trainable, or None if no helper fits it."""
+def make_layers(module: nn.Module, max_factor_dim: int | None = None
+                ) -> tuple[list[KroneckerLayer], str | None]:
+    """(blocks, None) for a module its helper covers (no block when its weight is frozen);
+    ([], why) when its helper cannot cover it; ([], None) when no helper is registered."""
     helper = helper_for(module)
-    weight = getattr(module, "weight", None)
-    if helper is None or not isinstance(weight, Tensor) or not weight.requires_grad:
-        return None
-    return helper(module)
+    if helper is None:
+        return [], None
+    reason = helper.unsupported(module)
+    if reason is not None:
+        return [], reason
+    return helper.blocks(module, max_factor_dim), None

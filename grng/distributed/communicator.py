@@ -59,8 +59,8 @@ class KalmanItem:
 
 @dataclass
 class Observation:
-    """What a Kalman update folds in: (H, r) for a dense P (r = observation noise), or the
-    mean one-hot counts ``diag`` for a diagonal P."""
+    """What a Kalman update folds in: (H, r) for a dense P (r = observation noise), or
+    ``diag`` = diag(M_batch) for a diagonal P."""
 
     H: Tensor | None = None
     r: float = 0.0
@@ -140,7 +140,7 @@ class LocalCommunicator(Communicator):
             if it.rows is None:
                 out.append(None)
             elif it.structure.diagonal:
-                out.append(Observation(diag=it.structure.mean(it.rows, it.like.dtype)))
+                out.append(Observation(diag=it.structure.mean(it.rows, it.P.dtype)))
             else:
                 H = it.rows.X.to(it.P.dtype)
                 if H.shape[0] > rank:
@@ -228,7 +228,7 @@ class ProcessGroupCommunicator(Communicator):
                 continue
             P = it.P
             if it.structure.diagonal:
-                cnt = None if it.rows is None else it.structure.counts(it.rows, P.dtype)
+                cnt = None if it.rows is None else it.structure.diag_sum(it.rows, P.dtype)
                 slot = self.reducer.add(Piece("vec", (P.shape[0],)), cnt, 0.0, P.dtype, P.device)
                 plan.append(("diag", slot, n_total))
                 continue

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from grng import ops
 from grng.curvature.capture import CurvatureCapture
-from grng.curvature.layers import KroneckerLayer
+from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
+from grng.curvature.layers import MAX_FACTOR_DIM, KroneckerLayer
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
 from grng.finite import all_finite
@@ -72,6 +73,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverse_dtype: torch.dtype | None = None,
         grad_scaler: Any = None,
         max_grad_norm: float | None = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -89,6 +91,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                       self.inverse_dtype)
         self.amp = AmpHandoff(check.grad_scaler("grad_scaler", grad_scaler))
         self.max_grad_norm = check.optional_positive("max_grad_norm", max_grad_norm)
+        self.max_factor_dim = (None if max_factor_dim is None
+                               else check.positive_int("max_factor_dim", max_factor_dim))
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -98,11 +102,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         group_of = self._group_index()
-        self.capture = CurvatureCapture(model, keep=set(group_of))
+        self.capture = CurvatureCapture(model, keep=set(group_of),
+                                        max_factor_dim=self.max_factor_dim)
         for layer, name in zip(self.capture.layers, self.capture.names):
             if len({group_of[id(p)] for p in layer.params}) > 1:
+                self.capture.remove()
                 raise ValueError(f"layer {name!r}: its weight and bias must be in the same "
                                  "param group (they share one Kronecker block)")
+        warn_at_construction(self.coverage(), type(self).__name__)
         self._steps = 0
         self._skipped = 0
         self.distributed_strategy = distributed_strategy
@@ -156,6 +163,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def layers(self) -> list[KroneckerLayer]:
         """The Kronecker-factored layers, in model order."""
         return self.capture.layers
+
+    def coverage(self) -> CoverageReport:
+        """Every parameter of the model and what it gets: a Kronecker block (name, d_G x d_A,
+        diagonal sides), the diagonal fallback (and why) or nothing (frozen); ``print`` it for
+        a table (docs/algorithms.md "Coverage")."""
+        return coverage_report(self.model, self.capture, set(self._group_index()),
+                               self.max_factor_dim)
 
     @property
     def grad_scaler(self) -> Any:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from grng.curvature.inverse import INVERSES, make_inverse
+from grng.curvature.layers import MAX_FACTOR_DIM
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
@@ -54,6 +55,7 @@ class KFAC(CurvatureOptimizer):
         inverse_dtype: torch.dtype | None = None,
         grad_scaler: object = None,
         max_grad_norm: float | None = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM,
         _group_defaults: dict[str, float] | None = None,
         **unknown: object,
     ) -> None:
@@ -66,7 +68,7 @@ class KFAC(CurvatureOptimizer):
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, factor_dtype=factor_dtype,
                          inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim)
         self._bind(KroneckerPreconditioner(self.config, strategy), DiagonalFisher(self.config))
 
     @property

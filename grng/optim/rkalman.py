@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grng.curvature.layers import MAX_FACTOR_DIM
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
@@ -67,6 +68,7 @@ class RKalman(CurvatureOptimizer):
         distributed_strategy: str = "comm-opt",
         grad_scaler: object = None,
         max_grad_norm: float | None = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
@@ -87,7 +89,7 @@ class RKalman(CurvatureOptimizer):
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, grad_scaler=grad_scaler,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim)
         block = KalmanPreconditioner(self.config, kalman)
         self._bind(block, DiagonalKalman(block))
 

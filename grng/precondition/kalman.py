@@ -1,7 +1,7 @@
 """R-Kalman's preconditioner: Kalman-filtered Kronecker covariances (docs/algorithms.md
 section 5). Per block it keeps P_A ~ A^-1 and P_G ~ G^-1, starting at I / prior_precision;
 fold = one Kalman predict/update per factor with the (global) batch's observation; apply =
-P_G V P_A. No d x d factor is ever inverted, solved with or eigendecomposed: only the k x k
+P_G V P_A (a diagonal P, kept as a vector, scales rows or columns). No d x d factor is ever inverted, solved with or eigendecomposed: only the k x k
 innovation is factorized (:func:`grng.ops.kalman_update`). A dense P's observation is H = X
 (sketched H = Omega X beyond ``kalman_rank`` rows, Omega k x m with N(0, 1/k) entries), with
 noise r = n / ((1 - beta) s^2); a diagonal P takes the scalar update
@@ -113,8 +113,8 @@ class KalmanPreconditioner(Preconditioner):
     def apply(self, unit, V, group) -> Tensor:
         """P_G V P_A (rho g is added by the shared update)."""
         self.init(unit)
-        PA = unit.state.PA
-        out = unit.state.PG @ V.to(PA.dtype)
+        PA, PG = unit.state.PA, unit.state.PG
+        out = PG[:, None] * V.to(PA.dtype) if PG.dim() == 1 else PG @ V.to(PA.dtype)
         return out * PA if PA.dim() == 1 else out @ PA
 
     # ------------------------------------------------------------------------ sketch
@@ -134,8 +134,7 @@ class KalmanPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------- checkpoints
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
-        d_g, d_a = unit.layer.dims()
-        return {"PA": (d_a,) if unit.layer.a_factor.diagonal else (d_a, d_a), "PG": (d_g, d_g)}
+        return {"PA": unit.layer.a_factor.shape, "PG": unit.layer.g_factor.shape}
 
     def load(self, unit, tensors) -> None:
         unit.state.PA, unit.state.PG = tensors.get("PA"), tensors.get("PG")

@@ -85,17 +85,19 @@ class KroneckerPreconditioner(Preconditioner):
         return ("QG", "lG", "QA", "lA") if self.inverse.state_type is EigenBasis else ("XG", "XA")
 
     def _pieces(self, layer: KroneckerLayer) -> list[tuple[str, Piece]]:
-        """The inverse representation's fields and how each travels (comm-opt broadcast)."""
-        d_g, d_a = layer.dims()
-        diagonal = layer.a_factor.diagonal
-        if self.inverse.state_type is EigenBasis:
-            pieces = [("lG", Piece("vec", (d_g,))), ("QG", Piece("full", (d_g, d_g))),
-                      ("lA", Piece("vec", (d_a,)))]
-            if not diagonal:
-                pieces.append(("QA", Piece("full", (d_a, d_a))))
-            return pieces
-        return [("XG", Piece("sym", (d_g, d_g))),
-                ("XA", Piece("vec", (d_a,)) if diagonal else Piece("sym", (d_a, d_a)))]
+        """The inverse representation's fields and how each travels (comm-opt broadcast); a
+        diagonal factor has no eigenvectors and a vector inverse."""
+        pieces = []
+        for side, structure in (("G", layer.g_factor), ("A", layer.a_factor)):
+            d = structure.dim
+            if self.inverse.state_type is EigenBasis:
+                pieces.append(("l" + side, Piece("vec", (d,))))
+                if not structure.diagonal:
+                    pieces.append(("Q" + side, Piece("full", (d, d))))
+            else:
+                pieces.append(("X" + side, Piece("vec", (d,)) if structure.diagonal
+                               else Piece("sym", (d, d))))
+        return pieces
 
     def _inverse_storage(self, unit: Unit) -> torch.dtype:
         return self.config.inverse_dtype or compute_dtype(unit.like)
@@ -115,9 +117,7 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------- checkpoints
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
-        d_g, d_a = unit.layer.dims()
-        a_shape = (d_a,) if unit.layer.a_factor.diagonal else (d_a, d_a)
-        shapes = {"A": a_shape, "G": (d_g, d_g)}
+        shapes = {"A": unit.layer.a_factor.shape, "G": unit.layer.g_factor.shape}
         for name, piece in self._pieces(unit.layer):
             shapes[name] = piece.shape
         return shapes
