@@ -3,7 +3,6 @@ parameter is reported as a Kronecker block (with its sizes), the diagonal fallba
 reason) or frozen, and nothing falls to the diagonal silently."""
 from __future__ import annotations
 
-import sys
 import warnings
 
 import pytest
@@ -14,26 +13,6 @@ from grng import KFAC, RENG, RING, RKalman
 from grng.curvature.coverage import DIAGONAL, FROZEN, KRONECKER
 
 OPTIMIZERS = {"kfac": KFAC, "ring": RING, "reng": RENG, "rkalman": RKalman}
-
-
-def _transformers():
-    """transformers, or a skip. Its probe for the hub-kernels package imports any importable
-    top-level ``kernels``, and from the repository root that is grng's own Triton source
-    directory (installed as ``grng.kernels``), which would register the kernels twice: the
-    probe (cached by transformers) runs here with ``kernels`` marked absent."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.utils import import_utils
-
-    saved = sys.modules.get("kernels")
-    sys.modules["kernels"] = None
-    try:
-        import_utils.is_kernels_available()
-    finally:
-        if saved is None:
-            del sys.modules["kernels"]
-        else:
-            sys.modules["kernels"] = saved
-    return transformers
 
 
 class _Net(nn.Module):
@@ -154,7 +133,7 @@ def test_transformer_encoder_is_covered_by_kronecker_blocks() -> None:
 
 
 def test_gpt2_is_covered_by_kronecker_blocks() -> None:
-    transformers = _transformers()
+    transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64,
                                      n_positions=16, bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)

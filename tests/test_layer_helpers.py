@@ -14,7 +14,6 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.utils import parametrizations
@@ -542,7 +541,7 @@ def test_attention_forward_is_restored_and_copies_run_their_own() -> None:
 
 def test_attention_subclass_with_its_own_forward_is_named_not_silently_wrong() -> None:
     class Custom(nn.MultiheadAttention):
-        def forward(self, x):  # noqa: D401
+        def forward(self, x):
             return super().forward(x, x, x)[0]
 
     with pytest.warns(UserWarning, match="overrides MultiheadAttention.forward"):
@@ -599,6 +598,23 @@ def test_weight_norm_block_is_the_effective_weights_block(case: str) -> None:
     # and the KL estimate sum <d, g> is the effective weight's
     grads = [p.grad for p in block.params]
     _close(sum((d * g).sum() for d, g in zip(parts, grads)), (D * G_W).sum())
+
+
+def test_weight_normed_attention_out_proj_gets_the_effective_weights_block() -> None:
+    m = nn.MultiheadAttention(4, 2).double()
+    parametrizations.weight_norm(m.out_proj)
+    x = torch.randn(3, 2, 4, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = KFAC(m, lr=0.0)
+    block = _layer(opt, "out_proj")
+    assert isinstance(block, WeightNormLayer) and opt.capture.names == ["in_proj", "out_proj"]
+    out = m(x, x, x)[0]
+    _loss(out, torch.ones_like(out)).backward()
+    a_rows, g_rows = opt.capture.rows(block)
+    _close(g_rows.X.T @ a_rows.X, block.grad_matrix())    # W's gradient, from (grad_v, grad_g)
+    opt.step()
+    assert opt.layer_state(block)["A"].shape == (5, 5)
 
 
 def test_deprecated_weight_norm_and_other_parametrizations_are_named() -> None:

@@ -16,7 +16,8 @@ Blocks (each Linear-like: rows are tokens, A = (1/N) sum a_bar a_bar^T, G = (1/N
   unused outputs of that call), stacked like every other shared layer (N = all rows);
 - ``q_proj``, ``k_proj``, ``v_proj`` (kdim or vdim != embed_dim: separate weights of different
   input sizes): one weight-only block each; the packed ``in_proj_bias`` gets the diagonal;
-- ``out_proj``: a block on the attention output before the projection.
+- ``out_proj``: a block on the attention output before the projection (on the effective weight
+  when ``out_proj`` is weight-normed, :class:`grng.curvature.layers.WeightNormLayer`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grng.curvature.layers import Handle, KroneckerLayer, LinearLayer, Recorder, register_layer
+from grng.curvature.layers import (Handle, KroneckerLayer, LinearLayer, Recorder, WeightNormLayer,
+                                   register_layer, weight_norm_parts)
 
 __all__ = ["AttentionProjection", "attention_forward"]
 
@@ -65,7 +67,7 @@ class AttentionProjection(LinearLayer):
     @classmethod
     def blocks(cls, module: nn.Module, max_factor_dim: int | None) -> list[KroneckerLayer]:
         """in_proj (or q_proj, k_proj, v_proj) and out_proj, those whose weight is a trainable
-        parameter."""
+        parameter (or a weight-normed out_proj's direction v)."""
         out: list[KroneckerLayer] = []
 
         def add(role: str, weight: Tensor | None, bias: Tensor | None) -> None:
@@ -78,14 +80,20 @@ class AttentionProjection(LinearLayer):
             add("q_proj", module.q_proj_weight, None)
             add("k_proj", module.k_proj_weight, None)
             add("v_proj", module.v_proj_weight, None)
-        add("out_proj", module.out_proj.weight, module.out_proj.bias)
+        parts = weight_norm_parts(module.out_proj)
+        if parts is None:
+            add("out_proj", module.out_proj.weight, module.out_proj.bias)
+        elif parts[0].requires_grad:
+            v, g, dim = parts
+            inner = cls(module, "out_proj", v, module.out_proj.bias, max_factor_dim)
+            out.append(WeightNormLayer(inner, g, dim))
         return out
 
     @classmethod
     def attach(cls, module: nn.Module, blocks: list[KroneckerLayer],
                recorder: Recorder) -> list[Handle]:
         """Route the module's forward through :func:`attention_forward` while attached."""
-        entry = (recorder, {b.role: b for b in blocks})
+        entry = (recorder, {getattr(b, "inner", b).role: b for b in blocks})
         _TAPS.setdefault(module, []).append(entry)
         if "forward" not in vars(module):
             module.forward = types.MethodType(_forward, module)

@@ -410,6 +410,7 @@ class WeightNormLayer(KroneckerLayer):
         self.inner = inner
         self.bias = inner.bias
         self.a_structure = inner.a_structure
+        self.suffix = inner.suffix
         self.g = g
         self.dim = dim
 
