@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,17 +21,20 @@ __all__ = ["Comparison", "classification_batches", "compare_optimizers", "small_
            "spd_matrix"]
 
 
-def spd_matrix(d: int, cond: float = 100.0, *, dtype: torch.dtype = torch.float64,
+def spd_matrix(d: int, cond: float = 100.0, *, largest: float = 1.0,
+               batch: Sequence[int] = (), dtype: torch.dtype = torch.float64,
                device: str | torch.device = "cpu", generator: torch.Generator | None = None
                ) -> Tensor:
-    """Q diag(l) Q^T with Q a random orthogonal matrix and l log-spaced in [1/cond, 1]
-    (exactly symmetric)."""
-    g = torch.randn(d, d, dtype=torch.float64, generator=generator)
+    """Q diag(l) Q^T (a ``batch`` of them) with Q random orthogonal (Haar) and l log-spaced in
+    [largest / cond, largest]; built in float64, exactly symmetric, then cast."""
+    g = torch.randn(*batch, d, d, dtype=torch.float64, generator=generator)
     Q, R = torch.linalg.qr(g)
-    Q = Q * torch.sign(torch.diagonal(R))
-    lam = torch.logspace(-torch.log10(torch.tensor(cond)).item(), 0.0, d, dtype=torch.float64)
-    M = (Q * lam) @ Q.T
-    M = 0.5 * (M + M.T)
+    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1)).unsqueeze(-2)
+    lam = torch.logspace(math.log10(largest / cond), math.log10(largest), d, dtype=torch.float64)
+    if d == 1:
+        lam = torch.full((1,), float(largest), dtype=torch.float64)
+    M = (Q * lam) @ Q.transpose(-2, -1)
+    M = 0.5 * (M + M.transpose(-2, -1))
     return M.to(dtype=dtype, device=device)
 
 
@@ -70,17 +74,17 @@ def compare_optimizers(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
 ) -> Comparison:
     """Train copies of ``model`` with ``make_a`` and ``make_b`` on the same ``batches``
-    (``zero_grad``, forward, ``backward``, ``step``) and compare them after every step."""
+    (``opt.step(closure)``, torch.optim's closure: zero, forward, backward) and compare them
+    after every step."""
+    from grng.optim.gradient_source import make_closure
+
     model_a, model_b = copy.deepcopy(model), copy.deepcopy(model)
     opt_a, opt_b = make_a(model_a), make_b(model_b)
     out = Comparison()
     for x, y in batches:
         for m, opt, losses in ((model_a, opt_a, out.loss_a), (model_b, opt_b, out.loss_b)):
-            opt.zero_grad()
-            loss = loss_fn(m(x), y)
-            loss.backward()
-            opt.step()
+            loss = opt.step(make_closure(opt, lambda m=m: loss_fn(m(x), y)))
             losses.append(float(loss))
-        out.param_diff.append(max(float((pa - pb).abs().max()) for pa, pb in
+        out.param_diff.append(max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in
                                   zip(model_a.parameters(), model_b.parameters())))
     return out

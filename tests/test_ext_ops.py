@@ -11,6 +11,7 @@ try:
 except ImportError as _err:  # the package stays usable without the extension; these tests cannot run
     pytest.skip(f"grng._C is not available: {_err}", allow_module_level=True)
 
+from grng.testing import spd_matrix
 from grng import ops
 from grng.ops import batched
 from grng.ops.errors import FactorizationError
@@ -19,10 +20,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def spd(*shape: int, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
-    """A well-conditioned SPD matrix (or batch): A A^T / d + I."""
-    d = shape[-1]
-    A = torch.randn(*shape, dtype=torch.float64)
-    return (A @ A.transpose(-2, -1) / d + torch.eye(d, dtype=torch.float64)).to(dtype=dtype, device=device)
+    """A well-conditioned SPD matrix (or batch of shape[:-2]), eigenvalues in [1, 5]
+    (grng.testing.spd_matrix)."""
+    return spd_matrix(shape[-1], 5.0, largest=5.0, batch=shape[:-2], dtype=dtype, device=device)
 
 
 def transposed_copy(t: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grng.testing import spd_matrix
 import grng.ops as ops
 from grng.ops import reference
 
@@ -80,9 +81,8 @@ def from_spectrum(evals: torch.Tensor, gen: torch.Generator | None = None) -> tu
 
 
 def spd(d: int, cond: float = 100.0, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Random SPD float64 matrix with eigenvalues log-spaced in [1, cond]."""
-    evals = torch.logspace(0, math.log10(cond), d, dtype=F64) if d > 1 else torch.ones(1, dtype=F64)
-    return from_spectrum(evals, gen)[0]
+    """Random SPD float64 matrix with eigenvalues log-spaced in [1, cond] (grng.testing)."""
+    return spd_matrix(d, cond, largest=cond if d > 1 else 1.0, generator=gen)
 
 
 def dense_kfac(G: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
