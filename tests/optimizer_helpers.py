@@ -52,7 +52,8 @@ _TESTED: dict[str, tuple[str, dict]] = {
     "ring": ("ring", {**_CURV, "rho": 0.1}),
     "reng-forward": ("reng-forward", {**_CURV, "rho": 0.1}),
     "reng-exact": ("reng-exact", {**_CURV, "rho": 0.1}),
-    "rkalman": ("rkalman", dict(lr=0.1, rho=0.1, momentum=0.9, kalman_rank=5)),
+    "rkalman": ("rkalman", dict(lr=0.1, rho=0.1, momentum=0.9, kalman_rank=5,
+                                prior_precision=1.0, kl_clip=None)),
     "gradreg-kfac": ("gradreg-kfac", _CURV),
     "gradreg-sgd": ("db-sgd", dict(lr=0.1, momentum=0.9)),
 }

@@ -19,7 +19,8 @@ DATA = Path(__file__).parent / "data" / "checkpoint_v0_1.pt"
 FACTORIES = {
     "kfac": lambda m: grng.KFAC(m, lr=0.1, damping=1e-2, momentum=0.5, inverse_every=2),
     "kfac_newton": lambda m: grng.KFAC(m, lr=0.1, damping=1e-2, inverse="newton", inverse_every=2),
-    "rkalman": lambda m: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=4),
+    # written by grng 0.1.0, whose R-Kalman default prior_precision was 1.0
+    "rkalman": lambda m: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=4, prior_precision=1.0),
 }
 
 

@@ -109,7 +109,7 @@ def _step(model: nn.Module, opt: KFAC, x: Tensor, y: Tensor) -> dict[nn.Module, 
 def test_one_step_equals_dense_damped_natural_gradient(make, inverse: str) -> None:
     lr, damping = 0.3, 0.05
     model = make()
-    opt = KFAC(model, lr=lr, damping=damping, inverse=inverse)
+    opt = KFAC(model, kl_clip=None, lr=lr, damping=damping, inverse=inverse)
     before = {m: _wbar(m) for m in _kron_modules(model)}
     grads = _step(model, opt, *_batch(model))
     assert len(opt.layers) == len(before)
@@ -137,7 +137,7 @@ def test_newton_and_cholesky_agree_tightly() -> None:
 def test_inverse_refreshed_only_every_inverse_every_steps() -> None:
     lr, damping = 0.1, 0.02
     model = _mlp()
-    opt = KFAC(model, lr=lr, damping=damping, inverse_every=2, factor_decay=0.5)
+    opt = KFAC(model, kl_clip=None, lr=lr, damping=damping, inverse_every=2, factor_decay=0.5)
     m = model[2]
     _step(model, opt, *_batch(model))
     A0, G0 = _factors(opt, m)
@@ -158,7 +158,8 @@ def test_inverse_refreshed_only_every_inverse_every_steps() -> None:
 def test_momentum_is_heavy_ball_on_the_direction() -> None:
     lr, damping, mom = 0.2, 0.03, 0.9
     model = _mlp()
-    opt = KFAC(model, lr=lr, damping=damping, momentum=mom, inverse_every=1, factor_decay=0.7)
+    opt = KFAC(model, lr=lr, damping=damping, momentum=mom, inverse_every=1, factor_decay=0.7,
+               kl_clip=None)
     bufs = {m: torch.zeros_like(_wbar(m)) for m in _kron_modules(model)}
     for _ in range(2):
         before = {m: _wbar(m) for m in bufs}
@@ -173,7 +174,7 @@ def test_momentum_is_heavy_ball_on_the_direction() -> None:
 def test_decoupled_weight_decay() -> None:
     lr, damping, wd = 0.2, 0.03, 0.5
     model = _mlp()
-    opt = KFAC(model, lr=lr, damping=damping, weight_decay=wd)
+    opt = KFAC(model, kl_clip=None, lr=lr, damping=damping, weight_decay=wd)
     before = {m: _wbar(m) for m in _kron_modules(model)}
     grads = _step(model, opt, *_batch(model))
     for m, W0 in before.items():
@@ -226,7 +227,7 @@ def test_param_groups_with_their_own_lr_and_damping() -> None:
     l1, l2 = model[0], model[2]
     groups = [{"params": list(l1.parameters()), "lr": 0.3},
               {"params": list(l2.parameters()), "lr": 0.02, "damping": 0.2}]
-    opt = KFAC(model, lr=1.0, damping=0.01, param_groups=groups)
+    opt = KFAC(model, kl_clip=None, lr=1.0, damping=0.01, param_groups=groups)
     before = {m: _wbar(m) for m in (l1, l2)}
     grads = _step(model, opt, *_batch(model))
     for m, lr, damping in ((l1, 0.3, 0.01), (l2, 0.02, 0.2)):
@@ -246,7 +247,7 @@ def test_param_group_subset_leaves_other_params_alone() -> None:
 def test_lr_scheduler_changes_the_step() -> None:
     lr, damping = 0.4, 0.05
     model = _mlp()
-    opt = KFAC(model, lr=lr, damping=damping, inverse_every=1)
+    opt = KFAC(model, kl_clip=None, lr=lr, damping=damping, inverse_every=1)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
     _step(model, opt, *_batch(model))
     sched.step()

@@ -121,7 +121,8 @@ def test_ring_step_matches_dense_solve() -> None:
     model = _mlp()
     twin = copy.deepcopy(model)
     lr, damping, rho = 0.3, 0.05, 0.7
-    opt = RING(model, lr=lr, damping=damping, rho=rho, factor_decay=0.8, inverse_every=1)
+    opt = RING(model, lr=lr, damping=damping, rho=rho, factor_decay=0.8, inverse_every=1,
+               kl_clip=None)
     loss_fn = _loss_fn(True)
 
     def direction(st, V, HV):
@@ -212,7 +213,7 @@ def test_reng_exact_matches_dense() -> None:
     twin = copy.deepcopy(model)
     lr, damping, rho = 0.3, 0.05, 0.8
     opt = RENG(model, lr=lr, damping=damping, rho=rho, gr="exact", factor_decay=0.85,
-               inverse_every=1)
+               inverse_every=1, kl_clip=None)
     loss_fn = _loss_fn(True)
 
     def direction(st, V, HV):
@@ -229,7 +230,7 @@ def test_reng_finite_differences_exact_on_quadratic_loss(gr: str) -> None:
     twin = copy.deepcopy(model)
     lr, damping, rho = 0.2, 0.05, 0.6
     opt = RENG(model, lr=lr, damping=damping, rho=rho, gr=gr, epsilon=0.05, factor_decay=0.9,
-               inverse_every=1)
+               inverse_every=1, kl_clip=None)
     loss_fn = _loss_fn(False)
 
     def direction(st, V, HV):

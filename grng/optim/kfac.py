@@ -32,6 +32,10 @@ class KFAC(CurvatureOptimizer):
     recipe or when ``scaler.unscale_(opt)`` precedes ``scaler.step(opt)``; ``scaler.step(opt)``
     alone works without it. ``max_grad_norm`` clips the gradient the step uses to that
     Euclidean norm (all parameters together). See docs/numerics.md.
+
+    ``kl_clip`` (default 1e-3) scales the step so that lr^2 <d, g> <= kl_clip, a trust region
+    in the curvature's norm; ``kl_clip=None`` turns it off. The default values were chosen by
+    ``bench/defaults.py`` (docs/defaults.md).
     """
 
     def __init__(
@@ -45,7 +49,7 @@ class KFAC(CurvatureOptimizer):
         factor_every: int = 1,
         inverse_every: int = 10,
         inverse: str = "eigen",
-        kl_clip: float | None = None,
+        kl_clip: float | None = 1e-3,
         backend: str = "auto",
         *,
         param_groups: Iterable[dict] | None = None,

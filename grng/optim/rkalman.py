@@ -43,7 +43,9 @@ class RKalman(CurvatureOptimizer):
     The plain gradient, the Kalman preconditioner (:mod:`grng.precondition.kalman`) and its
     elementwise variant for parameters without a block. ``grad_scaler``: as for KFAC
     (docs/numerics.md). The covariances have no low-precision storage option: the downdate's
-    accuracy is the storage precision.
+    accuracy is the storage precision. The defaults (prior_precision=1e-2, so process noise
+    1e-2 and variance cap 100, and kl_clip=1e-3 as for KFAC) were chosen by
+    ``bench/defaults.py`` (docs/defaults.md).
     """
 
     def __init__(
@@ -54,10 +56,10 @@ class RKalman(CurvatureOptimizer):
         factor_decay: float = 0.95,
         process_noise: float | None = None,
         kalman_rank: int = 64,
-        prior_precision: float = 1.0,
+        prior_precision: float = 1e-2,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
-        kl_clip: float | None = None,
+        kl_clip: float | None = 1e-3,
         backend: str = "auto",
         *,
         factor_every: int = 1,
