@@ -140,11 +140,15 @@ class CurvatureCapture:
             g_rows.scale /= self.loss_scale
         return layer.a_rows(inputs), g_rows
 
+    def recorded(self) -> list[Tensor]:
+        """Every floating input and output gradient of the completed calls (what :meth:`rows`
+        would use), for the step's one non-finite check."""
+        return [t for record in self._records.values() for c in record.calls
+                if c.grad is not None for t in (c.inputs, c.grad) if t.is_floating_point()]
+
     def all_finite(self) -> bool:
-        """False when a completed call's input or output gradient (what :meth:`rows` would use)
-        holds a NaN or Inf."""
-        return all_finite(t for record in self._records.values() for c in record.calls
-                          if c.grad is not None for t in (c.inputs, c.grad) if t.is_floating_point())
+        """False when a completed call's input or output gradient holds a NaN or Inf."""
+        return all_finite(self.recorded())
 
     def clear(self) -> None:
         """Drop everything recorded (called after every optimizer step)."""

@@ -239,14 +239,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.loss_scale = scale
         if self.max_grad_norm is not None and params:  # ||g|| <= max_grad_norm, what d uses
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        if not all_finite(p.grad for p in params):
-            self.skip_step("non-finite gradient", warn=quiet)
-            return loss
-        if not self.comm.all_true(loss is None or all_finite([loss])):
-            self.skip_step("non-finite loss", warn=quiet)
-            return loss
-        if not self.comm.all_true(self.capture.all_finite()):
-            self.skip_step("non-finite captured activations or output gradients", warn=quiet)
+        grads = [p.grad for p in params]
+        losses = [] if loss is None else [loss]
+        # one check (one host sync, one flag across ranks) for gradients, loss and captured rows
+        if not self.comm.all_true(all_finite([*grads, *losses, *self.capture.recorded()])):
+            self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
             return loss
         with _autocast_disabled():  # a step taken inside torch.autocast keeps its GEMMs in fp32
             if self._steps % self.factor_every == 0:
@@ -274,6 +271,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._steps += 1
         self._end_step()
         return loss
+
+    def _non_finite_reason(self, grads: list[Tensor], losses: list[Tensor]) -> str:
+        """What the failed check found (on this rank; another rank's when nothing here)."""
+        if not all_finite(grads):
+            return "non-finite gradient"
+        if not all_finite(losses):
+            return "non-finite loss"
+        if not self.capture.all_finite():
+            return "non-finite captured activations or output gradients"
+        return "non-finite loss or captured rows on another rank"
 
     def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor | None:
         """The gradient source's evaluation of the closure (it zeroes and backpropagates)."""
