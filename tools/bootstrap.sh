@@ -3,7 +3,8 @@
 #
 # Two modes:
 #  - registry mode (default): a plain venv, torch pinned to 2.13.0 through constraints.txt so the
-#    local CPU wheel is used, then grng with its dev extra.
+#    local CPU wheel is used, then grng with the extras named by GRNG_EXTRAS (default: dev, what
+#    `make test` needs; `make demo` passes demo, so the demo's set-up skips the test frameworks).
 #  - system mode: the host python3 already has torch (e.g. a GPU machine with CUDA torch and no
 #    package registry). The venv sees the host's packages through a .pth file (this also works
 #    when python3 is itself a venv, where --system-site-packages would not) and nothing is
@@ -30,12 +31,13 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "$mode" > "$mode_file"
 fi
 mode=$(cat "$mode_file")
+extras=${GRNG_EXTRAS:-dev}
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 if [ "$mode" = registry ]; then
   # Build requirements first: the extension is built with --no-build-isolation against this torch.
   "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0" setuptools wheel pybind11 ninja
-  "${PIP[@]}" install -q -c constraints.txt --no-build-isolation -e ".[dev]"
+  "${PIP[@]}" install -q -c constraints.txt --no-build-isolation -e ".[$extras]"
 else
   "${PIP[@]}" install -q --no-deps --no-index --no-build-isolation -e .
 fi

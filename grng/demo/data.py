@@ -30,6 +30,10 @@ class Split:
     def to(self, device: torch.device | str) -> Split:
         return Split(self.x.to(device), self.y.to(device), self.index)
 
+    def head(self, n: int) -> Split:
+        """The first ``n`` rows."""
+        return Split(self.x[:n], self.y[:n], self.index[:n])
+
 
 @dataclass(frozen=True)
 class Digits:

@@ -1,21 +1,28 @@
-"""The demo's optimizers: how each is built, stepped, and which hyperparameters are searched.
+"""The demo's optimizers: how each is built and stepped, and the learning rates it sweeps.
+
+Every optimizer runs at its **defaults**: grng's own constructor defaults, torch's, or the
+peer package's, plus only what makes the case (RENG's ``gr="forward"``, the GradReg mode and
+its SGD base) and the peers' prescribed protocol (Sophia's Hessian estimate every 10 steps).
+Only the learning rate is swept, over three values a user would try: ``base / 3``, ``base``,
+``3 base`` rounded to the 1-3-10 grid, ``base`` being the default. Where a package's default
+was chosen for another regime (Sophia's 1e-4 is its GPT-2 pre-training value), the base is
+said in :attr:`OptimizerSpec.note`.
 
 Every optimizer is driven through a :class:`Stepper`, which runs one training step on a
-minibatch and hides the two calling conventions: ``opt.step(closure)`` with torch.optim's
-closure (it zeroes, runs forward and backward and returns the loss; RENG and GradReg call it
-twice), and Sophia's periodic Hessian refresh.
-
-Search space (:data:`SPECS`): every optimizer searches 3 or 4 learning rates; the curvature
-and regularized ones also search one more knob with 2 values (damping, rho, gamma or the SAM
-radius), so at most 8 candidates each. RING and RENG reuse the damping chosen for K-FAC (they
-are K-FAC plus a rho term). Everything else is fixed and listed in ``fixed``.
+minibatch and hides the calling conventions: ``opt.step(closure)`` with torch.optim's closure
+(it zeroes, runs forward and backward and returns the loss; RENG and GradReg call it twice),
+and Sophia's periodic Hessian refresh. The peers come from the ``demo`` extra: ``sophia-opt``
+(SophiaG) and ``heavyball`` (SOAP, PSGD-Kron). heavyball runs eager (``compile_mode=None``):
+its default ``torch.compile`` with autotuning took about 100 s per optimizer on this 2-core CPU
+before the first step (measured, docs/demo.md), longer than the whole demo, for no faster
+steps on these sizes.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import inspect
-import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,60 +37,77 @@ from grng.optim.cases import CASES
 
 @dataclass(frozen=True)
 class OptimizerSpec:
+    """One optimizer of the demo: ``lrs`` (the sweep, default in the middle) and ``fixed`` (what
+    makes the case or the peer's protocol; everything else is the constructor's default)."""
+
     key: str
     label: str
-    grid: dict[str, tuple[Any, ...]]
+    lrs: tuple[float, float, float]
     fixed: dict[str, Any] = field(default_factory=dict)
-    inherit: tuple[str, tuple[str, ...]] | None = None  # (spec key, hyperparameter names)
     description: str = ""
+    note: str = ""
+    family: str = "grng"  # grng | torch | peer
 
-    def candidates(self, inherited: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Every point of the grid, merged with the fixed and inherited values."""
-        names = list(self.grid)
-        out = []
-        for values in itertools.product(*(self.grid[n] for n in names)):
-            hp = {**self.fixed, **(inherited or {}), **dict(zip(names, values))}
-            out.append(hp)
-        return out
+    def candidates(self) -> list[dict[str, Any]]:
+        """The sweep: the fixed values with each learning rate."""
+        return [{**self.fixed, "lr": lr} for lr in self.lrs]
 
     def defaults(self) -> dict[str, Any]:
-        """The fallback when no searched value exists: the middle of each grid (inherited
-        values from the parent's defaults)."""
-        inherited = {}
-        if self.inherit is not None:
-            parent = SPECS[self.inherit[0]].defaults()
-            inherited = {k: parent[k] for k in self.inherit[1]}
-        return {**self.fixed, **inherited, **{n: v[len(v) // 2] for n, v in self.grid.items()}}
+        """The fixed values with the default (middle) learning rate."""
+        return {**self.fixed, "lr": self.lrs[1]}
 
 
-LRS_SGD = (0.01, 0.03, 0.1, 0.3)
-LRS_KFAC = (0.003, 0.01, 0.03)
+def lr_sweep(base: float) -> tuple[float, float, float]:
+    """(base / 3, base, 3 base) on the 1-3-10 grid: 0.01 -> (0.003, 0.01, 0.03)."""
+    def snap(x: float) -> float:
+        decade = 10.0 ** math.floor(math.log10(x))
+        mantissa = min((1.0, 3.0, 10.0), key=lambda m: abs(math.log(x / (m * decade))))
+        return float(f"{mantissa * decade:.0e}")
+
+    return snap(base / 3.0), base, snap(base * 3.0)
+
+
+def _default_lr(cls: type) -> float:
+    return float(inspect.signature(cls.__init__).parameters["lr"].default)
+
+
+def _grng_lr(case: str) -> float:
+    return _default_lr(CASES[case].build)
+
 
 SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
-    OptimizerSpec("sgd", "SGD", {"lr": LRS_SGD}, {"momentum": 0.9},
-                  description="torch.optim.SGD with heavy-ball momentum"),
-    OptimizerSpec("adamw", "AdamW", {"lr": (1e-3, 3e-3, 1e-2, 3e-2)}, {"weight_decay": 1e-2},
-                  description="torch.optim.AdamW"),
-    OptimizerSpec("kfac", "K-FAC", {"lr": LRS_KFAC, "damping": (0.1, 1.0)}, {"momentum": 0.9},
-                  description="grng.KFAC (eigen inverse every 10 steps, factor decay 0.95)"),
-    OptimizerSpec("ring", "RING", {"lr": LRS_KFAC, "rho": (0.01, 0.1)}, {"momentum": 0.9},
-                  inherit=("kfac", ("damping",)),
-                  description="grng.RING: d = P(g) + rho g"),
-    OptimizerSpec("reng", "RENG (F-GR)", {"lr": LRS_KFAC, "rho": (0.01, 0.1)},
-                  {"momentum": 0.9, "gr": "forward", "epsilon": 0.01},
-                  inherit=("kfac", ("damping",)),
-                  description="grng.RENG: d = P(g + rho H g), H g by forward finite difference"),
-    OptimizerSpec("rkalman", "R-Kalman", {"lr": (0.03, 0.1, 0.3), "rho": (0.01, 0.1)}, {"momentum": 0.9},
-                  description="grng.RKalman: Kalman-filtered Kronecker covariances"),
-    OptimizerSpec("fgr", "F-GR (SGD)", {"lr": LRS_SGD, "gamma": (0.01, 0.05)},
-                  {"momentum": 0.9, "epsilon": 0.01},
-                  description="grng.GradReg(SGD, mode='forward')"),
-    OptimizerSpec("sam", "SAM (SGD)", {"lr": LRS_SGD, "epsilon": (0.02, 0.1)}, {"momentum": 0.9},
-                  description="grng.GradReg(SGD, mode='sam'): normalized SAM, radius epsilon"),
-    OptimizerSpec("sophia", "Sophia", {"lr": (1e-3, 3e-3, 1e-2)},
-                  {"rho": 0.04, "weight_decay": 0.1, "hessian_every": 10},
-                  description="SophiaG from the optional sophia-opt package (GNB Hessian "
-                              "estimate every 10 steps)"),
+    OptimizerSpec("sgd", "SGD", lr_sweep(0.1), {"momentum": 0.9}, family="torch",
+                  description="torch.optim.SGD, heavy-ball momentum 0.9 (torch has no default lr: "
+                              "0.1 as in grng's case table)"),
+    OptimizerSpec("adamw", "AdamW", lr_sweep(_default_lr(torch.optim.AdamW)), family="torch",
+                  description="torch.optim.AdamW at torch's defaults"),
+    OptimizerSpec("kfac", "K-FAC", lr_sweep(_grng_lr("kfac-eigen")),
+                  description="grng.KFAC at its defaults"),
+    OptimizerSpec("ring", "RING", lr_sweep(_grng_lr("ring")),
+                  description="grng.RING at its defaults: d = P(g) + rho g"),
+    OptimizerSpec("reng", "RENG (F-GR)", lr_sweep(_grng_lr("reng-forward")), {"gr": "forward"},
+                  description="grng.RENG at its defaults with gr='forward': d = P(g + rho H g), "
+                              "H g by forward finite difference"),
+    OptimizerSpec("rkalman", "R-Kalman", lr_sweep(_grng_lr("rkalman")),
+                  description="grng.RKalman at its defaults: Kalman-filtered Kronecker covariances"),
+    OptimizerSpec("fgr", "F-GR (SGD)", lr_sweep(0.1),
+                  {"momentum": 0.9, "gamma": 0.05, "epsilon": 0.01},
+                  description="grng.GradReg(SGD(momentum=0.9), mode='forward'), the case table's "
+                              "gamma=0.05, epsilon=0.01"),
+    OptimizerSpec("sam", "SAM (SGD)", lr_sweep(0.1), {"momentum": 0.9, "epsilon": 0.05},
+                  description="grng.GradReg(SGD(momentum=0.9), mode='sam'): normalized SAM, "
+                              "radius 0.05 (the case table's)"),
+    OptimizerSpec("sophia", "Sophia", lr_sweep(1e-3), {"hessian_every": 10}, family="peer",
+                  description="SophiaG from sophia-opt at its defaults (rho=0.04, betas=(0.965, "
+                              "0.99), weight_decay=0.1); GNB Hessian estimate every 10 steps as "
+                              "its authors prescribe",
+                  note="base lr 1e-3 (AdamW's default), not sophia-opt's 1e-4: that is its GPT-2 "
+                       "pre-training value, and Sophia's clipped step moves each coordinate by "
+                       "at most lr per step"),
+    OptimizerSpec("soap", "SOAP", lr_sweep(3e-3), family="peer",
+                  description="heavyball.SOAP at its defaults (eager)"),
+    OptimizerSpec("psgd", "PSGD-Kron", lr_sweep(1e-3), family="peer",
+                  description="heavyball.PSGDKron at its defaults (eager)"),
 )}
 
 OPTIMIZERS: tuple[str, ...] = tuple(SPECS)
@@ -93,8 +117,9 @@ CASE_OF = {"sgd": "sgd", "adamw": "adamw", "kfac": "kfac-eigen", "ring": "ring",
            "reng": "reng-forward", "rkalman": "rkalman", "fgr": "fgr-sgd", "sam": "sam-sgd"}
 
 # Where SophiaG may live in the sophia-opt distribution (module name, attribute).
-_SOPHIA_LOCATIONS = (("sophia", "SophiaG"), ("sophia_opt", "SophiaG"),
+_SOPHIA_LOCATIONS = (("sophia_opt", "SophiaG"), ("sophia", "SophiaG"),
                      ("sophia_opt.sophia", "SophiaG"), ("sophia.sophia", "SophiaG"))
+_HEAVYBALL_CLASSES = {"soap": "SOAP", "psgd": "PSGDKron"}
 
 
 def find_sophia() -> type | None:
@@ -110,17 +135,36 @@ def find_sophia() -> type | None:
     return None
 
 
+def find_heavyball(key: str) -> type | None:
+    """heavyball's optimizer class for ``key`` ("soap", "psgd"), set to run eager; None when
+    heavyball is not importable."""
+    try:
+        heavyball = importlib.import_module("heavyball")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    heavyball.utils.compile_mode = None  # eager: see the module docstring
+    return getattr(heavyball, _HEAVYBALL_CLASSES[key], None)
+
+
 def unavailable_reason(key: str) -> str | None:
     """Why optimizer ``key`` cannot run here (None when it can)."""
     if key not in SPECS:
         return f"unknown optimizer {key!r}"
     if key == "sophia" and find_sophia() is None:
-        return "not installed (pip install sophia-opt)"
+        return "not installed (pip install sophia-opt, or make demo)"
+    if key in _HEAVYBALL_CLASSES and find_heavyball(key) is None:
+        return "not installed (pip install heavyball, or make demo)"
     return None
 
 
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy over every target: (N, C) logits with (N,) labels, or (N, T, C)
+    next-character logits with (N, T) targets."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
 def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y)
+    return cross_entropy(model(x), y)
 
 
 class Stepper:
@@ -173,7 +217,7 @@ class SophiaStepper(Stepper):
             logits = self.model(x)
             with torch.no_grad():
                 sampled = torch.distributions.Categorical(logits=logits).sample()
-            F.cross_entropy(logits, sampled).backward()
+            cross_entropy(logits, sampled).backward()
             self.optimizer.update_hessian()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -181,7 +225,8 @@ class SophiaStepper(Stepper):
 
 def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 0,
                  batch_size: int = 64) -> Stepper:
-    """Build optimizer ``key`` for ``model`` with hyperparameters ``hp``."""
+    """Build optimizer ``key`` for ``model`` with hyperparameters ``hp``. ``batch_size`` is the
+    number of targets per minibatch Sophia's ``bs`` counts (characters for text)."""
     reason = unavailable_reason(key)
     if reason is not None:
         raise RuntimeError(reason)
@@ -189,8 +234,12 @@ def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 
     if key == "sophia":
         cls = find_sophia()
         assert cls is not None
-        opt = cls(model.parameters(), lr=hp["lr"], rho=hp["rho"], weight_decay=hp["weight_decay"])
-        return SophiaStepper(opt, model, int(hp["hessian_every"]), batch_size)
+        every = int(hp.pop("hessian_every"))
+        return SophiaStepper(cls(model.parameters(), **hp), model, every, batch_size)
+    if key in _HEAVYBALL_CLASSES:
+        cls = find_heavyball(key)
+        assert cls is not None
+        return Stepper(cls(model.parameters(), **hp), model)
     case = CASES[CASE_OF[key]]
     if key == "rkalman":
         hp["seed"] = seed
@@ -198,6 +247,6 @@ def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 
 
 
 def iter_specs(keys: Iterable[str] | None = None) -> list[OptimizerSpec]:
-    """Specs in search order (K-FAC before the optimizers that inherit from it)."""
+    """Specs in table order."""
     keys = list(keys) if keys is not None else list(OPTIMIZERS)
     return [SPECS[k] for k in OPTIMIZERS if k in keys]

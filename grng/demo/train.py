@@ -2,8 +2,10 @@
 
 The run trains on ``train`` with shuffled minibatches (``drop_last``, so every step sees a full
 batch) and evaluates on ``eval_split`` every ``eval_every`` steps. In the demo ``eval_split`` is
-the test set and those evaluations only draw the curves and the time-to-accuracy columns; in
-the hyperparameter search it is the validation set and only the final value is used.
+the test set and those evaluations only draw the curves and the time-to-target columns; in
+the defaults benchmark (``bench/defaults.py``) it is the validation set. The task
+(:mod:`grng.demo.tasks`) says which metric the evaluations report (accuracy or bits per
+character) and which levels are timed.
 
 ``wall_s`` and the seconds-to-accuracy count training time only: the periodic evaluations are
 excluded (on CUDA the clock is read after a synchronize). A run whose minibatch loss or
@@ -22,13 +24,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from grng.demo.data import Split
 from grng.demo.models import make_model
-from grng.demo.optimizers import SPECS, make_stepper, unavailable_reason
-
-THRESHOLDS = (0.95, 0.97)
+from grng.demo.optimizers import SPECS, cross_entropy, make_stepper, unavailable_reason
+from grng.demo.tasks import TASKS, Task
 
 
 @dataclass
@@ -46,8 +46,10 @@ class RunResult:
     curve_time: list[float] = field(default_factory=list)
     curve_acc: list[float] = field(default_factory=list)
     curve_loss: list[float] = field(default_factory=list)
+    curve_metric: list[float] = field(default_factory=list)
     train_loss: list[float] = field(default_factory=list)
     final_acc: float = float("nan")
+    final_metric: float = float("nan")
     final_loss: float = float("nan")
     train_loss_full: float = float("nan")
     grad_norm: float = float("nan")
@@ -59,6 +61,11 @@ class RunResult:
         return asdict(self)
 
 
+def level_key(level: float) -> str:
+    """The key of a timed level in :attr:`RunResult.reached` ("0.95", "3.00")."""
+    return f"{level:.2f}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -66,13 +73,13 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` on the whole split."""
+    """(accuracy, mean cross-entropy) of ``model`` on the whole split (per character for text)."""
     was_training = model.training
     model.eval()
     logits = model(split.x)
     model.train(was_training)
-    loss = F.cross_entropy(logits, split.y).item()
-    acc = (logits.argmax(1) == split.y).float().mean().item()
+    loss = cross_entropy(logits, split.y).item()
+    acc = (logits.argmax(-1) == split.y).float().mean().item()
     return acc, loss
 
 
@@ -80,7 +87,7 @@ def full_batch_gradient(model: nn.Module, split: Split) -> tuple[float, float]:
     """(loss, ||grad||_2) of the mean loss over the whole split (no parameter is changed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.enable_grad():
-        loss = F.cross_entropy(model(split.x), split.y)
+        loss = cross_entropy(model(split.x), split.y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     norm = torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(g) for g in grads if g is not None]))
@@ -111,12 +118,14 @@ def train_run(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str | None = None,
-    thresholds: tuple[float, ...] = THRESHOLDS,
+    task: Task | None = None,
 ) -> RunResult:
-    """Train ``model_name`` with ``optimizer`` (a key of :data:`SPECS`) and return the record."""
+    """Train ``model_name`` with ``optimizer`` (a key of :data:`SPECS`) and return the record;
+    ``task`` (default ``TASKS[model_name]``) gives the metric and the timed levels."""
     device = torch.device(device)
+    task = task or TASKS[model_name]
     result = RunResult(model_name, optimizer, seed, dict(hparams))
-    result.reached = {f"{t:.2f}": None for t in thresholds}
+    result.reached = {level_key(t): None for t in task.thresholds}
     reason = unavailable_reason(optimizer)
     if reason is not None:
         result.status, result.message = "unavailable", reason
@@ -135,21 +144,24 @@ def train_run(
 
     def record_eval(step: int) -> None:
         acc, loss = evaluate(model, eval_split)
+        value = task.value(acc, loss)
         result.curve_step.append(step)
         result.curve_time.append(train_time)
         result.curve_acc.append(acc)
         result.curve_loss.append(loss)
-        for t in thresholds:
-            key = f"{t:.2f}"
-            if result.reached[key] is None and acc >= t:
+        result.curve_metric.append(value)
+        for t in task.thresholds:
+            key = level_key(t)
+            if result.reached[key] is None and task.reached(value, t):
                 result.reached[key] = [step, train_time]
         if bar is not None:
-            bar.set_postfix(acc=f"{acc:.3f}", loss=f"{loss:.3f}", refresh=False)
+            bar.set_postfix({task.metric: f"{value:.3f}", "loss": f"{loss:.3f}"}, refresh=False)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            stepper = make_stepper(optimizer, model, hparams, seed=seed, batch_size=bs)
+            stepper = make_stepper(optimizer, model, hparams, seed=seed,
+                                   batch_size=bs * train.y[0].numel())
             if progress:
                 from tqdm.auto import tqdm
 
@@ -185,8 +197,10 @@ def train_run(
             result.skipped_steps = stepper.skipped_steps
             if result.status == "ok" or _finite_params(model):
                 result.final_acc, result.final_loss = evaluate(model, eval_split)
+                result.final_metric = task.value(result.final_acc, result.final_loss)
                 with stepper.paused():
-                    result.train_loss_full, result.grad_norm = full_batch_gradient(model, train)
+                    rows = train if task.grad_rows is None else train.head(task.grad_rows)
+                    result.train_loss_full, result.grad_norm = full_batch_gradient(model, rows)
         except Exception as err:  # noqa: BLE001 - one failing optimizer must not end the demo
             result.status = "error"
             result.message = f"{type(err).__name__}: {err}"
@@ -216,7 +230,7 @@ def summarize(runs: list[RunResult]) -> dict[str, Any]:
     acc = mean_std([r.final_acc for r in runs])
     out: dict[str, Any] = {
         "model": first.model, "optimizer": first.optimizer, "label": SPECS[first.optimizer].label,
-        "seeds": len(runs), "acc": acc,
+        "seeds": len(runs), "lr": float(first.hparams.get("lr", float("nan"))), "acc": acc, "metric": mean_std([r.final_metric for r in runs]),
         "test_loss": mean_std([r.final_loss for r in runs]),
         "train_loss": mean_std([r.train_loss_full for r in runs]),
         "grad_norm": mean_std([r.grad_norm for r in runs]),
