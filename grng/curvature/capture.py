@@ -71,8 +71,8 @@ class CurvatureCapture:
                 owner = next((claimed[id(p)] for p in block.params if id(p) in claimed), None)
                 if owner is not None:
                     if owner != block_name:  # attention's out_proj is claimed by its parent
-                        self.skipped[block_name] = (f"its weight is {owner!r}'s (tied): only "
-                                                    f"{owner!r}'s calls are captured")
+                        self.skipped[block_name] = (f"tied to {owner!r}, whose calls alone "
+                                                    "are captured")
                     continue
                 if keep is not None and not all(id(p) in keep for p in block.params):
                     continue
