@@ -268,7 +268,7 @@ def test_transposed_linear_one_example_identity_and_step() -> None:
     layer = Conv1D(3, 4).double()
     x, w = torch.randn(1, 4, dtype=DT), torch.randn(1, 3, dtype=DT)
     damping, lr = 0.1, 0.5
-    opt = KFAC(layer, lr=lr, damping=damping, inverse_every=1)
+    opt = KFAC(layer, lr=lr, damping=damping, inverse_every=1, kl_clip=None)  # the plain step
     _loss(layer(x), w).backward()
     V = torch.cat([layer.weight.grad.T, layer.bias.grad[:, None]], 1)
     W0 = torch.cat([layer.weight.detach().T, layer.bias.detach()[:, None]], 1).clone()
@@ -651,7 +651,8 @@ def test_sides_above_max_factor_dim_are_diagonal_and_preconditioned_exactly(side
     lin = nn.Linear(i, o).double()
     x, w = torch.randn(n, i, dtype=DT), torch.randn(n, o, dtype=DT)
     with pytest.warns(UserWarning, match="max_factor_dim=6"):
-        opt = KFAC(lin, lr=lr, damping=damping, inverse=inverse, inverse_every=1, max_factor_dim=6)
+        opt = KFAC(lin, lr=lr, damping=damping, inverse=inverse, inverse_every=1, kl_clip=None,
+                   max_factor_dim=6)
     W0 = torch.cat([lin.weight.detach(), lin.bias.detach()[:, None]], 1).clone()
     out = _fit_once(opt, lin, x, w)
     V = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)
@@ -680,8 +681,8 @@ def test_rkalman_diagonal_side_is_the_scalar_kalman_filter() -> None:
     lin = nn.Linear(3, 7).double()
     with pytest.warns(UserWarning, match="max_factor_dim"):
         opt = RKalman(lin, lr=0.0, rho=0.0, factor_decay=beta, process_noise=0.0,
-                      max_variance=None, max_factor_dim=6)
-    info = torch.ones(7, dtype=DT)                        # P_G^-1 starts at prior_precision I
+                      prior_precision=0.5, max_variance=None, max_factor_dim=6)
+    info = torch.full((7,), 0.5, dtype=DT)                # P_G^-1 starts at prior_precision I
     for _ in range(3):
         out = _fit_once(opt, lin, torch.randn(n, 3, dtype=DT), torch.randn(n, 7, dtype=DT))
         e = n * out.grad
