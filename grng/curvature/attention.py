@@ -38,9 +38,11 @@ __all__ = ["AttentionProjection", "attention_forward"]
 #: role, projection input, projection output, first output column of the block (None: all)
 Report = Callable[[str, Tensor, Tensor, "int | None"], None]
 
-# module -> [(recorder, {role: block})] of the captures attached to it
-_TAPS: weakref.WeakKeyDictionary[nn.Module, list[tuple[Recorder, dict[str, AttentionProjection]]]] = (
-    weakref.WeakKeyDictionary())
+#: one capture's attachment to a module: (recorder, {role: block})
+Tap = tuple[Recorder, dict[str, KroneckerLayer]]
+
+# module -> the taps of the captures attached to it
+_TAPS: weakref.WeakKeyDictionary[nn.Module, list[Tap]] = weakref.WeakKeyDictionary()
 
 
 class AttentionProjection(LinearLayer):
@@ -103,7 +105,7 @@ class AttentionProjection(LinearLayer):
 class _Detach:
     """Handle of one capture's attachment; the last one out restores the module's forward."""
 
-    def __init__(self, module: nn.Module, entry: tuple) -> None:
+    def __init__(self, module: nn.Module, entry: Tap) -> None:
         self.module = weakref.ref(module)
         self.entry = entry
 
@@ -163,7 +165,8 @@ def _in_projection(m: nn.MultiheadAttention, report: Report, query: Tensor, key:
         q = F.linear(query, m.q_proj_weight, b_q)
         k = F.linear(key, m.k_proj_weight, b_k)
         v = F.linear(value, m.v_proj_weight, b_v)
-        for role, inputs, output in (("q_proj", query, q), ("k_proj", key, k), ("v_proj", value, v)):
+        for role, inputs, output in (("q_proj", query, q), ("k_proj", key, k),
+                                     ("v_proj", value, v)):
             report(role, inputs, output, None)
         return q, k, v
     w, b = m.in_proj_weight, m.in_proj_bias
@@ -228,7 +231,8 @@ def attention_forward(m: nn.MultiheadAttention, report: Report, query: Tensor, k
         raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got "
                              f"{embed_dim}")
     head_dim = embed_dim // num_heads
-    if (key.shape[:2] != value.shape[:2] if not m._qkv_same_embed_dim else key.shape != value.shape):
+    separate = not m._qkv_same_embed_dim
+    if key.shape[:2] != value.shape[:2] if separate else key.shape != value.shape:
         raise AssertionError(f"key shape {tuple(key.shape)} does not match value shape "
                              f"{tuple(value.shape)}")
     q, k, v = _in_projection(m, report, query, key, value)

@@ -127,7 +127,8 @@ class EigenInverse(InverseStrategy):
         if inv.QA is not None:
             return ops.eigen_apply(V.transpose(0, 1), inv.QA, inv.lA, None, inv.lG, damping,
                                    backend=backend).transpose(0, 1)
-        return V.to(inv.lG.dtype) / (torch.outer(inv.lG.clamp(min=0), inv.lA.clamp(min=0)) + damping)
+        denom = torch.outer(inv.lG.clamp(min=0), inv.lA.clamp(min=0)) + damping
+        return V.to(inv.lG.dtype) / denom
 
 
 class _TikhonovInverse(InverseStrategy):

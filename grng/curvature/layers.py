@@ -26,8 +26,9 @@ from torch.nn.utils import parametrize
 from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
 
 __all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "EmbeddingLayer", "Handle",
-           "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer", "WeightNormLayer", "helper_for",
-           "make_layers", "register_layer", "registered_layers"]
+           "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
+           "WeightNormLayer", "helper_for", "make_layers", "register_layer", "registered_layers",
+           "weight_norm_parts"]
 
 #: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
 #: float32 factor of this size is 256 MiB, its eigenbasis as much again
@@ -35,7 +36,8 @@ MAX_FACTOR_DIM = 8192
 
 
 class Recorder(Protocol):
-    """What a helper's hooks report each call to (:class:`grng.curvature.capture.CurvatureCapture`)."""
+    """What a helper's hooks report each call to (the capture,
+    :class:`grng.curvature.capture.CurvatureCapture`)."""
 
     @property
     def recording(self) -> bool:
@@ -489,7 +491,8 @@ def register_layer(module_type: type | str, helper: type[KroneckerLayer]) -> Non
         raise TypeError(f"module_type must be a subclass of torch.nn.Module or a dotted class "
                         f"name, got {module_type!r}")
     if not (isinstance(helper, type) and issubclass(helper, KroneckerLayer)):
-        raise TypeError(f"helper must be a subclass of grng.curvature.layers.KroneckerLayer, got {helper!r}")
+        raise TypeError(f"helper must be a subclass of grng.curvature.layers.KroneckerLayer, "
+                        f"got {helper!r}")
     _REGISTRY[module_type] = helper
 
 
