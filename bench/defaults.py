@@ -43,7 +43,7 @@ from grng.demo.sweep import (HPARAMS_PATH, Cell, best_for_final, best_for_speed,
 from grng.demo.tasks import TASKS  # noqa: E402
 
 SUITE = "defaults"
-GRNG_KEYS = ("kfac", "ring", "reng", "rkalman", "fgr", "sam")
+GRNG_KEYS = tuple(k for k, spec in SPECS.items() if spec.family == "grng")
 CHALLENGERS = ("ring", "rkalman")
 PEERS = ("adamw", "sophia", "soap", "psgd")
 DEFAULT_SEEDS = {"cnn": [100, 101, 102], "mlp": [100, 101, 102], "transformer": [100, 101]}

@@ -14,7 +14,7 @@ from grng.demo.optimizers import SPECS
 from grng.demo.tasks import TASKS, Task
 from grng.demo.train import RunResult, level_key
 
-BASELINES = ("sgd", "adamw", "sophia", "soap", "psgd")  # dashed in the plot
+BASELINES = tuple(k for k, spec in SPECS.items() if spec.family != "grng")  # dashed in the plot
 #: the paper's comparison: GRNG (RING, RENG, R-Kalman) against these
 CLAIM_BASELINES = ("sgd", "adamw", "kfac", "sophia")
 GRNG_METHODS = ("ring", "reng", "rkalman")

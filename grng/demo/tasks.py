@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from grng.demo.data import load_digits_splits
 
@@ -76,7 +76,7 @@ TASKS: dict[str, Task] = {t.key: t for t in (
 )}
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_data(dataset: str):
     """The splits of ``dataset`` ("digits" or "text"), loaded once per process."""
     if dataset == "digits":
