@@ -299,9 +299,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     for u in self._blocks]
         self.block.refresh(self._blocks, self.comm, self._inverse_due(), dampings)
 
-    def _inverse_due(self) -> bool:
-        """Whether this step refreshes every inverse (no inverse refresh by default)."""
-        return False
+    def _inverse_due(self) -> list[bool]:
+        """Per block, whether this step refreshes its inverse (never, by default)."""
+        return [False] * len(self._blocks)
 
     def _directions(self) -> dict[int, Tensor]:
         """id(p) -> direction, for every parameter with a gradient."""

@@ -31,7 +31,10 @@ class KFAC(CurvatureOptimizer):
     float32 or wider). ``grad_scaler`` (a torch.amp.GradScaler) is needed only for the closure
     recipe or when ``scaler.unscale_(opt)`` precedes ``scaler.step(opt)``; ``scaler.step(opt)``
     alone works without it. ``max_grad_norm`` clips the gradient the step uses to that
-    Euclidean norm (all parameters together). See docs/numerics.md.
+    Euclidean norm (all parameters together). See docs/numerics.md. ``stagger_refresh=True``
+    spreads the refreshes: each block still refreshes every ``inverse_every`` steps, but the
+    blocks take turns, so a step refreshes about 1/``inverse_every`` of them instead of all of
+    them every ``inverse_every``-th step (docs/performance.md).
 
     ``kl_clip`` (default 1e-3) scales the step so that lr^2 <d, g> <= kl_clip, a trust region
     in the curvature's norm; ``kl_clip=None`` turns it off. The default values were chosen by
@@ -60,11 +63,15 @@ class KFAC(CurvatureOptimizer):
         grad_scaler: object = None,
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
+        stagger_refresh: bool = False,
         _group_defaults: dict[str, float] | None = None,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
+        if not isinstance(stagger_refresh, bool):
+            raise ValueError(f"stagger_refresh must be True or False, got {stagger_refresh!r}")
+        self.stagger_refresh = stagger_refresh
         strategy = make_inverse(check.choice("inverse", inverse, INVERSES))
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
                         kl_clip=kl_clip, **(_group_defaults or {}))
@@ -80,6 +87,10 @@ class KFAC(CurvatureOptimizer):
         """The inverse strategy (eigen, newton or cholesky)."""
         return self.block.inverse
 
-    def _inverse_due(self) -> bool:
-        """Every ``inverse_every`` steps."""
-        return self._steps % self.inverse_every == 0
+    def _inverse_due(self) -> list[bool]:
+        """Block i every ``inverse_every`` steps, at phase 0 (all blocks in the same step) or,
+        with ``stagger_refresh``, at phase floor(i T / L): about L / T blocks per step."""
+        T, n = self.inverse_every, len(self._blocks)
+        if not self.stagger_refresh:
+            return [self._steps % T == 0] * n
+        return [(self._steps + (i * T) // n) % T == 0 for i in range(n)]

@@ -66,8 +66,10 @@ class Preconditioner:
         """Fold this step's statistics (captured rows, or the gradient of a diagonal unit)."""
         raise NotImplementedError
 
-    def refresh(self, units: list[Unit], comm: Communicator, due: bool, dampings: list[float]) -> None:
-        """Recompute inverses when ``due`` (or when a unit has none yet); no-op by default."""
+    def refresh(self, units: list[Unit], comm: Communicator, due: list[bool],
+                dampings: list[float]) -> None:
+        """Recompute the inverse of each unit that is ``due`` (or has none yet); no-op by
+        default."""
 
     def apply(self, unit: Unit, V: Tensor, group: dict) -> Tensor:
         """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit)."""

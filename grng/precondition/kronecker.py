@@ -50,9 +50,9 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ---------------------------------------------------------------------- refresh
     def refresh(self, units, comm, due, dampings) -> None:
-        todo = {u.index: (u, damping) for u, damping in zip(units, dampings)
+        todo = {u.index: (u, damping) for u, damping, now in zip(units, dampings, due)
                 if u.state.A is not None and u.state.G is not None
-                and (due or u.state.inverse is None)}
+                and (now or u.state.inverse is None)}
         order = list(todo)
 
         def refresh_owned(indices: list[int]) -> None:
