@@ -999,33 +999,21 @@ def spawn(name: str, args: argparse.Namespace, deadline: float, hard: float,
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--out", str(args.out),
            "--deadline", repr(deadline), "--hard", repr(hard)] + (["--cpu"] if args.cpu else [])
     t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    killed = threading.Event()
-
-    def kill() -> None:
-        killed.set()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    timer = threading.Timer(max(1.0, hard - time.time()), kill)
-    timer.start()
     tail: list[str] = []
-    for line in proc.stdout:  # type: ignore[union-attr]
+
+    def sink(line: str) -> None:
         log.write(f"[{name}] {line}")
         print(f"[{name}] {line}", end="", flush=True)
-        tail = (tail + [line.rstrip()])[-5:]
-    rc = proc.wait()
-    timer.cancel()
+        tail[:] = (tail + [line.rstrip()])[-5:]
+
+    rc = run_capped(cmd, hard - time.time(), sink)
     took = time.time() - t0
     path = args.out / f".stage_{name}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     path.unlink(missing_ok=True)
     out = Outcome(data.get("status", "error"), took, data.get("notes", []),
                   data.get("details", []), data.get("info", {}))
-    if killed.is_set():
+    if rc is None:
         out.status = "cut short by the budget"
         out.notes.append(f"killed at {took:.0f} s (its share ran out)")
     elif rc != 0 and out.status in ("running", "ok"):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from grng.benchmark.ceilings import dtype_of
 from grng.ops import dispatch, registry
 from grng.verify.checks import (
     INTERPRETER_MAX_N,
@@ -26,15 +27,13 @@ from grng.verify.steps import STEP_CHECKS, check_steps
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float64")
 SIZES: tuple[int, ...] = (1, 123, 769)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def _dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise ValueError(f"dtypes must be among {sorted(_DTYPES)}, got {name!r}")
-    return _DTYPES[name]
+    """A dtype verify checks (one of DTYPES), by name or itself; ValueError naming ``dtypes``."""
+    if not isinstance(name, torch.dtype) and name not in DTYPES:
+        raise ValueError(f"dtypes must be among {sorted(DTYPES)}, got {name!r}")
+    return dtype_of(name)
 
 
 def plan(device: str | torch.device, backends: Sequence[str] | None = None,
