@@ -11,7 +11,7 @@ from torch import Tensor, nn
 import grng.curvature.inverse as inverse_mod
 from grng import KFAC, make_closure
 from grng.ops import NewtonResult
-from optimizer_helpers import (ALL, F64, FACTORIES, _all_state_finite, _assert_unchanged, _closure, _curv, _data, _mlp, _snapshot, _train)
+from optimizer_helpers import (ALL, F64, FACTORIES, _all_state_finite, _assert_unchanged, _curv, _data, _mlp, _snapshot, _train)
 
 class _InfGrad(torch.autograd.Function):
     """Identity whose backward returns inf: an injected overflow in one gradient."""

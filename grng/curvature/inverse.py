@@ -43,11 +43,6 @@ class InverseState:
         return {f.name: getattr(self, f.name) for f in fields(self)  # type: ignore[arg-type]
                 if getattr(self, f.name) is not None}
 
-    @staticmethod
-    def side(name: str) -> str:
-        """"A" or "G": the factor a field's sizes follow."""
-        return name[-1]
-
     def cast(self, dtype: torch.dtype) -> InverseState:
         """A copy with every tensor in ``dtype``."""
         return type(self)(**{f.name: None if getattr(self, f.name) is None

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 
 from grng.curvature.layers import MAX_FACTOR_DIM

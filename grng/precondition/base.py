@@ -75,10 +75,6 @@ class Preconditioner:
         """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit)."""
         raise NotImplementedError
 
-    def ready(self, unit: Unit) -> bool:
-        """Whether :meth:`apply` uses curvature yet (a block without an inverse returns V)."""
-        return True
-
     def expected_shapes(self, unit: Unit) -> dict[str, tuple[int, ...]]:
         """Checkpoint name -> the shape a saved tensor must have for this unit."""
         raise NotImplementedError

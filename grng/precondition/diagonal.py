@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from grng.curvature.state import DiagonalState
-from grng.precondition.base import Preconditioner, Unit, compute_dtype
+from grng.precondition.base import Preconditioner, compute_dtype
 from grng.precondition.kalman import KalmanPreconditioner
 
 

@@ -103,9 +103,6 @@ class KroneckerPreconditioner(Preconditioner):
         return self.config.inverse_dtype or compute_dtype(unit.like)
 
     # ------------------------------------------------------------------------ apply
-    def ready(self, unit: Unit) -> bool:
-        return unit.state.inverse is not None
-
     def apply(self, unit, V, group) -> Tensor:
         """P(V); V itself until the block has an inverse."""
         inv = unit.state.inverse
