@@ -142,6 +142,7 @@ def test_two_pass_methods_refuse_a_closure_that_returns_none() -> None:
     lambda m: grng.RENG(m, kalman_rank=3),
     lambda m: grng.RKalman(m, damping=0.1),
     lambda m: grng.KFAC(m, rho=0.1),
+    lambda m: grng.KFAC(m, stagger=True),
 ])
 def test_unknown_keywords_raise_type_error_naming_them(call) -> None:
     with pytest.raises(TypeError) as err:
@@ -150,7 +151,7 @@ def test_unknown_keywords_raise_type_error_naming_them(call) -> None:
     assert "unexpected keyword argument" in msg
     expected = {"dampnig": "did you mean 'damping'", "rh": "did you mean 'rho'",
                 "kalman_rank": "option of RKalman", "damping": "prior_precision",
-                "rho": "RING"}
+                "rho": "RING", "stagger": "did you mean 'stagger_refresh'"}
     assert any(k in msg and v in msg for k, v in expected.items()), msg
 
 

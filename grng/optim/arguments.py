@@ -53,7 +53,8 @@ def reject_unknown(cls: type, kwargs: Mapping[str, Any], others: Iterable[type] 
     if hint is not None:
         parts.append(hint)
     else:
-        close = difflib.get_close_matches(key, sorted(accepted), n=1, cutoff=0.75)
+        close = (difflib.get_close_matches(key, sorted(accepted), n=1, cutoff=0.75)
+                 or sorted(a for a in accepted if a.startswith(key) or key.startswith(a))[:1])
         if close:
             parts.append(f"did you mean {close[0]!r}?")
         owners = [o.__name__ for o in others if o is not cls and key in _accepted(o)]
