@@ -1,4 +1,5 @@
-"""The one non-finite check every step uses."""
+"""The one non-finite check every step uses: a device-side flag, read on the host only when the
+step is not sync-free."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -7,16 +8,22 @@ import torch
 from torch import Tensor
 
 
-def all_finite(tensors: Iterable[Tensor]) -> bool:
-    """True when no tensor holds a NaN or Inf: min and max of every floating tensor (a NaN or an
-    infinity shows in them; one vectorized pass, no boolean copy of the data), one host
-    synchronization for all of them."""
+def finite_flag(tensors: Iterable[Tensor]) -> Tensor | None:
+    """A 0-dim bool tensor, True when no tensor holds a NaN or Inf (None when there is no floating
+    tensor): min and max of every floating tensor (a NaN or an infinity shows in them; one
+    vectorized pass, no boolean copy of the data), reduced on the first tensor's device."""
     parts: list[Tensor] = []
     for t in tensors:
         if t.is_floating_point() and t.numel() > 0:
             lo, hi = torch.aminmax(t)
-            parts += [lo.float(), hi.to(lo.device).float()]
+            parts += [lo.float(), hi.float()]
     if not parts:
-        return True
+        return None
     device = parts[0].device
-    return bool(torch.stack([p.to(device) for p in parts]).isfinite().all())
+    return torch.stack([p.to(device, non_blocking=True) for p in parts]).isfinite().all()
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """True when no tensor holds a NaN or Inf (:func:`finite_flag`, read: one host sync)."""
+    flag = finite_flag(tensors)
+    return True if flag is None else bool(flag)

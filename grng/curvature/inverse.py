@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from grng import ops
+from grng.ops import masked
 
 INVERSES: tuple[str, ...] = ("eigen", "newton", "cholesky")
 
@@ -30,6 +31,15 @@ def tikhonov_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
     tr_a = float(A.sum() if A.dim() == 1 else A.diagonal().sum()) / A.shape[0]
     tr_g = float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / G.shape[0]
     pi = math.sqrt(tr_a / tr_g) if tr_a > 0.0 and tr_g > 0.0 else 1.0
+    root = math.sqrt(damping)
+    return pi * root, root / pi
+
+
+def tikhonov_split_on_device(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """:func:`tikhonov_split` as float64 device scalars (no host read)."""
+    tr_a = (A.sum() if A.dim() == 1 else A.diagonal().sum()).double() / A.shape[0]
+    tr_g = (G.sum() if G.dim() == 1 else G.diagonal().sum()).double() / G.shape[0]
+    pi = torch.where((tr_a > 0.0) & (tr_g > 0.0), (tr_a / tr_g.clamp(min=1e-300)).sqrt(), 1.0)
     root = math.sqrt(damping)
     return pi * root, root / pi
 
@@ -76,14 +86,40 @@ class InverseStrategy:
 
     name = ""
     state_type: type[InverseState] = InverseState
+    #: whether :meth:`refresh_on_device` exists (a refresh with no host synchronization)
+    sync_free = False
+
+    def __init__(self) -> None:
+        self._kept_on_device: Tensor | None = None
 
     def refresh(self, A: Tensor, G: Tensor, damping: float, previous: InverseState | None,
                 backend: str) -> InverseState:
         raise NotImplementedError
 
-    def refresh_many(self, items: list[Item], backend: str) -> list[InverseState]:
-        """:meth:`refresh` for several blocks' (A, G, damping, previous) at once."""
-        return [self.refresh(A, G, damping, prev, backend) for A, G, damping, prev in items]
+    def refresh_on_device(self, A: Tensor, G: Tensor, damping: float, previous: InverseState
+                          ) -> InverseState:
+        """:meth:`refresh` from a previous inverse without reading anything on the host: a
+        failed factor keeps its previous inverse, counted in :attr:`kept_previous`."""
+        raise NotImplementedError
+
+    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+                     ) -> list[InverseState]:
+        """:meth:`refresh` for several blocks' (A, G, damping, previous) at once; with
+        ``on_device`` (and a sync-free strategy) every block that has a previous inverse takes
+        :meth:`refresh_on_device`."""
+        return [self.refresh_on_device(A, G, damping, prev)
+                if on_device and self.sync_free and prev is not None
+                else self.refresh(A, G, damping, prev, backend) for A, G, damping, prev in items]
+
+    @property
+    def kept_previous(self) -> int:
+        """Factors whose sync-free refresh failed and kept the previous inverse (read lazily:
+        one host sync)."""
+        return 0 if self._kept_on_device is None else int(self._kept_on_device)
+
+    def _count_kept(self, ok: Tensor) -> None:
+        kept = (~ok).to(torch.int64)
+        self._kept_on_device = kept if self._kept_on_device is None else self._kept_on_device + kept
 
     def apply(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> Tensor:
         raise NotImplementedError
@@ -168,6 +204,29 @@ class _TikhonovInverse(InverseStrategy):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         raise NotImplementedError
 
+    sync_free = True
+
+    def refresh_on_device(self, A, G, damping, previous) -> TikhonovInverses:
+        """X ~ (M + damping_part I)^-1 per dense factor by :meth:`_invert_on_device`, the
+        previous X where that fails; damping split without a host read."""
+        da, dg = tikhonov_split_on_device(A, G, damping)
+        out: dict[str, Tensor] = {}
+        for side, M, extra in (("A", A, da), ("G", G, dg)):
+            extra = extra.to(M.dtype)
+            if M.dim() == 1:
+                out["X" + side] = 1.0 / (M.clamp(min=0) + extra)
+                continue
+            Md = M.clone()
+            Md.diagonal().add_(extra)
+            prev = getattr(previous, "X" + side)
+            X, ok = self._invert_on_device(Md, prev)
+            self._count_kept(ok)
+            out["X" + side] = masked.select(ok, X, prev)
+        return TikhonovInverses(**out)
+
+    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
     def apply(self, inv, V, damping, backend) -> Tensor:
         XA, XG = inv.XA, inv.XG
         out = XG[:, None] * V.to(XA.dtype) if XG.dim() == 1 else XG @ V.to(XA.dtype)
@@ -180,9 +239,13 @@ class CholeskyInverse(_TikhonovInverse):
     #: factors up to this size are inverted together, one batched call per (size, dtype, device)
     BATCH_MAX_DIM = 128
 
-    def refresh_many(self, items: list[Item], backend: str) -> list[InverseState]:
+    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+                     ) -> list[InverseState]:
         """Small factors of all blocks in batched Cholesky calls; a failure, and every large
-        factor, goes through the one-at-a-time path (float64 retry, keep previous)."""
+        factor, goes through the one-at-a-time path (float64 retry, keep previous). With
+        ``on_device``, blocks with a previous inverse refresh without a host read."""
+        if on_device:
+            return super().refresh_many(items, backend, on_device=True)
         outs: list[dict[str, Tensor]] = [{} for _ in items]
         batches: dict[tuple, list[tuple[int, str, Tensor, float]]] = {}
         for i, (A, G, damping, previous) in enumerate(items):
@@ -203,6 +266,9 @@ class CholeskyInverse(_TikhonovInverse):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)
 
+    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        return masked.cholesky_inverse_masked(M)
+
 
 class NewtonInverse(_TikhonovInverse):
     name = "newton"
@@ -215,6 +281,15 @@ class NewtonInverse(_TikhonovInverse):
                       f"{result.iterations} iterations); using Cholesky for this factor",
                       RuntimeWarning, stacklevel=4)
         return ops.cholesky_inverse(M, backend=backend)
+
+    #: Newton-Schulz steps of a sync-free refresh: enough for a cold start from I / ||M||_F at
+    #: condition numbers kappa with kappa sqrt(d) up to ~2^16 (a warm start, residual r < 1,
+    #: needs ~5); an unconverged factor keeps its previous inverse (counted in kept_previous)
+    ITERATIONS_ON_DEVICE = 20
+
+    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+        return masked.newton_schulz_fixed(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
+                                          ops.default_newton_tol(M.dtype))
 
 
 def make_inverse(name: str) -> InverseStrategy:

@@ -18,8 +18,19 @@ from grng.curvature.inverse import InverseState
 class StateView(Mapping):
     """Mapping protocol over :meth:`tensors` (name -> tensor of the fields that are set)."""
 
+    #: the fields a fold writes (the running statistics, not what a refresh derives from them)
+    FOLDED: tuple[str, ...] = ()
+
     def tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def folded(self) -> dict[str, Tensor]:
+        """Name -> tensor of the :attr:`FOLDED` fields that are set."""
+        return {f: self[f] for f in self.FOLDED if f in self}
+
+    def replace(self, name: str, tensor: Tensor) -> None:
+        """Set the tensor kept under checkpoint name ``name`` (one that is set)."""
+        setattr(self, name, tensor)
 
     def __getitem__(self, key: str) -> Tensor:
         return self.tensors()[key]
@@ -40,6 +51,8 @@ class StateView(Mapping):
 class KroneckerBlock(StateView):
     """A Kronecker block's state: running factors A, G and the inverse built from them."""
 
+    FOLDED = ("A", "G")
+
     A: Tensor | None = None
     G: Tensor | None = None
     inverse: InverseState | None = None
@@ -50,10 +63,15 @@ class KroneckerBlock(StateView):
             out.update(self.inverse.tensors())
         return out
 
+    def replace(self, name: str, tensor: Tensor) -> None:
+        setattr(self if name in self.FOLDED else self.inverse, name, tensor)
+
 
 @dataclass(eq=False)
 class KalmanBlock(StateView):
     """R-Kalman's state of a Kronecker block: the covariance factors P_A ~ A^-1, P_G ~ G^-1."""
+
+    FOLDED = ("PA", "PG")
 
     PA: Tensor | None = None
     PG: Tensor | None = None
@@ -72,3 +90,9 @@ class DiagonalState(StateView):
 
     def tensors(self) -> dict[str, Tensor]:
         return {} if self.value is None else {self.key: self.value}
+
+    def folded(self) -> dict[str, Tensor]:
+        return self.tensors()
+
+    def replace(self, name: str, tensor: Tensor) -> None:
+        self.value = tensor

@@ -82,6 +82,10 @@ class Communicator:
         """True on every rank iff ``ok`` on every rank."""
         raise NotImplementedError
 
+    def all_true_flag(self, ok: Tensor) -> Tensor:
+        """:meth:`all_true` of a 0-dim bool device tensor, kept on the device (no host read)."""
+        raise NotImplementedError
+
     def sync_context(self) -> ContextManager[Any]:
         """Context for gradient passes whose average this communicator takes itself."""
         raise NotImplementedError
@@ -121,6 +125,9 @@ class LocalCommunicator(Communicator):
         return True
 
     def all_true(self, ok: bool) -> bool:
+        return ok
+
+    def all_true_flag(self, ok: Tensor) -> Tensor:
         return ok
 
     def sync_context(self) -> ContextManager[Any]:
@@ -185,6 +192,11 @@ class ProcessGroupCommunicator(Communicator):
             flag = flag.cuda()
         dist.all_reduce(flag, group=self.group)
         return float(flag) == 0.0
+
+    def all_true_flag(self, ok: Tensor) -> Tensor:
+        flag = _on_comm_device(ok.to(torch.float32).reshape(1), self.group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return (flag[0] > 0.0).to(ok.device)
 
     def sync_context(self) -> ContextManager[Any]:
         no_sync = getattr(self.model, "no_sync", None)

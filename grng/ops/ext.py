@@ -8,6 +8,7 @@ ImportError says why the extension is unavailable; the dispatch reports it in ``
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Sequence
 
@@ -35,7 +36,9 @@ _X_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_BATCHED_DIM = 128
 
 
+@functools.cache
 def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether the built extension has a kernel of ``op`` for the device type (asked once)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"grng_ext::{op}", key)
 

@@ -96,13 +96,12 @@ def cholesky_inverse(M: Tensor) -> Tensor:
     return symmetrize_from_upper(torch.cholesky_inverse(L64)).to(M.dtype)
 
 
-def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
-    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T.
+def kalman_posterior(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> tuple[Tensor, Tensor]:
+    """(P+, info): P+ = P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T,
+    W = P- H^T L^-T; ``info`` is the innovation Cholesky's (0: success; P+ is then not usable).
 
-    In place on P (d x d); H is (k x d). This is the Kalman covariance update of docs/algorithms.md
-    section 5: with q = 0 and H = X, P^-1 becomes beta P^-1 + X^T X / r (Woodbury). Only the
-    k x k innovation S is factorized (in float64); P is never inverted. The result is mirrored
-    from one triangle, so it is exactly symmetric.
+    Out of place; :func:`kalman_update` raises on info != 0, the sync-free step
+    (:mod:`grng.ops.masked`) keeps P instead, without reading ``info`` on the host.
     """
     Hc = H.to(P.dtype)
     U = (P @ Hc.transpose(0, 1)).div_(beta)
@@ -112,14 +111,26 @@ def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tens
     S = 0.5 * (S + S.transpose(0, 1))
     S.diagonal().add_(r)
     L, info = torch.linalg.cholesky_ex(S)
-    if int(info) != 0:
-        raise FactorizationError(f"innovation Cholesky failed: leading minor {int(info)}")
     W = torch.linalg.solve_triangular(L, U.to(torch.float64).transpose(0, 1), upper=False)
     W = W.transpose(0, 1).to(P.dtype)
     Pn = P / beta - W @ W.transpose(0, 1)
     if q != 0.0:
         Pn.diagonal().add_(q)
-    return P.copy_(symmetrize_from_upper(Pn))
+    return symmetrize_from_upper(Pn), info
+
+
+def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T.
+
+    In place on P (d x d); H is (k x d). This is the Kalman covariance update of docs/algorithms.md
+    section 5: with q = 0 and H = X, P^-1 becomes beta P^-1 + X^T X / r (Woodbury). Only the
+    k x k innovation S is factorized (in float64); P is never inverted. The result is mirrored
+    from one triangle, so it is exactly symmetric.
+    """
+    Pn, info = kalman_posterior(P, H, r, beta, q)
+    if int(info) != 0:
+        raise FactorizationError(f"innovation Cholesky failed: leading minor {int(info)}")
+    return P.copy_(Pn)
 
 
 def fused_update(

@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from grng import ops
+from grng.ops import masked
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
 from grng.curvature.layers import MAX_FACTOR_DIM, KroneckerLayer
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
-from grng.finite import all_finite
+from grng.finite import all_finite, finite_flag
 from grng.optim import checkpoint
 from grng.optim import validation as check
 from grng.optim.amp import AmpHandoff
@@ -36,11 +37,12 @@ from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, comput
 
 def _autocast_disabled() -> contextlib.ExitStack:
     """Switch autocast off (CPU, and CUDA where present) for the optimizer's own arithmetic:
-    under autocast a matmul would run in bf16/fp16 and the factors lose their float32."""
+    under autocast a matmul would run in bf16/fp16 and the factors lose their float32. Nothing
+    to switch (and no context entered) when autocast is off."""
     stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast("cpu", enabled=False))
-    if torch.cuda.is_available():
-        stack.enter_context(torch.autocast("cuda", enabled=False))
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
     return stack
 
 
@@ -74,6 +76,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grad_scaler: Any = None,
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
+        sync_free: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,8 +90,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.backend = ops.validate_backend(backend)
         self.factor_dtype = check.storage_dtype("factor_dtype", factor_dtype)
         self.inverse_dtype = check.storage_dtype("inverse_dtype", inverse_dtype)
+        if sync_free is None:  # CUDA steps avoid host synchronization; a CPU "sync" is free
+            sync_free = any(p.is_cuda for p in model.parameters())
+        self.sync_free = check.boolean("sync_free", sync_free)
         self.config = CurvatureConfig(self.factor_decay, self.backend, self.factor_dtype,
-                                      self.inverse_dtype)
+                                      self.inverse_dtype, self.sync_free)
         self.amp = AmpHandoff(check.grad_scaler("grad_scaler", grad_scaler))
         self.max_grad_norm = check.optional_positive("max_grad_norm", max_grad_norm)
         self.max_factor_dim = (None if max_factor_dim is None
@@ -112,6 +118,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         warn_at_construction(self.coverage(), type(self).__name__)
         self._steps = 0
         self._skipped = 0
+        self._skipped_on_device: Tensor | None = None
         self.distributed_strategy = distributed_strategy
         self.comm = make_communicator(model, process_group, distributed_strategy,
                                       [layer.cost() for layer in self.capture.layers])
@@ -178,14 +185,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @property
     def steps(self) -> int:
-        """Number of steps taken (skipped steps excluded)."""
-        return self._steps
+        """Number of steps taken (skipped steps excluded; with ``sync_free`` a device counter
+        is read: one host sync)."""
+        return self._steps - self._skipped_device_count()
 
     @property
     def skipped_steps(self) -> int:
         """Number of steps skipped: a non-finite gradient, loss, captured row or direction, or a
-        GradScaler overflow (docs/numerics.md)."""
-        return self._skipped
+        GradScaler overflow (docs/numerics.md); with ``sync_free`` a device counter is read
+        (one host sync) and skipped steps are not warned about one by one."""
+        return self._skipped + self._skipped_device_count()
+
+    def _skipped_device_count(self) -> int:
+        """Steps the sync-free path skipped (a device counter, read here)."""
+        return 0 if self._skipped_on_device is None else int(self._skipped_on_device)
 
     def curvature_paused(self) -> contextlib.AbstractContextManager:
         """Context manager: forward/backward passes inside are not captured (GR probes)."""
@@ -241,26 +254,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         grads = [p.grad for p in params]
         losses = [] if loss is None else [loss]
-        # one check (one host sync, one flag across ranks) for gradients, loss and captured rows
-        if not self.comm.all_true(all_finite([*grads, *losses, *self.capture.recorded()])):
+        # one check (one flag across ranks) for gradients, loss and captured rows
+        flag = finite_flag([*grads, *losses, *self.capture.recorded()])
+        if self.sync_free and self._steps > 0 and not self.amp.active:
+            return self._step_on_device(loss, flag)
+        if not self.comm.all_true(flag is None or bool(flag)):
             self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
             return loss
         with _autocast_disabled():  # a step taken inside torch.autocast keeps its GEMMs in fp32
             if self._steps % self.factor_every == 0:
-                self.block.fold([(u, self.capture.rows(u.layer)) for u in self._blocks], self.comm)
-                self.diagonal.fold([(u, None) for u in self._diagonal_units_now()], self.comm)
+                self._fold()
             self._refresh()
             directions = self._directions()
         if not all_finite(directions.values()):
             self.skip_step("non-finite preconditioned direction")
             return loss
-        for group in self.param_groups:
-            gparams = [p for p in group["params"] if p.grad is not None]
-            if not gparams:
-                continue
-            bufs = None
-            if group["momentum"] != 0.0:
-                bufs = [self._momentum_buffer(p) for p in gparams]
+        for group, gparams, bufs in self._update_groups():
             ok = ops.fused_update(gparams, [p.grad for p in gparams],
                                   [directions[id(p)] for p in gparams], bufs, group["lr"],
                                   group["momentum"], group["weight_decay"], group.get("rho", 0.0),
@@ -271,6 +280,59 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._steps += 1
         self._end_step()
         return loss
+
+    def _step_on_device(self, loss: Tensor | None, flag: Tensor | None) -> Tensor | None:
+        """The step with no host synchronization (``sync_free``): the same pipeline, but a
+        non-finite input or direction selects the old factors, parameters and buffers on the
+        device instead of returning early, and the skip is counted in a device tensor. The step
+        counter counts every call, so the fold and refresh schedule never reads the flag."""
+        device = next(self._params_with_grad()).device
+        ok = torch.ones((), dtype=torch.bool, device=device) if flag is None else flag
+        ok = self.comm.all_true_flag(ok.to(device))
+        with _autocast_disabled():
+            fold = self._steps % self.factor_every == 0
+            refresh = any(self._inverse_due())
+            states = [u.state for u in self._blocks] + [u.state for u in self._diagonal_units_now()]
+            before = [(st, {k: t.clone() for k, t in (st.items() if refresh else st.folded().items())})
+                      for st in states] if fold or refresh else []
+            if fold:
+                self._fold()
+            self._refresh()
+            for st, old in before:  # a skipped step leaves the statistics and inverses as they were
+                for k, t in st.items():
+                    if k in old:
+                        st.replace(k, masked.select(ok, t, old[k]))
+            directions = self._directions()
+        dir_flag = finite_flag(directions.values())
+        ok = ok if dir_flag is None else ok & dir_flag
+        applied = ok
+        for group, gparams, bufs in self._update_groups():
+            applied = applied & masked.fused_update_masked(
+                gparams, [p.grad for p in gparams], [directions[id(p)] for p in gparams], bufs,
+                group["lr"], group["momentum"], group["weight_decay"], group.get("rho", 0.0),
+                group["kl_clip"], ok)
+        skipped = (~applied).to(torch.int64)
+        self._skipped_on_device = (skipped if self._skipped_on_device is None
+                                   else self._skipped_on_device + skipped)
+        self._steps += 1
+        self._end_step()
+        return loss
+
+    def _fold(self) -> None:
+        """Fold this step's captured rows into the blocks and the gradients into the diagonal."""
+        self.block.fold([(u, self.capture.rows(u.layer)) for u in self._blocks], self.comm)
+        self.diagonal.fold([(u, None) for u in self._diagonal_units_now()], self.comm)
+
+    def _update_groups(self) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]:
+        """(group, its parameters with a gradient, their momentum buffers or None) per group."""
+        for group in self.param_groups:
+            gparams = [p for p in group["params"] if p.grad is not None]
+            if not gparams:
+                continue
+            bufs = None
+            if group["momentum"] != 0.0:
+                bufs = [self._momentum_buffer(p) for p in gparams]
+            yield group, gparams, bufs
 
     def _non_finite_reason(self, grads: list[Tensor], losses: list[Tensor]) -> str:
         """What the failed check found (on this rank; another rank's when nothing here)."""

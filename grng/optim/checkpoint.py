@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from grng.precondition.base import Preconditioner, Unit, compute_dtype
@@ -25,6 +26,7 @@ class CurvatureOptimizer(Protocol):
 
     _steps: int
     _skipped: int
+    _skipped_on_device: Tensor | None
     state: Any
     layers: list
     capture: Any
@@ -45,7 +47,11 @@ def save(opt: CurvatureOptimizer, sd: dict[str, Any]) -> dict[str, Any]:
         tensors = dict(unit.state.tensors())
         if tensors:
             sd["state"].setdefault(index[id(unit.like)], {}).update(tensors)
-    sd["grng"] = {"steps": opt._steps, "skipped": opt._skipped, **opt._extra_state()}
+    on_device = 0 if opt._skipped_on_device is None else int(opt._skipped_on_device)
+    # "steps" is the schedule counter (with sync_free it also counts the skipped steps, whose
+    # number is "skipped_on_device"); "skipped" is the host-counted skips
+    sd["grng"] = {"steps": opt._steps, "skipped": opt._skipped, "skipped_on_device": on_device,
+                  **opt._extra_state()}
     return sd
 
 
@@ -84,6 +90,8 @@ def load(opt: CurvatureOptimizer, state_dict: dict[str, Any],
                         for k, v in curvature.get(id(p), {}).items()})
     opt._steps = int(extra["steps"])
     opt._skipped = int(extra["skipped"])
+    on_device = int(extra.get("skipped_on_device", 0))  # absent before grng 0.3
+    opt._skipped_on_device = torch.tensor(on_device) if on_device else None
     opt._load_extra_state(extra)
 
 

@@ -34,7 +34,11 @@ class KFAC(CurvatureOptimizer):
     Euclidean norm (all parameters together). See docs/numerics.md. ``stagger_refresh=True``
     spreads the refreshes: each block still refreshes every ``inverse_every`` steps, but the
     blocks take turns, so a step refreshes about 1/``inverse_every`` of them instead of all of
-    them every ``inverse_every``-th step (docs/performance.md).
+    them every ``inverse_every``-th step (docs/performance.md). ``sync_free`` (default: True for
+    a model on CUDA) takes steps that never read a tensor on the host: a non-finite step is
+    skipped by device-side selects and counted lazily in ``skipped_steps``, "newton"/"cholesky"
+    refreshes keep a failed factor's previous inverse on the device ("eigen" refreshes still
+    synchronize: the eigensolver reports errors to the host); see docs/performance.md.
 
     ``kl_clip`` (default 1e-3) scales the step so that lr^2 <d, g> <= kl_clip, a trust region
     in the curvature's norm; ``kl_clip=None`` turns it off. The default values were chosen by
@@ -64,14 +68,13 @@ class KFAC(CurvatureOptimizer):
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         stagger_refresh: bool = False,
+        sync_free: bool | None = None,
         _group_defaults: dict[str, float] | None = None,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
-        if not isinstance(stagger_refresh, bool):
-            raise ValueError(f"stagger_refresh must be True or False, got {stagger_refresh!r}")
-        self.stagger_refresh = stagger_refresh
+        self.stagger_refresh = check.boolean("stagger_refresh", stagger_refresh)
         strategy = make_inverse(check.choice("inverse", inverse, INVERSES))
         defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
                         kl_clip=kl_clip, **(_group_defaults or {}))
@@ -79,7 +82,8 @@ class KFAC(CurvatureOptimizer):
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, factor_dtype=factor_dtype,
                          inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
-                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim)
+                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
+                         sync_free=sync_free)
         self._bind(KroneckerPreconditioner(self.config, strategy), DiagonalFisher(self.config))
 
     @property

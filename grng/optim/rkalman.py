@@ -44,7 +44,8 @@ class RKalman(CurvatureOptimizer):
     (docs/numerics.md). The covariances have no low-precision storage option: the downdate's
     accuracy is the storage precision. The defaults (prior_precision=1e-2, so process noise
     1e-2 and variance cap 100, and kl_clip=1e-3 as for KFAC) were chosen by
-    ``bench/defaults.py`` (docs/defaults.md).
+    ``bench/defaults.py`` (docs/defaults.md). ``sync_free``: as for KFAC (a failed innovation
+    factorization then keeps P on the device, counted lazily in ``kalman_failures``).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class RKalman(CurvatureOptimizer):
         grad_scaler: object = None,
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
+        sync_free: bool | None = None,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
@@ -90,7 +92,8 @@ class RKalman(CurvatureOptimizer):
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, grad_scaler=grad_scaler,
-                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim)
+                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
+                         sync_free=sync_free)
         block = KalmanPreconditioner(self.config, kalman)
         self._bind(block, DiagonalKalman(block))
 

@@ -80,3 +80,10 @@ def integer(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     return value
+
+
+def boolean(name: str, value: object) -> bool:
+    """True or False (not a truthy stand-in)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -28,12 +28,14 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 @dataclass(frozen=True)
 class CurvatureConfig:
     """What every preconditioner of one optimizer shares: the EMA decay beta of the factors,
-    the op backend, and the storage dtypes of factors and inverses (None: ``compute_dtype``)."""
+    the op backend, the storage dtypes of factors and inverses (None: ``compute_dtype``), and
+    whether steps must not synchronize with the host (docs/performance.md)."""
 
     factor_decay: float
     backend: str
     factor_dtype: torch.dtype | None = None
     inverse_dtype: torch.dtype | None = None
+    sync_free: bool = False
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from grng import ops
+from grng.ops import masked
 from grng.curvature.state import KalmanBlock
 from grng.distributed.communicator import Communicator, KalmanItem, Observation
 from grng.ops.reference import symmetrize_from_upper
@@ -42,7 +43,8 @@ class KalmanPreconditioner(Preconditioner):
     def __init__(self, config: CurvatureConfig, kalman: KalmanConfig) -> None:
         super().__init__(config)
         self.kalman = kalman
-        self.failures = 0
+        self._failures = 0
+        self._failures_on_device: Tensor | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def new_state(self, unit_params, layer) -> KalmanBlock:
@@ -79,11 +81,19 @@ class KalmanPreconditioner(Preconditioner):
         if obs.diag is not None:
             self.scalar_update(P, obs.diag)
             return
+        if self.config.sync_free:
+            ok = masked.kalman_update_masked(P, obs.H, obs.r, self.config.factor_decay,
+                                             self.kalman.process_noise)
+            failed = (~ok).to(torch.int64)
+            self._failures_on_device = (failed if self._failures_on_device is None
+                                        else self._failures_on_device + failed)
+            self._cap(P)
+            return
         try:  # the op leaves P untouched when it raises
             ops.kalman_update(P, obs.H, obs.r, self.config.factor_decay, self.kalman.process_noise,
                               backend=self.config.backend)
         except ops.FactorizationError as err:
-            self.failures += 1
+            self._failures += 1
             warnings.warn(f"R-Kalman: innovation factorization failed ({err}); keeping the "
                           f"previous covariance ({self.failures} failures)", RuntimeWarning,
                           stacklevel=5)
@@ -98,15 +108,20 @@ class KalmanPreconditioner(Preconditioner):
         if self.kalman.max_variance is not None:
             p_minus.clamp_(max=self.kalman.max_variance)
 
+    @property
+    def failures(self) -> int:
+        """Innovation factorizations that failed (each kept the previous covariance); the
+        sync-free step's count is a device tensor, read here (one host sync)."""
+        on_device = 0 if self._failures_on_device is None else int(self._failures_on_device)
+        return self._failures + on_device
+
     def _cap(self, P: Tensor) -> None:
-        """P <- D P D, D_ii = min(1, sqrt(max_variance / P_ii)): bounds the variances."""
+        """P <- D P D, D_ii = min(1, sqrt(max_variance / P_ii)): bounds the variances (D = I,
+        an exact no-op, where every P_ii is within the cap; no host read)."""
         cap = self.kalman.max_variance
         if cap is None:
             return
-        diag = P.diagonal()
-        if bool((diag <= cap).all()):
-            return
-        s = (cap / diag.clamp(min=cap)).sqrt()
+        s = (cap / P.diagonal().clamp(min=cap)).sqrt()
         P.mul_(s[:, None]).mul_(s[None, :])
         P.copy_(symmetrize_from_upper(P))
 
@@ -145,7 +160,8 @@ class KalmanPreconditioner(Preconditioner):
                 "rng": {str(d): g.get_state() for d, g in self._generators.items()}}
 
     def load_extra_state(self, extra: dict) -> None:
-        self.failures = int(extra.get("kalman_failures", 0))
+        self._failures = int(extra.get("kalman_failures", 0))
+        self._failures_on_device = None
         for dev, state in extra.get("rng", {}).items():
             device = torch.device(dev)
             if device.type == "cuda" and not torch.cuda.is_available():

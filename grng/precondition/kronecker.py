@@ -63,7 +63,8 @@ class KroneckerPreconditioner(Preconditioner):
                 prev = None if block.inverse is None else block.inverse.cast(compute)
                 items.append((block.A.to(compute), block.G.to(compute), damping, prev))
                 targets.append(unit)
-            for unit, inv in zip(targets, self.inverse.refresh_many(items, self.config.backend)):
+            for unit, inv in zip(targets, self.inverse.refresh_many(
+                    items, self.config.backend, on_device=self.config.sync_free)):
                 unit.state.inverse = inv.cast(self._inverse_storage(unit))
 
         def exchange(i: int) -> list[tuple[str, Piece, Tensor | None, torch.dtype, torch.device]]:

@@ -1,0 +1,100 @@
+"""Sync-free variants of the step's ops (docs/performance.md "A sync-free step").
+
+Every decision these functions take is a device tensor: a non-finite value, a failed
+factorization or an unconverged iteration selects the previous value with ``torch.where``
+instead of a Python branch, so nothing is read on the host and a CUDA step never waits for the
+device. They are plain PyTorch (any device, float64-capable) and match the host-branching ops of
+:mod:`grng.ops.reference` where those succeed.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from grng.finite import finite_flag
+from grng.ops.reference import kalman_posterior, symmetrize_from_upper
+
+
+def fused_update_masked(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor] | None,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    rho: float,
+    kl_clip: float | None,
+    ok: Tensor,
+) -> Tensor:
+    """theta <- (1 - lr wd) theta - lr buf, buf = momentum buf + nu (d + rho g), where ``ok``.
+
+    nu = min(1, sqrt(kl_clip / (lr^2 sum <d + rho g, g>))) as a device scalar (1 when the sum is
+    not positive or ``kl_clip`` is None). Returns ``ok`` and-ed with the finiteness of every
+    d + rho g; where that flag is False, parameters and buffers keep their values.
+    """
+    combined = [d.add(g, alpha=rho) if rho != 0.0 else d for d, g in zip(directions, grads)]
+    flag = finite_flag(combined)
+    ok = ok if flag is None else ok & flag
+    nu: Tensor | float = 1.0
+    if kl_clip is not None and lr > 0.0 and combined:
+        vg = torch.stack([torch.sum(c.double() * g.double()) for c, g in zip(combined, grads)]).sum()
+        lr2vg = vg * (lr * lr)
+        clipped = torch.sqrt(kl_clip / lr2vg.clamp(min=torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+        nu = torch.where((vg > 0.0) & (lr2vg > 0.0), clipped, 1.0)
+    for i, (p, c) in enumerate(zip(params, combined)):
+        scaled = c * nu
+        if momentum != 0.0:
+            assert momentum_buffers is not None
+            buf = momentum_buffers[i]
+            buf.copy_(torch.where(ok, buf * momentum + scaled, buf))
+            step = buf
+        else:
+            step = scaled
+        new = p * (1.0 - lr * weight_decay) if weight_decay != 0.0 else p
+        p.copy_(torch.where(ok, new - lr * step.to(p.dtype), p))
+    return ok
+
+
+def newton_schulz_fixed(M: Tensor, X0: Tensor, iterations: int, tol: float) -> tuple[Tensor, Tensor]:
+    """(X, ok): ``iterations`` steps of X <- X (2I - M X) for SPD M (batched over leading dims).
+
+    Starts from X0 where ||I - M X0||_F < 1 (the warm start converges quadratically), else from
+    I / ||M||_F; ok says the RMS residual ||I - M X_{k-1}||_F / sqrt(d) of the last step is at
+    most ``tol`` (so the returned X's residual is at most its square). X is exactly symmetric.
+    """
+    d = M.shape[-1]
+    eye = torch.eye(d, dtype=M.dtype, device=M.device)
+    R0 = eye - M @ X0
+    warm = (torch.linalg.matrix_norm(R0) < 1.0)[..., None, None]
+    X = torch.where(warm, X0, eye / torch.linalg.matrix_norm(M)[..., None, None])
+    rms = torch.full(M.shape[:-2], math.inf, dtype=M.dtype, device=M.device)
+    for _ in range(iterations):
+        R = eye - M @ X
+        rms = torch.linalg.matrix_norm(R) / math.sqrt(d)
+        X = X + X @ R
+    ok = (rms <= tol) & torch.isfinite(X).flatten(-2).all(-1)
+    return 0.5 * (X + X.transpose(-2, -1)), ok
+
+
+def cholesky_inverse_masked(M: Tensor) -> tuple[Tensor, Tensor]:
+    """(M^-1, ok) for SPD M through M = L L^T; ok False (a non-positive pivot) leaves X unusable."""
+    L, info = torch.linalg.cholesky_ex(M)
+    return symmetrize_from_upper(torch.cholesky_inverse(L)), info == 0
+
+
+def kalman_update_masked(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """:func:`grng.ops.kalman_update` in place where its innovation Cholesky succeeds (P kept
+    otherwise); returns that success flag."""
+    Pn, info = kalman_posterior(P, H, r, beta, q)
+    ok = (info == 0) & torch.isfinite(Pn).all()
+    P.copy_(torch.where(ok, Pn, P))
+    return ok
+
+
+def select(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where ``ok``, else ``old`` (one device-side select, in ``new``'s dtype)."""
+    return torch.where(ok, new, old.to(new.dtype))

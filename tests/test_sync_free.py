@@ -1,0 +1,218 @@
+"""The sync-free step (``sync_free=True``, the default on CUDA): no tensor read on the host.
+
+On CPU a host read is detected by counting the Python entry points of a device-to-host
+transfer (``Tensor.item``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``,
+``tolist``) during ``step()``; on CUDA by ``torch.cuda.set_sync_debug_mode("error")``. The
+sync-free step must take the same steps as the host-branching one, and skip a non-finite step
+with everything left exactly as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import grng
+from grng.curvature.inverse import NewtonInverse
+
+HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
+
+# (name, optimizer factory) -- every member of the family with the options that change the path
+CONFIGS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "kfac-newton": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=2, **kw),
+    "kfac-cholesky": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse="cholesky", inverse_every=2,
+                                               **kw),
+    "kfac-eigen": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse_every=1000, **kw),
+    "ring-momentum-wd": lambda m, **kw: grng.RING(m, lr=0.05, momentum=0.9, weight_decay=1e-2,
+                                                  inverse="newton", inverse_every=3, **kw),
+    "kfac-no-clip-factor-every": lambda m, **kw: grng.KFAC(m, lr=0.05, kl_clip=None,
+                                                           factor_every=2, inverse="cholesky",
+                                                           inverse_every=2, **kw),
+    "kfac-max-grad-norm": lambda m, **kw: grng.KFAC(m, lr=0.05, max_grad_norm=0.5,
+                                                    inverse="newton", inverse_every=2, **kw),
+    "reng-forward": lambda m, **kw: grng.RENG(m, lr=0.05, gr="forward", inverse="newton",
+                                              inverse_every=2, **kw),
+    "rkalman": lambda m, **kw: grng.RKalman(m, lr=0.05, kalman_rank=4, **kw),
+}
+
+
+def _model() -> nn.Module:
+    """A small model with a bias-free layer and a parameter without a block (diagonal path)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 9), nn.LayerNorm(9), nn.Tanh(), nn.Linear(9, 3, bias=False))
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _closure(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+             poison: bool = False) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if poison:
+            loss = loss * float("nan")
+        loss.backward()
+        return loss
+    return closure
+
+
+@contextlib.contextmanager
+def count_host_reads() -> Iterator[list[str]]:
+    """Record the name of every host read of a tensor inside the block."""
+    seen: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def spy(name: str, original: Callable) -> Callable:
+        def wrapper(self, *args, **kwargs):
+            seen.append(name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, spy(name, original))
+    try:
+        yield seen
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _train(name: str, sync_free: bool, steps: int, backend: str = "auto",
+           poison_at: int | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = _model()
+    opt = CONFIGS[name](model, sync_free=sync_free, backend=backend)
+    for t in range(steps):
+        x, y = _batch(t)
+        with pytest.warns(RuntimeWarning) if (t == poison_at and not sync_free) else \
+                contextlib.nullcontext():
+            opt.step(_closure(model, opt, x, y, poison=t == poison_at))
+    return model, opt
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_steps_read_nothing_on_the_host(name: str, backend: str) -> None:
+    """After the first step (which creates the factors), a step reads no tensor on the host:
+    fold, refresh (for eigen: the steps without one), preconditioning and update included."""
+    model = _model()
+    opt = CONFIGS[name](model, sync_free=True, backend=backend)
+    x, y = _batch(0)
+    opt.step(_closure(model, opt, x, y))
+    for t in range(1, 7):
+        x, y = _batch(t)
+        closure = _closure(model, opt, x, y)
+        with count_host_reads() as reads:
+            opt.step(closure)
+        assert reads == [], f"step {t}: host reads {reads}"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_counter_detects_a_host_read() -> None:
+    """The detector itself: the host-branching step (sync_free=False) is caught."""
+    model = _model()
+    opt = grng.KFAC(model, lr=0.05, sync_free=False)
+    x, y = _batch(0)
+    opt.step(_closure(model, opt, x, y))
+    with count_host_reads() as reads:
+        opt.step(_closure(model, opt, x, y))
+    assert "__bool__" in reads
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_sync_free_takes_the_same_steps(name: str) -> None:
+    """sync_free=True and False train to the same parameters (float32 rounding apart: the KL
+    clip's nu is a device scalar, Newton-Schulz runs a fixed number of iterations)."""
+    a, _ = _train(name, False, 8)
+    b, opt = _train(name, True, 8)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+    assert opt.steps == 8 and opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("name", ["kfac-newton", "ring-momentum-wd", "rkalman", "kfac-eigen"])
+def test_a_non_finite_step_changes_nothing(name: str) -> None:
+    """A NaN loss (and gradients) on a sync-free step: parameters, factors, inverses, momentum
+    buffers and R-Kalman covariances are bit-for-bit what they were; the skip is counted (the
+    fold/refresh schedule counts it as a step: it never reads the flag); training goes on."""
+    model, opt = _train(name, True, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for s in opt.state.values()]
+    curv = [{k: v.clone() for k, v in u.state.items()} for u, _ in opt._curvature_units()]
+    x, y = _batch(3)
+    opt.step(_closure(model, opt, x, y, poison=True))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for s, saved in zip(opt.state.values(), state):
+        for k, v in saved.items():
+            assert torch.equal(s[k], v), k
+    for (u, _), saved in zip(opt._curvature_units(), curv):
+        for k, v in saved.items():
+            assert torch.equal(u.state[k], v), k
+    assert opt.skipped_steps == 1 and opt.steps == 3
+    x, y = _batch(4)  # training goes on
+    opt.step(_closure(model, opt, x, y))
+    assert opt.skipped_steps == 1 and opt.steps == 4
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_unconverged_newton_keeps_the_previous_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One Newton-Schulz iteration cannot converge: the refresh keeps every dense factor's
+    previous inverse on the device and counts it."""
+    model, opt = _train("kfac-newton", True, 2)  # refreshed at steps 0 (host) and 2 is next
+    monkeypatch.setattr(NewtonInverse, "ITERATIONS_ON_DEVICE", 1)
+    saved = [{k: v.clone() for k, v in u.state.inverse.tensors().items()} for u in opt._blocks]
+    x, y = _batch(2)
+    opt.step(_closure(model, opt, x, y))
+    for u, inv in zip(opt._blocks, saved):
+        for k, v in inv.items():
+            if v.dim() == 2:
+                assert torch.equal(u.state.inverse.tensors()[k], v), k
+    assert opt.inverse.kept_previous >= 2
+
+
+def test_counters_survive_a_checkpoint() -> None:
+    """Skips counted on the device are saved and restored with the step counter."""
+    model, opt = _train("kfac-newton", True, 4, poison_at=2)
+    assert (opt.steps, opt.skipped_steps) == (3, 1)
+    sd = opt.state_dict()
+    model2 = _model()
+    opt2 = CONFIGS["kfac-newton"](model2, sync_free=True)
+    opt2.load_state_dict(sd)
+    assert (opt2.steps, opt2.skipped_steps) == (3, 1)
+
+
+def test_sync_free_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="sync_free"):
+        grng.KFAC(_model(), sync_free="yes")
+
+
+def test_default_is_off_on_cpu() -> None:
+    assert grng.KFAC(_model()).sync_free is False
+    assert grng.RKalman(_model()).sync_free is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["kfac-newton", "kfac-cholesky", "ring-momentum-wd", "rkalman"])
+def test_no_cuda_synchronization(name: str) -> None:
+    """On CUDA the steps after the first run under set_sync_debug_mode("error")."""
+    torch.manual_seed(0)
+    model = _model().cuda()
+    opt = CONFIGS[name](model)
+    assert opt.sync_free
+    data = [tuple(t.cuda() for t in _batch(s)) for s in range(5)]
+    opt.step(_closure(model, opt, *data[0]))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x, y in data[1:]:
+            opt.step(_closure(model, opt, x, y))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
