@@ -1,12 +1,18 @@
 """Pieces shared by grng's Triton kernels: the masked GEMM tile loop, autotune configs, helpers.
 
-Every load and store is masked (the interpreter does no bounds checks), so any size works.
+Every load and store is masked (the interpreter does no bounds checks), so any size runs the
+same tiled path: the grid covers the sizes rounded up to whole tiles and the masks cut the edge
+tiles (a bias column's d = 769 or 3073 takes the path of 768 or 3072, no special case).
 Element offsets are 64-bit (:func:`block_range`, :func:`stride64`): index x stride products and
 pointer steps exceed 2^31 past d = 46341 (a d x d matrix) and would wrap in 32-bit arithmetic.
-Tile products use fp32 operands with ``input_precision="ieee"`` (true fp32, as torch's default
-matmul, not TF32) when ``F32_DOT`` is set: any fp32 operand, mixed dtypes, or Triton's
-interpreter (which stores bf16 as raw 16-bit integers, so its bf16 ``tl.dot`` would be wrong).
-Otherwise (bf16/fp16 operands on a GPU) they go to the tensor cores with fp32 accumulation.
+
+Tile products accumulate in fp32; the launcher picks their input precision once per call
+(:func:`dot_precision`, a ``PRECISION`` constexpr): bf16/fp16 operands go to the tensor cores
+as they are ("native"); fp32 operands use TF32 tensor cores ("tf32") when torch allows TF32
+matmuls, and exact fp32 ("ieee", as torch's default matmul) otherwise. Triton's interpreter
+always gets "ieee": it stores bf16 as raw 16-bit integers, so its bf16 ``tl.dot`` would be
+wrong, while the exact fp32 product of bf16 values is what the tensor cores compute (its
+fp32 -> bf16 casts truncate, though, where compiled kernels round to nearest even).
 """
 from __future__ import annotations
 
@@ -57,19 +63,35 @@ def device_ok(*tensors: Tensor) -> bool:
     return dev.type == "cuda" or (dev.type == "cpu" and interpreter_enabled())
 
 
-def f32_dot(*tensors: Tensor) -> bool:
-    """Whether tile products run as fp32 IEEE dots: an fp32 operand, mixed dtypes, or interpreter."""
-    dtypes = {t.dtype for t in tensors}
-    return interpreter_enabled() or len(dtypes) > 1 or torch.float32 in dtypes
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use TF32: its ``fp32_precision`` (torch >= 2.9, which the
+    legacy flags also set), else ``allow_tf32`` or a float32 matmul precision of high / medium."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # reading allow_tf32 raises once the new API was used
+        precision = matmul.fp32_precision
+        if precision == "none":  # inherit the global default
+            precision = torch.backends.fp32_precision
+        return precision == "tf32"
+    return bool(matmul.allow_tf32) or torch.get_float32_matmul_precision() in ("high", "medium")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``PRECISION`` of tile products on ``dtype`` operands: "native" for bf16/fp16, "tf32" for
+    fp32 when torch allows TF32, else "ieee" (always "ieee" under the interpreter)."""
+    if interpreter_enabled():
+        return "ieee"
+    if dtype in (torch.bfloat16, torch.float16):
+        return "native"
+    return "tf32" if tf32_allowed() else "ieee"
 
 
 @triton.jit
-def dot_acc(a, b, acc, F32_DOT: tl.constexpr):
-    """acc + a b: fp32 IEEE operands when F32_DOT, else the operands' own dtype (tensor cores)."""
-    if F32_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
+def dot_acc(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a b with fp32 accumulation: a, b as they are ("native"), or as fp32 at PRECISION."""
+    if PRECISION == "native":
         acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     return acc
 
 
@@ -93,9 +115,9 @@ def stride64(stride):
 @triton.jit
 def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              F32_DOT: tl.constexpr):
-    """acc = A[offs_m, :] @ B[:, offs_n] for strided A (M x K), B (K x N), fp32 accumulation
-    (offs_m, offs_n: int64 from :func:`block_range`)."""
+              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """acc = A[offs_m, :] @ B[:, offs_n] for strided A (M x K), B (K x N), their tiles rounded to
+    DOT_DTYPE, fp32 accumulation (offs_m, offs_n: int64 from :func:`block_range`)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = block_range(0, BLOCK_K)
     row_ok = offs_m[:, None] < M
@@ -104,9 +126,9 @@ def gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
     b_ptrs = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0)
-        acc = dot_acc(a, b, acc, F32_DOT)
+        a = tl.load(a_ptrs, mask=row_ok & k_ok[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok, other=0.0).to(DOT_DTYPE)
+        acc = dot_acc(a, b, acc, PRECISION)
         a_ptrs += BLOCK_K * stride64(s_ak)
         b_ptrs += BLOCK_K * stride64(s_bk)
     return acc

@@ -4,8 +4,13 @@ Four strided GEMM launches of one kernel (transposes are stride swaps, never cop
 T = Q_G^T V, S = (T Q_A) / D, U = Q_G S, out = U Q_A^T with D = max(l_G, 0) max(l_A, 0)^T +
 damping. The divide by D is the second GEMM's epilogue, applied to its fp32 accumulator before
 the store, so Q_G^T V Q_A is never written unscaled and read back. With ``QA is None`` (A
-diagonal) it is S = (Q_G^T V) / D, out = Q_G S. Intermediates are fp32; V may be bf16 (its
-tiles are cast to fp32 in the kernel, as the reference casts V to Q_G's dtype).
+diagonal) it is S = (Q_G^T V) / D, out = Q_G S.
+
+Everything is computed in Q_G's dtype, as in the reference: V's tiles are rounded to it in the
+kernel, and the intermediates and the output are stored in it. Precision of the dots: fp32
+eigenvectors multiply in exact fp32 ("ieee"), or on TF32 tensor cores when torch allows TF32
+matmuls; bf16/fp16 eigenvectors (``inverse_dtype=torch.bfloat16``) go to the tensor cores in
+that dtype. The accumulators, l_G, l_A and the divide are fp32 in every case.
 """
 from __future__ import annotations
 
@@ -17,18 +22,19 @@ from torch import Tensor
 from . import _tiles
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["M", "N", "K", "SCALE"])
+@triton.autotune(configs=_tiles.gemm_configs(), key=["M", "N", "K", "SCALE", "PRECISION"])
 @triton.jit
 def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
                         s_am, s_ak, s_bk, s_bn, s_cm, s_cn, damping,
-                        SCALE: tl.constexpr, F32_DOT: tl.constexpr,
+                        SCALE: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C = A B, or (A B) / (max(lg, 0) max(la, 0)^T + damping) when SCALE, on one tile."""
+    """C = A B, or (A B) / (max(lg, 0) max(la, 0)^T + damping) when SCALE, on one tile; the tiles
+    of A and B are rounded to C's dtype."""
     pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, 8)
     offs_m = _tiles.block_range(pid_m, BLOCK_M)
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT)
+                           BLOCK_M, BLOCK_N, BLOCK_K, c_ptr.dtype.element_ty, PRECISION)
     m_ok = offs_m < M
     n_ok = offs_n < N
     if SCALE:
@@ -39,19 +45,19 @@ def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm(A: Tensor, B: Tensor, lG: Tensor | None = None, lA: Tensor | None = None,
-          damping: float = 0.0) -> Tensor:
-    """A B (fp32 out), or (A B) / (max(lG, 0) max(lA, 0)^T + damping) when lG, lA are given."""
+def _gemm(A: Tensor, B: Tensor, precision: str, lG: Tensor | None = None,
+          lA: Tensor | None = None, damping: float = 0.0) -> Tensor:
+    """A B, or (A B) / (max(lG, 0) max(lA, 0)^T + damping) when lG, lA are given, in A's dtype."""
     M, K = A.shape
     N = B.shape[1]
-    C = _tiles.new_output((M, N), torch.float32, A.device)
+    C = _tiles.new_output((M, N), A.dtype, A.device)
     if M == 0 or N == 0:
         return C
     scale = lG is not None
     _gemm_damped_kernel[_tiles.gemm_grid(M, N)](
         A, B, C, lG if scale else C, lA if scale else C, M, N, K,
         A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        float(damping), SCALE=scale, F32_DOT=_tiles.f32_dot(A, B))
+        float(damping), SCALE=scale, PRECISION=precision)
     return C
 
 
@@ -60,18 +66,22 @@ def eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor
     """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V."""
     lG32 = lG.to(torch.float32).contiguous()
     lA32 = lA.to(torch.float32).contiguous()
+    precision = _tiles.dot_precision(QG.dtype)
+    QGt = QG.transpose(0, 1)
     if QA is None:
-        return _gemm(QG, _gemm(QG.transpose(0, 1), V, lG32, lA32, damping))
-    S = _gemm(_gemm(QG.transpose(0, 1), V), QA, lG32, lA32, damping)
-    return _gemm(_gemm(QG, S), QA.transpose(0, 1))
+        return _gemm(QG, _gemm(QGt, V, precision, lG32, lA32, damping), precision)
+    S = _gemm(_gemm(QGt, V, precision), QA, precision, lG32, lA32, damping)
+    return _gemm(_gemm(QG, S, precision), QA.transpose(0, 1), precision)
 
 
 def supports(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
              damping: float) -> bool:
-    """True for fp32 eigenvectors, fp32/bf16/fp16 V (d_G x d_A) on a device the kernel runs on."""
+    """True for fp32/bf16/fp16 eigenvectors (Q_A of Q_G's dtype), eigenvalues and V (d_G x d_A)
+    on a device the kernel runs on."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
     d_g, d_a = V.shape if V.dim() == 2 else (-1, -1)
-    qa_ok = QA is None or (QA.dtype == torch.float32 and QA.shape == (d_a, d_a))
+    qa_ok = QA is None or (QA.dtype == QG.dtype and QA.shape == (d_a, d_a))
     tensors = (V, QG, lG, lA) if QA is None else (V, QG, lG, lA, QA)
-    return (V.dim() == 2 and QG.dtype == torch.float32 and QG.shape == (d_g, d_g) and qa_ok
-            and V.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (V.dim() == 2 and QG.shape == (d_g, d_g) and qa_ok
+            and all(t.dtype in floats for t in tensors)
             and lG.shape == (d_g,) and lA.shape == (d_a,) and _tiles.device_ok(*tensors))

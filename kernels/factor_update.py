@@ -8,6 +8,11 @@ both at (r, c) and, through the transposed tile, at (c, r). Each entry is thus w
 one value, so the result is exactly symmetric, and no program reads what another writes. ``beta == 0`` compiles the read of
 M away (it may hold NaN). The Kalman covariance update reuses this kernel with X = W^T,
 alpha = -1, beta = 1 / beta_kalman and diag = q.
+
+Precision of the dots: bf16/fp16 X goes to the tensor cores in its own dtype (the products of
+bf16 values are exact in the fp32 accumulator, so this matches the reference, which upcasts X);
+fp32 X multiplies in exact fp32 ("ieee"), or on TF32 tensor cores when torch allows TF32
+matmuls.
 """
 from __future__ import annotations
 
@@ -19,11 +24,12 @@ from torch import Tensor
 from . import _tiles
 
 
-@triton.autotune(configs=_tiles.sym_configs(), key=["d", "m", "READ_M"], restore_value=["m_ptr"])
+@triton.autotune(configs=_tiles.sym_configs(), key=["d", "m", "READ_M", "PRECISION"],
+                 restore_value=["m_ptr"])
 @triton.jit
 def _sym_update_kernel(m_ptr, x_ptr, d, m, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,
-                       READ_M: tl.constexpr, F32_DOT: tl.constexpr,
+                       READ_M: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored."""
     pid = tl.program_id(0)
@@ -48,7 +54,7 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
         k_ok = (k0 + offs_k)[:, None] < m
         xr = tl.load(xr_ptrs, mask=k_ok & r_ok[None, :], other=0.0)
         xc = tl.load(xc_ptrs, mask=k_ok & c_ok[None, :], other=0.0)
-        acc = _tiles.dot_acc(tl.trans(xr), xc, acc, F32_DOT)
+        acc = _tiles.dot_acc(tl.trans(xr), xc, acc, PRECISION)
         xr_ptrs += BLOCK_K * _tiles.stride64(s_xk)
         xc_ptrs += BLOCK_K * _tiles.stride64(s_xk)
 
@@ -81,9 +87,10 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
         return (tiles * (tiles + 1) // 2, B)
 
     _sym_update_kernel[grid](
-        M, X, d, m, M.stride(0), M.stride(1), M.stride(2), X.stride(0), X.stride(1), X.stride(2),
+        M, X, d, m, M.stride(0), M.stride(1), M.stride(2),
+        X.stride(0), X.stride(1), X.stride(2),
         float(alpha), float(beta), float(diag),
-        READ_M=beta != 0.0, F32_DOT=_tiles.f32_dot(X))
+        READ_M=beta != 0.0, PRECISION=_tiles.dot_precision(X.dtype))
 
 
 def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:

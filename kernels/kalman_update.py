@@ -5,6 +5,8 @@ The thin and small pieces run in torch, exactly as in the reference: U = P H^T /
 d x d work, P <- (1/beta) P + q I - W W^T, is the symmetric kernel of the factor update
 (:func:`grng.kernels.factor_update.sym_update`) with X = W^T (a stride view, no copy),
 alpha = -1, beta = 1/beta and diag = q: one triangle of tiles, mirrored, exactly symmetric.
+W is in P's dtype (fp32), as in the reference, so that kernel's dots are exact fp32 ("ieee"), or
+TF32 when torch allows TF32 matmuls (as the torch products P H^T here then are too).
 """
 from __future__ import annotations
 

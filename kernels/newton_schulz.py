@@ -6,6 +6,10 @@ stored to one slot per program; the residual is sqrt of the sum of those partial
 reduction, no extra pass over R). The second computes X + X R = X (2I - M X) with the "+ X" in
 its epilogue (the same form as the reference, which keeps the correction X R separate from X
 instead of rounding 2I - M X near 2I). R is stored in X's dtype.
+
+Precision of the dots: bf16/fp16 M and X go to the tensor cores in their own dtype; fp32 ones
+multiply in exact fp32 ("ieee"), or on TF32 tensor cores when torch allows TF32 matmuls (as
+torch's own M @ X then would). Accumulation, the residual and the "+ X" are fp32.
 """
 from __future__ import annotations
 
@@ -17,11 +21,11 @@ from torch import Tensor
 from . import _tiles
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "F32_DOT"], reset_to_zero=["part_ptr"])
+@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"], reset_to_zero=["part_ptr"])
 @triton.jit
 def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
                      s_mm, s_mk, s_xk, s_xn, s_rm, s_rn,
-                     F32_DOT: tl.constexpr,
+                     PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """R = I - M X on one tile; part[pid] = sum of R^2 over the tile's entries."""
     pid = tl.program_id(0)
@@ -29,7 +33,7 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
     offs_m = _tiles.block_range(pid_m, BLOCK_M)
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(m_ptr, x_ptr, d, d, d, s_mm, s_mk, s_xk, s_xn, offs_m, offs_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT)
+                           BLOCK_M, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty, PRECISION)
     valid = (offs_m[:, None] < d) & (offs_n[None, :] < d)
     eye = (offs_m[:, None] == offs_n[None, :]).to(tl.float32)
     res = tl.where(valid, eye - acc, 0.0)
@@ -38,17 +42,17 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
              res.to(r_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "F32_DOT"])
+@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"])
 @triton.jit
 def _update_kernel(x_ptr, r_ptr, o_ptr, d, s_xm, s_xk, s_rk, s_rn, s_om, s_on,
-                   F32_DOT: tl.constexpr,
+                   PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = X + X R = X (2I - M X) on one tile."""
     pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), d, d, BLOCK_M, BLOCK_N, 8)
     offs_m = _tiles.block_range(pid_m, BLOCK_M)
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(x_ptr, r_ptr, d, d, d, s_xm, s_xk, s_rk, s_rn, offs_m, offs_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, F32_DOT)
+                           BLOCK_M, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty, PRECISION)
     valid = (offs_m[:, None] < d) & (offs_n[None, :] < d)
     x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_n[None, :] * s_xk, mask=valid, other=0.0)
     out = acc + x.to(tl.float32)
@@ -69,13 +73,13 @@ def newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     X_next = _tiles.new_output((d, d), X.dtype, X.device)
     part = torch.zeros(_max_programs(d), dtype=torch.float32, device=X.device)
     if d > 0:
-        f32 = _tiles.f32_dot(M, X)
+        precision = _tiles.dot_precision(X.dtype)
         _residual_kernel[_tiles.gemm_grid(d, d)](
             M, X, R, part, d, M.stride(0), M.stride(1), X.stride(0), X.stride(1),
-            R.stride(0), R.stride(1), F32_DOT=f32)
+            R.stride(0), R.stride(1), PRECISION=precision)
         _update_kernel[_tiles.gemm_grid(d, d)](
             X, R, X_next, d, X.stride(0), X.stride(1), R.stride(0), R.stride(1),
-            X_next.stride(0), X_next.stride(1), F32_DOT=f32)
+            X_next.stride(0), X_next.stride(1), PRECISION=precision)
     residual = part.to(torch.float64).sum().sqrt().to(X.dtype)
     return X_next, residual
 

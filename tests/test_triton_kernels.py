@@ -6,11 +6,18 @@ last place of the output's largest entry. Symmetric outputs must be exactly symm
 outputs are poisoned with NaN (through ``grng.kernels._tiles.new_output``) so that an element
 the kernels fail to write shows up. The check functions take a device and sizes; the GPU file
 (tests/test_triton_gpu.py) runs them at large sizes.
+
+Besides: the dots' precision (TF32 for fp32 only when torch allows it, bf16/fp16 operands on the
+tensor cores) is chosen once per call on the host and reaches every launch; odd sizes (1, 123,
+769: a bias column) launch exactly what round sizes do.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -27,7 +34,8 @@ from grng.ops.errors import BackendUnavailable, FactorizationError  # noqa: E402
 if not (torch.cuda.is_available() or dispatch.interpreter_enabled()):
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from grng.kernels import _tiles  # noqa: E402
+from grng.kernels import (_tiles, eigen_apply, factor_update, kalman_update,  # noqa: E402
+                          newton_schulz)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,13 +94,15 @@ def check_factor_update(device: str, batch: tuple[int, ...], d: int, m: int,
 
 
 def check_eigen_apply(device: str, d_g: int, d_a: int, v_dtype: torch.dtype, diagonal_a: bool,
-                      noncontig: bool) -> None:
-    """Triton damped eigen-inverse application against the reference (clamped eigenvalues)."""
+                      noncontig: bool, q_dtype: torch.dtype = torch.float32) -> None:
+    """Triton damped eigen-inverse application against the reference (clamped eigenvalues);
+    eigenvectors and eigenvalues in ``q_dtype``."""
     V = torch.randn(d_g, d_a, device=device).to(v_dtype)
-    QG = torch.linalg.qr(torch.randn(d_g, d_g, device=device))[0]
-    QA = None if diagonal_a else torch.linalg.qr(torch.randn(d_a, d_a, device=device))[0]
-    lG = torch.rand(d_g, device=device) * 2.0 - 0.2  # some negatives: clamped at 0
-    lA = torch.rand(d_a, device=device) * 2.0 - 0.2
+    QG = torch.linalg.qr(torch.randn(d_g, d_g, device=device))[0].to(q_dtype)
+    QA = (None if diagonal_a else
+          torch.linalg.qr(torch.randn(d_a, d_a, device=device))[0].to(q_dtype))
+    lG = (torch.rand(d_g, device=device) * 2.0 - 0.2).to(q_dtype)  # some negatives: clamped at 0
+    lA = (torch.rand(d_a, device=device) * 2.0 - 0.2).to(q_dtype)
     damping = 1e-2
     if noncontig:
         V, QG = strided(V), QG.T.contiguous().T
@@ -119,7 +129,7 @@ def check_newton_schulz(device: str, d: int, dtype: torch.dtype, noncontig: bool
     assert_within_rule(X_next, ref_same, ref64)
     R64 = torch.eye(d, dtype=torch.float64, device=device) - M.double() @ X.double()
     true_res = float(torch.linalg.matrix_norm(R64))
-    rtol = 1e-4 if dtype == torch.float32 else 1e-2
+    rtol = 1e-4 if dtype == torch.float32 and _tiles.dot_precision(dtype) == "ieee" else 1e-2
     assert res.dim() == 0
     assert abs(float(res) - true_res) <= rtol * true_res + 1e-6 * math.sqrt(d)
 
@@ -145,7 +155,6 @@ def test_triton_backend_registered() -> None:
     """The triton backend is live and dispatch resolves all four ops to it."""
     assert ops.backends()["triton"].startswith("live")
     M, X = torch.zeros(3, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE)
-    from grng.kernels import eigen_apply, factor_update, kalman_update, newton_schulz
     assert dispatch.resolve("factor_update", "triton", M, X, 1.0, 0.0) is factor_update.factor_update
     assert dispatch.resolve("eigen_apply", "triton", M, M, M[0], M, M[0], 0.1) is eigen_apply.eigen_apply
     assert dispatch.resolve("newton_schulz_step", "triton", M, M) is newton_schulz.newton_schulz_step
@@ -262,3 +271,210 @@ def test_kalman_update_rejects_indefinite_innovation() -> None:
     with pytest.raises(FactorizationError):
         ops.kalman_update(P, H, -1e6, 1.0, 0.0, backend="triton")
     assert torch.equal(P, torch.eye(6, device=DEVICE))
+
+
+# ------------------------------------------------------- precision, odd sizes
+
+OPS = ["factor_update", "eigen_apply", "newton_schulz_step", "kalman_update"]
+KERNELS = {"sym_update": factor_update._sym_update_kernel,
+           "gemm_damped": eigen_apply._gemm_damped_kernel,
+           "ns_residual": newton_schulz._residual_kernel,
+           "ns_update": newton_schulz._update_kernel}
+Launch = tuple[str, dict]
+
+
+@pytest.fixture
+def launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
+    """Every kernel launch is recorded as (kernel, its arguments by name) instead of run."""
+    log: list[Launch] = []
+    for name, kernel in KERNELS.items():
+        def record(*args, grid, warmup, name=name, kernel=kernel, **kwargs) -> None:
+            """Log one launch of ``kernel``."""
+            log.append((name, {**dict(zip(kernel.arg_names, args)), **kwargs}))
+        monkeypatch.setattr(kernel, "run", record)
+    return log
+
+
+@pytest.fixture
+def torch_precision() -> Iterator[None]:
+    """torch's fp32 matmul precision settings (CUDA and CPU) are restored after the test."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        matmuls = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+        saved = [m.fp32_precision for m in matmuls]
+        yield
+        for m, value in zip(matmuls, saved):
+            m.fp32_precision = value
+    else:
+        before = torch.get_float32_matmul_precision()
+        yield
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def gpu_rounding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the interpreter, in-kernel fp32 -> bf16 casts round to nearest even as compiled
+    kernels do (the interpreter truncates, which alone doubles a bf16 rounding error)."""
+    if not dispatch.interpreter_enabled():
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
+    truncating = interpreter._convert_float
+
+    def nearest_even(data: np.ndarray, src: object, dst: object, rounding: object) -> np.ndarray:
+        """The bf16 bits of fp32 ``data`` rounded to nearest even; other casts as before."""
+        if src == tl.float32 and dst == tl.bfloat16:
+            rounded = torch.from_numpy(np.array(data, dtype=np.float32)).to(torch.bfloat16)
+            return rounded.view(torch.int16).numpy().view(np.uint16)
+        return truncating(data, src, dst, rounding)
+
+    monkeypatch.setattr(interpreter, "_convert_float", nearest_even)
+
+
+def small_call(op: str, n: int, dtype: torch.dtype) -> Callable[[], object]:
+    """A call of ``op``'s Triton launcher at size n, its low-precision operand in ``dtype``
+    (X, the eigenvectors, M and X, H)."""
+    x = torch.randn(n, n, device=DEVICE)
+    spd = random_spd(n, DEVICE)
+    if op == "factor_update":
+        return lambda: factor_update.factor_update(torch.zeros(n, n, device=DEVICE), x.to(dtype),
+                                                   1.0, 0.5)
+    if op == "eigen_apply":
+        Q, lam = torch.linalg.qr(x)[0].to(dtype), torch.rand(n, device=DEVICE).to(dtype)
+        return lambda: eigen_apply.eigen_apply(x, Q, lam, Q, lam, 0.1)
+    if op == "newton_schulz_step":
+        return lambda: newton_schulz.newton_schulz_step(spd.to(dtype),
+                                                        torch.linalg.inv(spd).to(dtype))
+    return lambda: kalman_update.kalman_update(torch.linalg.inv(spd), x[:2].to(dtype),
+                                               1.0, 0.9, 1e-3)
+
+
+def test_tf32_allowed_reads_torch_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TF32 iff torch's fp32_precision (or, inherited, the global one) is "tf32"; on a torch
+    without it, iff allow_tf32 or a float32 matmul precision of "high" / "medium"."""
+    def new_api(matmul: str, default: str) -> bool:
+        cuda = SimpleNamespace(matmul=SimpleNamespace(fp32_precision=matmul))
+        monkeypatch.setattr(torch, "backends", SimpleNamespace(fp32_precision=default, cuda=cuda))
+        return _tiles.tf32_allowed()
+
+    assert new_api("tf32", "none") and new_api("none", "tf32")
+    assert not (new_api("ieee", "tf32") or new_api("none", "none"))
+
+    def legacy(allow: bool, precision: str) -> bool:
+        monkeypatch.setattr(torch, "backends", SimpleNamespace(
+            cuda=SimpleNamespace(matmul=SimpleNamespace(allow_tf32=allow))))
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: precision)
+        return _tiles.tf32_allowed()
+
+    assert legacy(True, "highest") and legacy(False, "high") and legacy(False, "medium")
+    assert not legacy(False, "highest")
+
+
+def test_tf32_allowed_follows_torch(torch_precision: None) -> None:
+    """Against this torch: off at "highest", on after allow_tf32 = True, "high" or "medium"."""
+    for setting, on in [("highest", False), ("high", True), ("medium", True), ("highest", False)]:
+        torch.set_float32_matmul_precision(setting)
+        assert _tiles.tf32_allowed() is on
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert _tiles.tf32_allowed()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert not _tiles.tf32_allowed()
+
+
+def test_dot_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter always multiplies exactly ("ieee"); on a GPU bf16/fp16 operands are
+    "native" (tensor cores) and fp32 ones "tf32" only when torch allows it."""
+    if dispatch.interpreter_enabled():
+        assert {_tiles.dot_precision(dt) for dt in (torch.float32, torch.bfloat16)} == {"ieee"}
+    monkeypatch.setattr(_tiles, "interpreter_enabled", lambda: False)
+    for allowed, fp32 in [(False, "ieee"), (True, "tf32")]:
+        monkeypatch.setattr(_tiles, "tf32_allowed", lambda allowed=allowed: allowed)
+        assert _tiles.dot_precision(torch.float32) == fp32
+        assert {_tiles.dot_precision(dt) for dt in (torch.bfloat16, torch.float16)} == {"native"}
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_launches_get_the_chosen_precision(launches: list[Launch], monkeypatch: pytest.MonkeyPatch,
+                                           op: str, dtype: torch.dtype, tf32: bool) -> None:
+    """As on a GPU: the precision is chosen once per call and every launch gets it: "native" for
+    bf16 operands (the Kalman W stays fp32), else "tf32" / "ieee" as torch's setting says."""
+    monkeypatch.setattr(_tiles, "interpreter_enabled", lambda: False)
+    monkeypatch.setattr(_tiles, "tf32_allowed", lambda: tf32)
+    choose = _tiles.dot_precision
+    chosen: list[str] = []
+    monkeypatch.setattr(_tiles, "dot_precision", lambda dt: chosen.append(choose(dt)) or chosen[-1])
+    small_call(op, 9, dtype)()
+    fp32 = "tf32" if tf32 else "ieee"
+    want = "native" if dtype == torch.bfloat16 and op != "kalman_update" else fp32
+    assert chosen == [want]
+    assert launches and all(args["PRECISION"] == want for _, args in launches)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("diagonal_a", [False, True])
+def test_eigen_apply_low_precision_eigenvectors(poisoned: None, gpu_rounding: None,
+                                                q_dtype: torch.dtype, v_dtype: torch.dtype,
+                                                diagonal_a: bool) -> None:
+    """bf16/fp16 eigenvectors (inverse_dtype=torch.bfloat16): the rule against the reference in
+    that dtype; the output is in it."""
+    check_eigen_apply(DEVICE, 33, 70, v_dtype, diagonal_a, noncontig=False, q_dtype=q_dtype)
+
+
+def test_eigen_apply_bf16_eigenvectors_odd_strided(poisoned: None, gpu_rounding: None) -> None:
+    """bf16 eigenvectors at odd sizes, strided V and Q_A, column-major Q_G."""
+    check_eigen_apply(DEVICE, 123, 45, torch.float32, False, noncontig=True, q_dtype=torch.bfloat16)
+
+
+def test_eigen_apply_supports_low_precision_eigenvectors() -> None:
+    """bf16/fp16 eigenvectors and eigenvalues are taken (Q_A in Q_G's dtype); float64 ones, or
+    Q_A in another dtype than Q_G, go to the reference."""
+    V, Q, lam = (torch.randn(5, 5, device=DEVICE), torch.eye(5, device=DEVICE),
+                 torch.ones(5, device=DEVICE))
+    for dt in (torch.bfloat16, torch.float16):
+        assert eigen_apply.supports(V, Q.to(dt), lam.to(dt), Q.to(dt), lam.to(dt), 0.1)
+        assert eigen_apply.supports(V.to(dt), Q.to(dt), lam.to(dt), None, lam.to(dt), 0.1)
+    assert not eigen_apply.supports(V, Q.to(torch.bfloat16), lam, Q, lam, 0.1)
+    assert not eigen_apply.supports(V, Q.double(), lam.double(), Q.double(), lam.double(), 0.1)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_odd_sizes_launch_the_round_size_path(launches: list[Launch], op: str) -> None:
+    """d = 1, 123 and 769 (a bias column) launch the same kernels with the same compile-time
+    switches (bool / str constexprs) as d = 768: one masked tiled path, no special case for
+    sizes off a tile multiple."""
+    def path(n: int) -> list[tuple[str, dict]]:
+        launches.clear()
+        small_call(op, n, torch.float32)()
+        return [(name, {k: v for k, v in args.items() if isinstance(v, (bool, str))})
+                for name, args in launches]
+
+    assert path(1) == path(123) == path(769) == path(768) != []
+
+
+@pytest.mark.parametrize("d", [1, 123, 769])
+def test_odd_sizes_noncontiguous(poisoned: None, d: int) -> None:
+    """Sizes a bias column makes, strided and column-major inputs: the factor update (bf16 X)
+    and the eigen-apply (d_A = d)."""
+    check_factor_update(DEVICE, (), d, 3, torch.bfloat16, 0.9, noncontig=True)
+    check_eigen_apply(DEVICE, 3, d, torch.float32, False, noncontig=True)
+
+
+@pytest.mark.parametrize("d", [1, 123])
+def test_odd_sizes_noncontiguous_small(poisoned: None, d: int) -> None:
+    """Newton-Schulz (bf16) and the Kalman update at odd sizes, strided and column-major inputs
+    (their kernels are the ones above; d = 769 would only add interpreter seconds)."""
+    check_newton_schulz(DEVICE, d, torch.bfloat16, noncontig=True)
+    check_kalman_update(DEVICE, d, 2, torch.float32, 1e-3, noncontig=True)
+
+
+@pytest.mark.gpu
+def test_tf32_within_rule_on_gpu(torch_precision: None, poisoned: None) -> None:
+    """With TF32 allowed (the torch reference then uses it too) every op keeps the rule."""
+    torch.set_float32_matmul_precision("high")
+    assert _tiles.dot_precision(torch.float32) == "tf32"
+    check_factor_update(DEVICE, (), 123, 40, torch.float32, 0.9, noncontig=False)
+    check_eigen_apply(DEVICE, 123, 45, torch.float32, False, noncontig=True)
+    check_newton_schulz(DEVICE, 123, torch.float32, noncontig=False)
+    check_kalman_update(DEVICE, 123, 20, torch.float32, 1e-3, noncontig=False)
