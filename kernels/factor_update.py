@@ -12,7 +12,8 @@ alpha = -1, beta = 1 / beta_kalman and diag = q.
 Precision of the dots: bf16/fp16 X goes to the tensor cores in its own dtype (the products of
 bf16 values are exact in the fp32 accumulator, so this matches the reference, which upcasts X);
 fp32 X multiplies in exact fp32 ("ieee"), or on TF32 tensor cores when torch allows TF32
-matmuls.
+matmuls. The autotune key holds d and the row count's class (:func:`rows_class`), never m
+itself: a new batch size within a class reuses the tuned tile instead of re-tuning mid-run.
 """
 from __future__ import annotations
 
@@ -24,14 +25,23 @@ from torch import Tensor
 from . import _tiles
 
 
-@triton.autotune(configs=_tiles.sym_configs(), key=["d", "m", "READ_M", "PRECISION"],
+def rows_class(m: int) -> int:
+    """m rounded up to a power of two, clamped to [32, 512]: the row count as the autotuner sees it.
+
+    Below 32 rows every config runs one k step; past 512 the k loop is long enough for every
+    pipeline depth, so the best tile depends on d alone."""
+    return min(max(triton.next_power_of_2(m), 32), 512)
+
+
+@triton.autotune(configs=_tiles.sym_configs(), key=["d", "m_class", "READ_M", "PRECISION"],
                  restore_value=["m_ptr"])
 @triton.jit
-def _sym_update_kernel(m_ptr, x_ptr, d, m, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
+def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,
                        READ_M: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored."""
+    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored
+    (m_class = rows_class(m) is read by the autotuner's key only)."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     # Program pid -> tile (ti, tj), 0 <= ti <= tj: tj = floor((sqrt(8 pid + 1) - 1) / 2), fixed up
@@ -87,7 +97,7 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
         return (tiles * (tiles + 1) // 2, B)
 
     _sym_update_kernel[grid](
-        M, X, d, m, M.stride(0), M.stride(1), M.stride(2),
+        M, X, d, m, rows_class(m), M.stride(0), M.stride(1), M.stride(2),
         X.stride(0), X.stride(1), X.stride(2),
         float(alpha), float(beta), float(diag),
         READ_M=beta != 0.0, PRECISION=_tiles.dot_precision(X.dtype))

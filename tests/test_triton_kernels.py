@@ -9,7 +9,8 @@ the kernels fail to write shows up. The check functions take a device and sizes;
 
 Besides: the dots' precision (TF32 for fp32 only when torch allows it, bf16/fp16 operands on the
 tensor cores) is chosen once per call on the host and reaches every launch; odd sizes (1, 123,
-769: a bias column) launch exactly what round sizes do.
+769: a bias column) launch exactly what round sizes do; the autotune keys hold feature sizes
+and a coarse row-count class, so a new batch size does not re-tune.
 """
 from __future__ import annotations
 
@@ -273,7 +274,7 @@ def test_kalman_update_rejects_indefinite_innovation() -> None:
     assert torch.equal(P, torch.eye(6, device=DEVICE))
 
 
-# ------------------------------------------------------- precision, odd sizes
+# ------------------------------------------------------- precision, odd sizes, autotune keys
 
 OPS = ["factor_update", "eigen_apply", "newton_schulz_step", "kalman_update"]
 KERNELS = {"sym_update": factor_update._sym_update_kernel,
@@ -467,6 +468,30 @@ def test_odd_sizes_noncontiguous_small(poisoned: None, d: int) -> None:
     (their kernels are the ones above; d = 769 would only add interpreter seconds)."""
     check_newton_schulz(DEVICE, d, torch.bfloat16, noncontig=True)
     check_kalman_update(DEVICE, d, 2, torch.float32, 1e-3, noncontig=True)
+
+
+def test_autotune_keys_leave_out_the_row_count() -> None:
+    """No autotune key holds a row (batch) count: the factor update keys on d and the row
+    count's class; every key holds the dots' precision."""
+    assert factor_update._sym_update_kernel.keys == ["d", "m_class", "READ_M", "PRECISION"]
+    assert eigen_apply._gemm_damped_kernel.keys == ["M", "N", "K", "SCALE", "PRECISION"]
+    for kernel in (newton_schulz._residual_kernel, newton_schulz._update_kernel):
+        assert kernel.keys == ["d", "PRECISION"]
+    assert {factor_update.rows_class(m) for m in range(1, 5000)} == {32, 64, 128, 256, 512}
+
+
+def test_batch_size_change_keeps_the_autotune_key(launches: list[Launch]) -> None:
+    """Batches of 40 and 64 rows get the factor update's autotune key of each other, 200 rows
+    another; below 32 and above 512 rows the key is one per side."""
+    def key(m: int) -> tuple:
+        launches.clear()
+        factor_update.factor_update(torch.zeros(33, 33, device=DEVICE),
+                                    torch.randn(m, 33, device=DEVICE), 1.0, 0.0)
+        (_, args), = launches
+        return tuple(args[k] for k in factor_update._sym_update_kernel.keys)
+
+    assert key(40) == key(64) != key(200)
+    assert key(1) == key(32) and key(600) == key(5000)
 
 
 @pytest.mark.gpu
