@@ -122,7 +122,12 @@ class InverseStrategy:
         self._kept_on_device = kept if self._kept_on_device is None else self._kept_on_device + kept
 
     def apply(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> Tensor:
+        """P(V); batched over a leading dimension when every field of ``inv`` is stacked."""
         raise NotImplementedError
+
+    def accepts(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> bool:
+        """Whether :meth:`apply` runs on these (e.g. stacked) inputs with ``backend``."""
+        return True
 
 
 class EigenInverse(InverseStrategy):
@@ -136,6 +141,32 @@ class EigenInverse(InverseStrategy):
         lG, QG = self._eig(G, previous, "G", backend)
         lA, QA = self._eig(A, previous, "A", backend)
         return EigenBasis(QG=QG, lG=lG, QA=QA, lA=lA)
+
+    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+                     ) -> list[InverseState]:
+        """Dense factors of equal size (over blocks and sides) in one batched eigh; when it
+        fails, each factor alone (float64 retry, keep previous)."""
+        out: list[dict[str, Tensor | None]] = [{} for _ in items]
+        batches: dict[tuple, list[tuple[int, str, Tensor]]] = {}
+        for i, (A, G, _, previous) in enumerate(items):
+            for side, M in (("G", G), ("A", A)):
+                if M.dim() == 1:
+                    out[i]["l" + side], out[i]["Q" + side] = self._eig(M, previous, side, backend)
+                else:
+                    batches.setdefault((M.shape[0], M.dtype, M.device), []).append((i, side, M))
+        for entries in batches.values():
+            if len(entries) > 1:
+                try:
+                    ls, Qs = ops.eigh(torch.stack([M for _, _, M in entries]), backend=backend)
+                except ops.FactorizationError:
+                    pass
+                else:
+                    for (i, side, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
+                        out[i]["l" + side], out[i]["Q" + side] = l, Q
+                    continue
+            for i, side, M in entries:
+                out[i]["l" + side], out[i]["Q" + side] = self._eig(M, items[i][3], side, backend)
+        return [EigenBasis(**o) for o in out]  # type: ignore[arg-type]
 
     @staticmethod
     def _eig(M: Tensor, previous: EigenBasis | None, side: str, backend: str
@@ -160,6 +191,12 @@ class EigenInverse(InverseStrategy):
                                    backend=backend).transpose(0, 1)
         denom = torch.outer(inv.lG.clamp(min=0), inv.lA.clamp(min=0)) + damping
         return V.to(inv.lG.dtype) / denom
+
+    def accepts(self, inv, V, damping, backend) -> bool:
+        if inv.QG is None or inv.QA is None:
+            return V.dim() == 2
+        return ops.accepts("eigen_apply", backend, V, inv.QG, inv.lG, inv.QA, inv.lA,
+                           float(damping))
 
 
 class _TikhonovInverse(InverseStrategy):

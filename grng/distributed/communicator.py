@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from grng import ops
+from grng.curvature.stacks import Stacks
 from grng.distributed.assignment import assign_layers
 from grng.distributed.comm import FactorReducer, Piece, allreduce_mean, broadcast_packed
 
@@ -110,16 +112,27 @@ class Communicator:
         then (comm-opt) each owner's fields ``exchange(i)`` travel to every rank (``receive``)."""
         raise NotImplementedError
 
-    def directions(self, indices: list[int], compute: Callable[[int], Tensor | None],
+    def directions(self, indices: list[int], compute: Callable[[list[int]], dict[int, Tensor]],
                    layout: Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]]
                    ) -> dict[int, Tensor]:
-        """Each block's direction (``compute(i)``, None = no gradient), computed where its
-        inverse lives; ``layout(i)`` = (shape, dtype, device) of block i's direction."""
+        """Each block's direction (``compute(blocks)``: index -> direction of those with a
+        gradient, in one call so equal shapes batch), computed where its inverse lives;
+        ``layout(i)`` = (shape, dtype, device) of block i's direction."""
         raise NotImplementedError
 
 
+#: dense factors whose rows have at most this many elements (m d) are folded in one batched
+#: factor_update with the other blocks of the same shape; larger rows cost more to stack than
+#: a call (2-core CPU: 6 x (32 x 33) rows 0.056 -> 0.036 ms, 2 x (2048 x 513) 30.6 -> 36.7 ms)
+FOLD_BATCH_MAX_ELEMENTS = 1 << 16
+
+
 class LocalCommunicator(Communicator):
-    """One process: identity reductions, every block owned, fused single-process ops."""
+    """One process: identity reductions, every block owned, fused single-process ops; the dense
+    factors of equal-shape blocks with small rows are folded in one batched call."""
+
+    def __init__(self) -> None:
+        self.stacks = Stacks()
 
     def owns(self, index: int) -> bool:
         return True
@@ -137,9 +150,26 @@ class LocalCommunicator(Communicator):
         return list(tensors)
 
     def fold_factors(self, folds, beta, backend):
+        batches: dict[tuple, list[FactorFold]] = {}
         for f in folds:
-            f.result = f.current if f.rows is None else f.structure.fold(
-                f.current, f.rows, beta, f.like, f.compute, f.storage, backend)
+            key = _fold_batch_key(f, beta)
+            if key is None:
+                f.result = f.current if f.rows is None else f.structure.fold(
+                    f.current, f.rows, beta, f.like, f.compute, f.storage, backend)
+            else:
+                batches.setdefault(key, []).append(f)
+        for key, fs in batches.items():
+            if len(fs) == 1:
+                f = fs[0]
+                f.result = f.structure.fold(f.current, f.rows, beta, f.like, f.compute, f.storage,
+                                            backend)
+                continue
+            slot = ("fold", tuple((id(f.like), id(f.structure)) for f in fs))
+            S, views = self.stacks.stack(slot, [f.current for f in fs])
+            ops.factor_update(S, torch.stack([f.rows.X for f in fs]), key[-1], beta,
+                              backend=backend)
+            for f, view in zip(fs, views):
+                f.result = view
 
     def kalman_observations(self, items, beta, rank, sketch):
         out: list[Observation | None] = []
@@ -159,12 +189,20 @@ class LocalCommunicator(Communicator):
         refresh_owned(due)
 
     def directions(self, indices, compute, layout):
-        out = {}
-        for i in indices:
-            d = compute(i)
-            if d is not None:
-                out[i] = d
-        return out
+        return compute(indices)
+
+
+def _fold_batch_key(f: FactorFold, beta: float) -> tuple | None:
+    """What a fold must share with others to be batched (None: fold it alone): a dense factor
+    kept in its accumulation dtype, with small rows of one shape and dtype, the same alpha."""
+    if (f.rows is None or f.current is None or f.structure.diagonal
+            or f.current.dtype != f.compute or f.storage not in (None, f.compute)):
+        return None
+    X = f.rows.X
+    if X.dim() != 2 or X.numel() > FOLD_BATCH_MAX_ELEMENTS:
+        return None
+    alpha = (1.0 - beta) * f.rows.scale ** 2 / f.rows.n
+    return (f.structure.dim, tuple(X.shape), X.dtype, f.compute, X.device, alpha)
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -323,6 +361,7 @@ class ProcessGroupCommunicator(Communicator):
     def directions(self, indices, compute, layout):
         if self.strategy == "comm-opt":
             return LocalCommunicator.directions(self, indices, compute, layout)  # type: ignore[arg-type]
+        owned = compute([i for i in indices if self.owns(i)])
         entries = []
         for i in indices:
             shape, dtype, device = layout(i)
@@ -331,7 +370,7 @@ class ProcessGroupCommunicator(Communicator):
                 numel *= s
             D = None
             if self.owns(i):
-                d = compute(i)
+                d = owned.get(i)
                 body = (torch.zeros(numel, dtype=dtype, device=device) if d is None
                         else d.to(dtype).reshape(-1))
                 D = torch.cat([body, torch.full((1,), 0.0 if d is None else 1.0, dtype=dtype,

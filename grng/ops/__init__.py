@@ -17,12 +17,13 @@ from torch import Tensor
 
 from grng.ops import specs  # noqa: F401 - defines every op (and registers the reference backend)
 from grng.ops.batched import batched_spd_inverse
-from grng.ops.dispatch import backends, call, validate_backend
+from grng.ops.dispatch import accepts, backends, call, validate_backend
 from grng.ops.errors import BackendUnavailable, FactorizationError
 from grng.ops.reference import default_newton_tol
 
 __all__ = [
-    "BackendUnavailable", "FactorizationError", "NewtonResult", "backends", "batched_spd_inverse",
+    "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
+    "batched_spd_inverse",
     "cholesky_inverse", "default_newton_tol", "eigen_apply", "eigh", "factor_update",
     "fused_update", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
     "validate_backend",

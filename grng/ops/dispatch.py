@@ -134,6 +134,16 @@ def resolve(op: str, backend: str, *args) -> Callable:
     return impl.fn
 
 
+def accepts(op: str, backend: str, *args) -> bool:
+    """Whether ``backend`` runs ``op`` on these arguments (with its own implementation or, where
+    it has none, the reference), e.g. batched inputs that a kernel does not take."""
+    try:
+        resolve(op, backend, *args)
+    except BackendUnavailable:
+        return False
+    return True
+
+
 def call(op: str, backend: str, *args):
     """Run ``op`` on ``args`` with the implementation ``backend`` selects."""
     return resolve(op, backend, *args)(*args)

@@ -8,7 +8,6 @@ ImportError says why the extension is unavailable; the dispatch reports it in ``
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 from collections.abc import Sequence
 
@@ -36,11 +35,21 @@ _X_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 MAX_BATCHED_DIM = 128
 
 
-@functools.cache
+def _kernels() -> frozenset[tuple[str, str]]:
+    """(op, device type) of every kernel the built extension has (asked once, at import)."""
+    return frozenset((op, device) for op in ("fused_update", "factor_update", "kalman_update",
+                                             "batched_spd_inverse")
+                     for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"grng_ext::{op}", key))
+
+
+_KERNELS = _kernels()
+
+
 def _has_kernel(op: str, device_type: str) -> bool:
-    """Whether the built extension has a kernel of ``op`` for the device type (asked once)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"grng_ext::{op}", key)
+    """Whether the extension has a kernel of ``op`` for the device type (a set lookup, which
+    torch.compile traces as a constant)."""
+    return (op, device_type) in _KERNELS
 
 
 # ----------------------------------------------------------------------------- fake kernels

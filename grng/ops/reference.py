@@ -63,15 +63,16 @@ def eigen_apply(
 
     Eigenvalues are clamped at 0. ``QA is None`` means A is diagonal (its eigenvectors are the
     identity), as for an embedding. V is (d_G x d_A); the result has V's shape and QG's dtype.
+    Batched over leading dimensions (V: (..., d_G, d_A), Q_G: (..., d_G, d_G), l_G: (..., d_G)).
     """
     Vc = V.to(QG.dtype)
-    denom = torch.outer(lG.clamp(min=0), lA.clamp(min=0)) + damping
-    inner = QG.transpose(0, 1) @ Vc
+    denom = lG.clamp(min=0)[..., :, None] * lA.clamp(min=0)[..., None, :] + damping
+    inner = QG.transpose(-2, -1) @ Vc
     if QA is not None:
         inner = inner @ QA
     inner = inner / denom
     out = QG @ inner
-    return out if QA is None else out @ QA.transpose(0, 1)
+    return out if QA is None else out @ QA.transpose(-2, -1)
 
 
 def newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:

@@ -120,14 +120,15 @@ define(OpSpec(
 
 def _eigh_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int, variant: str) -> tuple:
     g = _gen(seed)
-    B = _randn(g, n, n)
-    return (place(0.5 * (B + B.T), dtype, device, "slice" if variant == "strided" else "contiguous"),)
+    B = _randn(g, *((2,) if variant == "batched" else ()), n, n)
+    return (place(0.5 * (B + B.transpose(-2, -1)), dtype, device,
+                  "slice" if variant == "strided" else "contiguous"),)
 
 
 def _eigh_outputs(args: tuple, out: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
     # eigenvectors are unique only up to sign: compare the eigenvalues, Q diag(l) Q^T and Q^T Q
     evals, Q = out
-    return evals, (Q * evals) @ Q.transpose(-2, -1), Q.transpose(-2, -1) @ Q
+    return evals, (Q * evals[..., None, :]) @ Q.transpose(-2, -1), Q.transpose(-2, -1) @ Q
 
 
 define(OpSpec(
@@ -143,6 +144,7 @@ define(OpSpec(
     reduction=lambda n: n,
     flops=lambda n: 9.0 * n ** 3,  # symmetric QR with eigenvectors (Golub & Van Loan 8.3)
     bytes=lambda n, dt: (2.0 * n * n + n) * size_of(dt),
+    variants=("contiguous", "strided", "batched"),
     output_names=("l", "Q diag(l) Q^T", "Q^T Q"),
 ))
 
@@ -152,6 +154,9 @@ define(OpSpec(
 def _eigen_apply_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
                         variant: str) -> tuple:
     g = _gen(seed)
+    if variant == "batched":  # two blocks of the same shape in one call
+        parts = [_eigen_apply_inputs(n, dtype, device, seed + 1 + b, "contiguous") for b in range(2)]
+        return (*(torch.stack([p[i] for p in parts]) for i in range(5)), parts[0][5])
     V = _randn(g, n, n)
     QG, QA = _orthogonal(g, n), _orthogonal(g, n)
     lG = torch.rand(n, dtype=F64, generator=g) * 2.0 - 0.2  # a few negatives: clamped at 0
@@ -178,7 +183,7 @@ define(OpSpec(
     reduction=lambda n: 2 * n,
     flops=lambda n: 4.0 * n * n * (2 * n) + n * n,  # 4 d_G d_A (d_G + d_A) + d_G d_A
     bytes=lambda n, dt: n * n * size_of(dt) + (3.0 * n * n + 2 * n) * size_of(wide(dt)),
-    variants=("contiguous", "strided", "diagonal_a"),
+    variants=("contiguous", "strided", "diagonal_a", "batched"),
     output_names=("out",),
 ))
 

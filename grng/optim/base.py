@@ -119,6 +119,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._steps = 0
         self._skipped = 0
         self._skipped_on_device: Tensor | None = None
+        self._plan: tuple[bool, tuple[bool, ...]] | None = None
         self.distributed_strategy = distributed_strategy
         self.comm = make_communicator(model, process_group, distributed_strategy,
                                       [layer.cost() for layer in self.capture.layers])
@@ -262,7 +263,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
             return loss
         with _autocast_disabled():  # a step taken inside torch.autocast keeps its GEMMs in fp32
-            if self._steps % self.factor_every == 0:
+            if self._schedule()[0]:
                 self._fold()
             self._refresh()
             directions = self._directions()
@@ -277,8 +278,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if not ok:  # unreachable after the check above unless a backend disagrees
                 self.skip_step("non-finite combined direction")
                 return loss
-        self._steps += 1
-        self._end_step()
+        self._advance()
         return loss
 
     def _step_on_device(self, loss: Tensor | None, flag: Tensor | None) -> Tensor | None:
@@ -290,8 +290,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ok = torch.ones((), dtype=torch.bool, device=device) if flag is None else flag
         ok = self.comm.all_true_flag(ok.to(device))
         with _autocast_disabled():
-            fold = self._steps % self.factor_every == 0
-            refresh = any(self._inverse_due())
+            fold, due = self._schedule()
+            refresh = any(due)
             states = [u.state for u in self._blocks] + [u.state for u in self._diagonal_units_now()]
             before = [(st, {k: t.clone() for k, t in (st.items() if refresh else st.folded().items())})
                       for st in states] if fold or refresh else []
@@ -300,8 +300,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._refresh()
             for st, old in before:  # a skipped step leaves the statistics and inverses as they were
                 for k, t in st.items():
-                    if k in old:
-                        st.replace(k, masked.select(ok, t, old[k]))
+                    if k in old:  # in place where the fold was (a batched block keeps its slice)
+                        if t.dtype == old[k].dtype:
+                            t.copy_(torch.where(ok, t, old[k]))
+                        else:
+                            st.replace(k, masked.select(ok, t, old[k]))
             directions = self._directions()
         dir_flag = finite_flag(directions.values())
         ok = ok if dir_flag is None else ok & dir_flag
@@ -314,9 +317,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         skipped = (~applied).to(torch.int64)
         self._skipped_on_device = (skipped if self._skipped_on_device is None
                                    else self._skipped_on_device + skipped)
+        self._advance()
+        return loss
+
+    @torch.compiler.disable
+    def _advance(self) -> None:
+        """Count the step and re-arm the capture; run eagerly under torch.compile, which would
+        not keep this mutation of the optimizer's counters (a graph break, by design)."""
         self._steps += 1
         self._end_step()
-        return loss
 
     def _fold(self) -> None:
         """Fold this step's captured rows into the blocks and the gradients into the diagonal."""
@@ -359,7 +368,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group_of = self._group_index()
         dampings = [self.param_groups[group_of[id(u.layer.weight)]].get("damping", 0.0)
                     for u in self._blocks]
-        self.block.refresh(self._blocks, self.comm, self._inverse_due(), dampings)
+        self.block.refresh(self._blocks, self.comm, list(self._schedule()[1]), dampings)
 
     def _inverse_due(self) -> list[bool]:
         """Per block, whether this step refreshes its inverse (never, by default)."""
@@ -370,12 +379,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group_of = self._group_index()
         units = [u for u in self._blocks if u.layer.weight.grad is not None]
 
-        def compute(i: int) -> Tensor | None:
-            unit = self._blocks[i]
-            V = unit.layer.grad_matrix()
-            if V is None:
-                return None
-            return self.block.apply(unit, V, self.param_groups[group_of[id(unit.layer.weight)]])
+        def compute(indices: list[int]) -> dict[int, Tensor]:
+            items = []
+            for i in indices:
+                unit = self._blocks[i]
+                V = unit.layer.grad_matrix()
+                if V is not None:
+                    items.append((unit, V, self.param_groups[group_of[id(unit.layer.weight)]]))
+            return {u.index: D for (u, _, _), D in zip(items, self.block.apply_many(items))}
 
         def layout(i: int) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
             w = self._blocks[i].layer.weight
@@ -416,6 +427,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _end_step(self) -> None:
         self.capture.clear()
         self.capture.armed = self._steps % self.factor_every == 0
+        self._plan = None
+        self._schedule()  # the next step's plan, here (eager even under torch.compile)
+
+    def _schedule(self) -> tuple[bool, tuple[bool, ...]]:
+        """(fold this step, per block: refresh its inverse this step), from the step counter;
+        computed once per step, so a compiled step guards on these flags, not on the counter."""
+        if self._plan is None:
+            self._plan = (self._steps % self.factor_every == 0, tuple(self._inverse_due()))
+        return self._plan
 
     def _all_params(self) -> Iterator[Tensor]:
         for group in self.param_groups:

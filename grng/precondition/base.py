@@ -77,6 +77,10 @@ class Preconditioner:
         """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit)."""
         raise NotImplementedError
 
+    def apply_many(self, items: list[tuple[Unit, Tensor, dict]]) -> list[Tensor]:
+        """:meth:`apply` for several (unit, V, group) at once (batched where a family can)."""
+        return [self.apply(unit, V, group) for unit, V, group in items]
+
     def expected_shapes(self, unit: Unit) -> dict[str, tuple[int, ...]]:
         """Checkpoint name -> the shape a saved tensor must have for this unit."""
         raise NotImplementedError

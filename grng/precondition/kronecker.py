@@ -17,6 +17,7 @@ from torch import Tensor
 
 from grng.curvature.inverse import EigenBasis, InverseStrategy
 from grng.curvature.layers import KroneckerLayer
+from grng.curvature.stacks import Stacks
 from grng.curvature.state import KroneckerBlock
 from grng.distributed.comm import Piece
 from grng.distributed.communicator import Communicator, FactorFold
@@ -29,6 +30,7 @@ class KroneckerPreconditioner(Preconditioner):
     def __init__(self, config: CurvatureConfig, inverse: InverseStrategy) -> None:
         super().__init__(config)
         self.inverse = inverse
+        self.stacks = Stacks()
 
     def new_state(self, unit_params, layer) -> KroneckerBlock:
         return KroneckerBlock()
@@ -112,6 +114,53 @@ class KroneckerPreconditioner(Preconditioner):
         if self.config.inverse_dtype is not None:  # applied in >= float32
             inv = inv.cast(compute_dtype(unit.like))
         return self.inverse.apply(inv, V, group["damping"], self.config.backend)
+
+    def apply_many(self, items) -> list[Tensor]:
+        """P(V) of each item; blocks of the same shape (gradient, inverse fields, damping) in
+        one batched application over their stacked inverses (kept stacked between steps)."""
+        out: list[Tensor | None] = [None] * len(items)
+        batches: dict[tuple, list[int]] = {}
+        for k, (unit, V, group) in enumerate(items):
+            key = self._batch_key(unit, V, group["damping"])
+            if key is None:
+                out[k] = self.apply(unit, V, group)
+            else:
+                batches.setdefault(key, []).append(k)
+        for ks in batches.values():
+            units = [items[k][0] for k in ks]
+            if len(ks) > 1:
+                fields = {}
+                for name in units[0].state.inverse.tensors():
+                    slot = (name, tuple(u.index for u in units))
+                    S, views = self.stacks.stack(slot, [getattr(u.state.inverse, name) for u in units])
+                    for u, view in zip(units, views):
+                        setattr(u.state.inverse, name, view)
+                    fields[name] = S
+                inv = self.inverse.state_type(**fields)
+                V = torch.stack([items[k][1] for k in ks])
+                damping = items[ks[0]][2]["damping"]
+                if self.inverse.accepts(inv, V, damping, self.config.backend):
+                    D = self.inverse.apply(inv, V, damping, self.config.backend)
+                    for k, d in zip(ks, D.unbind(0)):
+                        out[k] = d
+                    continue
+            for k in ks:  # one block, or a backend that takes no batched inputs
+                out[k] = self.apply(*items[k])
+        return out  # type: ignore[return-value]
+
+    def _batch_key(self, unit: Unit, V: Tensor, damping: float) -> tuple | None:
+        """What a block must share with others to be applied in one batch (None: alone): an
+        inverse kept in the arithmetic dtype whose fields are all dense matrices or vectors of
+        matrices (no diagonal factor), the gradient's shape and dtype, the damping."""
+        inv = unit.state.inverse
+        if inv is None or self.config.inverse_dtype is not None or V.dim() != 2:
+            return None
+        fields = inv.tensors()
+        if len(fields) != len(self._field_names()) or any(
+                t.dim() != (1 if name.startswith("l") else 2) for name, t in fields.items()):
+            return None
+        return (tuple(V.shape), V.dtype, V.device, float(damping),
+                tuple((name, tuple(t.shape), t.dtype) for name, t in fields.items()))
 
     # ------------------------------------------------------------------- checkpoints
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,133 @@
+"""Blocks of equal shape go through one batched call (fold, eigen refresh, application) and take
+exactly the steps the block-by-block path takes (docs/performance.md "Batched blocks")."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import grng
+from grng.curvature.inverse import EigenInverse, InverseStrategy
+from grng.distributed import communicator
+from grng.ops import dispatch
+from grng.precondition.kronecker import KroneckerPreconditioner
+
+
+def _model() -> nn.Module:
+    """Four hidden layers of one shape (8 x 9 blocks), a head of another, a bias-free layer."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(5, 8), nn.Tanh()]
+    for _ in range(4):
+        layers += [nn.Linear(8, 8), nn.Tanh()]
+    layers += [nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers)
+
+
+def _train(make, steps: int = 7) -> tuple[nn.Module, torch.optim.Optimizer]:
+    model = _model()
+    opt = make(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(KroneckerPreconditioner, "_batch_key", lambda self, unit, V, d: None)
+    monkeypatch.setattr(communicator, "FOLD_BATCH_MAX_ELEMENTS", -1)
+    monkeypatch.setattr(EigenInverse, "refresh_many", InverseStrategy.refresh_many)
+
+
+MAKERS = {
+    "kfac-eigen": lambda m: grng.KFAC(m, lr=0.05, inverse_every=3),
+    "kfac-newton": lambda m: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=3),
+    "ring-cholesky-momentum": lambda m: grng.RING(m, lr=0.05, inverse="cholesky", momentum=0.9,
+                                                  inverse_every=2),
+    "kfac-sync-free": lambda m: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=2,
+                                          sync_free=True),
+    "kfac-reference": lambda m: grng.KFAC(m, lr=0.05, inverse_every=3, backend="reference"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_batched_equals_block_by_block(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    batched, opt_b = _train(MAKERS[name])
+    with monkeypatch.context() as m:
+        _unbatched(m)
+        single, opt_s = _train(MAKERS[name])
+    for p, q in zip(single.parameters(), batched.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)  # batched GEMMs round apart
+    for ls, lb in zip(opt_s.layers, opt_b.layers):
+        for key, v in opt_s.layer_state(ls).items():
+            if not key.startswith("Q"):  # eigenvectors are unique only up to sign
+                torch.testing.assert_close(opt_b.layer_state(lb)[key], v, rtol=1e-3, atol=1e-5)
+
+
+def _op_calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    calls: Counter = Counter()
+    original = dispatch.call
+
+    def spy(op, backend, *args):
+        if isinstance(args[0], torch.Tensor):
+            calls[op, tuple(args[0].shape)] += 1
+        return original(op, backend, *args)
+    monkeypatch.setattr(grng.ops, "call", spy)
+    return calls
+
+
+def test_one_call_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal shapes share one call: one factor_update per (side size, rows), one eigh per
+    factor size, one eigen_apply per block shape."""
+    model, opt = _train(MAKERS["kfac-eigen"], steps=3)  # refreshes at step 3 (the next)
+    calls = _op_calls(monkeypatch)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert calls["eigen_apply", (4, 8, 9)] == 1
+    # A (9 x 9: 8 inputs + bias) of the four hidden layers and the head: one batch of 5
+    assert calls["factor_update", (5, 9, 9)] == 1
+    # G (8 x 8) of the four hidden layers, the first layer and the bias-free one: one batch of 6
+    assert calls["factor_update", (6, 8, 8)] == 1
+    # every 8 x 8 factor (those six G and the bias-free layer's A) in one eigh, the 9 x 9 in one
+    assert calls["eigh", (7, 8, 8)] == 1 and calls["eigh", (5, 9, 9)] == 1
+    assert not any(op == "eigh" and shape == (8, 8) for op, shape in calls)
+
+
+def test_stacks_persist_between_steps() -> None:
+    """After the first batched application the blocks' inverses are slices of one stack, which
+    later steps read without stacking again; a checkpoint of them loads into a fresh optimizer
+    that takes the same next step."""
+    model, opt = _train(MAKERS["kfac-newton"], steps=4)
+    hidden = [opt.layer_state(layer) for layer in opt.layers[1:5]]
+    bases = {id(st["XG"]._base) for st in hidden}
+    assert len(bases) == 1 and None not in {st["XG"]._base for st in hidden}
+    sd = opt.state_dict()
+    model2 = _model()
+    model2.load_state_dict(model.state_dict())
+    opt2 = MAKERS["kfac-newton"](model2)
+    opt2.load_state_dict(sd)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    assert {id(opt.layer_state(layer)["XG"]._base) for layer in opt.layers[1:5]} == bases
+
+
+def test_backend_without_batched_inputs_applies_block_by_block() -> None:
+    """ops.accepts says whether a backend takes stacked inputs; the reference always does."""
+    V, Q, lam = torch.randn(2, 4, 3), torch.eye(4).expand(2, 4, 4), torch.rand(2, 4)
+    QA, lA = torch.eye(3).expand(2, 3, 3), torch.rand(2, 3)
+    assert grng.ops.accepts("eigen_apply", "reference", V, Q, lam, QA, lA, 0.1)
+    impl = dispatch.implementation("eigen_apply", "triton")
+    if impl is not None:  # the Triton kernel is 2-D only
+        assert not impl.supports(V, Q, lam, QA, lA, 0.1)
