@@ -463,7 +463,8 @@ def warm(jobs: str, cpu: bool) -> int:
         else:
             checks = check_ops(device, backends=("triton",), dtypes=(rest[0],),
                                sizes=(int(rest[1]),), ops=(kind,))
-            what = f"{sum(bool(c.passed) for c in checks)}/{len(checks)} checks passed"
+            ran = [c for c in checks if c.passed is not None]  # not the layouts it refuses
+            what = f"{sum(bool(c.passed) for c in ran)}/{len(ran)} checks passed"
         print(f"warm {job}: {what} in {time.time() - t0:.1f} s", flush=True)
     return 0
 

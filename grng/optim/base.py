@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -32,18 +33,33 @@ from grng.optim import checkpoint
 from grng.optim import validation as check
 from grng.optim.amp import AmpHandoff
 from grng.optim.gradient_source import PlainGradient
+from grng.optim.precision import PRECISIONS, matmul_precision, storage_dtypes, warn_if_inert
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 
 
-def _autocast_disabled() -> contextlib.ExitStack:
-    """Switch autocast off (CPU, and CUDA where present) for the optimizer's own arithmetic:
-    under autocast a matmul would run in bf16/fp16 and the factors lose their float32. Nothing
-    to switch (and no context entered) when autocast is off."""
+def _own_arithmetic(precision: str) -> contextlib.ExitStack:
+    """The optimizer's own arithmetic: autocast off (CPU, and CUDA where present: under autocast
+    a matmul would run in bf16/fp16 and the factors lose their float32; nothing entered when it
+    is off), and TF32 allowed or not as ``precision`` says."""
     stack = contextlib.ExitStack()
     for device in ("cpu", "cuda"):
         if torch.is_autocast_enabled(device):
             stack.enter_context(torch.autocast(device, enabled=False))
+    stack.enter_context(matmul_precision(precision))
     return stack
+
+
+@dataclass
+class StepCounters:
+    """A curvature optimizer's step bookkeeping: steps taken (the fold/refresh schedule counts
+    them), steps skipped on the host path and on the device (``sync_free``), and this step's
+    plan. Kept in a plain object: torch.compile replays attribute mutations of such an object
+    after a compiled step, but not of the optimizer's own attributes."""
+
+    steps: int = 0
+    skipped: int = 0
+    skipped_on_device: Tensor | None = None
+    plan: tuple[bool, tuple[bool, ...]] | None = None
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -77,6 +93,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         sync_free: bool | None = None,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -88,13 +105,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.factor_decay = check.in_unit_interval("factor_decay", factor_decay)
         self.factor_every = check.positive_int("factor_every", factor_every)
         self.backend = ops.validate_backend(backend)
+        self.precision = check.choice("precision", precision, PRECISIONS)
+        factor_dtype, inverse_dtype = storage_dtypes(self.precision, factor_dtype, inverse_dtype)
         self.factor_dtype = check.storage_dtype("factor_dtype", factor_dtype)
         self.inverse_dtype = check.storage_dtype("inverse_dtype", inverse_dtype)
         if sync_free is None:  # CUDA steps avoid host synchronization; a CPU "sync" is free
             sync_free = any(p.is_cuda for p in model.parameters())
         self.sync_free = check.boolean("sync_free", sync_free)
+        warn_if_inert(self.precision, any(p.is_cuda for p in model.parameters()),
+                      type(self).__name__)
         self.config = CurvatureConfig(self.factor_decay, self.backend, self.factor_dtype,
-                                      self.inverse_dtype, self.sync_free)
+                                      self.inverse_dtype, self.sync_free,
+                                      apply_in_storage=self.precision == "bf16")
         self.amp = AmpHandoff(check.grad_scaler("grad_scaler", grad_scaler))
         self.max_grad_norm = check.optional_positive("max_grad_norm", max_grad_norm)
         self.max_factor_dim = (None if max_factor_dim is None
@@ -116,10 +138,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"layer {name!r}: its weight and bias must be in the same "
                                  "param group (they share one Kronecker block)")
         warn_at_construction(self.coverage(), type(self).__name__)
-        self._steps = 0
-        self._skipped = 0
-        self._skipped_on_device: Tensor | None = None
-        self._plan: tuple[bool, tuple[bool, ...]] | None = None
+        self.counters = StepCounters()
         self.distributed_strategy = distributed_strategy
         self.comm = make_communicator(model, process_group, distributed_strategy,
                                       [layer.cost() for layer in self.capture.layers])
@@ -262,7 +281,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not self.comm.all_true(flag is None or bool(flag)):
             self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
             return loss
-        with _autocast_disabled():  # a step taken inside torch.autocast keeps its GEMMs in fp32
+        with _own_arithmetic(self.precision):  # fp32 GEMMs even inside torch.autocast
             if self._schedule()[0]:
                 self._fold()
             self._refresh()
@@ -289,7 +308,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         device = next(self._params_with_grad()).device
         ok = torch.ones((), dtype=torch.bool, device=device) if flag is None else flag
         ok = self.comm.all_true_flag(ok.to(device))
-        with _autocast_disabled():
+        with _own_arithmetic(self.precision):
             fold, due = self._schedule()
             refresh = any(due)
             states = [u.state for u in self._blocks] + [u.state for u in self._diagonal_units_now()]
@@ -315,16 +334,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 group["lr"], group["momentum"], group["weight_decay"], group.get("rho", 0.0),
                 group["kl_clip"], ok)
         skipped = (~applied).to(torch.int64)
-        self._skipped_on_device = (skipped if self._skipped_on_device is None
-                                   else self._skipped_on_device + skipped)
+        counters = self.counters
+        counters.skipped_on_device = (skipped if counters.skipped_on_device is None
+                                      else counters.skipped_on_device + skipped)
         self._advance()
         return loss
 
-    @torch.compiler.disable
     def _advance(self) -> None:
-        """Count the step and re-arm the capture; run eagerly under torch.compile, which would
-        not keep this mutation of the optimizer's counters (a graph break, by design)."""
-        self._steps += 1
+        """Count the step and re-arm the capture."""
+        self.counters.steps += 1
         self._end_step()
 
     def _fold(self) -> None:
@@ -427,15 +445,40 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _end_step(self) -> None:
         self.capture.clear()
         self.capture.armed = self._steps % self.factor_every == 0
-        self._plan = None
-        self._schedule()  # the next step's plan, here (eager even under torch.compile)
+        self.counters.plan = None
 
     def _schedule(self) -> tuple[bool, tuple[bool, ...]]:
         """(fold this step, per block: refresh its inverse this step), from the step counter;
-        computed once per step, so a compiled step guards on these flags, not on the counter."""
-        if self._plan is None:
-            self._plan = (self._steps % self.factor_every == 0, tuple(self._inverse_due()))
-        return self._plan
+        computed once per step."""
+        counters = self.counters
+        if counters.plan is None:
+            counters.plan = (counters.steps % self.factor_every == 0, tuple(self._inverse_due()))
+        return counters.plan
+
+    # the counters under the names the checkpoint and the subclasses use
+    @property
+    def _steps(self) -> int:
+        return self.counters.steps
+
+    @_steps.setter
+    def _steps(self, value: int) -> None:
+        self.counters.steps = value
+
+    @property
+    def _skipped(self) -> int:
+        return self.counters.skipped
+
+    @_skipped.setter
+    def _skipped(self, value: int) -> None:
+        self.counters.skipped = value
+
+    @property
+    def _skipped_on_device(self) -> Tensor | None:
+        return self.counters.skipped_on_device
+
+    @_skipped_on_device.setter
+    def _skipped_on_device(self, value: Tensor | None) -> None:
+        self.counters.skipped_on_device = value
 
     def _all_params(self) -> Iterator[Tensor]:
         for group in self.param_groups:

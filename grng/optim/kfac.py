@@ -39,6 +39,9 @@ class KFAC(CurvatureOptimizer):
     skipped by device-side selects and counted lazily in ``skipped_steps``, "newton"/"cholesky"
     refreshes keep a failed factor's previous inverse on the device ("eigen" refreshes still
     synchronize: the eigensolver reports errors to the host); see docs/performance.md.
+    ``precision`` ("fp32" default, "tf32", "bf16"): the arithmetic of the optimizer's own
+    matmuls (TF32 tensor cores on CUDA; bf16 factors, inverses and application with float32
+    accumulation); see :mod:`grng.optim.precision`.
 
     ``kl_clip`` (default 1e-3) scales the step so that lr^2 <d, g> <= kl_clip, a trust region
     in the curvature's norm; ``kl_clip=None`` turns it off. The default values were chosen by
@@ -69,6 +72,7 @@ class KFAC(CurvatureOptimizer):
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         stagger_refresh: bool = False,
         sync_free: bool | None = None,
+        precision: str = "fp32",
         _group_defaults: dict[str, float] | None = None,
         **unknown: object,
     ) -> None:
@@ -83,7 +87,7 @@ class KFAC(CurvatureOptimizer):
                          distributed_strategy=distributed_strategy, factor_dtype=factor_dtype,
                          inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
                          max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
-                         sync_free=sync_free)
+                         sync_free=sync_free, precision=precision)
         self._bind(KroneckerPreconditioner(self.config, strategy), DiagonalFisher(self.config))
 
     @property

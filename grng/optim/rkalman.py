@@ -46,6 +46,7 @@ class RKalman(CurvatureOptimizer):
     1e-2 and variance cap 100, and kl_clip=1e-3 as for KFAC) were chosen by
     ``bench/defaults.py`` (docs/defaults.md). ``sync_free``: as for KFAC (a failed innovation
     factorization then keeps P on the device, counted lazily in ``kalman_failures``).
+    ``precision``: "fp32" (default) or "tf32" (TF32 matmuls on CUDA), as for KFAC.
     """
 
     def __init__(
@@ -72,9 +73,13 @@ class RKalman(CurvatureOptimizer):
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         sync_free: bool | None = None,
+        precision: str = "fp32",
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
+        if precision == "bf16":
+            raise ValueError("RKalman(precision='bf16'): the covariance downdate's accuracy is its "
+                             "storage precision, so R-Kalman keeps float32; use 'fp32' or 'tf32'")
         check.finite("factor_decay", factor_decay)
         if not 0.0 < factor_decay < 1.0:
             raise ValueError(f"factor_decay must be in (0, 1) for R-Kalman, got {factor_decay!r}")
@@ -93,7 +98,7 @@ class RKalman(CurvatureOptimizer):
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, grad_scaler=grad_scaler,
                          max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
-                         sync_free=sync_free)
+                         sync_free=sync_free, precision=precision)
         block = KalmanPreconditioner(self.config, kalman)
         self._bind(block, DiagonalKalman(block))
 

@@ -29,13 +29,15 @@ def compute_dtype(p: Tensor) -> torch.dtype:
 class CurvatureConfig:
     """What every preconditioner of one optimizer shares: the EMA decay beta of the factors,
     the op backend, the storage dtypes of factors and inverses (None: ``compute_dtype``), and
-    whether steps must not synchronize with the host (docs/performance.md)."""
+    whether steps must not synchronize with the host, and whether an inverse kept in a low
+    storage dtype is applied in that dtype (``precision="bf16"``; docs/performance.md)."""
 
     factor_decay: float
     backend: str
     factor_dtype: torch.dtype | None = None
     inverse_dtype: torch.dtype | None = None
     sync_free: bool = False
+    apply_in_storage: bool = False
 
 
 @dataclass

@@ -133,7 +133,6 @@ class KalmanPreconditioner(Preconditioner):
         return out * PA if PA.dim() == 1 else out @ PA
 
     # ------------------------------------------------------------------------ sketch
-    @torch.compiler.disable  # torch.compile cannot trace a torch.Generator: drawn eagerly
     def sketch(self, m: int, like: Tensor) -> Tensor:
         """Omega (k x m) with N(0, 1/k) entries from the preconditioner's own generator."""
         k = self.kalman.kalman_rank

@@ -111,8 +111,11 @@ class KroneckerPreconditioner(Preconditioner):
         inv = unit.state.inverse
         if inv is None:
             return V
+        compute = compute_dtype(unit.like)
+        if self.config.apply_in_storage:  # bf16 operands, float32 accumulation; D in float32
+            return self.inverse.apply(inv, V, group["damping"], self.config.backend).to(compute)
         if self.config.inverse_dtype is not None:  # applied in >= float32
-            inv = inv.cast(compute_dtype(unit.like))
+            inv = inv.cast(compute)
         return self.inverse.apply(inv, V, group["damping"], self.config.backend)
 
     def apply_many(self, items) -> list[Tensor]:
