@@ -7,7 +7,7 @@ optional Triton / compiled backends chosen by one dispatch (:func:`grng.backends
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from grng.curvature.layers import register_layer
 from grng.ops.dispatch import backends

@@ -45,7 +45,7 @@ def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 MAKERS = {
-    "kfac-eigen": lambda m: grng.KFAC(m, lr=0.05, inverse_every=3),
+    "kfac-eigen": lambda m: grng.KFAC(m, lr=0.05, inverse_every=3, factor_every=1),
     "kfac-newton": lambda m: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=3),
     "ring-cholesky-momentum": lambda m: grng.RING(m, lr=0.05, inverse="cholesky", momentum=0.9,
                                                   inverse_every=2),

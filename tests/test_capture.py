@@ -312,7 +312,7 @@ def test_no_grad_forward_records_nothing() -> None:
 def test_first_update_sets_then_blends_with_factor_decay() -> None:
     beta = 0.8
     lin = nn.Linear(3, 2).double()
-    opt = KFAC(lin, lr=0.0, factor_decay=beta)
+    opt = KFAC(lin, lr=0.0, factor_decay=beta, factor_every=1)
     st = opt.layer_state(opt.layers[0])
     expected = []
     for _ in range(2):
@@ -359,7 +359,7 @@ def test_factors_untouched_when_not_due() -> None:
 def test_paused_records_nothing() -> None:
     model = _mlp()
     lin1 = model[0]
-    opt = KFAC(model, lr=0.1, kl_clip=None)
+    opt = KFAC(model, lr=0.1, kl_clip=None, factor_every=1)
     x = torch.randn(5, 3, dtype=DT)
     with opt.curvature_paused():
         _sq_loss(model(x), torch.randn(5, 2, dtype=DT)).backward()
@@ -425,7 +425,7 @@ def test_layernorm_and_lone_bias_get_diagonal_fisher() -> None:
     with torch.no_grad():
         ln.weight.add_(0.1 * torch.randn(4, dtype=DT))
         ln.bias.add_(0.1 * torch.randn(4, dtype=DT))
-    opt = KFAC(model, lr=lr, damping=damping, factor_decay=beta, kl_clip=None)
+    opt = KFAC(model, lr=lr, damping=damping, factor_decay=beta, kl_clip=None, factor_every=1)
     assert [layer.weight for layer in opt.layers] == [model[0].weight, model[4].weight]
     diag = [ln.weight, ln.bias, lone.bias]
     D_prev = None

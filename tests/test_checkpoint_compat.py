@@ -16,11 +16,14 @@ from torch import nn
 import grng
 
 DATA = Path(__file__).parent / "data" / "checkpoint_v0_1.pt"
+# written by grng 0.1.0, whose defaults were factor_every=1 and R-Kalman prior_precision=1.0
 FACTORIES = {
-    "kfac": lambda m: grng.KFAC(m, lr=0.1, damping=1e-2, momentum=0.5, inverse_every=2),
-    "kfac_newton": lambda m: grng.KFAC(m, lr=0.1, damping=1e-2, inverse="newton", inverse_every=2),
-    # written by grng 0.1.0, whose R-Kalman default prior_precision was 1.0
-    "rkalman": lambda m: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=4, prior_precision=1.0),
+    "kfac": lambda m: grng.KFAC(m, lr=0.1, damping=1e-2, momentum=0.5, inverse_every=2,
+                                factor_every=1),
+    "kfac_newton": lambda m: grng.KFAC(m, lr=0.1, damping=1e-2, inverse="newton", inverse_every=2,
+                                       factor_every=1),
+    "rkalman": lambda m: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=4, prior_precision=1.0,
+                                      factor_every=1),
 }
 
 

@@ -137,7 +137,7 @@ def test_newton_and_cholesky_agree_tightly() -> None:
 def test_inverse_refreshed_only_every_inverse_every_steps() -> None:
     lr, damping = 0.1, 0.02
     model = _mlp()
-    opt = KFAC(model, kl_clip=None, lr=lr, damping=damping, inverse_every=2, factor_decay=0.5)
+    opt = KFAC(model, kl_clip=None, lr=lr, damping=damping, inverse_every=2, factor_decay=0.5, factor_every=1)
     m = model[2]
     _step(model, opt, *_batch(model))
     A0, G0 = _factors(opt, m)
@@ -400,7 +400,7 @@ def test_model_without_trainable_parameters_raises() -> None:
 def test_non_finite_gradient_skips_the_step(bad: float) -> None:
     beta = 0.5
     model = _ln_model()
-    opt = KFAC(model, lr=0.1, momentum=0.9, factor_decay=beta, inverse_every=1)
+    opt = KFAC(model, lr=0.1, momentum=0.9, factor_decay=beta, inverse_every=1, factor_every=1)
     _step(model, opt, *_batches(1)[0])
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy(opt.state_dict())

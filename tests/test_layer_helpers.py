@@ -681,7 +681,7 @@ def test_rkalman_diagonal_side_is_the_scalar_kalman_filter() -> None:
     lin = nn.Linear(3, 7).double()
     with pytest.warns(UserWarning, match="max_factor_dim"):
         opt = RKalman(lin, lr=0.0, rho=0.0, factor_decay=beta, process_noise=0.0,
-                      prior_precision=0.5, max_variance=None, max_factor_dim=6)
+                      prior_precision=0.5, max_variance=None, max_factor_dim=6, factor_every=1)
     info = torch.full((7,), 0.5, dtype=DT)                # P_G^-1 starts at prior_precision I
     for _ in range(3):
         out = _fit_once(opt, lin, torch.randn(n, 3, dtype=DT), torch.randn(n, 7, dtype=DT))

@@ -300,7 +300,7 @@ def test_bfloat16_storage_for_ring_and_reng(name: str) -> None:
 def test_bfloat16_storage_accumulates_in_float32() -> None:
     """The EMA is computed in float32 from the stored value and rounded once per update."""
     model = nn.Sequential(nn.Linear(3, 2))
-    opt = KFAC(model, lr=0.0, factor_decay=0.5, factor_dtype=torch.bfloat16)
+    opt = KFAC(model, lr=0.0, factor_decay=0.5, factor_dtype=torch.bfloat16, factor_every=1)
     xs = [torch.randn(5, 3) for _ in range(2)]
     for x in xs:
         opt.zero_grad()

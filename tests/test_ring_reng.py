@@ -138,7 +138,7 @@ def test_ring_factors_match_hand_computed_running_factors() -> None:
     model = _mlp()
     twin = copy.deepcopy(model)
     beta = 0.7
-    opt = RING(model, lr=0.1, damping=0.1, rho=0.2, factor_decay=beta)
+    opt = RING(model, lr=0.1, damping=0.1, rho=0.2, factor_decay=beta, factor_every=1)
     running: dict[int, dict[str, Tensor]] = {}
     for x, y in _batches(3):
         _sync(twin, model)

@@ -96,8 +96,8 @@ def test_covariances_are_inverse_running_factors(case: str) -> None:
     twin = copy.deepcopy(model)
     beta, prior = 0.9, 2.5
     opt = RKalman(model, lr=0.2, rho=0.3, factor_decay=beta, process_noise=0.0,
-                  max_variance=None, kalman_rank=64, prior_precision=prior)
-    probe = KFAC(twin, lr=0.0, damping=1.0, factor_decay=0.0)
+                  max_variance=None, kalman_rank=64, prior_precision=prior, factor_every=1)
+    probe = KFAC(twin, lr=0.0, damping=1.0, factor_decay=0.0, factor_every=1)
     running: dict[int, Tensor] = {}
     for step in range(6):
         x, y = inputs(6), torch.randint(0, 4, (6,))
@@ -131,8 +131,8 @@ def test_process_noise_enters_the_predict_step() -> None:
     twin = copy.deepcopy(model)
     beta, q, prior = 0.8, 0.05, 3.0
     opt = RKalman(model, lr=0.2, factor_decay=beta, process_noise=q, max_variance=None,
-                  prior_precision=prior)
-    probe = KFAC(twin, lr=0.0, damping=1.0, factor_decay=0.0)
+                  prior_precision=prior, factor_every=1)
+    probe = KFAC(twin, lr=0.0, damping=1.0, factor_decay=0.0, factor_every=1)
     expected: dict[tuple[int, str], Tensor] = {}
     for _ in range(4):
         x, y = torch.randn(6, 6, dtype=F64), torch.randint(0, 4, (6,))
@@ -262,9 +262,9 @@ def test_sketched_update_is_unbiased() -> None:
     model = nn.Sequential(nn.Linear(4, 3)).to(F64)
     beta = 0.9
     opt = RKalman(model, lr=0.0, factor_decay=beta, process_noise=0.0, max_variance=None,
-                  kalman_rank=3, prior_precision=1.0, kl_clip=None)
+                  kalman_rank=3, prior_precision=1.0, kl_clip=None, factor_every=1)
     probe_model = copy.deepcopy(model)
-    probe = KFAC(probe_model, lr=0.0, damping=1.0, factor_decay=0.0)
+    probe = KFAC(probe_model, lr=0.0, damping=1.0, factor_decay=0.0, factor_every=1)
     x, y = torch.randn(12, 4, dtype=F64), torch.randn(12, 3, dtype=F64)
     mse = lambda m: make_closure(m, lambda: nn.functional.mse_loss(m(x), y))  # noqa: E731  (G full rank)
     probe.step(mse(probe_model))
@@ -390,7 +390,7 @@ def _windup_run(steps: int, **kw) -> tuple[RKalman, list[float]]:
     """Linear(4 -> 3) whose input feature 1 is always zero; returns P_A[1, 1] after each step."""
     torch.manual_seed(31)
     model = nn.Linear(4, 3)
-    opt = RKalman(model, lr=0.1, **kw)
+    opt = RKalman(model, lr=0.1, **{"factor_every": 1, **kw})
     W = torch.randn(3, 4)
     xs = torch.randn(steps, 8, 4)
     xs[..., 1] = 0.0

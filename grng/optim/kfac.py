@@ -56,7 +56,7 @@ class KFAC(CurvatureOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
-        factor_every: int = 1,
+        factor_every: int = 2,
         inverse_every: int = 10,
         inverse: str = "eigen",
         kl_clip: float | None = 1e-3,

@@ -63,7 +63,7 @@ class RKalman(CurvatureOptimizer):
         kl_clip: float | None = 1e-3,
         backend: str = "auto",
         *,
-        factor_every: int = 1,
+        factor_every: int = 2,
         max_variance: float | None = -1.0,
         seed: int = 0,
         param_groups: Iterable[dict] | None = None,
