@@ -159,6 +159,14 @@ CASES.update({
                                                            gamma=0.05, epsilon=1e-2, mode="sam", model=m,
                                                            grad_scaler=_scaler(), **d), True),
 })
+# the sync-free step (device-side flags, an all-reduce MIN of the finite flag) under a group
+CASES.update({
+    "kfac_newton_sync_free": ("conv", _kfac(inverse="newton", sync_free=True), True),
+    "kfac_cholesky_sync_free_mem": ("conv", _kfac(inverse="cholesky", sync_free=True,
+                                                  distributed_strategy="mem-opt"), True),
+    "rkalman_sync_free": ("conv", lambda m, **d: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=8,
+                                                             sync_free=True, **d), True),
+})
 # float32 storage rounds the same float64 sums that differ in their last bits
 TOLERANCE = {"kfac_factor_dtype": 1e-5, "kfac_inverse_dtype_mem": 1e-5,
              "kfac_inverse_dtype_comm": 1e-5}
