@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import grng
-from grng.curvature.inverse import EigenInverse, InverseStrategy
+from grng.curvature.inverse import EigenInverse, InverseStrategy, _TikhonovInverse
 from grng.distributed import communicator
-from grng.ops import dispatch
+from grng.ops import dispatch, masked
 from grng.precondition.kronecker import KroneckerPreconditioner
 
 
@@ -38,10 +38,16 @@ def _train(make, steps: int = 7) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
+_TIKHONOV_ON_DEVICE = _TikhonovInverse._refresh_all_on_device
+
+
 def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(KroneckerPreconditioner, "_batch_key", lambda self, unit, V, d: None)
     monkeypatch.setattr(communicator, "FOLD_BATCH_MAX_ELEMENTS", -1)
     monkeypatch.setattr(EigenInverse, "refresh_many", InverseStrategy.refresh_many)
+    monkeypatch.setattr(_TikhonovInverse, "_refresh_all_on_device",
+                        lambda self, items: [inv for item in items
+                                             for inv in _TIKHONOV_ON_DEVICE(self, [item])])
 
 
 MAKERS = {
@@ -98,6 +104,25 @@ def test_one_call_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
     # every 8 x 8 factor (those six G and the bias-free layer's A) in one eigh, the 9 x 9 in one
     assert calls["eigh", (7, 8, 8)] == 1 and calls["eigh", (5, 9, 9)] == 1
     assert not any(op == "eigh" and shape == (8, 8) for op, shape in calls)
+
+
+def test_sync_free_refresh_is_one_batched_inversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sync_free newton: the refresh inverts every equal-size dense factor of the step in one
+    fixed-iteration Newton-Schulz call: one call per factor size."""
+    model, opt = _train(MAKERS["kfac-sync-free"], steps=4)  # refreshes at steps 0, 2, 4
+    shapes = []
+    original = masked.newton_schulz_fixed
+
+    def spy(M, X0, iterations, tol):
+        shapes.append(tuple(M.shape))
+        return original(M, X0, iterations, tol)
+    monkeypatch.setattr(masked, "newton_schulz_fixed", spy)
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    # A: 6 (first layer), 9 (four hidden + head), 8 (bias-free); G: 8 (six), 3 (head)
+    assert sorted(shapes) == sorted([(1, 3, 3), (1, 6, 6), (7, 8, 8), (5, 9, 9)])
 
 
 def test_stacks_persist_between_steps() -> None:

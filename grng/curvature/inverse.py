@@ -86,8 +86,6 @@ class InverseStrategy:
 
     name = ""
     state_type: type[InverseState] = InverseState
-    #: whether :meth:`refresh_on_device` exists (a refresh with no host synchronization)
-    sync_free = False
 
     def __init__(self) -> None:
         self._kept_on_device: Tensor | None = None
@@ -96,20 +94,12 @@ class InverseStrategy:
                 backend: str) -> InverseState:
         raise NotImplementedError
 
-    def refresh_on_device(self, A: Tensor, G: Tensor, damping: float, previous: InverseState
-                          ) -> InverseState:
-        """:meth:`refresh` from a previous inverse without reading anything on the host: a
-        failed factor keeps its previous inverse, counted in :attr:`kept_previous`."""
-        raise NotImplementedError
-
     def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
-        """:meth:`refresh` for several blocks' (A, G, damping, previous) at once; with
-        ``on_device`` (and a sync-free strategy) every block that has a previous inverse takes
-        :meth:`refresh_on_device`."""
-        return [self.refresh_on_device(A, G, damping, prev)
-                if on_device and self.sync_free and prev is not None
-                else self.refresh(A, G, damping, prev, backend) for A, G, damping, prev in items]
+        """:meth:`refresh` for several blocks' (A, G, damping, previous) at once. ``on_device``
+        asks for no host read where a strategy can (newton, cholesky: a failed factor keeps
+        its previous inverse, counted in :attr:`kept_previous`); eigen cannot and ignores it."""
+        return [self.refresh(A, G, damping, prev, backend) for A, G, damping, prev in items]
 
     @property
     def kept_previous(self) -> int:
@@ -118,7 +108,7 @@ class InverseStrategy:
         return 0 if self._kept_on_device is None else int(self._kept_on_device)
 
     def _count_kept(self, ok: Tensor) -> None:
-        kept = (~ok).to(torch.int64)
+        kept = (~ok).sum()
         self._kept_on_device = kept if self._kept_on_device is None else self._kept_on_device + kept
 
     def apply(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> Tensor:
@@ -241,25 +231,47 @@ class _TikhonovInverse(InverseStrategy):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         raise NotImplementedError
 
-    sync_free = True
+    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+                     ) -> list[InverseState]:
+        """As the base class; with ``on_device`` the blocks that have a previous inverse are
+        refreshed together: dense factors of one size in one batched inversion."""
+        if not on_device:
+            return super().refresh_many(items, backend)
+        warm = [i for i, item in enumerate(items) if item[3] is not None]
+        out: list[InverseState | None] = [None] * len(items)
+        for i, inv in zip(warm, self._refresh_all_on_device([items[i] for i in warm])):
+            out[i] = inv
+        for i, (A, G, damping, previous) in enumerate(items):
+            if out[i] is None:
+                out[i] = self.refresh(A, G, damping, previous, backend)
+        return out  # type: ignore[return-value]
 
-    def refresh_on_device(self, A, G, damping, previous) -> TikhonovInverses:
-        """X ~ (M + damping_part I)^-1 per dense factor by :meth:`_invert_on_device`, the
-        previous X where that fails; damping split without a host read."""
-        da, dg = tikhonov_split_on_device(A, G, damping)
-        out: dict[str, Tensor] = {}
-        for side, M, extra in (("A", A, da), ("G", G, dg)):
-            extra = extra.to(M.dtype)
-            if M.dim() == 1:
-                out["X" + side] = 1.0 / (M.clamp(min=0) + extra)
-                continue
-            Md = M.clone()
-            Md.diagonal().add_(extra)
-            prev = getattr(previous, "X" + side)
-            X, ok = self._invert_on_device(Md, prev)
+    def _refresh_all_on_device(self, items: list[Item]) -> list[TikhonovInverses]:
+        """Per block, X ~ (M + damping_part I)^-1 of each dense factor by
+        :meth:`_invert_on_device` (the previous X where it fails), the damping split without a
+        host read; dense factors of one size (over blocks and sides) stacked in one call."""
+        outs: list[dict[str, Tensor]] = [{} for _ in items]
+        batches: dict[tuple, list[tuple[int, str, Tensor, Tensor]]] = {}
+        for i, (A, G, damping, previous) in enumerate(items):
+            da, dg = tikhonov_split_on_device(A, G, damping)
+            for side, M, extra in (("A", A, da), ("G", G, dg)):
+                extra = extra.to(M.dtype)
+                if M.dim() == 1:
+                    outs[i]["X" + side] = 1.0 / (M.clamp(min=0) + extra)
+                    continue
+                Md = M.clone()
+                Md.diagonal().add_(extra)
+                prev = getattr(previous, "X" + side).to(M.dtype)
+                batches.setdefault((M.shape[0], M.dtype, M.device), []).append((i, side, Md, prev))
+        for entries in batches.values():
+            Ms = torch.stack([Md for _, _, Md, _ in entries])
+            prevs = torch.stack([prev for _, _, _, prev in entries])
+            X, ok = self._invert_on_device(Ms, prevs)
             self._count_kept(ok)
-            out["X" + side] = masked.select(ok, X, prev)
-        return TikhonovInverses(**out)
+            X = torch.where(ok[:, None, None], X, prevs)
+            for (i, side, _, _), x in zip(entries, X.unbind(0)):
+                outs[i]["X" + side] = x
+        return [TikhonovInverses(**o) for o in outs]
 
     def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
