@@ -36,6 +36,10 @@ CONFIGS: dict[str, Callable[..., torch.optim.Optimizer]] = {
                                                     inverse="newton", inverse_every=2, **kw),
     "reng-forward": lambda m, **kw: grng.RENG(m, lr=0.05, gr="forward", inverse="newton",
                                               inverse_every=2, **kw),
+    "reng-exact": lambda m, **kw: grng.RENG(m, lr=0.05, gr="exact", inverse="newton",
+                                            inverse_every=2, **kw),
+    "kfac-bf16-stagger": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=3,
+                                                   stagger_refresh=True, precision="bf16", **kw),
     "rkalman": lambda m, **kw: grng.RKalman(m, lr=0.05, kalman_rank=4, **kw),
 }
 
