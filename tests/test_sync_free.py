@@ -220,3 +220,27 @@ def test_no_cuda_synchronization(name: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("drift", [0.1, 1.0, 10.0])
+def test_fixed_newton_schulz_recovers_from_a_stale_inverse(drift: float) -> None:
+    """kappa(M) = 1e6, d = 64, the previous inverse that of a drifted SPD factor (its residual
+    up to ~7, so no warm start): the start X0 / ||M X0||_F converges within the 20 fixed
+    iterations to float64 accuracy, where 20 iterations from I / ||M||_F do not."""
+    from grng.ops import masked
+
+    torch.manual_seed(0)
+    d = 64
+    eye = torch.eye(d, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
+    M = (Q * torch.logspace(-6, 0, d, dtype=torch.float64)) @ Q.T
+    M = 0.5 * (M + M.T)
+    B = torch.randn(d, d, dtype=torch.float64) / d ** 0.5
+    X0 = torch.linalg.inv(M + drift * 1e-6 * B @ B.T)
+    X0 = 0.5 * (X0 + X0.T)
+    X, ok = masked.newton_schulz_fixed(M, X0, NewtonInverse.ITERATIONS_ON_DEVICE, 1e-10)
+    assert bool(ok)
+    torch.testing.assert_close(X, torch.linalg.inv(M), rtol=1e-6, atol=0.0)
+    cold = eye / torch.linalg.matrix_norm(M)
+    _, cold_ok = masked.newton_schulz_fixed(M, cold, NewtonInverse.ITERATIONS_ON_DEVICE, 1e-10)
+    assert not bool(cold_ok)  # I / ||M||_F scaled again is the old cold start: too slow here

@@ -331,9 +331,10 @@ class NewtonInverse(_TikhonovInverse):
                       RuntimeWarning, stacklevel=4)
         return ops.cholesky_inverse(M, backend=backend)
 
-    #: Newton-Schulz steps of a sync-free refresh: enough for a cold start from I / ||M||_F at
-    #: condition numbers kappa with kappa sqrt(d) up to ~2^16 (a warm start, residual r < 1,
-    #: needs ~5); an unconverged factor keeps its previous inverse (counted in kept_previous)
+    #: Newton-Schulz steps of a sync-free refresh: a warm start (residual r < 1) needs ~5, the
+    #: scaled start X0 / ||M X0||_F about log2(sqrt(d) kappa(M X0)) + 4, so 20 covers
+    #: kappa(M X0) sqrt(d) up to ~2^16; an unconverged factor keeps its previous inverse
+    #: (counted in kept_previous) and starts from it again at the next refresh
     ITERATIONS_ON_DEVICE = 20
 
     def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:

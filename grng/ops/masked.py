@@ -62,15 +62,18 @@ def fused_update_masked(
 def newton_schulz_fixed(M: Tensor, X0: Tensor, iterations: int, tol: float) -> tuple[Tensor, Tensor]:
     """(X, ok): ``iterations`` steps of X <- X (2I - M X) for SPD M (batched over leading dims).
 
-    Starts from X0 where ||I - M X0||_F < 1 (the warm start converges quadratically), else from
-    I / ||M||_F; ok says the RMS residual ||I - M X_{k-1}||_F / sqrt(d) of the last step is at
-    most ``tol`` (so the returned X's residual is at most its square). X is exactly symmetric.
+    Starts from the previous inverse X0 where ||I - M X0||_F < 1 (it converges quadratically),
+    else from X0 / ||M X0||_F: M X0 has positive eigenvalues (X0 SPD), at most ||M X0||_F, so
+    this start always converges, as fast as M X0 is well conditioned, which a stale inverse
+    keeps far better than the cold I / ||M||_F. ok says the RMS residual
+    ||I - M X_{k-1}||_F / sqrt(d) of the last step is at most ``tol`` (so the returned X's
+    residual is at most its square). X is exactly symmetric.
     """
     d = M.shape[-1]
     eye = torch.eye(d, dtype=M.dtype, device=M.device)
-    R0 = eye - M @ X0
-    warm = (torch.linalg.matrix_norm(R0) < 1.0)[..., None, None]
-    X = torch.where(warm, X0, eye / torch.linalg.matrix_norm(M)[..., None, None])
+    MX0 = M @ X0
+    warm = (torch.linalg.matrix_norm(eye - MX0) < 1.0)[..., None, None]
+    X = torch.where(warm, X0, X0 / torch.linalg.matrix_norm(MX0)[..., None, None])
     rms = torch.full(M.shape[:-2], math.inf, dtype=M.dtype, device=M.device)
     for _ in range(iterations):
         R = eye - M @ X
