@@ -24,7 +24,9 @@ Stages, in this order (``--stages`` takes a comma list of them):
    backend; sync-free, the CUDA default, and equal-shape blocks batched) on a GPT-2-small-sized
    model (12 layers, width 768, tied head, vocabulary 50257, bf16 autocast, sequence 512):
    median step time, ratio to AdamW, peak memory, the most host syncs of one ``opt.step()``
-   over a refresh period (0 expected for newton and R-Kalman; an eigen refresh synchronizes).
+   over a refresh period (0 expected for newton and R-Kalman; an eigen refresh synchronizes);
+   last, K-FAC newton with ``sync_free=False``, the host path the sync-free default is judged
+   against.
 
 Each stage runs in its own child process (a crash or a broken CUDA context stays inside it),
 after the previous one, with a share of the time left proportional to its weight; a stage that
@@ -775,6 +777,10 @@ def make_optimizer(name: str, model: Any, backend: str, inverse_every: int):
                                       inverse_every=inverse_every, **curv)),
           "kfac-newton": ("kfac-newton", dict(lr=0.01, damping=0.1, momentum=0.9,
                                               inverse_every=inverse_every, **curv)),
+          # the host-branching step on CUDA, against which the sync-free default is judged
+          "kfac-newton-host": ("kfac-newton", dict(lr=0.01, damping=0.1, momentum=0.9,
+                                                   inverse_every=inverse_every, sync_free=False,
+                                                   **curv)),
           "ring": ("ring", dict(lr=0.01, damping=0.1, rho=0.1, momentum=0.9,
                                 inverse_every=inverse_every, **curv)),
           "rkalman": ("rkalman", dict(lr=0.01, rho=0.1, momentum=0.9, **curv))}
@@ -813,7 +819,7 @@ def stage_step(ctx: Ctx) -> None:
     cfg = models.GPTConfig(**plan.gpt)
     dev = ctx.device
     configs = [("adamw", "-")] + [(o, b) for o in ("kfac", "rkalman", "ring", "kfac-newton")
-                                  for b in PROVIDERS]
+                                  for b in PROVIDERS] + [("kfac-newton-host", "reference")]
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):
