@@ -94,3 +94,33 @@ def test_rkalman_tf32_trains() -> None:
         opt = grng.RKalman(model, lr=0.01, precision="tf32")
     losses = _losses(opt, model)
     assert losses[-1] < losses[0]
+
+
+def test_bf16_blocks_of_one_shape_are_applied_together() -> None:
+    """Five equal 8 x 9 blocks in bf16: one batched application, directions in float32, the
+    same steps as one block at a time to bf16 rounding."""
+    from grng.precondition.kronecker import KroneckerPreconditioner
+
+    def run(batched: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        hidden = [m for _ in range(4) for m in (nn.Tanh(), nn.Linear(8, 8))]
+        model = nn.Sequential(nn.Linear(8, 8), *hidden, nn.Tanh(), nn.Linear(8, 4))
+        opt = grng.KFAC(model, lr=0.05, precision="bf16", inverse_every=2, factor_every=1)
+        if not batched:
+            opt.block._batch_key = lambda unit, V, damping: None
+        _losses(opt, model, steps=6)
+        return [p.detach().clone() for p in model.parameters()]
+
+    seen = []
+    original = ops.eigen_apply
+
+    def spy(V, *args, **kwargs):
+        seen.append(tuple(V.shape))
+        return original(V, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "eigen_apply", spy)
+        batched = run(True)
+    assert (5, 8, 9) in seen
+    for p, q in zip(run(False), batched):
+        assert q.dtype == torch.float32
+        torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-3)

@@ -144,6 +144,7 @@ class KroneckerPreconditioner(Preconditioner):
                 damping = items[ks[0]][2]["damping"]
                 if self.inverse.accepts(inv, V, damping, self.config.backend):
                     D = self.inverse.apply(inv, V, damping, self.config.backend)
+                    D = D.to(compute_dtype(units[0].like))  # float32 after a bf16 application
                     for k, d in zip(ks, D.unbind(0)):
                         out[k] = d
                     continue
@@ -153,10 +154,11 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _batch_key(self, unit: Unit, V: Tensor, damping: float) -> tuple | None:
         """What a block must share with others to be applied in one batch (None: alone): an
-        inverse kept in the arithmetic dtype whose fields are all dense matrices or vectors of
-        matrices (no diagonal factor), the gradient's shape and dtype, the damping."""
+        inverse applied in the dtype it is kept in (no cast per step) whose fields are all dense
+        (no diagonal factor), the gradient's shape and dtype, the damping."""
         inv = unit.state.inverse
-        if inv is None or self.config.inverse_dtype is not None or V.dim() != 2:
+        cast = self.config.inverse_dtype is not None and not self.config.apply_in_storage
+        if inv is None or cast or V.dim() != 2:
             return None
         fields = inv.tensors()
         if len(fields) != len(self._field_names()) or any(
