@@ -156,3 +156,26 @@ def test_backend_without_batched_inputs_applies_block_by_block() -> None:
     impl = dispatch.implementation("eigen_apply", "triton")
     if impl is not None:  # the Triton kernel is 2-D only
         assert not impl.supports(V, Q, lam, QA, lA, 0.1)
+
+
+def test_a_refreshed_block_is_copied_into_its_slice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """stagger_refresh: one block's inverse is replaced at a time; the stack stays the same
+    tensor (only that block's slice is written), and the steps equal the block-by-block ones."""
+    make = lambda m: grng.KFAC(m, lr=0.05, inverse_every=4, stagger_refresh=True,  # noqa: E731
+                               factor_every=1)
+    model, opt = _train(make, steps=3)
+    hidden = opt.layers[1:5]
+    bases = {opt.layer_state(layer)["QG"]._base.data_ptr() for layer in hidden}
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):  # every hidden block refreshes once in these steps
+        x, y = torch.randn(32, 5, generator=g), torch.randint(0, 3, (32,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert {opt.layer_state(layer)["QG"]._base.data_ptr() for layer in hidden} == bases
+    batched, _ = _train(make)
+    with monkeypatch.context() as m:
+        _unbatched(m)
+        single, _ = _train(make)
+    for p, q in zip(single.parameters(), batched.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
