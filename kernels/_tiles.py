@@ -5,6 +5,9 @@ same tiled path: the grid covers the sizes rounded up to whole tiles and the mas
 tiles (a bias column's d = 769 or 3073 takes the path of 768 or 3072, no special case).
 Element offsets are 64-bit (:func:`block_range`, :func:`stride64`): index x stride products and
 pointer steps exceed 2^31 past d = 46341 (a d x d matrix) and would wrap in 32-bit arithmetic.
+Batched launches (stacked blocks of one shape) put the batch index on grid axis 1 and step each
+operand's base pointer by batch x its batch stride, in int64 too; a batch longer than CUDA's
+65535 programs on that axis is split into launches of at most that many (:func:`batch_chunks`).
 
 Tile products accumulate in fp32; the launcher picks their input precision once per call
 (:func:`dot_precision`, a ``PRECISION`` constexpr): bf16/fp16 operands go to the tensor cores
@@ -53,6 +56,15 @@ def gemm_configs() -> list[triton.Config]:
 def sym_configs() -> list[triton.Config]:
     """Autotune configs for the symmetric kernels: square Hopper tiles, or 32x32 when interpreting."""
     return _SYM_INTERPRET if interpreter_enabled() else _SYM_HOPPER
+
+
+# CUDA's limit on the programs along grid axes 1 and 2 (axis 1 is the batch axis).
+MAX_GRID_BATCH = 65535
+
+
+def batch_chunks(B: int) -> list[slice]:
+    """[0, B) cut into consecutive slices of at most MAX_GRID_BATCH batch entries (one launch each)."""
+    return [slice(b, min(b + MAX_GRID_BATCH, B)) for b in range(0, B, MAX_GRID_BATCH)]
 
 
 def device_ok(*tensors: Tensor) -> bool:
@@ -147,6 +159,7 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return pid_m, pid_n
 
 
-def gemm_grid(M: int, N: int):
-    """Launch grid for a GEMM kernel: one program per BLOCK_M x BLOCK_N output tile."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+def gemm_grid(M: int, N: int, batch: int = 1):
+    """Launch grid for a GEMM kernel: one program per BLOCK_M x BLOCK_N output tile (axis 0) and
+    batch entry (axis 1)."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), batch)

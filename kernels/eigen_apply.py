@@ -6,6 +6,11 @@ damping. The divide by D is the second GEMM's epilogue, applied to its fp32 accu
 the store, so Q_G^T V Q_A is never written unscaled and read back. With ``QA is None`` (A
 diagonal) it is S = (Q_G^T V) / D, out = Q_G S.
 
+B stacked blocks of one shape (V: (B, d_G, d_A), Q_G: (B, d_G, d_G), l_G: (B, d_G), Q_A:
+(B, d_A, d_A) or None, l_A: (B, d_A)) take the same four launches: the batch index is grid
+axis 1 and each operand steps by its own batch stride (any strides, no copies). The autotune
+key is the GEMM's sizes, never B: a new number of stacked blocks reuses the tuned tile.
+
 Everything is computed in Q_G's dtype, as in the reference: V's tiles are rounded to it in the
 kernel, and the intermediates and the output are stored in it. Precision of the dots: fp32
 eigenvectors multiply in exact fp32 ("ieee"), or on TF32 tensor cores when torch allows TF32
@@ -25,11 +30,15 @@ from . import _tiles
 @triton.autotune(configs=_tiles.gemm_configs(), key=["M", "N", "K", "SCALE", "PRECISION"])
 @triton.jit
 def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
-                        s_am, s_ak, s_bk, s_bn, s_cm, s_cn, damping,
-                        SCALE: tl.constexpr, PRECISION: tl.constexpr,
+                        s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn, s_lgb, s_lab,
+                        damping, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C = A B, or (A B) / (max(lg, 0) max(la, 0)^T + damping) when SCALE, on one tile; the tiles
-    of A and B are rounded to C's dtype."""
+    """C[b] = A[b] B[b], or (A[b] B[b]) / (max(lg[b], 0) max(la[b], 0)^T + damping) when SCALE,
+    on one tile of batch entry b = program_id(1); the tiles of A and B are rounded to C's dtype."""
+    batch = tl.program_id(1).to(tl.int64)
+    a_ptr += batch * _tiles.stride64(s_ab)
+    b_ptr += batch * _tiles.stride64(s_bb)
+    c_ptr += batch * _tiles.stride64(s_cb)
     pid_m, pid_n = _tiles.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, 8)
     offs_m = _tiles.block_range(pid_m, BLOCK_M)
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
@@ -38,6 +47,8 @@ def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
     m_ok = offs_m < M
     n_ok = offs_n < N
     if SCALE:
+        lg_ptr += batch * _tiles.stride64(s_lgb)
+        la_ptr += batch * _tiles.stride64(s_lab)
         lg = tl.maximum(tl.load(lg_ptr + offs_m, mask=m_ok, other=1.0).to(tl.float32), 0.0)
         la = tl.maximum(tl.load(la_ptr + offs_n, mask=n_ok, other=1.0).to(tl.float32), 0.0)
         acc = acc / (lg[:, None] * la[None, :] + damping)
@@ -47,41 +58,50 @@ def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
 
 def _gemm(A: Tensor, B: Tensor, precision: str, lG: Tensor | None = None,
           lA: Tensor | None = None, damping: float = 0.0) -> Tensor:
-    """A B, or (A B) / (max(lG, 0) max(lA, 0)^T + damping) when lG, lA are given, in A's dtype."""
-    M, K = A.shape
-    N = B.shape[1]
-    C = _tiles.new_output((M, N), A.dtype, A.device)
-    if M == 0 or N == 0:
+    """A B, or (A B) / (max(lG, 0) max(lA, 0)^T + damping) when lG, lA (contiguous) are given, in
+    A's dtype; 2-D, or batched over one leading dimension (one launch per batch_chunks slice)."""
+    M, K = A.shape[-2:]
+    N = B.shape[-1]
+    C = _tiles.new_output((*A.shape[:-2], M, N), A.dtype, A.device)
+    if C.numel() == 0:
         return C
     scale = lG is not None
-    _gemm_damped_kernel[_tiles.gemm_grid(M, N)](
-        A, B, C, lG if scale else C, lA if scale else C, M, N, K,
-        A.stride(0), A.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
-        float(damping), SCALE=scale, PRECISION=precision)
+    A3, B3, C3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (A, B, C))
+    # Without the epilogue the eigenvalue pointers are never read: C stands in for them.
+    LG, LA = ((v if v.dim() == 2 else v.unsqueeze(0)) for v in (lG, lA)) if scale else (C3, C3)
+    for part in _tiles.batch_chunks(C3.shape[0]):
+        a, b, c, lg, la = A3[part], B3[part], C3[part], LG[part], LA[part]
+        _gemm_damped_kernel[_tiles.gemm_grid(M, N, c.shape[0])](
+            a, b, c, lg, la, M, N, K, a.stride(0), a.stride(1), a.stride(2),
+            b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2),
+            lg.stride(0), la.stride(0), float(damping), SCALE=scale, PRECISION=precision)
     return C
 
 
 def eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
                 damping: float) -> Tensor:
-    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V."""
+    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V; batched."""
     lG32 = lG.to(torch.float32).contiguous()
     lA32 = lA.to(torch.float32).contiguous()
     precision = _tiles.dot_precision(QG.dtype)
-    QGt = QG.transpose(0, 1)
+    QGt = QG.transpose(-2, -1)
     if QA is None:
         return _gemm(QG, _gemm(QGt, V, precision, lG32, lA32, damping), precision)
     S = _gemm(_gemm(QGt, V, precision), QA, precision, lG32, lA32, damping)
-    return _gemm(_gemm(QG, S, precision), QA.transpose(0, 1), precision)
+    return _gemm(_gemm(QG, S, precision), QA.transpose(-2, -1), precision)
 
 
 def supports(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
              damping: float) -> bool:
-    """True for fp32/bf16/fp16 eigenvectors (Q_A of Q_G's dtype), eigenvalues and V (d_G x d_A)
-    on a device the kernel runs on."""
+    """True for fp32/bf16/fp16 V (d_G x d_A), Q_G (d_G x d_G), l_G (d_G), Q_A (d_A x d_A, Q_G's
+    dtype) or None and l_A (d_A), or all of them with one leading batch dimension B, on a device
+    the kernel runs on."""
+    if V.dim() not in (2, 3):
+        return False
+    *batch, d_g, d_a = V.shape
     floats = (torch.float32, torch.bfloat16, torch.float16)
-    d_g, d_a = V.shape if V.dim() == 2 else (-1, -1)
-    qa_ok = QA is None or (QA.dtype == QG.dtype and QA.shape == (d_a, d_a))
+    qa_ok = QA is None or (QA.dtype == QG.dtype and QA.shape == (*batch, d_a, d_a))
     tensors = (V, QG, lG, lA) if QA is None else (V, QG, lG, lA, QA)
-    return (V.dim() == 2 and QG.shape == (d_g, d_g) and qa_ok
-            and all(t.dtype in floats for t in tensors)
-            and lG.shape == (d_g,) and lA.shape == (d_a,) and _tiles.device_ok(*tensors))
+    return (QG.shape == (*batch, d_g, d_g) and qa_ok and all(t.dtype in floats for t in tensors)
+            and lG.shape == (*batch, d_g) and lA.shape == (*batch, d_a)
+            and _tiles.device_ok(*tensors))

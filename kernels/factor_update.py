@@ -85,22 +85,27 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk
 
 
 def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> None:
-    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I for M (B, d, d), X (B, m, d), mirrored."""
+    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I for M (B, d, d), X (B, m, d), mirrored; the
+    batch index is grid axis 1 (one launch per :func:`_tiles.batch_chunks` slice)."""
     B, d, _ = M.shape
     m = X.shape[1]
     if B == 0 or d == 0:
         return
 
-    def grid(meta: dict) -> tuple[int, int]:
-        """T (T + 1) / 2 upper tiles of the T x T tile grid, per batch entry."""
-        tiles = triton.cdiv(d, meta["BLOCK"])
-        return (tiles * (tiles + 1) // 2, B)
+    precision = _tiles.dot_precision(X.dtype)
+    for part in _tiles.batch_chunks(B):
+        Mp, Xp = M[part], X[part]
 
-    _sym_update_kernel[grid](
-        M, X, d, m, rows_class(m), M.stride(0), M.stride(1), M.stride(2),
-        X.stride(0), X.stride(1), X.stride(2),
-        float(alpha), float(beta), float(diag),
-        READ_M=beta != 0.0, PRECISION=_tiles.dot_precision(X.dtype))
+        def grid(meta: dict, batch: int = Mp.shape[0]) -> tuple[int, int]:
+            """T (T + 1) / 2 upper tiles of the T x T tile grid, per batch entry."""
+            tiles = triton.cdiv(d, meta["BLOCK"])
+            return (tiles * (tiles + 1) // 2, batch)
+
+        _sym_update_kernel[grid](
+            Mp, Xp, d, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
+            Xp.stride(0), Xp.stride(1), Xp.stride(2),
+            float(alpha), float(beta), float(diag),
+            READ_M=beta != 0.0, PRECISION=precision)
 
 
 def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
