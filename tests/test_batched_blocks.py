@@ -148,14 +148,22 @@ def test_stacks_persist_between_steps() -> None:
     assert {id(opt.layer_state(layer)["XG"]._base) for layer in opt.layers[1:5]} == bases
 
 
-def test_backend_without_batched_inputs_applies_block_by_block() -> None:
-    """ops.accepts says whether a backend takes stacked inputs; the reference always does."""
+def test_backend_refusing_batched_inputs_applies_block_by_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.accepts says whether a backend takes stacked inputs (the reference and the Triton
+    kernel do); when the forced backend refuses them, the blocks are applied one at a time and
+    the step is the same."""
     V, Q, lam = torch.randn(2, 4, 3), torch.eye(4).expand(2, 4, 4), torch.rand(2, 4)
     QA, lA = torch.eye(3).expand(2, 3, 3), torch.rand(2, 3)
     assert grng.ops.accepts("eigen_apply", "reference", V, Q, lam, QA, lA, 0.1)
-    impl = dispatch.implementation("eigen_apply", "triton")
-    if impl is not None:  # the Triton kernel is 2-D only
-        assert not impl.supports(V, Q, lam, QA, lA, 0.1)
+    batched, _ = _train(MAKERS["kfac-eigen"])
+    calls = _op_calls(monkeypatch)
+    monkeypatch.setattr(EigenInverse, "accepts", lambda self, inv, V, damping, backend: False)
+    single, _ = _train(MAKERS["kfac-eigen"])
+    assert not any(op == "eigen_apply" and len(shape) == 3 for op, shape in calls)
+    for p, q in zip(single.parameters(), batched.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
 
 
 def test_a_refreshed_block_is_copied_into_its_slice(monkeypatch: pytest.MonkeyPatch) -> None:
