@@ -203,6 +203,7 @@ def test_default_is_off_on_cpu() -> None:
     assert grng.RKalman(_model()).sync_free is False
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["kfac-newton", "kfac-cholesky", "ring-momentum-wd", "rkalman"])
 def test_no_cuda_synchronization(name: str) -> None:
