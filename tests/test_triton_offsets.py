@@ -54,12 +54,14 @@ def test_offset_helpers_are_64_bit(block: int, stride: int) -> None:
     assert out.tolist() == expected
 
 
-_FAR_VIEWS = textwrap.dedent('''
+# the start of each subprocess script: the parent's grng and grng.kernels, installed or not
+# (setup.py maps kernels/ to grng.kernels)
+_PREAMBLE = textwrap.dedent('''
     import importlib.util, math, sys
     dev, root, kernels = sys.argv[1:4]
     sys.path.insert(0, root)
 
-    class KernelsFinder:  # the parent's grng.kernels, installed or not (setup.py maps kernels/)
+    class KernelsFinder:
         @staticmethod
         def find_spec(name, path=None, target=None):
             if name != "grng.kernels":
@@ -68,6 +70,9 @@ _FAR_VIEWS = textwrap.dedent('''
                 name, kernels + "/__init__.py", submodule_search_locations=[kernels])
 
     sys.meta_path.insert(0, KernelsFinder)
+''')
+
+_FAR_VIEWS = _PREAMBLE + textwrap.dedent('''
     import torch
     from grng import ops
     from grng.kernels import _tiles
@@ -139,13 +144,69 @@ _FAR_VIEWS = textwrap.dedent('''
 def test_every_op_on_views_past_2_31() -> None:
     """factor_update, eigen_apply, newton_schulz_step, kalman_update on 3 x 3 views whose rows
     (or columns) lie 2^30 + 2^10 elements apart equal the same ops on contiguous copies."""
+    _run_far(_FAR_VIEWS, "12 GiB")
+
+
+_FAR_BATCH = _PREAMBLE + textwrap.dedent('''
+    import torch
+    from grng.kernels import _tiles, eigen_apply, factor_update
+
+    S = 2**30 + 2**10  # an int32 batch stride; batch entry 2 starts at 2 S > 2^31
+    try:
+        buf = torch.empty(2 * S + 4096, dtype=torch.float32, device=dev)
+    except RuntimeError as err:  # no address space for the buffer: nothing to test here
+        print("SKIP", err)
+        sys.exit(0)
+    used = [0]
+
+    def far(fill):
+        """A copy of the stack ``fill`` (3, ...) whose batch entries lie S elements apart."""
+        inner = fill[0].contiguous().stride()
+        v = buf.as_strided(fill.shape, (S, *inner), used[0])
+        used[0] += fill[0].numel()
+        v.copy_(fill)
+        return v
+
+    d = 3
+    V = far(torch.randn(3, d, d, device=dev))
+    QG = far(torch.linalg.qr(torch.randn(3, d, d, device=dev))[0])
+    QA = far(torch.linalg.qr(torch.randn(3, d, d, device=dev))[0])
+    lG, lA = far(torch.rand(3, d, device=dev)), far(torch.rand(3, d, device=dev))
+    near = eigen_apply.eigen_apply(V.contiguous(), QG.contiguous(), lG.contiguous(),
+                                   QA.contiguous(), lA.contiguous(), 1e-2)
+    # the intermediates and the output are far stacks too, poisoned with NaN
+    _tiles.new_output = lambda shape, dtype, device: far(torch.full(shape, math.nan, device=dev))
+    out = eigen_apply.eigen_apply(V, QG, lG, QA, lA, 1e-2)
+    torch.testing.assert_close(out.clone(), near, msg=lambda m: "eigen_apply: " + m)
+
+    M0 = torch.randn(3, d, d, device=dev)
+    M0 = M0 @ M0.transpose(1, 2)
+    M, X = far(M0), far(torch.randn(3, 5, d, device=dev))
+    factor_update.factor_update(M, X, 0.5, 0.9)
+    near = factor_update.factor_update(M0.clone(), X.contiguous(), 0.5, 0.9)
+    torch.testing.assert_close(M.clone(), near, msg=lambda m: "factor_update: " + m)
+    print("OK")
+''')
+
+
+def test_batch_offsets_past_2_31() -> None:
+    """Stacks of three 3 x 3 blocks whose batch stride S is an int32 while 2 S > 2^31 (an 8 GiB
+    mostly untouched buffer): eigen_apply (inputs, intermediates and output far) and
+    factor_update equal the same kernels on contiguous stacks. In a subprocess: a wrapped
+    32-bit batch offset is a segmentation fault or silent corruption that must fail this test."""
+    _run_far(_FAR_BATCH, "8 GiB")
+
+
+def _run_far(script: str, size: str) -> None:
+    """Run a far-offset script in a subprocess: it prints OK, or SKIP when the buffer cannot be
+    reserved; a wrapped 32-bit offset is a crash (-11) or a mismatch, either fails the test."""
     import grng
     args = [DEVICE, str(Path(grng.__file__).parents[1]), str(Path(_tiles.__file__).parent)]
-    proc = subprocess.run([sys.executable, "-c", _FAR_VIEWS, *args], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True,
+                          text=True, timeout=300, check=False)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode == 0 and lines and lines[-1].startswith("SKIP"):
-        pytest.skip(f"cannot reserve the 12 GiB buffer here: {lines[-1]}")
+        pytest.skip(f"cannot reserve the {size} buffer here: {lines[-1]}")
     assert proc.returncode == 0, (f"exit status {proc.returncode} (-11: segmentation fault, a "
                                   f"wrapped 32-bit offset)\n{proc.stdout}\n{proc.stderr[-3000:]}")
     assert lines and lines[-1] == "OK"
