@@ -35,7 +35,6 @@ import argparse
 import inspect
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
+from grng.benchmark.schema import (Row, environment, load_text, replace_rows,  # noqa: E402
+                                   run_header)
 from grng.demo.models import make_model  # noqa: E402
 from grng.demo.optimizers import SPECS, make_stepper  # noqa: E402
 from grng.demo.sweep import HPARAMS_PATH, hparams_for, load_hparams  # noqa: E402
@@ -617,20 +617,14 @@ def main(argv: list[str] | None = None) -> int:
             timing_notes[t] += f" Non-finite losses while timing: {', '.join(nonfinite)}."
     elapsed = time.perf_counter() - start
     load_end = os.getloadavg()
-    loads = (f"load average (1/5/15 min) at start {'/'.join(f'{v:.1f}' for v in load_start)}, "
-             f"at end {'/'.join(f'{v:.1f}' for v in load_end)}")
+    loads = load_text(load_start, load_end)
     env = environment("cpu")
     config = f"validation split; seeds {seeds_used}; max_steps {max_steps}; {loads}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "amortization.csv", out / "amortization.md"
-    if csv_path.exists():
-        csv_path.unlink()  # one file per benchmark run: the rows below replace the old ones
-    append_rows(csv_path, rows_of(results, env, config))
-    machine = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-                          f"logical cores, torch threads {args.threads}",
-               "python": platform.python_version(), "torch": torch.__version__,
+    replace_rows(csv_path, rows_of(results, env, config))
+    machine = {**run_header(args.threads),
                "grng": f"{env['grng']}, commit {code_version(ROOT)}", "load": loads,
                "command": " ".join(["python bench/amortization.py",
                                     *(sys.argv[1:] if argv is None else argv)]),

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
 
 import grng  # noqa: E402
-from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
+from grng.benchmark.schema import (Row, append_rows, environment, load_text,  # noqa: E402
+                                   run_header)
 
 SUITE = "cpu_targets"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -163,11 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# CPU step-time targets (`python bench/cpu_targets.py`)", "",
              "A full training step at the library defaults, interleaved with AdamW's (module "
              "docstring). Written by the script.", "",
-             f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; machine: "
-             f"{env['device']}, {os.cpu_count()} logical cores; torch {torch.__version__}; grng "
-             f"{grng.__version__}; one torch thread",
-             f"- load average at start {load0[0]:.1f}, at end {load1[0]:.1f}; "
-             f"{args.rounds} rounds of {args.steps} steps; wall {time.time() - t0:.0f} s", "",
+             *(f"- {k}: {v}" for k, v in {**run_header(1), "grng": grng.__version__}.items()),
+             f"- {load_text(load0, load1)}; {args.rounds} rounds of {args.steps} steps; "
+             f"wall {time.time() - t0:.0f} s", "",
              "| model | optimizer | factor_every | ms/step (median of rounds) | x AdamW | "
              f"<= {TARGET}x | K-FAC FLOP floor |", "|---|---|---|---|---|---|---|"]
     floors = {r["model"]: r["ratio"] for r in results if r["optimizer"] == "floor"}

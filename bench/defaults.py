@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
+from grng.benchmark.schema import (Row, environment, load_text, replace_rows,  # noqa: E402
+                                   run_header)
 from grng.demo.optimizers import OPTIMIZERS, SPECS  # noqa: E402
 from grng.demo.sweep import (HPARAMS_PATH, Cell, best_for_final, best_for_speed,  # noqa: E402
                              cells_of, hparams_table, run_sweep, save_hparams, sweep_meta)
@@ -223,22 +223,15 @@ def main(argv: list[str] | None = None) -> int:
                       log=lambda line: print(line, flush=True))
     elapsed = time.perf_counter() - start
     load_end = os.getloadavg()
-    loads = (f"load average (1/5/15 min) at start {'/'.join(f'{v:.1f}' for v in load_start)}, "
-             f"at end {'/'.join(f'{v:.1f}' for v in load_end)}")
+    loads = load_text(load_start, load_end)
     env = environment("cpu")
     config = (f"defaults; validation split; seeds {len(next(iter(seeds.values())))}+; "
               f"max_steps {args.max_steps}; {loads}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out / "defaults.csv", out / "defaults.md"
-    if csv_path.exists():
-        csv_path.unlink()  # one file per benchmark run: the rows below replace the old ones
-    append_rows(csv_path, rows_of(cells, env, config))
-    machine = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-                          f"logical cores, torch threads {args.threads}",
-               "python": platform.python_version(), "torch": torch.__version__,
-               "grng": env["grng"], "load": loads}
+    replace_rows(csv_path, rows_of(cells, env, config))
+    machine = {**run_header(args.threads), "grng": env["grng"], "load": loads}
     write_markdown(md_path, cells, tasks, seeds, machine, elapsed)
     if not args.no_hparams:
         save_hparams(hparams_table(cells, sweep_meta(seeds, args.max_steps)), HPARAMS_PATH)

@@ -123,3 +123,29 @@ def read_rows(path: str | os.PathLike) -> list[Row]:
 
 
 __all__ = ["COLUMNS", "Row", "append_rows", "environment", "read_rows"]
+
+
+def replace_rows(path: str | os.PathLike, rows: Iterable[Row]) -> int:
+    """Write ``rows`` as the whole file (one file per benchmark run), header included."""
+    if os.path.exists(path):
+        os.unlink(path)
+    return append_rows(path, rows)
+
+
+def load_text(start: tuple[float, float, float], end: tuple[float, float, float]) -> str:
+    """The machine's load averages (1/5/15 min) at a run's start and end, as one phrase."""
+    return (f"load average (1/5/15 min) at start {'/'.join(f'{v:.1f}' for v in start)}, "
+            f"at end {'/'.join(f'{v:.1f}' for v in end)}")
+
+
+def run_header(threads: int) -> dict[str, str]:
+    """date, machine (processor, logical cores, torch threads), python and torch of a run, for
+    the Markdown summaries next to the CSV files."""
+    import time
+
+    import torch
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
+                       f"logical cores, torch threads {threads}",
+            "python": platform.python_version(), "torch": torch.__version__}
+
