@@ -73,6 +73,19 @@ def _curv(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return opt.base_optimizer if isinstance(opt, GradReg) else opt
 
 
+def _assert_same_blocks(a: torch.optim.Optimizer, b: torch.optim.Optimizer, rtol: float,
+                        atol: float, keys: Callable[[str], bool] = lambda key: True) -> None:
+    """Every Kronecker block's state tensor of ``b`` (the names ``keys`` selects) is close to
+    ``a``'s (GradReg: its base optimizer's; nothing for optimizers without blocks)."""
+    ca, cb = _curv(a), _curv(b)
+    if not hasattr(ca, "layers"):
+        return
+    for la, lb in zip(ca.layers, cb.layers):
+        for key, v in ca.layer_state(la).items():
+            if keys(key):
+                torch.testing.assert_close(cb.layer_state(lb)[key], v, rtol=rtol, atol=atol)
+
+
 def _train(model: nn.Module, opt: torch.optim.Optimizer, data) -> list[float]:
     return [float(opt.step(_closure(model, x, y))) for x, y in data]
 

@@ -77,21 +77,28 @@ def _full_loss(model: nn.Module, data: TensorDataset) -> float:
         return float(F.cross_entropy(model(x, idx), y))
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_accumulated_steps_fold_every_micro_batch(name: str) -> None:
-    """K micro-batches through ``accelerator.accumulate`` give the factors and the parameters
-    of one K-times-larger batch in a plain loop; the optimizer steps only on sync steps."""
+def _twins(make: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple:
+    """(data, a model and its optimizer for the plain big-batch loop, the Accelerator with K
+    accumulation steps, the same model and a fresh optimizer prepared by it, the micro-batch
+    loader)."""
     from accelerate import Accelerator
 
     torch.manual_seed(0)
     data = _dataset(STEPS * K * N)
     big = _Net().double()
     acc_model = copy.deepcopy(big)
-    big_opt = OPTIMIZERS[name](big)
-
+    big_opt = make(big)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=K)
     acc_model, acc_opt, loader = accelerator.prepare(
-        acc_model, OPTIMIZERS[name](acc_model), DataLoader(data, batch_size=N, shuffle=False))
+        acc_model, make(acc_model), DataLoader(data, batch_size=N, shuffle=False))
+    return data, big, big_opt, accelerator, acc_model, acc_opt, loader
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_accumulated_steps_fold_every_micro_batch(name: str) -> None:
+    """K micro-batches through ``accelerator.accumulate`` give the factors and the parameters
+    of one K-times-larger batch in a plain loop; the optimizer steps only on sync steps."""
+    data, big, big_opt, accelerator, acc_model, acc_opt, loader = _twins(OPTIMIZERS[name])
     inner = acc_opt.optimizer  # accelerate's AcceleratedOptimizer wraps the grng optimizer
     big_batches = list(DataLoader(data, batch_size=K * N, shuffle=False))
     before = _full_loss(acc_model, data)
@@ -150,16 +157,7 @@ TWO_PASS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
 def test_two_pass_step_on_the_whole_window(name: str) -> None:
     """RENG / GradReg with accumulation: a closure over the window's micro-batches (called at
     theta and at the probe) gives the parameters of one big batch in a plain loop."""
-    from accelerate import Accelerator
-
-    torch.manual_seed(0)
-    data = _dataset(STEPS * K * N)
-    big = _Net().double()
-    acc_model = copy.deepcopy(big)
-    big_opt = TWO_PASS[name](big)
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=K)
-    acc_model, acc_opt, loader = accelerator.prepare(
-        acc_model, TWO_PASS[name](acc_model), DataLoader(data, batch_size=N, shuffle=False))
+    data, big, big_opt, accelerator, acc_model, acc_opt, loader = _twins(TWO_PASS[name])
     before = _full_loss(acc_model, data)
 
     window: list[tuple[Tensor, Tensor, Tensor]] = []

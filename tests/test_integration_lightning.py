@@ -110,6 +110,21 @@ class _Manual(_Classifier):
             opt.step()
 
 
+class _Plain(L.LightningModule):
+    """A plain LightningModule (not GRNGModule) training the same net with ``make``."""
+
+    def __init__(self, make: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+        super().__init__()
+        self.net = _net()
+        self.make = make
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.make(self.net)
+
+
 def _trainer(**kwargs: object) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False,
@@ -196,20 +211,9 @@ def test_automatic_optimization_in_bf16_mixed(name: str) -> None:
 def test_lightning_alone_refuses_clipping_a_grng_optimizer_in_bf16() -> None:
     """Why GRNGModule exists: a plain LightningModule under bf16-mixed cannot clip grng's
     optimizers (they unscale in their own step)."""
-
-    class Plain(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _net()
-
-        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return OPTIMIZERS["kfac"](self.net)
-
     with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
-        _trainer(precision="bf16-mixed", gradient_clip_val=CLIP).fit(Plain(), _loader())
+        _trainer(precision="bf16-mixed", gradient_clip_val=CLIP).fit(_Plain(OPTIMIZERS["kfac"]),
+                                                                     _loader())
 
 
 def test_two_pass_with_accumulated_batches_is_refused() -> None:
@@ -235,19 +239,7 @@ def test_plain_lightning_clipping_distorts_the_two_pass_gradient() -> None:
     """Why GRNGModule hands gradient_clip_val to the optimizer: Lightning's own clipping
     (inside the closure, at theta and at the probe) gives a different RENG run than clipping
     g + rho H g once."""
-
-    class Plain(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = _net()
-
-        def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-            return F.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return OPTIMIZERS["reng"](self.net)
-
-    module = Plain()
+    module = _Plain(OPTIMIZERS["reng"])
     _trainer(gradient_clip_val=CLIP).fit(module, _loader())
     reference = _plain_loop(OPTIMIZERS["reng"], CLIP)
     with torch.no_grad():

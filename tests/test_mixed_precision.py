@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from grng import KFAC, GradReg
 from grng import make_closure
-from optimizer_helpers import (ALL, FACTORIES, _assert_unchanged, _closure, _curv, _data, _mlp,
-                               _scaled_closure, _snapshot, _train)
+from optimizer_helpers import (ALL, FACTORIES, _assert_same_blocks, _assert_unchanged, _closure,
+                               _curv, _data, _mlp, _scaled_closure, _snapshot, _train)
 
 @pytest.mark.parametrize("name", ALL)
 def test_autocast_bfloat16_trains_every_optimizer(name: str) -> None:
@@ -100,11 +100,7 @@ def _scaled_vs_plain(name: str, scaler_kw: bool) -> None:
     assert scaler.get_scale() == 2.0 ** 10 and amp.skipped_steps == 0
     for p, q in zip(plain_model.parameters(), amp_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
-    c_plain, c_amp = _curv(plain), _curv(amp)
-    if hasattr(c_plain, "layers"):
-        for lp, la in zip(c_plain.layers, c_amp.layers):
-            for key, v in c_plain.layer_state(lp).items():
-                torch.testing.assert_close(c_amp.layer_state(la)[key], v, rtol=1e-4, atol=1e-6)
+    _assert_same_blocks(plain, amp, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["kfac-eigen", "ring", "rkalman"])
