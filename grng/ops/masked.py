@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from grng.finite import finite_flag
-from grng.ops.reference import kalman_posterior, symmetrize_from_upper
+from grng.ops.reference import combine, kalman_posterior, symmetrize_from_upper
 
 
 def fused_update_masked(
@@ -36,7 +36,7 @@ def fused_update_masked(
     not positive or ``kl_clip`` is None). Returns ``ok`` and-ed with the finiteness of every
     d + rho g; where that flag is False, parameters and buffers keep their values.
     """
-    combined = [d.add(g, alpha=rho) if rho != 0.0 else d for d, g in zip(directions, grads)]
+    combined = combine(directions, grads, rho)
     flag = finite_flag(combined)
     ok = ok if flag is None else ok & flag
     nu: Tensor | float = 1.0

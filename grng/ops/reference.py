@@ -134,6 +134,11 @@ def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tens
     return P.copy_(Pn)
 
 
+def combine(directions: Sequence[Tensor], grads: Sequence[Tensor], rho: float) -> list[Tensor]:
+    """d + rho g per parameter (d itself when rho == 0)."""
+    return [d.add(g, alpha=rho) if rho != 0.0 else d for d, g in zip(directions, grads)]
+
+
 def fused_update(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -151,7 +156,7 @@ def fused_update(
     Returns False, touching nothing, when any direction or gradient value is NaN or Inf.
     ``momentum_buffers`` is required when momentum != 0.
     """
-    combined = [d.add(g, alpha=rho) if rho != 0.0 else d for d, g in zip(directions, grads)]
+    combined = combine(directions, grads, rho)
     if not all(bool(torch.isfinite(t).all()) for t in (*combined, *grads)):
         return False
     nu = 1.0
