@@ -245,3 +245,44 @@ def test_fixed_newton_schulz_recovers_from_a_stale_inverse(drift: float) -> None
     cold = eye / torch.linalg.matrix_norm(M)
     _, cold_ok = masked.newton_schulz_fixed(M, cold, NewtonInverse.ITERATIONS_ON_DEVICE, 1e-10)
     assert not bool(cold_ok)  # I / ||M||_F scaled again is the old cold start: too slow here
+
+
+class _Branchy(nn.Module):
+    """A trunk, and a layer the forward uses only when ``late`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk, self.late_layer, self.late = nn.Linear(6, 3), nn.Linear(6, 3), False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x) + (self.late_layer(x) if self.late else 0.0)
+
+
+@pytest.mark.parametrize("name", ["kfac-newton", "rkalman"])
+def test_a_layer_first_used_on_a_non_finite_step_gets_no_statistics(name: str) -> None:
+    """A layer whose first rows arrive on a NaN fold step: K-FAC has no old factors to select
+    on the device, so that step takes the host path (warned, skipped) and the layer stays
+    without factors; R-Kalman's covariances start at the prior, which the device path restores
+    bit for bit. The next finite fold creates or updates them; training goes on finite."""
+    torch.manual_seed(0)
+    model = _Branchy()
+    opt = CONFIGS[name](model, sync_free=True)
+    for t in range(4):  # factor_every=2: step 4 folds
+        x, y = _batch(t)
+        opt.step(_closure(model, opt, x, y))
+    model.late = True
+    late = opt.layer_state(opt.layers[1])
+    before = {k: v.clone() for k, v in late.items()}
+    x, y = _batch(4)
+    with pytest.warns(RuntimeWarning, match="skipped") if not before else \
+            contextlib.nullcontext():
+        opt.step(_closure(model, opt, x, y, poison=True))
+    assert opt.skipped_steps == 1
+    assert late.keys() == before.keys() and all(torch.equal(late[k], v) for k, v in before.items())
+    for t in (5, 6):
+        x, y = _batch(t)
+        opt.step(_closure(model, opt, x, y))
+    assert late.folded() and all(torch.isfinite(v).all() for v in late.values())
+    assert not all(torch.equal(late[k], v) for k, v in before.items()) or not before
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.skipped_steps == 1

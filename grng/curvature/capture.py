@@ -124,12 +124,19 @@ class CurvatureCapture:
 
         output.register_hook(grad_hook)
 
-    def rows(self, layer: KroneckerLayer) -> tuple[Rows, Rows] | None:
-        """(A rows, G rows) of the completed calls since the last :meth:`clear`, or None."""
+    def _calls_with_rows(self, layer: KroneckerLayer) -> list[_Call]:
         # calls with no rows (an empty batch, an expert that got no tokens) add nothing: a
         # layer with rows in no call gets no factor update this step (never a division by 0)
-        calls = [c for c in self._records[id(layer)].calls
-                 if c.grad is not None and c.inputs.numel() > 0 and c.grad.numel() > 0]
+        return [c for c in self._records[id(layer)].calls
+                if c.grad is not None and c.inputs.numel() > 0 and c.grad.numel() > 0]
+
+    def has_rows(self, layer: KroneckerLayer) -> bool:
+        """Whether :meth:`rows` would return rows (nothing is concatenated)."""
+        return bool(self._calls_with_rows(layer))
+
+    def rows(self, layer: KroneckerLayer) -> tuple[Rows, Rows] | None:
+        """(A rows, G rows) of the completed calls since the last :meth:`clear`, or None."""
+        calls = self._calls_with_rows(layer)
         if not calls:
             return None
         inputs = [c.inputs for c in calls]

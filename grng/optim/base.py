@@ -276,7 +276,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         losses = [] if loss is None else [loss]
         # one check (one flag across ranks) for gradients, loss and captured rows
         flag = finite_flag([*grads, *losses, *self.capture.recorded()])
-        if self.sync_free and self._steps > 0 and not self.amp.active:
+        if self.sync_free and not self.amp.active and not self._creates_state():
             return self._step_on_device(loss, flag)
         if not self.comm.all_true(flag is None or bool(flag)):
             self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
@@ -310,10 +310,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ok = self.comm.all_true_flag(ok.to(device))
         with _own_arithmetic(self.precision):
             fold, due = self._schedule()
-            refresh = any(due)
-            states = [u.state for u in self._blocks] + [u.state for u in self._diagonal_units_now()]
-            before = [(st, {k: t.clone() for k, t in (st.items() if refresh else st.folded().items())})
-                      for st in states] if fold or refresh else []
+            # what fold and refresh may change: the folded statistics, the inverses of the
+            # blocks due (cloned only when they will change)
+            changing = [(u.state, now) for u, now in zip(self._blocks, due)]
+            changing += [(u.state, False) for u in self._diagonal_units_now()]
+            before = [(st, {k: t.clone() for k, t in (st.items() if now else
+                                                        st.folded().items() if fold else ())})
+                      for st, now in changing]
             if fold:
                 self._fold()
             self._refresh()
@@ -339,6 +342,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                       else counters.skipped_on_device + skipped)
         self._advance()
         return loss
+
+    def _creates_state(self) -> bool:
+        """Whether this step would create a unit's first statistics or inverse (the first step,
+        a layer used for the first time, a checkpoint without inverses): there is no old value
+        to select on the device, so such a step takes the host path (once)."""
+        fold, due = self._schedule()
+        for unit in self._blocks:
+            state = unit.state
+            if not state.folded():
+                if fold and self.capture.has_rows(unit.layer):
+                    return True
+            elif getattr(state, "inverse", ()) is None:  # a Kronecker block without one yet
+                return True
+        return fold and any(u.state.value is None for u in self._diagonal_units_now())
 
     def _advance(self) -> None:
         """Count the step and re-arm the capture."""
