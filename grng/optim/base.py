@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -33,6 +33,7 @@ from grng.optim import checkpoint
 from grng.optim import validation as check
 from grng.optim.amp import AmpHandoff
 from grng.optim.gradient_source import PlainGradient
+from grng.optim.skip_report import DeviceSkipReport
 from grng.optim.precision import PRECISIONS, matmul_precision, storage_dtypes, warn_if_inert
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 
@@ -60,6 +61,7 @@ class StepCounters:
     skipped: int = 0
     skipped_on_device: Tensor | None = None
     plan: tuple[bool, tuple[bool, ...]] | None = None
+    report: DeviceSkipReport = field(default_factory=DeviceSkipReport)
 
 
 class CurvatureOptimizer(torch.optim.Optimizer):
@@ -213,7 +215,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def skipped_steps(self) -> int:
         """Number of steps skipped: a non-finite gradient, loss, captured row or direction, or a
         GradScaler overflow (docs/numerics.md); with ``sync_free`` a device counter is read
-        (one host sync) and skipped steps are not warned about one by one."""
+        (one host sync); those skips are warned a step or two late, when the count's
+        asynchronous copy has reached the host (grng/optim/skip_report.py)."""
         return self._skipped + self._skipped_device_count()
 
     def _skipped_device_count(self) -> int:
@@ -340,6 +343,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         counters = self.counters
         counters.skipped_on_device = (skipped if counters.skipped_on_device is None
                                       else counters.skipped_on_device + skipped)
+        if not torch.compiler.is_compiling():  # a compiled step stays one graph; eager ones warn
+            counters.report.poll(counters.skipped_on_device, type(self).__name__)
         self._advance()
         return loss
 

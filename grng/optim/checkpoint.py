@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from grng.optim.skip_report import DeviceSkipReport
 from grng.precondition.base import Preconditioner, Unit, compute_dtype
 
 
@@ -27,6 +28,7 @@ class CurvatureOptimizer(Protocol):
     _steps: int
     _skipped: int
     _skipped_on_device: Tensor | None
+    counters: Any  # grng.optim.base.StepCounters
     state: Any
     layers: list
     capture: Any
@@ -92,6 +94,7 @@ def load(opt: CurvatureOptimizer, state_dict: dict[str, Any],
     opt._skipped = int(extra["skipped"])
     on_device = int(extra.get("skipped_on_device", 0))  # absent before grng 0.3
     opt._skipped_on_device = torch.tensor(on_device) if on_device else None
+    opt.counters.report = DeviceSkipReport(reported=on_device)  # those were warned about
     opt._load_extra_state(extra)
 
 

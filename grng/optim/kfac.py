@@ -36,7 +36,7 @@ class KFAC(CurvatureOptimizer):
     blocks take turns, so a step refreshes about 1/``inverse_every`` of them instead of all of
     them every ``inverse_every``-th step (docs/performance.md). ``sync_free`` (default: True for
     a model on CUDA) takes steps that never read a tensor on the host: a non-finite step is
-    skipped by device-side selects and counted lazily in ``skipped_steps``, "newton"/"cholesky"
+    skipped by device-side selects, counted in ``skipped_steps`` and warned a step late, "newton"/"cholesky"
     refreshes keep a failed factor's previous inverse on the device ("eigen" refreshes still
     synchronize: the eigensolver reports errors to the host); see docs/performance.md.
     ``precision`` ("fp32" default, "tf32", "bf16"): the arithmetic of the optimizer's own
