@@ -290,3 +290,21 @@ def test_a_layer_first_used_on_a_non_finite_step_gets_no_statistics(name: str) -
     assert not all(torch.equal(late[k], v) for k, v in before.items()) or not before
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.skipped_steps == 1
+
+
+def test_eigen_refresh_steps_take_the_host_path() -> None:
+    """An eigen refresh reads its result on the host anyway: a sync-free K-FAC takes the host path
+    on refresh steps, so a NaN there is one clear skip warning, no eigendecomposition of
+    non-finite factors (and no 'factorization failed' warnings)."""
+    model = _model()
+    opt = grng.KFAC(model, lr=0.05, inverse_every=2, factor_every=1, sync_free=True)
+    for t in range(2):
+        x, y = _batch(t)
+        opt.step(_closure(model, opt, x, y))
+    x, y = _batch(2)  # step 2: a refresh step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(_closure(model, opt, x, y, poison=True))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "step skipped" in messages[0], messages
+    assert opt.skipped_steps == 1

@@ -86,6 +86,8 @@ class InverseStrategy:
 
     name = ""
     state_type: type[InverseState] = InverseState
+    #: whether a refresh must read a result on the host (eigh reports its errors there)
+    refresh_synchronizes = False
 
     def __init__(self) -> None:
         self._kept_on_device: Tensor | None = None
@@ -125,6 +127,7 @@ class EigenInverse(InverseStrategy):
 
     name = "eigen"
     state_type = EigenBasis
+    refresh_synchronizes = True
 
     def refresh(self, A, G, damping, previous, backend) -> EigenBasis:
         """Q, l of each factor (a diagonal A is its own eigenvalues)."""

@@ -279,7 +279,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         losses = [] if loss is None else [loss]
         # one check (one flag across ranks) for gradients, loss and captured rows
         flag = finite_flag([*grads, *losses, *self.capture.recorded()])
-        if self.sync_free and not self.amp.active and not self._creates_state():
+        if self.sync_free and not self.amp.active and not self._needs_host():
             return self._step_on_device(loss, flag)
         if not self.comm.all_true(flag is None or bool(flag)):
             self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
@@ -348,11 +348,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._advance()
         return loss
 
-    def _creates_state(self) -> bool:
-        """Whether this step would create a unit's first statistics or inverse (the first step,
-        a layer used for the first time, a checkpoint without inverses): there is no old value
-        to select on the device, so such a step takes the host path (once)."""
+    def _needs_host(self) -> bool:
+        """Whether a sync-free optimizer takes the host path this step: a refresh that reads its
+        result on the host anyway (eigen), or a step that would create a unit's first statistics
+        or inverse (the first step, a layer used for the first time, a checkpoint without
+        inverses), for which there is no old value to select on the device."""
         fold, due = self._schedule()
+        if any(due) and self.block.refresh_synchronizes():
+            return True
         for unit in self._blocks:
             state = unit.state
             if not state.folded():

@@ -70,6 +70,11 @@ class Preconditioner:
         """Fold this step's statistics (captured rows, or the gradient of a diagonal unit)."""
         raise NotImplementedError
 
+    def refresh_synchronizes(self) -> bool:
+        """Whether a refresh reads a result on the host anyway (then a sync-free optimizer takes
+        the host path on refresh steps); False by default."""
+        return False
+
     def refresh(self, units: list[Unit], comm: Communicator, due: list[bool],
                 dampings: list[float]) -> None:
         """Recompute the inverse of each unit that is ``due`` (or has none yet); no-op by

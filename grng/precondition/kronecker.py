@@ -51,6 +51,9 @@ class KroneckerPreconditioner(Preconditioner):
             setattr(block, side, f.result)
 
     # ---------------------------------------------------------------------- refresh
+    def refresh_synchronizes(self) -> bool:
+        return self.inverse.refresh_synchronizes
+
     def refresh(self, units, comm, due, dampings) -> None:
         todo = {u.index: (u, damping) for u, damping, now in zip(units, dampings, due)
                 if u.state.A is not None and u.state.G is not None
