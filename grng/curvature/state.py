@@ -20,6 +20,9 @@ class StateView(Mapping):
 
     #: the fields a fold writes (the running statistics, not what a refresh derives from them)
     FOLDED: tuple[str, ...] = ()
+    #: the fields a preconditioner's per-step ``update`` phase writes (moments, step counts):
+    #: the step's gate keeps them and restores them on a skipped step (none by default)
+    PER_STEP: tuple[str, ...] = ()
 
     def tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -27,6 +30,10 @@ class StateView(Mapping):
     def folded(self) -> dict[str, Tensor]:
         """Name -> tensor of the :attr:`FOLDED` fields that are set."""
         return {f: self[f] for f in self.FOLDED if f in self}
+
+    def per_step(self) -> dict[str, Tensor]:
+        """Name -> tensor of the :attr:`PER_STEP` fields that are set."""
+        return {f: self[f] for f in self.PER_STEP if f in self}
 
     def replace(self, name: str, tensor: Tensor) -> None:
         """Set the tensor kept under checkpoint name ``name`` (one that is set)."""

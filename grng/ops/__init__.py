@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from grng.ops import specs  # noqa: F401 - defines every op (and registers the reference backend)
+from grng.ops import masked
 from grng.ops.batched import batched_spd_inverse
 from grng.ops.dispatch import accepts, backends, call, validate_backend
 from grng.ops.errors import BackendUnavailable, FactorizationError
@@ -25,7 +26,7 @@ __all__ = [
     "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
     "batched_spd_inverse",
     "cholesky_inverse", "default_newton_tol", "eigen_apply", "eigh", "factor_update",
-    "fused_update", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
+    "fused_update", "fused_update_masked", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
     "validate_backend",
 ]
 
@@ -71,6 +72,15 @@ def fused_update(params: Sequence[Tensor], grads: Sequence[Tensor], directions: 
                 None if momentum_buffers is None else list(momentum_buffers),
                 float(lr), float(momentum), float(weight_decay), float(rho),
                 None if kl_clip is None else float(kl_clip))
+
+
+def fused_update_masked(params: Sequence[Tensor], grads: Sequence[Tensor],
+                        directions: Sequence[Tensor], momentum_buffers: Sequence[Tensor] | None,
+                        lr: float, momentum: float, weight_decay: float, rho: float,
+                        kl_clip: float | None, ok: Tensor, *, backend: str = "auto") -> Tensor:
+    """:func:`fused_update` where the device flag ``ok`` (and d + rho g finite); returns that flag."""
+    return masked.fused_update_masked(params, grads, directions, momentum_buffers, lr, momentum,
+                                      weight_decay, rho, kl_clip, ok)
 
 
 class NewtonResult(NamedTuple):

@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from grng import ops
-from grng.ops import masked
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
 from grng.curvature.layers import MAX_FACTOR_DIM, KroneckerLayer
@@ -32,6 +31,7 @@ from grng.finite import all_finite, finite_flag
 from grng.optim import checkpoint
 from grng.optim import validation as check
 from grng.optim.amp import AmpHandoff
+from grng.optim.gate import DeviceGate, HostGate
 from grng.optim.gradient_source import PlainGradient
 from grng.optim.skip_report import DeviceSkipReport
 from grng.optim.precision import PRECISIONS, matmul_precision, storage_dtypes, warn_if_inert
@@ -279,101 +279,52 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         losses = [] if loss is None else [loss]
         # one check (one flag across ranks) for gradients, loss and captured rows
         flag = finite_flag([*grads, *losses, *self.capture.recorded()])
-        if self.sync_free and not self.amp.active and not self._needs_host():
-            return self._step_on_device(loss, flag)
-        if not self.comm.all_true(flag is None or bool(flag)):
-            self.skip_step(self._non_finite_reason(grads, losses), warn=quiet)
+        diagonal = self._diagonal_units_now()
+        gate = self._gate(diagonal)
+        if not gate.admit(flag, lambda: self._non_finite_reason(grads, losses), warn=quiet):
             return loss
+        blocks = [u for u in self._blocks if u.layer.weight.grad is not None]
         with _own_arithmetic(self.precision):  # fp32 GEMMs even inside torch.autocast
-            if self._schedule()[0]:
-                self._fold()
-            self._refresh()
-            directions = self._directions()
-        if not all_finite(directions.values()):
-            self.skip_step("non-finite preconditioned direction")
-            return loss
-        for group, gparams, bufs in self._update_groups():
-            ok = ops.fused_update(gparams, [p.grad for p in gparams],
-                                  [directions[id(p)] for p in gparams], bufs, group["lr"],
-                                  group["momentum"], group["weight_decay"], group.get("rho", 0.0),
-                                  group["kl_clip"], backend=self.backend)
-            if not ok:  # unreachable after the check above unless a backend disagrees
-                self.skip_step("non-finite combined direction")
-                return loss
-        self._advance()
-        return loss
-
-    def _step_on_device(self, loss: Tensor | None, flag: Tensor | None) -> Tensor | None:
-        """The step with no host synchronization (``sync_free``): the same pipeline, but a
-        non-finite input or direction selects the old factors, parameters and buffers on the
-        device instead of returning early, and the skip is counted in a device tensor. The step
-        counter counts every call, so the fold and refresh schedule never reads the flag."""
-        device = next(self._params_with_grad()).device
-        ok = torch.ones((), dtype=torch.bool, device=device) if flag is None else flag
-        ok = self.comm.all_true_flag(ok.to(device))
-        with _own_arithmetic(self.precision):
             fold, due = self._schedule()
-            # what fold and refresh may change: the folded statistics, the inverses of the
-            # blocks due (cloned only when they will change)
-            changing = [(u.state, now) for u, now in zip(self._blocks, due)]
-            changing += [(u.state, False) for u in self._diagonal_units_now()]
-            before = [(st, {k: t.clone() for k, t in (st.items() if now else
-                                                        st.folded().items() if fold else ())})
-                      for st, now in changing]
+            gate.keep_statistics([(u.state, now) for u, now in zip(self._blocks, due)]
+                                 + [(u.state, False) for u in diagonal], fold)
             if fold:
-                self._fold()
+                self._fold(diagonal)
             self._refresh()
-            for st, old in before:  # a skipped step leaves the statistics and inverses as they were
-                for k, t in st.items():
-                    if k in old:  # in place where the fold was (a batched block keeps its slice)
-                        if t.dtype == old[k].dtype:
-                            t.copy_(torch.where(ok, t, old[k]))
-                        else:
-                            st.replace(k, masked.select(ok, t, old[k]))
-            directions = self._directions()
-        dir_flag = finite_flag(directions.values())
-        ok = ok if dir_flag is None else ok & dir_flag
-        applied = ok
-        for group, gparams, bufs in self._update_groups():
-            applied = applied & masked.fused_update_masked(
-                gparams, [p.grad for p in gparams], [directions[id(p)] for p in gparams], bufs,
-                group["lr"], group["momentum"], group["weight_decay"], group.get("rho", 0.0),
-                group["kl_clip"], ok)
-        skipped = (~applied).to(torch.int64)
-        counters = self.counters
-        counters.skipped_on_device = (skipped if counters.skipped_on_device is None
-                                      else counters.skipped_on_device + skipped)
-        if not torch.compiler.is_compiling():  # a compiled step stays one graph; eager ones warn
-            counters.report.poll(counters.skipped_on_device, type(self).__name__)
+            gate.restore_statistics()
+            gate.keep_per_step([*blocks, *diagonal])
+            self.block.update(blocks)
+            self.diagonal.update(diagonal)
+            directions = self._directions(blocks, diagonal)
+        if not gate.accept(directions) or not gate.commit(self._update_groups(), directions):
+            return loss
         self._advance()
         return loss
 
-    def _needs_host(self) -> bool:
-        """Whether a sync-free optimizer takes the host path this step: a refresh that reads its
-        result on the host anyway (eigen), or a step that would create a unit's first statistics
-        or inverse (the first step, a layer used for the first time, a checkpoint without
-        inverses), for which there is no old value to select on the device."""
+    def _gate(self, diagonal: list[Unit]) -> HostGate | DeviceGate:
+        """The host gate, or with ``sync_free`` the device gate unless this step must read the
+        host anyway: a GradScaler hand-off, a refresh that synchronizes (eigen), or a unit's
+        first use (``needs_first_use``: no old value to select on the device)."""
+        if not self.sync_free or self.amp.active:
+            return HostGate(self)
         fold, due = self._schedule()
-        if any(due) and self.block.refresh_synchronizes():
-            return True
-        for unit in self._blocks:
-            state = unit.state
-            if not state.folded():
-                if fold and self.capture.has_rows(unit.layer):
-                    return True
-            elif getattr(state, "inverse", ()) is None:  # a Kronecker block without one yet
-                return True
-        return fold and any(u.state.value is None for u in self._diagonal_units_now())
+        if (any(due) and self.block.refresh_synchronizes()) or any(
+                self.block.needs_first_use(u, fold and self.capture.has_rows(u.layer))
+                for u in self._blocks) or any(
+                self.diagonal.needs_first_use(u, fold) for u in diagonal):
+            return HostGate(self)
+        return DeviceGate(self, type(self).__name__, next(self._params_with_grad()).device)
 
     def _advance(self) -> None:
         """Count the step and re-arm the capture."""
         self.counters.steps += 1
         self._end_step()
 
-    def _fold(self) -> None:
-        """Fold this step's captured rows into the blocks and the gradients into the diagonal."""
+    def _fold(self, diagonal: list[Unit]) -> None:
+        """Fold this step's captured rows into the blocks and the gradients into the
+        ``diagonal`` units."""
         self.block.fold([(u, self.capture.rows(u.layer)) for u in self._blocks], self.comm)
-        self.diagonal.fold([(u, None) for u in self._diagonal_units_now()], self.comm)
+        self.diagonal.fold([(u, None) for u in diagonal], self.comm)
 
     def _update_groups(self) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]:
         """(group, its parameters with a gradient, their momentum buffers or None) per group."""
@@ -417,10 +368,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Per block, whether this step refreshes its inverse (never, by default)."""
         return [False] * len(self._blocks)
 
-    def _directions(self) -> dict[int, Tensor]:
-        """id(p) -> direction, for every parameter with a gradient."""
+    def _directions(self, units: list[Unit], diagonal: list[Unit]) -> dict[int, Tensor]:
+        """id(p) -> direction, for every parameter with a gradient (``units``: the blocks
+        with one; ``diagonal``: the diagonal units with one)."""
         group_of = self._group_index()
-        units = [u for u in self._blocks if u.layer.weight.grad is not None]
 
         def compute(indices: list[int]) -> dict[int, Tensor]:
             items = []
@@ -444,7 +395,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for p, d in zip(unit.layer.params, unit.layer.split(D)):
                 if p.grad is not None:
                     out[id(p)] = d
-        for unit in self._diagonal_units_now():
+        for unit in diagonal:
             p = unit.like
             out[id(p)] = self.diagonal.apply(unit, p.grad, self.param_groups[group_of[id(p)]])
         return out

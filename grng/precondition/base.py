@@ -1,5 +1,6 @@
-"""The preconditioner interface (docs/architecture.md): fold this step's statistics in,
-refresh when due, apply to a unit's gradient, save and load its state.
+"""The preconditioner interface (docs/architecture.md "Phases and the gate"): per step, fold
+this step's statistics in (on fold steps), refresh when due, ``update`` the per-step state, then
+``apply`` (pure: reads the state, writes none) to a unit's gradient; save and load its state.
 
 A *unit* is what one preconditioner instance acts on: a Kronecker block (a layer's [W b],
 gradient laid out as the d_G x d_A matrix V) or one parameter without a block (diagonal). Each
@@ -70,6 +71,17 @@ class Preconditioner:
         """Fold this step's statistics (captured rows, or the gradient of a diagonal unit)."""
         raise NotImplementedError
 
+    def needs_first_use(self, unit: Unit, folding: bool) -> bool:
+        """Whether this step would create state of ``unit`` that has no previous value for a
+        sync-free step to select on a skip (then the step takes the host path): by default its
+        first statistics (``folding``: this step folds statistics into the unit) or a per-step
+        field its ``update`` sets for the first time (a unit with a gradient)."""
+        state = unit.state
+        if folding and not state.folded():
+            return True
+        return (bool(state.PER_STEP) and unit.like.grad is not None
+                and len(state.per_step()) < len(state.PER_STEP))
+
     def refresh_synchronizes(self) -> bool:
         """Whether a refresh reads a result on the host anyway (then a sync-free optimizer takes
         the host path on refresh steps); False by default."""
@@ -80,8 +92,15 @@ class Preconditioner:
         """Recompute the inverse of each unit that is ``due`` (or has none yet); no-op by
         default."""
 
+    def update(self, units: list[Unit]) -> None:
+        """The per-step phase: run every step whose inputs are finite, after fold and refresh
+        and before :meth:`apply`, on the units with a gradient (it may read ``p.grad`` or a
+        layer's ``grad_matrix()``); it writes only the fields its state type declares in
+        ``PER_STEP``, which a skipped step restores. No-op by default."""
+
     def apply(self, unit: Unit, V: Tensor, group: dict) -> Tensor:
-        """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit)."""
+        """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit);
+        pure: reads the unit's state, writes none."""
         raise NotImplementedError
 
     def apply_many(self, items: list[tuple[Unit, Tensor, dict]]) -> list[Tensor]:

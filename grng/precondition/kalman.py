@@ -73,9 +73,9 @@ class KalmanPreconditioner(Preconditioner):
                                                 self.kalman.kalman_rank, self.sketch)
         for P, obs in zip(targets, observations):
             if obs is not None:
-                self.update(P, obs)
+                self.observe(P, obs)
 
-    def update(self, P: Tensor, obs: Observation) -> None:
+    def observe(self, P: Tensor, obs: Observation) -> None:
         """One Kalman update of P in place (then the cap); a failed innovation factorization
         keeps P (counted in ``failures``, warned)."""
         if obs.diag is not None:

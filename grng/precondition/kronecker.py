@@ -50,6 +50,12 @@ class KroneckerPreconditioner(Preconditioner):
         for block, side, f in folds:
             setattr(block, side, f.result)
 
+    def needs_first_use(self, unit, folding) -> bool:
+        """Rows folded into a block without factors, or factors without an inverse yet (the
+        refresh would create the first one)."""
+        return super().needs_first_use(unit, folding) or (
+            unit.state.inverse is None and bool(unit.state.folded()))
+
     # ---------------------------------------------------------------------- refresh
     def refresh_synchronizes(self) -> bool:
         return self.inverse.refresh_synchronizes
