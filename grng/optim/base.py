@@ -5,10 +5,13 @@ One step: (1) the gradient source evaluates the closure's loss and gradient (pla
 regularized); (2) the whole step is skipped if any gradient, the loss or a captured row is
 non-finite (agreed across ranks by the communicator); (3) the Kronecker preconditioner folds
 the captured rows in and the diagonal one the gradients of the other parameters; (4) inverses
-are refreshed when due; (5) each unit's gradient is preconditioned; (6) one fused update per
-param group: d + rho g, KL clip, heavy-ball momentum, decoupled weight decay, learning rate,
-with a non-finite guard. A member of the family is a binding of (gradient source, block
-preconditioner, diagonal preconditioner); the communicator is local or a process group's.
+are refreshed when due; (5) each preconditioner's per-step ``update`` phase; (6) each unit's
+gradient is preconditioned (``apply``, pure); (7) one fused update per param group: d + rho g,
+KL clip, heavy-ball momentum, decoupled weight decay, learning rate, with a non-finite guard.
+Where a step can fail, a gate (:mod:`grng.optim.gate`) decides: the host gate reads the flag
+and returns early, the device gate (``sync_free``) selects on the device. A member of the
+family is a binding of (gradient source, block preconditioner, diagonal preconditioner); the
+communicator is local or a process group's.
 """
 from __future__ import annotations
 
@@ -286,8 +289,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         blocks = [u for u in self._blocks if u.layer.weight.grad is not None]
         with _own_arithmetic(self.precision):  # fp32 GEMMs even inside torch.autocast
             fold, due = self._schedule()
-            gate.keep_statistics([(u.state, now) for u, now in zip(self._blocks, due)]
-                                 + [(u.state, False) for u in diagonal], fold)
+            gate.keep_statistics(self._blocks, due, diagonal, fold)
             if fold:
                 self._fold(diagonal)
             self._refresh()

@@ -16,7 +16,7 @@ both gates keep; a state type that declares none costs nothing.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -99,7 +99,8 @@ class HostGate:
         self.opt.skip_step(reason(), warn=warn)
         return False
 
-    def keep_statistics(self, units: list[tuple[StateView, bool]], fold: bool) -> None:
+    def keep_statistics(self, blocks: list[Unit], due: Sequence[bool], diagonal: list[Unit],
+                        fold: bool) -> None:
         """Nothing to keep: a non-finite input ended the step before the fold."""
 
     def restore_statistics(self) -> None:
@@ -149,14 +150,17 @@ class DeviceGate:
         self.ok = self.opt.comm.all_true_flag(ok.to(self.device))
         return True
 
-    def keep_statistics(self, units: list[tuple[StateView, bool]], fold: bool) -> None:
-        """Copy what fold and refresh may change: per (state, refreshed now) the whole state of
-        a unit due, the folded statistics of the others on a fold step."""
+    def keep_statistics(self, blocks: list[Unit], due: Sequence[bool], diagonal: list[Unit],
+                        fold: bool) -> None:
+        """Copy what fold and refresh may change: the whole state of the blocks ``due`` (but
+        its per-step fields), the folded statistics of the other units on a ``fold`` step."""
+        changing = [(u.state, now) for u, now in zip(blocks, due)]
+        changing += [(u.state, False) for u in diagonal]
         self.statistics = [
             (st, {k: t.clone() for k, t in (st.items() if now else
                                             st.folded().items() if fold else ())
                   if k not in st.PER_STEP})
-            for st, now in units]
+            for st, now in changing]
 
     def restore_statistics(self) -> None:
         """A skipped step leaves the statistics and inverses as they were."""
