@@ -122,7 +122,8 @@ class HostGate:
         for group, gparams, bufs in groups:
             if not ops.fused_update(*_update_args(group, gparams, bufs, directions),
                                     backend=self.opt.backend):
-                self._skip("non-finite combined direction")  # unreachable unless a backend disagrees
+                # unreachable after accept() unless a backend disagrees
+                self._skip("non-finite combined direction")
                 return False
         return True
 
