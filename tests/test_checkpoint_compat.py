@@ -1,8 +1,12 @@
 """Checkpoints written by grng 0.1.0 (before the communicator/preconditioner pipeline) still
-load, and the resumed run continues bit-for-bit as the 0.1.0 run did.
+load, and the resumed run continues as the 0.1.0 run did.
 
-``tests/data/checkpoint_v0_1.pt`` was written by grng 0.1.0 (commit f7ed533): per optimizer,
-the model and optimizer state after 3 steps and the parameters after 2 more steps.
+``tests/data/checkpoint_v0_1.pt`` was written by grng 0.1.0 (commit f7ed533) on an AMD EPYC:
+per optimizer, the model and optimizer state after 3 steps and the parameters after 2 more
+steps. The loaded state is compared bit for bit; the resumed steps to 1e-12 relative, since
+float64 BLAS kernels round differently on another CPU (on an Intel Xeon the resumed
+parameters differ from the EPYC's in the last bits, at most 1.2e-14 absolute, while a wrongly
+restored tensor moves them by orders of magnitude more).
 """
 from __future__ import annotations
 
@@ -38,19 +42,23 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))
-def test_v0_1_checkpoint_resumes_bit_for_bit(name: str) -> None:
+def test_v0_1_checkpoint_resumes(name: str) -> None:
     saved = torch.load(DATA, weights_only=False)[name]
     model = _model()
     model.load_state_dict(saved["model"])
     opt = FACTORIES[name](model)
     opt.load_state_dict(saved["optimizer"])
     assert opt.steps == 3
+    for p, entry in saved["optimizer"]["state"].items():  # every saved tensor restored exactly
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                assert torch.equal(opt.state_dict()["state"][p][key], value), (p, key)
     for x, y in _batches()[3:]:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
     for p, expected in zip(model.parameters(), saved["final"]):
-        assert torch.equal(p.detach(), expected)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_a_checkpoint_of_another_optimizer_is_refused_naming_the_state() -> None:
