@@ -2,8 +2,10 @@
 bench/defaults.py, outputs, and that learning rates are chosen without test data."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from grng.demo.optimizers import OPTIMIZERS, SPECS, lr_sweep, unavailable_reason
 from grng.demo.tasks import TASKS  # noqa: E402
 from grng.demo.text import VOCAB_SIZE, encode, load_text_splits, split_of, windows  # noqa: E402
 from grng.demo.train import train_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,12 @@ def test_demo_writes_table_report_and_png(tmp_path, capsys):
     raw = json.loads((out / "results.json").read_text())
     assert {r["optimizer"] for r in raw["runs"]} == {"sgd", "ring", "sam", "sophia"}
     assert all(r["model"] == "mlp" for r in raw["runs"])
+    # the README's demo block renders a run's results.json (tools/readme_numbers.py --demo)
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "tools" / "readme_numbers.py")
+    readme_numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_numbers)
+    block = readme_numbers.demo_block(out / "results.json")
+    assert ring_row in block and "diverged 2/2" in block and "mlp / RING" in block
 
 
 def test_lr_sweep_is_a_third_the_default_and_three_times_on_the_1_3_10_grid():
