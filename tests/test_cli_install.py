@@ -108,7 +108,7 @@ def test_pip_install_then_verify_and_bench(tmp_path: Path) -> None:
     src, py, work = _venv(tmp_path)
     venv = Path(py).parents[1]
     _run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
-          "--no-build-isolation", str(src)], work, 600)
+          "--no-build-isolation", str(src)], work, 900)
 
     where = _run([py, "-c", BACKENDS], work, 120, GRNG_EXT_COMPILE="0").stdout
     assert str(venv) in where and str(ROOT) not in where  # the installed copy, not the repository
@@ -133,7 +133,7 @@ def test_default_isolated_install_downloads_nothing_and_compiles_on_first_use(tm
     wheels.mkdir()
     _wheel_of_installed("setuptools", wheels)  # the only build requirement: no torch, no download
     install = _run([py, "-m", "pip", "install", "-v", "--disable-pip-version-check", "--no-index",
-                    "--find-links", str(wheels), str(src)], work, 600)
+                    "--find-links", str(wheels), str(src)], work, 900)
     assert "Successfully installed grng" in install.stdout
     # the build env had no torch: the warning says the extension comes on first use
     assert "grng.ops._C is not built" in install.stdout + install.stderr
