@@ -54,16 +54,14 @@ def _copy_sources(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float, ok: bool = True,
-         **env_extra: str) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, timeout: float, **env_extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "PYTHONHOME", "GRNG_EXT", "GRNG_EXT_COMPILE")}
     env.pop("TRITON_INTERPRET", None)  # `grng verify` must switch the interpreter on by itself
     env.update(env_extra)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert proc.returncode == 0, (f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                                      f"{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, (f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                                  f"{proc.stderr[-3000:]}")
     return proc
 
 

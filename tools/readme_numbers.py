@@ -42,8 +42,8 @@ VERIFY_OUT = RESULTS / "verify_quick.txt"
 BENCH_OUT = RESULTS / "bench_quick.txt"
 DEMO_JSON = RESULTS / "demo.json"
 DEMO_PNG = ROOT / "docs" / "demo_curves.png"
-BLOCK = re.compile(r"(<!-- readme_numbers: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /readme_numbers: (?P=name) -->)",
-                   re.S)
+BLOCK = re.compile(r"(<!-- readme_numbers: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)"
+                   r"(<!-- /readme_numbers: (?P=name) -->)", re.S)
 
 
 def _python_env() -> dict[str, str]:
@@ -278,8 +278,9 @@ def adopt_demo(folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 when README and results disagree")
-    p.add_argument("--run", help="comma-separated: rerun verify and/or bench first and commit their output")
+    p.add_argument("--check", action="store_true",
+                   help="rewrite nothing; exit 1 when README and results disagree")
+    p.add_argument("--run", help="comma-separated: rerun verify and/or bench first, write their output")
     p.add_argument("--demo", type=Path, help="a demo results folder to adopt first")
     ns = p.parse_args(argv)
     for what in (ns.run or "").split(","):
