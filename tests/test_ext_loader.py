@@ -91,3 +91,12 @@ def test_setup_builds_grng_ops_C_from_csrc(monkeypatch: pytest.MonkeyPatch, caps
     monkeypatch.setenv("GRNG_EXT", "0")
     assert _setup_rules().extension_build_args() == {}
     assert "grng.ops._C is not built" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_says_which_variable_moves_it(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("GRNG_EXT_CACHE", str(blocker / "sub"))  # a folder under a file: no
+    with pytest.raises(ImportError, match="cannot be made.*set GRNG_EXT_CACHE to a writable folder"):
+        ext_loader._compile("grng was installed without its compiled extension")

@@ -106,7 +106,11 @@ def _compile(installed_error: str) -> str:
                           f"(looked in {_HERE / 'csrc'}): reinstall grng from its source")
     cuda = want_cuda(torch.version.cuda is not None, cpp_extension.CUDA_HOME)
     build = cache_dir(csrc, cuda)
-    build.mkdir(parents=True, exist_ok=True)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ImportError(f"{installed_error}, and its build folder {build} cannot be made ({err}): "
+                          f"set GRNG_EXT_CACHE to a writable folder") from err
     cached = any(build.glob("_C*.so"))
     if not cached:
         _say(f"{installed_error}: compiling the ext backend from {csrc} against torch "
