@@ -7,7 +7,7 @@ Stages, in this order (``--stages`` takes a comma list of them):
 
 1. ``env``: device, driver, CUDA, torch, triton, nvcc versions and ``grng.backends()``;
 2. ``build``: ``pip install --no-deps --no-index --no-build-isolation -e .`` against the host
-   torch (builds ``grng._C`` in place, CUDA sources included, for this GPU's architecture only;
+   torch (builds ``grng.ops._C`` in place, CUDA sources included, for this GPU's architecture only;
    log in ``build.log``), then checks that every ``grng_ext`` op has a CUDA kernel; meanwhile
    (best effort, on the idle cores) processes run every Triton op and a micro-GPT step once to
    fill Triton's on-disk compile cache, so later stages do not compile one config at a time;
@@ -317,7 +317,7 @@ def probe_ext() -> dict[str, Any]:
     """In a fresh process: which grng_ext ops have a CUDA kernel ({'error': ...} if none load)."""
     code = _PROBE.format(bench=str(BENCH), ops=EXT_OPS)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+                          cwd=ROOT, timeout=120, env=dict(os.environ, GRNG_EXT_COMPILE="0"))
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -338,7 +338,7 @@ class LockedLog:
 
 
 def stage_build(ctx: Ctx) -> None:
-    """Build grng._C against the host torch and probe its CUDA ops; meanwhile, on the cores the
+    """Build grng.ops._C against the host torch and probe its CUDA ops; meanwhile, on the cores the
     build leaves idle, fill Triton's on-disk compile cache for the later stages."""
     log = LockedLog(ctx.out / "build.log")
     pool, jobs = start_warmup(ctx, log)
@@ -354,13 +354,13 @@ def build_ext(ctx: Ctx, log: LockedLog) -> None:
     import torch
     before = probe_ext()
     if before and all(before.get(op) is True for op in EXT_OPS):
-        ctx.report.note("grng._C already loads with CUDA kernels for every op: not rebuilt")
+        ctx.report.note("grng.ops._C already loads with CUDA kernels for every op: not rebuilt")
         ctx.report.status = "ok"
         return
     major, minor = torch.cuda.get_device_capability(0)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", GRNG_CUDA="1",
                MAX_JOBS=str(os.cpu_count() or 4))
-    for so in (ROOT / "grng").glob("_C*.so"):
+    for so in [*(ROOT / "grng").glob("_C*.so"), *(ROOT / "grng" / "ops").glob("_C*.so")]:
         so.unlink()
         ctx.report.note(f"removed a stale {so.name} before building")
     attempts = [[sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-index",
@@ -388,7 +388,7 @@ def build_ext(ctx: Ctx, log: LockedLog) -> None:
         ctx.report.note(f"`{' '.join(cmd[1:4])}` exited {rc}")
     for warn in warnings_seen[:3]:
         ctx.report.note("build warning: " + warn[:200])
-    ctx.emit([row("build", "grng._C", "nvcc", "wall_time", "s", time.time() - t0,
+    ctx.emit([row("build", "grng.ops._C", "nvcc", "wall_time", "s", time.time() - t0,
                   config=f"TORCH_CUDA_ARCH_LIST={major}.{minor}")])
     after = probe_ext()
     ctx.report.info["cuda_ops"] = after

@@ -2,7 +2,8 @@
 
 ``grng verify`` checks every registered op on every live backend of this machine against the
 float64 reference (the rule is in :mod:`grng.verify.checks`) and one K-FAC, RING and R-Kalman
-step per backend; it prints a table (or ``--json``) and exits 1 on any failure.
+step per backend; it prints a table (or ``--json``) and exits 1 on any failure, and 2 when
+nothing was verified (no backend but the reference was checked: the reference against itself).
 ``grng bench`` times the ops (:mod:`grng.benchmark.kernels`) and appends the rows to a CSV of
 the one benchmark schema (:mod:`grng.benchmark.schema`); ``--plot`` draws a CSV's rows and
 ``--compare`` prints new / old per matching row of two CSVs.
@@ -30,6 +31,8 @@ QUICK_INTERPRETER_MAX_N = 40
 QUICK_VARIANTS = ("contiguous", "strided")
 BENCH_SIZES = {"cpu": (128, 256, 512), "cuda": (1024, 2048, 4096, 8192)}
 BENCH_QUICK_SIZES = {"cpu": (64, 123), "cuda": (1024, 4096)}
+# exit status of `grng verify` when no fast backend was checked (1 is "a check failed")
+NOTHING_VERIFIED = 2
 
 
 def _csv_list(text: str | None) -> list[str] | None:
@@ -167,10 +170,13 @@ def cmd_verify(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     counts = Counter(r.verdict for r in rows)
     summary = (f"{len(rows)} checks on {ns.device} in {elapsed:.1f} s: {counts['pass']} pass, "
                f"{counts['FAIL']} FAIL, {counts['skip']} skipped")
+    verified = sorted({r.backend for r in rows if r.passed is not None} - {"reference"})
+    nothing = None if verified else nothing_verified(ns.device, not_live)
     if ns.json:
         json.dump({"device": ns.device, "seed": ns.seed, "backends": grng.backends(),
                    "not_live": {b: why for b, why in not_live.items() if backends is None},
                    "checks": [r.as_dict() for r in rows], "summary": dict(counts),
+                   "verified_backends": verified, "nothing_verified": nothing,
                    "seconds": round(elapsed, 2)}, sys.stdout, indent=1)
         print()
     else:
@@ -179,7 +185,17 @@ def cmd_verify(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 print(f"{b}: not checked: {why}")
         print(format_checks(rows))
         print(summary)
-    return 1 if counts["FAIL"] else 0
+        if nothing:
+            print(nothing)
+    return 1 if counts["FAIL"] else NOTHING_VERIFIED if nothing else 0
+
+
+def nothing_verified(device: str, not_live: dict[str, str]) -> str:
+    """The line `grng verify` ends with when no backend but the reference ran a check."""
+    why = "; ".join(f"{b}: {reason}" for b, reason in not_live.items())
+    return (f"NOTHING VERIFIED on {device}: no backend other than the reference ran a check (the "
+            f"reference was compared with its own float64 run, which tests no fast kernel)"
+            + (f"; {why}" if why else "") + f". Exit status {NOTHING_VERIFIED}.")
 
 
 def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -204,7 +220,7 @@ def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(format_pairs(pairs))
         return 0
     _check_device(parser, ns.device)
-    from grng.benchmark import kernels
+    from grng.benchmark import contention, kernels
     from grng.ops import dispatch, registry
 
     if torch.device(ns.device).type == "cuda" and dispatch.interpreter_enabled():
@@ -230,11 +246,17 @@ def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     reps = ns.reps or (10 if ns.quick else 25)
     deadline = None if ns.time_budget is None else time.monotonic() + ns.time_budget
     print(f"backends: {status}")
+    flags = [] if kind != "cpu" else contention.check(torch.get_num_threads())
+    for line in flags:
+        print(line)
     rows = kernels.run(ns.device, providers, sizes, dtypes, ops, deadline, warmup=3, reps=reps,
                        seed=ns.seed, log=print)
     n = schema.append_rows(ns.csv, rows)
+    for line in flags:  # again at the end, next to the numbers it concerns
+        print(line)
     print(f"appended {n} rows to {ns.csv}")
     return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grng", description="grng's kernels on this machine: "
                                      "verify them against the float64 reference, or time them.")
     sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="check every op on every live backend against the reference")
+    v = sub.add_parser("verify", help="check every op on every live backend against the reference",
+                       description="Exit status: 0 all checks passed, 1 a check failed, "
+                                   f"{NOTHING_VERIFIED} nothing verified (only the reference ran).")
     v.add_argument("--device", default=_default_device(), help="cpu or cuda (default: cuda if present)")
     v.add_argument("--backend", help="comma-separated backends (default: every live one)")
     v.add_argument("--ops", help="comma-separated ops and step checks (default: all)")

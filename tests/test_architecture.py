@@ -47,3 +47,14 @@ def test_no_code_asks_a_layer_whether_its_a_is_diagonal() -> None:
     for path in sorted((ROOT / "grng").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             assert not (isinstance(node, ast.Attribute) and node.attr == "diagonal_a"), path
+
+
+def test_the_ops_layer_imports_nothing_from_the_package_root() -> None:
+    """grng/ops (and the Triton kernels under it) sit below everything: no ``import grng``,
+    ``from grng import ...`` or ``grng._C``; the extension is ``grng.ops._C``."""
+    for path in sorted([*(ROOT / "grng" / "ops").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in ("grng", "grng._C"), (path, node.lineno)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name in ("grng", "grng._C") for a in node.names), (path, node.lineno)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from grng import cli, verify
-from grng.benchmark import ceilings, kernels, schema, timing
+from grng.benchmark import ceilings, contention, kernels, schema, timing
 from grng.ops import dispatch, reference, registry
 
 # ----------------------------------------------------------------------------- verify
@@ -156,6 +156,55 @@ def test_ceilings_are_rows() -> None:
         assert set(row.as_dict()) == set(schema.COLUMNS)
     with pytest.raises(ValueError, match="dtype"):
         ceilings.gemm_rate("cpu", "int3", 8)
+
+
+def test_verify_with_only_the_reference_says_nothing_was_verified(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """No fast backend live: the reference against itself is no verification; exit status 2."""
+    monkeypatch.setitem(dispatch._LOADED, "ext", "unavailable: ImportError: not built (test)")
+    monkeypatch.setitem(dispatch._LOADED, "triton", "unavailable: ImportError: no triton (test)")
+    args = ["verify", "--ops", "factor_update", "--sizes", "7", "--dtypes", "float32", "--no-progress"]
+    assert cli.main(args) == cli.NOTHING_VERIFIED == 2
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("NOTHING VERIFIED on cpu") and "ext: unavailable: ImportError: not built" in last
+    assert " 0 FAIL" in out  # the reference's own rows ran and passed, and that is not enough
+    assert cli.main(args + ["--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["verified_backends"] == [] and report["nothing_verified"].startswith("NOTHING")
+    monkeypatch.setitem(dispatch._LOADED, "ext", "live")  # one fast backend checked: a verification
+    assert cli.main(args) == 0
+    assert "NOTHING VERIFIED" not in capsys.readouterr().out
+
+
+def test_bench_flags_an_oversubscribed_cpu() -> None:
+    """More threads than cores, a busy machine, or a probe slowed down by threads: flagged."""
+    assert contention.warnings_for(1, 2, 0.3, None) == []
+    assert contention.warnings_for(2, 2, 0.2, 1.1) == []
+    many = contention.warnings_for(1000, 2, None, None)
+    assert many[0] == "OVERSUBSCRIBED: 1000 threads on 2 usable cores: threads wait for each other"
+    assert "rerun with --threads 1" in many[-1]
+    busy = contention.warnings_for(2, 2, 3.5, None)
+    assert "load average is 3.5 on 2 cores" in busy[0]
+    slow = contention.warnings_for(2, 4, 0.0, 1000.0)
+    assert "took 1000x as long at 2 threads as at 1" in slow[0]
+    ratio = contention.probe_ratio(1)
+    assert 0 < ratio < 1e6 and torch.get_num_threads() >= 1
+
+
+def test_bench_prints_the_oversubscription_flag(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(contention, "usable_cores", lambda: 1)
+    monkeypatch.setattr(contention, "probe_ratio", lambda threads: 1.0)
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["bench", "--ops", "factor_update", "--providers", "reference", "--sizes",
+                         "8", "--dtypes", "float32", "--reps", "2", "--threads", "3",
+                         "--csv", str(tmp_path / "b.csv")]) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert out.count("OVERSUBSCRIBED: 3 threads on 1 usable cores") == 2  # before and after
 
 
 def test_bench_writes_rows_a_plot_and_a_comparison(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:

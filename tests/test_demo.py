@@ -2,8 +2,10 @@
 bench/defaults.py, outputs, and that learning rates are chosen without test data."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from grng.demo.optimizers import OPTIMIZERS, SPECS, lr_sweep, unavailable_reason
 from grng.demo.tasks import TASKS  # noqa: E402
 from grng.demo.text import VOCAB_SIZE, encode, load_text_splits, split_of, windows  # noqa: E402
 from grng.demo.train import train_run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,12 @@ def test_demo_writes_table_report_and_png(tmp_path, capsys):
     raw = json.loads((out / "results.json").read_text())
     assert {r["optimizer"] for r in raw["runs"]} == {"sgd", "ring", "sam", "sophia"}
     assert all(r["model"] == "mlp" for r in raw["runs"])
+    # the README's demo block renders a run's results.json (tools/readme_numbers.py --demo)
+    spec = importlib.util.spec_from_file_location("readme_numbers", ROOT / "tools" / "readme_numbers.py")
+    readme_numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_numbers)
+    block = readme_numbers.demo_block(out / "results.json")
+    assert ring_row in block and "diverged 2/2" in block and "mlp / RING" in block
 
 
 def test_lr_sweep_is_a_third_the_default_and_three_times_on_the_1_3_10_grid():
@@ -360,3 +370,46 @@ def test_defaults_bench_writes_schema_rows_summary_and_targets(tmp_path):
                 "--out", str(tmp_path), "--no-hparams"])
     assert {r.name for r in read_rows(tmp_path / "defaults.csv")} == {"mlp/adamw"}
     assert tuple((tmp_path / "defaults.csv").read_text().splitlines()[0].split(",")) == COLUMNS
+
+
+def _summary(model: str, key: str, metric: float, steps: float | None, seconds: float = 1.0) -> dict:
+    """A summary as grng.demo.train.summarize makes it, of 2 seeds, with the target reached
+    in ``steps`` by both (None: by neither)."""
+    from grng.demo.train import level_key
+
+    task = TASKS[model]
+    hit = None if steps is None else {"count": 2, "steps": steps, "seconds": seconds}
+    return {"model": model, "optimizer": key, "label": SPECS[key].label, "metric": (metric, 0.0),
+            "reached": {level_key(task.target): hit}, "seeds": 2, "statuses": ["ok", "ok"]}
+
+
+def test_claims_name_the_baselines_they_do_not_hold_against_and_judge_the_peers():
+    """RING beats SGD, AdamW and Sophia but not K-FAC: the line says both; SOAP and PSGD-Kron
+    are judged on their own, outside the paper's comparison."""
+    from grng.demo import report
+
+    rows = [_summary("mlp", "sgd", 0.960, 40), _summary("mlp", "adamw", 0.950, None),
+            _summary("mlp", "kfac", 0.975, 18), _summary("mlp", "sophia", 0.955, 50),
+            _summary("mlp", "ring", 0.970, 20, seconds=2.0), _summary("mlp", "soap", 0.980, 10),
+            _summary("mlp", "psgd", 0.965, 30)]
+    lines = report.claims(rows, ["mlp"])
+    assert "the peers SOAP, PSGD-Kron are outside its comparison" in lines[0]
+    (ring,) = [line for line in lines if "mlp / RING" in line]
+    paper, peers = ring.split(" Against the peers outside the paper: ")
+    assert ("faster optimization in steps: holds against SGD, AdamW, Sophia; does not hold "
+            "against K-FAC (in seconds slower than SGD, Sophia)") in paper
+    assert "better generalization: holds against SGD, AdamW, Sophia; does not hold against K-FAC" in paper
+    assert "in steps: holds against PSGD-Kron; does not hold against SOAP" in peers
+    assert "better generalization: holds against PSGD-Kron; does not hold against SOAP" in peers
+    # a method behind every baseline says so, naming them all
+    lines = report.claims([_summary("mlp", "kfac", 0.99, 5), _summary("mlp", "reng", 0.9, None)], ["mlp"])
+    (reng,) = [line for line in lines if "mlp / RENG" in line]
+    assert "in steps: does not hold against K-FAC;" in reng and "Against the peers" not in reng
+
+
+def test_every_optimizer_has_its_own_colour_in_the_plot():
+    from grng.demo import report
+
+    colors = report.optimizer_colors()
+    assert set(colors) == set(OPTIMIZERS) and len(set(colors.values())) == len(OPTIMIZERS)
+    assert colors["kfac"] != colors["ring"] and colors["reng"] != colors["rkalman"]

@@ -1,4 +1,4 @@
-"""The compiled ``ext`` backend (grng._C, torch.ops.grng_ext) against the reference ops."""
+"""The compiled ``ext`` backend (grng.ops._C, torch.ops.grng_ext) against the reference ops."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 try:
     from grng.ops import ext
 except ImportError as _err:  # the package stays usable without the extension; these tests cannot run
-    pytest.skip(f"grng._C is not available: {_err}", allow_module_level=True)
+    pytest.skip(f"grng.ops._C is not available: {_err}", allow_module_level=True)
 
 from grng.testing import spd_matrix
 from grng import ops

@@ -9,6 +9,9 @@
 #    package registry). The venv sees the host's packages through a .pth file (this also works
 #    when python3 is itself a venv, where --system-site-packages would not) and nothing is
 #    downloaded.
+# The compiled extension (grng.ops._C) is built against the venv's torch unless GRNG_EXT=0
+# (`make demo` skips it on purpose: grng then runs its reference ops, and the demo runs with
+# GRNG_EXT_COMPILE=0 so that nothing compiles it on first use either).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
@@ -36,9 +39,14 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 if [ "$mode" = registry ]; then
   # Build requirements first: the extension is built with --no-build-isolation against this torch.
-  "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0" setuptools wheel pybind11 ninja
+  "${PIP[@]}" install -q -c constraints.txt "torch==2.13.0" "setuptools>=64" ninja
   "${PIP[@]}" install -q -c constraints.txt --no-build-isolation -e ".[$extras]"
 else
   "${PIP[@]}" install -q --no-deps --no-index --no-build-isolation -e .
 fi
-"$VENV/bin/python" -c "import grng, torch; print('[bootstrap] grng', grng.__version__, 'torch', torch.__version__, 'backends', grng.backends())"
+if [ "${GRNG_EXT:-1}" = 0 ]; then
+  "$VENV/bin/python" -c "import grng, torch; print('[bootstrap] grng', grng.__version__, 'torch', torch.__version__, 'backends', {k: v for k, v in grng.backends().items() if k != 'ext'})"
+  echo "[bootstrap] the C++ extension is skipped on purpose (GRNG_EXT=0): grng runs its reference ops; GRNG_EXT=1 builds it"
+else
+  "$VENV/bin/python" -c "import grng, torch; print('[bootstrap] grng', grng.__version__, 'torch', torch.__version__, 'backends', grng.backends())"
+fi

@@ -1,63 +1,63 @@
-"""How ``setup.py`` builds the optional compiled extension ``grng._C`` (sources in ``csrc/``).
+"""How ``setup.py`` builds the optional compiled extension ``grng.ops._C`` (sources in ``csrc/``).
 
-The CPU ops (``csrc/*.cpp``, OpenMP, -O3) are always built; the CUDA sources (``csrc/*.cu``)
-join only when torch is a CUDA build and nvcc is found. ``GRNG_CUDA=0`` / ``GRNG_CUDA=1``
-forces CUDA off / on. ``GRNG_EXT=0`` skips the extension entirely. A failed compile never
-fails the install: it prints a warning, the package stays importable and the op dispatch
-falls back to the other backends (``grng.backends()`` says why ``ext`` is not live).
+The extension is built only where torch is importable while setup.py runs, i.e. with
+``pip install --no-build-isolation`` (pip's default isolated build has no torch, and the build
+requirements deliberately do not name it: that would download a second torch). Otherwise, or
+when ``GRNG_EXT=0``, the wheel is pure Python plus the sources (``grng/ops/csrc``), a warning
+says so, and ``grng.ops.ext_loader`` compiles them on first use against the torch that runs.
+The sources and flags come from ``grng/ops/ext_loader.py`` (loaded by path: the package's
+dependencies need not be importable here): the CPU ops always, the CUDA sources where torch is
+a CUDA build and nvcc is found (``GRNG_CUDA=0/1`` forces that). A failed compile never fails
+the install: it prints a warning, and the loader tries again on first use.
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
-import shutil
 import sys
+from pathlib import Path
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
 
 
 def _warn(msg: str) -> None:
     print(f"\n[grng] WARNING: {msg}\n", file=sys.stderr, flush=True)
 
 
-def _want_cuda(torch_cuda_build: bool, cuda_home: str | None) -> bool:
-    """CUDA sources are built when torch has CUDA and nvcc exists, unless GRNG_CUDA says otherwise."""
-    forced = os.environ.get("GRNG_CUDA")
-    if forced == "0":
-        return False
-    nvcc = shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
-    if forced == "1":
-        if not torch_cuda_build:
-            _warn("GRNG_CUDA=1 but torch is a CPU build: building the CPU extension only")
-            return False
-        return True
-    return torch_cuda_build and bool(nvcc) and cuda_home is not None
+def _loader():
+    """``grng/ops/ext_loader.py`` as a stand-alone module (stdlib imports only at its top)."""
+    spec = importlib.util.spec_from_file_location("_grng_ext_loader", ROOT / "grng" / "ops" / "ext_loader.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def extension_build_args() -> dict:
-    """Return the ``ext_modules``/``cmdclass`` keywords for ``setup()`` ({} when nothing can be built)."""
+    """Return the ``ext_modules``/``cmdclass`` keywords for ``setup()`` ({} when nothing is built)."""
+    later = ("the sources are packaged and compiled on first use against the torch that runs "
+             "(GRNG_EXT_COMPILE=0 at run time forbids that)")
     if os.environ.get("GRNG_EXT", "1") == "0":
+        _warn(f"GRNG_EXT=0: grng.ops._C is not built; {later}")
         return {}
     try:
         import torch
         from torch.utils import cpp_extension
-    except Exception as err:  # noqa: BLE001 - no torch: pure-Python install
-        _warn(f"torch is not importable at build time ({err}); grng._C is not built")
+    except Exception as err:  # noqa: BLE001 - no torch (pip's isolated build): pure-Python wheel
+        _warn(f"torch is not importable at build time ({err}), so grng.ops._C is not built "
+              f"(`pip install --no-build-isolation` builds it against your torch); {later}")
         return {}
 
-    cuda = _want_cuda(torch.version.cuda is not None, cpp_extension.CUDA_HOME)
-    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    loader = _loader()
+    cuda = loader.want_cuda(torch.version.cuda is not None, cpp_extension.CUDA_HOME)
+    opts = loader.build_options(CSRC, cuda)
+    sources = [os.path.relpath(s, ROOT) for s in opts["sources"]]
+    kwargs = dict(extra_compile_args={"cxx": opts["extra_cflags"]}, extra_link_args=opts["extra_ldflags"])
     if cuda:
-        sources += sorted(glob.glob(os.path.join(CSRC, "*.cu")))
-    sources = [os.path.relpath(s, ROOT) for s in sources]
-    cxx = ["-O3", "-fopenmp", "-DNDEBUG"] + (["-DGRNG_WITH_CUDA"] if cuda else [])
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    if cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-DGRNG_WITH_CUDA"]
-        ext = cpp_extension.CUDAExtension("grng._C", sources, **kwargs)
+        kwargs["extra_compile_args"]["nvcc"] = opts["extra_cuda_cflags"]
+        ext = cpp_extension.CUDAExtension(loader.MODULE, sources, **kwargs)
     else:
-        ext = cpp_extension.CppExtension("grng._C", sources, **kwargs)
+        ext = cpp_extension.CppExtension(loader.MODULE, sources, **kwargs)
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
@@ -68,14 +68,12 @@ def extension_build_args() -> dict:
             try:
                 super().run()
             except Exception as err:  # noqa: BLE001 - any build failure: keep the package installable
-                _warn(f"building grng._C failed ({type(err).__name__}: {err}); "
-                      "the 'ext' backend is unavailable and grng falls back to the others")
+                _warn(f"building grng.ops._C failed ({type(err).__name__}: {err}); {later}")
 
         def build_extension(self, ext) -> None:  # noqa: ANN001 - setuptools Extension
             try:
                 super().build_extension(ext)
             except Exception as err:  # noqa: BLE001 - as above, per extension
-                _warn(f"building {ext.name} failed ({type(err).__name__}: {err}); "
-                      "the 'ext' backend is unavailable and grng falls back to the others")
+                _warn(f"building {ext.name} failed ({type(err).__name__}: {err}); {later}")
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}

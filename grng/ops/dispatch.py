@@ -2,9 +2,9 @@
 
 Backends register their implementations against the op specs
 (:func:`grng.ops.registry.implement`, which calls :func:`register` here). The ``reference``
-backend is always live. ``triton`` (``grng.kernels``) and ``ext`` (the compiled ``grng._C``) are imported
-lazily on first use; an import failure is recorded and reported by :func:`backends`, never
-raised at ``import grng``.
+backend is always live. ``triton`` (``grng.kernels``) and ``ext`` (the compiled
+``grng.ops._C``) are imported lazily on first use; an import failure is recorded and reported
+by :func:`backends`, never raised at ``import grng``.
 
 ``backend="auto"`` walks :data:`AUTO_ORDER` for the tensors' device type and takes the first
 backend that implements the op and accepts the inputs; the CUDA order per op is the one the
@@ -50,6 +50,8 @@ class Impl:
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
 _LOADED: dict[str, str] = {"reference": "live"}
+# what a live backend's module says about how it was found (its LIVE_NOTE), shown by backends()
+_NOTES: dict[str, str] = {}
 
 
 def _always(*_args, **_kwargs) -> bool:
@@ -71,8 +73,9 @@ def _load(backend: str) -> str:
     """Import a backend's module once; return 'live' or the reason it is not."""
     if backend not in _LOADED:
         try:
-            importlib.import_module(_BACKEND_MODULES[backend])
+            module = importlib.import_module(_BACKEND_MODULES[backend])
             _LOADED[backend] = "live"
+            _NOTES[backend] = getattr(module, "LIVE_NOTE", "")
         except Exception as err:  # noqa: BLE001 - any import failure makes the backend unavailable
             _LOADED[backend] = f"unavailable: {type(err).__name__}: {err}"
     return _LOADED[backend]
@@ -86,6 +89,8 @@ def backends() -> dict[str, str]:
         if name == "triton" and status == "live" and not torch.cuda.is_available():
             status = ("live (TRITON_INTERPRET=1: kernels run on CPU tensors)"
                       if interpreter_enabled() else "live on CUDA tensors only (no CUDA device here)")
+        elif status == "live" and _NOTES.get(name):
+            status = f"live ({_NOTES[name]})"
         report[name] = status
     return report
 

@@ -1,31 +1,25 @@
-"""The ``ext`` backend: grng's compiled ops (``grng._C``, namespace ``torch.ops.grng_ext``).
+"""The ``ext`` backend: grng's compiled ops (``grng.ops._C``, namespace ``torch.ops.grng_ext``).
 
-Importing this module loads the extension once (through the package import, so a process never
-holds two builds of it), registers fake implementations so ``torch.compile`` can trace the ops,
-and implements each op's spec (:func:`grng.ops.registry.implement`) under the reference
-signatures. An
-ImportError says why the extension is unavailable; the dispatch reports it in ``grng.backends()``.
+Importing this module loads the extension once through :mod:`grng.ops.ext_loader` (the installed
+build, else the packaged sources compiled on first use), registers fake implementations so
+``torch.compile`` can trace the ops, and implements each op's spec
+(:func:`grng.ops.registry.implement`) under the reference signatures. An ImportError says the
+extension's state and what to do; the dispatch reports it in ``grng.backends()``.
 """
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from grng.ops import ext_loader
 from grng.ops.errors import FactorizationError
 from grng.ops.reference import BATCHED_METHODS
 from grng.ops.registry import implement
 
-try:
-    from grng import _C  # noqa: F401 - importing runs the TORCH_LIBRARY registrations
-except ImportError as _err:
-    if importlib.util.find_spec("grng._C") is None:
-        raise ImportError(
-            "grng._C was not built: no compiled extension next to grng/__init__.py (reinstall with "
-            "`pip install -v --no-build-isolation -e .` and read the '[grng] WARNING' it prints)") from _err
-    raise ImportError(f"grng._C was built but does not load (rebuild it against this torch): {_err}") from _err
+# how the extension was found ("" for the installed build); raises ImportError saying its state
+LIVE_NOTE = ext_loader.load()
 
 _ops = torch.ops.grng_ext
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)

@@ -1,0 +1,306 @@
+"""Regenerate every number the README shows from committed results, and check that they agree.
+
+Each such number sits in a block of README.md between ``<!-- readme_numbers: NAME -->`` and
+``<!-- /readme_numbers: NAME -->``; :data:`BLOCKS` says where each block comes from:
+
+* ``dropin``: ``examples/dropin.py`` and what running it prints (it runs here, a second);
+* ``verify`` / ``bench``: excerpts of ``bench/results/verify_quick.txt`` and
+  ``bench/results/bench_quick.txt``, the committed outputs of ``grng verify --quick`` and
+  ``grng bench --quick --threads 1`` (``--run verify,bench`` reruns them on this machine);
+* ``demo``: the tables and measured claims of a committed ``make demo`` run,
+  ``bench/results/demo.json`` (``--demo results/demo-<stamp>`` adopts a run's results.json
+  and curves.png);
+* ``defaults``: the targets of ``bench/results/defaults.md`` (``python bench/defaults.py``);
+* ``step_time``: ratios computed from ``bench/results/step_time.md`` (``bench/step_time.py``);
+* ``ext``: speed-ups computed from ``bench/results/ext.csv`` (``bench/ext_update.py``).
+
+``python tools/readme_numbers.py`` rewrites the blocks; ``--check`` rewrites nothing, prints the
+blocks that disagree and exits 1 (tests/test_readme_numbers.py runs it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import difflib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+RESULTS = ROOT / "bench" / "results"
+DROPIN = ROOT / "examples" / "dropin.py"
+VERIFY_OUT = RESULTS / "verify_quick.txt"
+BENCH_OUT = RESULTS / "bench_quick.txt"
+DEMO_JSON = RESULTS / "demo.json"
+DEMO_PNG = ROOT / "docs" / "demo_curves.png"
+BLOCK = re.compile(r"(<!-- readme_numbers: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)"
+                   r"(<!-- /readme_numbers: (?P=name) -->)", re.S)
+
+
+def _python_env() -> dict[str, str]:
+    """This tree's grng first on the path, whatever the caller's PYTHONPATH."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+# ----------------------------------------------------------------------------- blocks
+
+def dropin_block() -> str:
+    """The example's code and its printed losses (run now, in a fresh process)."""
+    out = subprocess.run([sys.executable, str(DROPIN)], capture_output=True, text=True, check=True,
+                         env=_python_env(), cwd=ROOT, timeout=300).stdout
+    code = DROPIN.read_text().split('"""', 2)[2].strip()
+    return (f"```python\n{code}\n```\n\nprints (`python examples/dropin.py`):\n\n```\n{out.strip()}\n```\n")
+
+
+def _header(path: Path) -> tuple[str, list[str]]:
+    """(the ``# ...`` first line without its mark, the other lines) of a committed output."""
+    lines = path.read_text().splitlines()
+    return lines[0].lstrip("# ").strip(), lines[1:]
+
+
+def verify_block() -> str:
+    """Header, per (op, fast backend) the row with the largest ratio, skips, the summary."""
+    about, lines = _header(VERIFY_OUT)
+    head = next(i for i, line in enumerate(lines) if line.startswith("op "))
+    worst: dict[tuple[str, str], tuple[float, str]] = {}
+    for line in lines[head + 1:]:
+        cells = line.split()
+        if len(cells) < 8 or cells[-1] not in ("pass", "FAIL") or cells[1] == "reference":
+            continue
+        ratio = {"-": -1.0, "inf": math.inf}.get(cells[-2]) or float(cells[-2])
+        key = (cells[0], cells[1])
+        if key not in worst or ratio > worst[key][0]:
+            worst[key] = (ratio, line)
+    rest = [line for line in lines[head + 1:] if line.startswith(("skipped", "FAIL", "NOTHING"))
+            or " checks on " in line]
+    notes = [line for line in lines[:head] if "not checked" in line]
+    body = "\n".join(notes + [lines[head]] + [w[1] for w in worst.values()] + rest[:3] + rest[-1:])
+    return (f"Excerpt of `python -m grng verify --quick` ({about}): for each op and fast backend "
+            f"the row with the largest ratio, then the skips and the summary (the whole output: "
+            f"[bench/results/verify_quick.txt](bench/results/verify_quick.txt)):\n\n```\n{body}\n```\n")
+
+
+def bench_block() -> str:
+    """The ceilings, the rows of the largest size, the flags and the closing line."""
+    about, lines = _header(BENCH_OUT)
+    sizes = [int(m.group(1)) for line in lines for m in [re.search(r" n=(\d+) ", line)] if m]
+    big = f"n={max(sizes)}" if sizes else None
+    keep = [line for line in lines
+            if not line.startswith(("  skip", "torch.matmul", "  ")) or (big and f" {big} " in line)]
+    keep = [line for line in keep if not line.startswith("  skip")]
+    return (f"Excerpt of `python -m grng bench --quick --threads 1` ({about}; the rows of the "
+            f"largest size; the whole output: [bench/results/bench_quick.txt]"
+            f"(bench/results/bench_quick.txt)):\n\n```\n" + "\n".join(keep) + "\n```\n")
+
+
+def _denull(summary: dict) -> dict:
+    """results.json writes NaN as null; the report's (mean, std) pairs want NaN back."""
+    out = dict(summary)
+    for key, value in summary.items():
+        if isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, (int, float))
+                                                               for v in value):
+            out[key] = tuple(math.nan if v is None else v for v in value)
+    return out
+
+
+def demo_block(path: Path = DEMO_JSON) -> str:
+    """The demo's tables per task and its measured claims, from a run's results.json."""
+    if not path.exists():
+        return ("No `make demo` run is committed for this version, so no demo numbers are shown "
+                "here (the tables of earlier versions came from older defaults). `make demo` "
+                "prints them; `python tools/readme_numbers.py --demo results/demo-<stamp>` "
+                "commits a run's numbers and plot to this section.\n")
+    sys.path.insert(0, str(ROOT))
+    from grng.demo import report
+    from grng.demo.tasks import TASKS
+
+    raw = json.loads(path.read_text())
+    summaries = [_denull(s) for s in raw["summaries"]]
+    models = list(raw["settings"]["tasks"])
+    machine = raw["machine"]
+    seeds = ", ".join(f"{m} {len(raw['settings']['tasks'][m]['seeds'])}" for m in models)
+    text = [f"`{raw['settings']['command']}` on {machine.get('date', '?')}: {machine.get('cpu', '?')}, "
+            f"torch {machine.get('torch', '?')}, grng {machine.get('grng', '?')}, load average "
+            f"{machine.get('load average at start (1/5/15 min)', '?')} at the start; seeds: {seeds} "
+            f"([bench/results/demo.json](bench/results/demo.json)).", ""]
+    for model in models:
+        task = TASKS[model]
+        text += [f"*{model}* ({task.dataset}, test {task.metric_name}):", "",
+                 report.markdown_table([s for s in summaries if s["model"] == model]), ""]
+    text += ["![demo curves](docs/demo_curves.png)", ""] + report.claims(summaries, models)
+    return "\n".join(text) + "\n"
+
+
+def defaults_block() -> str:
+    """The defaults benchmark's date, load and its targets section."""
+    lines = (RESULTS / "defaults.md").read_text().splitlines()
+    meta = {m.group(1): m.group(2) for line in lines for m in [re.match(r"- (\w[\w ]*): (.*)", line)] if m}
+    targets = lines[lines.index("## Targets") + 1:]
+    body = [re.sub(r"^### (.*)", r"*\1*", line) for line in targets]
+    return (f"From [bench/results/defaults.md](bench/results/defaults.md) ({meta.get('date', '?')}, "
+            f"{meta.get('machine', '?')}, grng {meta.get('grng', '?')}, {meta.get('load', '?')}; "
+            f"validation split):\n" + "\n".join(body).rstrip() + "\n")
+
+
+def _range(values: list[float], fmt: str = ".1f") -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:{fmt}}x" if format(lo, fmt) == format(hi, fmt) else f"{lo:{fmt}}-{hi:{fmt}}x"
+
+
+def step_time_block() -> str:
+    """Full-step cost ratios per model: curvature methods against AdamW, GR against SGD."""
+    lines = (RESULTS / "step_time.md").read_text().splitlines()
+    title = lines[0].lstrip("# ").strip()
+    ms: dict[tuple[str, str, str], float] = {}
+    ratio: dict[tuple[str, str, str], float] = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and re.match(r"[\d.]+ \(", cells[3]):
+            ms[tuple(cells[:3])] = float(cells[3].split()[0])
+            ratio[tuple(cells[:3])] = float(cells[4])
+    models = list(dict.fromkeys(k[0] for k in ms))
+    curv = ", ".join(f"{_range([ratio[(m, o, 'auto')] for o in ('kfac', 'ring', 'rkalman')])} on the {m}"
+                     for m in models)
+    gr = ", ".join(f"{_range([ms[(m, o, '-')] / ms[(m, 'sgd', '-')] for o in ('fgr-sgd', 'bgr-sgd')])} "
+                   f"on the {m}" for m in models)
+    db = ", ".join(f"{ms[(m, 'db-sgd', '-')] / ms[(m, 'sgd', '-')]:.1f}x on the {m}"
+                   for m in models if (m, "db-sgd", "-") in ms)
+    return (f"From [bench/results/step_time.md](bench/results/step_time.md) ({title}): a full "
+            f"K-FAC/RING/R-Kalman step (backend `auto`) as a multiple of AdamW's: {curv}. Gradient "
+            f"regularization as a multiple of SGD's step: F-GR and B-GR {gr}; double backprop "
+            f"{db}.\n")
+
+
+def ext_block() -> str:
+    """The compiled ops' speed-ups, per measurement in ext.csv."""
+    groups: list[tuple[str, dict[str, float]]] = []  # (op, {provider: ms}) per measurement
+    open_group: dict[tuple[str, str, str], dict[str, float]] = {}
+    device = ""
+    with (RESULTS / "ext.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            if row["metric"] != "time":
+                continue
+            key = (row["name"], row["x_value"], row["dtype"])
+            group = open_group.get(key)
+            if group is None or row["provider"] in group:  # the providers repeat: a new measurement
+                group = open_group[key] = {}
+                groups.append((row["name"], group))
+            group[row["provider"]] = float(row["p50"])
+            device = row["device"]
+
+    def speedups(op: str, base: str) -> list[float]:
+        return [g[base] / g["ext"] for name, g in groups if name == op and base in g and "ext" in g]
+
+    return (f"From [bench/results/ext.csv](bench/results/ext.csv) ({device}): the compiled fused "
+            f"update is {_range(speedups('fused_update', 'foreach'))} as fast as a foreach-op loop "
+            f"over the same 120 tensors and {_range(speedups('fused_update', 'reference'))} the "
+            f"reference; the ext factor update {_range(speedups('factor_update', 'reference'))} and "
+            f"Kalman update {_range(speedups('kalman_update', 'reference'))} the reference.\n")
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "dropin": dropin_block, "verify": verify_block, "bench": bench_block, "demo": demo_block,
+    "defaults": defaults_block, "step_time": step_time_block, "ext": ext_block,
+}
+
+
+# ----------------------------------------------------------------------------- README
+
+def render(text: str, blocks: dict[str, Callable[[], str]] = BLOCKS) -> str:
+    """``text`` with every marked block regenerated; an unknown or missing block is an error."""
+    found = [m.group("name") for m in BLOCK.finditer(text)]
+    unknown = sorted(set(found) - set(blocks))
+    missing = sorted(set(blocks) - set(found))
+    if unknown or missing:
+        raise ValueError(f"README blocks: unknown {unknown}, missing {missing}")
+    made = {name: blocks[name]() for name in found}
+    return BLOCK.sub(lambda m: m.group(1) + made[m.group("name")] + m.group(4), text)
+
+
+def disagreements(text: str, blocks: dict[str, Callable[[], str]] = BLOCKS) -> list[str]:
+    """A unified diff per block whose README text differs from what its results give."""
+    new = render(text, blocks)
+    old_blocks = {m.group("name"): m.group("body") for m in BLOCK.finditer(text)}
+    new_blocks = {m.group("name"): m.group("body") for m in BLOCK.finditer(new)}
+    return ["".join(difflib.unified_diff(old_blocks[n].splitlines(True), new_blocks[n].splitlines(True),
+                                         f"README.md: {n}", f"{n} from the results"))
+            for n in old_blocks if old_blocks[n] != new_blocks[n]]
+
+
+# ----------------------------------------------------------------------------- reruns
+
+def _about() -> str:
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from grng.benchmark.schema import environment
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {environment('cpu')['device']}, "
+            f"torch {torch.__version__}, load average {load:.1f}")
+
+
+def rerun(what: str) -> None:
+    """Run ``grng verify --quick`` or ``grng bench --quick --threads 1`` and commit its output."""
+    if what == "verify":
+        cmd, out = ["verify", "--quick", "--no-progress"], VERIFY_OUT
+    elif what == "bench":
+        cmd, out = ["bench", "--quick", "--threads", "1", "--csv", "rows.csv"], BENCH_OUT
+    else:
+        raise SystemExit(f"--run: unknown {what!r}; choose verify, bench")
+    about = _about()
+    start = dt.datetime.now()
+    with tempfile.TemporaryDirectory() as work:  # the CSV the bench appends to is thrown away
+        proc = subprocess.run([sys.executable, "-m", "grng", *cmd], capture_output=True, text=True,
+                              env=_python_env(), cwd=work)
+    seconds = (dt.datetime.now() - start).total_seconds()
+    if proc.returncode != 0:
+        raise SystemExit(f"grng {' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    out.write_text(f"# {about}, the whole run {seconds:.1f} s\n{proc.stdout}")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+def adopt_demo(folder: Path) -> None:
+    """Commit a demo run: its results.json as bench/results/demo.json, its plot as the README's."""
+    shutil.copyfile(folder / "results.json", DEMO_JSON)
+    shutil.copyfile(folder / "curves.png", DEMO_PNG)
+    print(f"adopted {folder}: {DEMO_JSON.relative_to(ROOT)}, {DEMO_PNG.relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true",
+                   help="rewrite nothing; exit 1 when README and results disagree")
+    p.add_argument("--run", help="comma-separated: rerun verify and/or bench first, write their output")
+    p.add_argument("--demo", type=Path, help="a demo results folder to adopt first")
+    ns = p.parse_args(argv)
+    for what in (ns.run or "").split(","):
+        if what:
+            rerun(what)
+    if ns.demo:
+        adopt_demo(ns.demo)
+    text = README.read_text()
+    if ns.check:
+        diffs = disagreements(text)
+        for d in diffs:
+            print(d)
+        print("README and results agree" if not diffs else f"{len(diffs)} README block(s) disagree "
+              "with the results: run python tools/readme_numbers.py")
+        return 1 if diffs else 0
+    new = render(text)
+    README.write_text(new)
+    print("README.md " + ("unchanged" if new == text else "updated"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
