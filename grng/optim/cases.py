@@ -21,14 +21,16 @@ from grng.optim.reng import RENG
 from grng.optim.ring import RING
 from grng.optim.rkalman import RKalman
 
-__all__ = ["CASES", "OptimizerCase", "make_optimizer"]
+__all__ = ["CASES", "OptimizerCase", "make_optimizer", "optimizer_factory"]
 
 GR_KEYS = ("gamma", "epsilon", "mode", "grad_scaler", "process_group")
+# keywords that both GradReg and the curvature optimizer it wraps take
+SHARED_KEYS = ("process_group",)
 
 
-def _split_gr(hp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(base optimizer's keywords, GradReg's keywords)."""
-    return ({k: v for k, v in hp.items() if k not in GR_KEYS},
+def _split_gr(hp: dict[str, Any], shared: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(base optimizer's keywords, GradReg's keywords); the ``shared`` keys go to both."""
+    return ({k: v for k, v in hp.items() if k not in GR_KEYS or k in shared},
             {k: v for k, v in hp.items() if k in GR_KEYS})
 
 
@@ -38,7 +40,8 @@ def _gradreg_sgd(model: nn.Module, **hp: Any) -> GradReg:
 
 
 def _gradreg_kfac(model: nn.Module, **hp: Any) -> GradReg:
-    base, gr = _split_gr(hp)
+    """GradReg around K-FAC; an explicit ``process_group`` is the group of both."""
+    base, gr = _split_gr(hp, SHARED_KEYS)
     return GradReg(KFAC(model, **base), model=model, **gr)
 
 
@@ -98,3 +101,15 @@ def make_optimizer(name: str, model: nn.Module, **overrides: Any) -> torch.optim
     if name not in CASES:
         raise ValueError(f"name must be one of {tuple(CASES)}, got {name!r}")
     return CASES[name].make(model, **overrides)
+
+
+def optimizer_factory(name: str, **hyperparameters: Any) -> Callable[..., torch.optim.Optimizer]:
+    """``factory(model, **more)`` = ``make_optimizer(name, model, **hyperparameters, **more)``
+    (``more`` wins): a consumer's configuration of a case, built later for each model."""
+    if name not in CASES:
+        raise ValueError(f"name must be one of {tuple(CASES)}, got {name!r}")
+    case = CASES[name]
+
+    def factory(model: nn.Module, **more: Any) -> torch.optim.Optimizer:
+        return case.make(model, **{**hyperparameters, **more})
+    return factory
