@@ -3,7 +3,7 @@
 A case names an optimizer configuration and says how to build it: ``make_optimizer("ring",
 model, lr=0.1)`` builds grng.RING with the case's hyperparameters, overridden by the keywords.
 Torch's SGD and AdamW are here too (the usual baselines), and the gradient-regularization
-wrappers (F-GR / SAM around SGD, F-GR around K-FAC).
+wrappers (F-GR / B-GR / DB / SAM around SGD, SAM around AdamW, F-GR around K-FAC).
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from grng.optim.rkalman import RKalman
 
 __all__ = ["CASES", "OptimizerCase", "make_optimizer", "optimizer_factory"]
 
-GR_KEYS = ("gamma", "epsilon", "mode", "grad_scaler", "process_group")
+# GradReg's own keywords (GradReg clips the gradient it hands its base optimizer)
+GR_KEYS = ("gamma", "epsilon", "mode", "grad_scaler", "process_group", "max_grad_norm")
 # keywords that both GradReg and the curvature optimizer it wraps take
 SHARED_KEYS = ("process_group",)
 
@@ -37,6 +38,11 @@ def _split_gr(hp: dict[str, Any], shared: tuple[str, ...] = ()) -> tuple[dict[st
 def _gradreg_sgd(model: nn.Module, **hp: Any) -> GradReg:
     base, gr = _split_gr(hp)
     return GradReg(torch.optim.SGD(model.parameters(), **base), model=model, **gr)
+
+
+def _gradreg_adamw(model: nn.Module, **hp: Any) -> GradReg:
+    base, gr = _split_gr(hp)
+    return GradReg(torch.optim.AdamW(model.parameters(), **base), model=model, **gr)
 
 
 def _gradreg_kfac(model: nn.Module, **hp: Any) -> GradReg:
@@ -90,6 +96,8 @@ CASES: Mapping[str, OptimizerCase] = MappingProxyType({c.name: c for c in (
     _case("db-sgd", "DB (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
           gamma=0.05, epsilon=0.01, mode="exact"),
     _case("sam-sgd", "SAM (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
+          gamma=0.0, epsilon=0.05, mode="sam"),
+    _case("sam-adamw", "SAM (AdamW)", _gradreg_adamw, two_pass=True, lr=1e-3,
           gamma=0.0, epsilon=0.05, mode="sam"),
 )})
 """Each case's ``defaults`` say what makes it that case (the inverse, the GR mode); the
