@@ -75,7 +75,7 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
     "reng-fd": ("reng-forward", {**_CURV, "rho": 0.1}),
     "rkalman": ("rkalman", dict(lr=0.01, kalman_rank=256)),        # rows all-gathered (64 per rank)
     "rkalman-sketch": ("rkalman", dict(lr=0.01, kalman_rank=32)),  # k x d sketch all-reduced
-    "fgr-sgd": ("fgr-sgd", dict(lr=0.01, momentum=0.0, gamma=0.05, epsilon=1e-2)),
+    "fgr-sgd": ("fgr-sgd", dict(lr=0.01, momentum=0, gamma=0.05, epsilon=1e-2)),
 }
 
 

@@ -82,7 +82,7 @@ def test_a_closure_returning_none_uses_the_gradients_present() -> None:
     optimizer_factory("kfac-eigen", lr=0.1),
     optimizer_factory("reng-forward", lr=0.1),
     optimizer_factory("reng-exact", lr=0.1),
-    optimizer_factory("fgr-sgd", lr=0.1, momentum=0.0, gamma=0.1, epsilon=0.01),
+    optimizer_factory("fgr-sgd", lr=0.1, momentum=0, gamma=0.1, epsilon=0.01),
 ])
 def test_a_forward_only_closure_gets_an_error_that_says_what_to_change(make) -> None:
     m = small_mlp()
@@ -166,7 +166,7 @@ def test_max_grad_norm_clips_the_gradient_the_update_uses(name: str) -> None:
     x, y = classification_batches(1, n=16)[0]
     lr, cap = 0.5, 1e-3
     case, hp = {"kfac": ("kfac-eigen", {}), "reng": ("reng-forward", {}),
-                "gradreg": ("fgr-sgd", dict(momentum=0.0, gamma=0.1, epsilon=0.01))}[name]
+                "gradreg": ("fgr-sgd", dict(momentum=0, gamma=0.1, epsilon=0.01))}[name]
     opt = make_optimizer(case, m, lr=lr, max_grad_norm=cap, **hp)
     before = [p.detach().clone() for p in m.parameters()]
     opt.step(make_closure(opt, lambda: 1e3 * F.cross_entropy(m(x), y)))

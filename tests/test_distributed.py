@@ -104,7 +104,7 @@ def _batch(kind: str, step: int):
 _KFAC = dict(lr=0.1, damping=1e-2, momentum=0.5, kl_clip=1e-2, inverse_every=2)
 _RHO = dict(lr=0.1, damping=1e-2, rho=0.1, inverse_every=2)
 _RKALMAN = dict(lr=0.1, rho=0.1)
-_GR = dict(lr=0.1, momentum=0.0, gamma=0.05, epsilon=1e-2)
+_GR = dict(lr=0.1, momentum=0, gamma=0.05, epsilon=1e-2)
 
 
 def _kfac(case: str = "kfac-eigen", **kw):
