@@ -8,7 +8,8 @@ Stages, in this order (``--stages`` takes a comma list of them):
 1. ``env``: device, driver, CUDA, torch, triton, nvcc versions and ``grng.backends()``;
 2. ``build``: ``pip install --no-deps --no-index --no-build-isolation -e .`` against the host
    torch (builds ``grng._C`` in place, CUDA sources included, for this GPU's architecture only;
-   log in ``build.log``), then checks that every ``grng_ext`` op has a CUDA kernel; meanwhile
+   log in ``build.log``), then checks that every op of the ext backend (the registry's) has a
+   CUDA kernel; meanwhile
    (best effort, on the idle cores) processes run every Triton op and a micro-GPT step once to
    fill Triton's on-disk compile cache, so later stages do not compile one config at a time;
 3. ``ceilings``: device-to-device copy bandwidth; torch.matmul rate in fp32, tf32 and bf16;
