@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from grng import KFAC, GradReg
 from grng import make_closure
-from grng.optim.cases import make_optimizer
+from grng.optim import cases
+from grng.optim.cases import make_optimizer, optimizer_factory
 from optimizer_helpers import (ALL, CURVATURE, F64, FACTORIES, _all_state_finite, _assert_unchanged, _closure, _curv, _data, _mlp, _snapshot, _train)
 
 
@@ -257,3 +258,21 @@ def test_a_whole_empty_batch_is_skipped_not_divided_by_zero() -> None:
     assert opt.skipped_steps == 1
     for k in ("A", "G"):
         assert torch.equal(opt.layer_state(opt.layers[0])[k], before[1]["state"][0][k])
+
+
+def test_an_unknown_optimizer_case_is_refused_naming_it() -> None:
+    for build in (lambda: make_optimizer("kfac", _mlp()), lambda: optimizer_factory("kfac")):
+        with pytest.raises(ValueError, match="name must be one of .*'kfac-eigen'.* got 'kfac'"):
+            build()
+
+
+def test_gradreg_cases_route_their_keywords() -> None:
+    """GradReg's keywords go to GradReg (max_grad_norm: it clips what its base steps on); an
+    explicit process_group is the group of GradReg and of the K-FAC it wraps."""
+    opt = make_optimizer("fgr-sgd", _mlp(), max_grad_norm=0.5)
+    assert opt.max_grad_norm == 0.5 and "max_grad_norm" not in opt.base_optimizer.defaults
+    sentinel = object()
+    base, gr = cases._split_gr({"lr": 0.1, "gamma": 0.1, "process_group": sentinel},
+                               cases.SHARED_KEYS)
+    assert base == {"lr": 0.1, "process_group": sentinel}
+    assert gr == {"gamma": 0.1, "process_group": sentinel}
