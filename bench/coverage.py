@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import grng  # noqa: E402
+from grng.optim.cases import CASES  # noqa: E402
 
 SEEDS = (0, 1, 2)
 STEPS = (20, 50, 100)
@@ -102,7 +103,7 @@ def coverage(model: nn.Module, batch: Callable[[], Tensor], loss: Callable[[nn.M
              ) -> dict:
     """Shares of the trainable parameters in live blocks, dead blocks and on the diagonal,
     after two K-FAC steps (the matrices on the diagonal named)."""
-    opt = grng.KFAC(model, lr=0.0)
+    opt = CASES["kfac-eigen"].make(model, lr=0.0)
     for _ in range(2):
         opt.zero_grad()
         loss(model, batch()).backward()
@@ -141,9 +142,10 @@ def coverages() -> dict:
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float):
+    """AdamW, or K-FAC (eigen) with KFAC_SETTINGS, at ``lr`` (cases of grng.optim.cases)."""
     if name == "AdamW":
-        return torch.optim.AdamW(model.parameters(), lr=lr)
-    return grng.KFAC(model, lr=lr, **KFAC_SETTINGS)
+        return CASES["adamw"].make(model, lr=lr)
+    return CASES["kfac-eigen"].make(model, lr=lr, **KFAC_SETTINGS)
 
 
 def train(name: str, lr: float, seed: int, data: dict[str, Tensor], evals: dict[str, Tensor]

@@ -36,6 +36,7 @@ import models  # noqa: E402
 import grng  # noqa: E402
 from grng.benchmark.schema import (Row, append_rows, environment, load_text,  # noqa: E402
                                    run_header)
+from grng.optim.cases import make_optimizer  # noqa: E402
 
 SUITE = "cpu_targets"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,12 +60,9 @@ def make_model(name: str) -> tuple[nn.Module, Callable[[torch.Generator], tuple[
     return models.GPT(cfg), tokens
 
 
-OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
-    "kfac": lambda m: grng.KFAC(m),
-    "ring": lambda m: grng.RING(m),
-    "rkalman": lambda m: grng.RKalman(m),
-}
+# benchmark name -> its case of grng.optim.cases, at the case's (the library's) defaults
+OPTIMIZERS: dict[str, str] = {"adamw": "adamw", "kfac": "kfac-eigen", "ring": "ring",
+                              "rkalman": "rkalman"}
 
 
 def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -74,7 +72,7 @@ def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 def flop_floor(model: nn.Module, x: Tensor, factor_every: int) -> float:
     """(fwd+bwd + fold / F + eigen apply) / (fwd+bwd) FLOPs of K-FAC on ``model``'s blocks."""
-    opt = grng.KFAC(model)
+    opt = make_optimizer("kfac-eigen", model)
     try:
         fb = fold = apply = 0.0
         rows = x.shape[0] * (x.shape[1] if x.dim() == 2 and not x.is_floating_point() else 1)
@@ -96,10 +94,10 @@ def measure(model_name: str, rounds: int, steps: int) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     batches = [sample(g) for _ in range(4)]
     runs = {}
-    for name, make in OPTIMIZERS.items():
+    for name, case in OPTIMIZERS.items():
         model, _ = make_model(model_name)
         model.load_state_dict(base.state_dict())
-        runs[name] = (model, make(model))
+        runs[name] = (model, make_optimizer(case, model))
     per_round: dict[str, list[float]] = {name: [] for name in runs}
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
@@ -126,7 +124,7 @@ def measure(model_name: str, rounds: int, steps: int) -> list[dict]:
                     "factor_every": getattr(opt, "factor_every", None)})
     floor_model, _ = make_model(model_name)
     out.append({"model": model_name, "optimizer": "floor", "ratio": flop_floor(
-        floor_model, batches[0][0], grng.KFAC(floor_model).factor_every)})
+        floor_model, batches[0][0], make_optimizer("kfac-eigen", floor_model).factor_every)})
     return out
 
 

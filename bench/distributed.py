@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 import grng  # noqa: E402
 from grng.benchmark.schema import Row, append_rows, environment  # noqa: E402
+from grng.optim.cases import make_optimizer  # noqa: E402
 
 SUITE = "distributed"
 CONFIGS = [("kfac", "comm-opt"), ("kfac", "mem-opt"), ("ring", "comm-opt"), ("reng-fd", "comm-opt"),
@@ -65,20 +67,22 @@ def _model(width: int) -> nn.Module:
                          nn.Linear(width, 10))
 
 
+_CURV = dict(lr=0.01, damping=1e-2, inverse_every=10)
+# benchmark name -> (its case of grng.optim.cases, the benchmark's hyperparameters)
+OPTIMIZERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "kfac": ("kfac-eigen", _CURV),
+    "ring": ("ring", {**_CURV, "rho": 0.1}),
+    "reng-fd": ("reng-forward", {**_CURV, "rho": 0.1}),
+    "rkalman": ("rkalman", dict(lr=0.01, kalman_rank=256)),        # rows all-gathered (64 per rank)
+    "rkalman-sketch": ("rkalman", dict(lr=0.01, kalman_rank=32)),  # k x d sketch all-reduced
+    "fgr-sgd": ("fgr-sgd", dict(lr=0.01, momentum=0, gamma=0.05, epsilon=1e-2)),
+}
+
+
 def _optimizer(name: str, strategy: str, ddp: nn.Module):
     kw = {} if strategy in ("replicated", "-") else {"distributed_strategy": strategy}
-    if name == "kfac":
-        return grng.KFAC(ddp, lr=0.01, damping=1e-2, inverse_every=10, **kw)
-    if name == "ring":
-        return grng.RING(ddp, lr=0.01, damping=1e-2, rho=0.1, inverse_every=10, **kw)
-    if name == "reng-fd":
-        return grng.RENG(ddp, lr=0.01, damping=1e-2, rho=0.1, gr="forward", inverse_every=10, **kw)
-    if name == "rkalman":
-        return grng.RKalman(ddp, lr=0.01, kalman_rank=256)  # rows all-gathered (64 per rank)
-    if name == "rkalman-sketch":
-        return grng.RKalman(ddp, lr=0.01, kalman_rank=32)   # k x d sketch all-reduced
-    return grng.GradReg(torch.optim.SGD(ddp.parameters(), lr=0.01), gamma=0.05, epsilon=1e-2,
-                        mode="forward", model=ddp)
+    case, hp = OPTIMIZERS[name]
+    return make_optimizer(case, ddp, **hp, **kw)
 
 
 def _naive_bytes(name: str, model: nn.Module) -> int:

@@ -8,7 +8,8 @@ Stages, in this order (``--stages`` takes a comma list of them):
 1. ``env``: device, driver, CUDA, torch, triton, nvcc versions and ``grng.backends()``;
 2. ``build``: ``pip install --no-deps --no-index --no-build-isolation -e .`` against the host
    torch (builds ``grng.ops._C`` in place, CUDA sources included, for this GPU's architecture only;
-   log in ``build.log``), then checks that every ``grng_ext`` op has a CUDA kernel; meanwhile
+   log in ``build.log``), then checks that every op of the ext backend (the registry's) has a
+   CUDA kernel; meanwhile
    (best effort, on the idle cores) processes run every Triton op and a micro-GPT step once to
    fill Triton's on-disk compile cache, so later stages do not compile one config at a time;
 3. ``ceilings``: device-to-device copy bandwidth; torch.matmul rate in fp32, tf32 and bf16;
@@ -80,14 +81,7 @@ GRACE_S = 30.0      # a stage past its share is killed this much later (never pa
 RESERVE_S = 4.0     # kept for writing the summary
 CSV_NAME = "gpu_check.csv"
 
-# Timed ops: the four Triton kernels' ops and the fused update of every step (eigh, too slow
-# for 25 repetitions at 4096, is timed apart; cholesky_inverse and batched_spd_inverse are not
-# on a per-step path at these sizes).
-TRITON_OPS = ("factor_update", "eigen_apply", "newton_schulz_step", "kalman_update")
-BENCH_OPS = (*TRITON_OPS, "fused_update")
-PROVIDERS = ("reference", "triton", "ext")
 MAX_FACTOR = 16384  # largest dense Kronecker factor side the step stage builds (1 GiB in fp32)
-EXT_OPS = ("fused_update", "factor_update", "kalman_update", "batched_spd_inverse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +131,38 @@ def ensure_importable() -> None:
         sys.path.append(str(BENCH))
     if not any(isinstance(f, _KernelsFinder) for f in sys.meta_path):
         sys.meta_path.append(_KernelsFinder())
+
+
+# ----------------------------------------------------------------------------- ops and backends
+# Taken from the op registry and the dispatch, so a new op or backend needs no edit here.
+
+def providers() -> tuple[str, ...]:
+    """The op backends timed and stepped: ``grng.ops.dispatch.BACKENDS`` without "auto"
+    (reference first)."""
+    ensure_importable()
+    from grng.ops import dispatch
+    return tuple(b for b in dispatch.BACKENDS if b != "auto")
+
+
+def fast_backends() -> tuple[str, ...]:
+    """The backends checked against the reference: every provider but the reference."""
+    return tuple(b for b in providers() if b != "reference")
+
+
+def backend_ops(backend: str) -> tuple[str, ...]:
+    """The ops ``backend`` implements itself, in the registry's order (grng.ops.registry.SPECS);
+    empty when its module does not load."""
+    ensure_importable()
+    from grng.ops import dispatch, registry
+    dispatch.backends()  # imports the triton and ext backends, which register their ops
+    return tuple(op for op in registry.SPECS if dispatch.implementation(op, backend) is not None)
+
+
+def bench_ops() -> tuple[str, ...]:
+    """Timed ops: every op of the Triton backend and the fused update of every step (eigh, too
+    slow for 25 repetitions at 4096, is timed apart; cholesky_inverse and batched_spd_inverse are
+    not on a per-step path at these sizes)."""
+    return tuple(dict.fromkeys((*backend_ops("triton"), "fused_update")))
 
 
 # ----------------------------------------------------------------------------- stage child
@@ -305,8 +331,11 @@ import torch
 out = {{}}
 try:
     import grng.ops.ext
-    out = {{op: torch._C._dispatch_has_kernel_for_dispatch_key("grng_ext::" + op, "CUDA")
-           for op in {ops!r}}}
+    from grng.ops import dispatch, registry
+    # an op the ext backend implements without a grng_ext op of its name counts as missing
+    out = {{op: hasattr(torch.ops.grng_ext, op)
+               and torch._C._dispatch_has_kernel_for_dispatch_key("grng_ext::" + op, "CUDA")
+           for op in registry.SPECS if dispatch.implementation(op, "ext") is not None}}
 except Exception as err:
     out = {{"error": type(err).__name__ + ": " + str(err).splitlines()[0]}}
 print(json.dumps(out))
@@ -314,8 +343,9 @@ print(json.dumps(out))
 
 
 def probe_ext() -> dict[str, Any]:
-    """In a fresh process: which grng_ext ops have a CUDA kernel ({'error': ...} if none load)."""
-    code = _PROBE.format(bench=str(BENCH), ops=EXT_OPS)
+    """In a fresh process: which ops of the ext backend (those it implements in the registry)
+    have a CUDA kernel ({'error': ...} if the extension does not load)."""
+    code = _PROBE.format(bench=str(BENCH))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=120, env=dict(os.environ, GRNG_EXT_COMPILE="0"))
     try:
@@ -353,7 +383,7 @@ def build_ext(ctx: Ctx, log: LockedLog) -> None:
     status ok when every grng_ext op then has a CUDA kernel."""
     import torch
     before = probe_ext()
-    if before and all(before.get(op) is True for op in EXT_OPS):
+    if before and all(has is True for has in before.values()):
         ctx.report.note("grng.ops._C already loads with CUDA kernels for every op: not rebuilt")
         ctx.report.status = "ok"
         return
@@ -392,12 +422,12 @@ def build_ext(ctx: Ctx, log: LockedLog) -> None:
                   config=f"TORCH_CUDA_ARCH_LIST={major}.{minor}")])
     after = probe_ext()
     ctx.report.info["cuda_ops"] = after
-    missing = [op for op in EXT_OPS if after.get(op) is not True]
-    if missing:
+    missing = [op for op, has in after.items() if has is not True]
+    if missing or not after:
         ctx.report.note(f"no CUDA kernel for {missing}: {after.get('error', 'see build.log')}")
         ctx.report.status = "failed"
     else:
-        ctx.report.note(f"CUDA kernels registered for {', '.join(EXT_OPS)}")
+        ctx.report.note(f"CUDA kernels registered for {', '.join(after)}")
         ctx.report.status = "ok"
 
 
@@ -411,7 +441,7 @@ WARM_GPT = dict(vocab=65, context=16, width=16, heads=2, layers=1)
 def warm_jobs() -> list[str]:
     """The warm-up jobs: every Triton op x dtype x WARM_SIZES, and a micro-GPT step of K-FAC and
     R-Kalman through the triton backend (RING runs K-FAC's kernels)."""
-    return ([f"{op}:{dt}:{n}" for n in WARM_SIZES for op in TRITON_OPS
+    return ([f"{op}:{dt}:{n}" for n in WARM_SIZES for op in backend_ops("triton")
              for dt in ("float32", "bfloat16")] + ["step:kfac", "step:rkalman"])
 
 
@@ -539,7 +569,7 @@ def stage_correct(ctx: Ctx) -> None:
     op_deadline = time.time() + 0.55 * ctx.left()
     checks = []
     for n in ctx.plan.check_sizes:
-        batch = check_ops(ctx.device, backends=("triton", "ext"), dtypes=("float32", "bfloat16"),
+        batch = check_ops(ctx.device, backends=fast_backends(), dtypes=("float32", "bfloat16"),
                           sizes=(n,), seed=0, deadline=time.monotonic() + op_deadline - time.time())
         ctx.emit(check_rows(batch))  # per size, so that a kill keeps the sizes done
         ran = [c for c in batch if c.passed is not None]
@@ -690,7 +720,7 @@ def stage_kernels(ctx: Ctx) -> None:
         ctx.report.notes.append(f"no GEMM rate at n = {plan.gemm_n} from the ceilings stage: "
                                 "measured here")
     deadline = ctx.deadline - 0.15 * ctx.left()  # the rest is for eigh vs Newton-Schulz
-    rows = run(ctx.device, PROVIDERS, plan.kernel_sizes, ("float32", "bfloat16"), ops=BENCH_OPS,
+    rows = run(ctx.device, providers(), plan.kernel_sizes, ("float32", "bfloat16"), ops=bench_ops(),
                deadline=time.monotonic() + deadline - time.time(), gemm_rates=rates,
                warmup=plan.warmup, reps=plan.reps, log=lambda line: print("  " + line, flush=True))
     ctx.emit(rows)
@@ -718,8 +748,8 @@ def summarize_kernels(ctx: Ctx, rows: list) -> None:
                            f"{r.p80:.4g}) | {speed.get(k, float('nan')):.3g} |"
                            for k, r in sorted(times.items())]
     wins = []
-    for op in BENCH_OPS:
-        for prov in ("triton", "ext"):
+    for op in bench_ops():
+        for prov in fast_backends():
             pts = [v for (o, p, _, _), v in speed.items() if o == op and p == prov]
             if pts and min(pts) > 1.0:
                 wins.append(f"{op}: {prov} (x{min(pts):.2f}-{max(pts):.2f})")
@@ -819,7 +849,7 @@ def stage_step(ctx: Ctx) -> None:
     cfg = models.GPTConfig(**plan.gpt)
     dev = ctx.device
     configs = [("adamw", "-")] + [(o, b) for o in ("kfac", "rkalman", "ring", "kfac-newton")
-                                  for b in PROVIDERS] + [("kfac-newton-host", "reference")]
+                                  for b in providers()] + [("kfac-newton-host", "reference")]
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):

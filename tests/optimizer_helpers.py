@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grng import GradReg, make_closure
-from grng.optim.cases import CASES
+from grng.optim.cases import optimizer_factory
 from grng.testing import classification_batches, small_mlp
 
 F64 = torch.float64
@@ -59,12 +59,8 @@ _TESTED: dict[str, tuple[str, dict]] = {
 }
 
 
-def _factory(case: str, hp: dict) -> Callable[..., torch.optim.Optimizer]:
-    return lambda m, **kw: CASES[case].make(m, **{**hp, **kw})
-
-
 FACTORIES: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    name: _factory(case, hp) for name, (case, hp) in _TESTED.items()}
+    name: optimizer_factory(case, **hp) for name, (case, hp) in _TESTED.items()}
 ALL = list(FACTORIES)
 CURVATURE = [n for n in ALL if n != "gradreg-sgd"]
 

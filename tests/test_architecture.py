@@ -15,6 +15,10 @@ spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "
 import_graph = importlib.util.module_from_spec(spec)
 sys.modules["import_graph"] = import_graph
 spec.loader.exec_module(import_graph)
+tables_spec = importlib.util.spec_from_file_location("tables", ROOT / "tools" / "tables.py")
+tables = importlib.util.module_from_spec(tables_spec)
+sys.modules["tables"] = tables
+tables_spec.loader.exec_module(tables)
 
 
 def test_the_package_has_no_import_cycle() -> None:
@@ -58,3 +62,52 @@ def test_the_ops_layer_imports_nothing_from_the_package_root() -> None:
                 assert node.module not in ("grng", "grng._C"), (path, node.lineno)
             elif isinstance(node, ast.Import):
                 assert not any(a.name in ("grng", "grng._C") for a in node.names), (path, node.lineno)
+
+
+def test_one_list_of_optimizers_and_one_of_ops() -> None:
+    """No hand-written optimizer table or op list (``python tools/tables.py`` lists them).
+
+    The optimizer configurations are ``grng.optim.cases.CASES`` and the ops the registry's
+    (``grng.ops.registry.SPECS``, implementations in ``grng.ops.dispatch``); tests, benchmarks,
+    checks and the demo select from them by name and keep their own hyperparameters. Found,
+    with ``ast``: (1) outside ``grng/optim/``, a dict, list or set literal (or a tuple a loop
+    iterates) with an entry that constructs ``KFAC``, ``RING``, ``RENG``, ``RKalman`` or
+    ``GradReg`` (a call anywhere in the entry, a ``functools.partial`` of one, or the class
+    itself); (2) in ``grng/`` outside ``grng/optim/``, ``bench/`` and ``tools/``, any call of
+    those classes (an if-chain is a table too); (3) outside ``grng/ops/`` and ``kernels/``, a
+    list, tuple or set literal naming three or more registered ops (one or two is a chosen
+    example). A test constructing the optimizer it tests, outside a table, is not matched.
+    """
+    assert tables.problems(ROOT) == []
+
+
+def test_the_table_finder_finds_tables(tmp_path: Path) -> None:
+    """Each kind of hand-written table is found; unpacking, a chosen pair of ops and per-op
+    dicts are not."""
+    files = {
+        "tests/test_a.py": (
+            "import grng\n"
+            "from grng import KFAC, GradReg\n"
+            "T = {'k': lambda m: grng.KFAC(m, lr=0.1)}\n"                 # 3: dict of lambdas
+            "L = [(lambda m: GradReg(KFAC(m), 0.1, 0.1), 'gamma')]\n"      # 4: nested, in a list
+            "C = {'k': KFAC}\n"                                            # 5: the class
+            "for make in (lambda m: KFAC(m), lambda m: KFAC(m)):\n"       # 6: iterated tuple
+            "    pass\n"
+            "a, b = KFAC(m1), KFAC(m2)\n"                                  # unpacking: no
+            "OPS = ('factor_update', 'eigh', 'kalman_update')\n"           # 9: op list
+            "PAIR = ('factor_update', 'fused_update')\n"                   # a chosen pair: no
+            "CALLS = {'eigh': 1, 'factor_update': 2, 'kalman_update': 3}\n"),  # per-op dict: no
+        "bench/b.py": ("import functools, grng\n"
+                       "def make(name, m):\n"
+                       "    if name == 'kfac':\n"
+                       "        return grng.RKalman(m)\n"                  # 4: a construction
+                       "    return functools.partial(grng.RING, lr=0.1)(m)\n"),  # 5: partial
+        "grng/optim/cases.py": "from grng import KFAC\nCASES = {'kfac': KFAC}\n",  # the home
+        "grng/ops/x.py": "OPS = ['factor_update', 'eigh', 'kalman_update']\n",     # the home
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    found = sorted(line.split(": ")[0] for line in tables.problems(tmp_path))
+    assert found == ["bench/b.py:4", "bench/b.py:5", "tests/test_a.py:3", "tests/test_a.py:4",
+                     "tests/test_a.py:5", "tests/test_a.py:6", "tests/test_a.py:9"]

@@ -9,45 +9,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grng import KFAC, RENG, RING, GradReg, RKalman
+from grng import KFAC, GradReg
 from grng import make_closure
+from grng.optim import cases
+from grng.optim.cases import make_optimizer, optimizer_factory
 from optimizer_helpers import (ALL, CURVATURE, F64, FACTORIES, _all_state_finite, _assert_unchanged, _closure, _curv, _data, _mlp, _snapshot, _train)
 
-@pytest.mark.parametrize(("make", "name"), [
-    (lambda m: KFAC(m, factor_dtype=torch.float16), "factor_dtype"),
-    (lambda m: KFAC(m, factor_dtype="bf16"), "factor_dtype"),
-    (lambda m: KFAC(m, inverse_dtype=torch.int32), "inverse_dtype"),
-    (lambda m: KFAC(m, grad_scaler=object()), "grad_scaler"),
-    (lambda m: KFAC(m, inverse_every=1.5), "inverse_every"),
-    (lambda m: KFAC(m, factor_every=True), "factor_every"),
-    (lambda m: KFAC(m, lr="0.1"), "lr"),
-    (lambda m: KFAC(m, damping=float("inf")), "damping"),
-    (lambda m: KFAC(m, momentum=float("nan")), "momentum"),
-    (lambda m: KFAC(m, backend="gpu"), "backend"),
-    (lambda m: RING(m, rho=-1.0), "rho"),
-    (lambda m: RING(m, inverse_dtype=torch.float16), "inverse_dtype"),
-    (lambda m: RENG(m, gr="x"), "gr"),
-    (lambda m: RENG(m, epsilon=0.0), "epsilon"),
-    (lambda m: RENG(m, grad_scaler=3), "grad_scaler"),
-    (lambda m: RKalman(m, seed=1.5), "seed"),
-    (lambda m: RKalman(m, kalman_rank=0), "kalman_rank"),
-    (lambda m: RKalman(m, prior_precision=0.0), "prior_precision"),
-    (lambda m: RKalman(m, process_noise=-1.0), "process_noise"),
-    (lambda m: RKalman(m, max_variance=-2.0), "max_variance"),
-    (lambda m: RKalman(m, factor_decay=0.0), "factor_decay"),
-    (lambda m: RKalman(m, rho=float("nan")), "rho"),
-    (lambda m: RKalman(m, grad_scaler="yes"), "grad_scaler"),
-    (lambda m: RKalman(m, distributed_strategy="x"), "distributed_strategy"),
-    (lambda m: GradReg(KFAC(m), gamma=-1.0, epsilon=0.1), "gamma"),
-    (lambda m: GradReg(KFAC(m), gamma="a", epsilon=0.1), "gamma"),
-    (lambda m: GradReg(KFAC(m), gamma=0.1, epsilon=0.0), "epsilon"),
-    (lambda m: GradReg(KFAC(m), gamma=0.1, epsilon=0.1, mode="central"), "mode"),
-    (lambda m: GradReg(KFAC(m), gamma=0.1, epsilon=0.1, model=3), "model"),
-    (lambda m: GradReg(KFAC(m), gamma=0.1, epsilon=0.1, grad_scaler=1), "grad_scaler"),
+
+# (case of grng.optim.cases, a bad keyword, the argument the error must name)
+@pytest.mark.parametrize(("case", "bad", "name"), [
+    ("kfac-eigen", dict(factor_dtype=torch.float16), "factor_dtype"),
+    ("kfac-eigen", dict(factor_dtype="bf16"), "factor_dtype"),
+    ("kfac-eigen", dict(inverse_dtype=torch.int32), "inverse_dtype"),
+    ("kfac-eigen", dict(grad_scaler=object()), "grad_scaler"),
+    ("kfac-eigen", dict(inverse_every=1.5), "inverse_every"),
+    ("kfac-eigen", dict(factor_every=True), "factor_every"),
+    ("kfac-eigen", dict(lr="0.1"), "lr"),
+    ("kfac-eigen", dict(damping=float("inf")), "damping"),
+    ("kfac-eigen", dict(momentum=float("nan")), "momentum"),
+    ("kfac-eigen", dict(backend="gpu"), "backend"),
+    ("ring", dict(rho=-1.0), "rho"),
+    ("ring", dict(inverse_dtype=torch.float16), "inverse_dtype"),
+    ("reng-exact", dict(gr="x"), "gr"),
+    ("reng-exact", dict(epsilon=0.0), "epsilon"),
+    ("reng-exact", dict(grad_scaler=3), "grad_scaler"),
+    ("rkalman", dict(seed=1.5), "seed"),
+    ("rkalman", dict(kalman_rank=0), "kalman_rank"),
+    ("rkalman", dict(prior_precision=0.0), "prior_precision"),
+    ("rkalman", dict(process_noise=-1.0), "process_noise"),
+    ("rkalman", dict(max_variance=-2.0), "max_variance"),
+    ("rkalman", dict(factor_decay=0.0), "factor_decay"),
+    ("rkalman", dict(rho=float("nan")), "rho"),
+    ("rkalman", dict(grad_scaler="yes"), "grad_scaler"),
+    ("rkalman", dict(distributed_strategy="x"), "distributed_strategy"),
+    ("gradreg-kfac", dict(gamma=-1.0, epsilon=0.1), "gamma"),
+    ("gradreg-kfac", dict(gamma="a", epsilon=0.1), "gamma"),
+    ("gradreg-kfac", dict(gamma=0.1, epsilon=0.0), "epsilon"),
+    ("gradreg-kfac", dict(gamma=0.1, epsilon=0.1, mode="central"), "mode"),
+    ("gradreg-kfac", dict(gamma=0.1, epsilon=0.1, grad_scaler=1), "grad_scaler"),
 ])
-def test_constructor_arguments_raise_value_error_naming_them(make, name: str) -> None:
+def test_constructor_arguments_raise_value_error_naming_them(case: str, bad: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
-        make(_mlp())
+        make_optimizer(case, _mlp(), **bad)
+
+
+def test_gradreg_model_must_be_a_module() -> None:
+    with pytest.raises(ValueError, match="model"):
+        GradReg(KFAC(_mlp()), gamma=0.1, epsilon=0.1, model=3)
 
 
 class _NoLayers(nn.Module):
@@ -144,8 +152,8 @@ def test_sparse_gradients_raise_a_clear_error() -> None:
             return self.head(F.embedding(idx, self.table, sparse=True).mean(1))
 
     model = SparseUse()
-    for make in (lambda m: KFAC(m), lambda m: RKalman(m)):
-        opt = make(model)
+    for case in ("kfac-eigen", "rkalman"):
+        opt = make_optimizer(case, model)
         idx, y = torch.randint(0, 5, (4, 2)), torch.randint(0, 2, (4,))
         with pytest.raises(ValueError, match="sparse gradients"):
             opt.step(make_closure(opt, lambda: F.cross_entropy(model(idx), y)))
@@ -178,8 +186,7 @@ def test_add_param_group_later_gets_the_diagonal_fallback(name: str) -> None:
     torch.manual_seed(6)
     model = _mlp()
     first = list(model[0].parameters()) + list(model[2].parameters())
-    make = {"kfac-eigen": KFAC, "ring": RING, "rkalman": RKalman}[name]
-    opt = make(model, lr=0.1, param_groups=[{"params": first}])
+    opt = make_optimizer(name, model, lr=0.1, param_groups=[{"params": first}])
     assert [layer.module for layer in opt.layers] == [model[0]]
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group({"params": list(model[3].parameters()), "lr": -1.0})
@@ -251,3 +258,21 @@ def test_a_whole_empty_batch_is_skipped_not_divided_by_zero() -> None:
     assert opt.skipped_steps == 1
     for k in ("A", "G"):
         assert torch.equal(opt.layer_state(opt.layers[0])[k], before[1]["state"][0][k])
+
+
+def test_an_unknown_optimizer_case_is_refused_naming_it() -> None:
+    for build in (lambda: make_optimizer("kfac", _mlp()), lambda: optimizer_factory("kfac")):
+        with pytest.raises(ValueError, match="name must be one of .*'kfac-eigen'.* got 'kfac'"):
+            build()
+
+
+def test_gradreg_cases_route_their_keywords() -> None:
+    """GradReg's keywords go to GradReg (max_grad_norm: it clips what its base steps on); an
+    explicit process_group is the group of GradReg and of the K-FAC it wraps."""
+    opt = make_optimizer("fgr-sgd", _mlp(), max_grad_norm=0.5)
+    assert opt.max_grad_norm == 0.5 and "max_grad_norm" not in opt.base_optimizer.defaults
+    sentinel = object()
+    base, gr = cases._split_gr({"lr": 0.1, "gamma": 0.1, "process_group": sentinel},
+                               cases.SHARED_KEYS)
+    assert base == {"lr": 0.1, "process_group": sentinel}
+    assert gr == {"gamma": 0.1, "process_group": sentinel}

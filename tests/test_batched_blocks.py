@@ -12,6 +12,7 @@ from torch import nn
 import grng
 from grng.curvature.inverse import EigenInverse, InverseStrategy, _TikhonovInverse
 from grng.distributed import communicator
+from grng.optim.cases import optimizer_factory
 from grng.ops import dispatch, masked
 from grng.precondition.kronecker import KroneckerPreconditioner
 from optimizer_helpers import _assert_same_blocks
@@ -51,14 +52,14 @@ def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
                                              for inv in _TIKHONOV_ON_DEVICE(self, [item])])
 
 
-MAKERS = {
-    "kfac-eigen": lambda m: grng.KFAC(m, lr=0.05, inverse_every=3, factor_every=1),
-    "kfac-newton": lambda m: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=3),
-    "ring-cholesky-momentum": lambda m: grng.RING(m, lr=0.05, inverse="cholesky", momentum=0.9,
-                                                  inverse_every=2),
-    "kfac-sync-free": lambda m: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=2,
-                                          sync_free=True),
-    "kfac-reference": lambda m: grng.KFAC(m, lr=0.05, inverse_every=3, backend="reference"),
+MAKERS = {  # cases of grng.optim.cases with this test's hyperparameters
+    "kfac-eigen": optimizer_factory("kfac-eigen", lr=0.05, inverse_every=3, factor_every=1),
+    "kfac-newton": optimizer_factory("kfac-newton", lr=0.05, inverse_every=3),
+    "ring-cholesky-momentum": optimizer_factory("ring", lr=0.05, inverse="cholesky", momentum=0.9,
+                                                inverse_every=2),
+    "kfac-sync-free": optimizer_factory("kfac-newton", lr=0.05, inverse_every=2, sync_free=True),
+    "kfac-reference": optimizer_factory("kfac-eigen", lr=0.05, inverse_every=3,
+                                        backend="reference"),
 }
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import grng
 from grng import make_closure
+from grng.optim.cases import make_optimizer, optimizer_factory
 from grng.testing import classification_batches, small_mlp
 
 F64 = torch.float64
@@ -29,9 +30,9 @@ def _torch_closure(opt, model, x, y, calls=None):
 
 
 @pytest.mark.parametrize("make", [
-    lambda m: grng.KFAC(m, lr=0.1, damping=0.05, inverse_every=1),
-    lambda m: grng.RING(m, lr=0.1, damping=0.05, rho=0.1),
-    lambda m: grng.RKalman(m, lr=0.1, rho=0.1),
+    optimizer_factory("kfac-eigen", lr=0.1, damping=0.05, inverse_every=1),
+    optimizer_factory("ring", lr=0.1, damping=0.05, rho=0.1),
+    optimizer_factory("rkalman", lr=0.1, rho=0.1),
 ])
 def test_closure_step_equals_backward_then_step(make) -> None:
     """opt.step(closure) with a torch closure is exactly zero_grad; backward; step()."""
@@ -78,10 +79,10 @@ def test_a_closure_returning_none_uses_the_gradients_present() -> None:
 
 
 @pytest.mark.parametrize("make", [
-    lambda m: grng.KFAC(m, lr=0.1),
-    lambda m: grng.RENG(m, lr=0.1, gr="forward"),
-    lambda m: grng.RENG(m, lr=0.1, gr="exact"),
-    lambda m: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1), 0.1, 0.01, model=m),
+    optimizer_factory("kfac-eigen", lr=0.1),
+    optimizer_factory("reng-forward", lr=0.1),
+    optimizer_factory("reng-exact", lr=0.1),
+    optimizer_factory("fgr-sgd", lr=0.1, momentum=0, gamma=0.1, epsilon=0.01),
 ])
 def test_a_forward_only_closure_gets_an_error_that_says_what_to_change(make) -> None:
     m = small_mlp()
@@ -137,12 +138,12 @@ def test_two_pass_methods_refuse_a_closure_that_returns_none() -> None:
 
 
 @pytest.mark.parametrize("call", [
-    lambda m: grng.KFAC(m, dampnig=0.1),
-    lambda m: grng.RING(m, damping=0.1, rh=0.2),
-    lambda m: grng.RENG(m, kalman_rank=3),
-    lambda m: grng.RKalman(m, damping=0.1),
-    lambda m: grng.KFAC(m, rho=0.1),
-    lambda m: grng.KFAC(m, stagger=True),
+    optimizer_factory("kfac-eigen", dampnig=0.1),
+    optimizer_factory("ring", damping=0.1, rh=0.2),
+    optimizer_factory("reng-exact", kalman_rank=3),
+    optimizer_factory("rkalman", damping=0.1),
+    optimizer_factory("kfac-eigen", rho=0.1),
+    optimizer_factory("kfac-eigen", stagger=True),
 ])
 def test_unknown_keywords_raise_type_error_naming_them(call) -> None:
     with pytest.raises(TypeError) as err:
@@ -164,10 +165,9 @@ def test_max_grad_norm_clips_the_gradient_the_update_uses(name: str) -> None:
     m = small_mlp()
     x, y = classification_batches(1, n=16)[0]
     lr, cap = 0.5, 1e-3
-    opt = {"kfac": lambda: grng.KFAC(m, lr=lr, max_grad_norm=cap),
-           "reng": lambda: grng.RENG(m, lr=lr, gr="forward", max_grad_norm=cap),
-           "gradreg": lambda: grng.GradReg(torch.optim.SGD(m.parameters(), lr=lr), 0.1, 0.01,
-                                           model=m, max_grad_norm=cap)}[name]()
+    case, hp = {"kfac": ("kfac-eigen", {}), "reng": ("reng-forward", {}),
+                "gradreg": ("fgr-sgd", dict(momentum=0, gamma=0.1, epsilon=0.01))}[name]
+    opt = make_optimizer(case, m, lr=lr, max_grad_norm=cap, **hp)
     before = [p.detach().clone() for p in m.parameters()]
     opt.step(make_closure(opt, lambda: 1e3 * F.cross_entropy(m(x), y)))
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in m.parameters()]))

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import grng
 from grng import make_closure
+from grng.optim.cases import optimizer_factory
 from optimizer_helpers import ALL, FACTORIES, _assert_same_blocks, _closure, _data, _mlp
 
 @pytest.mark.parametrize("name", ALL)
@@ -33,12 +33,12 @@ def test_compiled_model_trains_and_captures_the_same_factors(name: str) -> None:
                         keys=lambda key: key in ("A", "G", "PA", "PG"))
 
 
-COMPILED_STEPS = {
-    "kfac-newton-momentum": lambda m: grng.KFAC(m, lr=0.05, momentum=0.9, inverse="newton",
-                                                inverse_every=2, sync_free=True),
-    "ring-cholesky": lambda m: grng.RING(m, lr=0.05, inverse="cholesky", inverse_every=2,
-                                         sync_free=True),
-    "rkalman": lambda m: grng.RKalman(m, lr=0.05, kalman_rank=4, sync_free=True),
+COMPILED_STEPS = {  # cases of grng.optim.cases, sync-free
+    "kfac-newton-momentum": optimizer_factory("kfac-newton", lr=0.05, momentum=0.9,
+                                              inverse_every=2, sync_free=True),
+    "ring-cholesky": optimizer_factory("ring", lr=0.05, inverse="cholesky", inverse_every=2,
+                                       sync_free=True),
+    "rkalman": optimizer_factory("rkalman", lr=0.05, kalman_rank=4, sync_free=True),
 }
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from grng import KFAC, RENG, RING, RKalman
+from grng import KFAC
 from grng.curvature.coverage import DIAGONAL, FROZEN, KRONECKER
+from grng.optim.cases import CASES, make_optimizer
 
-OPTIMIZERS = {"kfac": KFAC, "ring": RING, "reng": RENG, "rkalman": RKalman}
+CURVATURE = [name for name, case in CASES.items() if case.curvature]
 
 
 class _Net(nn.Module):
@@ -29,12 +30,12 @@ class _Net(nn.Module):
         return self.norm(self.lin(x)) @ self.mix + self.shift
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", CURVATURE)
 def test_every_curvature_optimizer_reports_every_parameter(name: str) -> None:
     model = _Net()
     with pytest.warns(UserWarning):
-        opt = OPTIMIZERS[name](model)
-    cov = opt.coverage()
+        opt = make_optimizer(name, model)
+    cov = getattr(opt, "base_optimizer", opt).coverage()
     assert [e.name for e in cov] == [n for n, _ in model.named_parameters()]
     assert {e.name: e.treatment for e in cov} == {
         "lin.weight": KRONECKER, "lin.bias": KRONECKER, "norm.weight": DIAGONAL,

@@ -172,12 +172,13 @@ def test_lr_sweep_is_a_third_the_default_and_three_times_on_the_1_3_10_grid():
 
 
 def test_grng_specs_sweep_around_the_library_default_lr():
-    import grng
+    import inspect
 
-    for key, cls in (("kfac", grng.KFAC), ("ring", grng.RING), ("reng", grng.RENG),
-                     ("rkalman", grng.RKalman)):
-        import inspect
+    from grng.optim.cases import CASES
 
+    for key, case in (("kfac", "kfac-eigen"), ("ring", "ring"), ("reng", "reng-forward"),
+                      ("rkalman", "rkalman")):
+        cls = CASES[case].build  # the optimizer's class
         assert SPECS[key].lrs[1] == inspect.signature(cls.__init__).parameters["lr"].default
         assert "lr" not in SPECS[key].fixed and "damping" not in SPECS[key].fixed
 

@@ -24,6 +24,7 @@ from torch import nn
 
 import grng
 from grng import make_closure
+from grng.optim.cases import CASES, make_optimizer, optimizer_factory
 from grng.distributed import LocalCommunicator
 from grng.curvature.factors import DenseFactor, DiagonalFactor
 from grng.distributed.assignment import assign_layers, rank_loads
@@ -98,43 +99,48 @@ def _batch(kind: str, step: int):
     return x, y
 
 
-# name -> (model kind, optimizer factory(model, **dist_kwargs), uses closure)
-def _kfac(**kw):
-    kw.setdefault("inverse_every", 2)
-    return lambda m, **d: grng.KFAC(m, lr=0.1, damping=1e-2, momentum=0.5, kl_clip=1e-2, **kw, **d)
+# name -> (model kind, optimizer factory(model, **dist_kwargs), uses closure); each factory is
+# a case of grng.optim.cases with this test's hyperparameters
+_KFAC = dict(lr=0.1, damping=1e-2, momentum=0.5, kl_clip=1e-2, inverse_every=2)
+_RHO = dict(lr=0.1, damping=1e-2, rho=0.1, inverse_every=2)
+_RKALMAN = dict(lr=0.1, rho=0.1)
+_GR = dict(lr=0.1, momentum=0, gamma=0.05, epsilon=1e-2)
 
 
-CASES = {
+def _kfac(case: str = "kfac-eigen", **kw):
+    return optimizer_factory(case, **{**_KFAC, **kw})
+
+
+RUNS = {
     "kfac_eigen_comm": ("conv", _kfac(), True),
     "kfac_eigen_mem": ("conv", _kfac(distributed_strategy="mem-opt"), True),
     "kfac_eigen_nocl": ("conv", _kfac(), False),
-    "kfac_newton_comm": ("conv", _kfac(inverse="newton"), True),
-    "kfac_cholesky_mem": ("conv", _kfac(inverse="cholesky", distributed_strategy="mem-opt"), True),
+    "kfac_newton_comm": ("conv", _kfac("kfac-newton"), True),
+    "kfac_cholesky_mem": ("conv", _kfac("kfac-cholesky", distributed_strategy="mem-opt"), True),
     "kfac_embed_comm": ("embed", _kfac(), True),
     "kfac_embed_mem": ("embed", _kfac(distributed_strategy="mem-opt"), True),
     "kfac_buckets": ("conv", _kfac(), True),  # 256-byte buckets: many async all-reduces in flight
     "kfac_every": ("conv", _kfac(factor_every=2, inverse_every=3, distributed_strategy="mem-opt"), True),
-    "ring": ("conv", lambda m, **d: grng.RING(m, lr=0.1, damping=1e-2, rho=0.1, inverse_every=2, **d), True),
-    "reng_forward": ("conv", lambda m, **d: grng.RENG(m, lr=0.1, damping=1e-2, rho=0.1, gr="forward",
-                                                      epsilon=1e-2, inverse_every=2, **d), True),
-    "reng_exact": ("conv", lambda m, **d: grng.RENG(m, lr=0.1, damping=1e-2, rho=0.1, gr="exact",
-                                                    inverse_every=2, **d), True),
-    "rkalman_rows": ("conv", lambda m, **d: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=200, **d), True),
-    "rkalman_sketch": ("conv", lambda m, **d: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=8, **d), True),
-    "rkalman_mem": ("conv", lambda m, **d: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=8,
-                                                       distributed_strategy="mem-opt", **d), True),
-    "reng_exact_mem": ("conv", lambda m, **d: grng.RENG(m, lr=0.1, damping=1e-2, rho=0.1, gr="exact",
-                                                        inverse="newton", distributed_strategy="mem-opt", **d), True),
-    "rkalman_embed": ("embed", lambda m, **d: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=16, **d), True),
-    "gradreg_forward": ("conv", lambda m, **d: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5),
-                                                            gamma=0.05, epsilon=1e-2, mode="forward", model=m, **d), True),
-    "gradreg_exact": ("conv", lambda m, **d: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1),
-                                                          gamma=0.05, epsilon=1e-2, mode="exact", model=m, **d), True),
-    "gradreg_sam": ("conv", lambda m, **d: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1),
-                                                        gamma=0.05, epsilon=5e-2, mode="sam", model=m, **d), True),
-    "gradreg_kfac": ("conv", lambda m, **d: grng.GradReg(grng.KFAC(m, lr=0.1, damping=1e-2, inverse_every=2, **d),
-                                                         gamma=0.05, epsilon=1e-2, mode="backward", model=m, **d), True),
+    "ring": ("conv", optimizer_factory("ring", **_RHO), True),
+    "reng_forward": ("conv", optimizer_factory("reng-forward", **_RHO, epsilon=1e-2), True),
+    "reng_exact": ("conv", optimizer_factory("reng-exact", **_RHO), True),
+    "rkalman_rows": ("conv", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=200), True),
+    "rkalman_sketch": ("conv", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=8), True),
+    "rkalman_mem": ("conv", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=8,
+                                              distributed_strategy="mem-opt"), True),
+    "reng_exact_mem": ("conv", optimizer_factory("reng-exact", lr=0.1, damping=1e-2, rho=0.1,
+                                                 inverse="newton", distributed_strategy="mem-opt"),
+                       True),
+    "rkalman_embed": ("embed", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=16), True),
+    "gradreg_forward": ("conv", optimizer_factory("fgr-sgd", **{**_GR, "momentum": 0.5}), True),
+    "gradreg_exact": ("conv", optimizer_factory("db-sgd", **_GR), True),
+    "gradreg_sam": ("conv", optimizer_factory("sam-sgd", **{**_GR, "epsilon": 5e-2}), True),
+    # B-GR around K-FAC: the F-GR (K-FAC) case in backward mode (the group goes to both)
+    "gradreg_kfac": ("conv", optimizer_factory("gradreg-kfac", lr=0.1, damping=1e-2,
+                                               inverse_every=2, gamma=0.05, epsilon=1e-2,
+                                               mode="backward"), True),
 }
+
 
 def _scaler():
     """A GradScaler whose power-of-two scale makes scaling exact in float64."""
@@ -142,46 +148,43 @@ def _scaler():
 
 
 # lifted refusals: storage dtypes and GradScaler under a process group equal one process
-CASES.update({
+RUNS.update({
     "kfac_factor_dtype": ("conv", _kfac(factor_dtype=torch.float32), True),
     "kfac_inverse_dtype_mem": ("conv", _kfac(inverse_dtype=torch.float32,
                                              distributed_strategy="mem-opt"), True),
     "kfac_inverse_dtype_comm": ("embed", _kfac(inverse_dtype=torch.float32), True),
-    "kfac_scaler": ("conv", lambda m, **d: grng.KFAC(m, lr=0.1, damping=1e-2, inverse_every=2,
-                                                     grad_scaler=_scaler(), **d), True),
-    "reng_scaler": ("conv", lambda m, **d: grng.RENG(m, lr=0.1, damping=1e-2, rho=0.1, gr="forward",
-                                                     epsilon=1e-2, inverse_every=2,
-                                                     grad_scaler=_scaler(), **d), True),
-    "reng_exact_scaler": ("conv", lambda m, **d: grng.RENG(m, lr=0.1, damping=1e-2, rho=0.1,
-                                                           gr="exact", inverse_every=2,
-                                                           grad_scaler=_scaler(), **d), True),
-    "gradreg_scaler": ("conv", lambda m, **d: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1),
-                                                           gamma=0.05, epsilon=1e-2, mode="sam", model=m,
-                                                           grad_scaler=_scaler(), **d), True),
+    "kfac_scaler": ("conv", lambda m, **d: make_optimizer(
+        "kfac-eigen", m, lr=0.1, damping=1e-2, inverse_every=2, grad_scaler=_scaler(), **d), True),
+    "reng_scaler": ("conv", lambda m, **d: make_optimizer(
+        "reng-forward", m, **_RHO, epsilon=1e-2, grad_scaler=_scaler(), **d), True),
+    "reng_exact_scaler": ("conv", lambda m, **d: make_optimizer(
+        "reng-exact", m, **_RHO, grad_scaler=_scaler(), **d), True),
+    "gradreg_scaler": ("conv", lambda m, **d: make_optimizer(
+        "sam-sgd", m, **_GR, grad_scaler=_scaler(), **d), True),
 })
 # the sync-free step (device-side flags, an all-reduce MIN of the finite flag) under a group
-CASES.update({
-    "kfac_newton_sync_free": ("conv", _kfac(inverse="newton", sync_free=True), True),
-    "kfac_cholesky_sync_free_mem": ("conv", _kfac(inverse="cholesky", sync_free=True,
+RUNS.update({
+    "kfac_newton_sync_free": ("conv", _kfac("kfac-newton", sync_free=True), True),
+    "kfac_cholesky_sync_free_mem": ("conv", _kfac("kfac-cholesky", sync_free=True,
                                                   distributed_strategy="mem-opt"), True),
-    "rkalman_sync_free": ("conv", lambda m, **d: grng.RKalman(m, lr=0.1, rho=0.1, kalman_rank=8,
-                                                             sync_free=True, **d), True),
+    "rkalman_sync_free": ("conv", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=8,
+                                                    sync_free=True), True),
 })
 # float32 storage rounds the same float64 sums that differ in their last bits
 TOLERANCE = {"kfac_factor_dtype": 1e-5, "kfac_inverse_dtype_mem": 1e-5,
              "kfac_inverse_dtype_comm": 1e-5}
 
-UNUSED_CASES = {
-    "unused_kfac_comm": lambda m, **d: grng.KFAC(m, lr=0.1, damping=1e-2, inverse_every=2, **d),
-    "unused_kfac_mem": lambda m, **d: grng.KFAC(m, lr=0.1, damping=1e-2, inverse_every=2,
-                                                distributed_strategy="mem-opt", **d),
-    "unused_rkalman": lambda m, **d: grng.RKalman(m, lr=0.1, kalman_rank=4, **d),
-    "unused_reng": lambda m, **d: grng.RENG(m, lr=0.1, damping=1e-2, gr="forward", **d),
+_UNUSED = dict(lr=0.1, damping=1e-2, inverse_every=2)
+UNUSED_RUNS = {
+    "unused_kfac_comm": optimizer_factory("kfac-eigen", **_UNUSED),
+    "unused_kfac_mem": optimizer_factory("kfac-eigen", **_UNUSED, distributed_strategy="mem-opt"),
+    "unused_rkalman": optimizer_factory("rkalman", lr=0.1, kalman_rank=4),
+    "unused_reng": optimizer_factory("reng-forward", lr=0.1, damping=1e-2),
 }
 
 
 def _train(name: str, model: nn.Module, opt, rank: int, world: int) -> None:
-    kind, _, use_closure = CASES[name]
+    kind, _, use_closure = RUNS[name]
     local = GLOBAL_BATCH // world
     for step in range(STEPS):
         x, y = _batch(kind, step)
@@ -210,7 +213,7 @@ def _train(name: str, model: nn.Module, opt, rank: int, world: int) -> None:
 
 def _references() -> dict[str, list[torch.Tensor]]:
     refs = {}
-    for name, (kind, factory, _) in CASES.items():
+    for name, (kind, factory, _) in RUNS.items():
         model = _model(kind)
         _train(name, model, factory(model), 0, 1)
         refs[name] = [p.detach().clone() for p in model.parameters()]
@@ -235,10 +238,10 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
 
 
 def _run_cases(rank: int, world: int, refs: dict, report: dict) -> None:
-    """Every CASES and UNUSED_CASES run on this rank; results go into ``report``."""
+    """Every RUNS and UNUSED_RUNS run on this rank; results go into ``report``."""
     # world size 1: pass the group explicitly, which exercises the distributed code path
     dkw = {"process_group": dist.group.WORLD} if world == 1 else {}
-    for name, (kind, factory, _) in CASES.items():
+    for name, (kind, factory, _) in RUNS.items():
         try:
             t0 = time.perf_counter()
             model = _model(kind)
@@ -255,7 +258,7 @@ def _run_cases(rank: int, world: int, refs: dict, report: dict) -> None:
         except Exception:  # noqa: BLE001 - reported per case
             report[name] = {"error": traceback.format_exc()}
             raise
-    for name, factory in UNUSED_CASES.items():
+    for name, factory in UNUSED_RUNS.items():
         model = _model("branchy")
         model.skip = world > 1 and rank == world - 1
         ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -281,11 +284,11 @@ def _fsdp_refusals() -> dict[str, str]:
 
     model = fully_shard(_model("branchy"), mesh=init_device_mesh("cpu", (1,)))
     out = {}
-    factories = {"KFAC": grng.KFAC, "RING": grng.RING, "RENG": grng.RENG, "RKalman": grng.RKalman,
-                 "GradReg": lambda m: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1), 0.1, 0.1, model=m)}
-    for name, factory in factories.items():
+    for name, case in CASES.items():  # every grng optimizer (and GradReg around SGD)
+        if not (case.curvature or case.two_pass):
+            continue
         try:
-            factory(model)
+            case.make(model)
             out[name] = "accepted"
         except NotImplementedError as err:
             out[name] = str(err)
@@ -341,7 +344,7 @@ def test_matches_single_process(world, references):
     results = _results(world, references)
     bad = []
     for rank, report in enumerate(results):
-        for name in CASES:
+        for name in RUNS:
             entry = report.get(name, {"error": "missing"})
             if "error" in entry:
                 bad.append(f"rank {rank} {name}: {entry['error']}")
@@ -355,7 +358,7 @@ def test_unused_layer_does_not_hang(world, references):
     """One rank's forward skips a layer: every optimizer completes and the ranks agree."""
     results = _results(world, references)
     for rank, report in enumerate(results):
-        for name in UNUSED_CASES:
+        for name in UNUSED_RUNS:
             entry = report.get(name)
             assert entry is not None, f"rank {rank} {name} did not finish"
             assert entry["same_on_ranks"] and entry["finite"], (rank, name, entry)

@@ -5,30 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-import grng
+from grng.optim.cases import optimizer_factory
 from grng.testing import classification_batches, compare_optimizers, small_mlp
 
 KFAC_HP = dict(lr=0.1, damping=0.05, momentum=0.9, inverse_every=2)
 
-PAIRS = {
+PAIRS = {  # cases of grng.optim.cases
     # RING's direction P(g) + rho g is K-FAC's at rho = 0
-    "ring(rho=0) = kfac": (lambda m: grng.RING(m, rho=0.0, **KFAC_HP),
-                           lambda m: grng.KFAC(m, **KFAC_HP)),
+    "ring(rho=0) = kfac": (optimizer_factory("ring", rho=0.0, **KFAC_HP),
+                           optimizer_factory("kfac-eigen", **KFAC_HP)),
     # RENG's regularized gradient g + rho H g is g at rho = 0 (one pass, no probe)
-    "reng(rho=0) = kfac": (lambda m: grng.RENG(m, rho=0.0, gr="forward", **KFAC_HP),
-                           lambda m: grng.KFAC(m, **KFAC_HP)),
+    "reng(rho=0) = kfac": (optimizer_factory("reng-forward", rho=0.0, **KFAC_HP),
+                           optimizer_factory("kfac-eigen", **KFAC_HP)),
     # GradReg with gamma = 0 is its base optimizer
     "gradreg(gamma=0, sgd) = sgd": (
-        lambda m: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), 0.0, 0.01,
-                               model=m),
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)),
+        optimizer_factory("fgr-sgd", lr=0.1, momentum=0.9, gamma=0.0, epsilon=0.01),
+        optimizer_factory("sgd", lr=0.1, momentum=0.9)),
     "gradreg(gamma=0, kfac) = kfac": (
-        lambda m: grng.GradReg(grng.KFAC(m, **KFAC_HP), 0.0, 0.01, model=m),
-        lambda m: grng.KFAC(m, **KFAC_HP)),
+        optimizer_factory("gradreg-kfac", gamma=0.0, epsilon=0.01, **KFAC_HP),
+        optimizer_factory("kfac-eigen", **KFAC_HP)),
     # RENG = GradReg around K-FAC with the same gamma (rho) and finite difference
     "reng = gradreg(kfac)": (
-        lambda m: grng.RENG(m, rho=0.1, gr="forward", epsilon=0.01, **KFAC_HP),
-        lambda m: grng.GradReg(grng.KFAC(m, **KFAC_HP), 0.1, 0.01, mode="forward", model=m)),
+        optimizer_factory("reng-forward", rho=0.1, epsilon=0.01, **KFAC_HP),
+        optimizer_factory("gradreg-kfac", gamma=0.1, epsilon=0.01, mode="forward", **KFAC_HP)),
 }
 
 
@@ -44,7 +43,7 @@ def test_setting_reduces_to_the_other_optimizer(name: str) -> None:
 def test_compare_optimizers_sees_a_difference() -> None:
     """The helper is not blind: K-FAC and RING with rho > 0 differ from the first step on."""
     torch.manual_seed(0)
-    cmp = compare_optimizers(lambda m: grng.RING(m, rho=0.5, **KFAC_HP),
-                             lambda m: grng.KFAC(m, **KFAC_HP), small_mlp(),
+    cmp = compare_optimizers(optimizer_factory("ring", rho=0.5, **KFAC_HP),
+                             optimizer_factory("kfac-eigen", **KFAC_HP), small_mlp(),
                              classification_batches(3))
     assert cmp.param_diff[0] > 0 and cmp.loss_a[0] == cmp.loss_b[0]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import grng
+from grng.optim.cases import optimizer_factory
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -60,9 +61,10 @@ def _dataset(rows: int, seed: int = 3) -> TensorDataset:
 
 
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "kfac": lambda m: grng.KFAC(m, lr=0.2, damping=0.05, momentum=0.5, inverse_every=1),
-    "ring": lambda m: grng.RING(m, lr=0.2, damping=0.05, rho=0.1, momentum=0.5, inverse_every=1),
-    "rkalman": lambda m: grng.RKalman(m, lr=0.2, rho=0.1, momentum=0.5, kalman_rank=4),
+    "kfac": optimizer_factory("kfac-eigen", lr=0.2, damping=0.05, momentum=0.5, inverse_every=1),
+    "ring": optimizer_factory("ring", lr=0.2, damping=0.05, rho=0.1, momentum=0.5,
+                              inverse_every=1),
+    "rkalman": optimizer_factory("rkalman", lr=0.2, rho=0.1, momentum=0.5, kalman_rank=4),
 }
 FACTOR_KEYS = {"kfac": ("A", "G"), "ring": ("A", "G"), "rkalman": ("PA", "PG")}
 
@@ -146,10 +148,9 @@ def _window_closure(accelerator: accelerate.Accelerator, model: nn.Module,
 
 
 TWO_PASS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "reng-forward": lambda m: grng.RENG(m, lr=0.2, damping=0.05, rho=0.05, gr="forward",
-                                        epsilon=0.01, momentum=0.5, inverse_every=1),
-    "gradreg-sgd": lambda m: grng.GradReg(torch.optim.SGD(m.parameters(), lr=0.5, momentum=0.5),
-                                          gamma=0.05, epsilon=0.01, mode="forward", model=m),
+    "reng-forward": optimizer_factory("reng-forward", lr=0.2, damping=0.05, rho=0.05,
+                                      epsilon=0.01, momentum=0.5, inverse_every=1),
+    "gradreg-sgd": optimizer_factory("fgr-sgd", lr=0.5, momentum=0.5, gamma=0.05, epsilon=0.01),
 }
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import grng
+from grng.optim.cases import optimizer_factory
 
 L = pytest.importorskip("lightning")
 
@@ -42,15 +43,14 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
-OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "kfac": lambda m: grng.KFAC(m, lr=0.1, damping=0.05, momentum=0.5, inverse_every=2),
-    "ring": lambda m: grng.RING(m, lr=0.1, damping=0.05, rho=0.1, momentum=0.5, inverse_every=2),
-    "rkalman": lambda m: grng.RKalman(m, lr=0.2, rho=0.1, momentum=0.5, kalman_rank=4),
-    "reng": lambda m: grng.RENG(m, lr=0.1, damping=0.05, rho=0.05, gr="forward", epsilon=0.01,
-                                momentum=0.5, inverse_every=2),
-    "gradreg": lambda m: grng.GradReg(
-        grng.KFAC(m, lr=0.1, damping=0.05, momentum=0.5, inverse_every=2),
-        gamma=0.05, epsilon=0.01, mode="forward", model=m),
+_KFAC = dict(lr=0.1, damping=0.05, momentum=0.5, inverse_every=2)
+OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {  # grng.optim.cases
+    "kfac": optimizer_factory("kfac-eigen", **_KFAC),
+    "ring": optimizer_factory("ring", **_KFAC, rho=0.1),
+    "rkalman": optimizer_factory("rkalman", lr=0.2, rho=0.1, momentum=0.5, kalman_rank=4),
+    "reng": optimizer_factory("reng-forward", **_KFAC, rho=0.05, epsilon=0.01),
+    "gradreg": optimizer_factory("gradreg-kfac", **_KFAC, gamma=0.05, epsilon=0.01,
+                                 mode="forward"),
 }
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import grng
+from grng.optim.cases import optimizer_factory
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,9 +92,9 @@ def _finite(model: nn.Module) -> bool:
 
 
 ONE_PASS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "kfac": lambda m: grng.KFAC(m, lr=0.05, damping=0.05, inverse_every=5),
-    "ring": lambda m: grng.RING(m, lr=0.05, damping=0.05, rho=0.05, inverse_every=5),
-    "rkalman": lambda m: grng.RKalman(m, lr=0.2, rho=0.05, kalman_rank=4),
+    "kfac": optimizer_factory("kfac-eigen", lr=0.05, damping=0.05, inverse_every=5),
+    "ring": optimizer_factory("ring", lr=0.05, damping=0.05, rho=0.05, inverse_every=5),
+    "rkalman": optimizer_factory("rkalman", lr=0.2, rho=0.05, kalman_rank=4),
 }
 
 
@@ -130,14 +131,13 @@ class _Recording(GRNGTrainer):
 
 
 TWO_PASS: dict[str, tuple[str, Callable[[nn.Module], torch.optim.Optimizer]]] = {
-    "reng-forward": ("sdpa", lambda m: grng.RENG(m, lr=0.05, damping=0.05, rho=0.05,
-                                                 gr="forward", epsilon=0.01, inverse_every=5)),
+    "reng-forward": ("sdpa", optimizer_factory("reng-forward", lr=0.05, damping=0.05, rho=0.05,
+                                               epsilon=0.01, inverse_every=5)),
     # double backprop needs a double backward: CPU flash attention (sdpa) has none
-    "reng-exact": ("eager", lambda m: grng.RENG(m, lr=0.05, damping=0.05, rho=0.05, gr="exact",
-                                                inverse_every=5)),
-    "gradreg-sam-adamw": ("sdpa", lambda m: grng.GradReg(
-        torch.optim.AdamW(m.parameters(), lr=1e-2), gamma=0.0, epsilon=0.05, mode="sam",
-        model=m)),
+    "reng-exact": ("eager", optimizer_factory("reng-exact", lr=0.05, damping=0.05, rho=0.05,
+                                              inverse_every=5)),
+    "gradreg-sam-adamw": ("sdpa", optimizer_factory("sam-adamw", lr=1e-2, gamma=0.0,
+                                                    epsilon=0.05)),
 }
 
 

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrizations
 
 from grng import KFAC, RKalman, register_layer
 from grng.curvature.attention import attention_forward
+from grng.optim.cases import make_optimizer, optimizer_factory
 from grng.curvature.layers import (Conv1dLayer, LinearLayer, TransposedLinearLayer,
                                    WeightNormLayer, helper_for, registered_layers)
 
@@ -570,7 +571,7 @@ def test_weight_norm_block_is_the_effective_weights_block(case: str) -> None:
     plain = make().double()
     wn = parametrizations.weight_norm(copy.deepcopy(plain), dim=dim)
     x = torch.randn(*xshape, dtype=DT)
-    opts = [KFAC(plain, lr=0.0), KFAC(wn, lr=0.0)]
+    opts = [make_optimizer("kfac-eigen", module, lr=0.0) for module in (plain, wn)]
     block = opts[1].layers[0]
     assert isinstance(block, WeightNormLayer)
     po = wn.parametrizations.weight
@@ -725,8 +726,8 @@ def test_max_factor_dim_is_validated(bad) -> None:
         KFAC(nn.Linear(2, 2), max_factor_dim=bad)
 
 
-@pytest.mark.parametrize("make", [lambda m, **kw: KFAC(m, lr=0.1, max_factor_dim=6, **kw),
-                                  lambda m, **kw: RKalman(m, lr=0.1, max_factor_dim=6, **kw)],
+@pytest.mark.parametrize("make", [optimizer_factory("kfac-eigen", lr=0.1, max_factor_dim=6),
+                                  optimizer_factory("rkalman", lr=0.1, max_factor_dim=6)],
                          ids=["kfac", "rkalman"])
 def test_diagonal_sides_through_a_process_group(make, tmp_path) -> None:
     """World size 1 over gloo: the process-group communicator packs, reduces and unpacks the

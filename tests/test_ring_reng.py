@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from grng import KFAC, RENG, RING, make_closure
-from grng.optim.cases import CASES
+from grng.optim.cases import make_optimizer, optimizer_factory
 
 F64 = torch.float64
 
@@ -358,8 +358,7 @@ _DIGITS_CASES = {"kfac": ("kfac-eigen", dict(lr=0.1, damping=0.1)),
                  "reng_forward": ("reng-forward", dict(lr=0.1, damping=0.1, rho=0.1, epsilon=0.01)),
                  "rkalman": ("rkalman", dict(lr=0.3))}
 OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    name: (lambda m, c=case, hp=hp: CASES[c].make(m, **hp))
-    for name, (case, hp) in _DIGITS_CASES.items()}
+    name: optimizer_factory(case, **hp) for name, (case, hp) in _DIGITS_CASES.items()}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -414,17 +413,15 @@ def _roundtrip_case(make: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
     assert opt2.steps == opt.steps == 11
 
 
-ROUNDTRIP = {
-    "ring": lambda m: CASES["ring"].make(m, lr=0.1, damping=0.05, rho=0.3, momentum=0.9,
-                                         weight_decay=1e-3, factor_every=2, inverse_every=3,
-                                         kl_clip=1e-2),
-    "ring_newton": lambda m: RING(m, lr=0.1, damping=0.05, rho=0.3, momentum=0.5,
-                                  inverse="newton", inverse_every=4),
-    "reng_forward": lambda m: CASES["reng-forward"].make(m, lr=0.1, damping=0.05, rho=0.3,
-                                                         epsilon=0.01, momentum=0.9,
-                                                         inverse_every=3),
-    "reng_exact": lambda m: CASES["reng-exact"].make(m, lr=0.1, damping=0.05, rho=0.3,
-                                                     factor_every=2, inverse_every=3),
+ROUNDTRIP = {  # cases of grng.optim.cases
+    "ring": optimizer_factory("ring", lr=0.1, damping=0.05, rho=0.3, momentum=0.9,
+                              weight_decay=1e-3, factor_every=2, inverse_every=3, kl_clip=1e-2),
+    "ring_newton": optimizer_factory("ring", lr=0.1, damping=0.05, rho=0.3, momentum=0.5,
+                                     inverse="newton", inverse_every=4),
+    "reng_forward": optimizer_factory("reng-forward", lr=0.1, damping=0.05, rho=0.3,
+                                      epsilon=0.01, momentum=0.9, inverse_every=3),
+    "reng_exact": optimizer_factory("reng-exact", lr=0.1, damping=0.05, rho=0.3,
+                                    factor_every=2, inverse_every=3),
 }
 
 
@@ -439,19 +436,20 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name: str) -> None:
 @pytest.mark.parametrize(
     ("make", "name"),
     [
-        (lambda m: RING(m, rho=-0.1), "rho"),
-        (lambda m: RING(m, rho=float("nan")), "rho"),
-        (lambda m: RING(m, param_groups=[{"params": list(m.parameters()), "rho": -1.0}]), "rho"),
-        (lambda m: RING(m, damping=0.0), "damping"),
-        (lambda m: RING(m, lr=-1.0), "lr"),
-        (lambda m: RENG(m, rho=-0.1), "rho"),
-        (lambda m: RENG(m, epsilon=0.0), "epsilon"),
-        (lambda m: RENG(m, epsilon=float("inf")), "epsilon"),
-        (lambda m: RENG(m, gr="central"), "gr"),
-        (lambda m: RENG(m, gr="sam"), "gr"),
-        (lambda m: RENG(m, damping=-1.0), "damping"),
-        (lambda m: RENG(m, factor_decay=1.0), "factor_decay"),
-        (lambda m: RENG(m, inverse="svd"), "inverse"),
+        (lambda m: make_optimizer("ring", m, rho=-0.1), "rho"),
+        (lambda m: make_optimizer("ring", m, rho=float("nan")), "rho"),
+        (lambda m: make_optimizer("ring", m, param_groups=[{"params": list(m.parameters()),
+                                                            "rho": -1.0}]), "rho"),
+        (lambda m: make_optimizer("ring", m, damping=0.0), "damping"),
+        (lambda m: make_optimizer("ring", m, lr=-1.0), "lr"),
+        (lambda m: make_optimizer("reng-exact", m, rho=-0.1), "rho"),
+        (lambda m: make_optimizer("reng-exact", m, epsilon=0.0), "epsilon"),
+        (lambda m: make_optimizer("reng-exact", m, epsilon=float("inf")), "epsilon"),
+        (lambda m: make_optimizer("reng-exact", m, gr="central"), "gr"),
+        (lambda m: make_optimizer("reng-exact", m, gr="sam"), "gr"),
+        (lambda m: make_optimizer("reng-exact", m, damping=-1.0), "damping"),
+        (lambda m: make_optimizer("reng-exact", m, factor_decay=1.0), "factor_decay"),
+        (lambda m: make_optimizer("reng-exact", m, inverse="svd"), "inverse"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(make, name: str) -> None:
@@ -484,7 +482,8 @@ def test_no_warnings_in_a_plain_ring_reng_run() -> None:
     model = _mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for opt in (RING(model, lr=0.1, damping=0.1), RENG(model, lr=0.1, damping=0.1)):
+        opts = [make_optimizer(case, model, lr=0.1, damping=0.1) for case in ("ring", "reng-exact")]
+        for opt in opts:
             for x, y in _batches(3):
                 opt.step(make_closure(opt, lambda: nn.functional.cross_entropy(model(x), y)))
             opt.capture.remove()

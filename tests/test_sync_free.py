@@ -19,29 +19,27 @@ from torch import nn
 
 import grng
 from grng.curvature.inverse import NewtonInverse
+from grng.optim.cases import optimizer_factory
 
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist")
 
-# (name, optimizer factory) -- every member of the family with the options that change the path
+# name -> optimizer factory (a case of grng.optim.cases) -- every member of the family with the
+# options that change the path
 CONFIGS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "kfac-newton": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=2, **kw),
-    "kfac-cholesky": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse="cholesky", inverse_every=2,
-                                               **kw),
-    "kfac-eigen": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse_every=1000, **kw),
-    "ring-momentum-wd": lambda m, **kw: grng.RING(m, lr=0.05, momentum=0.9, weight_decay=1e-2,
-                                                  inverse="newton", inverse_every=3, **kw),
-    "kfac-no-clip-factor-every": lambda m, **kw: grng.KFAC(m, lr=0.05, kl_clip=None,
-                                                           factor_every=2, inverse="cholesky",
-                                                           inverse_every=2, **kw),
-    "kfac-max-grad-norm": lambda m, **kw: grng.KFAC(m, lr=0.05, max_grad_norm=0.5,
-                                                    inverse="newton", inverse_every=2, **kw),
-    "reng-forward": lambda m, **kw: grng.RENG(m, lr=0.05, gr="forward", inverse="newton",
-                                              inverse_every=2, **kw),
-    "reng-exact": lambda m, **kw: grng.RENG(m, lr=0.05, gr="exact", inverse="newton",
-                                            inverse_every=2, **kw),
-    "kfac-bf16-stagger": lambda m, **kw: grng.KFAC(m, lr=0.05, inverse="newton", inverse_every=3,
-                                                   stagger_refresh=True, precision="bf16", **kw),
-    "rkalman": lambda m, **kw: grng.RKalman(m, lr=0.05, kalman_rank=4, **kw),
+    "kfac-newton": optimizer_factory("kfac-newton", lr=0.05, inverse_every=2),
+    "kfac-cholesky": optimizer_factory("kfac-cholesky", lr=0.05, inverse_every=2),
+    "kfac-eigen": optimizer_factory("kfac-eigen", lr=0.05, inverse_every=1000),
+    "ring-momentum-wd": optimizer_factory("ring", lr=0.05, momentum=0.9, weight_decay=1e-2,
+                                          inverse="newton", inverse_every=3),
+    "kfac-no-clip-factor-every": optimizer_factory("kfac-cholesky", lr=0.05, kl_clip=None,
+                                                   factor_every=2, inverse_every=2),
+    "kfac-max-grad-norm": optimizer_factory("kfac-newton", lr=0.05, max_grad_norm=0.5,
+                                            inverse_every=2),
+    "reng-forward": optimizer_factory("reng-forward", lr=0.05, inverse="newton", inverse_every=2),
+    "reng-exact": optimizer_factory("reng-exact", lr=0.05, inverse="newton", inverse_every=2),
+    "kfac-bf16-stagger": optimizer_factory("kfac-newton", lr=0.05, inverse_every=3,
+                                           stagger_refresh=True, precision="bf16"),
+    "rkalman": optimizer_factory("rkalman", lr=0.05, kalman_rank=4),
 }
 
 

@@ -31,7 +31,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import grng.ops as ops  # noqa: E402
-from grng.ops import dispatch, reference  # noqa: E402
+from grng.ops import dispatch, reference, registry  # noqa: E402
 from grng.ops.errors import BackendUnavailable, FactorizationError  # noqa: E402
 
 if not (torch.cuda.is_available() or dispatch.interpreter_enabled()):
@@ -278,7 +278,8 @@ def test_kalman_update_rejects_indefinite_innovation() -> None:
 
 # ------------------------------------------------------- precision, odd sizes, autotune keys
 
-OPS = ["factor_update", "eigen_apply", "newton_schulz_step", "kalman_update"]
+# every op the Triton backend implements (the registry's list; small_call must know each)
+OPS = [op for op in registry.SPECS if dispatch.implementation(op, "triton") is not None]
 KERNELS = {"sym_update": factor_update._sym_update_kernel,
            "gemm_damped": eigen_apply._gemm_damped_kernel,
            "ns_residual": newton_schulz._residual_kernel,
@@ -349,8 +350,10 @@ def small_call(op: str, n: int, dtype: torch.dtype) -> Callable[[], object]:
     if op == "newton_schulz_step":
         return lambda: newton_schulz.newton_schulz_step(spd.to(dtype),
                                                         torch.linalg.inv(spd).to(dtype))
-    return lambda: kalman_update.kalman_update(torch.linalg.inv(spd), x[:2].to(dtype),
-                                               1.0, 0.9, 1e-3)
+    if op == "kalman_update":
+        return lambda: kalman_update.kalman_update(torch.linalg.inv(spd), x[:2].to(dtype),
+                                                   1.0, 0.9, 1e-3)
+    pytest.fail(f"small_call has no call of the Triton op {op!r}: add one")
 
 
 def test_tf32_allowed_reads_torch_flags(monkeypatch: pytest.MonkeyPatch) -> None:

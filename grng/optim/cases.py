@@ -3,7 +3,7 @@
 A case names an optimizer configuration and says how to build it: ``make_optimizer("ring",
 model, lr=0.1)`` builds grng.RING with the case's hyperparameters, overridden by the keywords.
 Torch's SGD and AdamW are here too (the usual baselines), and the gradient-regularization
-wrappers (F-GR / SAM around SGD, F-GR around K-FAC).
+wrappers (F-GR / B-GR / DB / SAM around SGD, SAM around AdamW, F-GR around K-FAC).
 """
 from __future__ import annotations
 
@@ -21,14 +21,17 @@ from grng.optim.reng import RENG
 from grng.optim.ring import RING
 from grng.optim.rkalman import RKalman
 
-__all__ = ["CASES", "OptimizerCase", "make_optimizer"]
+__all__ = ["CASES", "OptimizerCase", "make_optimizer", "optimizer_factory"]
 
-GR_KEYS = ("gamma", "epsilon", "mode", "grad_scaler", "process_group")
+# GradReg's own keywords (GradReg clips the gradient it hands its base optimizer)
+GR_KEYS = ("gamma", "epsilon", "mode", "grad_scaler", "process_group", "max_grad_norm")
+# keywords that both GradReg and the curvature optimizer it wraps take
+SHARED_KEYS = ("process_group",)
 
 
-def _split_gr(hp: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(base optimizer's keywords, GradReg's keywords)."""
-    return ({k: v for k, v in hp.items() if k not in GR_KEYS},
+def _split_gr(hp: dict[str, Any], shared: tuple[str, ...] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(base optimizer's keywords, GradReg's keywords); the ``shared`` keys go to both."""
+    return ({k: v for k, v in hp.items() if k not in GR_KEYS or k in shared},
             {k: v for k, v in hp.items() if k in GR_KEYS})
 
 
@@ -37,8 +40,14 @@ def _gradreg_sgd(model: nn.Module, **hp: Any) -> GradReg:
     return GradReg(torch.optim.SGD(model.parameters(), **base), model=model, **gr)
 
 
-def _gradreg_kfac(model: nn.Module, **hp: Any) -> GradReg:
+def _gradreg_adamw(model: nn.Module, **hp: Any) -> GradReg:
     base, gr = _split_gr(hp)
+    return GradReg(torch.optim.AdamW(model.parameters(), **base), model=model, **gr)
+
+
+def _gradreg_kfac(model: nn.Module, **hp: Any) -> GradReg:
+    """GradReg around K-FAC; an explicit ``process_group`` is the group of both."""
+    base, gr = _split_gr(hp, SHARED_KEYS)
     return GradReg(KFAC(model, **base), model=model, **gr)
 
 
@@ -88,6 +97,8 @@ CASES: Mapping[str, OptimizerCase] = MappingProxyType({c.name: c for c in (
           gamma=0.05, epsilon=0.01, mode="exact"),
     _case("sam-sgd", "SAM (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,
           gamma=0.0, epsilon=0.05, mode="sam"),
+    _case("sam-adamw", "SAM (AdamW)", _gradreg_adamw, two_pass=True, lr=1e-3,
+          gamma=0.0, epsilon=0.05, mode="sam"),
 )})
 """Each case's ``defaults`` say what makes it that case (the inverse, the GR mode); the
 library's own defaults fill in the rest, and every consumer passes its hyperparameters."""
@@ -98,3 +109,15 @@ def make_optimizer(name: str, model: nn.Module, **overrides: Any) -> torch.optim
     if name not in CASES:
         raise ValueError(f"name must be one of {tuple(CASES)}, got {name!r}")
     return CASES[name].make(model, **overrides)
+
+
+def optimizer_factory(name: str, **hyperparameters: Any) -> Callable[..., torch.optim.Optimizer]:
+    """``factory(model, **more)`` = ``make_optimizer(name, model, **hyperparameters, **more)``
+    (``more`` wins): a consumer's configuration of a case, built later for each model."""
+    if name not in CASES:
+        raise ValueError(f"name must be one of {tuple(CASES)}, got {name!r}")
+    case = CASES[name]
+
+    def factory(model: nn.Module, **more: Any) -> torch.optim.Optimizer:
+        return case.make(model, **{**hyperparameters, **more})
+    return factory

@@ -15,21 +15,24 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-import grng
+from grng.optim.cases import make_optimizer
 from grng.verify.checks import Check, case_seed, compare, live_backends
 
-STEP_CHECKS: tuple[str, ...] = ("kfac_step", "ring_step", "rkalman_step")
+# step check -> (its case of grng.optim.cases, the check's hyperparameters)
+_STEP_CASES: dict[str, tuple[str, dict[str, float]]] = {
+    "kfac_step": ("kfac-eigen", dict(lr=0.05, damping=1e-2)),
+    "ring_step": ("ring", dict(lr=0.05, damping=1e-2, rho=0.1)),
+    "rkalman_step": ("rkalman", dict(lr=0.05)),
+}
+STEP_CHECKS: tuple[str, ...] = tuple(_STEP_CASES)
 _IN, _HIDDEN, _OUT, _BATCH = 7, 13, 5, 19
 
 
 def _optimizer(name: str, model: nn.Module, backend: str) -> torch.optim.Optimizer:
-    if name == "kfac_step":
-        return grng.KFAC(model, lr=0.05, damping=1e-2, backend=backend)
-    if name == "ring_step":
-        return grng.RING(model, lr=0.05, damping=1e-2, rho=0.1, backend=backend)
-    if name == "rkalman_step":
-        return grng.RKalman(model, lr=0.05, backend=backend)
-    raise ValueError(f"step check must be one of {STEP_CHECKS}, got {name!r}")
+    if name not in _STEP_CASES:
+        raise ValueError(f"step check must be one of {STEP_CHECKS}, got {name!r}")
+    case, hp = _STEP_CASES[name]
+    return make_optimizer(case, model, backend=backend, **hp)
 
 
 def _update(name: str, model: nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
