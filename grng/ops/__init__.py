@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from grng.ops import masked
 from grng.ops import specs  # noqa: F401 - defines every op (and registers the reference backend)
 from grng.ops.batched import batched_spd_inverse
 from grng.ops.dispatch import accepts, backends, call, validate_backend
@@ -24,9 +25,9 @@ from grng.ops.reference import default_newton_tol
 __all__ = [
     "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
     "batched_spd_inverse",
-    "cholesky_inverse", "default_newton_tol", "eigen_apply", "eigh", "factor_update",
-    "fused_update", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
-    "validate_backend",
+    "cholesky_inverse", "cholesky_inverse_masked", "default_newton_tol", "eigen_apply", "eigh",
+    "factor_update", "fused_update", "kalman_update", "kalman_update_masked",
+    "newton_schulz_inverse", "newton_schulz_masked", "newton_schulz_step", "validate_backend",
 ]
 
 
@@ -71,6 +72,23 @@ def fused_update(params: Sequence[Tensor], grads: Sequence[Tensor], directions: 
                 None if momentum_buffers is None else list(momentum_buffers),
                 float(lr), float(momentum), float(weight_decay), float(rho),
                 None if kl_clip is None else float(kl_clip))
+
+
+def newton_schulz_masked(M: Tensor, X0: Tensor, iterations: int, tol: float, *,
+                         backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(X, ok): ``iterations`` steps X <- X (2I - M X) from X0, ok = converged (no host read)."""
+    return masked.newton_schulz_fixed(M, X0, iterations, tol)
+
+
+def cholesky_inverse_masked(M: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(M^-1, ok) through M = L L^T, ok False on a non-positive pivot (no host read)."""
+    return masked.cholesky_inverse_masked(M)
+
+
+def kalman_update_masked(P: Tensor, H: Tensor, r: float, beta: float, q: float, *,
+                         backend: str = "auto") -> Tensor:
+    """:func:`kalman_update` in place where its innovation Cholesky succeeds; returns ok."""
+    return masked.kalman_update_masked(P, H, r, beta, q)
 
 
 class NewtonResult(NamedTuple):
