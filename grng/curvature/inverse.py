@@ -83,7 +83,7 @@ class TikhonovInverses(InverseState):
 
 
 @dataclass
-class Item:
+class RefreshItem:
     """One block to refresh: the running factors A and G (in the compute dtype) with their
     structures, the damping and the previous inverse (None: none yet)."""
 
@@ -115,11 +115,11 @@ class InverseStrategy:
     def __init__(self) -> None:
         self._kept_on_device: Tensor | None = None
 
-    def refresh(self, item: Item, backend: str) -> InverseState:
+    def refresh(self, item: RefreshItem, backend: str) -> InverseState:
         """The block's inverse representation from its factors."""
         raise NotImplementedError
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """:meth:`refresh` for several blocks at once. ``on_device`` asks for no host read
         where a strategy can (newton, cholesky: a failed factor keeps its previous inverse,
@@ -161,30 +161,30 @@ class EigenInverse(InverseStrategy):
         lA, QA = self._eig(item.a_factor, item.A, item.previous, "A", backend)
         return EigenBasis(QG=QG, lG=lG, QA=QA, lA=lA)
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """Dense factors of equal size (over blocks and sides) in one batched eigh; when it
         fails, each factor alone (float64 retry, keep previous)."""
         out: list[dict[str, Tensor | None]] = [{} for _ in items]
-        batches: dict[tuple, list[tuple[int, str, Tensor]]] = {}
+        batches: dict[tuple, list[tuple[int, str, FactorStructure, Tensor]]] = {}
         for i, item in enumerate(items):
             for side, structure, M in (("G", item.g_factor, item.G), ("A", item.a_factor, item.A)):
                 if structure.diagonal:  # its own eigenbasis: nothing to batch
                     out[i]["l" + side], out[i]["Q" + side] = structure.eig(M, backend)
                 else:
-                    batches.setdefault((M.shape[0], M.dtype, M.device), []).append((i, side, M))
+                    batches.setdefault((M.shape[0], M.dtype, M.device), []).append(
+                        (i, side, structure, M))
         for entries in batches.values():
             if len(entries) > 1:
                 try:
-                    ls, Qs = ops.eigh(torch.stack([M for _, _, M in entries]), backend=backend)
+                    ls, Qs = ops.eigh(torch.stack([M for *_, M in entries]), backend=backend)
                 except ops.FactorizationError:
                     pass
                 else:
-                    for (i, side, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
+                    for (i, side, _, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
                         out[i]["l" + side], out[i]["Q" + side] = l, Q
                     continue
-            for i, side, M in entries:
-                structure = items[i].g_factor if side == "G" else items[i].a_factor
+            for i, side, structure, M in entries:
                 out[i]["l" + side], out[i]["Q" + side] = self._eig(
                     structure, M, items[i].previous, side, backend)
         return [EigenBasis(**o) for o in out]  # type: ignore[arg-type]
@@ -233,7 +233,7 @@ class _TikhonovInverse(InverseStrategy):
         return TikhonovInverses(**out)
 
     @staticmethod
-    def _damped(item: Item, out: dict[str, Tensor]) -> list[tuple[str, Tensor, float]]:
+    def _damped(item: RefreshItem, out: dict[str, Tensor]) -> list[tuple[str, Tensor, float]]:
         """(side, M + damping_part I, damping_part) for each factor to factorize (dense); a
         factor whose structure inverts it elementwise (diagonal) goes into ``out`` on the spot."""
         da, dg = item.split()
@@ -262,7 +262,7 @@ class _TikhonovInverse(InverseStrategy):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         raise NotImplementedError
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """As the base class; with ``on_device`` the blocks that have a previous inverse are
         refreshed together: dense factors of one size in one batched inversion."""
@@ -277,7 +277,8 @@ class _TikhonovInverse(InverseStrategy):
                 out[i] = self.refresh(item, backend)
         return out  # type: ignore[return-value]
 
-    def _refresh_all_on_device(self, items: list[Item], backend: str) -> list[TikhonovInverses]:
+    def _refresh_all_on_device(self, items: list[RefreshItem], backend: str
+                               ) -> list[TikhonovInverses]:
         """Per block, X ~ (M + damping_part I)^-1 of each dense factor by
         :meth:`_invert_on_device` (the previous X where it fails), the damping split without a
         host read; dense factors of one size (over blocks and sides) stacked in one call."""
@@ -321,7 +322,7 @@ class CholeskyInverse(_TikhonovInverse):
     #: factors up to this size are inverted together, one batched call per (size, dtype, device)
     BATCH_MAX_DIM = 128
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """Small factors of all blocks in batched Cholesky calls; a failure, and every large
         factor, goes through the one-at-a-time path (float64 retry, keep previous). With

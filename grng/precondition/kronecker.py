@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grng.curvature.inverse import EigenBasis, InverseStrategy, Item
+from grng.curvature.inverse import EigenBasis, InverseStrategy, RefreshItem
 from grng.curvature.layers import KroneckerLayer
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import KroneckerBlock
@@ -66,8 +66,8 @@ class KroneckerPreconditioner(Preconditioner):
                 unit, damping = todo[i]
                 block, compute = unit.state, compute_dtype(unit.like)
                 prev = None if block.inverse is None else block.inverse.cast(compute)
-                items.append(Item(block.A.to(compute), block.G.to(compute), unit.layer.a_factor,
-                                  unit.layer.g_factor, damping, prev))
+                items.append(RefreshItem(block.A.to(compute), block.G.to(compute),
+                                         unit.layer.a_factor, unit.layer.g_factor, damping, prev))
                 targets.append(unit)
             for unit, inv in zip(targets, self.inverse.refresh_many(
                     items, self.config.backend, on_device=self.config.sync_free)):
