@@ -823,19 +823,18 @@ def factor_summary(model: Any) -> tuple[str, int]:
     """(what grng builds for ``model``: blocks, largest dense factor, diagonal factors; the
     largest dense factor's side)."""
     from grng.curvature.capture import CurvatureCapture
-    from torch import nn
     cap = CurvatureCapture(model)
     try:
         dense, diag = [], []
         for name, layer in zip(cap.names, cap.layers):
-            d_g, d_a = layer.dims()
-            dense.append((d_g, f"{name} G"))
-            # one-hot inputs: an embedding's A is diagonal (a vector of d_A)
-            (diag if isinstance(layer.module, nn.Embedding) else dense).append((d_a, f"{name} A"))
+            # each side's structure says whether it is kept as a vector (an embedding's A, a
+            # side above max_factor_dim)
+            for side, structure in (("G", layer.g_factor), ("A", layer.a_factor)):
+                (diag if structure.diagonal else dense).append((structure.dim, f"{name} {side}"))
         big = max(dense)
         text = (f"{len(cap.layers)} Kronecker blocks; largest dense factor {big[0]} ({big[1]})")
         if diag:
-            text += "; diagonal A: " + ", ".join(f"{w} {d}" for d, w in diag)
+            text += "; diagonal: " + ", ".join(f"{w} {d}" for d, w in diag)
         return text, big[0]
     finally:
         cap.remove()

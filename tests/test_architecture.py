@@ -1,6 +1,8 @@
 """The structure docs/architecture.md describes, checked: no import cycles, the optimizers never
-branch on distributed, ``grng/distributed`` holds only the communicator and the assignment,
-and no code outside the layer helpers asks whether a layer's A is diagonal."""
+branch on distributed, ``grng/curvature`` sits below ``grng/distributed``, ``grng/distributed``
+holds only the communicator and the assignment, no code outside the layer helpers asks whether
+a layer's A is diagonal, and no code outside the factor structures tells a diagonal factor by
+its tensor's rank."""
 from __future__ import annotations
 
 import ast
@@ -111,3 +113,61 @@ def test_the_table_finder_finds_tables(tmp_path: Path) -> None:
     found = sorted(line.split(": ")[0] for line in tables.problems(tmp_path))
     assert found == ["bench/b.py:4", "bench/b.py:5", "tests/test_a.py:3", "tests/test_a.py:4",
                      "tests/test_a.py:5", "tests/test_a.py:6", "tests/test_a.py:9"]
+
+
+def test_curvature_does_not_import_distributed() -> None:
+    """grng/curvature is below grng/distributed (the communicator uses the factor structures
+    and the stacks), so nothing in it may import grng.distributed."""
+    graph = import_graph.edges(import_graph.modules())
+    for module, targets in graph.items():
+        if module.startswith("grng.curvature"):
+            assert not [t for t in targets if t.startswith("grng.distributed")], module
+
+
+#: modules that hold factors, inverses or covariances without being the factor structures
+FACTOR_USERS = ["grng/curvature/inverse.py", "grng/precondition/kalman.py",
+                "grng/precondition/kronecker.py", "grng/distributed/communicator.py"]
+#: rank tests that are about something other than a factor: (module, tested expression)
+RANK_TESTS_ALLOWED = {("grng/distributed/communicator.py", "X")}  # a fold's observation rows
+
+
+def rank_tests(source: str) -> list[str]:
+    """The expressions whose rank ``source`` compares (``x.dim() == 1``, ``x.ndim != 2``, ...)."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Compare):
+            continue
+        for operand in [node.left, *node.comparators]:
+            if (isinstance(operand, ast.Call) and isinstance(operand.func, ast.Attribute)
+                    and operand.func.attr in ("dim", "ndimension") and not operand.args):
+                out.append(ast.unparse(operand.func.value))
+            elif isinstance(operand, ast.Attribute) and operand.attr == "ndim":
+                out.append(ast.unparse(operand.value))
+    return out
+
+
+def test_the_rank_test_finder_finds_rank_tests() -> None:
+    source = ("a = M.dim() == 1\nb = 1 != XG.dim()\nc = t.ndim == 2\n"
+              "d = any(t.dim() != (1 if n.startswith('l') else 2) for n, t in f)\n"
+              "e = M.shape[0] == 1\nf = x.sum(dim=0) == 1\n")
+    assert rank_tests(source) == ["M", "XG", "t", "t"]
+
+
+@pytest.mark.parametrize("module", FACTOR_USERS)
+def test_only_the_factor_structures_tell_a_diagonal_factor(module: str) -> None:
+    """Whether a factor is diagonal, and how to eigendecompose, invert, trace and multiply by
+    it, is its structure's (grng/curvature/factors.py), never a ``.dim() == 1`` test."""
+    found = {(module, expr) for expr in rank_tests((ROOT / module).read_text())}
+    assert found <= RANK_TESTS_ALLOWED, sorted(found - RANK_TESTS_ALLOWED)
+
+
+def test_bench_and_package_ask_the_structure_not_the_module_type() -> None:
+    """Outside the layer helpers, no code tells an embedding's diagonal A by its module type."""
+    for folder in ("grng", "bench"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "grng" / "curvature" / "layers.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                        and node.func.id == "isinstance" and len(node.args) == 2):
+                    assert "Embedding" not in ast.unparse(node.args[1]), path

@@ -48,8 +48,9 @@ def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(communicator, "FOLD_BATCH_MAX_ELEMENTS", -1)
     monkeypatch.setattr(EigenInverse, "refresh_many", InverseStrategy.refresh_many)
     monkeypatch.setattr(_TikhonovInverse, "_refresh_all_on_device",
-                        lambda self, items: [inv for item in items
-                                             for inv in _TIKHONOV_ON_DEVICE(self, [item])])
+                        lambda self, items, backend: [
+                            inv for item in items
+                            for inv in _TIKHONOV_ON_DEVICE(self, [item], backend)])
 
 
 MAKERS = {  # cases of grng.optim.cases with this test's hyperparameters
@@ -158,7 +159,7 @@ def test_backend_refusing_batched_inputs_applies_block_by_block(
     assert grng.ops.accepts("eigen_apply", "reference", V, Q, lam, QA, lA, 0.1)
     batched, _ = _train(MAKERS["kfac-eigen"])
     calls = _op_calls(monkeypatch)
-    monkeypatch.setattr(EigenInverse, "accepts", lambda self, inv, V, damping, backend: False)
+    monkeypatch.setattr(EigenInverse, "accepts", lambda self, inv, V, damping, backend, g, a: False)
     single, _ = _train(MAKERS["kfac-eigen"])
     assert not any(op == "eigen_apply" and len(shape) == 3 for op, shape in calls)
     for p, q in zip(single.parameters(), batched.parameters()):

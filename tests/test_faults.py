@@ -122,8 +122,9 @@ def test_newton_schulz_not_converging_falls_back_to_cholesky(monkeypatch) -> Non
     monkeypatch.setattr(inverse_mod.ops, "newton_schulz_inverse", never)
     with pytest.warns(RuntimeWarning, match="Newton-Schulz did not converge.*Cholesky"):
         _train(model, opt, _data(1))
-    st = opt.layer_state(opt.layers[0])
-    da, dg = inverse_mod.tikhonov_split(st["A"], st["G"], 0.05)
+    layer = opt.layers[0]
+    st = opt.layer_state(layer)
+    da, dg = inverse_mod.tikhonov_split(st["A"], st["G"], 0.05, layer.a_factor, layer.g_factor)
     for key, extra in (("A", da), ("G", dg)):
         M = st[key] + extra * torch.eye(st[key].shape[0], dtype=F64)
         torch.testing.assert_close(st["X" + key], torch.linalg.inv(M), rtol=1e-9, atol=1e-11)

@@ -490,7 +490,7 @@ def test_small_cholesky_factors_are_inverted_in_one_batched_call(monkeypatch) ->
     assert sorted(calls) == [(2, 6, 6), (2, 7, 7)]
     for layer in opt.layers:
         st = opt.layer_state(layer)
-        da, dg = tikhonov_split(st["A"], st["G"], 1e-2)
+        da, dg = tikhonov_split(st["A"], st["G"], 1e-2, layer.a_factor, layer.g_factor)
         for key, extra in (("A", da), ("G", dg)):
             expected = torch.linalg.inv(st[key] + extra * torch.eye(st[key].shape[0], dtype=DT))
             _close(st["X" + key], expected, rtol=1e-10, atol=1e-12)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from grng import ops
+from grng.curvature.factors import DenseFactor
 from grng.curvature.inverse import tikhonov_split
 from grng.ops import reference as ref
 
@@ -100,7 +101,7 @@ def test_newton_and_cholesky_invert_the_tikhonov_damped_factors(dG, dA, rank_g, 
                                                                dtype, seed):
     G = _psd(dG, min(rank_g, dG), seed, dtype)
     A = _psd(dA, min(rank_a, dA), seed + 1, dtype)
-    da, dg = tikhonov_split(A, G, damping)
+    da, dg = tikhonov_split(A, G, damping, DenseFactor(dA), DenseFactor(dG))
     assert da > 0.0 and dg > 0.0 and math.isclose(da * dg, damping, rel_tol=1e-9)
     for M, extra in ((A, da), (G, dg)):
         Md = M.clone()

@@ -1,13 +1,19 @@
 """The structure of one Kronecker factor: dense (d x d) or diagonal (a length-d vector).
 
 A layer helper (:mod:`grng.curvature.layers`) owns one structure per side (A and G); the
-preconditioners and the communicator ask the structure, never the layer type, how to build,
-blend, reduce and invert a factor (docs/algorithms.md section 1):
+preconditioners, the inverse strategies and the communicator ask the structure, never the layer
+type or the tensor's rank, how to build, blend, reduce and invert a factor and how to multiply
+by it (docs/algorithms.md sections 1 and 2):
 
 - dense:    M = (s^2 / n) X^T X, folded as M <- beta M + (1 - beta) M_batch (first update sets);
 - diagonal: diag(M) = (s^2 / n) sum_rows x * x, kept as a vector. The rows are dense (a factor
   side above ``max_factor_dim``, docs/algorithms.md "Factor size limit") or the category indices
   of one-hot rows (an embedding's A: x * x is the one-hot itself, so diag(M) = counts / n).
+
+Per-side algebra: eigendecomposition (a diagonal factor is its own eigenvalues, no Q), the
+damped matrix M + extra I and its inverse (elementwise for a diagonal), tr(M) / dim (the
+Tikhonov pi-split), X V and V X (row / column scaling by a diagonal X); :func:`sandwich` is the
+Kronecker application X_G V X_A of both sides.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 from torch import Tensor
 
 from grng import ops
-from grng.distributed.comm import Piece
+from grng.curvature.pieces import Piece
 
 
 @dataclass
@@ -65,6 +71,41 @@ class FactorStructure:
         """Factorization cost estimate (d^3 dense, d diagonal)."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------- algebra
+    def eig(self, M: Tensor, backend: str) -> tuple[Tensor, Tensor | None]:
+        """(l, Q) with M = Q diag(l) Q^T; Q is None for a diagonal factor (l = M). A dense
+        factor's eigensolver raises :class:`grng.ops.FactorizationError`."""
+        raise NotImplementedError
+
+    def damped(self, M: Tensor, extra: float | Tensor) -> Tensor:
+        """M + extra I as a new tensor (``extra`` a float or a 0-dim device tensor)."""
+        raise NotImplementedError
+
+    def damped_inverse(self, M: Tensor, extra: float | Tensor) -> Tensor | None:
+        """(M + extra I)^-1 where it is elementwise (a diagonal factor); None for a dense
+        factor, whose :meth:`damped` matrix an inverse strategy factorizes."""
+        raise NotImplementedError
+
+    def trace(self, M: Tensor) -> Tensor:
+        """tr(M) as a 0-dim tensor in M's dtype."""
+        raise NotImplementedError
+
+    def trace_mean(self, M: Tensor) -> float:
+        """tr(M) / dim on the host (one read)."""
+        return float(self.trace(M)) / self.dim
+
+    def trace_mean_on_device(self, M: Tensor) -> Tensor:
+        """tr(M) / dim as a float64 0-dim tensor on M's device (no host read)."""
+        return self.trace(M).double() / self.dim
+
+    def left(self, X: Tensor, V: Tensor) -> Tensor:
+        """X V (X on the rows of V; batched over a leading dimension of stacked X and V)."""
+        raise NotImplementedError
+
+    def right(self, V: Tensor, X: Tensor) -> Tensor:
+        """V X (X on the columns of V; batched over a leading dimension of stacked X and V)."""
+        raise NotImplementedError
+
     @staticmethod
     def blend(current: Tensor | None, M: Tensor, beta: float, storage: torch.dtype | None) -> Tensor:
         """beta current + (1 - beta) M (M when ``current`` is None), in M's dtype, stored in
@@ -108,6 +149,26 @@ class DenseFactor(FactorStructure):
     def cost(self) -> float:
         return float(self.dim) ** 3
 
+    def eig(self, M, backend):
+        return ops.eigh(M, backend=backend)
+
+    def damped(self, M, extra):
+        Md = M.clone()
+        Md.diagonal().add_(extra)
+        return Md
+
+    def damped_inverse(self, M, extra):
+        return None
+
+    def trace(self, M):
+        return M.diagonal().sum()
+
+    def left(self, X, V):
+        return X @ V
+
+    def right(self, V, X):
+        return V @ X
+
 
 class DiagonalFactor(FactorStructure):
     """A diagonal factor kept as a vector: diag(M) = (s^2 / n) sum_rows x * x.
@@ -146,3 +207,30 @@ class DiagonalFactor(FactorStructure):
 
     def cost(self) -> float:
         return float(self.dim)
+
+    def eig(self, M, backend):
+        return M.clone(), None
+
+    def damped(self, M, extra):
+        """max(M, 0) + extra, elementwise (a rounding-negative entry counts as 0)."""
+        return M.clamp(min=0) + extra
+
+    def damped_inverse(self, M, extra):
+        """1 / (max(M, 0) + extra), elementwise."""
+        return 1.0 / self.damped(M, extra)
+
+    def trace(self, M):
+        return M.sum()
+
+    def left(self, X, V):
+        return X.unsqueeze(-1) * V
+
+    def right(self, V, X):
+        return V * X.unsqueeze(-2)
+
+
+def sandwich(g: FactorStructure, XG: Tensor, V: Tensor, XA: Tensor, a: FactorStructure) -> Tensor:
+    """X_G V X_A in X_A's dtype: the Kronecker product (X_A (x) X_G) applied to vec(V), each
+    side by its structure (a diagonal X scales rows or columns); batched over a leading
+    dimension of stacked X_G, V, X_A."""
+    return a.right(g.left(XG, V.to(XA.dtype)), XA)

@@ -7,9 +7,11 @@
 
 A strategy turns the running factors (A, G) into a typed inverse representation
 (:class:`EigenBasis` or :class:`TikhonovInverses`) and applies it. A failed factorization keeps
-the previous inverse (with a warning); with no previous one, the factor is treated as 0. A
-diagonal factor (a vector: an embedding's A, or a side above ``max_factor_dim``) is its own
-eigenbasis and is inverted elementwise.
+the previous inverse (with a warning); with no previous one, the factor is treated as 0. The
+strategies receive each factor with its structure (:mod:`grng.curvature.factors`), which does the
+per-side algebra: a diagonal factor (a vector: an embedding's A, or a side above
+``max_factor_dim``) is its own eigenbasis and is inverted elementwise, and X_G V X_A is
+:func:`~grng.curvature.factors.sandwich`.
 """
 from __future__ import annotations
 
@@ -21,24 +23,26 @@ import torch
 from torch import Tensor
 
 from grng import ops
-from grng.ops import masked
+from grng.curvature.factors import FactorStructure, sandwich
 
 INVERSES: tuple[str, ...] = ("eigen", "newton", "cholesky")
 
 
-def tikhonov_split(A: Tensor, G: Tensor, damping: float) -> tuple[float, float]:
+def tikhonov_split(A: Tensor, G: Tensor, damping: float, a_factor: FactorStructure,
+                   g_factor: FactorStructure) -> tuple[float, float]:
     """(pi sqrt(damping), sqrt(damping) / pi) with pi = sqrt((tr A / dim A) / (tr G / dim G))."""
-    tr_a = float(A.sum() if A.dim() == 1 else A.diagonal().sum()) / A.shape[0]
-    tr_g = float(G.sum() if G.dim() == 1 else G.diagonal().sum()) / G.shape[0]
+    tr_a = a_factor.trace_mean(A)
+    tr_g = g_factor.trace_mean(G)
     pi = math.sqrt(tr_a / tr_g) if tr_a > 0.0 and tr_g > 0.0 else 1.0
     root = math.sqrt(damping)
     return pi * root, root / pi
 
 
-def tikhonov_split_on_device(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+def tikhonov_split_on_device(A: Tensor, G: Tensor, damping: float, a_factor: FactorStructure,
+                             g_factor: FactorStructure) -> tuple[Tensor, Tensor]:
     """:func:`tikhonov_split` as float64 device scalars (no host read)."""
-    tr_a = (A.sum() if A.dim() == 1 else A.diagonal().sum()).double() / A.shape[0]
-    tr_g = (G.sum() if G.dim() == 1 else G.diagonal().sum()).double() / G.shape[0]
+    tr_a = a_factor.trace_mean_on_device(A)
+    tr_g = g_factor.trace_mean_on_device(G)
     pi = torch.where((tr_a > 0.0) & (tr_g > 0.0), (tr_a / tr_g.clamp(min=1e-300)).sqrt(), 1.0)
     root = math.sqrt(damping)
     return pi * root, root / pi
@@ -78,7 +82,26 @@ class TikhonovInverses(InverseState):
     XA: Tensor
 
 
-Item = tuple[Tensor, Tensor, float, "InverseState | None"]  # (A, G, damping, previous)
+@dataclass
+class RefreshItem:
+    """One block to refresh: the running factors A and G (in the compute dtype) with their
+    structures, the damping and the previous inverse (None: none yet)."""
+
+    A: Tensor
+    G: Tensor
+    a_factor: FactorStructure
+    g_factor: FactorStructure
+    damping: float
+    previous: InverseState | None
+
+    def split(self) -> tuple[float, float]:
+        """:func:`tikhonov_split` of this block."""
+        return tikhonov_split(self.A, self.G, self.damping, self.a_factor, self.g_factor)
+
+    def split_on_device(self) -> tuple[Tensor, Tensor]:
+        """:func:`tikhonov_split_on_device` of this block."""
+        return tikhonov_split_on_device(self.A, self.G, self.damping, self.a_factor,
+                                        self.g_factor)
 
 
 class InverseStrategy:
@@ -92,16 +115,16 @@ class InverseStrategy:
     def __init__(self) -> None:
         self._kept_on_device: Tensor | None = None
 
-    def refresh(self, A: Tensor, G: Tensor, damping: float, previous: InverseState | None,
-                backend: str) -> InverseState:
+    def refresh(self, item: RefreshItem, backend: str) -> InverseState:
+        """The block's inverse representation from its factors."""
         raise NotImplementedError
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
-        """:meth:`refresh` for several blocks' (A, G, damping, previous) at once. ``on_device``
-        asks for no host read where a strategy can (newton, cholesky: a failed factor keeps
-        its previous inverse, counted in :attr:`kept_previous`); eigen cannot and ignores it."""
-        return [self.refresh(A, G, damping, prev, backend) for A, G, damping, prev in items]
+        """:meth:`refresh` for several blocks at once. ``on_device`` asks for no host read
+        where a strategy can (newton, cholesky: a failed factor keeps its previous inverse,
+        counted in :attr:`kept_previous`); eigen cannot and ignores it."""
+        return [self.refresh(item, backend) for item in items]
 
     @property
     def kept_previous(self) -> int:
@@ -113,11 +136,14 @@ class InverseStrategy:
         kept = (~ok).sum()
         self._kept_on_device = kept if self._kept_on_device is None else self._kept_on_device + kept
 
-    def apply(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> Tensor:
-        """P(V); batched over a leading dimension when every field of ``inv`` is stacked."""
+    def apply(self, inv: InverseState, V: Tensor, damping: float, backend: str,
+              g: FactorStructure, a: FactorStructure) -> Tensor:
+        """P(V) for a block whose factors have structures ``g`` and ``a``; batched over a
+        leading dimension when every field of ``inv`` is stacked."""
         raise NotImplementedError
 
-    def accepts(self, inv: InverseState, V: Tensor, damping: float, backend: str) -> bool:
+    def accepts(self, inv: InverseState, V: Tensor, damping: float, backend: str,
+                g: FactorStructure, a: FactorStructure) -> bool:
         """Whether :meth:`apply` runs on these (e.g. stacked) inputs with ``backend``."""
         return True
 
@@ -129,65 +155,68 @@ class EigenInverse(InverseStrategy):
     state_type = EigenBasis
     refresh_synchronizes = True
 
-    def refresh(self, A, G, damping, previous, backend) -> EigenBasis:
-        """Q, l of each factor (a diagonal A is its own eigenvalues)."""
-        lG, QG = self._eig(G, previous, "G", backend)
-        lA, QA = self._eig(A, previous, "A", backend)
+    def refresh(self, item, backend) -> EigenBasis:
+        """Q, l of each factor (a diagonal factor is its own eigenvalues)."""
+        lG, QG = self._eig(item.g_factor, item.G, item.previous, "G", backend)
+        lA, QA = self._eig(item.a_factor, item.A, item.previous, "A", backend)
         return EigenBasis(QG=QG, lG=lG, QA=QA, lA=lA)
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """Dense factors of equal size (over blocks and sides) in one batched eigh; when it
         fails, each factor alone (float64 retry, keep previous)."""
         out: list[dict[str, Tensor | None]] = [{} for _ in items]
-        batches: dict[tuple, list[tuple[int, str, Tensor]]] = {}
-        for i, (A, G, _, previous) in enumerate(items):
-            for side, M in (("G", G), ("A", A)):
-                if M.dim() == 1:
-                    out[i]["l" + side], out[i]["Q" + side] = self._eig(M, previous, side, backend)
+        batches: dict[tuple, list[tuple[int, str, FactorStructure, Tensor]]] = {}
+        for i, item in enumerate(items):
+            for side, structure, M in (("G", item.g_factor, item.G), ("A", item.a_factor, item.A)):
+                if structure.diagonal:  # its own eigenbasis: nothing to batch
+                    out[i]["l" + side], out[i]["Q" + side] = structure.eig(M, backend)
                 else:
-                    batches.setdefault((M.shape[0], M.dtype, M.device), []).append((i, side, M))
+                    batches.setdefault((M.shape[0], M.dtype, M.device), []).append(
+                        (i, side, structure, M))
         for entries in batches.values():
             if len(entries) > 1:
                 try:
-                    ls, Qs = ops.eigh(torch.stack([M for _, _, M in entries]), backend=backend)
+                    ls, Qs = ops.eigh(torch.stack([M for *_, M in entries]), backend=backend)
                 except ops.FactorizationError:
                     pass
                 else:
-                    for (i, side, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
+                    for (i, side, _, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
                         out[i]["l" + side], out[i]["Q" + side] = l, Q
                     continue
-            for i, side, M in entries:
-                out[i]["l" + side], out[i]["Q" + side] = self._eig(M, items[i][3], side, backend)
+            for i, side, structure, M in entries:
+                out[i]["l" + side], out[i]["Q" + side] = self._eig(
+                    structure, M, items[i].previous, side, backend)
         return [EigenBasis(**o) for o in out]  # type: ignore[arg-type]
 
     @staticmethod
-    def _eig(M: Tensor, previous: EigenBasis | None, side: str, backend: str
-             ) -> tuple[Tensor, Tensor | None]:
-        if M.dim() == 1:
-            return M.clone(), None
+    def _eig(structure: FactorStructure, M: Tensor, previous: EigenBasis | None, side: str,
+             backend: str) -> tuple[Tensor, Tensor | None]:
+        """The structure's (l, Q); where the eigensolver fails, the previous pair (warned),
+        else l = 0, Q = I."""
         try:
-            return ops.eigh(M, backend=backend)
+            return structure.eig(M, backend)
         except ops.FactorizationError as err:
             _warn_kept(err, previous is not None)
             if previous is not None:
                 return getattr(previous, "l" + side), getattr(previous, "Q" + side)
             return torch.zeros_like(M[0]), torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
 
-    def apply(self, inv, V, damping, backend) -> Tensor:
-        """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T; a diagonal G (Q_G = I) is the
-        transposed problem with a diagonal A."""
-        if inv.QG is not None:
+    def apply(self, inv, V, damping, backend, g, a) -> Tensor:
+        """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T (the op takes Q_A = None for a
+        diagonal A); a diagonal G (Q_G = I) is the transposed problem with a diagonal A; both
+        diagonal, V / (l_G l_A^T + damping) elementwise."""
+        if not g.diagonal:
             return ops.eigen_apply(V, inv.QG, inv.lG, inv.QA, inv.lA, damping, backend=backend)
-        if inv.QA is not None:
+        if not a.diagonal:
             return ops.eigen_apply(V.transpose(0, 1), inv.QA, inv.lA, None, inv.lG, damping,
                                    backend=backend).transpose(0, 1)
         denom = torch.outer(inv.lG.clamp(min=0), inv.lA.clamp(min=0)) + damping
         return V.to(inv.lG.dtype) / denom
 
-    def accepts(self, inv, V, damping, backend) -> bool:
-        if inv.QG is None or inv.QA is None:
-            return V.dim() == 2
+    def accepts(self, inv, V, damping, backend, g, a) -> bool:
+        if g.diagonal or a.diagonal:  # the transposed and elementwise forms take one block's V
+            return tuple(V.shape) == (g.dim, a.dim)
         return ops.accepts("eigen_apply", backend, V, inv.QG, inv.lG, inv.QA, inv.lA,
                            float(damping))
 
@@ -197,26 +226,25 @@ class _TikhonovInverse(InverseStrategy):
 
     state_type = TikhonovInverses
 
-    def refresh(self, A, G, damping, previous, backend) -> TikhonovInverses:
+    def refresh(self, item, backend) -> TikhonovInverses:
         out: dict[str, Tensor] = {}
-        for side, Md, extra in self._damped(A, G, damping, out):
-            out["X" + side] = self._invert_or_keep(Md, extra, previous, side, backend)
+        for side, Md, extra in self._damped(item, out):
+            out["X" + side] = self._invert_or_keep(Md, extra, item.previous, side, backend)
         return TikhonovInverses(**out)
 
     @staticmethod
-    def _damped(A: Tensor, G: Tensor, damping: float, out: dict[str, Tensor]
-                ) -> list[tuple[str, Tensor, float]]:
-        """(side, M + damping_part I, damping_part) for each dense factor; a diagonal factor is
-        inverted elementwise into ``out`` on the spot."""
-        da, dg = tikhonov_split(A, G, damping)
+    def _damped(item: RefreshItem, out: dict[str, Tensor]) -> list[tuple[str, Tensor, float]]:
+        """(side, M + damping_part I, damping_part) for each factor to factorize (dense); a
+        factor whose structure inverts it elementwise (diagonal) goes into ``out`` on the spot."""
+        da, dg = item.split()
         todo = []
-        for side, M, extra in (("A", A, da), ("G", G, dg)):
-            if M.dim() == 1:
-                out["X" + side] = 1.0 / (M.clamp(min=0) + extra)
-                continue
-            Md = M.clone()
-            Md.diagonal().add_(extra)
-            todo.append((side, Md, extra))
+        for side, structure, M, extra in (("A", item.a_factor, item.A, da),
+                                          ("G", item.g_factor, item.G, dg)):
+            X = structure.damped_inverse(M, extra)
+            if X is not None:
+                out["X" + side] = X
+            else:
+                todo.append((side, structure.damped(M, extra), extra))
         return todo
 
     def _invert_or_keep(self, Md: Tensor, extra: float, previous: TikhonovInverses | None,
@@ -234,55 +262,58 @@ class _TikhonovInverse(InverseStrategy):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         raise NotImplementedError
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """As the base class; with ``on_device`` the blocks that have a previous inverse are
         refreshed together: dense factors of one size in one batched inversion."""
         if not on_device:
             return super().refresh_many(items, backend)
-        warm = [i for i, item in enumerate(items) if item[3] is not None]
+        warm = [i for i, item in enumerate(items) if item.previous is not None]
         out: list[InverseState | None] = [None] * len(items)
-        for i, inv in zip(warm, self._refresh_all_on_device([items[i] for i in warm])):
+        for i, inv in zip(warm, self._refresh_all_on_device([items[i] for i in warm], backend)):
             out[i] = inv
-        for i, (A, G, damping, previous) in enumerate(items):
+        for i, item in enumerate(items):
             if out[i] is None:
-                out[i] = self.refresh(A, G, damping, previous, backend)
+                out[i] = self.refresh(item, backend)
         return out  # type: ignore[return-value]
 
-    def _refresh_all_on_device(self, items: list[Item]) -> list[TikhonovInverses]:
+    def _refresh_all_on_device(self, items: list[RefreshItem], backend: str
+                               ) -> list[TikhonovInverses]:
         """Per block, X ~ (M + damping_part I)^-1 of each dense factor by
         :meth:`_invert_on_device` (the previous X where it fails), the damping split without a
         host read; dense factors of one size (over blocks and sides) stacked in one call."""
         outs: list[dict[str, Tensor]] = [{} for _ in items]
         batches: dict[tuple, list[tuple[int, str, Tensor, Tensor]]] = {}
-        for i, (A, G, damping, previous) in enumerate(items):
-            da, dg = tikhonov_split_on_device(A, G, damping)
-            for side, M, extra in (("A", A, da), ("G", G, dg)):
+        for i, item in enumerate(items):
+            da, dg = item.split_on_device()
+            for side, structure, M, extra in (("A", item.a_factor, item.A, da),
+                                              ("G", item.g_factor, item.G, dg)):
                 extra = extra.to(M.dtype)
-                if M.dim() == 1:
-                    outs[i]["X" + side] = 1.0 / (M.clamp(min=0) + extra)
+                X = structure.damped_inverse(M, extra)
+                if X is not None:
+                    outs[i]["X" + side] = X
                     continue
-                Md = M.clone()
-                Md.diagonal().add_(extra)
-                prev = getattr(previous, "X" + side).to(M.dtype)
+                Md = structure.damped(M, extra)
+                prev = getattr(item.previous, "X" + side).to(M.dtype)
                 batches.setdefault((M.shape[0], M.dtype, M.device), []).append((i, side, Md, prev))
         for entries in batches.values():
             Ms = torch.stack([Md for _, _, Md, _ in entries])
             prevs = torch.stack([prev for _, _, _, prev in entries])
-            X, ok = self._invert_on_device(Ms, prevs)
+            X, ok = self._invert_on_device(Ms, prevs, backend)
             self._count_kept(ok)
             X = torch.where(ok[:, None, None], X, prevs)
             for (i, side, _, _), x in zip(entries, X.unbind(0)):
                 outs[i]["X" + side] = x
         return [TikhonovInverses(**o) for o in outs]
 
-    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str
+                          ) -> tuple[Tensor, Tensor]:
+        """(X ~ M^-1, ok) of stacked SPD M without a host read (X unusable where not ok)."""
         raise NotImplementedError
 
-    def apply(self, inv, V, damping, backend) -> Tensor:
-        XA, XG = inv.XA, inv.XG
-        out = XG[:, None] * V.to(XA.dtype) if XG.dim() == 1 else XG @ V.to(XA.dtype)
-        return out * XA if XA.dim() == 1 else out @ XA
+    def apply(self, inv, V, damping, backend, g, a) -> Tensor:
+        """X_G V X_A."""
+        return sandwich(g, inv.XG, V, inv.XA, a)
 
 
 class CholeskyInverse(_TikhonovInverse):
@@ -291,7 +322,7 @@ class CholeskyInverse(_TikhonovInverse):
     #: factors up to this size are inverted together, one batched call per (size, dtype, device)
     BATCH_MAX_DIM = 128
 
-    def refresh_many(self, items: list[Item], backend: str, on_device: bool = False
+    def refresh_many(self, items: list[RefreshItem], backend: str, on_device: bool = False
                      ) -> list[InverseState]:
         """Small factors of all blocks in batched Cholesky calls; a failure, and every large
         factor, goes through the one-at-a-time path (float64 retry, keep previous). With
@@ -300,26 +331,27 @@ class CholeskyInverse(_TikhonovInverse):
             return super().refresh_many(items, backend, on_device=True)
         outs: list[dict[str, Tensor]] = [{} for _ in items]
         batches: dict[tuple, list[tuple[int, str, Tensor, float]]] = {}
-        for i, (A, G, damping, previous) in enumerate(items):
-            for side, Md, extra in self._damped(A, G, damping, outs[i]):
+        for i, item in enumerate(items):
+            for side, Md, extra in self._damped(item, outs[i]):
                 if Md.shape[0] <= self.BATCH_MAX_DIM:
                     batches.setdefault((Md.shape[0], Md.dtype, Md.device), []).append(
                         (i, side, Md, extra))
                 else:
-                    outs[i]["X" + side] = self._invert_or_keep(Md, extra, previous, side, backend)
+                    outs[i]["X" + side] = self._invert_or_keep(Md, extra, item.previous, side,
+                                                               backend)
         for entries in batches.values():
             inverses, ok = ops.batched_spd_inverse(torch.stack([e[2] for e in entries]),
                                                    "cholesky", backend=backend)
             for (i, side, Md, extra), X, good in zip(entries, inverses, ok.tolist()):
                 outs[i]["X" + side] = X if good else self._invert_or_keep(
-                    Md, extra, items[i][3], side, backend)
+                    Md, extra, items[i].previous, side, backend)
         return [TikhonovInverses(**o) for o in outs]
 
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)
 
-    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        return masked.cholesky_inverse_masked(M)
+    def _invert_on_device(self, M, previous, backend):
+        return ops.cholesky_inverse_masked(M, backend=backend)
 
 
 class NewtonInverse(_TikhonovInverse):
@@ -340,9 +372,9 @@ class NewtonInverse(_TikhonovInverse):
     #: (counted in kept_previous) and starts from it again at the next refresh
     ITERATIONS_ON_DEVICE = 20
 
-    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        return masked.newton_schulz_fixed(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
-                                          ops.default_newton_tol(M.dtype))
+    def _invert_on_device(self, M, previous, backend):
+        return ops.newton_schulz_masked(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
+                                        ops.default_newton_tol(M.dtype), backend=backend)
 
 
 def make_inverse(name: str) -> InverseStrategy:

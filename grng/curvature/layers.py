@@ -16,6 +16,7 @@ its calls are observed (:meth:`KroneckerLayer.attach`); docs/algorithms.md "Laye
 from __future__ import annotations
 
 import inspect
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -142,14 +143,14 @@ class KroneckerLayer:
     def has_bias(self) -> bool:
         return self.bias is not None
 
-    @property
+    @cached_property
     def a_factor(self) -> FactorStructure:
-        """The structure of A (size d_A)."""
+        """The structure of A (size d_A; built once: the preconditioners ask every step)."""
         return self._limited(self.a_structure, self.dims()[1])
 
-    @property
+    @cached_property
     def g_factor(self) -> FactorStructure:
-        """The structure of G (size d_G; dense unless above ``max_factor_dim``)."""
+        """The structure of G (size d_G; dense unless above ``max_factor_dim``; built once)."""
         return self._limited(DenseFactor, self.dims()[0])
 
     def _limited(self, structure: type[FactorStructure], dim: int) -> FactorStructure:

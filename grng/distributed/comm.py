@@ -23,9 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from grng.curvature.pieces import Piece
 from grng.ops.reference import symmetrize_from_upper
 
-__all__ = ["FactorReducer", "Piece", "allreduce_mean", "broadcast_packed", "pack", "unpack"]
+__all__ = ["FactorReducer", "allreduce_mean", "broadcast_packed", "pack", "unpack"]
 
 _TRIU: dict[tuple[int, torch.device], Tensor] = {}
 
@@ -37,27 +38,6 @@ def triu_index(d: int, device: torch.device) -> Tensor:
         iu = torch.triu_indices(d, d, device=device)
         _TRIU[key] = iu[0] * d + iu[1]
     return _TRIU[key]
-
-
-@dataclass
-class Piece:
-    """One item of a packed buffer: ``kind`` is "sym" (d x d, upper triangle travels),
-    "full" (any shape, all entries) or "vec"; ``counted`` adds one leading count entry."""
-
-    kind: str
-    shape: tuple[int, ...]
-    counted: bool = False
-
-    @property
-    def numel(self) -> int:
-        if self.kind == "sym":
-            d = self.shape[0]
-            n = d * (d + 1) // 2
-        else:
-            n = 1
-            for s in self.shape:
-                n *= s
-        return n + int(self.counted)
 
 
 def pack(piece: Piece, value: Tensor | None, count: float, dtype: torch.dtype,

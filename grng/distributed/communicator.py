@@ -28,9 +28,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from grng import ops
+from grng.curvature.pieces import Piece
 from grng.curvature.stacks import Stacks
 from grng.distributed.assignment import assign_layers
-from grng.distributed.comm import FactorReducer, Piece, allreduce_mean, broadcast_packed
+from grng.distributed.comm import FactorReducer, allreduce_mean, broadcast_packed
 
 STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt")
 

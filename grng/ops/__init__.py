@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from grng.ops import specs  # noqa: F401 - defines every op (and registers the reference backend)
 from grng.ops import masked
+from grng.ops import specs  # noqa: F401 - defines every op (and registers the reference backend)
 from grng.ops.batched import batched_spd_inverse
 from grng.ops.dispatch import accepts, backends, call, validate_backend
 from grng.ops.errors import BackendUnavailable, FactorizationError
@@ -25,9 +25,9 @@ from grng.ops.reference import default_newton_tol
 __all__ = [
     "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
     "batched_spd_inverse",
-    "cholesky_inverse", "default_newton_tol", "eigen_apply", "eigh", "factor_update",
-    "fused_update", "fused_update_masked", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
-    "validate_backend",
+    "cholesky_inverse", "cholesky_inverse_masked", "default_newton_tol", "eigen_apply", "eigh",
+    "factor_update", "fused_update", "fused_update_masked", "kalman_update", "kalman_update_masked",
+    "newton_schulz_inverse", "newton_schulz_masked", "newton_schulz_step", "validate_backend",
 ]
 
 
@@ -81,6 +81,23 @@ def fused_update_masked(params: Sequence[Tensor], grads: Sequence[Tensor],
     """:func:`fused_update` where the device flag ``ok`` (and d + rho g finite); returns that flag."""
     return masked.fused_update_masked(params, grads, directions, momentum_buffers, lr, momentum,
                                       weight_decay, rho, kl_clip, ok)
+
+
+def newton_schulz_masked(M: Tensor, X0: Tensor, iterations: int, tol: float, *,
+                         backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(X, ok): ``iterations`` steps X <- X (2I - M X) from X0, ok = converged (no host read)."""
+    return masked.newton_schulz_fixed(M, X0, iterations, tol)
+
+
+def cholesky_inverse_masked(M: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(M^-1, ok) through M = L L^T, ok False on a non-positive pivot (no host read)."""
+    return masked.cholesky_inverse_masked(M)
+
+
+def kalman_update_masked(P: Tensor, H: Tensor, r: float, beta: float, q: float, *,
+                         backend: str = "auto") -> Tensor:
+    """:func:`kalman_update` in place where its innovation Cholesky succeeds; returns ok."""
+    return masked.kalman_update_masked(P, H, r, beta, q)
 
 
 class NewtonResult(NamedTuple):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from grng import ops
-from grng.ops import masked
+from grng.curvature.factors import sandwich
 from grng.curvature.state import KalmanBlock
 from grng.distributed.communicator import Communicator, KalmanItem, Observation
 from grng.ops.reference import symmetrize_from_upper
@@ -82,8 +82,8 @@ class KalmanPreconditioner(Preconditioner):
             self.scalar_update(P, obs.diag)
             return
         if self.config.sync_free:
-            ok = masked.kalman_update_masked(P, obs.H, obs.r, self.config.factor_decay,
-                                             self.kalman.process_noise)
+            ok = ops.kalman_update_masked(P, obs.H, obs.r, self.config.factor_decay,
+                                          self.kalman.process_noise, backend=self.config.backend)
             failed = (~ok).to(torch.int64)
             self._failures_on_device = (failed if self._failures_on_device is None
                                         else self._failures_on_device + failed)
@@ -128,9 +128,7 @@ class KalmanPreconditioner(Preconditioner):
     def apply(self, unit, V, group) -> Tensor:
         """P_G V P_A (rho g is added by the shared update)."""
         self.init(unit)
-        PA, PG = unit.state.PA, unit.state.PG
-        out = PG[:, None] * V.to(PA.dtype) if PG.dim() == 1 else PG @ V.to(PA.dtype)
-        return out * PA if PA.dim() == 1 else out @ PA
+        return sandwich(unit.layer.g_factor, unit.state.PG, V, unit.state.PA, unit.layer.a_factor)
 
     # ------------------------------------------------------------------------ sketch
     def sketch(self, m: int, like: Tensor) -> Tensor:

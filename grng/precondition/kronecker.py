@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from grng.curvature.inverse import EigenBasis, InverseStrategy
+from grng.curvature.inverse import EigenBasis, InverseStrategy, RefreshItem
 from grng.curvature.layers import KroneckerLayer
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import KroneckerBlock
-from grng.distributed.comm import Piece
+from grng.curvature.pieces import Piece
 from grng.distributed.communicator import Communicator, FactorFold
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 
@@ -72,7 +72,8 @@ class KroneckerPreconditioner(Preconditioner):
                 unit, damping = todo[i]
                 block, compute = unit.state, compute_dtype(unit.like)
                 prev = None if block.inverse is None else block.inverse.cast(compute)
-                items.append((block.A.to(compute), block.G.to(compute), damping, prev))
+                items.append(RefreshItem(block.A.to(compute), block.G.to(compute),
+                                         unit.layer.a_factor, unit.layer.g_factor, damping, prev))
                 targets.append(unit)
             for unit, inv in zip(targets, self.inverse.refresh_many(
                     items, self.config.backend, on_device=self.config.sync_free)):
@@ -121,11 +122,13 @@ class KroneckerPreconditioner(Preconditioner):
         if inv is None:
             return V
         compute = compute_dtype(unit.like)
+        g, a = unit.layer.g_factor, unit.layer.a_factor
         if self.config.apply_in_storage:  # bf16 operands, float32 accumulation; D in float32
-            return self.inverse.apply(inv, V, group["damping"], self.config.backend).to(compute)
+            return self.inverse.apply(inv, V, group["damping"], self.config.backend, g, a
+                                      ).to(compute)
         if self.config.inverse_dtype is not None:  # applied in >= float32
             inv = inv.cast(compute)
-        return self.inverse.apply(inv, V, group["damping"], self.config.backend)
+        return self.inverse.apply(inv, V, group["damping"], self.config.backend, g, a)
 
     def apply_many(self, items) -> list[Tensor]:
         """P(V) of each item; blocks of the same shape (gradient, inverse fields, damping) in
@@ -151,8 +154,9 @@ class KroneckerPreconditioner(Preconditioner):
                 inv = self.inverse.state_type(**fields)
                 V = torch.stack([items[k][1] for k in ks])
                 damping = items[ks[0]][2]["damping"]
-                if self.inverse.accepts(inv, V, damping, self.config.backend):
-                    D = self.inverse.apply(inv, V, damping, self.config.backend)
+                g, a = units[0].layer.g_factor, units[0].layer.a_factor  # one key: one shape
+                if self.inverse.accepts(inv, V, damping, self.config.backend, g, a):
+                    D = self.inverse.apply(inv, V, damping, self.config.backend, g, a)
                     D = D.to(compute_dtype(units[0].like))  # float32 after a bf16 application
                     for k, d in zip(ks, D.unbind(0)):
                         out[k] = d
@@ -163,15 +167,15 @@ class KroneckerPreconditioner(Preconditioner):
 
     def _batch_key(self, unit: Unit, V: Tensor, damping: float) -> tuple | None:
         """What a block must share with others to be applied in one batch (None: alone): an
-        inverse applied in the dtype it is kept in (no cast per step) whose fields are all dense
-        (no diagonal factor), the gradient's shape and dtype, the damping."""
+        inverse applied in the dtype it is kept in (no cast per step) of two dense factors
+        (every field set), the gradient (one d_G x d_A block) with its dtype, the damping."""
         inv = unit.state.inverse
         cast = self.config.inverse_dtype is not None and not self.config.apply_in_storage
-        if inv is None or cast or V.dim() != 2:
+        g, a = unit.layer.g_factor, unit.layer.a_factor
+        if inv is None or cast or tuple(V.shape) != (g.dim, a.dim):
             return None
         fields = inv.tensors()
-        if len(fields) != len(self._field_names()) or any(
-                t.dim() != (1 if name.startswith("l") else 2) for name, t in fields.items()):
+        if g.diagonal or a.diagonal or len(fields) != len(self._field_names()):
             return None
         return (tuple(V.shape), V.dtype, V.device, float(damping),
                 tuple((name, tuple(t.shape), t.dtype) for name, t in fields.items()))
