@@ -139,7 +139,11 @@ Tensor kalman_update_masked_impl(const Tensor& P, const Tensor& H, double r, dou
   Tensor Pn = P.clone(at::MemoryFormat::Contiguous);
   sym_rank_update(Pn, W, -1.0, 1.0 / beta, q);
   Tensor ok = info.eq(0).logical_and_(Pn.isfinite().all());
-  P.copy_(at::where(ok, Pn, P));
+  if (P.is_cpu()) {  // reading a CPU flag costs no sync: copy instead of a select
+    if (ok.item<bool>()) P.copy_(Pn);
+  } else {
+    P.copy_(at::where(ok, Pn, P));
+  }
   return ok;
 }
 

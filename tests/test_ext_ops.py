@@ -437,6 +437,15 @@ def test_opcheck(device):
                               (spd(3, 5, 5, dtype=torch.float32, device=device), method, 1e-3, 60))
 
 
+def test_kernels_are_listed_from_the_registry():
+    """ext._KERNELS names the registered ops the build defines (no hand-written list)."""
+    from grng.ops import registry
+    assert {op for op, _ in ext._KERNELS} <= set(registry.SPECS)
+    assert {op for op, device in ext._KERNELS if device == "cpu"} == {
+        "fused_update", "fused_update_masked", "factor_update", "kalman_update",
+        "kalman_update_masked", "batched_spd_inverse"}
+
+
 def test_dispatch_reports_ext_live():
     import grng
     assert grng.backends()["ext"] == "live"
