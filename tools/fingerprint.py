@@ -160,13 +160,20 @@ def _diff(a: Any, b: Any, path: str, out: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("save").add_argument("out")
+    save = sub.add_parser("save")
+    save.add_argument("out")
+    save.add_argument("--without-auto", default="", help="comma-separated ops taken out of the "
+                      "CPU auto order first (to tell a refactor from a new backend choice)")
     cmp = sub.add_parser("compare")
     cmp.add_argument("old")
     cmp.add_argument("new")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.cmd == "save":
+        from grng.ops import dispatch
+
+        for op in filter(None, args.without_auto.split(",")):
+            dispatch.AUTO_ORDER["cpu"].pop(op, None)
         torch.save(grid(), args.out)
         return 0
     old, new = torch.load(args.old, weights_only=False), torch.load(args.new, weights_only=False)
