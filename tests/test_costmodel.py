@@ -87,3 +87,36 @@ def test_gpt2_small_prediction_lists_every_component() -> None:
     assert {"forward+backward", "fold", "refresh", "apply", "update"} <= set(pred.components)
     assert all(math.isfinite(c.seconds) and c.seconds >= 0 for c in pred.components.values())
     assert "x AdamW" in cm.table(pred)
+
+
+def test_gpt_shape_matches_the_meta_run_of_the_bench_model() -> None:
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import models
+
+    cfg = models.GPTConfig(vocab=97, context=16, width=24, heads=4, layers=2)
+
+    def loss(m: nn.Module, b: tuple) -> torch.Tensor:
+        out = m(b[0])
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), b[0].reshape(-1))
+
+    real = cm.step_shape(lambda: models.GPT(cfg),
+                         lambda d: (torch.randint(0, cfg.vocab, (3, cfg.context), device=d),), loss)
+    model = cm.gpt_shape(cfg.layers, cfg.width, cfg.vocab, cfg.context, 3, "fp32")
+    assert sorted((b.d_a, b.d_g, b.a_dense, b.g_dense, b.rows) for b in model.blocks) == sorted(
+        (b.d_a, b.d_g, b.a_dense, b.g_dense, b.rows) for b in real.blocks)
+    assert (model.params, model.diagonal_params, model.tensors) == (
+        real.params, real.diagonal_params, real.tensors)
+    assert model.fwd_bwd_flops == pytest.approx(real.fwd_bwd_flops, rel=0.02)
+    assert model.fwd_bwd_ops == pytest.approx(real.fwd_bwd_ops, rel=0.25)
+
+
+def test_cli_predict_prints_the_component_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from grng.cli import main
+
+    assert main(["bench", "--predict", "h100", "--config", "inverse=newton,iterations=3"]) == 0
+    out = capsys.readouterr().out
+    assert "refresh (3 Newton-Schulz steps)" in out and "x AdamW" in out
+    with pytest.raises(SystemExit):
+        main(["bench", "--predict", "h100", "--config", "inverse_every=ten"])

@@ -24,7 +24,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -332,6 +332,55 @@ def step_shape(build: Callable[[], nn.Module], batch: Callable[[torch.device], t
         opt.capture.remove()
 
 
+def gpt_shape(layers: int, width: int, vocab: int, context: int, batch: int,
+              model_precision: str = "bf16") -> StepShape:
+    """A GPT-2-style causal transformer (bench/models.GPT: tied head, learned positions,
+    pre-norm blocks of qkv, proj, fc 4x, out) at ``batch`` x ``context`` tokens, counted
+    analytically: forward = 2 (12 L d^2 + d V) + 4 T d L FLOPs per token, backward twice that;
+    about 150 aten ops per layer (what the meta-device run of bench/models.GPT counts)."""
+    d, m = width, batch * context
+    blocks = [BlockShape("tok", vocab, d, False, True, m),  # an embedding's A is diagonal
+              BlockShape("pos", context, d, False, True, context)]  # one row per position
+    for i in range(layers):
+        for name, d_a, d_g in (("qkv", d + 1, 3 * d), ("proj", d + 1, d), ("fc", d + 1, 4 * d),
+                               ("out", 4 * d + 1, d)):
+            blocks.append(BlockShape(f"blocks.{i}.{name}", d_a, d_g, True, True, m))
+    norms = (2 * layers + 1) * 2 * d
+    params = layers * (12 * d * d + 9 * d) + (vocab + context) * d + norms
+    per_token = 2.0 * (12 * layers * d * d + d * vocab) + 4.0 * context * d * layers
+    return StepShape(tuple(blocks), params, norms, 4 * layers * 2 + 2 + 2 * (2 * layers + 1),
+                     3.0 * per_token * m, 150 * layers + 80, model_precision)
+
+
+#: transformer presets for ``grng bench --predict``: (layers, width, vocab, context, batch)
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "gpt2-small": (12, 768, 50257, 1024, 8),
+    "gpt2-medium": (24, 1024, 50257, 1024, 8),
+}
+
+
+def parse_config(text: str | None) -> StepConfig:
+    """A StepConfig from "key=value,..." (keys: the dataclass's fields); ValueError naming a bad
+    key or value."""
+    kwargs: dict[str, object] = {}
+    names = {f.name: f for f in fields(StepConfig)}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"config entry {part!r}: expected key=value with key one of {sorted(names)}")
+        default = getattr(StepConfig(), key)
+        if isinstance(default, bool):
+            kwargs[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            kwargs[key] = int(value)
+        else:
+            kwargs[key] = value
+    config = StepConfig(**kwargs)  # type: ignore[arg-type]
+    if config.precision not in ELEMENT_BYTES:
+        raise ValueError(f"precision must be one of {sorted(ELEMENT_BYTES)}, got {config.precision!r}")
+    return config
+
+
 # ------------------------------------------------------------------------------ the CPU
 
 def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512)) -> Device:
@@ -402,4 +451,4 @@ def _describe(config: StepConfig) -> str:
 
 
 __all__ = ["BlockShape", "Cost", "DEVICES", "Device", "Prediction", "StepConfig", "StepShape",
-           "measure_cpu", "predict", "step_shape", "table"]
+           "PRESETS", "gpt_shape", "measure_cpu", "parse_config", "predict", "step_shape", "table"]
