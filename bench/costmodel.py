@@ -37,6 +37,7 @@ from grng.benchmark.schema import Row, append_rows, environment, load_text, run_
 
 SUITE = "costmodel"
 RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BAR = 0.30
 
 #: the configurations compared on the GPU (name -> StepConfig)
@@ -66,16 +67,35 @@ def shape_of(name: str) -> cm.StepShape:
                          lambda m, b: cpu_targets.loss_of(m, *b))
 
 
-def gpt2_shape() -> cm.StepShape:
-    """GPT-2 small at batch 8 x 1024, forward and backward under bf16 autocast."""
-    cfg = models.GPT_SIZES["gpt2-small"]
+def gpu_section() -> str:
+    """The GPU predictions as markdown (deterministic: no measurement): GPT-2 small on every
+    device of the model for every configuration of :data:`GPU_CONFIGS`, and the H100 component
+    tables."""
+    shape = cm.gpt_shape(*cm.PRESETS["gpt2-small"])
+    lines = ["GPT-2 small (bench/models.GPT sizes, tied head), batch 8 x 1024, forward and backward "
+             "under bf16 autocast; device rates from data sheets (`grng.benchmark.costmodel.DEVICES`; "
+             "eigh assumed until `bench/gpu_check.py` measures it):", "",
+             "| device | configuration | ms/step | AdamW ms | x AdamW |", "|---|---|---|---|---|"]
+    tables = []
+    for key, device in cm.DEVICES.items():
+        for label, cfg in GPU_CONFIGS.items():
+            pred = cm.predict(shape, cfg, device)
+            lines.append(f"| {device.name} | {label} | {pred.seconds * 1e3:.3g} | "
+                         f"{pred.adamw_seconds * 1e3:.3g} | {pred.ratio:.2f} |")
+            if key == "h100":
+                tables.append(f"#### {label}\n\n{cm.table(pred)}\n")
+    return "\n".join(lines + ["", "Component tables on the H100:", "", *tables]).rstrip() + "\n"
 
-    def loss(m: torch.nn.Module, b: tuple) -> torch.Tensor:
-        out = m(b[0])
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), b[0].reshape(-1))
-    return cm.step_shape(lambda: models.GPT(cfg),
-                         lambda d: (torch.randint(0, cfg.vocab, (8, cfg.context), device=d),),
-                         loss, "bf16")
+
+BEGIN, END = "<!-- costmodel:begin (bench/costmodel.py) -->", "<!-- costmodel:end -->"
+
+
+def write_docs(path: Path, section: str) -> None:
+    """Replace the marked block of docs/performance.md with ``section``."""
+    text = path.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
 
 
 def measure_steps(name: str, rounds: int, steps: int) -> dict[str, float]:
@@ -155,19 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                                 n=args.rounds, config="cpu calibration", **env))
         print(f"{name} done", flush=True)
     load1 = os.getloadavg()
-    gpt2 = gpt2_shape()
-    gpu_lines = ["| device | configuration | ms/step | AdamW ms | x AdamW |", "|---|---|---|---|---|"]
-    tables = []
+    section = gpu_section()
+    shape = cm.gpt_shape(*cm.PRESETS["gpt2-small"])
     for dev_key, device in cm.DEVICES.items():
         for label, cfg in GPU_CONFIGS.items():
-            pred = cm.predict(gpt2, cfg, device)
-            gpu_lines.append(f"| {device.name} | {label} | {pred.seconds * 1e3:.3g} | "
-                             f"{pred.adamw_seconds * 1e3:.3g} | {pred.ratio:.2f} |")
             rows.append(Row(suite=SUITE, name=cfg.family, provider="predicted",
                             metric="step_vs_adamw", unit="x", x_name="device", x_value=dev_key,
-                            p50=pred.ratio, config=f"gpt2-small {label}", **env))
-            if dev_key == "h100":
-                tables.append(f"### {label}\n\n{cm.table(pred)}\n")
+                            p50=cm.predict(shape, cfg, device).ratio,
+                            config=f"gpt2-small {label}", **env))
+    write_docs(DOCS, section)
     args.out.mkdir(parents=True, exist_ok=True)
     append_rows(args.out / f"{SUITE}.csv", rows)
     c = cpu
@@ -184,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
              f"## CPU calibration (K-FAC at the library defaults; bar: within {BAR:.0%})", "",
              *cal, "", f"Largest error: {worst:.0%} ({'within' if worst <= BAR else 'OUTSIDE'} "
              f"the bar).", "",
-             "## GPT-2 small, batch 8 x 1024, bf16 autocast forward/backward (predicted)", "",
-             *gpu_lines, "", "## H100 component tables", "", *tables]
+             "## Predictions (also in docs/performance.md)", "", section]
     (args.out / f"{SUITE}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

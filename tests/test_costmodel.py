@@ -120,3 +120,17 @@ def test_cli_predict_prints_the_component_table(capsys: pytest.CaptureFixture[st
     assert "refresh (3 Newton-Schulz steps)" in out and "x AdamW" in out
     with pytest.raises(SystemExit):
         main(["bench", "--predict", "h100", "--config", "inverse_every=ten"])
+
+
+def test_docs_block_is_what_the_script_writes() -> None:
+    """docs/performance.md's prediction block is bench/costmodel.py's output (no hand edits)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_costmodel", root / "bench" / "costmodel.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # type: ignore[union-attr]
+    text = (root / "docs" / "performance.md").read_text()
+    block = text.split(bench.BEGIN)[1].split(bench.END)[0]
+    assert block == "\n" + bench.gpu_section()
