@@ -210,6 +210,8 @@ def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         panels = plot(rows, out)
         print(f"wrote {out} ({panels} panels from {len(rows)} rows)")
         return 0
+    if ns.predict:
+        return _predict(ns, parser)
     if ns.compare:
         from grng.benchmark.compare import compare, format_pairs
 
@@ -258,6 +260,25 @@ def cmd_bench(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _predict(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Print the cost model's component table of one step (and AdamW's) for a preset model."""
+    from grng.benchmark import costmodel
+
+    device = costmodel.DEVICES.get(ns.predict)
+    if device is None:
+        parser.error(f"--predict: unknown device {ns.predict!r}; choose from {sorted(costmodel.DEVICES)}")
+    if ns.model not in costmodel.PRESETS:
+        parser.error(f"--model: unknown {ns.model!r}; choose from {sorted(costmodel.PRESETS)}")
+    try:
+        config = costmodel.parse_config(ns.config)
+    except (ValueError, TypeError) as err:
+        parser.error(f"--config: {err}")
+    shape = costmodel.gpt_shape(*costmodel.PRESETS[ns.model])
+    print(f"{ns.model}, bf16 autocast forward/backward; device rates: {device.source}")
+    print(costmodel.table(costmodel.predict(shape, config, device)))
+    return 0
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``grng`` (subcommands verify and bench)."""
@@ -295,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", nargs="+", metavar="CSV", help="draw these CSVs' rows to a PNG")
     b.add_argument("--out", help="PNG path for --plot (default: the first CSV's name .png)")
     b.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="new / old per matching row")
+    b.add_argument("--predict", metavar="DEVICE", help="print the cost model's prediction of one "
+                   "step on DEVICE (h100, h200, a100) instead of timing (docs/performance.md)")
+    b.add_argument("--model", default="gpt2-small", help="--predict's model preset (gpt2-small, "
+                   "gpt2-medium)")
+    b.add_argument("--config", help="--predict's optimizer configuration, key=value,... (family, "
+                   "inverse, factor_every, inverse_every, iterations, precision, fused_update)")
     return parser
 
 

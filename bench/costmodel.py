@@ -1,0 +1,210 @@
+"""The cost model (grng/benchmark/costmodel.py) against this machine, and its GPU predictions.
+
+    python bench/costmodel.py [--rounds 3] [--steps 10] [--models small,mlp,transformer]
+
+1. Calibration: this CPU as a device (``measure_cpu``: GEMM rates, copy bandwidth, the fixed cost
+   of one op, eigh latency + throughput), then per model of bench/cpu_targets.py the predicted
+   K-FAC (library defaults) and AdamW step times beside the measured ones (interleaved rounds, one
+   thread; the rates are measured in the same run, so a loaded machine loads both). The issue's
+   bar: within 30 %.
+2. Predictions: GPT-2 small (bench/models.py, batch 8 x 1024, bf16 autocast forward/backward) on
+   H100, H200 and A100 for the 0.3 defaults and the configurations the CUDA defaults are chosen
+   among, each with its component table.
+
+Rows of the one benchmark schema (suite ``costmodel``) append to ``bench/results/costmodel.csv``;
+``bench/results/costmodel.md`` is rewritten.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_targets  # noqa: E402
+import models  # noqa: E402
+
+import grng  # noqa: E402
+from grng.benchmark import costmodel as cm  # noqa: E402
+from grng.benchmark.schema import Row, append_rows, environment, load_text, run_header  # noqa: E402
+
+SUITE = "costmodel"
+RESULTS = Path(__file__).resolve().parent / "results"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+BAR = 0.30
+
+#: the configurations compared on the GPU (name -> StepConfig)
+GPU_CONFIGS: dict[str, cm.StepConfig] = {
+    "0.3 defaults (eigen, fp32, T=10, F=2)": cm.StepConfig(),
+    "newton 20 its, fp32 (0.3 sync-free newton)": cm.StepConfig(inverse="newton", iterations=20),
+    "newton 3 its warm, tf32, T=10": cm.StepConfig(inverse="newton", iterations=3,
+                                                    precision="tf32", fused_update=True),
+    "newton 3 its warm, tf32, T=20": cm.StepConfig(inverse="newton", iterations=3,
+                                                    inverse_every=20, precision="tf32",
+                                                    fused_update=True),
+    "newton 3 its warm, bf16, T=20": cm.StepConfig(inverse="newton", iterations=3,
+                                                    inverse_every=20, precision="bf16",
+                                                    fused_update=True),
+    "eigen, tf32, T=100": cm.StepConfig(inverse_every=100, precision="tf32", fused_update=True),
+    "eigenbasis member, QR refresh, tf32, T=20": cm.StepConfig(
+        family="ekfac", iterations=1, inverse_every=20, precision="tf32", fused_update=True),
+}
+
+
+def shape_of(name: str) -> cm.StepShape:
+    """The step shape of a bench/cpu_targets.py model (read on the meta device)."""
+    model, sample = cpu_targets.make_model(name)
+    x, y = sample(torch.Generator().manual_seed(0))
+    return cm.step_shape(lambda: cpu_targets.make_model(name)[0],
+                         lambda d: (x.to(d), y.to(d)),
+                         lambda m, b: cpu_targets.loss_of(m, *b))
+
+
+def gpu_section() -> str:
+    """The GPU predictions as markdown (deterministic: no measurement): GPT-2 small on every
+    device of the model for every configuration of :data:`GPU_CONFIGS`, and the H100 component
+    tables."""
+    shape = cm.gpt_shape(*cm.PRESETS["gpt2-small"])
+    lines = ["GPT-2 small (bench/models.GPT sizes, tied head), batch 8 x 1024, forward and backward "
+             "under bf16 autocast; device rates from data sheets (`grng.benchmark.costmodel.DEVICES`; "
+             "eigh assumed until `bench/gpu_check.py` measures it):", "",
+             "| device | configuration | ms/step | AdamW ms | x AdamW |", "|---|---|---|---|---|"]
+    tables = []
+    for key, device in cm.DEVICES.items():
+        for label, cfg in GPU_CONFIGS.items():
+            pred = cm.predict(shape, cfg, device)
+            lines.append(f"| {device.name} | {label} | {pred.seconds * 1e3:.3g} | "
+                         f"{pred.adamw_seconds * 1e3:.3g} | {pred.ratio:.2f} |")
+            if key == "h100":
+                tables.append(f"#### {label}\n\n{cm.table(pred)}\n")
+    return "\n".join(lines + ["", "Component tables on the H100:", "", *tables]).rstrip() + "\n"
+
+
+BEGIN, END = "<!-- costmodel:begin (bench/costmodel.py) -->", "<!-- costmodel:end -->"
+
+
+def write_docs(path: Path, section: str) -> None:
+    """Replace the marked block of docs/performance.md with ``section``."""
+    text = path.read_text()
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
+
+
+def measure_steps(name: str, rounds: int, steps: int) -> dict[str, float]:
+    """Median over rounds of the mean step time (s) of K-FAC (defaults) and AdamW, interleaved."""
+    torch.manual_seed(0)
+    base, sample = cpu_targets.make_model(name)
+    g = torch.Generator().manual_seed(1)
+    batches = [sample(g) for _ in range(4)]
+    runs = {}
+    for opt_name, make in (("kfac", grng.KFAC),
+                           ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))):
+        model, _ = cpu_targets.make_model(name)
+        model.load_state_dict(base.state_dict())
+        runs[opt_name] = (model, make(model))
+    times: dict[str, list[float]] = {k: [] for k in runs}
+
+    def step(model: torch.nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
+        x, y = batches[i % len(batches)]
+        opt.zero_grad()
+        cpu_targets.loss_of(model, x, y).backward()
+        opt.step()
+
+    for model, opt in runs.values():
+        for i in range(10):
+            step(model, opt, i)
+    for _ in range(rounds):
+        for k, (model, opt) in runs.items():
+            t = time.perf_counter()
+            for i in range(steps):
+                step(model, opt, i)
+            times[k].append((time.perf_counter() - t) / steps)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_config() -> cm.StepConfig:
+    """K-FAC's library defaults as the model sees them on the CPU (the ext fused update takes a
+    param group's tensors in one call)."""
+    opt = grng.KFAC(torch.nn.Linear(2, 2))
+    try:
+        return cm.StepConfig(factor_every=opt.factor_every, inverse_every=opt.inverse_every,
+                             fused_update=True)
+    finally:
+        opt.capture.remove()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="small,mlp,transformer")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    env = environment()
+    load0, t0 = os.getloadavg(), time.time()
+    cpu = cm.measure_cpu()
+    config = cpu_config()
+    rows: list[Row] = []
+    cal = ["| model | K-FAC predicted ms | measured ms | error | AdamW predicted ms | measured ms | "
+           "error | x AdamW predicted | measured |", "|---|---|---|---|---|---|---|---|---|"]
+    worst = 0.0
+    for name in args.models.split(","):
+        shape = shape_of(name)
+        pred = cm.predict(shape, config, cpu)
+        got = measure_steps(name, args.rounds, args.steps)
+        err_k = pred.seconds / got["kfac"] - 1.0
+        err_a = pred.adamw_seconds / got["adamw"] - 1.0
+        worst = max(worst, abs(err_k), abs(err_a))
+        cal.append(f"| {name} | {pred.seconds * 1e3:.3g} | {got['kfac'] * 1e3:.3g} | {err_k:+.0%} | "
+                   f"{pred.adamw_seconds * 1e3:.3g} | {got['adamw'] * 1e3:.3g} | {err_a:+.0%} | "
+                   f"{pred.ratio:.2f} | {got['kfac'] / got['adamw']:.2f} |")
+        for opt_name, p, m in (("kfac", pred.seconds, got["kfac"]),
+                               ("adamw", pred.adamw_seconds, got["adamw"])):
+            for provider, value in (("predicted", p), ("measured", m)):
+                rows.append(Row(suite=SUITE, name=opt_name, provider=provider, metric="full_step",
+                                unit="ms", x_name="model", x_value=name, p50=value * 1e3,
+                                n=args.rounds, config="cpu calibration", **env))
+        print(f"{name} done", flush=True)
+    load1 = os.getloadavg()
+    section = gpu_section()
+    shape = cm.gpt_shape(*cm.PRESETS["gpt2-small"])
+    for dev_key, device in cm.DEVICES.items():
+        for label, cfg in GPU_CONFIGS.items():
+            rows.append(Row(suite=SUITE, name=cfg.family, provider="predicted",
+                            metric="step_vs_adamw", unit="x", x_name="device", x_value=dev_key,
+                            p50=cm.predict(shape, cfg, device).ratio,
+                            config=f"gpt2-small {label}", **env))
+    write_docs(DOCS, section)
+    args.out.mkdir(parents=True, exist_ok=True)
+    append_rows(args.out / f"{SUITE}.csv", rows)
+    c = cpu
+    lines = ["# The cost model against this machine, and its GPU predictions "
+             "(`python bench/costmodel.py`)", "",
+             "Written by the script (module docstring).", "",
+             *(f"- {k}: {v}" for k, v in {**run_header(1), "grng": grng.__version__}.items()),
+             f"- {load_text(load0, load1)}; {args.rounds} rounds of {args.steps} steps; "
+             f"wall {time.time() - t0:.0f} s",
+             f"- this CPU as measured: fp32 {c.tflops['fp32'] * 1e3:.3g} GFLOP/s, fp64 "
+             f"{c.tflops['fp64'] * 1e3:.3g}, bf16 {c.tflops['bf16'] * 1e3:.3g}; copy "
+             f"{c.bandwidth_gbs:.3g} GB/s; {c.launch_us:.3g} us per op; eigh "
+             f"{c.eigh_latency_ms:.3g} ms + 9 n^3 at {c.eigh_tflops * 1e3:.3g} GFLOP/s", "",
+             f"## CPU calibration (K-FAC at the library defaults; bar: within {BAR:.0%})", "",
+             *cal, "", f"Largest error: {worst:.0%} ({'within' if worst <= BAR else 'OUTSIDE'} "
+             f"the bar).", "",
+             "## Predictions (also in docs/performance.md)", "", section]
+    (args.out / f"{SUITE}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

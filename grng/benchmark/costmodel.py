@@ -1,0 +1,454 @@
+"""A cost model of one optimizer step (docs/performance.md, "The cost model as code").
+
+Every component of a step is counted as (FLOPs, bytes moved, kernel launches) from the model's
+Kronecker blocks and the optimizer's configuration, and turned into time on a device by
+
+    t = launches * overhead + max(FLOPs / rate(precision), bytes / bandwidth),
+
+one roofline per component (eigh: a calibrated latency + throughput per call, since it runs at a
+few percent of peak and is not batched on CUDA above n = 32). AdamW's step is modelled the same
+way, so a prediction is always a ratio against AdamW on the same forward and backward.
+
+- :class:`Device`: rates as data (:data:`DEVICES`: H100 SXM, H200, A100 SXM from their data
+  sheets, with the achieved fraction of peak an assumption until ``bench/gpu_check.py`` measures
+  it), or measured on this machine (:func:`measure_cpu`).
+- :class:`StepShape`: what a step touches, read off a model by running one forward and backward
+  on the ``meta`` device (no memory, no arithmetic): blocks (d_A, d_G, dense sides, rows m),
+  parameter counts, forward + backward FLOPs (torch's FlopCounterMode) and aten op count.
+- :class:`StepConfig`: the optimizer's configuration (family, inverse, F, T, precision, ...).
+- :func:`predict`: component -> :class:`Cost`; :func:`table` prints it beside AdamW's.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+#: bytes per element of a precision's operands
+ELEMENT_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp64": 8}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Achieved rates of one device: TFLOP/s per precision (GEMM-class work), GB/s of memory,
+    microseconds of fixed cost per launched op, and eigh as latency + 9 n^3 / eigh_rate."""
+
+    name: str
+    tflops: dict[str, float]
+    bandwidth_gbs: float
+    launch_us: float
+    eigh_latency_ms: float
+    eigh_tflops: float
+    source: str = ""
+    #: AdamW's step as torch runs it here: multi-tensor (foreach, CUDA's default) or a loop of
+    #: about 12 ops per parameter tensor (the CPU's default)
+    adamw_foreach: bool = True
+
+    def rate(self, precision: str) -> float:
+        """FLOP/s at ``precision`` (fp32, tf32, bf16, fp64)."""
+        return self.tflops[precision] * 1e12
+
+    def eigh_seconds(self, n: int) -> float:
+        """One symmetric eigendecomposition of an n x n matrix (latency + throughput)."""
+        return self.eigh_latency_ms * 1e-3 + 9.0 * float(n) ** 3 / (self.eigh_tflops * 1e12)
+
+
+def _gpu(name: str, fp32: float, tf32: float, bf16: float, fp64: float, hbm: float,
+         eigh_tflops: float, source: str) -> Device:
+    """A GPU from its data-sheet peaks: GEMMs at 70 % of peak (SIMT fp32/fp64) and 60 % (tensor
+    cores), memory at 85 % of peak, 6 us per eager launch, eigh 3 ms + 9 n^3 at a few % of peak."""
+    return Device(name, {"fp32": 0.7 * fp32, "tf32": 0.6 * tf32, "bf16": 0.6 * bf16,
+                         "fp64": 0.7 * fp64}, 0.85 * hbm, 6.0, 3.0, eigh_tflops, source)
+
+
+#: data-sheet peaks (dense, TFLOP/s; GB/s): fp32 SIMT, tf32 / bf16 tensor cores, fp64 tensor.
+#: eigh_tflops: 9 n^3 per second of cuSOLVER syevd at n = 768-3072 (about 3 % of fp32 peak:
+#: the figure behind the 0.3 roofline of issue 22), an assumption until gpu_check measures it.
+DEVICES: dict[str, Device] = {
+    "h100": _gpu("H100 SXM", 67.0, 495.0, 989.0, 67.0, 3350.0, 2.0,
+                 "NVIDIA H100 SXM data sheet; eigh assumed"),
+    "h200": _gpu("H200", 67.0, 495.0, 989.0, 67.0, 4800.0, 2.0,
+                 "NVIDIA H200 data sheet; eigh assumed"),
+    "a100": _gpu("A100 SXM", 19.5, 156.0, 312.0, 19.5, 2039.0, 0.8,
+                 "NVIDIA A100 SXM data sheet; eigh assumed"),
+}
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """One Kronecker block: side sizes, which sides are dense, rows m folded per capture."""
+
+    name: str
+    d_a: int
+    d_g: int
+    a_dense: bool
+    g_dense: bool
+    rows: int
+
+    def dense_sides(self) -> list[int]:
+        """Sizes of the dense (d x d) factors of the block."""
+        return [d for d, dense in ((self.d_a, self.a_dense), (self.d_g, self.g_dense)) if dense]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one training step touches: blocks, parameters (P in all, those on the diagonal
+    fallback), forward + backward FLOPs and aten ops, and the element size of the model."""
+
+    blocks: tuple[BlockShape, ...]
+    params: int
+    diagonal_params: int
+    tensors: int
+    fwd_bwd_flops: float
+    fwd_bwd_ops: int
+    model_precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """An optimizer configuration as the model sees it. ``family``: adamw, kfac, ring, reng,
+    rkalman, ekfac; ``inverse``: eigen, newton, cholesky; ``iterations``: Newton-Schulz steps per
+    refresh; ``precision``: of the optimizer's GEMMs (fp32, tf32, bf16); ``fused_update``: one
+    multi-tensor launch for the update (else one per parameter); ``batched``: equal-shape blocks
+    share one launch; ``kalman_rank``: R-Kalman's k."""
+
+    family: str = "kfac"
+    inverse: str = "eigen"
+    factor_every: int = 2
+    inverse_every: int = 10
+    iterations: int = 20
+    precision: str = "fp32"
+    fused_update: bool = False
+    batched: bool = True
+    kalman_rank: int = 64
+
+
+@dataclass
+class Cost:
+    """Work of one component per step (amortized over F and T) and its predicted time."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    launches: float = 0.0
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class Prediction:
+    """Component -> cost of one step, the total, and AdamW's total on the same model."""
+
+    device: str
+    config: StepConfig
+    components: dict[str, Cost] = field(default_factory=dict)
+    adamw: dict[str, Cost] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.components.values())
+
+    @property
+    def adamw_seconds(self) -> float:
+        return sum(c.seconds for c in self.adamw.values())
+
+    @property
+    def ratio(self) -> float:
+        """Predicted step time over AdamW's."""
+        return self.seconds / self.adamw_seconds
+
+
+def _time(device: Device, cost: Cost, precision: str) -> Cost:
+    """Fill ``cost.seconds``: launches * overhead + max(FLOPs / rate, bytes / bandwidth)."""
+    compute = cost.flops / device.rate(precision) if cost.flops else 0.0
+    memory = cost.bytes / (device.bandwidth_gbs * 1e9) if cost.bytes else 0.0
+    cost.seconds = cost.launches * device.launch_us * 1e-6 + max(compute, memory)
+    return cost
+
+
+def _groups(sizes: Sequence[int], batched: bool) -> int:
+    """Launches for ops over ``sizes``: one per distinct size when batched, else one each."""
+    return len(set(sizes)) if batched else len(sizes)
+
+
+def _common(shape: StepShape, device: Device) -> Cost:
+    """Forward + backward: FLOPs at the model's precision, one launch per aten op."""
+    cost = Cost(shape.fwd_bwd_flops, 0.0, shape.fwd_bwd_ops)
+    return _time(device, cost, shape.model_precision)
+
+
+def predict(shape: StepShape, config: StepConfig, device: Device) -> Prediction:
+    """Per component of ``config``'s step on ``shape``: FLOPs, bytes, launches and seconds,
+    every term amortized per step (folds over F, refreshes over T); AdamW's beside it."""
+    out = Prediction(device.name, config)
+    P = shape.params
+    out.adamw["forward+backward"] = _common(shape, device)
+    # AdamW (foreach): ~15 FLOPs / element; reads p, g, m, v and writes p, m, v (fp32 state)
+    adamw_launches = 5.0 * math.ceil(shape.tensors / 64) if device.adamw_foreach else 12.0 * shape.tensors
+    out.adamw["update"] = _time(device, Cost(15.0 * P, 28.0 * P, adamw_launches), "fp32")
+    c = out.components
+    c["forward+backward"] = _common(shape, device)
+    if config.family == "adamw":
+        c["update"] = out.adamw["update"]
+        return out
+    F, T, p = config.factor_every, config.inverse_every, config.precision
+    eb = ELEMENT_BYTES[p]
+    blocks = shape.blocks
+    rows_elems = sum(b.rows * (b.d_a + b.d_g) for b in blocks)
+    # captured rows: the bias column appended to A (a copy of the A rows), on capturing steps
+    c["capture"] = _time(device, Cost(0.0, 2.0 * 4 * sum(b.rows * b.d_a for b in blocks) / F,
+                                      2.0 * len(blocks) / F), "fp32")
+    # one finite check over gradients, loss and the captured rows
+    c["checks"] = _time(device, Cost(P + rows_elems / F, 4.0 * (P + rows_elems / F),
+                                     3.0 + 2.0 * len(blocks) / F), "fp32")
+    dense = [(b, d) for b in blocks for d in b.dense_sides()]
+    if config.family == "rkalman":
+        k = config.kalman_rank
+        fl = sum(2.0 * k * b.rows * d + 3.0 * d * d * k + 2.0 * k * k * d + k ** 3 / 3.0
+                 for b, d in dense)
+        by = sum(4.0 * (b.rows * d + 3 * d * d + k * d) for b, d in dense)
+        c["fold"] = _time(device, Cost(fl / F, by / F, 8.0 * len(dense) / F), p)
+    else:
+        fl = sum(b.rows * d * d for b, d in dense)  # one triangle of X^T X
+        by = sum(eb * b.rows * d + 4.0 * 2 * d * d for b, d in dense)
+        launches = _groups([d for _, d in dense], config.batched)
+        c["fold"] = _time(device, Cost(fl / F, by / F, 2.0 * launches / F), p)
+    c["refresh"] = _refresh(dense, config, device)
+    c["apply"] = _apply(blocks, config, device)
+    if config.family == "ekfac":  # Adam moments in the eigenbasis: ~12 FLOPs, 5 reads/writes each
+        n = sum(b.d_a * b.d_g for b in blocks)
+        c["moments"] = _time(device, Cost(12.0 * n, 4.0 * 5 * n, 4.0 * len(blocks)), "fp32")
+    Pd = shape.diagonal_params
+    c["diagonal"] = _time(device, Cost(6.0 * Pd, 4.0 * 4 * Pd, 3.0 * max(1, shape.tensors - len(blocks))),
+                          "fp32")
+    launches = 2.0 if config.fused_update else 4.0 * shape.tensors
+    c["update"] = _time(device, Cost(10.0 * P, 4.0 * 6 * P, launches), "fp32")
+    if config.family == "reng":  # a second forward and backward (finite differences)
+        c["probe pass"] = _common(shape, device)
+    return out
+
+
+def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Device) -> Cost:
+    """The inverse (or basis) refresh of every dense factor, amortized over T."""
+    T, p = config.inverse_every, config.precision
+    sizes = [d for _, d in dense]
+    if config.family == "rkalman":
+        return Cost(note="none (Kalman)")
+    if config.family == "ekfac" or config.inverse == "eigen":
+        if config.family == "ekfac" and config.iterations > 0:
+            # warm-started subspace iteration: M Q (2 d^3) then a QR (~4/3 d^3, at SIMT rate)
+            gemm = Cost(sum(2.0 * d ** 3 for d in sizes) / T,
+                        sum(4.0 * 3 * d * d for d in sizes) / T, _groups(sizes, True) / T)
+            _time(device, gemm, p)
+            qr = sum(device.eigh_latency_ms * 1e-3 / 3 + (4.0 / 3.0) * d ** 3 / device.rate("fp32")
+                     / 0.25 for d in sizes) / T
+            return Cost(gemm.flops + sum(4.0 / 3.0 * d ** 3 for d in sizes) / T, gemm.bytes,
+                        gemm.launches + len(sizes) / T, gemm.seconds + qr, "GEMM + QR")
+        seconds = sum(device.eigh_seconds(d) for d in sizes) / T
+        return Cost(sum(9.0 * d ** 3 for d in sizes) / T, sum(4.0 * 3 * d * d for d in sizes) / T,
+                    len(sizes) / T, seconds, "eigh")
+    if config.inverse == "newton":
+        i = config.iterations
+        cost = Cost(sum(4.0 * i * d ** 3 for d in sizes) / T,
+                    sum(4.0 * 4 * i * d * d for d in sizes) / T,
+                    6.0 * i * _groups(sizes, config.batched) / T, note=f"{i} Newton-Schulz steps")
+        return _time(device, cost, p)
+    # cholesky: potrf + potri, d^3 FLOPs at a quarter of the SIMT rate (factorization kernels)
+    cost = Cost(sum(float(d) ** 3 for d in sizes) / T, sum(4.0 * 3 * d * d for d in sizes) / T,
+                3.0 * len(sizes) / T, note="Cholesky")
+    cost.seconds = cost.launches * device.launch_us * 1e-6 + cost.flops / (0.25 * device.rate("fp32"))
+    return cost
+
+
+def _apply(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
+    """P(V) per block: the eigenbasis sandwich (4 GEMMs) or X_G V X_A (2 GEMMs)."""
+    eigen = config.family == "ekfac" or (config.inverse == "eigen" and config.family != "rkalman")
+    gemms = 4.0 if eigen else 2.0
+    fl = by = 0.0
+    for b in blocks:
+        # a diagonal side is a scaling: its GEMM pair costs d_G d_A instead of 2 d d_G d_A
+        a = b.d_a if b.a_dense else 0
+        g = b.d_g if b.g_dense else 0
+        fl += gemms * b.d_g * b.d_a * (a + g) + 2.0 * b.d_g * b.d_a
+        by += 4.0 * (3 * b.d_g * b.d_a + a * a + g * g) * (2 if eigen else 1)
+    shapes = [(b.d_a, b.d_g) for b in blocks]
+    launches = (gemms + 1) * (len(set(shapes)) if config.batched else len(blocks))
+    return _time(device, Cost(fl, by, launches), config.precision)
+
+
+# ------------------------------------------------------------------------------- shapes
+
+class _OpCounter(TorchDispatchMode):
+    """Counts aten ops dispatched (a launch each on a GPU, a fixed overhead each on the CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_shape(build: Callable[[], nn.Module], batch: Callable[[torch.device], tuple[Tensor, ...]],
+               loss: Callable[[nn.Module, tuple[Tensor, ...]], Tensor],
+               model_precision: str = "fp32", max_factor_dim: int | None = None) -> StepShape:
+    """Read a step's shape off a model on the ``meta`` device: ``build()`` makes the model (it
+    is built under ``torch.device("meta")``), ``batch(device)`` the inputs, ``loss`` the loss.
+    A K-FAC optimizer's capture lists the blocks and the rows each folds; FlopCounterMode counts
+    forward + backward FLOPs and the dispatch counter its aten ops."""
+    from grng.optim.kfac import KFAC  # the optimizer package sits above grng.benchmark
+
+    meta = torch.device("meta")
+    with meta:
+        model = build()
+    kwargs = {} if max_factor_dim is None else {"max_factor_dim": max_factor_dim}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = KFAC(model, **kwargs)
+    try:
+        counter = _OpCounter()
+        with FlopCounterMode(display=False) as flops, counter:
+            loss(model, batch(meta)).backward()
+        blocks = []
+        for layer, name in zip(opt.capture.layers, opt.capture.names):
+            rows = opt.capture.rows(layer)
+            m = 0 if rows is None or rows[1] is None else int(rows[1].X.shape[0])
+            d_g, d_a = layer.dims()
+            blocks.append(BlockShape(name, d_a, d_g, not layer.a_factor.diagonal,
+                                     not layer.g_factor.diagonal, m))
+        covered = {id(p) for layer in opt.capture.layers for p in layer.params}
+        params = [p for p in model.parameters() if p.requires_grad]
+        return StepShape(tuple(blocks), sum(p.numel() for p in params),
+                         sum(p.numel() for p in params if id(p) not in covered), len(params),
+                         float(flops.get_total_flops()), counter.count, model_precision)
+    finally:
+        opt.capture.remove()
+
+
+def gpt_shape(layers: int, width: int, vocab: int, context: int, batch: int,
+              model_precision: str = "bf16") -> StepShape:
+    """A GPT-2-style causal transformer (bench/models.GPT: tied head, learned positions,
+    pre-norm blocks of qkv, proj, fc 4x, out) at ``batch`` x ``context`` tokens, counted
+    analytically: forward = 2 (12 L d^2 + d V) + 4 T d L FLOPs per token, backward twice that;
+    about 150 aten ops per layer (what the meta-device run of bench/models.GPT counts)."""
+    d, m = width, batch * context
+    blocks = [BlockShape("tok", vocab, d, False, True, m),  # an embedding's A is diagonal
+              BlockShape("pos", context, d, False, True, context)]  # one row per position
+    for i in range(layers):
+        for name, d_a, d_g in (("qkv", d + 1, 3 * d), ("proj", d + 1, d), ("fc", d + 1, 4 * d),
+                               ("out", 4 * d + 1, d)):
+            blocks.append(BlockShape(f"blocks.{i}.{name}", d_a, d_g, True, True, m))
+    norms = (2 * layers + 1) * 2 * d
+    params = layers * (12 * d * d + 9 * d) + (vocab + context) * d + norms
+    per_token = 2.0 * (12 * layers * d * d + d * vocab) + 4.0 * context * d * layers
+    return StepShape(tuple(blocks), params, norms, 4 * layers * 2 + 2 + 2 * (2 * layers + 1),
+                     3.0 * per_token * m, 150 * layers + 80, model_precision)
+
+
+#: transformer presets for ``grng bench --predict``: (layers, width, vocab, context, batch)
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "gpt2-small": (12, 768, 50257, 1024, 8),
+    "gpt2-medium": (24, 1024, 50257, 1024, 8),
+}
+
+
+def parse_config(text: str | None) -> StepConfig:
+    """A StepConfig from "key=value,..." (keys: the dataclass's fields); ValueError naming a bad
+    key or value."""
+    kwargs: dict[str, object] = {}
+    names = {f.name: f for f in fields(StepConfig)}
+    for part in filter(None, (text or "").split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"config entry {part!r}: expected key=value with key one of {sorted(names)}")
+        default = getattr(StepConfig(), key)
+        if isinstance(default, bool):
+            kwargs[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            kwargs[key] = int(value)
+        else:
+            kwargs[key] = value
+    config = StepConfig(**kwargs)  # type: ignore[arg-type]
+    if config.precision not in ELEMENT_BYTES:
+        raise ValueError(f"precision must be one of {sorted(ELEMENT_BYTES)}, got {config.precision!r}")
+    return config
+
+
+# ------------------------------------------------------------------------------ the CPU
+
+def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512)) -> Device:
+    """This machine as a :class:`Device`: float32/float64 GEMM rates at the larger size, copy
+    bandwidth, the fixed cost of one small op, and eigh's latency + throughput fitted to the
+    two sizes (medians of a few calls; one torch thread unless ``threads`` says otherwise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        def best(fn: Callable[[], object], reps: int = 5) -> float:
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return sorted(times)[len(times) // 2]
+
+        n = max(sizes)
+        rates = {}
+        for name, dt in (("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+            a @ b
+            rates[name] = 2.0 * n ** 3 / best(lambda: a @ b) / 1e12
+        rates["tf32"] = rates["fp32"]
+        src, dst = torch.randn(1 << 24), torch.empty(1 << 24)
+        bandwidth = 2.0 * 4 * (1 << 24) / best(lambda: dst.copy_(src)) / 1e9
+        x = torch.randn(8)
+        launch = best(lambda: [x.add(1.0) for _ in range(1000)]) / 1000 * 1e6
+        t = []
+        for d in sizes:
+            m = torch.randn(d, d, dtype=torch.float32)
+            m = m @ m.T + d * torch.eye(d)
+            t.append(best(lambda: torch.linalg.eigh(m), reps=3))
+        (d0, d1), (t0, t1) = sizes, t
+        per = max((t1 - t0) / (9.0 * (d1 ** 3 - d0 ** 3)), 1e-15)
+        latency = max(t0 - 9.0 * d0 ** 3 * per, 0.0)
+        return Device(f"cpu ({threads} thread{'s' if threads > 1 else ''})", rates, bandwidth,
+                      launch, latency * 1e3, 1.0 / per / 1e12, "measured by measure_cpu",
+                      adamw_foreach=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------- report
+
+def table(pred: Prediction) -> str:
+    """A markdown table: component, GFLOP, MB, launches, ms, share, per step; AdamW below."""
+    lines = [f"{pred.device}: {pred.config.family} ({_describe(pred.config)})", "",
+             "| component | GFLOP | MB | launches | ms | share |", "|---|---|---|---|---|---|"]
+    total = pred.seconds
+    for name, c in pred.components.items():
+        note = f" ({c.note})" if c.note else ""
+        lines.append(f"| {name}{note} | {c.flops / 1e9:.3g} | {c.bytes / 1e6:.3g} | "
+                     f"{c.launches:.3g} | {c.seconds * 1e3:.3g} | {c.seconds / total:.0%} |")
+    lines.append(f"| **step** | | | | **{total * 1e3:.3g}** | |")
+    lines.append(f"| AdamW step | | | | {pred.adamw_seconds * 1e3:.3g} | |")
+    lines.append(f"| **x AdamW** | | | | **{pred.ratio:.2f}** | |")
+    return "\n".join(lines)
+
+
+def _describe(config: StepConfig) -> str:
+    if config.family == "adamw":
+        return "torch defaults"
+    inverse = "QR refresh" if config.family == "ekfac" else config.inverse
+    iters = f", {config.iterations} its" if inverse in ("newton", "QR refresh") else ""
+    return (f"{inverse}{iters}, F={config.factor_every}, T={config.inverse_every}, "
+            f"{config.precision}, {'fused' if config.fused_update else 'per-tensor'} update")
+
+
+__all__ = ["BlockShape", "Cost", "DEVICES", "Device", "Prediction", "StepConfig", "StepShape",
+           "PRESETS", "gpt_shape", "measure_cpu", "parse_config", "predict", "step_shape", "table"]
