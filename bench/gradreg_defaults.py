@@ -1,6 +1,7 @@
 """GradReg's default gamma and epsilon, chosen by measurement (issue 24 item 7).
 
-    python bench/gradreg_defaults.py                      # the committed run
+    python bench/gradreg_defaults.py --steps 240,180 --gammas 0.001,0.003,0.01,0.03  # committed
+    python bench/gradreg_defaults.py --steps 60 --tag 60steps       # the short-horizon run
     python bench/gradreg_defaults.py --seeds 1 --steps 10 --out /tmp/g   # a smoke run
 
 GradReg(AdamW, gamma, epsilon, mode="forward", model=model) against plain AdamW (the same
@@ -12,12 +13,14 @@ learning rate, batches and initialization per seed) on two tasks:
   default dropout 0.1, no download) on the bytes of the standard library's ``textwrap.py``
   (blocks of 32, first 90 % train, the rest validation), batch 8, AdamW lr 3e-3.
 
-Each (gamma, epsilon) of the grid trains every task for ``--steps`` steps with every seed;
+Each (gamma, epsilon) of the grid (``--gammas`` x ``--epsilons``) trains every task for its
+``--steps`` (one number, or one per task) with every seed;
 the score is the validation loss at the end (median over seeds; digits also report accuracy).
 A cell's relative score on a task is its median validation loss divided by AdamW's; the default
 is the cell with the smallest mean relative score over the tasks (reported with its per-task
 ratios, so "no better than AdamW" shows when it is the case). Writes ``gradreg_defaults.csv``
-(grng's benchmark schema) and ``gradreg_defaults.md`` under ``--out`` (default bench/results).
+(grng's benchmark schema) and ``gradreg_defaults.md`` under ``--out`` (default bench/results;
+``--tag T`` appends ``_T`` to both names).
 One torch thread; the load average is recorded, since other jobs share the CPU.
 """
 from __future__ import annotations
@@ -139,23 +142,31 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="bn-cnn,gpt2")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", default="60", help="steps, one number or one per task")
+    parser.add_argument("--gammas", default=",".join(map(str, GAMMAS)))
+    parser.add_argument("--epsilons", default=",".join(map(str, EPSILONS)))
+    parser.add_argument("--tag", default="")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_start = os.getloadavg()
     env = environment("cpu")
-    cells: list[tuple[float, float] | None] = [None, *itertools.product(GAMMAS, EPSILONS)]
+    tasks = args.tasks.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    args.steps_of = dict(zip(tasks, steps * len(tasks) if len(steps) == 1 else steps))
+    grid = itertools.product(map(float, args.gammas.split(",")),
+                             map(float, args.epsilons.split(",")))
+    cells: list[tuple[float, float] | None] = [None, *grid]
     results: dict[tuple[str, tuple[float, float] | None], list[tuple]] = {}
     rows = []
-    for name in args.tasks.split(","):
+    for name in tasks:
         task = Task(name)
         for cell in cells:
-            runs = [train(task, seed, args.steps, cell) for seed in range(args.seeds)]
+            runs = [train(task, seed, args.steps_of[name], cell) for seed in range(args.seeds)]
             results[(name, cell)] = runs
             label = "adamw" if cell is None else f"gradreg-g{cell[0]}-e{cell[1]}"
             losses = [r[0] for r in runs]
-            config = (f"steps={args.steps} seeds={args.seeds} lr={LR}"
+            config = (f"steps={args.steps_of[name]} seeds={args.seeds} lr={LR}"
                       + ("" if cell is None else f" gamma={cell[0]} epsilon={cell[1]} forward"))
             rows.append(Row(SUITE, name, label, "val_loss", "nats", statistics.median(losses),
                             p20=min(losses), p80=max(losses), n=len(runs), config=config, **env))
@@ -170,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
             print(name, label, [round(v, 4) for v in losses], flush=True)
     load_end = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    replace_rows(args.out / "gradreg_defaults.csv", rows)
-    (args.out / "gradreg_defaults.md").write_text(
+    stem = "gradreg_defaults" + (f"_{args.tag}" if args.tag else "")
+    replace_rows(args.out / f"{stem}.csv", rows)
+    (args.out / f"{stem}.md").write_text(
         summary(results, args, load_text(load_start, load_end)))
 
 
@@ -187,7 +199,7 @@ def summary(results: dict, args: argparse.Namespace, load: str) -> str:
     lines = [f"# GradReg defaults (`bench/gradreg_defaults.py`)", "",
              f"{header['date']}; {header['machine']}; torch {header['torch']}; {load} "
              "(a shared 2-core machine: timings are indicative only).", "",
-             f"{args.steps} steps, {args.seeds} seeds (seed fixes the initialization and the "
+             f"Steps {', '.join(f'{t} {n}' for t, n in args.steps_of.items())}; {args.seeds} seeds (seed fixes the initialization and the "
              f"batches, shared by every cell), AdamW lr {LR}; GradReg = GradReg(AdamW, gamma, "
              "epsilon, mode='forward', model=model). Median validation loss at the end "
              "(min-max over seeds); ratio = median / AdamW's median.", "",

@@ -256,6 +256,18 @@ def test_reng_at_its_defaults_trains_a_tiny_llama_in_grng_trainer(tmp_path: Path
     assert after < 0.97 * before, (before, after)
 
 
+def test_the_plain_trainer_with_a_two_pass_optimizer_points_to_grng_trainer(tmp_path: Path
+                                                                            ) -> None:
+    """The plain Trainer calls step() without a closure (through accelerate's wrapper): the
+    error names GRNGTrainer."""
+    model = _gpt2()
+    opt = grng.RENG(model, lr=0.05, damping=0.05, gr="forward")
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1),
+                      train_dataset=_Text(_chunks()), optimizers=(opt, None))
+    with pytest.raises(ValueError, match="needs a closure.*GRNGTrainer"):
+        trainer.train()
+
+
 def test_max_grad_norm_disagreement_is_refused(tmp_path: Path) -> None:
     model = _gpt2()
     opt = grng.RENG(model, lr=0.05, damping=0.05, gr="forward", max_grad_norm=0.5)
