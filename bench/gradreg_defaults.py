@@ -1,6 +1,6 @@
 """GradReg's default gamma and epsilon, chosen by measurement (issue 24 item 7).
 
-    python bench/gradreg_defaults.py --steps 240,180 --gammas 0.001,0.003,0.01,0.03  # committed
+    python bench/gradreg_defaults.py --steps 240,180 --gammas 0.001,0.003,0.01,0.03 --epsilons 0.05
     python bench/gradreg_defaults.py --steps 60 --tag 60steps       # the short-horizon run
     python bench/gradreg_defaults.py --seeds 1 --steps 10 --out /tmp/g   # a smoke run
 

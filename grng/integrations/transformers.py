@@ -134,7 +134,7 @@ class GRNGTrainer(Trainer):
         if optimizer is None:
             return super().training_step(model, inputs, num_items_in_batch)
         exact = _double_backprop(optimizer)
-        rng = RngState.capture()
+        rng = RngState.capture(model.parameters())
         with _capture_paused(optimizer) if exact else contextlib.nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._window.append(_MicroBatch(model, inputs, num_items_in_batch, loss, rng))

@@ -22,8 +22,8 @@ is wrapped for the duration of that one call) so that H g can be differentiated 
 model without a double backward (CPU flash attention, a compiled model) falls back to
 ``"forward"`` with one warning (:class:`RegularizedGradient`).
 
-The probe pass sees the first pass's randomness: the CPU and CUDA generators are set back to
-their states before the first call (:class:`RngState`), so dropout draws the same masks at theta
+The probe pass sees the first pass's randomness: the CPU generator and those of the parameters'
+CUDA devices are set back to their states before the first call (:class:`RngState`), so dropout draws the same masks at theta
 and at the probe point, as SAM implementations do; otherwise the mask-to-mask difference of the
 two gradients, multiplied by gamma/eps, would dominate the finite difference.
 
@@ -137,23 +137,24 @@ def no_double_backward(err: BaseException) -> bool:
 
 @dataclass
 class RngState:
-    """The CPU generator's state and, where CUDA is initialized, every CUDA device's: the probe
-    pass replays the first pass's randomness (dropout masks), as SAM implementations do."""
+    """The CPU generator's state and the states of the CUDA devices the parameters are on: the
+    probe pass replays the first pass's randomness (dropout masks), as SAM implementations do."""
 
     cpu: Tensor
-    cuda: list[Tensor] | None
+    cuda: dict[int, Tensor]
 
     @classmethod
-    def capture(cls) -> "RngState":
-        """The current states (host-side copies; no device synchronization)."""
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        return cls(torch.get_rng_state(), cuda)
+    def capture(cls, params: Iterable[Tensor] = ()) -> "RngState":
+        """The current states (host-side copies of seed and offset on CUDA: no device
+        synchronization), CUDA for the devices of ``params``."""
+        devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        return cls(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in devices})
 
     def restore(self) -> None:
         """Set the generators back to the captured states."""
         torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
+        for i, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, i)
 
 
 #: the frameworks whose frames ``step`` may be called from, outermost meaning first, and what a
@@ -414,7 +415,7 @@ class RegularizedGradient:
                   amp: _Amp | None, restart: Callable[[], None]
                   ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         trainable = [p for p in params if p.requires_grad]
-        rng = RngState.capture()
+        rng = RngState.capture(trainable)
         if self.mode == "exact" and self.gamma != 0:
             for p in params:
                 p.grad = None
