@@ -115,6 +115,51 @@ def test_gradreg_exact_falls_back_too(where: str) -> None:
     assert losses[-1] < losses[0], losses
 
 
+class _NoGraphBackward(nn.Module):
+    """An MLP whose backward refuses create_graph=True inside the pass at theta, with the
+    message torch.compile's donated buffers give (inductor raises it in the closure's
+    backward, not in the Hessian-vector pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 16).to(F64), nn.Linear(16, 3).to(F64)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc1(x)
+        if h.requires_grad:
+            h.register_hook(self._refuse_graph)
+        return self.fc2(torch.tanh(h))
+
+    @staticmethod
+    def _refuse_graph(grad: Tensor) -> None:
+        if torch.is_grad_enabled():  # the engine enables grad mode only for create_graph=True
+            raise RuntimeError("This backward function was compiled with non-empty donated "
+                               "buffers which requires create_graph=False and retain_graph=False")
+
+
+def test_a_failed_pass_at_theta_is_rerun_as_a_finite_difference() -> None:
+    """When the pass at theta itself fails under create_graph=True, RENG() drops what it
+    captured, reruns it without the graph and takes the F-GR step: factors and parameters equal
+    RENG(gr="forward")'s, with one warning."""
+    model, twin = _NoGraphBackward(), _NoGraphBackward()
+    x = torch.randn(32, 6, dtype=F64, generator=torch.Generator().manual_seed(5))
+    y = (x[:, 0] > 0).long()
+    opt = RENG(model, lr=0.05, damping=0.05, factor_every=1, inverse_every=1)
+    ref = RENG(twin, lr=0.05, damping=0.05, factor_every=1, inverse_every=1, gr="forward")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(make_closure(opt, lambda: F.cross_entropy(model(x), y)))
+            ref.step(make_closure(ref, lambda: F.cross_entropy(twin(x), y)))
+    assert len(_fallback_warnings(record)) == 1 and opt.gr == "forward"
+    for a, b in zip(opt.layers, ref.layers):
+        for key in ("A", "G"):
+            assert torch.equal(opt.layer_state(a)[key], ref.layer_state(b)[key])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 # ----------------------------------------------------------------- dropout masks replayed
 class _Masks:
     """Records, per forward of each nn.Dropout of a model, which outputs were dropped."""

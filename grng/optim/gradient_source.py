@@ -22,10 +22,11 @@ is wrapped for the duration of that one call) so that H g can be differentiated 
 model without a double backward (CPU flash attention, a compiled model) falls back to
 ``"forward"`` with one warning (:class:`RegularizedGradient`).
 
-The probe pass sees the first pass's randomness: the CPU generator and those of the parameters'
-CUDA devices are set back to their states before the first call (:class:`RngState`), so dropout draws the same masks at theta
-and at the probe point, as SAM implementations do; otherwise the mask-to-mask difference of the
-two gradients, multiplied by gamma/eps, would dominate the finite difference.
+The probe pass sees the first pass's randomness: the CPU generator and those of the
+parameters' CUDA devices are set back to their states before the first call
+(:class:`RngState`), so dropout draws the same masks at theta and at the probe point, as SAM
+implementations do; otherwise the mask-to-mask difference of the two gradients, multiplied by
+gamma/eps, would dominate the finite difference.
 
 Every gradient is averaged through the communicator's ``average`` hook (the identity in one
 process; the mean over ranks under data parallelism, where all passes run inside the
