@@ -42,7 +42,8 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grng  # noqa: E402
-from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
+from grng.benchmark.schema import (Row, environment, load_text, replace_rows,  # noqa: E402
+                                   run_header)
 from grng.demo.data import load_digits_splits  # noqa: E402
 
 SUITE = "gradreg_defaults"
@@ -199,11 +200,13 @@ def summary(results: dict, args: argparse.Namespace, load: str) -> str:
     lines = [f"# GradReg defaults (`bench/gradreg_defaults.py`)", "",
              f"{header['date']}; {header['machine']}; torch {header['torch']}; {load} "
              "(a shared 2-core machine: timings are indicative only).", "",
-             f"Steps {', '.join(f'{t} {n}' for t, n in args.steps_of.items())}; {args.seeds} seeds (seed fixes the initialization and the "
-             f"batches, shared by every cell), AdamW lr {LR}; GradReg = GradReg(AdamW, gamma, "
+             f"Steps {', '.join(f'{t} {n}' for t, n in args.steps_of.items())}; {args.seeds} "
+             "seeds (seed fixes the initialization and the batches, shared by every cell), "
+             f"AdamW lr {LR}; GradReg = GradReg(AdamW, gamma, "
              "epsilon, mode='forward', model=model). Median validation loss at the end "
              "(min-max over seeds); ratio = median / AdamW's median.", "",
-             "| cell | " + " | ".join(f"{t} val loss | {t} ratio" for t in tasks) + " | mean ratio |",
+             "| cell | " + " | ".join(f"{t} val loss | {t} ratio" for t in tasks)
+             + " | mean ratio |",
              "|---|" + "---|---|" * len(tasks) + "---|"]
     for (_, cell) in [(None, None), *[(None, c) for c in ratios]]:
         parts = []

@@ -25,7 +25,8 @@ from grng.optim.gradient_source import (MODES, GradientWatch, RegularizedGradien
 from grng.optim.validation import grad_scaler as _check_scaler
 from grng.optim.validation import optional_positive
 
-__all__ = ["DEFAULT_EPSILON", "DEFAULT_GAMMA", "MODES", "GradReg", "flood", "regularized_gradient"]
+__all__ = ["DEFAULT_EPSILON", "DEFAULT_GAMMA", "MODES", "GradReg", "flood",
+           "regularized_gradient"]
 
 #: the defaults, measured by bench/gradreg_defaults.py (bench/results/gradreg_defaults.md)
 DEFAULT_GAMMA = 0.003

@@ -96,7 +96,8 @@ def model_first(owner: str, value: object) -> str:
     message = f"{owner}: model must be a torch.nn.Module, got {got}"
     if isinstance(value, (list, tuple, dict)) or hasattr(value, "__next__"):
         message += (f". {owner} takes the model first (it finds the layers to precondition in it) "
-                    f"and param groups as a keyword: {owner}(model, lr=..., param_groups=["
+                    f"and param groups as a keyword: {owner}(model, lr=..., "
+                    "param_groups=["
                     "{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, "
                     "'weight_decay': 0.0}]) (each group a subset of model.parameters())")
     return message
