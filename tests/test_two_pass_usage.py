@@ -115,6 +115,35 @@ def test_gradreg_exact_falls_back_too(where: str) -> None:
     assert losses[-1] < losses[0], losses
 
 
+def test_the_fallback_under_a_grad_scaler_equals_forward_with_it() -> None:
+    """With a GradScaler (closure recipe) the fallen-back step unscales g once and equals
+    RENG(gr="forward", grad_scaler=...)'s step; the scale is unchanged (no inf)."""
+    model = _encoder()
+    twin = copy.deepcopy(model)
+    x, y = _encoder_data()
+    runs = []
+    for net, gr in ((model, "exact"), (twin, "forward")):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        opt = RENG(net, lr=0.05, damping=0.05, gr=gr, grad_scaler=scaler)
+
+        def closure(net: nn.Module = net, opt: RENG = opt,
+                    scaler: torch.amp.GradScaler = scaler) -> Tensor:
+            opt.zero_grad()
+            loss = _encoder_loss(net, x, y)
+            scaler.scale(loss).backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(2):
+                opt.step(closure)
+                scaler.update()
+        runs.append((opt, scaler))
+    assert runs[0][0].gr == "forward" and runs[0][1].get_scale() == 2.0 ** 10
+    for p, q in zip(twin.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
 class _NoGraphBackward(nn.Module):
     """An MLP whose backward refuses create_graph=True inside the pass at theta, with the
     message torch.compile's donated buffers give (inductor raises it in the closure's
