@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_EPSILON", "DEFAULT_GAMMA", "MODES", "GradReg", "flood",
            "regularized_gradient"]
 
 #: the defaults, measured by bench/gradreg_defaults.py (bench/results/gradreg_defaults.md)
-DEFAULT_GAMMA = 0.003
+DEFAULT_GAMMA = 0.01
 DEFAULT_EPSILON = 0.05
 
 
