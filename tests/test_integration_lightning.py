@@ -257,6 +257,26 @@ def test_the_probe_pass_replays_dropout_in_lightning(name: str) -> None:
     assert _loss(module.net.eval()) < 0.85 * before
 
 
+class _ManualWithoutClosure(_Manual):
+    """Manual optimization that forgets the closure of a two-pass optimizer."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]))
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["reng", "gradreg"])
+def test_manual_step_without_closure_gives_lightning_recipe(name: str) -> None:
+    """manual_backward then opt.step() (Lightning hands step an empty closure): refused, naming
+    Lightning's recipe (manual_backward inside the closure), not the Hugging Face Trainer's."""
+    with pytest.raises(ValueError, match="outside the closure") as err:
+        _trainer().fit(_ManualWithoutClosure(OPTIMIZERS[name]), _loader())
+    assert "self.manual_backward(loss)" in str(err.value)
+    assert "Trainer use" not in str(err.value)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_manual_optimization_is_a_plain_loop(name: str) -> None:
     """manual_backward + opt.step() (opt.step(closure) for RENG and GradReg) gives the
