@@ -235,6 +235,13 @@ class GradientWatch:
                     f"{framework_hint()}")
 
 
+def _loss_required() -> ValueError:
+    """The error of a two-pass evaluation whose closure returned None."""
+    return ValueError("a two-pass gradient (RENG, GradReg) needs a closure that returns the "
+                      "loss: it calls the closure again at the probe point (or differentiates "
+                      f"through its backward); {framework_hint()}")
+
+
 def _refuse_sparse(params: Sequence[Tensor]) -> None:
     """ValueError if a gradient is sparse: the probe point theta + eps g needs a dense g."""
     for p in params:
@@ -292,8 +299,7 @@ def _closure_gradient(closure: Callable[[], Tensor], params: Sequence[Tensor],
         p.grad = None
     loss = call_closure(closure, params)
     if loss is None:
-        raise ValueError("a two-pass gradient (RENG, GradReg) needs a closure that returns the "
-                         "loss: it calls the closure again at the probe point")
+        raise _loss_required()
     _refuse_sparse(params)
     grads = comm.average([p.grad for p in params], params)
     if amp is not None:
@@ -450,8 +456,7 @@ class RegularizedGradient:
         """g + gamma H g from the pass at theta whose backward kept its graph; a model without
         a double backward falls back to the forward finite difference here."""
         if loss is None:
-            raise ValueError("a two-pass gradient (RENG, GradReg) needs a closure that "
-                             "returns the loss")
+            raise _loss_required()
         _refuse_sparse(trainable)
         local = [p.grad for p in trainable]
         for p in params:
