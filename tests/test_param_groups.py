@@ -12,7 +12,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import grng
 from grng import KFAC, RENG, RING, RKalman, make_closure
 
 F64 = torch.float64

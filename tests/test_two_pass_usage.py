@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-import grng
 from grng import RENG, GradReg, KFAC, make_closure
 
 F64 = torch.float64
