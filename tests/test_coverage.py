@@ -109,14 +109,28 @@ def test_embedding_a_is_diagonal_by_structure_not_by_the_limit() -> None:
     assert entry.a_diagonal and entry.limited == ()
 
 
-def test_failed_construction_detaches_its_hooks() -> None:
+def test_a_block_split_across_param_groups_keeps_its_block() -> None:
+    """Weight and bias in different groups (decay / no-decay) still share one Kronecker block
+    (tests/test_param_groups.py checks the update)."""
     model = nn.Sequential(nn.MultiheadAttention(4, 2))
     mha = model[0]
-    groups = [{"params": [mha.in_proj_weight, mha.out_proj.weight, mha.out_proj.bias]},
-              {"params": [mha.in_proj_bias], "lr": 0.1}]
-    with pytest.raises(ValueError, match="same param group"):
-        KFAC(model, param_groups=groups)
-    assert "forward" not in vars(mha) and not mha.out_proj._forward_hooks
+    groups = [{"params": [mha.in_proj_weight, mha.out_proj.weight], "weight_decay": 0.1},
+              {"params": [mha.in_proj_bias, mha.out_proj.bias], "weight_decay": 0.0}]
+    cov = KFAC(model, param_groups=groups).coverage()
+    assert cov["0.in_proj_bias"].treatment == KRONECKER
+    assert cov["0.in_proj_bias"].block == cov["0.in_proj_weight"].block == "0.in_proj"
+
+
+def test_a_model_without_kronecker_layers_warns_at_construction() -> None:
+    """0% coverage is said at construction, also when no parameter has ndim >= 2."""
+    model = nn.Sequential(nn.LayerNorm(6), nn.Tanh())
+    with pytest.warns(UserWarning, match="no Kronecker-capable layer") as record:
+        opt = KFAC(model)
+    assert opt.coverage().fraction(KRONECKER) == 0.0
+    assert len([w for w in record if "Kronecker-capable" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        KFAC(nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2)))  # a block: no such warning
 
 
 def test_transformer_encoder_is_covered_by_kronecker_blocks() -> None:

@@ -176,3 +176,20 @@ def test_two_pass_step_on_the_whole_window(name: str) -> None:
     after = _full_loss(acc_model, data)
     assert all(torch.isfinite(p).all() for p in acc_model.parameters())
     assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", list(TWO_PASS))
+def test_a_step_without_closure_says_what_applies_in_accelerate(name: str) -> None:
+    """``opt.step()`` through accelerate's wrapper: the error gives accelerate's recipe (a
+    closure over the window with ``accelerator.backward``), not the HF Trainer's."""
+    from accelerate import Accelerator
+
+    model = _Net().double()
+    accelerator = Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, TWO_PASS[name](model))
+    x, idx, y = _dataset(N)[:]
+    accelerator.backward(F.cross_entropy(model(x, idx), y))
+    with pytest.raises(ValueError, match="needs a closure") as err:
+        opt.step()
+    assert "accelerator.backward(loss)" in str(err.value)
+    assert "Trainer" not in str(err.value)

@@ -216,10 +216,65 @@ def test_lightning_alone_refuses_clipping_a_grng_optimizer_in_bf16() -> None:
                                                                      _loader())
 
 
-def test_two_pass_with_accumulated_batches_is_refused() -> None:
-    """Lightning's closure covers only the last accumulated micro-batch: refused, not dropped."""
-    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
-        _trainer(accumulate_grad_batches=2).fit(_Classifier(OPTIMIZERS["reng"]), _loader())
+@pytest.mark.parametrize("module", [_Plain, _Classifier])
+@pytest.mark.parametrize("name", ["reng", "gradreg"])
+def test_two_pass_with_accumulated_batches_is_refused(name: str, module: type) -> None:
+    """Lightning's closure covers only the last accumulated micro-batch: the optimizer finds
+    the earlier micro-batches' gradients when step(closure) starts and refuses, naming
+    Lightning's setting, instead of silently dropping them (a plain LightningModule and
+    GRNGModule alike)."""
+    with pytest.raises(ValueError, match="outside the closure.*accumulate_grad_batches") as err:
+        _trainer(accumulate_grad_batches=2).fit(module(OPTIMIZERS[name]), _loader())
+    assert "Lightning's automatic optimization" in str(err.value)
+
+
+class _Dropout(_Plain):
+    """A plain LightningModule whose net has dropout; records each dropout layer's mask."""
+
+    def __init__(self, make: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+        super().__init__(make)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.2), nn.Linear(32, 4))
+        self.masks: list[Tensor] = []
+        self.net[2].register_forward_hook(
+            lambda mod, inp, out: self.masks.append((out == 0) & (inp[0] != 0)))
+
+
+@pytest.mark.parametrize("name", ["reng", "gradreg"])
+def test_the_probe_pass_replays_dropout_in_lightning(name: str) -> None:
+    """Lightning's closure called twice per step (theta, probe) draws the same dropout masks
+    both times; the loss falls."""
+    module = _Dropout(OPTIMIZERS[name])
+    before = _loss(module.net.eval())
+    module.net.train()
+    module.masks.clear()
+    _trainer().fit(module, _loader())
+    masks = module.masks
+    assert len(masks) == 2 * STEPS
+    assert all(torch.equal(masks[2 * i], masks[2 * i + 1]) for i in range(STEPS))
+    assert not torch.equal(masks[0], masks[2])
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert _loss(module.net.eval()) < 0.85 * before
+
+
+class _ManualWithoutClosure(_Manual):
+    """Manual optimization that forgets the closure of a two-pass optimizer."""
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self.net(batch[0]), batch[1]))
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["reng", "gradreg"])
+def test_manual_step_without_closure_gives_lightning_recipe(name: str) -> None:
+    """manual_backward then opt.step() (Lightning hands step an empty closure): refused, naming
+    Lightning's recipe (manual_backward inside the closure), not the Hugging Face Trainer's."""
+    with pytest.raises(ValueError, match="outside the closure") as err:
+        _trainer().fit(_ManualWithoutClosure(OPTIMIZERS[name]), _loader())
+    assert "self.manual_backward(loss)" in str(err.value)
+    assert "Trainer use" not in str(err.value)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -192,6 +192,82 @@ def test_two_pass_optimizers_through_grng_trainer(name: str, tmp_path: Path) -> 
         torch.testing.assert_close(q, p, rtol=2e-4, atol=2e-5)
 
 
+def _dropout_gpt2() -> GPT2LMHeadModel:
+    """The small GPT-2 with its default dropout (0.1 on embeddings, residuals, attention)."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("name", ["reng-forward", "gradreg-sam-adamw"])
+def test_the_probe_pass_replays_the_trainer_pass_dropout(name: str, tmp_path: Path) -> None:
+    """GRNGTrainer with dropout 0.1 and 2 micro-batches per step: each micro-batch's probe
+    pass draws the dropout masks of its pass in the Trainer (every nn.Dropout of the model),
+    the masks change from micro-batch to micro-batch, and the eval loss falls."""
+    chunks = _chunks()
+    model = _dropout_gpt2()
+    opt = TWO_PASS[name][1](model)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    assert dropouts
+    masks: dict[nn.Module, list[Tensor]] = {m: [] for m in dropouts}
+    for m in dropouts:
+        m.register_forward_hook(lambda mod, inp, out: masks[mod].append((out == 0) & (inp[0] != 0)))
+    before = _eval_loss(model, chunks)
+    for m in dropouts:
+        masks[m].clear()
+    GRNGTrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2,
+                                        per_device_train_batch_size=BATCH // 2),
+                train_dataset=_Text(chunks), optimizers=(opt, None)).train()
+    called = [m for m in dropouts if masks[m]]  # (attention dropout runs inside SDPA)
+    assert len(called) >= 3
+    for m in called:
+        calls = masks[m]
+        assert len(calls) == STEPS * 4  # per step: 2 micro-batches x (Trainer pass, probe pass)
+        for step in range(STEPS):
+            first, second, probe_first, probe_second = calls[4 * step: 4 * step + 4]
+            assert first.any() and torch.equal(first, probe_first)
+            assert torch.equal(second, probe_second)
+            assert not torch.equal(first, second)
+    assert _finite(model)
+    after = _eval_loss(model, chunks)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_reng_at_its_defaults_trains_a_tiny_llama_in_grng_trainer(tmp_path: Path) -> None:
+    """RENG() (gr="exact") on a Llama with SDPA attention: GRNGTrainer's first step falls back
+    to the forward finite difference with one warning, and training proceeds."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config)
+    chunks = _chunks()
+    opt = grng.RENG(model, lr=0.05, damping=0.05)
+    before = _eval_loss(model, chunks)
+    with pytest.warns(UserWarning, match="no double backward") as record:
+        GRNGTrainer(model=model, args=_args(tmp_path), train_dataset=_Text(chunks),
+                    optimizers=(opt, None)).train()
+    assert len([w for w in record if "no double backward" in str(w.message)]) == 1
+    assert opt.gr == "forward" and opt.steps == STEPS
+    assert _finite(model)
+    after = _eval_loss(model, chunks)
+    assert after < 0.97 * before, (before, after)
+
+
+def test_the_plain_trainer_with_a_two_pass_optimizer_points_to_grng_trainer(tmp_path: Path
+                                                                            ) -> None:
+    """The plain Trainer calls step() without a closure (through accelerate's wrapper): the
+    error names GRNGTrainer."""
+    model = _gpt2()
+    opt = grng.RENG(model, lr=0.05, damping=0.05, gr="forward")
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1),
+                      train_dataset=_Text(_chunks()), optimizers=(opt, None))
+    with pytest.raises(ValueError, match="needs a closure.*GRNGTrainer"):
+        trainer.train()
+
+
 def test_max_grad_norm_disagreement_is_refused(tmp_path: Path) -> None:
     model = _gpt2()
     opt = grng.RENG(model, lr=0.05, damping=0.05, gr="forward", max_grad_norm=0.5)

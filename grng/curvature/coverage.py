@@ -4,9 +4,9 @@ Every parameter gets one treatment: a **Kronecker** block (named by its layer, w
 and which sides are diagonal), the **diagonal** fallback D = EMA(g * g) (with the reason it got
 no block), or **frozen** (``requires_grad=False`` or not in the optimizer's param groups).
 ``opt.coverage()`` returns a :class:`CoverageReport`; ``print`` it for a table. At construction
-the optimizer warns once about parameters of ndim >= 2 on the diagonal and once about factor
-sides kept diagonal by ``max_factor_dim`` (:func:`construction_warnings`): nothing degrades
-silently.
+the optimizer warns once when no parameter gets a block (0% coverage), once about parameters of
+ndim >= 2 on the diagonal and once about factor sides kept diagonal by ``max_factor_dim``
+(:func:`construction_warnings`): nothing degrades silently.
 """
 from __future__ import annotations
 
@@ -206,9 +206,17 @@ def warn_at_construction(report: CoverageReport, owner: str) -> None:
 
 
 def construction_warnings(report: CoverageReport, owner: str) -> list[str]:
-    """The construction warnings (at most two): parameters of ndim >= 2 on the diagonal
-    fallback, and factor sides kept diagonal by max_factor_dim."""
+    """The construction warnings (at most three): no Kronecker block at all (0% coverage),
+    parameters of ndim >= 2 on the diagonal fallback, and factor sides kept diagonal by
+    max_factor_dim."""
     out = []
+    if not report.blocks() and report.fraction(DIAGONAL) > 0:
+        out.append(f"{owner}: the model has no Kronecker-capable layer (0% of the trainable "
+                   "parameters get a Kronecker block; supported: Linear, Conv1d/2d, Embedding, "
+                   "transformers' Conv1D, nn.MultiheadAttention's projections), so every "
+                   "parameter gets only the diagonal fallback and the optimizer is a diagonal "
+                   "method. See opt.coverage() and docs/algorithms.md 'Layer helpers' "
+                   "(grng.register_layer adds a helper).")
     degraded = report.degraded()
     if degraded:
         listed = "; ".join(f"{e.name} {tuple(e.shape)}: {e.note}" for e in degraded)

@@ -20,9 +20,11 @@ gradient the update uses (g + rho H g for RENG, the regularized gradient for Gra
 K-FAC/RING/R-Kalman) is clipped once per step, after unscaling. Other optimizers are clipped by
 Lightning as usual.
 
-It also refuses ``Trainer(accumulate_grad_batches=k > 1)`` with a two-pass optimizer: Lightning
-runs the earlier micro-batches outside ``step`` and gives ``step`` a closure over the last one
-only, so the gradient the two-pass step recomputes would silently drop k - 1 micro-batches.
+``Trainer(accumulate_grad_batches=k > 1)`` with a two-pass optimizer is refused by the optimizer
+itself (with or without :class:`GRNGModule`): Lightning runs the earlier micro-batches outside
+``step`` and gives ``step`` a closure over the last one only, so the gradient the two-pass step
+recomputes would silently drop k - 1 micro-batches; ``step(closure)`` finds their gradients
+(:class:`grng.optim.gradient_source.GradientWatch`) and raises.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch.optim import Optimizer
 
-from grng.integrations import clips_itself, needs_closure
+from grng.integrations import clips_itself
 
 __all__ = ["GRNGModule"]
 
@@ -51,13 +53,6 @@ class GRNGModule(LightningModule):
                                                 gradient_clip_algorithm)
             return
         name = type(optimizer).__name__
-        if needs_closure(optimizer) and self.trainer.accumulate_grad_batches > 1:
-            raise ValueError(
-                f"{name} recomputes the gradient inside step(closure), and Lightning's closure "
-                f"covers only the last of accumulate_grad_batches="
-                f"{self.trainer.accumulate_grad_batches} micro-batches (the others would be "
-                "dropped): use a larger batch, or manual optimization with a closure over all "
-                "micro-batches")
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, GradClipAlgorithmType.NORM):

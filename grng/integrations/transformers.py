@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from grng.integrations import needs_closure
+from grng.optim.gradient_source import RngState
 
 __all__ = ["GRNGTrainer"]
 
@@ -49,6 +50,7 @@ class _MicroBatch:
     inputs: dict[str, Any]
     num_items_in_batch: Tensor | int | None
     loss: Tensor
+    rng: RngState
 
 
 @dataclass
@@ -132,9 +134,10 @@ class GRNGTrainer(Trainer):
         if optimizer is None:
             return super().training_step(model, inputs, num_items_in_batch)
         exact = _double_backprop(optimizer)
+        rng = RngState.capture(model.parameters())
         with _capture_paused(optimizer) if exact else contextlib.nullcontext():
             loss = super().training_step(model, inputs, num_items_in_batch)
-        self._window.append(_MicroBatch(model, inputs, num_items_in_batch, loss))
+        self._window.append(_MicroBatch(model, inputs, num_items_in_batch, loss, rng))
         if self.accelerator.sync_gradients and not exact:
             params = [p for g in optimizer.param_groups for p in g["params"]]
             self._theta = _Theta([(p, p.grad.detach().clone()) for p in params
@@ -152,12 +155,16 @@ class GRNGTrainer(Trainer):
             return None
         window, self._window = self._window, []
         theta, self._theta = self._theta, None
+        # the Trainer's gradients are in ``theta`` (or recomputed by the closure): the step must
+        # not take them for gradients accumulated outside its closure
+        args[0].zero_grad(set_to_none=True)
         rest = {k: v for k, v in kwargs.items() if k != "closure"}
         return (args[0], self._closure(window, theta)), rest
 
     def _closure(self, window: list[_MicroBatch], theta: _Theta | None) -> Callable[[], Tensor]:
         """torch.optim's closure over ``window``: at theta, once, the Trainer's own gradient;
-        otherwise zero the gradients and re-run every micro-batch's forward and backward."""
+        otherwise zero the gradients and re-run every micro-batch's forward and backward, each
+        with the random numbers (dropout masks) of its pass in the Trainer."""
         def closure() -> Tensor:
             nonlocal theta
             if theta is not None and theta.grads and theta.current():
@@ -167,6 +174,10 @@ class GRNGTrainer(Trainer):
                 return loss
             theta = None
             window[0].model.zero_grad(set_to_none=True)
-            return sum(Trainer.training_step(self, mb.model, mb.inputs, mb.num_items_in_batch)
-                       for mb in window)
+            total = 0
+            for mb in window:
+                mb.rng.restore()
+                total = total + Trainer.training_step(self, mb.model, mb.inputs,
+                                                      mb.num_items_in_batch)
+            return total
         return closure

@@ -101,7 +101,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         precision: str = "fp32",
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(check.model_first(type(self).__name__, model))
         refuse_sharded(model, type(self).__name__)
         check.choice("distributed_strategy", distributed_strategy, STRATEGIES)
         for key, value in defaults.items():
@@ -134,14 +134,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         for group in self.param_groups:
             self._check_group(group)
-        group_of = self._group_index()
-        self.capture = CurvatureCapture(model, keep=set(group_of),
+        # a layer's weight and bias may sit in different groups (decay / no-decay): the block's
+        # direction is computed jointly with the weight's group's curvature hyperparameters
+        # (damping), the update applies each parameter's own group's lr, weight decay, ...
+        self._built_momentum = [group["momentum"] for group in self.param_groups]
+        self.capture = CurvatureCapture(model, keep=set(self._group_index()),
                                         max_factor_dim=self.max_factor_dim)
-        for layer, name in zip(self.capture.layers, self.capture.names):
-            if len({group_of[id(p)] for p in layer.params}) > 1:
-                self.capture.remove()
-                raise ValueError(f"layer {name!r}: its weight and bias must be in the same "
-                                 "param group (they share one Kronecker block)")
         warn_at_construction(self.coverage(), type(self).__name__)
         self.counters = StepCounters()
         self.distributed_strategy = distributed_strategy
@@ -263,8 +261,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """One step on the gradients present, or on those of ``closure``, which (as for
         torch.optim.LBFGS) zeroes the gradients, runs forward and backward and returns the
         loss; a closure that returns None leaves the gradients present to be used."""
+        check.momentum_not_cycled(type(self).__name__, self.param_groups, self._built_momentum)
         loss = self._evaluate(closure) if closure is not None else None
         params = list(self._params_with_grad())
+        if not params:  # nothing to step on: the step count and the schedule stay where they are
+            self.capture.clear()
+            warnings.warn(f"{type(self).__name__}.step(): no parameter has a gradient (call "
+                          "backward() first, or pass a closure); nothing changed and the "
+                          "fold/refresh schedule did not advance", RuntimeWarning, stacklevel=2)
+            return loss
         for p in params:
             if p.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients (a "

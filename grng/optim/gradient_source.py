@@ -18,7 +18,15 @@ the gradients, runs the forward AND the backward pass and returns the loss; a tw
 calls it once at theta and once at the probe point (after moving the parameters). A closure
 that returns None leaves the gradients as it found them (the plain source uses them). For
 ``"exact"`` the closure's backward is run with ``create_graph=True`` (``torch.autograd.backward``
-is wrapped for the duration of that one call) so that H g can be differentiated from it.
+is wrapped for the duration of that one call) so that H g can be differentiated from it; a
+model without a double backward (CPU flash attention, a compiled model) falls back to
+``"forward"`` with one warning (:class:`RegularizedGradient`).
+
+The probe pass sees the first pass's randomness: the CPU generator and those of the
+parameters' CUDA devices are set back to their states before the first call
+(:class:`RngState`), so dropout draws the same masks at theta and at the probe point, as SAM
+implementations do; otherwise the mask-to-mask difference of the two gradients, multiplied by
+gamma/eps, would dominate the finite difference.
 
 Every gradient is averaged through the communicator's ``average`` hook (the identity in one
 process; the mean over ranks under data parallelism, where all passes run inside the
@@ -38,8 +46,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ContextManager
 
 import torch
@@ -47,8 +58,9 @@ from torch import Tensor, nn
 
 from grng.distributed.communicator import Communicator, LocalCommunicator
 
-__all__ = ["MODES", "PlainGradient", "RegularizedGradient", "call_closure",
-           "check_gr_hyperparameters", "make_closure", "regularized_gradient"]
+__all__ = ["MODES", "GradientWatch", "PlainGradient", "RegularizedGradient", "RngState",
+           "call_closure", "check_gr_hyperparameters", "closure_required", "make_closure",
+           "regularized_gradient"]
 
 MODES: tuple[str, ...] = ("forward", "backward", "exact", "sam")
 
@@ -116,11 +128,130 @@ def _backward_keeps_graph() -> Iterator[None]:
         torch.autograd.backward = original  # type: ignore[assignment]
 
 
-def _double_backward_error(err: RuntimeError) -> RuntimeError:
-    return RuntimeError(
-        "the exact (double backprop) gradient regularization needs a double backward, which this "
-        f"model does not support ({err}); a torch.compile'd model does not: use the finite "
-        "differences (mode/gr='forward' or 'backward') or an uncompiled model")
+def no_double_backward(err: BaseException) -> bool:
+    """Whether ``err`` is torch saying the model has no double backward (an op without a
+    derivative of its backward, e.g. CPU flash attention; a torch.compile'd model)."""
+    text = str(err)
+    return ("double backward" in text or "donated buffer" in text
+            or ("derivative for" in text and "not implemented" in text))
+
+
+@dataclass
+class RngState:
+    """The CPU generator's state and the states of the CUDA devices the parameters are on: the
+    probe pass replays the first pass's randomness (dropout masks), as SAM implementations do."""
+
+    cpu: Tensor
+    cuda: dict[int, Tensor]
+
+    @classmethod
+    def capture(cls, params: Iterable[Tensor] = ()) -> "RngState":
+        """The current states (host-side copies of seed and offset on CUDA: no device
+        synchronization), CUDA for the devices of ``params``."""
+        devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        return cls(torch.get_rng_state(), {i: torch.cuda.get_rng_state(i) for i in devices})
+
+    def restore(self) -> None:
+        """Set the generators back to the captured states."""
+        torch.set_rng_state(self.cpu)
+        for i, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, i)
+
+
+#: the frameworks whose frames ``step`` may be called from, outermost meaning first, and what a
+#: two-pass optimizer (RENG, GradReg) needs there
+_FRAMEWORK_HINTS: tuple[tuple[str, str], ...] = (
+    ("transformers", "in the Hugging Face Trainer use grng.integrations.transformers."
+                     "GRNGTrainer, which gives step() that closure"),
+    ("lightning", "in Lightning's automatic optimization Lightning passes the closure; in manual "
+                  "optimization call opt.step(closure) with a closure that zeroes the gradients, "
+                  "runs forward and self.manual_backward(loss) and returns the loss"),
+    ("pytorch_lightning", "in Lightning's automatic optimization Lightning passes the closure; "
+                          "in manual optimization call opt.step(closure)"),
+    ("accelerate", "with accelerate call opt.step(closure) with a closure that calls "
+                   "opt.zero_grad(), runs forward and accelerator.backward(loss) for every "
+                   "micro-batch of the window and returns the loss (README 'Using grng with "
+                   "... accelerate')"),
+)
+
+
+def framework_hint() -> str:
+    """What applies to the caller: the hint of the first framework in ``_FRAMEWORK_HINTS``
+    with a frame on the call stack (the HF Trainer calls through accelerate), else the
+    plain-loop recipe and where the frameworks' recipes are."""
+    frame, found = sys._getframe(1), set()
+    while frame is not None:
+        found.add(str(frame.f_globals.get("__name__", "")).partition(".")[0])
+        frame = frame.f_back
+    for package, hint in _FRAMEWORK_HINTS:
+        if package in found:
+            return hint
+    return ("in a plain loop pass opt.step(closure) or opt.step(grng.make_closure(opt, forward)); "
+            "for Lightning, the Hugging Face Trainer and accelerate see the README's 'Using grng "
+            "with ...'")
+
+
+def closure_required(owner: str, why: str) -> ValueError:
+    """The error of a two-pass ``step()`` called without a closure: what it needs and why, and
+    what applies where it was called from (:func:`framework_hint`)."""
+    return ValueError(f"{owner}.step needs a closure (torch.optim's convention: it zeroes the "
+                      f"gradients, runs forward and backward and returns the loss): {why}; "
+                      f"{framework_hint()}")
+
+
+class GradientWatch:
+    """The gradients a two-pass step left behind. ``step(closure)`` replaces ``.grad`` by the
+    closure's gradient, so gradients computed since (a backward outside the closure: Lightning's
+    ``accumulate_grad_batches > 1``, a hand-written accumulation loop) would be dropped
+    silently; :meth:`check` refuses them. Only ``.grad`` identities and version counters are
+    read (no device synchronization)."""
+
+    def __init__(self) -> None:
+        self._left: dict[int, tuple[weakref.ref, int]] = {}
+
+    def remember(self, params: Iterable[Tensor]) -> None:
+        """Record the gradients present now as not new (end of a step, ``zero_grad``)."""
+        self._left = {id(p): (weakref.ref(p.grad), p.grad._version)
+                      for p in params if p.grad is not None}
+
+    def check(self, params: Iterable[Tensor], owner: str) -> None:
+        """ValueError if a parameter holds a gradient that was not there (unchanged) at the last
+        :meth:`remember`."""
+        for p in params:
+            g = p.grad
+            if g is None:
+                continue
+            left = self._left.get(id(p))
+            if left is None or left[0]() is not g or left[1] != g._version:
+                raise ValueError(
+                    f"{owner}.step(closure) found gradients computed outside the closure since "
+                    f"the last step (a parameter of shape {tuple(p.shape)}): step(closure) "
+                    "recomputes the gradient from the closure alone (at theta and at the probe "
+                    "point), so they would be dropped silently. This happens with gradient "
+                    "accumulation outside the closure, e.g. Lightning's Trainer("
+                    "accumulate_grad_batches > 1): use a larger batch, or one closure over all "
+                    "micro-batches (manual optimization); otherwise call opt.zero_grad() "
+                    f"(set_to_none=True) instead of a backward before step(closure); "
+                    f"{framework_hint()}")
+
+
+def _loss_required() -> ValueError:
+    """The error of a two-pass evaluation whose closure returned None."""
+    return ValueError("a two-pass gradient (RENG, GradReg) needs a closure that returns the "
+                      "loss: it calls the closure again at the probe point (or differentiates "
+                      f"through its backward); {framework_hint()}")
+
+
+def _refuse_sparse(params: Sequence[Tensor]) -> None:
+    """ValueError if a gradient is sparse: the probe point theta + eps g needs a dense g."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            for q in params:
+                q.grad = None
+            raise ValueError(
+                "the regularized gradient (RENG, GradReg) does not support sparse gradients (a "
+                f"parameter of shape {tuple(p.shape)} has one): it moves the parameters along g "
+                "to a probe point; use dense ones, e.g. nn.Embedding(sparse=False)")
 
 
 def check_gr_hyperparameters(gamma: float, epsilon: float, mode: str) -> None:
@@ -168,8 +299,8 @@ def _closure_gradient(closure: Callable[[], Tensor], params: Sequence[Tensor],
         p.grad = None
     loss = call_closure(closure, params)
     if loss is None:
-        raise ValueError("a two-pass gradient (RENG, GradReg) needs a closure that returns the "
-                         "loss: it calls the closure again at the probe point")
+        raise _loss_required()
+    _refuse_sparse(params)
     grads = comm.average([p.grad for p in params], params)
     if amp is not None:
         for p, g in zip(params, grads):
@@ -183,16 +314,19 @@ def _closure_gradient(closure: Callable[[], Tensor], params: Sequence[Tensor],
 
 def _probe_gradient(params: Sequence[Tensor], grads: Sequence[Tensor], scale: float | Tensor,
                     closure: Callable[[], Tensor], probe_context: Callable[[], ContextManager[Any]],
-                    buffers: Sequence[Tensor], comm: Communicator, amp: _Amp | None = None
-                    ) -> list[Tensor]:
+                    buffers: Sequence[Tensor], comm: Communicator, amp: _Amp | None = None,
+                    rng: RngState | None = None) -> list[Tensor]:
     """g(theta + scale * grads) (averaged) from a second call of the closure, with params and
-    buffers copied back bit-exactly."""
+    buffers copied back bit-exactly; ``rng``: the generators' states of the first call,
+    restored before this one (the same dropout masks)."""
     saved_params = [p.detach().clone() for p in params]
     saved_buffers = [b.detach().clone() for b in buffers]
     try:
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g * (scale.to(g.device) if isinstance(scale, Tensor) else scale))
+        if rng is not None:
+            rng.restore()
         with probe_context():
             _, probe_grads = _closure_gradient(closure, params, comm, amp)
     finally:
@@ -212,17 +346,12 @@ def _hessian_vector(params: Sequence[Tensor], local: Sequence[Tensor], vectors: 
     pairs = [(g, v) for g, v in zip(local, vectors) if g is not None and g.requires_grad]
     hvp: Sequence[Tensor | None] = [None] * len(params)
     if pairs:
-        try:
-            with probe_context():
-                hvp = torch.autograd.grad(
-                    [g for g, _ in pairs], params,
-                    grad_outputs=[v.detach() if v_scale == 1.0 else v.detach() * v_scale
-                                  for _, v in pairs],
-                    allow_unused=True)
-        except RuntimeError as err:
-            if "double backward" not in str(err):
-                raise
-            raise _double_backward_error(err) from err
+        with probe_context():
+            hvp = torch.autograd.grad(
+                [g for g, _ in pairs], params,
+                grad_outputs=[v.detach() if v_scale == 1.0 else v.detach() * v_scale
+                              for _, v in pairs],
+                allow_unused=True)
     hvp = comm.average(list(hvp), params)
     return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvp)]
 
@@ -245,92 +374,152 @@ class PlainGradient:
 
 
 class RegularizedGradient:
-    """grad L_GR = g + gamma H g (module docstring); ``gamma``, ``epsilon``, ``mode``."""
+    """grad L_GR = g + gamma H g (module docstring); ``gamma``, ``epsilon``, ``mode``.
 
-    def __init__(self, gamma: float, epsilon: float, mode: str) -> None:
+    ``mode="exact"`` on a model without a double backward (CPU flash attention, as in
+    ``nn.TransformerEncoder(batch_first=True)`` and Hugging Face models with SDPA attention; a
+    torch.compile'd model) falls back to ``"forward"`` with the same ``epsilon``, with one
+    warning naming ``label``: :attr:`mode` is "forward" from then on. The probe pass of every
+    finite difference replays the first pass's randomness (:class:`RngState`).
+    """
+
+    def __init__(self, gamma: float, epsilon: float, mode: str, label: str = "GradReg") -> None:
         check_gr_hyperparameters(gamma, epsilon, mode)
         self.gamma = gamma
         self.epsilon = epsilon
         self.mode = mode
+        self.label = label
 
     def evaluate(self, params: Sequence[Tensor], closure: Callable[[], Tensor], *,
                  comm: Communicator | None = None,
                  probe_context: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
-                 buffers: Sequence[Tensor] = (), grad_scaler: Any = None) -> Tensor:
+                 buffers: Sequence[Tensor] = (), grad_scaler: Any = None,
+                 restart: Callable[[], None] = lambda: None) -> Tensor:
         """Write grad L_GR into each param's ``.grad`` (None for params without a gradient);
-        returns the loss at theta, detached. See :func:`regularized_gradient`."""
+        returns the loss at theta, detached. See :func:`regularized_gradient`; ``restart``
+        drops what a failed double-backprop pass at theta left (captured rows) before it is
+        run again as a finite difference."""
         comm = comm or LocalCommunicator()
         amp = _Amp(grad_scaler) if grad_scaler is not None and grad_scaler.is_enabled() else None
         with comm.sync_context():
             used_params, result, loss = self._evaluate(list(params), closure, comm, probe_context,
-                                                       buffers, amp)
+                                                       buffers, amp, restart)
         for p, r in zip(used_params, result):
             p.grad = r.detach()
         return loss
 
+    def _fall_back(self, err: RuntimeError) -> None:
+        """Switch to the forward finite difference, with one warning that says why."""
+        self.mode = "forward"
+        warnings.warn(
+            f"{self.label}: this model has no double backward ({str(err).splitlines()[0]}), so "
+            f"the exact gradient regularization falls back to the forward finite difference "
+            f"(gr/mode='forward', epsilon={self.epsilon}) from now on; pass it explicitly to "
+            "silence this warning (docs/algorithms.md section 3)", UserWarning, stacklevel=2)
+
     def _evaluate(self, params: list[Tensor], closure: Callable[[], Tensor], comm: Communicator,
                   probe_context: Callable[[], ContextManager[Any]], buffers: Sequence[Tensor],
-                  amp: _Amp | None) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        gamma, epsilon, mode = self.gamma, self.epsilon, self.mode
+                  amp: _Amp | None, restart: Callable[[], None]
+                  ) -> tuple[list[Tensor], list[Tensor], Tensor]:
         trainable = [p for p in params if p.requires_grad]
-        double_backprop = mode == "exact" and gamma != 0
-        if double_backprop:
+        rng = RngState.capture(trainable)
+        if self.mode == "exact" and self.gamma != 0:
             for p in params:
                 p.grad = None
             try:
                 with _backward_keeps_graph():
                     loss = call_closure(closure, trainable)
             except RuntimeError as err:
-                if "double backward" not in str(err):
+                if not no_double_backward(err):
                     raise
-                raise _double_backward_error(err) from err
-            if loss is None:
-                raise ValueError("a two-pass gradient (RENG, GradReg) needs a closure that "
-                                 "returns the loss")
-            local = [p.grad for p in trainable]
-            for p in params:
-                p.grad = None
-            averaged = comm.average(local, trainable)
-        else:
-            loss, local = _closure_gradient(closure, trainable, comm, amp)
-            averaged = local
-        if not trainable:
-            return [], [], loss.detach()
-        idx = [i for i, gi in enumerate(averaged) if gi is not None]
+                self._fall_back(err)  # run the pass at theta again, without the graph
+                for p in params:
+                    p.grad = None
+                restart()
+                rng.restore()
+            else:
+                return self._double_backprop(trainable, params, loss, closure, comm,
+                                             probe_context, buffers, amp, rng)
+        loss, averaged = _closure_gradient(closure, trainable, comm, amp)
+        idx = _present(averaged)
         if not idx:
             return [], [], loss.detach()
-        used = [trainable[i] for i in idx]
-        g = [averaged[i] for i in idx]
-        loss = loss.detach()
+        used, g = [trainable[i] for i in idx], [averaged[i] for i in idx]
+        return used, self._finite_difference(used, g, closure, comm, probe_context, buffers,
+                                             amp, rng), loss.detach()
 
-        if double_backprop:
-            inv = 1.0 if amp is None else 1.0 / float(amp.scaler.get_scale())
+    def _double_backprop(self, trainable: list[Tensor], params: list[Tensor], loss: Tensor | None,
+                         closure: Callable[[], Tensor], comm: Communicator,
+                         probe_context: Callable[[], ContextManager[Any]],
+                         buffers: Sequence[Tensor], amp: _Amp | None, rng: RngState
+                         ) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """g + gamma H g from the pass at theta whose backward kept its graph; a model without
+        a double backward falls back to the forward finite difference here."""
+        if loss is None:
+            raise _loss_required()
+        _refuse_sparse(trainable)
+        local = [p.grad for p in trainable]
+        for p in params:
+            p.grad = None
+        averaged = comm.average(local, trainable)
+        loss = loss.detach()
+        idx = _present(averaged)
+        if not idx:
+            return [], [], loss
+        used, g = [trainable[i] for i in idx], [averaged[i] for i in idx]
+        inv = 1.0 if amp is None else 1.0 / float(amp.scaler.get_scale())
+        try:
             hg = _hessian_vector(used, [local[i] for i in idx], g, probe_context, comm, inv)
-            result = [gi.detach() + gamma * hi for gi, hi in zip(g, hg)]
-            if amp is not None:  # g + gamma H g, all carrying S, unscaled once
-                for p, r in zip(used, result):
-                    p.grad = r.detach()
+        except RuntimeError as err:
+            if not no_double_backward(err):
+                raise
+            self._fall_back(err)
+            g = [gi.detach() for gi in g]
+            if amp is not None:  # the finite difference starts from the unscaled g
+                for p, gi in zip(used, g):
+                    p.grad = gi
                 amp.unscale(used)
-                result = [p.grad for p in used]
-            return used, result, loss
+                g = [p.grad for p in used]
+            return used, self._finite_difference(used, g, closure, comm, probe_context, buffers,
+                                                 amp, rng), loss
+        result = [gi.detach() + self.gamma * hi for gi, hi in zip(g, hg)]
+        if amp is not None:  # g + gamma H g, all carrying S, unscaled once
+            for p, r in zip(used, result):
+                p.grad = r.detach()
+            amp.unscale(used)
+            result = [p.grad for p in used]
+        return used, result, loss
+
+    def _finite_difference(self, used: list[Tensor], g: list[Tensor],
+                           closure: Callable[[], Tensor], comm: Communicator,
+                           probe_context: Callable[[], ContextManager[Any]],
+                           buffers: Sequence[Tensor], amp: _Amp | None, rng: RngState
+                           ) -> list[Tensor]:
+        """F-GR / B-GR (1 - gamma/eps) g + (gamma/eps) g(theta + eps g), or normalized SAM,
+        from g at theta; the probe pass replays ``rng``."""
+        gamma, epsilon, mode = self.gamma, self.epsilon, self.mode
         if amp is not None and not all(bool(torch.isfinite(gi).all()) for gi in g):
-            return used, g, loss  # overflow at theta: no probe; the caller skips
+            return g  # overflow at theta: no probe; the caller skips
         if mode == "sam":
             dtype = functools.reduce(torch.promote_types, [gi.dtype for gi in g], torch.float32)
             norms = [torch.linalg.vector_norm(gi).to(g[0].device, dtype) for gi in g]
             norm = torch.linalg.vector_norm(torch.stack(norms))
             positive = norm > 0
             scale = torch.where(positive, abs(epsilon) / norm, torch.zeros_like(norm))
-            g_probe = _probe_gradient(used, g, scale, closure, probe_context, buffers, comm, amp)
-            result = [torch.where(positive.to(gi.device), gp, gi) for gi, gp in zip(g, g_probe)]
-        elif gamma == 0:
-            result = g
-        else:
-            eps = abs(epsilon) if mode == "forward" else -abs(epsilon)
-            c = gamma / eps
-            g_probe = _probe_gradient(used, g, eps, closure, probe_context, buffers, comm, amp)
-            result = [gi.mul(1 - c).add_(gp, alpha=c) for gi, gp in zip(g, g_probe)]
-        return used, result, loss
+            g_probe = _probe_gradient(used, g, scale, closure, probe_context, buffers, comm, amp,
+                                      rng)
+            return [torch.where(positive.to(gi.device), gp, gi) for gi, gp in zip(g, g_probe)]
+        if gamma == 0:
+            return g
+        eps = abs(epsilon) if mode == "forward" else -abs(epsilon)
+        c = gamma / eps
+        g_probe = _probe_gradient(used, g, eps, closure, probe_context, buffers, comm, amp, rng)
+        return [gi.mul(1 - c).add_(gp, alpha=c) for gi, gp in zip(g, g_probe)]
+
+
+def _present(grads: Sequence[Tensor | None]) -> list[int]:
+    """The indices of the gradients that are not None."""
+    return [i for i, g in enumerate(grads) if g is not None]
 
 
 def regularized_gradient(

@@ -19,12 +19,18 @@ from torch import Tensor
 
 from grng.distributed import make_communicator, refuse_sharded
 from grng.optim.base import CurvatureOptimizer
-from grng.optim.gradient_source import (MODES, RegularizedGradient, check_gr_hyperparameters,
+from grng.optim.gradient_source import (MODES, GradientWatch, RegularizedGradient,
+                                        check_gr_hyperparameters, closure_required,
                                         regularized_gradient)
 from grng.optim.validation import grad_scaler as _check_scaler
 from grng.optim.validation import optional_positive
 
-__all__ = ["MODES", "GradReg", "flood", "regularized_gradient"]
+__all__ = ["DEFAULT_EPSILON", "DEFAULT_GAMMA", "MODES", "GradReg", "flood",
+           "regularized_gradient"]
+
+#: the defaults, measured by bench/gradreg_defaults.py (bench/results/gradreg_defaults.md)
+DEFAULT_GAMMA = 0.01
+DEFAULT_EPSILON = 0.05
 
 
 class GradReg(torch.optim.Optimizer):
@@ -51,13 +57,20 @@ class GradReg(torch.optim.Optimizer):
     ``skipped_steps``; warned unless it is a GradScaler overflow).
     For mode ``"sam"`` gamma is unused (normalized SAM with radius |epsilon|); unnormalized SAM is
     ``mode="forward"`` with gamma == epsilon.
+
+    The defaults ``gamma=DEFAULT_GAMMA``, ``epsilon=DEFAULT_EPSILON`` are the best cell of
+    ``bench/gradreg_defaults.py`` around AdamW (bench/results/gradreg_defaults.md). The probe
+    pass replays the first pass's random numbers (dropout masks); ``mode="exact"`` on a model
+    without a double backward falls back to ``"forward"`` with one warning. ``step(closure)``
+    refuses gradients computed outside the closure since the last step (gradient accumulation
+    outside it, e.g. Lightning's ``accumulate_grad_batches > 1``), which it would drop.
     """
 
     def __init__(
         self,
         base_optimizer: torch.optim.Optimizer,
-        gamma: float,
-        epsilon: float,
+        gamma: float = DEFAULT_GAMMA,
+        epsilon: float = DEFAULT_EPSILON,
         mode: str = "forward",
         *,
         model: torch.nn.Module | None = None,
@@ -84,6 +97,7 @@ class GradReg(torch.optim.Optimizer):
         self.mode = mode
         self.model = model
         self._share_base()
+        self._gradient_watch().remember(p for g in self.param_groups for p in g["params"])
 
     def _share_base(self) -> None:
         """Alias param_groups, state and defaults to the base optimizer's.
@@ -107,24 +121,27 @@ class GradReg(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """theta <- base step on grad L_GR = g + gamma H g; returns L(theta) before the step."""
         if closure is None:
-            raise ValueError(
-                "GradReg.step needs a closure (torch.optim's convention: it zeroes the gradients, "
-                "runs forward and backward and returns the loss): the regularized gradient "
-                "evaluates the loss twice. In the Hugging Face Trainer use "
-                "grng.integrations.transformers (see the README)")
+            raise closure_required("GradReg", "the regularized gradient evaluates the loss twice")
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
         params = list({id(p): p for group in self.param_groups for p in group["params"]}.values())
+        self._gradient_watch().check(params, "GradReg")
         comm = make_communicator(self.model, getattr(self, "process_group", None))
         scaler = getattr(self, "grad_scaler", None)
         amp = scaler is not None and scaler.is_enabled()
         base = self.base_optimizer
         curvature = isinstance(base, CurvatureOptimizer)
-        loss = RegularizedGradient(self.gamma, self.epsilon, self.mode).evaluate(
-            params, closure, comm=comm,
-            probe_context=getattr(base, "curvature_paused", contextlib.nullcontext),
-            buffers=list(self.model.buffers()) if self.model is not None else (),
-            grad_scaler=scaler)
+        source = RegularizedGradient(self.gamma, self.epsilon, self.mode,
+                                     label=f"GradReg(mode={self.mode!r})")
+        try:
+            loss = source.evaluate(
+                params, closure, comm=comm,
+                probe_context=getattr(base, "curvature_paused", contextlib.nullcontext),
+                buffers=list(self.model.buffers()) if self.model is not None else (),
+                grad_scaler=scaler, restart=base.capture.clear if curvature else lambda: None)
+        finally:
+            self.mode = source.mode  # "forward" after a fall-back from "exact"
+            self._gradient_watch().remember(params)
         finite = bool(torch.isfinite(loss).all()) and all(
             bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
         if not finite:  # parameters and optimizer state unchanged
@@ -144,7 +161,14 @@ class GradReg(torch.optim.Optimizer):
         if amp and curvature:  # the base's captured G rows carry S
             base.set_loss_scale(float(scaler.get_scale()))
         base.step()
+        self._gradient_watch().remember(params)
         return loss
+
+    def _gradient_watch(self) -> GradientWatch:
+        """The gradients the last step left (made on first use: an unpickled copy has none)."""
+        if getattr(self, "_watch", None) is None:
+            self._watch = GradientWatch()
+        return self._watch
 
     @property
     def skipped_steps(self) -> int:
@@ -155,6 +179,7 @@ class GradReg(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Delegate to the base optimizer: .grad <- None (or 0)."""
         self.base_optimizer.zero_grad(set_to_none)
+        self._gradient_watch().remember(p for g in self.param_groups for p in g["params"])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Delegate to the base optimizer (the group list is shared)."""

@@ -87,3 +87,33 @@ def boolean(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return value
+
+
+def model_first(owner: str, value: object) -> str:
+    """The TypeError message for a curvature optimizer given something other than a model:
+    what to pass instead (a list or dict here is usually parameters or param groups)."""
+    got = type(value).__name__
+    message = f"{owner}: model must be a torch.nn.Module, got {got}"
+    if isinstance(value, (list, tuple, dict)) or hasattr(value, "__next__"):
+        message += (f". {owner} takes the model first (it finds the layers to precondition in it) "
+                    f"and param groups as a keyword: {owner}(model, lr=..., "
+                    "param_groups=["
+                    "{'params': decay, 'weight_decay': 0.1}, {'params': no_decay, "
+                    "'weight_decay': 0.0}]) (each group a subset of model.parameters())")
+    return message
+
+
+def momentum_not_cycled(owner: str, groups: list[dict], built: list[float]) -> None:
+    """ValueError if a cyclic LR scheduler (OneCycleLR, CyclicLR with ``cycle_momentum=True``:
+    they write ``max_momentum`` into every group) turned on momentum in a group built with
+    ``momentum=0`` (``built``: the momentum of each group at construction)."""
+    for i, (group, momentum) in enumerate(zip(groups, built)):
+        if momentum == 0.0 and group.get("momentum", 0.0) != 0.0 and "max_momentum" in group:
+            raise ValueError(
+                f"{owner}: param group {i} was built with momentum=0, and a scheduler with "
+                f"cycle_momentum=True (OneCycleLR, CyclicLR; True is their default) set its "
+                f"momentum to {group['momentum']} (cycled {group.get('base_momentum')}-"
+                f"{group['max_momentum']}): heavy-ball momentum on top of a curvature step is "
+                "not what the optimizer was built for and can diverge. Pass "
+                "cycle_momentum=False to the scheduler, or build the optimizer with momentum > 0 "
+                "if you mean the momentum to be cycled")
