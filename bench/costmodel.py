@@ -34,6 +34,7 @@ import models  # noqa: E402
 import grng  # noqa: E402
 from grng.benchmark import costmodel as cm  # noqa: E402
 from grng.benchmark.schema import Row, append_rows, environment, load_text, run_header  # noqa: E402
+from grng.optim.cases import make_optimizer  # noqa: E402
 
 SUITE = "costmodel"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,11 +106,10 @@ def measure_steps(name: str, rounds: int, steps: int) -> dict[str, float]:
     g = torch.Generator().manual_seed(1)
     batches = [sample(g) for _ in range(4)]
     runs = {}
-    for opt_name, make in (("kfac", grng.KFAC),
-                           ("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3))):
+    for opt_name, case in (("kfac", "kfac-eigen"), ("adamw", "adamw")):
         model, _ = cpu_targets.make_model(name)
         model.load_state_dict(base.state_dict())
-        runs[opt_name] = (model, make(model))
+        runs[opt_name] = (model, make_optimizer(case, model))
     times: dict[str, list[float]] = {k: [] for k in runs}
 
     def step(model: torch.nn.Module, opt: torch.optim.Optimizer, i: int) -> None:
@@ -133,7 +133,7 @@ def measure_steps(name: str, rounds: int, steps: int) -> dict[str, float]:
 def cpu_config() -> cm.StepConfig:
     """K-FAC's library defaults as the model sees them on the CPU (the ext fused update takes a
     param group's tensors in one call)."""
-    opt = grng.KFAC(torch.nn.Linear(2, 2))
+    opt = make_optimizer("kfac-eigen", torch.nn.Linear(2, 2))
     try:
         return cm.StepConfig(factor_every=opt.factor_every, inverse_every=opt.inverse_every,
                              fused_update=True)

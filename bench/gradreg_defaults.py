@@ -45,6 +45,7 @@ import grng  # noqa: E402
 from grng.benchmark.schema import (Row, environment, load_text, replace_rows,  # noqa: E402
                                    run_header)
 from grng.demo.data import load_digits_splits  # noqa: E402
+from grng.optim.cases import make_optimizer  # noqa: E402
 
 SUITE = "gradreg_defaults"
 GAMMAS = (0.001, 0.003, 0.01, 0.03, 0.1)
@@ -119,10 +120,8 @@ def train(task: Task, seed: int, steps: int, cell: tuple[float, float] | None
     GradReg(AdamW, gamma, epsilon) (forward finite difference)."""
     torch.manual_seed(seed)
     model = task.model()
-    base = torch.optim.AdamW(model.parameters(), lr=LR)
-    opt: torch.optim.Optimizer = base
-    if cell is not None:
-        opt = grng.GradReg(base, gamma=cell[0], epsilon=cell[1], mode="forward", model=model)
+    opt = (make_optimizer("adamw", model, lr=LR) if cell is None else
+           make_optimizer("fgr-adamw", model, lr=LR, gamma=cell[0], epsilon=cell[1]))
     gen = torch.Generator().manual_seed(1000 + seed)
     start = time.perf_counter()
     for _ in range(steps):

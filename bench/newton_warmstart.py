@@ -36,6 +36,7 @@ import grng  # noqa: E402
 from grng.benchmark.schema import Row, append_rows, environment, load_text, run_header  # noqa: E402
 from grng.curvature.inverse import tikhonov_split  # noqa: E402
 from grng.demo.text import VOCAB_SIZE, load_text_splits  # noqa: E402
+from grng.optim.cases import make_optimizer  # noqa: E402
 
 SUITE = "newton_warmstart"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     cfg = models.GPTConfig(vocab=VOCAB_SIZE, context=128, width=args.width, heads=12, layers=1)
     model = models.GPT(cfg)
-    opt = grng.KFAC(model, lr=0.05, inverse="cholesky")
+    opt = make_optimizer("kfac-cholesky", model, lr=0.05)
     damping = opt.param_groups[0]["damping"]
     data = load_text_splits(seq_len=cfg.context).train
     g = torch.Generator().manual_seed(1)

@@ -130,8 +130,7 @@ def test_verify_catches_a_broken_whole_step(broken: str) -> None:
     assert by_op["rkalman_step"].passed is True  # its Kalman update is right
 
 
-MASKED_OPS = ("fused_update_masked", "newton_schulz_masked", "cholesky_inverse_masked",
-              "kalman_update_masked")
+MASKED_OPS = tuple(op for op in registry.SPECS if op.endswith("_masked"))
 
 
 def _flag_ignoring_update(params, grads, directions, momentum_buffers, lr, momentum, weight_decay,

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from grng import KFAC, RENG, RING, RKalman, make_closure
+from grng.optim.cases import CASES, optimizer_factory
 
 F64 = torch.float64
 
@@ -40,11 +41,11 @@ def _decay_groups(model: nn.Module, **bias_group: float) -> list[dict]:
 
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "kfac": lambda m, **kw: KFAC(m, lr=0.1, damping=0.05, inverse_every=1, **kw),
-    "ring": lambda m, **kw: RING(m, lr=0.1, damping=0.05, rho=0.1, inverse_every=1, **kw),
-    "reng": lambda m, **kw: RENG(m, lr=0.1, damping=0.05, rho=0.05, gr="forward",
-                                 inverse_every=1, **kw),
-    "rkalman": lambda m, **kw: RKalman(m, lr=0.1, rho=0.1, kalman_rank=4, **kw),
+    "kfac": optimizer_factory("kfac-eigen", lr=0.1, damping=0.05, inverse_every=1),
+    "ring": optimizer_factory("ring", lr=0.1, damping=0.05, rho=0.1, inverse_every=1),
+    "reng": optimizer_factory("reng-forward", lr=0.1, damping=0.05, rho=0.05, epsilon=0.01,
+                              inverse_every=1),
+    "rkalman": optimizer_factory("rkalman", lr=0.1, rho=0.1, kalman_rank=4),
 }
 
 
@@ -87,7 +88,8 @@ def test_decay_groups_with_the_default_kl_clip_train() -> None:
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-@pytest.mark.parametrize("cls", [KFAC, RING, RENG, RKalman])
+@pytest.mark.parametrize("cls", [CASES[c].build for c in ("kfac-eigen", "ring", "reng-forward",
+                                                            "rkalman")])
 def test_param_groups_in_the_model_place_say_what_to_pass(cls: type) -> None:
     model = _model()
     with pytest.raises(TypeError, match=r"model first.*param_groups=\["):

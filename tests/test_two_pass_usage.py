@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from grng import RENG, GradReg, KFAC, make_closure
+from grng.optim.cases import optimizer_factory
 
 F64 = torch.float64
 
@@ -207,12 +208,12 @@ def _dropout_mlp() -> nn.Module:
 
 
 TWO_PASS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
-    "reng-forward": lambda m: RENG(m, lr=0.05, damping=0.05, rho=0.05, gr="forward"),
-    "reng-backward": lambda m: RENG(m, lr=0.05, damping=0.05, rho=0.05, gr="backward"),
-    "gradreg-forward-kfac": lambda m: GradReg(KFAC(m, lr=0.05, damping=0.05), gamma=0.05,
-                                              epsilon=0.01, model=m),
-    "gradreg-sam-adamw": lambda m: GradReg(torch.optim.AdamW(m.parameters(), lr=1e-2),
-                                           epsilon=0.05, mode="sam", model=m),
+    "reng-forward": optimizer_factory("reng-forward", lr=0.05, damping=0.05, rho=0.05),
+    "reng-backward": optimizer_factory("reng-forward", lr=0.05, damping=0.05, rho=0.05,
+                                       gr="backward"),
+    "gradreg-forward-kfac": optimizer_factory("gradreg-kfac", lr=0.05, damping=0.05, gamma=0.05,
+                                              epsilon=0.01),
+    "gradreg-sam-adamw": optimizer_factory("sam-adamw", lr=1e-2, epsilon=0.05),
 }
 
 
@@ -302,8 +303,7 @@ def test_gradreg_has_measured_defaults() -> None:
     assert f"**gamma={DEFAULT_GAMMA}, epsilon={DEFAULT_EPSILON}**" in summary.read_text()
 
 
-@pytest.mark.parametrize("make", [lambda m: RENG(m, gr="forward"),
-                                  lambda m: GradReg(torch.optim.SGD(m.parameters(), lr=0.1))])
+@pytest.mark.parametrize("make", [optimizer_factory("reng-forward"), optimizer_factory("fgr-sgd")])
 def test_the_closure_error_of_a_plain_call_names_the_plain_loop(make: Callable) -> None:
     opt = make(_dropout_mlp())
     with pytest.raises(ValueError, match="needs a closure") as err:

@@ -303,7 +303,7 @@ def step_shape(build: Callable[[], nn.Module], batch: Callable[[torch.device], t
     is built under ``torch.device("meta")``), ``batch(device)`` the inputs, ``loss`` the loss.
     A K-FAC optimizer's capture lists the blocks and the rows each folds; FlopCounterMode counts
     forward + backward FLOPs and the dispatch counter its aten ops."""
-    from grng.optim.kfac import KFAC  # the optimizer package sits above grng.benchmark
+    from grng.optim.cases import make_optimizer  # the optimizer package sits above grng.benchmark
 
     meta = torch.device("meta")
     with meta:
@@ -311,7 +311,7 @@ def step_shape(build: Callable[[], nn.Module], batch: Callable[[torch.device], t
     kwargs = {} if max_factor_dim is None else {"max_factor_dim": max_factor_dim}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = KFAC(model, **kwargs)
+        opt = make_optimizer("kfac-eigen", model, **kwargs)
     try:
         counter = _OpCounter()
         with FlopCounterMode(display=False) as flops, counter:

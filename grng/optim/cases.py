@@ -99,6 +99,7 @@ CASES: Mapping[str, OptimizerCase] = MappingProxyType({c.name: c for c in (
           gamma=0.0, epsilon=0.05, mode="sam"),
     _case("sam-adamw", "SAM (AdamW)", _gradreg_adamw, two_pass=True, lr=1e-3,
           gamma=0.0, epsilon=0.05, mode="sam"),
+    _case("fgr-adamw", "F-GR (AdamW)", _gradreg_adamw, two_pass=True, lr=1e-3, mode="forward"),
 )})
 """Each case's ``defaults`` say what makes it that case (the inverse, the GR mode); the
 library's own defaults fill in the rest, and every consumer passes its hyperparameters."""
