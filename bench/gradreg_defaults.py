@@ -128,9 +128,9 @@ def train(task: Task, seed: int, steps: int, cell: tuple[float, float] | None
         batch = task.batch(gen)
         forward: Callable[[], Tensor] = lambda b=batch: task.loss(model, b)  # noqa: E731
         if cell is None:
-            base.zero_grad()
+            opt.zero_grad()
             forward().backward()
-            base.step()
+            opt.step()
         else:
             opt.step(grng.make_closure(opt, forward))
     seconds = time.perf_counter() - start
