@@ -117,7 +117,8 @@ class StepConfig:
     rkalman, ekfac; ``inverse``: eigen, newton, cholesky; ``iterations``: Newton-Schulz steps per
     refresh; ``precision``: of the optimizer's GEMMs (fp32, tf32, bf16); ``fused_update``: one
     multi-tensor launch for the update (else one per parameter); ``batched``: equal-shape blocks
-    share one launch; ``kalman_rank``: R-Kalman's k."""
+    share one launch; ``kalman_rank``: R-Kalman's k; ``sync_free``: the device gate copies the
+    folded statistics before a fold and selects them back after it (the CUDA default)."""
 
     family: str = "kfac"
     inverse: str = "eigen"
@@ -128,6 +129,7 @@ class StepConfig:
     fused_update: bool = False
     batched: bool = True
     kalman_rank: int = 64
+    sync_free: bool = False
 
 
 @dataclass
@@ -225,8 +227,12 @@ def predict(shape: StepShape, config: StepConfig, device: Device) -> Prediction:
         n = sum(b.d_a * b.d_g for b in blocks)
         c["moments"] = _time(device, Cost(12.0 * n, 4.0 * 5 * n, 4.0 * len(blocks)), "fp32")
     Pd = shape.diagonal_params
-    c["diagonal"] = _time(device, Cost(6.0 * Pd, 4.0 * 4 * Pd, 3.0 * max(1, shape.tensors - len(blocks))),
-                          "fp32")
+    # multi-tensor fold (3 ops) and apply (2 ops) per (device, dtype): grng.precondition.diagonal
+    c["diagonal"] = _time(device, Cost(6.0 * Pd, 4.0 * 4 * Pd, 5.0), "fp32")
+    if config.sync_free:  # copy of every folded statistic, a select back after the fold
+        stats = sum(d * d for _, d in dense) + Pd
+        units = len(dense) + max(1, shape.tensors - len(blocks))
+        c["gate"] = _time(device, Cost(stats / F, 4.0 * 4 * stats / F, 2.0 * units / F), "fp32")
     launches = 2.0 if config.fused_update else 4.0 * shape.tensors
     c["update"] = _time(device, Cost(10.0 * P, 4.0 * 6 * P, launches), "fp32")
     if config.family == "reng":  # a second forward and backward (finite differences)

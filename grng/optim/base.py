@@ -402,9 +402,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             for p, d in zip(unit.layer.params, unit.layer.split(D)):
                 if p.grad is not None:
                     out[id(p)] = d
-        for unit in diagonal:
-            p = unit.like
-            out[id(p)] = self.diagonal.apply(unit, p.grad, self.param_groups[group_of[id(p)]])
+        items = [(unit, unit.like.grad, self.param_groups[group_of[id(unit.like)]])
+                 for unit in diagonal]
+        for (unit, _, _), d in zip(items, self.diagonal.apply_many(items)):
+            out[id(unit.like)] = d
         return out
 
     # ---------------------------------------------------------------------- internals

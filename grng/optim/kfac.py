@@ -9,6 +9,7 @@ from torch import nn
 
 from grng.curvature.inverse import INVERSES, make_inverse
 from grng.curvature.layers import MAX_FACTOR_DIM
+from grng.optim import device_defaults
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
@@ -22,9 +23,12 @@ class KFAC(CurvatureOptimizer):
     with a closure in torch.optim's convention (it zeroes the gradients, runs forward and
     backward and returns the loss, as for LBFGS). Factors A, G are updated every
     ``factor_every`` steps as M <- factor_decay M + (1 - factor_decay) M_batch (the first
-    update sets M); inverses are refreshed every ``inverse_every`` steps with ``inverse`` = "eigen" (exact damping,
-    (A (x) G + damping I)^-1), "newton" (Newton-Schulz, factored Tikhonov damping) or
-    "cholesky" (the same damping by Cholesky).
+    update sets M); inverses are refreshed every ``inverse_every`` steps with ``inverse`` =
+    "eigen" (exact damping, (A (x) G + damping I)^-1), "newton" (Newton-Schulz, factored
+    Tikhonov damping) or "cholesky" (the same damping by Cholesky). Unset, ``inverse``,
+    ``inverse_every`` and ``precision`` take the defaults of the model's device: "eigen", 10,
+    "fp32" on the CPU (measured), "cholesky", 20, "tf32" on CUDA (chosen from the cost model:
+    :mod:`grng.optim.device_defaults`, docs/defaults.md).
 
     ``factor_dtype`` / ``inverse_dtype`` (None, torch.bfloat16, float32, float64) store the
     factors / inverses in that dtype (bf16 halves the curvature memory; arithmetic stays in
@@ -39,7 +43,7 @@ class KFAC(CurvatureOptimizer):
     skipped by device-side selects, counted in ``skipped_steps`` and warned a step late, "newton"/"cholesky"
     refreshes keep a failed factor's previous inverse on the device ("eigen" refreshes still
     synchronize: the eigensolver reports errors to the host); see docs/performance.md.
-    ``precision`` ("fp32" default, "tf32", "bf16"): the arithmetic of the optimizer's own
+    ``precision`` ("fp32", "tf32", "bf16"): the arithmetic of the optimizer's own
     matmuls (TF32 tensor cores on CUDA; bf16 factors, inverses and application with float32
     accumulation); see :mod:`grng.optim.precision`.
 
@@ -57,8 +61,8 @@ class KFAC(CurvatureOptimizer):
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
         factor_every: int = 2,
-        inverse_every: int = 10,
-        inverse: str = "eigen",
+        inverse_every: int | None = None,
+        inverse: str | None = None,
         kl_clip: float | None = 1e-3,
         backend: str = "auto",
         *,
@@ -72,11 +76,17 @@ class KFAC(CurvatureOptimizer):
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         stagger_refresh: bool = False,
         sync_free: bool | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         _group_defaults: dict[str, float] | None = None,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
+        # None: the default of the model's device (grng.optim.device_defaults)
+        chosen = (device_defaults.for_model(model) if isinstance(model, nn.Module)
+                  else device_defaults.CPU)  # not a model: the base class says what to pass
+        inverse = chosen.inverse if inverse is None else inverse
+        inverse_every = chosen.inverse_every if inverse_every is None else inverse_every
+        precision = chosen.precision if precision is None else precision
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         self.stagger_refresh = check.boolean("stagger_refresh", stagger_refresh)
         strategy = make_inverse(check.choice("inverse", inverse, INVERSES))

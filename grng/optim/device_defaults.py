@@ -1,0 +1,37 @@
+"""Defaults that depend on where the model lives (docs/defaults.md "Defaults per device").
+
+On the CPU the K-FAC family's defaults are measured: time to accuracy on the demo's tasks
+(``bench/defaults.py``, docs/defaults.md). No GPU has been measured yet, so the CUDA defaults are
+chosen from the cost model (``grng.benchmark.costmodel``, ``bench/results/costmodel.md``) among
+the configurations that stay exact per refresh, because the one that was cheapest on paper
+(a warm-started Newton-Schulz inverse with 1-3 fixed steps) does not track real factor sequences:
+along a width-768 GPT's factors its RMS residual stays at 0.3-0.98 (``bench/newton_warmstart.py``,
+``bench/results/newton_warmstart.md``). Cholesky refreshes (cuSOLVER, no eigh, sync-free through
+``cholesky_inverse_masked``) every 20 steps with TF32 factor and apply GEMMs: GPT-2 small on an
+H100 predicted at 1.6x AdamW's step instead of 21x at the CPU defaults (eigh every 10 steps, fp32).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """The inverse strategy, its refresh period T and the optimizer's matmul precision."""
+
+    inverse: str
+    inverse_every: int
+    precision: str
+
+
+#: measured on the CPU (docs/defaults.md)
+CPU = DeviceDefaults(inverse="eigen", inverse_every=10, precision="fp32")
+#: chosen from the cost model for CUDA (module docstring; docs/defaults.md)
+CUDA = DeviceDefaults(inverse="cholesky", inverse_every=20, precision="tf32")
+
+
+def for_model(model: nn.Module) -> DeviceDefaults:
+    """:data:`CUDA` when any parameter of ``model`` is on a CUDA device, else :data:`CPU`."""
+    return CUDA if any(p.is_cuda for p in model.parameters()) else CPU
