@@ -2,13 +2,12 @@
 
 On the CPU the K-FAC family's defaults are measured: time to accuracy on the demo's tasks
 (``bench/defaults.py``, docs/defaults.md). No GPU has been measured yet, so the CUDA defaults are
-chosen from the cost model (``grng.benchmark.costmodel``, ``bench/results/costmodel.md``) among
-the configurations that stay exact per refresh, because the one that was cheapest on paper
-(a warm-started Newton-Schulz inverse with 1-3 fixed steps) does not track real factor sequences:
-along a width-768 GPT's factors its RMS residual stays at 0.3-0.98 (``bench/newton_warmstart.py``,
-``bench/results/newton_warmstart.md``). Cholesky refreshes (cuSOLVER, no eigh, sync-free through
-``cholesky_inverse_masked``) every 20 steps with TF32 factor and apply GEMMs: GPT-2 small on an
-H100 predicted at 1.6x AdamW's step instead of 21x at the CPU defaults (eigh every 10 steps, fp32).
+chosen from the cost model (``grng.benchmark.costmodel``; its predictions are generated into
+docs/performance.md) among the configurations that stay exact per refresh, because the one that
+was cheapest on paper (a warm-started Newton-Schulz inverse with 1-3 fixed steps) does not track
+real factor sequences (``bench/newton_warmstart.py``, ``bench/results/newton_warmstart.md``):
+Cholesky refreshes (cuSOLVER, no eigh, sync-free through ``cholesky_inverse_masked``) every 20
+steps with TF32 factor and apply GEMMs.
 """
 from __future__ import annotations
 
