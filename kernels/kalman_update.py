@@ -15,12 +15,13 @@ from torch import Tensor
 
 from grng.ops.errors import FactorizationError
 
-from . import _tiles
+from . import _library, _tiles
 from .factor_update import sym_update
 
 
-def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
-    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T."""
+def _kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> None:
+    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T
+    (the launcher behind the custom op)."""
     Hc = H.to(P.dtype)
     U = (P @ Hc.transpose(0, 1)).div_(beta)
     if q != 0.0:
@@ -34,6 +35,19 @@ def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tens
         raise FactorizationError(f"innovation Cholesky failed: leading minor {int(info)}")
     Wt = torch.linalg.solve_triangular(L, U64.transpose(0, 1), upper=False).to(P.dtype)  # k x d
     sym_update(P.unsqueeze(0), Wt.unsqueeze(0), -1.0, 1.0 / beta, q)
+
+
+def _no_output(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> None:
+    """Fake implementation: the op only writes P."""
+
+
+kalman_update_op = _library.triton_op("kalman_update", ("P",), _no_output)(_kalman_update)
+
+
+def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """P <- P- - W W^T with P- = P/beta + q I, S = r I + H P- H^T = L L^T, W = P- H^T L^-T, in
+    place; through the custom op ``grng_triton::kalman_update``."""
+    kalman_update_op(P, H, r, beta, q)
     return P
 
 

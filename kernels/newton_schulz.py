@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _tiles
+from . import _library, _tiles
 
 
 @triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"], reset_to_zero=["part_ptr"])
@@ -66,8 +66,8 @@ def _max_programs(d: int) -> int:
                for c in _tiles.gemm_configs())
 
 
-def newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-    """(X (2I - M X), ||I - M X||_F) for square M, X of one dtype."""
+def _newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """(X (2I - M X), ||I - M X||_F) for square M, X of one dtype (the launcher behind the op)."""
     d = M.shape[0]
     R = _tiles.new_output((d, d), X.dtype, X.device)
     X_next = _tiles.new_output((d, d), X.dtype, X.device)
@@ -81,6 +81,23 @@ def newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
             X, R, X_next, d, X.stride(0), X.stride(1), R.stride(0), R.stride(1),
             X_next.stride(0), X_next.stride(1), PRECISION=precision)
     residual = part.to(torch.float64).sum().sqrt().to(X.dtype)
+    return X_next, residual
+
+
+
+def _step_outputs(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """Fake implementation: X_next of X's shape and dtype, a 0-dim residual."""
+    return X.new_empty(X.shape), X.new_empty(())
+
+
+newton_schulz_step_op = _library.triton_op("newton_schulz_step", (), _step_outputs)(
+    _newton_schulz_step)
+
+
+def newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
+    """(X (2I - M X), ||I - M X||_F) for square M, X of one dtype; through the custom op
+    ``grng_triton::newton_schulz_step``."""
+    X_next, residual = newton_schulz_step_op(M, X)
     return X_next, residual
 
 
