@@ -55,7 +55,9 @@ def test_every_op_has_a_complete_spec() -> None:
     """Each spec's generator yields fresh, finite (or deliberately NaN-poisoned) random inputs."""
     assert set(registry.SPECS) == {"factor_update", "eigh", "eigen_apply", "newton_schulz_step",
                                    "cholesky_inverse", "kalman_update", "fused_update",
-                                   "batched_spd_inverse"}
+                                   "batched_spd_inverse", "fused_update_masked",
+                                   "newton_schulz_masked", "cholesky_inverse_masked",
+                                   "kalman_update_masked"}
     for name, spec in registry.SPECS.items():
         assert spec.variants[0] == "contiguous" and spec.bench_variant in spec.variants
         a = spec.inputs(7, spec.dtypes[0], "cpu", seed=1)

@@ -319,7 +319,7 @@ class CholeskyInverse(_TikhonovInverse):
         return ops.cholesky_inverse(M, backend=backend)
 
     def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        return masked.cholesky_inverse_masked(M)
+        return ops.cholesky_inverse_masked(M)
 
 
 class NewtonInverse(_TikhonovInverse):
@@ -341,7 +341,7 @@ class NewtonInverse(_TikhonovInverse):
     ITERATIONS_ON_DEVICE = 20
 
     def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        return masked.newton_schulz_fixed(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
+        return ops.newton_schulz_masked(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
                                           ops.default_newton_tol(M.dtype))
 
 

@@ -24,9 +24,9 @@ from grng.ops.reference import default_newton_tol
 __all__ = [
     "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
     "batched_spd_inverse",
-    "cholesky_inverse", "default_newton_tol", "eigen_apply", "eigh", "factor_update",
-    "fused_update", "kalman_update", "newton_schulz_inverse", "newton_schulz_step",
-    "validate_backend",
+    "cholesky_inverse", "cholesky_inverse_masked", "default_newton_tol", "eigen_apply", "eigh",
+    "factor_update", "fused_update", "fused_update_masked", "kalman_update", "kalman_update_masked",
+    "newton_schulz_inverse", "newton_schulz_masked", "newton_schulz_step", "validate_backend",
 ]
 
 
@@ -71,6 +71,40 @@ def fused_update(params: Sequence[Tensor], grads: Sequence[Tensor], directions: 
                 None if momentum_buffers is None else list(momentum_buffers),
                 float(lr), float(momentum), float(weight_decay), float(rho),
                 None if kl_clip is None else float(kl_clip))
+
+
+# ----------------------------------------------------------------------------- sync-free (masked) ops
+# Every decision is a device flag; where it is False nothing is written (no host read).
+
+def fused_update_masked(params: Sequence[Tensor], grads: Sequence[Tensor],
+                        directions: Sequence[Tensor], momentum_buffers: Sequence[Tensor] | None,
+                        lr: float, momentum: float, weight_decay: float, rho: float,
+                        kl_clip: float | None, ok: Tensor, *, backend: str = "auto") -> Tensor:
+    """Where ok & finite(every d + rho g): theta <- (1 - lr wd) theta - lr buf,
+    buf = m buf + nu (d + rho g), nu computed on the device; returns that flag (0-dim bool)."""
+    return call("fused_update_masked", backend, list(params), list(grads), list(directions),
+                None if momentum_buffers is None else list(momentum_buffers),
+                float(lr), float(momentum), float(weight_decay), float(rho),
+                None if kl_clip is None else float(kl_clip), ok)
+
+
+def newton_schulz_masked(M: Tensor, X0: Tensor, iterations: int, tol: float, *,
+                         backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(X, ok): ``iterations`` fixed steps of X <- X (2I - M X) from X0 (scaled when
+    ||I - M X0||_F >= 1), batched over leading dims; ok: RMS residual <= tol and X finite."""
+    return call("newton_schulz_masked", backend, M, X0, int(iterations), float(tol))
+
+
+def cholesky_inverse_masked(M: Tensor, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(M^-1, ok) for SPD M through M = L L^T; where ok is False X is unusable."""
+    return call("cholesky_inverse_masked", backend, M)
+
+
+def kalman_update_masked(P: Tensor, H: Tensor, r: float, beta: float, q: float, *,
+                         backend: str = "auto") -> Tensor:
+    """P <- P/beta + qI - W W^T in place where the innovation Cholesky succeeds (P kept
+    otherwise); returns that flag (0-dim bool)."""
+    return call("kalman_update_masked", backend, P, H, float(r), float(beta), float(q))
 
 
 class NewtonResult(NamedTuple):

@@ -4,7 +4,9 @@ Inputs are drawn on the CPU in float64 from a seeded generator (reproducible acr
 never zeros, then cast to the case dtype and moved to the device. Sizes: ``n`` is the matrix
 side (factor_update: M n x n, X n x n; eigen_apply: V, Q_G, Q_A n x n; newton_schulz_step:
 M, X n x n; kalman_update: P n x n, H k x n with k = min(64, n); fused_update: one n x n and
-one n-vector parameter; batched_spd_inverse: 3 matrices n x n). Layout variants: "strided"
+one n-vector parameter; batched_spd_inverse: 3 matrices n x n; the sync-free ("masked") variants
+as their host-branching ops, with "skip" variants where a device flag says to write nothing).
+Layout variants: "strided"
 passes in-place targets as column slices of a wider buffer and read-only matrices in
 column-major order. The FLOP counts are the useful work (the same for every backend, so
 TFLOP/s compare); byte counts are the minimal traffic: each input read once, each output
@@ -17,7 +19,7 @@ import math
 import torch
 from torch import Tensor
 
-from grng.ops import reference
+from grng.ops import masked, reference
 from grng.ops.registry import OpSpec, define
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
@@ -345,4 +347,155 @@ define(OpSpec(
     variants=("contiguous", "strided", "newton"),
     symmetric=(0,),
     output_names=("inverses", "ok"),
+))
+
+
+# ----------------------------------------------------------------------------- masked (sync-free) ops
+# The sync-free step's variants of the ops above (:mod:`grng.ops.masked`): every decision is a
+# device flag, and where it is False nothing is written. Each spec has "skip" variants (the flag
+# False, or a non-finite / indefinite input) whose check is that the outputs equal the
+# reference's, which leaves its in-place targets untouched there.
+
+def _masked_fused_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                         variant: str) -> tuple:
+    base = "plain" if variant == "plain" else "strided" if variant == "strided" else "contiguous"
+    params, grads, dirs, bufs, *coefficients = _fused_inputs(n, dtype, device, seed, base)
+    if variant == "skip_nonfinite":  # one non-finite direction element: d + rho g is not finite
+        dirs[-1][n // 2] = math.inf
+    ok = torch.tensor(variant != "skip", device=device)
+    return (params, grads, dirs, bufs, *coefficients, ok)
+
+
+def _masked_fused_outputs(args: tuple, out: Tensor) -> tuple[Tensor, ...]:
+    params, bufs = args[0], args[3]
+    flat_params = torch.cat([p.reshape(-1) for p in params])
+    flat_bufs = flat_params[:0] if bufs is None else torch.cat([b.reshape(-1) for b in bufs])
+    return flat_params, flat_bufs, out.reshape(1).to(device="cpu", dtype=F64)
+
+
+define(OpSpec(
+    name="fused_update_masked",
+    signature=("fused_update_masked(params, grads, directions, momentum_buffers, lr, momentum, "
+               "weight_decay, rho, kl_clip, ok) -> ok"),
+    math=("where ok & finite(d + rho g): theta <- (1 - lr wd) theta - lr buf, "
+          "buf = m buf + nu (d + rho g), nu on the device; returns that flag"),
+    reference=masked.fused_update_masked,
+    make_inputs=_masked_fused_inputs,
+    outputs=_masked_fused_outputs,
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="every tensor (ok: a 0-dim bool)",
+    shape=lambda n: f"params {n}x{n} + {n}",
+    reduction=lambda n: 1,  # elementwise; the clip's <d + rho g, g> is summed in float64
+    flops=lambda n: 10.0 * _fused_numel(n),
+    bytes=lambda n, dt: 6.0 * _fused_numel(n) * size_of(dt),
+    variants=("contiguous", "strided", "plain", "skip", "skip_nonfinite"),
+    output_names=("params", "momentum_buffers", "ok"),
+))
+
+
+#: fixed Newton-Schulz steps of a newton_schulz_masked case (a warm start converges in ~5, the
+#: cold scaled start from 2I in ~12 at these well-conditioned inputs)
+NEWTON_MASKED_ITERATIONS = 20
+
+
+def _masked_newton_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                          variant: str) -> tuple:
+    g = _gen(seed)
+    batch = (2,) if variant == "batched" else ()
+    M = _spd(g, n, batch)
+    if variant == "cold":  # ||I - M X0||_F >= 1 (M's eigenvalues are >= 1): the scaled start
+        X0 = 2.0 * torch.eye(n, dtype=F64).expand(*batch, n, n)
+    else:  # near, not at, M^-1
+        X0 = torch.linalg.inv(M) + 0.05 * _randn(g, *batch, n, n) / math.sqrt(n)
+        X0 = 0.5 * (X0 + X0.transpose(-2, -1))
+    if variant == "skip":  # a non-finite factor: ok is False, the caller keeps its old inverse
+        M[..., n // 2, n // 2] = math.nan
+    target, read = _layouts(variant)
+    return (place(M, dtype, device, read), place(X0, dtype, device, target),
+            NEWTON_MASKED_ITERATIONS, reference.default_newton_tol(dtype))
+
+
+def _where_ok(args: tuple, out: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+    """(X where ok else 0, ok): X is unusable, and not compared, where the flag is False."""
+    X, ok = out
+    return torch.where(ok[..., None, None], X, torch.zeros((), dtype=X.dtype, device=X.device)), ok.to(F64)
+
+
+define(OpSpec(
+    name="newton_schulz_masked",
+    signature="newton_schulz_masked(M, X0, iterations, tol) -> (X, ok)",
+    math=("X <- X (2I - M X) a fixed number of times from X0 (or X0 / ||M X0||_F when "
+          "||I - M X0||_F >= 1); ok: the last RMS residual <= tol and X finite"),
+    reference=masked.newton_schulz_fixed,
+    make_inputs=_masked_newton_inputs,
+    outputs=_where_ok,
+    dtypes=FACTOR_DTYPES,
+    dtype_role="M and X0",
+    shape=lambda n: f"M {n}x{n}, X0 {n}x{n}",
+    reduction=lambda n: 2 * n,
+    flops=lambda n: 2.0 * n ** 3 + NEWTON_MASKED_ITERATIONS * (4.0 * n ** 3 + 2.0 * n * n),
+    bytes=lambda n, dt: 3.0 * n * n * size_of(dt),
+    variants=("contiguous", "strided", "cold", "batched", "skip"),
+    symmetric=(0,),
+    output_names=("X", "ok"),
+))
+
+
+def _masked_cholesky_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                            variant: str) -> tuple:
+    M = _spd(_gen(seed), n, (2,) if variant == "batched" else ())
+    if variant == "skip":  # indefinite (a negative leading pivot): ok is False
+        M[..., 0, 0] = -1.0
+    return (place(M, dtype, device, "slice" if variant == "strided" else "contiguous"),)
+
+
+define(OpSpec(
+    name="cholesky_inverse_masked",
+    signature="cholesky_inverse_masked(M) -> (X, ok)",
+    math="(M^-1, ok) for SPD M through M = L L^T; ok False (a non-positive pivot): X unusable",
+    reference=masked.cholesky_inverse_masked,
+    make_inputs=_masked_cholesky_inputs,
+    outputs=_where_ok,
+    dtypes=FACTOR_DTYPES,
+    dtype_role="M",
+    shape=lambda n: f"M {n}x{n}",
+    reduction=lambda n: n,
+    flops=lambda n: float(n) ** 3,
+    bytes=lambda n, dt: 2.0 * n * n * size_of(dt),
+    variants=("contiguous", "strided", "batched", "skip"),
+    symmetric=(0,),
+    output_names=("X", "ok"),
+))
+
+
+def _masked_kalman_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                          variant: str) -> tuple:
+    base = variant if variant in ("strided", "steady") else "contiguous"
+    P, H, r, beta, q = _kalman_inputs(n, dtype, device, seed, base)
+    if variant == "skip":  # a negative observation noise: the innovation is indefinite
+        r = -1e6
+    if variant == "skip_nonfinite":
+        H[0, n // 2] = math.nan
+    return P, H, r, beta, q
+
+
+define(OpSpec(
+    name="kalman_update_masked",
+    signature="kalman_update_masked(P, H, r, beta, q) -> ok",
+    math=("P <- P/beta + qI - W W^T, W = P- H^T L^-T, L L^T = r I + H P- H^T, in place where "
+          "the innovation Cholesky succeeds and P+ is finite (P kept otherwise); returns that flag"),
+    reference=masked.kalman_update_masked,
+    make_inputs=_masked_kalman_inputs,
+    outputs=lambda args, out: (args[0], out.reshape(1).to(device="cpu", dtype=F64)),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="H (P is float32, float64 for float64)",
+    shape=lambda n: f"P {n}x{n}, H {kalman_rank(n)}x{n}",
+    reduction=lambda n: n + kalman_rank(n),
+    flops=lambda n: (2.0 * n * n * kalman_rank(n) + 3.0 * kalman_rank(n) ** 2 * n
+                     + kalman_rank(n) * n * (n + 1.0)),
+    bytes=lambda n, dt: 2.0 * n * n * size_of(wide(dt)) + kalman_rank(n) * n * size_of(dt),
+    variants=("contiguous", "strided", "steady", "skip", "skip_nonfinite"),
+    bench_variant="steady",
+    symmetric=(0,),
+    output_names=("P", "ok"),
 ))

@@ -335,10 +335,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         ok = ok if dir_flag is None else ok & dir_flag
         applied = ok
         for group, gparams, bufs in self._update_groups():
-            applied = applied & masked.fused_update_masked(
+            applied = applied & ops.fused_update_masked(
                 gparams, [p.grad for p in gparams], [directions[id(p)] for p in gparams], bufs,
                 group["lr"], group["momentum"], group["weight_decay"], group.get("rho", 0.0),
-                group["kl_clip"], ok)
+                group["kl_clip"], ok, backend=self.backend)
         skipped = (~applied).to(torch.int64)
         counters = self.counters
         counters.skipped_on_device = (skipped if counters.skipped_on_device is None

@@ -82,8 +82,7 @@ class KalmanPreconditioner(Preconditioner):
             self.scalar_update(P, obs.diag)
             return
         if self.config.sync_free:
-            ok = masked.kalman_update_masked(P, obs.H, obs.r, self.config.factor_decay,
-                                             self.kalman.process_noise)
+            ok = ops.kalman_update_masked(P, obs.H, obs.r, self.config.factor_decay, self.kalman.process_noise, backend=self.config.backend)
             failed = (~ok).to(torch.int64)
             self._failures_on_device = (failed if self._failures_on_device is None
                                         else self._failures_on_device + failed)

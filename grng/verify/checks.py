@@ -103,7 +103,9 @@ def map_tensors(obj: object, fn) -> object:
 
 
 def _to_f64(t: Tensor) -> Tensor:
-    return t.to(torch.float64) if t.is_floating_point() else t.clone()
+    """A float64 copy (always a copy: a float64 input must not alias the backend's in-place
+    target, or the float64 truth would run on the backend's output)."""
+    return t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
 
 
 def compare(got: Tensor, same: Tensor, truth: Tensor, reduction: int) -> dict[str, object]:
