@@ -13,10 +13,14 @@ torch's own M @ X then would). Accumulation, the residual and the "+ X" are fp32
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from grng.ops import masked
 
 from . import _library, _tiles
 
@@ -106,3 +110,29 @@ def supports(M: Tensor, X: Tensor) -> bool:
     return (M.dim() == 2 and M.shape[0] == M.shape[1] and X.shape == M.shape
             and M.dtype == X.dtype and M.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and _tiles.device_ok(M, X))
+
+
+def newton_schulz_masked(M: Tensor, X0: Tensor, iterations: int, tol: float) -> tuple[Tensor, Tensor]:
+    """(X, ok): ``iterations`` steps X <- X (2I - M X) of the Triton step from the reference's
+    device-side start (X0, or X0 / ||M X0||_F where ||I - M X0||_F >= 1); ok: the last RMS
+    residual <= tol and X finite. Batched over leading dims (the steps run per matrix)."""
+    d = M.shape[-1]
+    X = masked.newton_start(M, X0)
+    Ms, Xs = M.reshape(-1, d, d), X.reshape(-1, d, d)
+    outs, rms = [], []
+    for Mb, Xb in zip(Ms.unbind(0), Xs.unbind(0)):
+        res = torch.full((), math.inf, dtype=M.dtype, device=M.device)
+        for _ in range(iterations):
+            Xb, res = newton_schulz_step(Mb, Xb)
+        outs.append(Xb)
+        rms.append(res / math.sqrt(d))
+    return masked.newton_result(torch.stack(outs).reshape(M.shape),
+                                torch.stack(rms).reshape(M.shape[:-2]), tol)
+
+
+def supports_masked(M: Tensor, X0: Tensor, iterations: int, tol: float) -> bool:
+    """True for square M (..., d, d) and X0 of its shape and dtype (fp32, bf16 or fp16) on a
+    device the kernel runs on."""
+    return (M.dim() >= 2 and M.shape[-1] == M.shape[-2] and X0.shape == M.shape
+            and M.dtype == X0.dtype and M.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and _tiles.device_ok(M, X0))
