@@ -41,8 +41,8 @@ CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.floa
 #: columns of a table row: addresses of theta, g, d, buf; numel; first chunk; dtype codes of
 #: theta, g, d, buf and of d + rho g
 ROW = 11
-#: elements per chunk and the most programs (partials) of a launch; under the interpreter small
-#: ones, so that the tests' odd sizes span several chunks and programs loop over several
+#: elements per chunk and the most programs (partials) of a launch, powers of two; under the
+#: interpreter small ones, so that the tests' odd sizes span several chunks and programs loop
 _BLOCK, _MAX_PROGRAMS = (1024, 1024)
 _BLOCK_INTERPRET, _MAX_PROGRAMS_INTERPRET = (64, 4)
 _FP32_MAX = 3.4028234663852886e38
@@ -109,7 +109,8 @@ def _masked_update_kernel(table_ptr, n_tensors, dot_ptr, bad_ptr, ok_in_ptr, ok_
         nu = 1.0
         if CLIP:
             ratio = tl.cast(clip_over_lr2, tl.float64) / vg
-            nu = tl.where((vg > 0.0) & (ratio < 1.0), tl.sqrt(tl.maximum(ratio, 0.0)), 1.0).to(tl.float32)
+            nu = tl.where((vg > 0.0) & (ratio < 1.0), tl.sqrt(tl.maximum(ratio, 0.0)), 1.0)
+            nu = nu.to(tl.float32)
         if pid == 0:
             tl.store(ok_out_ptr, ok.to(tl.int8))
     dot = tl.zeros([BLOCK], dtype=tl.float64)
@@ -188,6 +189,8 @@ def _fused_update_masked(params: list[Tensor], grads: list[Tensor], directions: 
     block, max_programs = launch_sizes()
     has_momentum = momentum != 0.0
     rows: list[list[int]] = []
+    # the table holds raw addresses: every tensor it points to is kept alive until the launches
+    keep: list[Tensor] = []
     write_back: list[tuple[Tensor, Tensor]] = []  # (tensor, the copy the kernel writes)
     chunks = 0
     for i, (p, g, d) in enumerate(zip(params, grads, directions)):
@@ -203,6 +206,7 @@ def _fused_update_masked(params: list[Tensor], grads: list[Tensor], directions: 
             bw = _in_layout(b, pw)
             if bw is not b:
                 write_back.append((b, bw))
+        keep += [pw, gw, dw, bw]
         rows.append([pw.data_ptr(), gw.data_ptr(), dw.data_ptr(), bw.data_ptr(), p.numel(), chunks,
                      CODES[p.dtype], CODES[g.dtype], CODES[d.dtype], CODES[b.dtype],
                      _promoted(d, g) if rho != 0.0 else CODES[d.dtype]])
