@@ -11,6 +11,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -99,12 +100,17 @@ void factor_update_impl(const Tensor& M, const Tensor& X, double alpha, double b
 // ---------------------------------------------------------------------------------------------
 // kalman_update: P <- P/beta + qI - W W^T, S = rI + H U = L L^T (float64), W = U L^-T.
 
-void kalman_update_impl(const Tensor& P, const Tensor& H, double r, double beta, double q) {
+namespace {
+
+// (W, info) of the Kalman update: U = P H^T / beta + q H^T, S = rI + H U = L L^T (float64,
+// info from its Cholesky: 0 = success), W = U L^-T in P's dtype (unusable where info != 0).
+std::tuple<Tensor, Tensor> kalman_gain(const Tensor& P, const Tensor& H, double r, double beta, double q,
+                                       const char* op) {
   check_factor_dtype(P, "P");
-  TORCH_CHECK(P.dim() == 2 && P.size(0) == P.size(1), "grng_ext::kalman_update: P must be (d, d)");
+  TORCH_CHECK(P.dim() == 2 && P.size(0) == P.size(1), "grng_ext::", op, ": P must be (d, d)");
   TORCH_CHECK(H.dim() == 2 && H.size(1) == P.size(0) && H.device() == P.device(),
-              "grng_ext::kalman_update: H must be (k, d), on P's device");
-  TORCH_CHECK(beta != 0.0, "grng_ext::kalman_update: beta must be nonzero");
+              "grng_ext::", op, ": H must be (k, d), on P's device");
+  TORCH_CHECK(beta != 0.0, "grng_ext::", op, ": beta must be nonzero");
   const Tensor Hc = H.to(P.scalar_type());
   const Tensor Ht = Hc.t();
   // U = q H^T + P H^T / beta in one GEMM (q == 0 never reads H^T there).
@@ -113,10 +119,32 @@ void kalman_update_impl(const Tensor& P, const Tensor& H, double r, double beta,
   Tensor S = SH.add(SH.t()).mul_(0.5);
   S.diagonal().add_(r);
   auto [L, info] = at::linalg_cholesky_ex(S, /*upper=*/false, /*check_errors=*/false);
+  Tensor W = at::linalg_solve_triangular(L, U64.t(), /*upper=*/false).to(P.scalar_type());
+  return {W, info};
+}
+
+}  // namespace
+
+void kalman_update_impl(const Tensor& P, const Tensor& H, double r, double beta, double q) {
+  auto [W, info] = kalman_gain(P, H, r, beta, q, "kalman_update");
   const int64_t bad = info.item<int64_t>();
   TORCH_CHECK(bad == 0, "grng_ext::kalman_update: innovation Cholesky failed: leading minor ", bad);
-  const Tensor W = at::linalg_solve_triangular(L, U64.t(), /*upper=*/false).to(P.scalar_type());
   sym_rank_update(P, W, -1.0, 1.0 / beta, q);
+}
+
+// kalman_update_masked: P+ = P/beta + qI - W W^T computed aside, written where the innovation
+// Cholesky succeeded and P+ is finite; every decision is a device tensor (no host read).
+Tensor kalman_update_masked_impl(const Tensor& P, const Tensor& H, double r, double beta, double q) {
+  auto [W, info] = kalman_gain(P, H, r, beta, q, "kalman_update_masked");
+  Tensor Pn = P.clone(at::MemoryFormat::Contiguous);
+  sym_rank_update(Pn, W, -1.0, 1.0 / beta, q);
+  Tensor ok = info.eq(0).logical_and_(Pn.isfinite().all());
+  if (P.is_cpu()) {  // reading a CPU flag costs no sync: copy instead of a select
+    if (ok.item<bool>()) P.copy_(Pn);
+  } else {
+    P.copy_(at::where(ok, Pn, P));
+  }
+  return ok;
 }
 
 namespace {
@@ -254,9 +282,11 @@ void check_chunk(at::ScalarType dtype, const void* dp, const void* gp, int64_t b
   }
 }
 
-Tensor fused_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList directions,
-                        at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
-                        double rho, std::optional<double> kl_clip) {
+// The update of fused_update / fused_update_masked: validates the lists, then (when ``flag``)
+// checks every d + rho g and, where all are finite, applies; returns whether it applied.
+bool fused_update_run(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                      at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                      double rho, std::optional<double> kl_clip, bool flag) {
   const size_t n = params.size();
   const bool use_mom = momentum != 0.0;
   TORCH_CHECK(grads.size() == n && directions.size() == n, "grng_ext::fused_update: list lengths differ");
@@ -296,6 +326,7 @@ Tensor fused_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     dp[i] = D[i].const_data_ptr();
     if (use_mom) bp[i] = Bf[i].data_ptr();
   }
+  if (!flag) return false;
   const bool use_rho = rho != 0.0;
   const bool want_dot = kl_clip.has_value() && lr > 0.0;
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
@@ -307,7 +338,7 @@ Tensor fused_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     const Chunk& ch = chunks[c];
     check_chunk(dtype[ch.t], dp[ch.t], gp[ch.t], ch.begin, ch.end, rho, use_rho, want_dot, finite, dot);
   }
-  if (!finite) return at::scalar_tensor(false, at::TensorOptions().dtype(at::kBool));
+  if (!finite) return false;
 
   double nu = 1.0;
   // lr^2 dot can underflow to 0 for a tiny lr: then nu = 1, as in the reference.
@@ -325,7 +356,28 @@ Tensor fused_update_cpu(at::TensorList params, at::TensorList grads, at::TensorL
     if (!P[i].is_same(params[i])) params[i].copy_(P[i]);
     if (use_mom && !Bf[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(Bf[i]);
   }
-  return at::scalar_tensor(true, at::TensorOptions().dtype(at::kBool));
+  return true;
+}
+
+Tensor fused_update_cpu(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                        at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                        double rho, std::optional<double> kl_clip) {
+  const bool applied =
+      fused_update_run(params, grads, directions, momentum_buffers, lr, momentum, weight_decay, rho, kl_clip, true);
+  return at::scalar_tensor(applied, at::TensorOptions().dtype(at::kBool));
+}
+
+// fused_update where the flag ok (one bool on the CPU, read here: a CPU read costs no sync) and
+// the finiteness of every d + rho g say so; returns that flag, nothing written where it is False.
+Tensor fused_update_masked_cpu(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                               at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                               double rho, std::optional<double> kl_clip, const Tensor& ok) {
+  TORCH_CHECK(ok.is_cpu() && ok.scalar_type() == at::kBool && ok.numel() == 1,
+              "grng_ext::fused_update_masked: ok must be a one-element bool tensor on the CPU, got ",
+              ok.scalar_type(), " with ", ok.numel(), " elements on ", ok.device());
+  const bool applied = fused_update_run(params, grads, directions, momentum_buffers, lr, momentum, weight_decay,
+                                        rho, kl_clip, ok.item<bool>());
+  return at::scalar_tensor(applied, at::TensorOptions().dtype(at::kBool));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -467,7 +519,9 @@ std::tuple<Tensor, Tensor> batched_spd_inverse_cpu(const Tensor& Ms, c10::string
 
 TORCH_LIBRARY_IMPL(grng_ext, CPU, m) {
   m.impl("fused_update", &grng::fused_update_cpu);
+  m.impl("fused_update_masked", &grng::fused_update_masked_cpu);
   m.impl("factor_update", &grng::factor_update_impl);
   m.impl("kalman_update", &grng::kalman_update_impl);
+  m.impl("kalman_update_masked", &grng::kalman_update_masked_impl);
   m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cpu);
 }

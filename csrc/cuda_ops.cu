@@ -104,11 +104,14 @@ __global__ void fused_apply_kernel(FusedArgs a, const int* finite, const double*
   }
 }
 
-Tensor fused_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList directions,
-                         at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
-                         double rho, std::optional<double> kl_clip) {
+// The two launches of fused_update / fused_update_masked. ``flag`` (an int tensor on the
+// parameters' device, 1 = go) starts the check pass: the check clears it where a d + rho g is
+// non-finite, the apply pass writes nothing where it is 0. No host read.
+Tensor fused_update_launch(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                           at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                           double rho, std::optional<double> kl_clip, Tensor finite) {
   const size_t n = params.size();
-  if (n == 0) return at::scalar_tensor(true, at::TensorOptions().dtype(at::kBool));
+  if (n == 0) return finite.ne(0);
   const bool use_mom = momentum != 0.0;
   TORCH_CHECK(grads.size() == n && directions.size() == n, "grng_ext::fused_update: list lengths differ");
   TORCH_CHECK(!use_mom || momentum_buffers.size() == n,
@@ -153,7 +156,6 @@ Tensor fused_update_cuda(at::TensorList params, at::TensorList grads, at::Tensor
   std::copy(chunks.begin(), chunks.end(), h + 4 * n);
   const auto dev = at::TensorOptions().device(params[0].device());
   const Tensor meta_dev = meta.to(params[0].device(), /*non_blocking=*/true);
-  Tensor finite = at::ones({}, dev.dtype(at::kInt));
   Tensor dot = at::zeros({}, dev.dtype(at::kDouble));
   const FusedArgs args{meta_dev.const_data_ptr<int64_t>(), static_cast<int64_t>(n), rho,
                        kl_clip.value_or(0.0), lr, momentum, 1.0 - lr * weight_decay, rho != 0.0,
@@ -174,6 +176,29 @@ Tensor fused_update_cuda(at::TensorList params, at::TensorList grads, at::Tensor
     if (use_mom && !Bf[i].is_same(momentum_buffers[i])) momentum_buffers[i].copy_(Bf[i]);
   }
   return finite.ne(0);
+}
+
+Tensor fused_update_cuda(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                         at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                         double rho, std::optional<double> kl_clip) {
+  const auto opts = at::TensorOptions().dtype(at::kInt);
+  Tensor finite = params.empty() ? at::ones({}, opts) : at::ones({}, opts.device(params[0].device()));
+  return fused_update_launch(params, grads, directions, momentum_buffers, lr, momentum, weight_decay, rho, kl_clip,
+                             finite);
+}
+
+// fused_update where the device flag ok and the finiteness of every d + rho g say so: ok seeds
+// the check pass's flag on the device (a copy, as int), so nothing is read on the host.
+Tensor fused_update_masked_cuda(at::TensorList params, at::TensorList grads, at::TensorList directions,
+                                at::TensorList momentum_buffers, double lr, double momentum, double weight_decay,
+                                double rho, std::optional<double> kl_clip, const Tensor& ok) {
+  TORCH_CHECK(ok.scalar_type() == at::kBool && ok.numel() == 1 &&
+                  (params.empty() || ok.device() == params[0].device()),
+              "grng_ext::fused_update_masked: ok must be a one-element bool tensor on the parameters' device, got ",
+              ok.scalar_type(), " with ", ok.numel(), " elements on ", ok.device());
+  Tensor finite = ok.reshape({}).to(at::kInt, /*non_blocking=*/false, /*copy=*/true);
+  return fused_update_launch(params, grads, directions, momentum_buffers, lr, momentum, weight_decay, rho, kl_clip,
+                             finite);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,7 +338,9 @@ void mirror_upper_cuda(Tensor& M, double shift) {
 
 TORCH_LIBRARY_IMPL(grng_ext, CUDA, m) {
   m.impl("fused_update", &grng::fused_update_cuda);
+  m.impl("fused_update_masked", &grng::fused_update_masked_cuda);
   m.impl("factor_update", &grng::factor_update_impl);
   m.impl("kalman_update", &grng::kalman_update_impl);
+  m.impl("kalman_update_masked", &grng::kalman_update_masked_impl);
   m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cuda);
 }

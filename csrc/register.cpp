@@ -17,10 +17,20 @@ TORCH_LIBRARY(grng_ext, m) {
       "fused_update(Tensor(a!)[] params, Tensor[] grads, Tensor[] directions, "
       "Tensor(b!)[] momentum_buffers, float lr, float momentum, float weight_decay, float rho, "
       "float? kl_clip) -> Tensor");
+  // fused_update where the device flag ok (a one-element bool tensor on the parameters' device)
+  // and the finiteness of every d + rho g say so; returns that flag, nothing written where it is
+  // False; the KL-clip scale is computed on the device (no host read on CUDA).
+  m.def(
+      "fused_update_masked(Tensor(a!)[] params, Tensor[] grads, Tensor[] directions, "
+      "Tensor(b!)[] momentum_buffers, float lr, float momentum, float weight_decay, float rho, "
+      "float? kl_clip, Tensor ok) -> Tensor");
   // M <- beta M + alpha X^T X (exactly symmetric; beta == 0 never reads M).
   m.def("factor_update(Tensor(a!) M, Tensor X, float alpha, float beta) -> ()");
   // P <- P/beta + qI - W W^T, W = U L^-T, L L^T = rI + H U, U = P H^T/beta + q H^T.
   m.def("kalman_update(Tensor(a!) P, Tensor H, float r, float beta, float q) -> ()");
+  // kalman_update in place where the innovation Cholesky succeeds and the result is finite (P
+  // kept otherwise, no host read); returns that flag as a 0-d bool tensor on P's device.
+  m.def("kalman_update_masked(Tensor(a!) P, Tensor H, float r, float beta, float q) -> Tensor");
   // (inverses, ok) of a batch (B, d, d) of SPD matrices; method "cholesky" or "newton".
   m.def("batched_spd_inverse(Tensor Ms, str method, float tol, int max_iter) -> (Tensor, Tensor)");
 }

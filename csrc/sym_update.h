@@ -42,5 +42,6 @@ inline void mirror_upper(at::Tensor& M, double shift) {
 // Device-generic ops (cpu_ops.cpp), registered for CPU there and for CUDA in cuda_ops.cu.
 void factor_update_impl(const at::Tensor& M, const at::Tensor& X, double alpha, double beta);
 void kalman_update_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
+at::Tensor kalman_update_masked_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
 
 }  // namespace grng

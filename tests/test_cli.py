@@ -14,7 +14,7 @@ import torch
 
 from grng import cli, verify
 from grng.benchmark import ceilings, kernels, schema, timing
-from grng.ops import dispatch, reference, registry
+from grng.ops import dispatch, masked, reference, registry
 
 # ----------------------------------------------------------------------------- verify
 
@@ -129,6 +129,63 @@ def test_verify_catches_a_broken_whole_step(broken: str) -> None:
     by_op = {r.op: r for r in rows}
     assert by_op["kfac_step"].passed is False  # the factor update's sign is wrong
     assert by_op["rkalman_step"].passed is True  # its Kalman update is right
+
+
+MASKED_OPS = ("fused_update_masked", "newton_schulz_masked", "cholesky_inverse_masked",
+              "kalman_update_masked")
+
+
+def _flag_ignoring_update(params, grads, directions, momentum_buffers, lr, momentum, weight_decay,
+                          rho, kl_clip, ok):
+    return masked.fused_update_masked(params, grads, directions, momentum_buffers, lr, momentum,
+                                      weight_decay, rho, kl_clip, torch.ones_like(ok))
+
+
+def _one_element_unwritten_kalman(P, H, r, beta, q):
+    updated = P.clone()
+    ok = masked.kalman_update_masked(updated, H, r, beta, q)
+    kept = P[-1, -1].clone()
+    P.copy_(updated)
+    P[-1, -1] = kept  # the last diagonal element is never written
+    return ok
+
+
+@pytest.fixture
+def broken_masked(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A live backend whose masked update ignores the flag and whose masked Kalman update leaves
+    one element unwritten; its Newton-Schulz and Cholesky are right (private registry copies)."""
+    monkeypatch.setattr(dispatch, "_IMPLS", {op: dict(b) for op, b in dispatch._IMPLS.items()})
+    monkeypatch.setattr(dispatch, "BACKENDS", (*dispatch.BACKENDS, "broken"))
+    monkeypatch.setitem(dispatch._LOADED, "broken", "live")
+    registry.implement("fused_update_masked", "broken", _flag_ignoring_update)
+    registry.implement("kalman_update_masked", "broken", _one_element_unwritten_kalman)
+    registry.implement("newton_schulz_masked", "broken", masked.newton_schulz_fixed)
+    registry.implement("cholesky_inverse_masked", "broken", masked.cholesky_inverse_masked)
+    return "broken"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_verify_catches_a_wrong_masked_op(broken_masked: str, dtype: str) -> None:
+    """Exactly the wrong rows fail: the flag-ignoring update on its flag-False case only (the
+    non-finite case skips anyway), the Kalman update wherever it writes P; in float64 too (the
+    truth must not run on the backend's in-place output)."""
+    rows = verify.check_ops("cpu", [broken_masked], [dtype], [1, 7], ops=MASKED_OPS)
+    assert {r.op for r in rows} == set(MASKED_OPS)
+    failed = {(r.op, r.shape) for r in rows if r.passed is False}
+    assert failed == {("fused_update_masked", f"n={n} skip") for n in (1, 7)} | {
+        ("kalman_update_masked", f"n={n}{v}") for n in (1, 7) for v in ("", " strided", " steady")}
+    assert all(r.passed for r in rows if (r.op, r.shape) not in failed)
+    assert all("params off" in r.note for r in rows if r.passed is False and r.op == "fused_update_masked")
+
+
+def test_verify_cli_fails_on_exactly_the_wrong_masked_op(broken_masked: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    status = cli.main(["verify", "--backend", broken_masked, "--ops", ",".join(MASKED_OPS[:3]),
+                       "--sizes", "5", "--dtypes", "float32", "--no-progress"])
+    out = capsys.readouterr().out
+    assert status == 1
+    fails = [line for line in out.splitlines() if line.startswith("FAIL ")]
+    assert fails and all(line.startswith("FAIL fused_update_masked broken float32") for line in fails)
 
 
 # ----------------------------------------------------------------------------- bench

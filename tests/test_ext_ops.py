@@ -243,6 +243,137 @@ def test_fused_supports_rejects_what_it_does_not_implement():
     assert not ext._fused_supports(params, [g.double() for g in grads], dirs, None, 0.1, 0.0, 0.0, 0.0, None)
 
 
+# ------------------------------------------------------------------------------ masked (sync-free) ops
+
+def _flag(value: bool, device: str) -> torch.Tensor:
+    return torch.tensor(value, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("momentum,weight_decay,rho,kl_clip", FUSED_CASES)
+def test_fused_update_masked_applies_as_the_fused_update(device, dtype, momentum, weight_decay, rho,
+                                                          kl_clip):
+    """ok True, finite: the same update as ext's fused_update (bit for bit: one kernel body)."""
+    params, grads, dirs, bufs = make_group(11, dtype, device, noncontiguous=True)
+    scalars = (0.1, momentum, weight_decay, rho, kl_clip)
+    p2, b2 = [p.clone() for p in params], [b.clone() for b in bufs]
+    applied = ops.fused_update_masked(params, grads, dirs, bufs, *scalars, _flag(True, device), backend="ext")
+    assert applied.dtype == torch.bool and applied.dim() == 0 and applied.device.type == device
+    assert bool(applied)
+    assert ops.fused_update(p2, grads, dirs, b2, *scalars, backend="ext") is True
+    for a, b in zip(params + (bufs if momentum else []), p2 + (b2 if momentum else [])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flag,poison", [(False, None), (True, float("nan")), (True, float("inf")),
+                                         (False, float("nan"))])
+def test_fused_update_masked_skips_writing_anything(device, flag, poison):
+    params, grads, dirs, bufs = make_group(120, torch.float32, device, shapes=SHAPES[:5])
+    if poison is not None:
+        dirs[57].view(-1)[-1] = poison
+    before_p, before_b = [p.clone() for p in params], [b.clone() for b in bufs]
+    applied = ops.fused_update_masked(params, grads, dirs, bufs, 0.1, 0.9, 0.01, 0.3, 1e-3,
+                                      _flag(flag, device), backend="ext")
+    assert not bool(applied)
+    assert all(torch.equal(a, b) for a, b in zip(params, before_p))
+    assert all(torch.equal(a, b) for a, b in zip(bufs, before_b))
+
+
+def test_fused_masked_supports_checks_the_flag():
+    params, grads, dirs, bufs = make_group(3, torch.float32)
+    args = (params, grads, dirs, bufs, 0.1, 0.9, 0.0, 0.0, None)
+    assert ext._fused_masked_supports(*args, torch.tensor(True))
+    assert not ext._fused_masked_supports(*args, torch.tensor(1.0))  # not a bool flag
+    assert not ext._fused_masked_supports(*args, torch.tensor([True, True]))
+    assert not ext._fused_masked_supports(params, grads, dirs, None, 0.1, 0.9, 0.0, 0.0, None,
+                                          torch.tensor(True))
+    with pytest.raises(RuntimeError, match="ok must be a one-element bool tensor"):
+        torch.ops.grng_ext.fused_update_masked(*args, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pdtype,hdtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.float64, torch.float64)])
+def test_kalman_update_masked_updates_or_keeps_P(device, pdtype, hdtype):
+    d, k = 37, 5
+    P0 = transposed_copy(spd(d, d, dtype=pdtype, device=device))
+    H = torch.randn(k, d, device=device).to(hdtype)
+    want = P0.clone()
+    ops.kalman_update(want, H, 3.0, 0.9, 1e-3, backend="ext")
+    P = P0.clone()
+    ok = ops.kalman_update_masked(P, H, 3.0, 0.9, 1e-3, backend="ext")
+    assert ok.dtype == torch.bool and ok.dim() == 0 and bool(ok)
+    assert torch.equal(P, want)
+    # an indefinite innovation (negative noise), or a NaN observation: P is kept bit for bit
+    H_nan = H.clone()
+    H_nan[1, 3] = float("nan")
+    for r, h in ((-1e6, H), (3.0, H_nan)):
+        P = P0.clone()
+        assert not bool(ops.kalman_update_masked(P, h, r, 0.9, 1e-3, backend="ext"))
+        assert torch.equal(P, P0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_masked(device):
+    grng_ext = torch.ops.grng_ext
+    params, grads, dirs, bufs = make_group(3, torch.float32, device)
+    for flag in (True, False):
+        torch.library.opcheck(grng_ext.fused_update_masked.default,
+                              (params, grads, dirs, bufs, 0.1, 0.9, 0.01, 0.3, 1e-3, _flag(flag, device)))
+    torch.library.opcheck(grng_ext.fused_update_masked.default,
+                          (params, grads, dirs, [], 0.1, 0.0, 0.0, 0.0, None, _flag(True, device)))
+    torch.library.opcheck(grng_ext.kalman_update_masked.default,
+                          (spd(9, 9, dtype=torch.float32, device=device), torch.randn(3, 9, device=device), 2.0,
+                           0.9, 0.01))
+
+
+def _profiled_calls(opt: torch.optim.Optimizer, model: torch.nn.Module, steps: int, op: str) -> list[int]:
+    """Per step, how many times the profiler saw ``op`` run (steps after a first, host-path one)."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(torch.randn(16, 6, generator=gen)), torch.randint(0, 3, (16,), generator=gen))
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # the first step creates the statistics (host path)
+    counts = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step(closure)
+        counts.append(sum(e.count for e in prof.key_averages() if e.key == op))
+    return counts
+
+
+def _two_layer_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+
+
+def test_sync_free_step_runs_the_extensions_masked_update():
+    """sync_free=True, backend="ext" on the CPU: the step's update is ext's masked op, once a step."""
+    import grng
+    model = _two_layer_model()
+    opt = grng.KFAC(model, lr=0.05, inverse="newton", inverse_every=2, sync_free=True, backend="ext")
+    assert _profiled_calls(opt, model, 4, "grng_ext::fused_update_masked") == [1, 1, 1, 1]
+
+
+def test_sync_free_rkalman_runs_the_extensions_masked_kalman_update():
+    """R-Kalman's fold steps run ext's masked Kalman update, once per covariance (P_A and P_G of
+    each of the two dense layers), and no other step does."""
+    import grng
+    model = _two_layer_model()
+    opt = grng.RKalman(model, lr=0.05, kalman_rank=4, factor_every=2, sync_free=True, backend="ext")
+    counts = _profiled_calls(opt, model, 4, "grng_ext::kalman_update_masked")
+    assert counts == [0, 4, 0, 4]  # factor_every=2: the folds are steps 0, 2, 4 (0 is the host one)
+
+
 # ------------------------------------------------------------------------------ batched_spd_inverse
 
 @pytest.mark.parametrize("d", [1, 7, 123])
@@ -304,6 +435,15 @@ def test_opcheck(device):
     for method in ("cholesky", "newton") if device == "cpu" else ("cholesky",):
         torch.library.opcheck(grng_ext.batched_spd_inverse.default,
                               (spd(3, 5, 5, dtype=torch.float32, device=device), method, 1e-3, 60))
+
+
+def test_kernels_are_listed_from_the_registry():
+    """ext._KERNELS names the registered ops the build defines (no hand-written list)."""
+    from grng.ops import registry
+    assert {op for op, _ in ext._KERNELS} <= set(registry.SPECS)
+    assert {op for op, device in ext._KERNELS if device == "cpu"} == {
+        "fused_update", "fused_update_masked", "factor_update", "kalman_update",
+        "kalman_update_masked", "batched_spd_inverse"}
 
 
 def test_dispatch_reports_ext_live():

@@ -35,7 +35,10 @@ _BACKEND_MODULES: dict[str, str] = {"triton": "grng.kernels", "ext": "grng.ops.e
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     # measured in bench/results/ext.csv (2-core EPYC): ext 1.2-16x faster than the reference here;
     # ext's batched Newton-Schulz and large-d batched Cholesky lose to MKL, so they stay out
-    "cpu": {"fused_update": ("ext",), "factor_update": ("ext",), "kalman_update": ("ext",)},
+    "cpu": {"fused_update": ("ext",), "factor_update": ("ext",), "kalman_update": ("ext",),
+            # bench/results/masked_cpu.csv (one thread, shared 2-core machine): ext's masked
+            # update 4-74x and masked Kalman update 1.3-4x faster than the reference, n 64-1024
+            "fused_update_masked": ("ext",), "kalman_update_masked": ("ext",)},
     "cuda": {},
 }
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from grng.ops.errors import FactorizationError
 from grng.ops.reference import BATCHED_METHODS
-from grng.ops.registry import implement
+from grng.ops.registry import SPECS, implement
 
 try:
     from grng import _C  # noqa: F401 - importing runs the TORCH_LIBRARY registrations
@@ -36,9 +36,9 @@ MAX_BATCHED_DIM = 128
 
 
 def _kernels() -> frozenset[tuple[str, str]]:
-    """(op, device type) of every kernel the built extension has (asked once, at import)."""
-    return frozenset((op, device) for op in ("fused_update", "factor_update", "kalman_update",
-                                             "batched_spd_inverse")
+    """(op, device type) of every kernel the built extension has for a registered op (asked
+    once, at import; an op of the registry that the build does not define has none)."""
+    return frozenset((op, device) for op in SPECS if hasattr(_ops, op)
                      for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
                      if torch._C._dispatch_has_kernel_for_dispatch_key(f"grng_ext::{op}", key))
 
@@ -61,6 +61,12 @@ def _fused_update_fake(params, grads, directions, momentum_buffers, lr, momentum
     return torch.empty((), dtype=torch.bool, device=device)
 
 
+@torch.library.register_fake("grng_ext::fused_update_masked")
+def _fused_update_masked_fake(params, grads, directions, momentum_buffers, lr, momentum, weight_decay,
+                              rho, kl_clip, ok):
+    return torch.empty((), dtype=torch.bool, device=ok.device)
+
+
 @torch.library.register_fake("grng_ext::factor_update")
 def _factor_update_fake(M, X, alpha, beta):
     return None
@@ -69,6 +75,11 @@ def _factor_update_fake(M, X, alpha, beta):
 @torch.library.register_fake("grng_ext::kalman_update")
 def _kalman_update_fake(P, H, r, beta, q):
     return None
+
+
+@torch.library.register_fake("grng_ext::kalman_update_masked")
+def _kalman_update_masked_fake(P, H, r, beta, q):
+    return torch.empty((), dtype=torch.bool, device=P.device)
 
 
 @torch.library.register_fake("grng_ext::batched_spd_inverse")
@@ -89,8 +100,8 @@ def fused_update(params: Sequence[Tensor], grads: Sequence[Tensor], directions: 
 
 
 def _fused_supports(params, grads, directions, momentum_buffers, lr, momentum, weight_decay, rho,
-                    kl_clip) -> bool:
-    if not params or not _has_kernel("fused_update", params[0].device.type):
+                    kl_clip, op: str = "fused_update") -> bool:
+    if not params or not _has_kernel(op, params[0].device.type):
         return False
     if momentum != 0.0 and (momentum_buffers is None or len(momentum_buffers) != len(params)):
         return False
@@ -108,6 +119,25 @@ def _fused_supports(params, grads, directions, momentum_buffers, lr, momentum, w
             if t is not None and (t.device != device or t.dtype != p.dtype or t.numel() != p.numel()):
                 return False
     return True
+
+
+def fused_update_masked(params: Sequence[Tensor], grads: Sequence[Tensor], directions: Sequence[Tensor],
+                        momentum_buffers: Sequence[Tensor] | None, lr: float, momentum: float,
+                        weight_decay: float, rho: float, kl_clip: float | None, ok: Tensor) -> Tensor:
+    """Where ok & finite(every d + rho g): theta <- (1 - lr wd) theta - lr buf,
+    buf = m buf + nu (d + rho g), nu computed in the kernel; returns that flag (no host read on CUDA)."""
+    bufs = list(momentum_buffers) if momentum != 0.0 and momentum_buffers is not None else []
+    return _ops.fused_update_masked(list(params), list(grads), list(directions), bufs, float(lr),
+                                    float(momentum), float(weight_decay), float(rho),
+                                    None if kl_clip is None else float(kl_clip), ok)
+
+
+def _fused_masked_supports(params, grads, directions, momentum_buffers, lr, momentum, weight_decay,
+                           rho, kl_clip, ok) -> bool:
+    return (isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.numel() == 1
+            and bool(params) and ok.device == params[0].device
+            and _fused_supports(params, grads, directions, momentum_buffers, lr, momentum,
+                                weight_decay, rho, kl_clip, op="fused_update_masked"))
 
 
 def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
@@ -133,10 +163,21 @@ def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tens
     return P
 
 
-def _kalman_supports(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> bool:
-    return (_has_kernel("kalman_update", P.device.type) and H.device == P.device and beta != 0.0
+def _kalman_supports(P: Tensor, H: Tensor, r: float, beta: float, q: float,
+                     op: str = "kalman_update") -> bool:
+    return (_has_kernel(op, P.device.type) and H.device == P.device and beta != 0.0
             and P.dtype in _FACTOR_DTYPES and H.dtype in _X_DTYPES and P.dim() == 2 and H.dim() == 2
             and P.shape[0] == P.shape[1] == H.shape[1])
+
+
+def kalman_update_masked(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
+    """P <- P/beta + q I - W W^T in place where the innovation Cholesky succeeds and the result is
+    finite (P kept otherwise, no host read); returns that flag."""
+    return _ops.kalman_update_masked(P, H, float(r), float(beta), float(q))
+
+
+def _kalman_masked_supports(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> bool:
+    return _kalman_supports(P, H, r, beta, q, op="kalman_update_masked")
 
 
 def batched_spd_inverse(Ms: Tensor, method: str, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
@@ -151,6 +192,8 @@ def _batched_supports(Ms: Tensor, method: str, tol: float, max_iter: int) -> boo
 
 
 implement("fused_update", "ext", fused_update, _fused_supports)
+implement("fused_update_masked", "ext", fused_update_masked, _fused_masked_supports)
 implement("factor_update", "ext", factor_update, _factor_supports)
 implement("kalman_update", "ext", kalman_update, _kalman_supports)
+implement("kalman_update_masked", "ext", kalman_update_masked, _kalman_masked_supports)
 implement("batched_spd_inverse", "ext", batched_spd_inverse, _batched_supports)
