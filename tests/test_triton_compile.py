@@ -68,3 +68,45 @@ def _check_compiled(op: str, variant: str) -> None:
     for want, got in zip(spec.outputs(eager_args, eager_out),
                          spec.outputs(compiled_args, compiled_out), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["kfac-newton", "rkalman"])
+def test_compiled_sync_free_step_through_triton(name: str) -> None:
+    """torch.compile(opt.step) of a sync-free step with backend="triton" takes the eager steps
+    bit for bit; the traced fold-and-refresh step is one graph (K-FAC) calling the grng_triton
+    ops: the masked update, and the factor update and the masked Newton-Schulz's steps (K-FAC)
+    or the masked Kalman update (R-Kalman)."""
+    import grng
+
+    factories = {
+        "kfac-newton": lambda m: grng.KFAC(m, lr=0.05, momentum=0.9, inverse="newton",
+                                           inverse_every=2, sync_free=True, backend="triton"),
+        "rkalman": lambda m: grng.RKalman(m, lr=0.05, kalman_rank=4, sync_free=True,
+                                          backend="triton"),
+    }
+    torch._dynamo.reset()
+    out = {}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 3))
+        opt = factories[name](model)
+        step = torch.compile(opt.step, backend="aot_eager") if mode == "compiled" else opt.step
+        gen = torch.Generator().manual_seed(3)
+        for i in range(4):
+            x, y = torch.randn(16, 6, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            if mode == "compiled" and i == 2:  # a refresh step, traced and explained
+                explained = torch._dynamo.explain(opt.step)()
+                if name != "rkalman":  # R-Kalman's sketch draws from a torch.Generator
+                    assert explained.graph_break_count == 0, explained.break_reasons
+                targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
+                want = {"fused_update_masked"} | ({"kalman_update_masked"} if name == "rkalman"
+                                                  else {"factor_update", "newton_schulz_step"})
+                assert {f"grng_triton.{op}" for op in want} <= targets, sorted(targets)
+            else:  # the first step creates the factors (host path)
+                (opt.step if i == 0 else step)()
+        assert opt.steps == 4 and opt.skipped_steps == 0
+        out[mode] = [p.detach().clone() for p in model.parameters()]
+    for p, q in zip(out["eager"], out["compiled"], strict=True):
+        assert torch.equal(p, q)

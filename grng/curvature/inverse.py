@@ -242,14 +242,14 @@ class _TikhonovInverse(InverseStrategy):
             return super().refresh_many(items, backend)
         warm = [i for i, item in enumerate(items) if item[3] is not None]
         out: list[InverseState | None] = [None] * len(items)
-        for i, inv in zip(warm, self._refresh_all_on_device([items[i] for i in warm])):
+        for i, inv in zip(warm, self._refresh_all_on_device([items[i] for i in warm], backend)):
             out[i] = inv
         for i, (A, G, damping, previous) in enumerate(items):
             if out[i] is None:
                 out[i] = self.refresh(A, G, damping, previous, backend)
         return out  # type: ignore[return-value]
 
-    def _refresh_all_on_device(self, items: list[Item]) -> list[TikhonovInverses]:
+    def _refresh_all_on_device(self, items: list[Item], backend: str) -> list[TikhonovInverses]:
         """Per block, X ~ (M + damping_part I)^-1 of each dense factor by
         :meth:`_invert_on_device` (the previous X where it fails), the damping split without a
         host read; dense factors of one size (over blocks and sides) stacked in one call."""
@@ -269,14 +269,14 @@ class _TikhonovInverse(InverseStrategy):
         for entries in batches.values():
             Ms = torch.stack([Md for _, _, Md, _ in entries])
             prevs = torch.stack([prev for _, _, _, prev in entries])
-            X, ok = self._invert_on_device(Ms, prevs)
+            X, ok = self._invert_on_device(Ms, prevs, backend)
             self._count_kept(ok)
             X = torch.where(ok[:, None, None], X, prevs)
             for (i, side, _, _), x in zip(entries, X.unbind(0)):
                 outs[i]["X" + side] = x
         return [TikhonovInverses(**o) for o in outs]
 
-    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def apply(self, inv, V, damping, backend) -> Tensor:
@@ -318,8 +318,8 @@ class CholeskyInverse(_TikhonovInverse):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)
 
-    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
-        return ops.cholesky_inverse_masked(M)
+    def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+        return ops.cholesky_inverse_masked(M, backend=backend)
 
 
 class NewtonInverse(_TikhonovInverse):
@@ -340,9 +340,9 @@ class NewtonInverse(_TikhonovInverse):
     #: (counted in kept_previous) and starts from it again at the next refresh
     ITERATIONS_ON_DEVICE = 20
 
-    def _invert_on_device(self, M: Tensor, previous: Tensor) -> tuple[Tensor, Tensor]:
+    def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         return ops.newton_schulz_masked(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
-                                          ops.default_newton_tol(M.dtype))
+                                          ops.default_newton_tol(M.dtype), backend=backend)
 
 
 def make_inverse(name: str) -> InverseStrategy:
