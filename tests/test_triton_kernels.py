@@ -673,10 +673,11 @@ def test_batches_past_the_grid_limit_are_split(monkeypatch: pytest.MonkeyPatch) 
     M0 = reference.symmetrize_from_upper(torch.randn(B, d, d, device=DEVICE))
     X = torch.randn(B, 4, d, device=DEVICE)
 
-    def run() -> tuple[Tensor, Tensor, Tensor]:
+    def run() -> tuple[Tensor, ...]:
         return (eigen_apply.eigen_apply(V, Q, lam, Q, lam, 0.1),
                 eigen_apply.eigen_apply(V, Q, lam, None, lam, 0.1),
-                factor_update.factor_update(M0.clone(), X, 0.5, 0.9))
+                factor_update.factor_update(M0.clone(), X, 0.5, 0.9),
+                *newton_schulz.newton_schulz_step(M0, V))
 
     whole = run()
     monkeypatch.setattr(_tiles, "MAX_GRID_BATCH", 2)
@@ -802,12 +803,35 @@ def test_fused_update_masked_supports() -> None:
 
 
 def test_masked_newton_and_kalman_launch_the_step_kernels(launches: list[Launch]) -> None:
-    """newton_schulz_masked: ``iterations`` Triton steps (residual + update) per matrix;
-    kalman_update_masked: one symmetric-update launch; no other kernel."""
+    """newton_schulz_masked: ``iterations`` Triton steps (residual + update), each covering
+    the whole stack on grid axis 1; kalman_update_masked: one symmetric-update launch; no other
+    kernel."""
     M = random_spd(9, DEVICE)
     newton_schulz.newton_schulz_masked(torch.stack([M, M]), torch.stack([M, M]), 3, 1e-3)
-    assert [name for name, _, _ in launches] == ["ns_residual", "ns_update"] * 6
+    steps = [(name, grid[1]) for name, _, grid in launches]
+    assert steps == [("ns_residual", 2), ("ns_update", 2)] * 3
     launches.clear()
     kalman_update.kalman_update_masked(torch.linalg.inv(M), torch.randn(2, 9, device=DEVICE),
                                        1.0, 0.9, 1e-3)
     assert [name for name, _, _ in launches] == ["sym_update"]
+
+
+@pytest.mark.parametrize("B,d,dtype,layouts", [
+    (3, 17, torch.float32, ("contiguous", "contiguous")),
+    (3, 33, torch.bfloat16, ("sliced", "colmajor")),
+    (1, 1, torch.float32, ("batch_inner", "sliced")),
+    (2, 33, torch.float32, ("colmajor", "batch_inner")),
+])
+def test_newton_schulz_step_batched(poisoned: None, B: int, d: int, dtype: torch.dtype,
+                                    layouts: tuple[str, str]) -> None:
+    """A stack of B matrices in one call (the launches of one matrix): each X_next and residual
+    equal bit for bit to the 2-D launcher's on that matrix, which keeps the rule."""
+    M = restack(torch.stack([random_spd(d, DEVICE) for _ in range(B)]).to(dtype), layouts[0])
+    X = restack((torch.linalg.inv(M.float()) + 0.05 * torch.randn(B, d, d, device=DEVICE)
+                 / math.sqrt(d)).to(dtype), layouts[1])
+    X_next, res = newton_schulz.newton_schulz_step(M, X)
+    assert X_next.shape == (B, d, d) and res.shape == (B,) and res.dtype == dtype
+    for b in range(B):
+        alone, alone_res = newton_schulz.newton_schulz_step(M[b], X[b])
+        assert torch.equal(X_next[b], alone) and torch.equal(res[b], alone_res)
+    check_newton_schulz(DEVICE, d, dtype, noncontig=True)

@@ -150,7 +150,7 @@ def test_every_op_on_views_past_2_31() -> None:
 
 _FAR_BATCH = _PREAMBLE + textwrap.dedent('''
     import torch
-    from grng.kernels import _tiles, eigen_apply, factor_update
+    from grng.kernels import _tiles, eigen_apply, factor_update, newton_schulz
 
     S = 2**30 + 2**10  # an int32 batch stride; batch entry 2 starts at 2 S > 2^31
     try:
@@ -187,14 +187,21 @@ _FAR_BATCH = _PREAMBLE + textwrap.dedent('''
     factor_update.factor_update(M, X, 0.5, 0.9)
     near = factor_update.factor_update(M0.clone(), X.contiguous(), 0.5, 0.9)
     torch.testing.assert_close(M.clone(), near, msg=lambda m: "factor_update: " + m)
+
+    A = far(M0 + 3.0 * torch.eye(d, device=dev))
+    X = far(torch.linalg.inv(A.clone()))
+    X_far, r_far = newton_schulz._newton_schulz_step(A, X)  # R and X_next far stacks too
+    X_near, r_near = newton_schulz._newton_schulz_step(A.contiguous(), X.contiguous())
+    torch.testing.assert_close(X_far.clone(), X_near.clone(), msg=lambda m: "newton_schulz: " + m)
+    torch.testing.assert_close(r_far, r_near, msg=lambda m: "newton_schulz residual: " + m)
     print("OK")
 ''')
 
 
 def test_batch_offsets_past_2_31() -> None:
     """Stacks of three 3 x 3 blocks whose batch stride S is an int32 while 2 S > 2^31 (an 8 GiB
-    mostly untouched buffer): eigen_apply (inputs, intermediates and output far) and
-    factor_update equal the same kernels on contiguous stacks. In a subprocess: a wrapped
+    mostly untouched buffer): eigen_apply and the Newton-Schulz step (inputs, intermediates and
+    outputs far) and factor_update equal the same kernels on contiguous stacks. In a subprocess: a wrapped
     32-bit batch offset is a segmentation fault or silent corruption that must fail this test."""
     _run_far(_FAR_BATCH, "8 GiB")
 
