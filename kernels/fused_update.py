@@ -11,8 +11,8 @@ code per role, so fp32, bf16 and fp16 tensors share a launch):
 
 1. ``PHASE = 0`` (reduce): each program walks its chunks of BLOCK elements (chunk c goes to
    program c mod P, P <= MAX_PROGRAMS programs) and writes two partials: sum <d + rho g, g> in
-   float64, and the count of non-finite d + rho g (rounded to its dtype first, as the
-   reference forms it).
+   float64, and whether any d + rho g (rounded to its dtype first, as the reference forms it)
+   is not finite.
 2. ``PHASE = 1`` (apply): every program sums the P partials in the same fixed order (so all
    agree on nu and on the flag, bit for bit, run after run: no atomics), ok = ok_in and no
    non-finite value, nu as above, and updates its chunks; every load and store is masked by
@@ -96,7 +96,7 @@ def _masked_update_kernel(table_ptr, n_tensors, dot_ptr, bad_ptr, ok_in_ptr, ok_
                           HAS_MOMENTUM: tl.constexpr, HAS_DECAY: tl.constexpr,
                           ROW_LEN: tl.constexpr, BLOCK: tl.constexpr,
                           MAX_PROGRAMS: tl.constexpr):
-    """PHASE 0: partial sum <d + rho g, g> (fp64) and non-finite count of this program's chunks.
+    """PHASE 0: partial sum <d + rho g, g> (fp64) and non-finite flag of this program's chunks.
     PHASE 1: theta, buf updated on this program's chunks where ok (module docstring)."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
@@ -104,7 +104,7 @@ def _masked_update_kernel(table_ptr, n_tensors, dot_ptr, bad_ptr, ok_in_ptr, ok_
         slots = tl.arange(0, MAX_PROGRAMS)
         used = slots < P
         vg = tl.sum(tl.load(dot_ptr + slots, mask=used, other=0.0), axis=0)
-        bad = tl.sum(tl.load(bad_ptr + slots, mask=used, other=0), axis=0)
+        bad = tl.max(tl.load(bad_ptr + slots, mask=used, other=0), axis=0)
         ok = (tl.load(ok_in_ptr) != 0) & (bad == 0)
         nu = 1.0
         if CLIP:
@@ -140,7 +140,7 @@ def _masked_update_kernel(table_ptr, n_tensors, dot_ptr, bad_ptr, ok_in_ptr, ok_
                 c = c + rho * g
             if PHASE == 0:
                 finite = tl.abs(_rounded(c, c_code)) <= 3.4028234663852886e38
-                nonfinite += (mask & ~finite).to(tl.int32)
+                nonfinite = tl.maximum(nonfinite, (mask & ~finite).to(tl.int32))
                 dot += c.to(tl.float64) * g.to(tl.float64)
             else:
                 write = mask & ok
@@ -155,7 +155,7 @@ def _masked_update_kernel(table_ptr, n_tensors, dot_ptr, bad_ptr, ok_in_ptr, ok_
                 _store(p_addr, p_code, offs, p - lr * c, write)
     if PHASE == 0:
         tl.store(dot_ptr + pid, tl.sum(dot, axis=0))
-        tl.store(bad_ptr + pid, tl.sum(nonfinite, axis=0))
+        tl.store(bad_ptr + pid, tl.max(nonfinite, axis=0))
 
 
 def _dense(t: Tensor) -> bool:

@@ -92,13 +92,14 @@ def _newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     d = M.shape[-1]
     M3, X3 = M.reshape(-1, d, d), X.reshape(-1, d, d)
     B = M3.shape[0]
-    R = _tiles.new_output((B, d, d), X.dtype, X.device)
-    X_next = _tiles.new_output((B, d, d), X.dtype, X.device)
+    R = _tiles.new_output(tuple(X.shape), X.dtype, X.device)
+    X_next = _tiles.new_output(tuple(X.shape), X.dtype, X.device)
+    R3, O3 = R.view(-1, d, d), X_next.view(-1, d, d)
     part = torch.zeros(B, _max_programs(d), dtype=torch.float32, device=X.device)
     if d > 0:
         precision = _tiles.dot_precision(X.dtype)
         for c in _tiles.batch_chunks(B):
-            m, x, r, o, p = M3[c], X3[c], R[c], X_next[c], part[c]
+            m, x, r, o, p = M3[c], X3[c], R3[c], O3[c], part[c]
             grid = _tiles.gemm_grid(d, d, m.shape[0])
             _residual_kernel[grid](
                 m, x, r, p, d, m.stride(0), m.stride(1), m.stride(2), x.stride(0), x.stride(1),
@@ -108,7 +109,7 @@ def _newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
                 x, r, o, d, x.stride(0), x.stride(1), x.stride(2), r.stride(0), r.stride(1),
                 r.stride(2), o.stride(0), o.stride(1), o.stride(2), PRECISION=precision)
     residual = part.to(torch.float64).sum(-1).sqrt().to(X.dtype)
-    return X_next.view(X.shape), residual.view(X.shape[:-2])
+    return X_next, residual.view(X.shape[:-2])
 
 
 def _step_outputs(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
