@@ -437,6 +437,16 @@ def test_opcheck(device):
                               (spd(3, 5, 5, dtype=torch.float32, device=device), method, 1e-3, 60))
 
 
+def test_auto_runs_ext_masked_ops_on_cpu():
+    """AUTO_ORDER's measured CPU entries (bench/results/masked_cpu.csv) pick ext's masked ops."""
+    from grng.ops import dispatch
+    params, grads, dirs, bufs = make_group(3, torch.float32)
+    args = (params, grads, dirs, bufs, 0.1, 0.9, 0.0, 0.0, None, torch.tensor(True))
+    assert dispatch.resolve("fused_update_masked", "auto", *args) is ext.fused_update_masked
+    P, H = spd(9, 9, dtype=torch.float32), torch.randn(3, 9)
+    assert dispatch.resolve("kalman_update_masked", "auto", P, H, 2.0, 0.9, 0.01) is ext.kalman_update_masked
+
+
 def test_kernels_are_listed_from_the_registry():
     """ext._KERNELS names the registered ops the build defines (no hand-written list)."""
     from grng.ops import registry

@@ -4,7 +4,9 @@ Every decision these functions take is a device tensor: a non-finite value, a fa
 factorization or an unconverged iteration selects the previous value with ``torch.where``
 instead of a Python branch, so nothing is read on the host and a CUDA step never waits for the
 device. They are plain PyTorch (any device, float64-capable) and match the host-branching ops of
-:mod:`grng.ops.reference` where those succeed.
+:mod:`grng.ops.reference` where those succeed. They are the reference backend of the masked op
+specs (:mod:`grng.ops.specs`); the optimizers call them through the dispatch,
+``grng.ops.fused_update_masked(..., backend=)`` and its siblings, so other backends can take over.
 """
 from __future__ import annotations
 

@@ -4,13 +4,12 @@ Inputs are drawn on the CPU in float64 from a seeded generator (reproducible acr
 never zeros, then cast to the case dtype and moved to the device. Sizes: ``n`` is the matrix
 side (factor_update: M n x n, X n x n; eigen_apply: V, Q_G, Q_A n x n; newton_schulz_step:
 M, X n x n; kalman_update: P n x n, H k x n with k = min(64, n); fused_update: one n x n and
-one n-vector parameter; batched_spd_inverse: 3 matrices n x n; the sync-free ("masked") variants
-as their host-branching ops, with "skip" variants where a device flag says to write nothing).
-Layout variants: "strided"
-passes in-place targets as column slices of a wider buffer and read-only matrices in
-column-major order. The FLOP counts are the useful work (the same for every backend, so
-TFLOP/s compare); byte counts are the minimal traffic: each input read once, each output
-written once (an in-place target read and written).
+one n-vector parameter; batched_spd_inverse: 3 matrices n x n; the sync-free ("masked") ops as
+their host-branching ops, with "skip" variants where a device flag says to write nothing).
+Layout variants: "strided" passes in-place targets as column slices of a wider buffer and
+read-only matrices in column-major order. The FLOP counts are the useful work (the same for
+every backend, so TFLOP/s compare); byte counts are the minimal traffic: each input read once,
+each output written once (an in-place target read and written).
 """
 from __future__ import annotations
 
