@@ -25,15 +25,27 @@ import grng.kernels  # noqa: E402,F401 - registers the triton backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OPS = sorted(op for op in registry.SPECS if dispatch.implementation(op, "triton") is not None)
+#: the ops registered as grng_triton custom ops (one per launcher)
+CUSTOM_OPS = ["factor_update", "eigen_apply", "newton_schulz_step", "kalman_update",
+              "fused_update_masked", "kalman_update_masked"]
 
 
 def test_every_launcher_is_a_custom_op() -> None:
-    """The Triton ops of the registry, and each has its grng_triton custom op."""
-    assert {"factor_update", "eigen_apply", "newton_schulz_step", "kalman_update",
-            "fused_update_masked", "newton_schulz_masked", "kalman_update_masked"} <= set(TRITON_OPS)
-    for name in ("factor_update", "eigen_apply", "newton_schulz_step", "kalman_update",
-                 "fused_update_masked", "kalman_update_masked"):
+    """The Triton ops of the registry, and each launcher's grng_triton custom op
+    (newton_schulz_masked is Python glue around the newton_schulz_step op)."""
+    assert set(CUSTOM_OPS) | {"newton_schulz_masked"} <= set(TRITON_OPS)
+    for name in CUSTOM_OPS:
         assert hasattr(torch.ops.grng_triton, name), name
+
+
+@pytest.mark.parametrize("name", CUSTOM_OPS)
+def test_custom_op_passes_opcheck(name: str) -> None:
+    """torch.library.opcheck on the spec's inputs (n = 5): the schema (declared mutations), the
+    fake implementation against the real outputs, autograd registration, AOT dispatch."""
+    args = list(registry.spec(name).inputs(5, torch.float32, DEVICE, 1, "contiguous"))
+    if name == "fused_update_masked":  # the custom op takes [] for "no momentum buffers"
+        args[3] = args[3] or []
+    torch.library.opcheck(getattr(torch.ops.grng_triton, name).default, tuple(args))
 
 
 @pytest.mark.parametrize("variant", ["contiguous", "strided"])
