@@ -20,10 +20,12 @@ import torch
 NAMESPACE = "grng_triton"
 
 
-def triton_op(name: str, mutates_args: Iterable[str], fake: Callable) -> Callable[[Callable], object]:
+def triton_op(name: str, mutates_args: Iterable[str], fake: Callable,
+              tags: tuple[torch.Tag, ...] = ()) -> Callable[[Callable], object]:
     """Decorator: ``fn`` registered as the custom op ``grng_triton::name`` (its schema inferred
-    from ``fn``'s type hints, ``mutates_args`` the arguments it writes), with ``fake`` as its
-    fake implementation; returns the op (``torch.ops.grng_triton.name``).
+    from ``fn``'s type hints, ``mutates_args`` the arguments it writes, ``tags`` e.g.
+    ``torch.Tag.cudagraph_unsafe``), with ``fake`` as its fake implementation; returns the op
+    (``torch.ops.grng_triton.name``).
 
     When the op exists already (this package imported a second time under another name, e.g.
     as a top-level ``kernels``), the existing op is returned and nothing is registered again.
@@ -31,7 +33,8 @@ def triton_op(name: str, mutates_args: Iterable[str], fake: Callable) -> Callabl
     def register(fn: Callable) -> object:
         if hasattr(getattr(torch.ops, NAMESPACE), name):
             return getattr(getattr(torch.ops, NAMESPACE), name)
-        op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=tuple(mutates_args))
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=tuple(mutates_args),
+                                     tags=tags)
         op.register_fake(fake)
         return getattr(getattr(torch.ops, NAMESPACE), name)
     return register

@@ -242,8 +242,11 @@ def _fresh_flag(params: list[Tensor], grads: list[Tensor], directions: list[Tens
     return torch.empty((), dtype=torch.bool, device=ok.device)
 
 
+# cudagraph_unsafe: each call copies a fresh host-built table of addresses to the device,
+# which a captured CUDA graph would replay stale (torch.compile's cudagraphs run it outside)
 fused_update_masked_op = _library.triton_op(
-    "fused_update_masked", ("params", "momentum_buffers"), _fresh_flag)(_fused_update_masked)
+    "fused_update_masked", ("params", "momentum_buffers"), _fresh_flag,
+    tags=(torch.Tag.cudagraph_unsafe,))(_fused_update_masked)
 
 
 def fused_update_masked(params: Sequence[Tensor], grads: Sequence[Tensor],

@@ -32,10 +32,13 @@ CUSTOM_OPS = ["factor_update", "eigen_apply", "newton_schulz_step", "kalman_upda
 
 def test_every_launcher_is_a_custom_op() -> None:
     """The Triton ops of the registry, and each launcher's grng_triton custom op
-    (newton_schulz_masked is Python glue around the newton_schulz_step op)."""
+    (newton_schulz_masked is Python glue around the newton_schulz_step op); the masked update
+    is tagged cudagraph_unsafe."""
     assert set(CUSTOM_OPS) | {"newton_schulz_masked"} <= set(TRITON_OPS)
     for name in CUSTOM_OPS:
         assert hasattr(torch.ops.grng_triton, name), name
+    # its host-built address table would replay stale inside a captured CUDA graph
+    assert torch.Tag.cudagraph_unsafe in torch.ops.grng_triton.fused_update_masked.default.tags
 
 
 @pytest.mark.parametrize("name", CUSTOM_OPS)
