@@ -103,6 +103,21 @@ def write_docs(path: Path, section: str) -> None:
     path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}")
 
 
+def counted_ops(name: str, steps: int = 20) -> dict[str, float]:
+    """Aten ops of one optimizer step (K-FAC defaults, AdamW) on the model, over ``steps``."""
+    out = {}
+    for opt_name, case in (("kfac", "kfac-eigen"), ("adamw", "adamw")):
+        torch.manual_seed(0)
+        model, sample = cpu_targets.make_model(name)
+        g = torch.Generator().manual_seed(1)
+        batches = [sample(g) for _ in range(4)]
+        opt = make_optimizer(case, model)
+        out[opt_name] = cm.count_ops(model, opt, lambda i: cpu_targets.loss_of(
+            model, *batches[i % len(batches)]), steps)[1]
+        getattr(opt, "capture", None) and opt.capture.remove()
+    return out
+
+
 def measure_steps(name: str, rounds: int, steps: int) -> dict[str, float]:
     """Median over rounds of the mean step time (s) of K-FAC (defaults) and AdamW, interleaved."""
     torch.manual_seed(0)
@@ -163,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     for name in args.models.split(","):
         shape = shape_of(name)
-        pred = cm.predict(shape, config, cpu)
+        ops = counted_ops(name)
+        pred = cm.predict(shape, config, cpu, optimizer_ops=ops["kfac"], adamw_ops=ops["adamw"])
         got = measure_steps(name, args.rounds, args.steps)
         err_k = pred.seconds / got["kfac"] - 1.0
         err_a = pred.adamw_seconds / got["adamw"] - 1.0

@@ -1,7 +1,10 @@
 """Triton kernels of grng, implementing the ``triton`` backend of :mod:`grng.ops`.
 
-One module per op (kernel(s) and launcher): :mod:`.factor_update`, :mod:`.eigen_apply`,
-:mod:`.newton_schulz`, :mod:`.kalman_update`; shared tile code in :mod:`._tiles`. Each op
+One module per op (kernel(s), launcher and glue, with the op's sync-free "masked" variant
+where it has one): :mod:`.factor_update`, :mod:`.eigen_apply`, :mod:`.newton_schulz`,
+:mod:`.kalman_update`, :mod:`.fused_update` (the multi-tensor masked update); shared tile code
+in :mod:`._tiles`. Every launcher is a ``torch.library`` custom op (:mod:`._library`), so that
+``torch.compile(opt.step)`` calls it without a graph break. Each op
 accepts CUDA tensors, or CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1).
 Importing this package registers the kernels against the op specs (:mod:`grng.ops.registry`)
 and a poison hook, so that ``grng verify`` sees NaN in every output element a kernel leaves
@@ -14,7 +17,7 @@ from collections.abc import Iterator
 
 from grng.ops import registry
 
-from . import _tiles, eigen_apply, factor_update, kalman_update, newton_schulz
+from . import _tiles, eigen_apply, factor_update, fused_update, kalman_update, newton_schulz
 
 
 @contextlib.contextmanager
@@ -37,5 +40,11 @@ if __name__ == "grng.kernels":
     registry.implement("newton_schulz_step", "triton", newton_schulz.newton_schulz_step,
                        newton_schulz.supports)
     registry.implement("kalman_update", "triton", kalman_update.kalman_update,
+                       kalman_update.supports)
+    registry.implement("fused_update_masked", "triton", fused_update.fused_update_masked,
+                       fused_update.supports)
+    registry.implement("newton_schulz_masked", "triton", newton_schulz.newton_schulz_masked,
+                       newton_schulz.supports_masked)
+    registry.implement("kalman_update_masked", "triton", kalman_update.kalman_update_masked,
                        kalman_update.supports)
     registry.add_poison_hook(_nan_tile_outputs)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _tiles
+from . import _library, _tiles
 
 
 @triton.autotune(configs=_tiles.gemm_configs(), key=["M", "N", "K", "SCALE", "PRECISION"])
@@ -78,9 +78,9 @@ def _gemm(A: Tensor, B: Tensor, precision: str, lG: Tensor | None = None,
     return C
 
 
-def eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
-                damping: float) -> Tensor:
-    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V; batched."""
+def _eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
+                 damping: float) -> Tensor:
+    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T (the launcher behind the custom op)."""
     lG32 = lG.to(torch.float32).contiguous()
     lA32 = lA.to(torch.float32).contiguous()
     precision = _tiles.dot_precision(QG.dtype)
@@ -89,6 +89,22 @@ def eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor
         return _gemm(QG, _gemm(QGt, V, precision, lG32, lA32, damping), precision)
     S = _gemm(_gemm(QGt, V, precision), QA, precision, lG32, lA32, damping)
     return _gemm(_gemm(QG, S, precision), QA.transpose(-2, -1), precision)
+
+
+def _output_like(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
+                 damping: float) -> Tensor:
+    """Fake implementation: an output of V's shape in Q_G's dtype."""
+    return V.new_empty(V.shape, dtype=QG.dtype)
+
+
+eigen_apply_op = _library.triton_op("eigen_apply", (), _output_like)(_eigen_apply)
+
+
+def eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
+                damping: float) -> Tensor:
+    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T = (A (x) G + damping I)^-1 V; batched;
+    through the custom op ``grng_triton::eigen_apply``."""
+    return eigen_apply_op(V, QG, lG, QA, lA, damping)
 
 
 def supports(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,

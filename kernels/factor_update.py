@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _tiles
+from . import _library, _tiles
 
 
 def rows_class(m: int) -> int:
@@ -108,20 +108,34 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
             READ_M=beta != 0.0, PRECISION=precision)
 
 
-def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
-    """M <- beta * M + alpha * X^T X in place (symmetric; ``beta == 0`` never reads M); batched."""
+def _factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> None:
+    """M <- beta * M + alpha * X^T X in place (the launcher behind the custom op); batched."""
     d, m = M.shape[-1], X.shape[-2]
     if M.dim() == 2:
         sym_update(M.unsqueeze(0), X.unsqueeze(0), alpha, beta, 0.0)
-        return M
+        return
     X3 = X.reshape(-1, m, d)
     try:
         M3 = M.view(-1, d, d)
     except RuntimeError:  # batch dims that cannot be flattened in place: update a copy
         M3 = M.reshape(-1, d, d).contiguous()
         sym_update(M3, X3, alpha, beta, 0.0)
-        return M.copy_(M3.view(M.shape))
+        M.copy_(M3.view(M.shape))
+        return
     sym_update(M3, X3, alpha, beta, 0.0)
+
+
+def _no_output(M: Tensor, X: Tensor, alpha: float, beta: float) -> None:
+    """Fake implementation: the op only writes M."""
+
+
+factor_update_op = _library.triton_op("factor_update", ("M",), _no_output)(_factor_update)
+
+
+def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
+    """M <- beta * M + alpha * X^T X in place (symmetric; ``beta == 0`` never reads M); batched;
+    through the custom op ``grng_triton::factor_update``."""
+    factor_update_op(M, X, alpha, beta)
     return M
 
 

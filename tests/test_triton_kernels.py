@@ -37,8 +37,9 @@ from grng.ops.errors import BackendUnavailable, FactorizationError  # noqa: E402
 if not (torch.cuda.is_available() or dispatch.interpreter_enabled()):
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from grng.kernels import (_tiles, eigen_apply, factor_update, kalman_update,  # noqa: E402
-                          newton_schulz)
+from grng.kernels import (_tiles, eigen_apply, factor_update, fused_update,  # noqa: E402
+                          kalman_update, newton_schulz)
+from grng.ops import masked  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -283,20 +284,22 @@ OPS = [op for op in registry.SPECS if dispatch.implementation(op, "triton") is n
 KERNELS = {"sym_update": factor_update._sym_update_kernel,
            "gemm_damped": eigen_apply._gemm_damped_kernel,
            "ns_residual": newton_schulz._residual_kernel,
-           "ns_update": newton_schulz._update_kernel}
+           "ns_update": newton_schulz._update_kernel,
+           "masked_update": fused_update._masked_update_kernel}
 Launch = tuple[str, dict, tuple[int, ...]]
 
 
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> list[Launch]:
     """Every kernel launch is recorded as (kernel, its arguments by name, its grid at the
-    kernel's first config) instead of run."""
+    kernel's first config, or its fixed grid) instead of run."""
     log: list[Launch] = []
     for name, kernel in KERNELS.items():
         def record(*args, grid, warmup, name=name, kernel=kernel, **kwargs) -> None:
             """Log one launch of ``kernel``."""
+            fixed = isinstance(grid, tuple)
             log.append((name, {**dict(zip(kernel.arg_names, args)), **kwargs},
-                        tuple(grid(kernel.configs[0].kwargs))))
+                        grid if fixed else tuple(grid(kernel.configs[0].kwargs))))
         monkeypatch.setattr(kernel, "run", record)
     return log
 
@@ -673,10 +676,11 @@ def test_batches_past_the_grid_limit_are_split(monkeypatch: pytest.MonkeyPatch) 
     M0 = reference.symmetrize_from_upper(torch.randn(B, d, d, device=DEVICE))
     X = torch.randn(B, 4, d, device=DEVICE)
 
-    def run() -> tuple[Tensor, Tensor, Tensor]:
+    def run() -> tuple[Tensor, ...]:
         return (eigen_apply.eigen_apply(V, Q, lam, Q, lam, 0.1),
                 eigen_apply.eigen_apply(V, Q, lam, None, lam, 0.1),
-                factor_update.factor_update(M0.clone(), X, 0.5, 0.9))
+                factor_update.factor_update(M0.clone(), X, 0.5, 0.9),
+                *newton_schulz.newton_schulz_step(M0, V))
 
     whole = run()
     monkeypatch.setattr(_tiles, "MAX_GRID_BATCH", 2)
@@ -685,3 +689,152 @@ def test_batches_past_the_grid_limit_are_split(monkeypatch: pytest.MonkeyPatch) 
         assert torch.equal(split, one_launch)
 
 
+# ------------------------------------------------- sync-free (masked) ops: the multi-tensor update
+
+#: per parameter: shape, dtype of theta and g, dtype of d and buf, layout ("contiguous",
+#: "colmajor": all four transposed alike, "sliced": g and d strided views, "mixed": d laid out
+#: unlike theta)
+FUSED_CASES = [((17, 33), torch.float32, torch.float32, "contiguous"),
+               ((1,), torch.bfloat16, torch.bfloat16, "contiguous"),
+               ((5, 3, 7), torch.float16, torch.float16, "colmajor"),
+               ((300,), torch.bfloat16, torch.float32, "contiguous"),
+               ((0, 4), torch.float32, torch.float32, "contiguous"),
+               ((33, 17), torch.float32, torch.float32, "sliced"),
+               ((9, 40), torch.bfloat16, torch.float32, "mixed")]
+
+
+def fused_inputs(device: str, wide: bool = False) -> tuple[list[Tensor], ...]:
+    """(params, grads, directions, buffers) of :data:`FUSED_CASES` (float64 when ``wide``),
+    reproducible across calls."""
+    gen = torch.Generator().manual_seed(7)
+    groups: tuple[list[Tensor], ...] = ([], [], [], [])
+    for shape, low, role_dt, layout in FUSED_CASES:
+        for k, dt in enumerate((low, low, role_dt, role_dt)):
+            t = torch.randn(shape, generator=gen).to(dt).to(device)
+            t = t.double() if wide else t
+            if layout == "colmajor":
+                t = t.transpose(0, -1).contiguous().transpose(0, -1)
+            if (layout == "sliced" and k in (1, 2)) or (layout == "mixed" and k == 2):
+                t = strided(t) if layout == "sliced" else t.T.contiguous().T
+            groups[k].append(t)
+    return groups
+
+
+@pytest.mark.parametrize("coefficients", [(0.1, 0.9, 1e-2, 0.3, 1e-4), (0.1, 0.0, 0.0, 0.0, None),
+                                          (0.05, 0.9, 0.0, 0.0, 10.0)])
+def test_fused_update_masked_many_tensors(gpu_rounding: None,
+                                          coefficients: tuple[float, ...]) -> None:
+    """Parameters of several shapes (sizes 0, 1, odd) and dtypes (fp32, bf16, fp16; bf16 theta
+    with fp32 d and buf), contiguous, column-major, sliced and mixed layouts, in one call: each
+    tensor within the rule against the reference (the clip active, inactive, or none), and the
+    same flag."""
+    params, grads, dirs, bufs = fused_inputs(DEVICE)
+    ok = fused_update.fused_update_masked(params, grads, dirs, bufs, *coefficients,
+                                          torch.tensor(True, device=DEVICE))
+    same = fused_inputs(DEVICE)
+    ok_same = masked.fused_update_masked(*same, *coefficients, torch.tensor(True, device=DEVICE))
+    wide = fused_inputs(DEVICE, wide=True)
+    masked.fused_update_masked(*wide, *coefficients, torch.tensor(True, device=DEVICE))
+    assert ok.dtype == torch.bool and ok.dim() == 0 and bool(ok) and bool(ok_same)
+    written = params + (bufs if coefficients[1] != 0.0 else [])
+    for got, ref_same, ref64 in zip(written, same[0] + same[3], wide[0] + wide[3]):
+        assert got.dtype == ref_same.dtype and got.stride() == ref_same.stride()
+        assert_within_rule(got, ref_same, ref64)
+
+
+@pytest.mark.parametrize("poison", ["ok", "nan_direction", "inf_gradient"])
+def test_fused_update_masked_skip_writes_nothing(poison: str) -> None:
+    """ok False, a NaN direction element in the last parameter, or an infinite gradient (rho
+    != 0, so d + rho g is not finite): no tensor of the call changes, bit for bit, and the
+    returned flag is False."""
+    params, grads, dirs, bufs = fused_inputs(DEVICE)
+    ok = torch.tensor(poison != "ok", device=DEVICE)
+    if poison == "nan_direction":
+        dirs[-1][4, 2] = math.nan
+    if poison == "inf_gradient":
+        grads[1][0] = math.inf
+    before = [t.clone() for t in params + bufs]
+    flag = fused_update.fused_update_masked(params, grads, dirs, bufs, 0.1, 0.9, 1e-2, 0.3, 1e-4, ok)
+    assert not bool(flag)
+    for got, old in zip(params + bufs, before, strict=True):
+        assert torch.equal(got, old)
+
+
+def test_fused_update_masked_is_two_launches(launches: list[Launch]) -> None:
+    """All parameters of a call (several shapes and dtypes) take ONE reduce launch and ONE apply
+    launch of one kernel over one table with a row per non-empty parameter; the same grid."""
+    params, grads, dirs, bufs = fused_inputs(DEVICE)
+    fused_update.fused_update_masked(params, grads, dirs, bufs, 0.1, 0.9, 1e-2, 0.3, 1e-4,
+                                     torch.tensor(True, device=DEVICE))
+    assert [(name, args["PHASE"]) for name, args, _ in launches] == [("masked_update", 0),
+                                                                    ("masked_update", 1)]
+    (_, reduce, grid0), (_, apply, grid1) = launches
+    assert grid0 == grid1 and reduce["table_ptr"] is apply["table_ptr"]
+    table = reduce["table_ptr"]
+    assert reduce["n_tensors"] == len(FUSED_CASES) - 1 == table.shape[0]  # the empty one: no row
+    dtype_codes = {int(c) for c in table[:, 6:10].flatten()}
+    assert dtype_codes == {0, 1, 2}  # fp32, bf16 and fp16 in the one launch
+
+
+@pytest.mark.parametrize("block,programs", [(16, 1), (32, 2), (256, 64)])
+def test_fused_update_masked_chunking(monkeypatch: pytest.MonkeyPatch, gpu_rounding: None,
+                                      block: int, programs: int) -> None:
+    """Other chunk sizes and program counts (one program walking every chunk; more programs
+    than chunks) give results within the rule too."""
+    monkeypatch.setattr(fused_update, "_BLOCK_INTERPRET", block)
+    monkeypatch.setattr(fused_update, "_MAX_PROGRAMS_INTERPRET", programs)
+    monkeypatch.setattr(fused_update, "_BLOCK", block)
+    monkeypatch.setattr(fused_update, "_MAX_PROGRAMS", programs)
+    assert fused_update.launch_sizes() == (block, programs)
+    test_fused_update_masked_many_tensors(None, (0.1, 0.9, 1e-2, 0.3, 1e-4))
+
+
+def test_fused_update_masked_supports() -> None:
+    """fp32/bf16/fp16 per role are taken; float64, a shape mismatch, a missing buffer with
+    momentum, or a non-bool / non-scalar flag are refused."""
+    p = [torch.randn(3, 4, device=DEVICE), torch.randn(5, device=DEVICE).bfloat16()]
+    g = [t.clone() for t in p]
+    ok = torch.tensor(True, device=DEVICE)
+    coef = (0.1, 0.9, 0.0, 0.0, None)
+    assert fused_update.supports(p, g, g, g, *coef, ok)
+    assert fused_update.supports(p, g, g, None, 0.1, 0.0, 0.0, 0.0, None, ok)
+    refused = [(p, g, g, None, *coef, ok), (p, g, g, g[:1], *coef, ok),
+               (p, g, [g[0].T, g[1]], g, *coef, ok), (p, g, g, g, *coef, ok.float()),
+               (p, g, g, g, *coef, ok[None]), ([p[0].double()], [g[0]], [g[0]], [g[0]], *coef, ok)]
+    for args in refused:
+        assert not fused_update.supports(*args)
+
+
+def test_masked_newton_and_kalman_launch_the_step_kernels(launches: list[Launch]) -> None:
+    """newton_schulz_masked: ``iterations`` Triton steps (residual + update), each covering
+    the whole stack on grid axis 1; kalman_update_masked: one symmetric-update launch; no other
+    kernel."""
+    M = random_spd(9, DEVICE)
+    newton_schulz.newton_schulz_masked(torch.stack([M, M]), torch.stack([M, M]), 3, 1e-3)
+    steps = [(name, grid[1]) for name, _, grid in launches]
+    assert steps == [("ns_residual", 2), ("ns_update", 2)] * 3
+    launches.clear()
+    kalman_update.kalman_update_masked(torch.linalg.inv(M), torch.randn(2, 9, device=DEVICE),
+                                       1.0, 0.9, 1e-3)
+    assert [name for name, _, _ in launches] == ["sym_update"]
+
+
+@pytest.mark.parametrize("B,d,dtype,layouts", [
+    (3, 17, torch.float32, ("contiguous", "contiguous")),
+    (3, 33, torch.bfloat16, ("sliced", "colmajor")),
+    (1, 1, torch.float32, ("batch_inner", "sliced")),
+    (2, 33, torch.float32, ("colmajor", "batch_inner")),
+])
+def test_newton_schulz_step_batched(poisoned: None, B: int, d: int, dtype: torch.dtype,
+                                    layouts: tuple[str, str]) -> None:
+    """A stack of B matrices in one call (the launches of one matrix): each X_next and residual
+    equal bit for bit to the 2-D launcher's on that matrix, which keeps the rule."""
+    M = restack(torch.stack([random_spd(d, DEVICE) for _ in range(B)]).to(dtype), layouts[0])
+    X = restack((torch.linalg.inv(M.float()) + 0.05 * torch.randn(B, d, d, device=DEVICE)
+                 / math.sqrt(d)).to(dtype), layouts[1])
+    X_next, res = newton_schulz.newton_schulz_step(M, X)
+    assert X_next.shape == (B, d, d) and res.shape == (B,) and res.dtype == dtype
+    for b in range(B):
+        alone, alone_res = newton_schulz.newton_schulz_step(M[b], X[b])
+        assert torch.equal(X_next[b], alone) and torch.equal(res[b], alone_res)
+    check_newton_schulz(DEVICE, d, dtype, noncontig=True)

@@ -75,7 +75,7 @@ _PREAMBLE = textwrap.dedent('''
 _FAR_VIEWS = _PREAMBLE + textwrap.dedent('''
     import torch
     from grng import ops
-    from grng.kernels import _tiles
+    from grng.kernels import _tiles, eigen_apply, newton_schulz
 
     S = 2**30 + 2**10          # an int32 stride; row 2 of a view starts at 2 S > 2^31
     try:
@@ -111,21 +111,22 @@ _FAR_VIEWS = _PREAMBLE + textwrap.dedent('''
         ops.factor_update(near, X.contiguous(), 0.5, 0.9, backend="triton")
         same(M, near, "factor_update")
 
-    # fresh kernel outputs are far views too, poisoned with NaN so an unwritten element shows
+    # fresh kernel outputs are far views too, poisoned with NaN so an unwritten element shows;
+    # they share the inputs' buffer, which a custom op refuses as an output aliasing an input,
+    # so the launchers behind the grng_triton ops are called directly
     _tiles.new_output = lambda shape, dtype, device: far(*shape, dtype, torch.full(shape, math.nan))
     V = far(d, d, torch.bfloat16)
     QG = far(d, d, torch.float32, torch.linalg.qr(torch.randn(d, d, device=dev))[0]).T
     QA = far(d, d, torch.float32, torch.linalg.qr(torch.randn(d, d, device=dev))[0])
     lG, lA = torch.rand(d, device=dev), torch.rand(d, device=dev)
-    out = ops.eigen_apply(V, QG, lG, QA, lA, 1e-2, backend="triton")
-    near = ops.eigen_apply(V.contiguous(), QG.contiguous(), lG, QA.contiguous(), lA, 1e-2,
-                           backend="triton")
+    out = eigen_apply._eigen_apply(V, QG, lG, QA, lA, 1e-2)
+    near = eigen_apply._eigen_apply(V.contiguous(), QG.contiguous(), lG, QA.contiguous(), lA, 1e-2)
     same(out.clone(), near.clone(), "eigen_apply")
 
     M = far(d, d, torch.bfloat16, spd(d))
     X = far(d, d, torch.bfloat16, torch.linalg.inv(M.float())).T
-    X_far, r_far = ops.newton_schulz_step(M, X, backend="triton")
-    X_near, r_near = ops.newton_schulz_step(M.contiguous(), X.contiguous(), backend="triton")
+    X_far, r_far = newton_schulz._newton_schulz_step(M, X)
+    X_near, r_near = newton_schulz._newton_schulz_step(M.contiguous(), X.contiguous())
     same(X_far.clone(), X_near.clone(), "newton_schulz_step")
     same(r_far, r_near, "newton_schulz residual")
 
@@ -149,7 +150,7 @@ def test_every_op_on_views_past_2_31() -> None:
 
 _FAR_BATCH = _PREAMBLE + textwrap.dedent('''
     import torch
-    from grng.kernels import _tiles, eigen_apply, factor_update
+    from grng.kernels import _tiles, eigen_apply, factor_update, newton_schulz
 
     S = 2**30 + 2**10  # an int32 batch stride; batch entry 2 starts at 2 S > 2^31
     try:
@@ -174,9 +175,10 @@ _FAR_BATCH = _PREAMBLE + textwrap.dedent('''
     lG, lA = far(torch.rand(3, d, device=dev)), far(torch.rand(3, d, device=dev))
     near = eigen_apply.eigen_apply(V.contiguous(), QG.contiguous(), lG.contiguous(),
                                    QA.contiguous(), lA.contiguous(), 1e-2)
-    # the intermediates and the output are far stacks too, poisoned with NaN
+    # the intermediates and the output are far stacks too, poisoned with NaN (in the inputs'
+    # buffer: the launcher behind the custom op, which refuses outputs aliasing an input)
     _tiles.new_output = lambda shape, dtype, device: far(torch.full(shape, math.nan, device=dev))
-    out = eigen_apply.eigen_apply(V, QG, lG, QA, lA, 1e-2)
+    out = eigen_apply._eigen_apply(V, QG, lG, QA, lA, 1e-2)
     torch.testing.assert_close(out.clone(), near, msg=lambda m: "eigen_apply: " + m)
 
     M0 = torch.randn(3, d, d, device=dev)
@@ -185,14 +187,21 @@ _FAR_BATCH = _PREAMBLE + textwrap.dedent('''
     factor_update.factor_update(M, X, 0.5, 0.9)
     near = factor_update.factor_update(M0.clone(), X.contiguous(), 0.5, 0.9)
     torch.testing.assert_close(M.clone(), near, msg=lambda m: "factor_update: " + m)
+
+    A = far(M0 + 3.0 * torch.eye(d, device=dev))
+    X = far(torch.linalg.inv(A.clone()))
+    X_far, r_far = newton_schulz._newton_schulz_step(A, X)  # R and X_next far stacks too
+    X_near, r_near = newton_schulz._newton_schulz_step(A.contiguous(), X.contiguous())
+    torch.testing.assert_close(X_far.clone(), X_near.clone(), msg=lambda m: "newton_schulz: " + m)
+    torch.testing.assert_close(r_far, r_near, msg=lambda m: "newton_schulz residual: " + m)
     print("OK")
 ''')
 
 
 def test_batch_offsets_past_2_31() -> None:
     """Stacks of three 3 x 3 blocks whose batch stride S is an int32 while 2 S > 2^31 (an 8 GiB
-    mostly untouched buffer): eigen_apply (inputs, intermediates and output far) and
-    factor_update equal the same kernels on contiguous stacks. In a subprocess: a wrapped
+    mostly untouched buffer): eigen_apply and the Newton-Schulz step (inputs, intermediates and
+    outputs far) and factor_update equal the same kernels on contiguous stacks. In a subprocess: a wrapped
     32-bit batch offset is a segmentation fault or silent corruption that must fail this test."""
     _run_far(_FAR_BATCH, "8 GiB")
 

@@ -185,15 +185,20 @@ def _common(shape: StepShape, device: Device) -> Cost:
     return _time(device, cost, shape.model_precision)
 
 
-def predict(shape: StepShape, config: StepConfig, device: Device) -> Prediction:
+def predict(shape: StepShape, config: StepConfig, device: Device,
+            optimizer_ops: float | None = None, adamw_ops: float | None = None) -> Prediction:
     """Per component of ``config``'s step on ``shape``: FLOPs, bytes, launches and seconds,
-    every term amortized per step (folds over F, refreshes over T); AdamW's beside it."""
+    every term amortized per step (folds over F, refreshes over T); AdamW's beside it.
+    ``optimizer_ops`` (ops of one optimizer step as counted by :func:`count_ops`) replaces the
+    modelled launches of the optimizer's components by one "dispatch" component; ``adamw_ops``
+    likewise AdamW's step's."""
     out = Prediction(device.name, config)
     P = shape.params
     out.adamw["forward+backward"] = _common(shape, device)
     # AdamW (foreach): ~15 FLOPs / element; reads p, g, m, v and writes p, m, v (fp32 state)
     adamw_launches = 5.0 * math.ceil(shape.tensors / 64) if device.adamw_foreach else 12.0 * shape.tensors
-    out.adamw["update"] = _time(device, Cost(15.0 * P, 28.0 * P, adamw_launches), "fp32")
+    out.adamw["update"] = _time(device, Cost(15.0 * P, 28.0 * P, adamw_launches if adamw_ops is None
+                                             else adamw_ops), "fp32")
     c = out.components
     c["forward+backward"] = _common(shape, device)
     if config.family == "adamw":
@@ -237,6 +242,13 @@ def predict(shape: StepShape, config: StepConfig, device: Device) -> Prediction:
     c["update"] = _time(device, Cost(10.0 * P, 4.0 * 6 * P, launches), "fp32")
     if config.family == "reng":  # a second forward and backward (finite differences)
         c["probe pass"] = _common(shape, device)
+    if optimizer_ops is not None:
+        for name, cost in c.items():
+            if name not in ("forward+backward", "probe pass") and cost.launches:
+                cost.seconds -= cost.launches * device.launch_us * 1e-6
+                cost.launches = 0.0
+        c["dispatch (counted ops)"] = Cost(0.0, 0.0, optimizer_ops,
+                                           optimizer_ops * device.launch_us * 1e-6)
     return out
 
 
@@ -387,6 +399,25 @@ def parse_config(text: str | None) -> StepConfig:
     return config
 
 
+def count_ops(model: nn.Module, optimizer: torch.optim.Optimizer,
+              step_loss: Callable[[int], Tensor], steps: int) -> tuple[float, float]:
+    """(aten ops of one forward + backward, aten ops of one ``optimizer.step()``), averaged over
+    ``steps`` real steps (a multiple of F x T puts folds and refreshes in the mean);
+    ``step_loss(i)`` runs the forward of step i and returns its loss."""
+    fb = opt_ops = 0
+    for i in range(steps):
+        optimizer.zero_grad()
+        counter = _OpCounter()
+        with counter:
+            step_loss(i).backward()
+        fb += counter.count
+        counter = _OpCounter()
+        with counter:
+            optimizer.step()
+        opt_ops += counter.count
+    return fb / steps, opt_ops / steps
+
+
 # ------------------------------------------------------------------------------ the CPU
 
 def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512)) -> Device:
@@ -457,4 +488,5 @@ def _describe(config: StepConfig) -> str:
 
 
 __all__ = ["BlockShape", "Cost", "DEVICES", "Device", "Prediction", "StepConfig", "StepShape",
-           "PRESETS", "gpt_shape", "measure_cpu", "parse_config", "predict", "step_shape", "table"]
+           "PRESETS", "count_ops", "gpt_shape", "measure_cpu", "parse_config", "predict",
+           "step_shape", "table"]

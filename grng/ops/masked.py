@@ -73,14 +73,26 @@ def newton_schulz_fixed(M: Tensor, X0: Tensor, iterations: int, tol: float) -> t
     """
     d = M.shape[-1]
     eye = torch.eye(d, dtype=M.dtype, device=M.device)
-    MX0 = M @ X0
-    warm = (torch.linalg.matrix_norm(eye - MX0) < 1.0)[..., None, None]
-    X = torch.where(warm, X0, X0 / torch.linalg.matrix_norm(MX0)[..., None, None])
+    X = newton_start(M, X0)
     rms = torch.full(M.shape[:-2], math.inf, dtype=M.dtype, device=M.device)
     for _ in range(iterations):
         R = eye - M @ X
         rms = torch.linalg.matrix_norm(R) / math.sqrt(d)
         X = X + X @ R
+    return newton_result(X, rms, tol)
+
+
+def newton_start(M: Tensor, X0: Tensor) -> Tensor:
+    """X0 where ||I - M X0||_F < 1, else X0 / ||M X0||_F (a device-side select, batched)."""
+    eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+    MX0 = M @ X0
+    warm = (torch.linalg.matrix_norm(eye - MX0) < 1.0)[..., None, None]
+    return torch.where(warm, X0, X0 / torch.linalg.matrix_norm(MX0)[..., None, None])
+
+
+def newton_result(X: Tensor, rms: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """(sym(X), ok) after the fixed steps: ok says the last RMS residual ``rms`` <= tol and X is
+    finite."""
     ok = (rms <= tol) & torch.isfinite(X).flatten(-2).all(-1)
     return 0.5 * (X + X.transpose(-2, -1)), ok
 
