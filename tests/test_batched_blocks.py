@@ -12,12 +12,8 @@ from torch import nn
 import grng
 from grng.curvature.inverse import EigenInverse, InverseStrategy, _TikhonovInverse
 from grng.distributed import communicator
-<<<<<<< HEAD
 from grng.optim.cases import optimizer_factory
-from grng.ops import dispatch, masked
-=======
 from grng.ops import dispatch
->>>>>>> triton-ops
 from grng.precondition.kronecker import KroneckerPreconditioner
 from optimizer_helpers import _assert_same_blocks
 

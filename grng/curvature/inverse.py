@@ -277,12 +277,8 @@ class _TikhonovInverse(InverseStrategy):
                 out[i] = self.refresh(item, backend)
         return out  # type: ignore[return-value]
 
-<<<<<<< HEAD
     def _refresh_all_on_device(self, items: list[RefreshItem], backend: str
                                ) -> list[TikhonovInverses]:
-=======
-    def _refresh_all_on_device(self, items: list[Item], backend: str) -> list[TikhonovInverses]:
->>>>>>> triton-ops
         """Per block, X ~ (M + damping_part I)^-1 of each dense factor by
         :meth:`_invert_on_device` (the previous X where it fails), the damping split without a
         host read; dense factors of one size (over blocks and sides) stacked in one call."""
@@ -310,13 +306,9 @@ class _TikhonovInverse(InverseStrategy):
                 outs[i]["X" + side] = x
         return [TikhonovInverses(**o) for o in outs]
 
-<<<<<<< HEAD
     def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str
                           ) -> tuple[Tensor, Tensor]:
         """(X ~ M^-1, ok) of stacked SPD M without a host read (X unusable where not ok)."""
-=======
-    def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str) -> tuple[Tensor, Tensor]:
->>>>>>> triton-ops
         raise NotImplementedError
 
     def apply(self, inv, V, damping, backend, g, a) -> Tensor:
@@ -358,11 +350,7 @@ class CholeskyInverse(_TikhonovInverse):
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)
 
-<<<<<<< HEAD
-    def _invert_on_device(self, M, previous, backend):
-=======
     def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str) -> tuple[Tensor, Tensor]:
->>>>>>> triton-ops
         return ops.cholesky_inverse_masked(M, backend=backend)
 
 
@@ -384,15 +372,9 @@ class NewtonInverse(_TikhonovInverse):
     #: (counted in kept_previous) and starts from it again at the next refresh
     ITERATIONS_ON_DEVICE = 20
 
-<<<<<<< HEAD
-    def _invert_on_device(self, M, previous, backend):
-        return ops.newton_schulz_masked(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
-                                        ops.default_newton_tol(M.dtype), backend=backend)
-=======
     def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str) -> tuple[Tensor, Tensor]:
         return ops.newton_schulz_masked(M, previous.to(M.dtype), self.ITERATIONS_ON_DEVICE,
-                                          ops.default_newton_tol(M.dtype), backend=backend)
->>>>>>> triton-ops
+                                        ops.default_newton_tol(M.dtype), backend=backend)
 
 
 def make_inverse(name: str) -> InverseStrategy:
