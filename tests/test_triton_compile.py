@@ -25,16 +25,17 @@ import grng.kernels  # noqa: E402,F401 - registers the triton backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_OPS = sorted(op for op in registry.SPECS if dispatch.implementation(op, "triton") is not None)
+#: Triton ops that are Python glue around other ops' launchers (no launcher of their own)
+GLUE = {"newton_schulz_masked"}
 #: the ops registered as grng_triton custom ops (one per launcher)
-CUSTOM_OPS = ["factor_update", "eigen_apply", "newton_schulz_step", "kalman_update",
-              "fused_update_masked", "kalman_update_masked"]
+CUSTOM_OPS = [op for op in TRITON_OPS if op not in GLUE]
 
 
 def test_every_launcher_is_a_custom_op() -> None:
     """The Triton ops of the registry, and each launcher's grng_triton custom op
     (newton_schulz_masked is Python glue around the newton_schulz_step op); the masked update
     is tagged cudagraph_unsafe."""
-    assert set(CUSTOM_OPS) | {"newton_schulz_masked"} <= set(TRITON_OPS)
+    assert GLUE <= set(TRITON_OPS) and CUSTOM_OPS
     for name in CUSTOM_OPS:
         assert hasattr(torch.ops.grng_triton, name), name
     # its host-built address table would replay stale inside a captured CUDA graph
@@ -91,13 +92,13 @@ def test_compiled_sync_free_step_through_triton(name: str) -> None:
     bit for bit; the traced fold-and-refresh step is one graph (K-FAC) calling the grng_triton
     ops: the masked update, and the factor update and the masked Newton-Schulz's steps (K-FAC)
     or the masked Kalman update (R-Kalman)."""
-    import grng
+    from grng.optim.cases import optimizer_factory
 
     factories = {
-        "kfac-newton": lambda m: grng.KFAC(m, lr=0.05, momentum=0.9, inverse="newton",
-                                           inverse_every=2, sync_free=True, backend="triton"),
-        "rkalman": lambda m: grng.RKalman(m, lr=0.05, kalman_rank=4, sync_free=True,
-                                          backend="triton"),
+        "kfac-newton": optimizer_factory("kfac-newton", lr=0.05, momentum=0.9, inverse_every=2,
+                                         sync_free=True, backend="triton"),
+        "rkalman": optimizer_factory("rkalman", lr=0.05, kalman_rank=4, sync_free=True,
+                                     backend="triton"),
     }
     torch._dynamo.reset()
     out = {}
