@@ -16,6 +16,7 @@ its calls are observed (:meth:`KroneckerLayer.attach`); docs/algorithms.md "Laye
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Protocol
 
 import torch
@@ -25,10 +26,10 @@ from torch.nn.utils import parametrize
 
 from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
 
-__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "EmbeddingLayer", "Handle",
-           "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
-           "WeightNormLayer", "helper_for", "make_layers", "register_layer", "registered_layers",
-           "weight_norm_parts"]
+__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "EmbeddingLayer", "ForwardHook",
+           "Handle", "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
+           "WeightNormLayer", "dead_reference", "helper_for", "make_layers", "register_layer",
+           "registered_layers", "weight_norm_parts"]
 
 #: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
 #: float32 factor of this size is 256 MiB, its eigenbasis as much again
@@ -39,6 +40,9 @@ class Recorder(Protocol):
     """What a helper's hooks report each call to (the capture,
     :class:`grng.curvature.capture.CurvatureCapture`)."""
 
+    #: set by the hooks on every call they see (recorded or not): the hooks are alive
+    observed: bool
+
     @property
     def recording(self) -> bool:
         """Whether a call now would be recorded (armed and not paused)."""
@@ -48,6 +52,36 @@ class Recorder(Protocol):
         """One call of ``layer``: its input and output (whose gradient is the G row source).
         ``column``: the call produced only the block's output columns from ``column`` on (the
         others are zero for this call's rows); None: all of them."""
+
+
+class ForwardHook:
+    """A module's forward hook (``with_kwargs=True``) that reports each call to a recorder for
+    each of the module's blocks. It holds the module and the recorder weakly, so the model
+    never keeps a capture alive, and it pickles (and deep-copies) as an inert hook: a saved or
+    copied model carries no capture."""
+
+    def __init__(self, module: nn.Module | None, blocks: list[KroneckerLayer],
+                 recorder: Recorder | None) -> None:
+        self.module = dead_reference if module is None else weakref.ref(module)
+        self.blocks = blocks
+        self.recorder = dead_reference if recorder is None else weakref.ref(recorder)
+
+    def __call__(self, mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        recorder = self.recorder()
+        if recorder is None or mod is not self.module():
+            return
+        recorder.observed = True
+        if not recorder.recording:
+            return
+        for block in self.blocks:
+            recorder.record(block, block.layer_input(args, kwargs), output)
+
+    def __reduce__(self) -> tuple:
+        return (ForwardHook, (None, [], None))
+
+
+def dead_reference() -> None:
+    """Called like a weak reference whose object is gone: returns None."""
 
 
 class Handle(Protocol):
@@ -123,13 +157,7 @@ class KroneckerLayer:
         """Report each call of ``module`` (input given positionally or by keyword) to
         ``recorder``, for each of its ``blocks``; returns the handles that undo it."""
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            # a deep copy of the model carries this hook to modules that are not ours
-            if mod is not module or not recorder.recording:
-                return
-            for block in blocks:
-                recorder.record(block, block.layer_input(args, kwargs), output)
-
+        hook = ForwardHook(module, blocks, recorder)
         return [module.register_forward_hook(hook, with_kwargs=True)]
 
     # ------------------------------------------------------------------------- block

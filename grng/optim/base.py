@@ -133,7 +133,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._check_group(group)
         group_of = self._group_index()
         self.capture = CurvatureCapture(model, keep=set(group_of),
-                                        max_factor_dim=self.max_factor_dim)
+                                        max_factor_dim=self.max_factor_dim,
+                                        owner=type(self).__name__)
         for layer, name in zip(self.capture.layers, self.capture.names):
             if len({group_of[id(p)] for p in layer.params}) > 1:
                 self.capture.remove()
@@ -541,3 +542,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         """Restore what :meth:`_extra_state` saved."""
+
+    # -------------------------------------------------------------- the capture's lifetime
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's zero_grad, and the curvature rows captured for the gradients it drops
+        (rows not yet folded; a forward still waiting for its backward keeps its rows). Inside
+        :meth:`curvature_paused` (the optimizer's own probes) the rows are kept."""
+        super().zero_grad(set_to_none)
+        capture = getattr(self, "capture", None)
+        if capture is not None and capture.recording:
+            capture.discard()
+
+    def close(self) -> None:
+        """Remove the curvature hooks from the model and drop the captured rows; the optimizer
+        captures nothing afterwards (idempotent; also on ``with`` exit and on collection)."""
+        capture = getattr(self, "capture", None)
+        if capture is not None:
+            capture.remove()
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
