@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -26,14 +27,18 @@ from torch.nn.utils import parametrize
 
 from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
 
-__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "EmbeddingLayer", "ForwardHook",
-           "Handle", "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
-           "WeightNormLayer", "dead_reference", "helper_for", "make_layers", "register_layer",
-           "registered_layers", "weight_norm_parts"]
+__all__ = ["MAX_FACTOR_DIM", "PATCH_CHUNK_ELEMENTS", "Conv1dLayer", "Conv2dLayer",
+           "EmbeddingLayer", "ForwardHook", "Handle", "KroneckerLayer", "LinearLayer", "Recorder",
+           "Rows", "TransposedLinearLayer", "WeightNormLayer", "dead_reference", "helper_for",
+           "make_layers", "register_layer", "registered_layers", "weight_norm_parts"]
 
 #: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
 #: float32 factor of this size is 256 MiB, its eigenbasis as much again
 MAX_FACTOR_DIM = 8192
+
+#: the most elements of unfolded patches a convolution's capture holds besides its row matrix
+#: (64 MiB in float32; at least one example at a time)
+PATCH_CHUNK_ELEMENTS = 1 << 24
 
 
 class Recorder(Protocol):
@@ -245,6 +250,25 @@ class KroneckerLayer:
             return rows
         return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
+    def _patch_rows(self, inputs: list[Tensor], unfold: Callable[[Tensor], Tensor]) -> Rows:
+        """Rows of a_bar from patches: ``unfold(x)`` gives the (k, d, T) patches of k batched
+        examples x; they are written a chunk of examples at a time into ONE (rows x d [+ 1])
+        buffer whose bias column is 1, so the peak is the row matrix plus one chunk (not a copy
+        per stage: unfold, transpose, concatenate, append the ones)."""
+        shapes = [unfold(a[:1]).shape for a in inputs]  # (1, d, T) per call
+        d = shapes[0][1]
+        total = sum(a.shape[0] * shape[2] for a, shape in zip(inputs, shapes))
+        out = inputs[0].new_empty(total, d + int(self.has_bias))
+        if self.has_bias:
+            out[:, d] = 1
+        row = 0
+        for a, (_, _, t) in zip(inputs, shapes):
+            for chunk in a.split(max(1, PATCH_CHUNK_ELEMENTS // max(1, d * t))):
+                k = chunk.shape[0]
+                out[row:row + k * t, :d].view(k, t, d).copy_(unfold(chunk).transpose(1, 2))
+                row += k * t
+        return Rows(out, total)
+
 
 class LinearLayer(KroneckerLayer):
     """nn.Linear with any number of leading dimensions: every row is an example (N = rows)."""
@@ -316,13 +340,8 @@ class Conv2dLayer(KroneckerLayer):
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
-        blocks = []
-        for a in inputs:
-            patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                               stride=m.stride)  # (N, C*kh*kw, T)
-            blocks.append(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
-        rows = torch.cat(blocks)
-        return Rows(self._with_ones(rows), rows.shape[0])
+        return self._patch_rows(inputs, lambda a: F.unfold(  # (N, C*kh*kw, T)
+            a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride))
 
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         n_examples = sum(g.shape[0] for g in grads)
@@ -363,14 +382,13 @@ class Conv1dLayer(KroneckerLayer):
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        blocks = []
-        for a in inputs:
-            a = F.pad(a if a.dim() == 3 else a.unsqueeze(0), self._padding(), mode=mode)
-            patches = F.unfold(a.unsqueeze(-1), (m.kernel_size[0], 1),
-                               dilation=(m.dilation[0], 1), stride=(m.stride[0], 1))
-            blocks.append(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
-        rows = torch.cat(blocks)
-        return Rows(self._with_ones(rows), rows.shape[0])
+
+        def unfold(a: Tensor) -> Tensor:  # (N, C*k, T)
+            return F.unfold(F.pad(a, self._padding(), mode=mode).unsqueeze(-1),
+                            (m.kernel_size[0], 1), dilation=(m.dilation[0], 1),
+                            stride=(m.stride[0], 1))
+
+        return self._patch_rows([a if a.dim() == 3 else a.unsqueeze(0) for a in inputs], unfold)
 
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         grads = [g if g.dim() == 3 else g.unsqueeze(0) for g in grads]
