@@ -46,10 +46,10 @@ from grng.finite import all_finite
 BYPASSED = (
     "{name}: the weight of layer {layer!r} received a gradient but none of the curvature "
     "capture's forward hooks ran since the last step, so its factors would never be updated. "
-    "This happens when torch.compile reuses a graph traced before the optimizer attached its "
-    "hooks (a compiled model of the same class ran a forward with gradients first); call "
-    "torch._dynamo.reset() before compiling the model (or build the optimizer before the first "
-    "compiled forward), or when the layer's weight is used without calling the layer")
+    "This happens when torch.compile reuses a graph traced without the hooks (a compiled model "
+    "of the same class ran a forward first); grng has now dropped torch.compile's cached graphs, "
+    "so repeating this forward and backward retraces them with the hooks. It also happens when "
+    "the layer's weight is used without calling the layer (grng cannot capture that)")
 
 
 @dataclass(eq=False)
@@ -101,6 +101,7 @@ class _BypassCheck:
     def __call__(self, weight: Tensor) -> None:
         capture = self.capture()
         if capture is not None and capture.recording and not capture.observed:
+            forget_compiled_graphs()  # a stale compiled graph is retraced, with the hooks
             raise RuntimeError(BYPASSED.format(name=capture.owner, layer=self.name))
 
     def __reduce__(self) -> tuple:  # a pickled (or copied) parameter carries no capture
@@ -292,10 +293,15 @@ class CurvatureCapture:
         self._epoch += 1
         self.observed = False
 
+    def detach(self) -> None:
+        """Detach the hooks from the model (and restore any replaced forward); what happens
+        when the capture is collected. Idempotent."""
+        self._finalizer()
+
     def remove(self) -> None:
-        """Detach the hooks from the model (and restore any replaced forward) and drop the
-        recorded calls; idempotent."""
+        """:meth:`detach`, drop the recorded calls, and drop torch.compile's cached graphs (a
+        graph traced with the hooks would keep running them). Idempotent."""
         self.clear()
-        if self._finalizer.alive:
-            self._finalizer()
+        if self.attached:
+            self.detach()
             forget_compiled_graphs()

@@ -567,4 +567,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # only the hooks: a collection may run anywhere (inside a torch.compile trace too)
+        capture = getattr(self, "capture", None)
+        if capture is not None:
+            capture.detach()
