@@ -105,6 +105,18 @@ def test_close_and_context_manager_remove_the_hooks(name: str) -> None:
     opt.close()  # idempotent
 
 
+def test_collecting_a_wrapper_that_shares_the_optimizer_dict_keeps_the_hooks() -> None:
+    """Lightning's LightningOptimizer is an instance of a subclass of the optimizer's class with
+    a copy of its ``__dict__``; its collection must not detach the optimizer's capture."""
+    model = _mlp()
+    opt = grng.KFAC(model)
+    wrapper = object.__new__(type("LightningKFAC", (type(opt),), {}))
+    wrapper.__dict__.update(opt.__dict__)
+    del wrapper
+    gc.collect()
+    assert opt.capture.attached and _hooks_of(model)
+
+
 # ---------------------------------------------- case 2: forwards that are never backpropagated
 
 

@@ -137,16 +137,18 @@ class CurvatureCapture:
     """Finds the supported layers of a model and records their rows while armed."""
 
     def __init__(self, model: nn.Module, keep: set[int] | None = None,
-                 max_factor_dim: int | None = None, owner: str = "CurvatureCapture") -> None:
+                 max_factor_dim: int | None = None, owner: object = None) -> None:
         """Find the supported layers of ``model`` (only blocks whose parameters are all in
         ``keep``, a set of parameter ids, when given) and hook them; factor sides above
         ``max_factor_dim`` are kept diagonal. :attr:`skipped` maps the name of each module a
         helper could not cover (or whose parameters another block already covers: tied
-        weights) to why. ``owner`` names the optimizer in errors."""
+        weights) to why. ``owner``: the optimizer that owns the capture (named in errors; see
+        :meth:`owned_by`)."""
         self.layers: list[KroneckerLayer] = []
         self.names: list[str] = []
         self.skipped: dict[str, str] = {}
-        self.owner = owner
+        self.owner = type(self).__name__ if owner is None else type(owner).__name__
+        self._owner_id = id(owner)  # not a reference: the capture never keeps its owner alive
         claimed: dict[int, str] = {}  # parameter id -> name of the block that covers it
         attachments: list[tuple[nn.Module, list[KroneckerLayer]]] = []
         for name, module in model.named_modules():
@@ -188,6 +190,12 @@ class CurvatureCapture:
         self._finalizer = weakref.finalize(self, _detach_all, self._handles)
         self._finalizer.atexit = False
         forget_compiled_graphs()
+
+    def owned_by(self, optimizer: object) -> bool:
+        """Whether ``optimizer`` is the capture's owner, not an object sharing its attributes
+        (Lightning's ``LightningOptimizer`` copies the optimizer's ``__dict__``: its collection
+        must not detach the owner's hooks)."""
+        return id(optimizer) == self._owner_id
 
     @property
     def attached(self) -> bool:

@@ -134,7 +134,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group_of = self._group_index()
         self.capture = CurvatureCapture(model, keep=set(group_of),
                                         max_factor_dim=self.max_factor_dim,
-                                        owner=type(self).__name__)
+                                        owner=self)
         for layer, name in zip(self.capture.layers, self.capture.names):
             if len({group_of[id(p)] for p in layer.params}) > 1:
                 self.capture.remove()
@@ -567,7 +567,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.close()
 
     def __del__(self) -> None:
-        # only the hooks: a collection may run anywhere (inside a torch.compile trace too)
+        # only the hooks (a collection may run anywhere, inside a torch.compile trace too), and
+        # only the owner's: a wrapper sharing this __dict__ (LightningOptimizer) is collected first
         capture = getattr(self, "capture", None)
-        if capture is not None:
+        if capture is not None and capture.owned_by(self):
             capture.detach()
