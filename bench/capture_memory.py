@@ -17,6 +17,11 @@ nothing one run allocated is seen by another. Scenarios:
 - ``eval``: the MLP trained 3 steps, then 40 evaluation batches with gradients enabled whose
   losses are read and dropped, never backpropagated.
 
+For the MLP scenarios ``growth`` is the resident memory added from the 5th to the 40th iteration
+of the phase (what a leak adds per batch, times 35; the optimizer's own state and the
+allocator's pools are in place by then); peak and final RSS include the curvature optimizer's
+own state (factors, inverses), which AdamW does not have.
+
 ``--label`` names the tree measured (``provider`` in the CSV), so that the same script run from
 another checkout (``PYTHONPATH=/path/to/other``) gives a comparison. Rows of the one benchmark
 schema (suite ``capture_memory``) append to ``bench/results/capture_memory.csv``;
@@ -39,6 +44,7 @@ SCENARIOS = ("conv", "del", "second", "eval")
 OPTIMIZERS = {"conv": ("adamw", "kfac", "rkalman"), "del": ("adamw", "kfac", "rkalman"),
               "second": ("adamw", "kfac", "rkalman"), "eval": ("adamw", "kfac", "rkalman")}
 PATCH_ROWS, PATCH_COLS = 32 * 56 * 56, 64 * 9 + 1
+WARM = 5  # growth of a 40-iteration phase is measured from this iteration on
 
 
 def _rss_mib() -> float:
@@ -89,23 +95,31 @@ def _child(scenario: str, optimizer: str) -> dict[str, float]:
             return torch.randn(256, 1024, generator=g), torch.randint(0, 10, (256,), generator=g)
 
         opt = build(model, optimizer)
+        mid = 0.0
         if scenario == "del":
             train(model, opt, *batch())
             del opt
             adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            for _ in range(40):
+            for i in range(40):
                 train(model, adamw, *batch())
+                mid = _rss_mib() if i == WARM - 1 else mid
         elif scenario == "second":
             second = build(model, optimizer)  # kept, never stepped
-            for _ in range(40):
+            for i in range(40):
                 train(model, opt, *batch())
+                mid = _rss_mib() if i == WARM - 1 else mid
+            final = _rss_mib()
             del second
         else:
             for _ in range(3):
                 train(model, opt, *batch())
-            for _ in range(40):
+            for i in range(40):
                 x, y = batch()
-                float(F.cross_entropy(model(x), y))
+                float(F.cross_entropy(model(x), y).detach())
+                mid = _rss_mib() if i == WARM - 1 else mid
+        final = final if scenario == "second" else _rss_mib()
+        return {"peak_mib": _peak_mib(), "final_mib": final, "growth_mib": final - mid,
+                "base_mib": base}
     return {"peak_mib": _peak_mib(), "final_mib": _rss_mib(), "base_mib": base}
 
 
@@ -146,16 +160,20 @@ def main(argv: list[str] | None = None) -> None:
              f"- {load_text(load0, load1)} (a shared machine); wall {time.time() - t0:.0f} s",
              f"- conv patch matrix: {PATCH_ROWS} x {PATCH_COLS} float32 = {patch_mib:.0f} MiB", "",
              "| scenario | optimizer | peak RSS MiB | - AdamW's | final RSS MiB | - AdamW's |"
-             " peak over AdamW / patch matrix |", "|---|---|---|---|---|---|---|"]
+             " growth over iterations 5-40, MiB | peak over AdamW / patch matrix |",
+             "|---|---|---|---|---|---|---|---|"]
     for scenario, optimizer, r in results:
         extra_peak = r["peak_mib"] - adamw[scenario]["peak_mib"]
         extra_final = r["final_mib"] - adamw[scenario]["final_mib"]
         ratio = f"{extra_peak / patch_mib:.2f}" if scenario == "conv" else ""
+        growth = f"{r['growth_mib']:+.0f}" if "growth_mib" in r else ""
         lines.append(f"| {scenario} | {optimizer} | {r['peak_mib']:.0f} | {extra_peak:+.0f} | "
-                     f"{r['final_mib']:.0f} | {extra_final:+.0f} | {ratio} |")
-        for metric, value in (("peak_rss", r["peak_mib"]), ("final_rss", r["final_mib"]),
-                              ("peak_rss_over_adamw", extra_peak),
-                              ("final_rss_over_adamw", extra_final)):
+                     f"{r['final_mib']:.0f} | {extra_final:+.0f} | {growth} | {ratio} |")
+        measured = [("peak_rss", r["peak_mib"]), ("final_rss", r["final_mib"]),
+                    ("peak_rss_over_adamw", extra_peak), ("final_rss_over_adamw", extra_final)]
+        if "growth_mib" in r:
+            measured.append(("rss_growth_iterations_5_40", r["growth_mib"]))
+        for metric, value in measured:
             rows.append(Row(suite=SUITE, name=optimizer, provider=args.label, metric=metric,
                             unit="MiB", p50=value, x_name="scenario", x_value=scenario,
                             dtype="float32", n=1, config="1 torch thread, fresh process",
