@@ -12,6 +12,8 @@ nothing one run allocated is seen by another. Scenarios:
   (221 MiB), which the row count and width give exactly;
 - ``del``: a 1024-1024-1024-10 MLP takes one curvature step, the optimizer is deleted
   (``del opt``) and 40 AdamW steps of 256 x 1024 batches follow (the fine-tuning phase);
+- ``train``: the same MLP trained 40 steps (the control of ``second``: what the optimizer's
+  own steps add);
 - ``second``: the same MLP trained 40 steps by one curvature optimizer while a second one,
   built on the same model, is kept and never stepped;
 - ``eval``: the MLP trained 3 steps, then 40 evaluation batches with gradients enabled whose
@@ -40,9 +42,8 @@ from pathlib import Path
 
 SUITE = "capture_memory"
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("conv", "del", "second", "eval")
-OPTIMIZERS = {"conv": ("adamw", "kfac", "rkalman"), "del": ("adamw", "kfac", "rkalman"),
-              "second": ("adamw", "kfac", "rkalman"), "eval": ("adamw", "kfac", "rkalman")}
+SCENARIOS = ("conv", "del", "train", "second", "eval")
+OPTIMIZERS = {s: ("adamw", "kfac", "rkalman") for s in SCENARIOS}
 PATCH_ROWS, PATCH_COLS = 32 * 56 * 56, 64 * 9 + 1
 WARM = 5  # growth of a 40-iteration phase is measured from this iteration on
 
@@ -103,8 +104,8 @@ def _child(scenario: str, optimizer: str) -> dict[str, float]:
             for i in range(40):
                 train(model, adamw, *batch())
                 mid = _rss_mib() if i == WARM - 1 else mid
-        elif scenario == "second":
-            second = build(model, optimizer)  # kept, never stepped
+        elif scenario in ("train", "second"):
+            second = build(model, optimizer) if scenario == "second" else None  # never stepped
             for i in range(40):
                 train(model, opt, *batch())
                 mid = _rss_mib() if i == WARM - 1 else mid
@@ -117,7 +118,7 @@ def _child(scenario: str, optimizer: str) -> dict[str, float]:
                 x, y = batch()
                 float(F.cross_entropy(model(x), y).detach())
                 mid = _rss_mib() if i == WARM - 1 else mid
-        final = final if scenario == "second" else _rss_mib()
+        final = final if scenario in ("train", "second") else _rss_mib()
         return {"peak_mib": _peak_mib(), "final_mib": final, "growth_mib": final - mid,
                 "base_mib": base}
     return {"peak_mib": _peak_mib(), "final_mib": _rss_mib(), "base_mib": base}
