@@ -101,7 +101,7 @@ def test_close_and_context_manager_remove_the_hooks(name: str) -> None:
         assert _hooks_of(model)
     assert _hooks_of(model) == [] and not opt.capture.attached
     F.cross_entropy(model(x), y).backward()
-    assert opt.capture.pending_rows() == 0
+    assert opt.capture.unfolded_calls() == 0
     opt.close()  # idempotent
 
 
@@ -134,7 +134,7 @@ def test_forward_without_backward_is_freed_with_its_graph(name: str) -> None:
         del batch, loss
     gc.collect()
     assert all(r.expired() for r in refs)
-    assert opt.capture.pending_rows() == 0
+    assert opt.capture.unfolded_calls() == 0
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -169,7 +169,7 @@ def test_model_pickles_with_a_live_and_a_deleted_optimizer(name: str) -> None:
     for other in (loaded, twin):  # inert hooks: nothing reaches the live optimizer
         F.cross_entropy(other(x), y).backward()
         torch.testing.assert_close(other(x), model(x))
-    assert opt.capture.pending_rows() == 0
+    assert opt.capture.unfolded_calls() == 0
     del opt
     gc.collect()
     torch.save(model, io.BytesIO())

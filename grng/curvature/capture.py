@@ -278,7 +278,7 @@ class CurvatureCapture:
         """False when a completed call's input or output gradient holds a NaN or Inf."""
         return all_finite(self.recorded())
 
-    def pending_rows(self) -> int:
+    def unfolded_calls(self) -> int:
         """The number of completed calls held (rows not yet folded), over all layers."""
         return sum(len(record.calls) for record in self._records.values())
 
