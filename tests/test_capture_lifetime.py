@@ -93,6 +93,16 @@ def test_second_optimizer_never_stepped_is_collected(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_live_second_optimizer_never_stepped_holds_at_most_one_batch(name: str) -> None:
+    model = _mlp()
+    first, second = FACTORIES[name](model), FACTORIES[name](model)
+    for x, y in _data(4):
+        _step(name, first, model, x, y)  # its zero_grad sets the gradients to None
+        assert second.capture.unfolded_calls() <= len(second.layers)
+    assert second.capture.unfolded_calls() > 0  # it does record (the last batch)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_close_and_context_manager_remove_the_hooks(name: str) -> None:
     model = _mlp()
     x, y = _data(1)[0]
