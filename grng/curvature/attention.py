@@ -38,8 +38,8 @@ __all__ = ["AttentionProjection", "attention_forward"]
 #: role, projection input, projection output, first output column of the block (None: all)
 Report = Callable[[str, Tensor, Tensor, "int | None"], None]
 
-#: one capture's attachment to a module: (recorder, {role: block})
-Tap = tuple[Recorder, dict[str, KroneckerLayer]]
+#: one capture's attachment to a module: (weak reference to the recorder, {role: block})
+Tap = tuple["weakref.ref[Recorder]", dict[str, KroneckerLayer]]
 
 # module -> the taps of the captures attached to it
 _TAPS: weakref.WeakKeyDictionary[nn.Module, list[Tap]] = weakref.WeakKeyDictionary()
@@ -95,7 +95,7 @@ class AttentionProjection(LinearLayer):
     def attach(cls, module: nn.Module, blocks: list[KroneckerLayer],
                recorder: Recorder) -> list[Handle]:
         """Route the module's forward through :func:`attention_forward` while attached."""
-        entry = (recorder, {getattr(b, "inner", b).role: b for b in blocks})
+        entry = (weakref.ref(recorder), {getattr(b, "inner", b).role: b for b in blocks})
         _TAPS.setdefault(module, []).append(entry)
         if "forward" not in vars(module):
             module.forward = types.MethodType(_forward, module)
@@ -127,7 +127,13 @@ def _forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Ten
     """The forward of an attached nn.MultiheadAttention: :func:`attention_forward` reporting to
     the captures that record this call, else the module's own forward. (A deep copy of the
     module is attached to no capture, so it runs its own forward.)"""
-    taps = [(r, b) for r, b in _TAPS.get(self, ()) if r.recording]
+    taps = []
+    for ref, blocks in _TAPS.get(self, ()):
+        recorder = ref()
+        if recorder is not None:
+            recorder.observed = True
+            if recorder.recording:
+                taps.append((recorder, blocks))
     if not taps or not torch.is_grad_enabled():
         return type(self).forward(self, query, key, value, key_padding_mask, need_weights,
                                   attn_mask, average_attn_weights, is_causal)

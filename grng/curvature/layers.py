@@ -16,6 +16,8 @@ its calls are observed (:meth:`KroneckerLayer.attach`); docs/algorithms.md "Laye
 from __future__ import annotations
 
 import inspect
+import weakref
+from collections.abc import Callable
 from functools import cached_property
 from typing import Protocol
 
@@ -26,19 +28,26 @@ from torch.nn.utils import parametrize
 
 from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
 
-__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "EmbeddingLayer", "Handle",
-           "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
-           "WeightNormLayer", "helper_for", "make_layers", "register_layer", "registered_layers",
-           "weight_norm_parts"]
+__all__ = ["MAX_FACTOR_DIM", "PATCH_CHUNK_ELEMENTS", "Conv1dLayer", "Conv2dLayer",
+           "EmbeddingLayer", "ForwardHook", "Handle", "KroneckerLayer", "LinearLayer", "Recorder",
+           "Rows", "TransposedLinearLayer", "WeightNormLayer", "dead_reference", "helper_for",
+           "make_layers", "register_layer", "registered_layers", "weight_norm_parts"]
 
 #: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
 #: float32 factor of this size is 256 MiB, its eigenbasis as much again
 MAX_FACTOR_DIM = 8192
 
+#: the most elements of unfolded patches a convolution's capture holds besides its row matrix
+#: (64 MiB in float32; at least one example at a time)
+PATCH_CHUNK_ELEMENTS = 1 << 24
+
 
 class Recorder(Protocol):
     """What a helper's hooks report each call to (the capture,
     :class:`grng.curvature.capture.CurvatureCapture`)."""
+
+    #: set by the hooks on every call they see (recorded or not): the hooks are alive
+    observed: bool
 
     @property
     def recording(self) -> bool:
@@ -49,6 +58,36 @@ class Recorder(Protocol):
         """One call of ``layer``: its input and output (whose gradient is the G row source).
         ``column``: the call produced only the block's output columns from ``column`` on (the
         others are zero for this call's rows); None: all of them."""
+
+
+class ForwardHook:
+    """A module's forward hook (``with_kwargs=True``) that reports each call to a recorder for
+    each of the module's blocks. It holds the module and the recorder weakly, so the model
+    never keeps a capture alive, and it pickles (and deep-copies) as an inert hook: a saved or
+    copied model carries no capture."""
+
+    def __init__(self, module: nn.Module | None, blocks: list[KroneckerLayer],
+                 recorder: Recorder | None) -> None:
+        self.module = dead_reference if module is None else weakref.ref(module)
+        self.blocks = blocks
+        self.recorder = dead_reference if recorder is None else weakref.ref(recorder)
+
+    def __call__(self, mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        recorder = self.recorder()
+        if recorder is None or mod is not self.module():
+            return
+        recorder.observed = True
+        if not recorder.recording:
+            return
+        for block in self.blocks:
+            recorder.record(block, block.layer_input(args, kwargs), output)
+
+    def __reduce__(self) -> tuple:
+        return (ForwardHook, (None, [], None))
+
+
+def dead_reference() -> None:
+    """Called like a weak reference whose object is gone: returns None."""
 
 
 class Handle(Protocol):
@@ -124,13 +163,7 @@ class KroneckerLayer:
         """Report each call of ``module`` (input given positionally or by keyword) to
         ``recorder``, for each of its ``blocks``; returns the handles that undo it."""
 
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
-            # a deep copy of the model carries this hook to modules that are not ours
-            if mod is not module or not recorder.recording:
-                return
-            for block in blocks:
-                recorder.record(block, block.layer_input(args, kwargs), output)
-
+        hook = ForwardHook(module, blocks, recorder)
         return [module.register_forward_hook(hook, with_kwargs=True)]
 
     # ------------------------------------------------------------------------- block
@@ -218,6 +251,25 @@ class KroneckerLayer:
             return rows
         return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
+    def _patch_rows(self, inputs: list[Tensor], unfold: Callable[[Tensor], Tensor]) -> Rows:
+        """Rows of a_bar from patches: ``unfold(x)`` gives the (k, d, T) patches of k batched
+        examples x; they are written a chunk of examples at a time into ONE (rows x d [+ 1])
+        buffer whose bias column is 1, so the peak is the row matrix plus one chunk (not a copy
+        per stage: unfold, transpose, concatenate, append the ones)."""
+        shapes = [unfold(a[:1]).shape for a in inputs]  # (1, d, T) per call
+        d = shapes[0][1]
+        total = sum(a.shape[0] * shape[2] for a, shape in zip(inputs, shapes))
+        out = inputs[0].new_empty(total, d + int(self.has_bias))
+        if self.has_bias:
+            out[:, d] = 1
+        row = 0
+        for a, (_, _, t) in zip(inputs, shapes):
+            for chunk in a.split(max(1, PATCH_CHUNK_ELEMENTS // max(1, d * t))):
+                k = chunk.shape[0]
+                out[row:row + k * t, :d].view(k, t, d).copy_(unfold(chunk).transpose(1, 2))
+                row += k * t
+        return Rows(out, total)
+
 
 class LinearLayer(KroneckerLayer):
     """nn.Linear with any number of leading dimensions: every row is an example (N = rows)."""
@@ -289,13 +341,8 @@ class Conv2dLayer(KroneckerLayer):
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
-        blocks = []
-        for a in inputs:
-            patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding,
-                               stride=m.stride)  # (N, C*kh*kw, T)
-            blocks.append(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
-        rows = torch.cat(blocks)
-        return Rows(self._with_ones(rows), rows.shape[0])
+        return self._patch_rows(inputs, lambda a: F.unfold(  # (N, C*kh*kw, T)
+            a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride))
 
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         n_examples = sum(g.shape[0] for g in grads)
@@ -336,14 +383,13 @@ class Conv1dLayer(KroneckerLayer):
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        blocks = []
-        for a in inputs:
-            a = F.pad(a if a.dim() == 3 else a.unsqueeze(0), self._padding(), mode=mode)
-            patches = F.unfold(a.unsqueeze(-1), (m.kernel_size[0], 1),
-                               dilation=(m.dilation[0], 1), stride=(m.stride[0], 1))
-            blocks.append(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
-        rows = torch.cat(blocks)
-        return Rows(self._with_ones(rows), rows.shape[0])
+
+        def unfold(a: Tensor) -> Tensor:  # (N, C*k, T)
+            return F.unfold(F.pad(a, self._padding(), mode=mode).unsqueeze(-1),
+                            (m.kernel_size[0], 1), dilation=(m.dilation[0], 1),
+                            stride=(m.stride[0], 1))
+
+        return self._patch_rows([a if a.dim() == 3 else a.unsqueeze(0) for a in inputs], unfold)
 
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         grads = [g if g.dim() == 3 else g.unsqueeze(0) for g in grads]

@@ -139,7 +139,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # (damping), the update applies each parameter's own group's lr, weight decay, ...
         self._built_momentum = [group["momentum"] for group in self.param_groups]
         self.capture = CurvatureCapture(model, keep=set(self._group_index()),
-                                        max_factor_dim=self.max_factor_dim)
+                                        max_factor_dim=self.max_factor_dim, owner=self)
         warn_at_construction(self.coverage(), type(self).__name__)
         self.counters = StepCounters()
         self.distributed_strategy = distributed_strategy
@@ -500,3 +500,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         """Restore what :meth:`_extra_state` saved."""
+
+    # -------------------------------------------------------------- the capture's lifetime
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's zero_grad, and the curvature rows captured for the gradients it drops
+        (rows not yet folded; a forward still waiting for its backward keeps its rows). Inside
+        :meth:`curvature_paused` (the optimizer's own probes) the rows are kept."""
+        super().zero_grad(set_to_none)
+        capture = getattr(self, "capture", None)
+        if capture is not None and capture.recording:
+            capture.discard()
+
+    def close(self) -> None:
+        """Remove the curvature hooks from the model and drop the captured rows; the optimizer
+        captures nothing afterwards (idempotent; also on ``with`` exit and on collection)."""
+        capture = getattr(self, "capture", None)
+        if capture is not None:
+            capture.remove()
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # only the hooks (a collection may run anywhere, inside a torch.compile trace too), and
+        # only the owner's: a wrapper sharing this __dict__ (LightningOptimizer) is collected first
+        capture = getattr(self, "capture", None)
+        if capture is not None and capture.owned_by(self):
+            capture.detach()

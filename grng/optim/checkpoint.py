@@ -5,8 +5,9 @@ curvature tensors under the names of docs/algorithms.md (a Kronecker block's on 
 ``A``, ``G``, ``QG``/``lG``/``QA``/``lA`` or ``XG``/``XA``, R-Kalman's ``PA``/``PG``; a
 diagonal unit's ``D`` or ``PD`` on its parameter), and a ``"grng"`` entry with the step
 counters -- the format grng has always written, so older checkpoints load. Loading checks
-every saved tensor against the shape its unit's preconditioner expects before anything is
-changed, and restores each tensor on the parameter's device in the dtype the optimizer keeps
+every saved tensor against the shape its unit's preconditioner expects, and every saved
+curvature tensor against the kind of state its parameter now has (a Kronecker block's, a
+diagonal unit's, or none: a bias inside a block), before anything is changed, and restores each tensor on the parameter's device in the dtype the optimizer keeps
 it in (a float64 checkpoint loads into a float32 model as float32; a bfloat16 model's float32
 factors are not rounded through bfloat16).
 """
@@ -32,6 +33,8 @@ class CurvatureOptimizer(Protocol):
     state: Any
     layers: list
     capture: Any
+    model: Any
+    diagonal: Preconditioner
 
     def _all_params(self) -> Iterator[Tensor]: ...
 
@@ -98,10 +101,48 @@ def load(opt: CurvatureOptimizer, state_dict: dict[str, Any],
     opt._load_extra_state(extra)
 
 
+def _kind(opt: CurvatureOptimizer, p: Tensor, units: dict[int, tuple[Any, Any]]) -> str:
+    """What curvature state ``p`` has in ``opt``, in words."""
+    if id(p) in units:
+        unit, _ = units[id(p)]
+        return "a diagonal unit" if unit.layer is None else "a Kronecker block"
+    block = next((name for layer, name in zip(opt.layers, opt.capture.names)
+                  if any(q is p for q in layer.params)), None)
+    return "none of its own" if block is None else f"none of its own (it is in block {block!r})"
+
+
+def _check_kinds(opt: CurvatureOptimizer, sd: dict[str, Any], saved: list[int],
+                 params: list[Tensor], units: dict[int, tuple[Any, Any]]) -> None:
+    """ValueError naming the parameter when a saved curvature tensor is of another kind than
+    the parameter's state now (a diagonal ``D`` saved for a weight that now has a Kronecker
+    block, ``A``/``G`` for one that is now diagonal, anything on a bias now inside a block):
+    the checkpoint's optimizer assigned its blocks differently (e.g. ``add_param_group``)."""
+    block_names = {k for u, pre in units.values() if u.layer is not None
+                   for k in pre.expected_shapes(u)}
+    param_names = {id(p): name for name, p in opt.model.named_parameters()}
+    for i, p in zip(saved, params):
+        own = set(units[id(p)][1].expected_shapes(units[id(p)][0])) if id(p) in units else set()
+        diagonal = set(opt.diagonal.expected_shapes(Unit(-1, None, [p], None)))
+        foreign = sorted(k for k in sd.get("state", {}).get(i, {})
+                         if k in (block_names | diagonal) - own)
+        if foreign:
+            saved_kind = "diagonal" if set(foreign) <= diagonal else "Kronecker block"
+            raise ValueError(
+                f"checkpoint does not match the optimizer: parameter "
+                f"{param_names.get(id(p), '?')!r} has saved {saved_kind} curvature state "
+                f"{foreign} but here has {_kind(opt, p, units)}; the checkpoint's optimizer "
+                "assigned its Kronecker blocks differently (parameters added with "
+                "add_param_group get the diagonal fallback): build the optimizer as the saved "
+                "one was built (the same param_groups, then the same add_param_group calls) "
+                "before load_state_dict")
+
+
 def _check_shapes(opt: CurvatureOptimizer, sd: dict[str, Any], saved: list[int],
                   params: list[Tensor], units: dict[int, tuple[Any, Any]]) -> None:
     """ValueError, before anything is loaded, when a saved tensor does not fit: a curvature
-    tensor against the shape its preconditioner expects, any other against p.shape."""
+    tensor of another kind (:func:`_check_kinds`), a curvature tensor against the shape its
+    preconditioner expects, any other against p.shape."""
+    _check_kinds(opt, sd, saved, params, units)
     names = {id(layer.weight): name for layer, name in zip(opt.layers, opt.capture.names)}
     for i, p in zip(saved, params):
         expected = {}
