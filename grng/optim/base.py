@@ -286,7 +286,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         losses = [] if loss is None else [loss]
         # one check (one flag across ranks) for gradients, loss and captured rows
-        flag = finite_flag([*grads, *losses, *self.capture.recorded()])
+        flag = finite_flag([*grads, *losses], foldable=self.capture.recorded())
         diagonal = self._diagonal_units_now()
         gate = self._gate(diagonal)
         if not gate.admit(flag, lambda: self._non_finite_reason(grads, losses), warn=quiet):
@@ -352,6 +352,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return "non-finite loss"
         if not self.capture.all_finite():
             return "non-finite captured activations or output gradients"
+        foldable = finite_flag([], foldable=self.capture.recorded())
+        if foldable is not None and not bool(foldable):  # finite, but X^T X would overflow
+            return ("captured activations or output gradients so large that folding them would "
+                    "overflow a factor")
         return "non-finite loss or captured rows on another rank"
 
     def _evaluate(self, closure: Callable[[], Tensor]) -> Tensor | None:
