@@ -63,16 +63,16 @@ def _child(scenario: str, optimizer: str) -> dict[str, float]:
     import torch.nn.functional as F
     from torch import nn
 
-    import grng
+    from grng.optim.cases import make_optimizer
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
 
     def build(model: nn.Module, name: str) -> torch.optim.Optimizer:
         if name == "adamw":
-            return torch.optim.AdamW(model.parameters(), lr=1e-3)
-        cls = {"kfac": grng.KFAC, "rkalman": grng.RKalman}[name]
-        return cls(model, lr=1e-3, factor_every=1)
+            return make_optimizer("adamw", model, lr=1e-3)
+        return make_optimizer({"kfac": "kfac-eigen"}.get(name, name), model, lr=1e-3,
+                              factor_every=1)
 
     def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
               y: torch.Tensor) -> None:
