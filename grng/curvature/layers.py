@@ -270,18 +270,19 @@ class Conv2dLayer(KroneckerLayer):
     A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
     """
 
-    def __init__(self, module: nn.Conv2d, **kwargs) -> None:
-        if module.groups != 1:
-            raise ValueError(
-                f"Conv2d with groups={module.groups} is not supported by the Kronecker capture; "
-                "exclude it from the optimizer or use groups=1")
-        if module.padding_mode != "zeros":
-            raise ValueError(f"Conv2d padding_mode={module.padding_mode!r} is not supported "
-                             "(only 'zeros')")
-        if isinstance(module.padding, str):
-            raise ValueError(f"Conv2d padding={module.padding!r} (a string) is not supported; "
-                             "give the padding as integers")
-        super().__init__(module, **kwargs)
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is None and module.groups != 1:
+            return (f"Conv2d with groups={module.groups} (grouped/depthwise) has no Kronecker "
+                    "capture")
+        if reason is None and module.padding_mode != "zeros":
+            return (f"Conv2d padding_mode={module.padding_mode!r} has no Kronecker capture "
+                    "(only 'zeros')")
+        if reason is None and isinstance(module.padding, str):
+            return (f"Conv2d padding={module.padding!r} (a string) has no Kronecker capture; "
+                    "give the padding as integers")
+        return reason
 
     def dims(self) -> tuple[int, int]:
         o = self.weight.shape[0]
