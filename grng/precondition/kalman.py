@@ -68,12 +68,18 @@ class KalmanPreconditioner(Preconditioner):
             for side, structure, r in (("PA", unit.layer.a_factor, a_rows),
                                        ("PG", unit.layer.g_factor, g_rows)):
                 items.append(KalmanItem(structure, r, getattr(unit.state, side), unit.like))
-                targets.append(getattr(unit.state, side))
+                targets.append((structure, getattr(unit.state, side)))
         observations = comm.kalman_observations(items, self.config.factor_decay,
                                                 self.kalman.kalman_rank, self.sketch)
-        for P, obs in zip(targets, observations):
-            if obs is not None:
+        for (structure, P), obs in zip(targets, observations):
+            if obs is None:
+                continue
+            if obs.diag is not None:
                 self.observe(P, obs)
+                continue
+            # a block-diagonal P: each group's block observes that group's rows
+            for Pj, Hj in zip(structure.blocks(P), structure.blocks(obs.H)):
+                self.observe(Pj, Observation(H=Hj, r=obs.r))
 
     def observe(self, P: Tensor, obs: Observation) -> None:
         """One Kalman update of P in place (then the cap); a failed innovation factorization
