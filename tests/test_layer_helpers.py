@@ -922,3 +922,32 @@ def test_diagonal_sides_through_a_process_group(make, tmp_path) -> None:
             _close(q, p, rtol=1e-10)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("make", [optimizer_factory("kfac-eigen", lr=0.1),
+                                  optimizer_factory("kfac-newton", lr=0.1),
+                                  optimizer_factory("rkalman", lr=0.1)],
+                         ids=["kfac-eigen", "kfac-newton", "rkalman"])
+def test_grouped_conv_through_a_process_group(make, tmp_path) -> None:
+    """World size 1 over gloo: the process-group communicator packs, reduces and unpacks the
+    block-diagonal factors, inverses and directions to the single-process result."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, groups=6),
+                          nn.Conv2d(6, 4, 1, groups=2), nn.Flatten(), nn.Linear(36, 2)).double()
+    twin = copy.deepcopy(model)
+    data = [(torch.randn(4, 3, 5, 5, dtype=DT), torch.randn(4, 2, dtype=DT)) for _ in range(3)]
+    local = make(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        grouped = make(twin, process_group=dist.group.WORLD)
+        assert type(grouped.comm).__name__ == "ProcessGroupCommunicator"
+        for x, w in data:
+            for opt, m in ((local, model), (grouped, twin)):
+                opt.zero_grad()
+                _loss(m(x), w).backward()
+                opt.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            _close(q, p, rtol=1e-10)
+    finally:
+        dist.destroy_process_group()

@@ -79,6 +79,10 @@ class FactorStructure:
         [M], or the group slices (views) of a batched structure."""
         return [M]
 
+    def block_structure(self) -> FactorStructure:
+        """The structure of each of :meth:`blocks` (itself, or one group's dense block)."""
+        return self
+
     def eigenvalues_piece(self) -> Piece:
         """How the eigenvalues l travel (comm-opt broadcast of an eigen inverse)."""
         return Piece("vec", (self.dim,))
@@ -297,6 +301,9 @@ class BlockDiagonalFactor(FactorStructure):
 
     def blocks(self, M: Tensor) -> list[Tensor]:
         return list(M.unbind(0))
+
+    def block_structure(self) -> FactorStructure:
+        return DenseFactor(self.block)
 
     def eigenvalues_piece(self) -> Piece:
         return Piece("full", (self.groups, self.block))

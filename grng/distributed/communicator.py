@@ -181,8 +181,8 @@ class LocalCommunicator(Communicator):
                 out.append(Observation(diag=it.structure.mean(it.rows, it.P.dtype)))
             else:
                 H = it.rows.X.to(it.P.dtype)
-                if H.shape[-2] > rank:  # rows (m x d), or per group (groups x m x d)
-                    H = sketch(H.shape[-2], it.P) @ H
+                if H.shape[0] > rank:
+                    H = sketch(H.shape[0], it.P) @ H
                 out.append(Observation(H=H, r=it.rows.n / ((1.0 - beta) * it.rows.scale ** 2)))
         return out
 
