@@ -393,6 +393,68 @@ def test_grouped_conv_checkpoint_round_trip_and_shapes(inverse: str) -> None:
         dense.load_state_dict(sd)
 
 
+# ----------------------------------------------------------------------------- Conv3d
+
+
+def _manual_patches_3d(x: Tensor, conv: nn.Conv3d) -> Tensor:
+    """(N T, C k_d k_h k_w) patches by slicing a zero-padded copy, output positions in
+    (d, h, w) order, each patch channel-major then kernel position."""
+    p, k, s, d = conv.padding, conv.kernel_size, conv.stride, conv.dilation
+    xp = nn.functional.pad(x, (p[2], p[2], p[1], p[1], p[0], p[0]))
+    out = [(xp.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)]
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(out[0]):
+            for j in range(out[1]):
+                for l in range(out[2]):
+                    patch = xp[n, :, i * s[0]: i * s[0] + d[0] * (k[0] - 1) + 1: d[0],
+                               j * s[1]: j * s[1] + d[1] * (k[1] - 1) + 1: d[1],
+                               l * s[2]: l * s[2] + d[2] * (k[2] - 1) + 1: d[2]]
+                    rows.append(patch.reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=2), dict(kernel_size=(2, 1, 3), padding=1,
+                                    stride=(1, 2, 1), dilation=(2, 1, 1), bias=False),
+                                    dict(kernel_size=2, groups=2)],
+                         ids=["plain", "pad-stride-dilation-nobias", "groups2"])
+def test_conv3d_factors_match_manual_patches(kwargs) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv3d(4, 6, **kwargs).double()
+    x = torch.randn(2, 4, 4, 3, 5, dtype=DT)
+    opt = KFAC(conv, lr=0.0)
+    out = conv(x)
+    out.retain_grad()
+    _loss(out, torch.randn_like(out)).backward()
+    opt.step()
+    rows = _manual_patches_3d(x, conv)
+    g_hat = out.grad.permute(0, 2, 3, 4, 1).reshape(-1, out.shape[1])
+    layer, st, n = opt.layers[0], opt.layer_state(opt.layers[0]), x.shape[0]
+    V = layer.grad_matrix()
+    for j, (abar, gh) in enumerate(_per_group(conv, rows, g_hat)):
+        Vj, A, G = (V, st["A"], st["G"]) if conv.groups == 1 else (V[j], st["A"][j], st["G"][j])
+        _close(gh.T @ abar, Vj)
+        _close(A, abar.T @ abar / abar.shape[0])
+        _close(G, (n * gh).T @ (n * gh) / n)
+
+
+def test_conv3d_one_example_one_position_is_outer_product() -> None:
+    conv = nn.Conv3d(2, 3, kernel_size=(2, 2, 3)).double()
+    x = torch.randn(1, 2, 2, 2, 3, dtype=DT)
+    y = torch.randn(1, 3, 1, 1, 1, dtype=DT)
+
+    def one(p, xi, yi):
+        return _loss(functional_call(conv, p, (xi[None],)), yi[None])
+
+    pg = vmap(grad(one), in_dims=(None, 0, 0))({k: v.detach() for k, v in conv.named_parameters()}, x, y)
+    v = torch.cat([pg["weight"][0].reshape(3, -1), pg["bias"][0][:, None]], 1).reshape(-1)
+    opt = KFAC(conv, lr=0.0)
+    _loss(conv(x), y).backward()
+    opt.step()
+    st = opt.layer_state(opt.layers[0])
+    _close(torch.kron(st["G"], st["A"]), torch.outer(v, v))
+
+
 # ------------------------------------------------------------- transformers' Conv1D
 
 

@@ -27,9 +27,8 @@ from torch.nn.utils import parametrize
 from grng.curvature.factors import (BlockDiagonalFactor, DenseFactor, DiagonalFactor,
                                     FactorStructure, Rows)
 
-__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "ConvLayer", "EmbeddingLayer",
-           "Handle",
-           "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
+__all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "Conv3dLayer", "ConvLayer",
+           "EmbeddingLayer", "Handle", "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
            "WeightNormLayer", "helper_for", "make_layers", "register_layer", "registered_layers",
            "weight_norm_parts"]
 
@@ -416,6 +415,44 @@ class Conv1dLayer(ConvLayer):
         return self._grad_rows(rows, n_examples)
 
 
+class Conv3dLayer(ConvLayer):
+    """nn.Conv3d (zero padding given as integers): rows are 3-D patches cut by
+    ``Tensor.unfold`` (channel-major, then kernel position), as Conv2d's unfolded patches.
+
+    A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
+    """
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is None and module.padding_mode != "zeros":
+            return (f"Conv3d padding_mode={module.padding_mode!r} has no Kronecker capture "
+                    "(only 'zeros')")
+        if reason is None and isinstance(module.padding, str):
+            return (f"Conv3d padding={module.padding!r} (a string) has no Kronecker capture; "
+                    "give the padding as integers")
+        return reason
+
+    def a_rows(self, inputs: list[Tensor]) -> Rows:
+        m = self.module
+        blocks = []
+        for a in inputs:
+            a = a if a.dim() == 5 else a.unsqueeze(0)
+            p = m.padding
+            a = F.pad(a, (p[2], p[2], p[1], p[1], p[0], p[0]))
+            for dim, (k, s, d) in enumerate(zip(m.kernel_size, m.stride, m.dilation)):
+                a = a.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]  # (N, C, D', H', W', k...)
+            width = a.shape[1] * a.shape[5] * a.shape[6] * a.shape[7]  # C k_d k_h k_w
+            blocks.append(a.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, width))
+        return self._patch_rows(torch.cat(blocks))
+
+    def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
+        grads = [g if g.dim() == 5 else g.unsqueeze(0) for g in grads]
+        n_examples = sum(g.shape[0] for g in grads)
+        rows = torch.cat([g.permute(0, 2, 3, 4, 1).reshape(-1, g.shape[1]) for g in grads])
+        return self._grad_rows(rows, n_examples)
+
+
 class EmbeddingLayer(KroneckerLayer):
     """nn.Embedding: one-hot inputs, so A is diagonal (token counts / N), stored as a vector.
 
@@ -580,6 +617,7 @@ def registered_layers() -> dict[type | str, type[KroneckerLayer]]:
 register_layer(nn.Linear, LinearLayer)
 register_layer(nn.Conv1d, Conv1dLayer)
 register_layer(nn.Conv2d, Conv2dLayer)
+register_layer(nn.Conv3d, Conv3dLayer)
 register_layer(nn.Embedding, EmbeddingLayer)
 register_layer("transformers.pytorch_utils.Conv1D", TransposedLinearLayer)
 
