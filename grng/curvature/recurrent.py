@@ -165,40 +165,54 @@ def _direction(m: nn.Module, report: Report, k: int, sfx: str, data: Tensor, siz
                h: Tensor, c: Tensor | None, reverse: bool
                ) -> tuple[Tensor, Tensor, Tensor | None]:
     """One layer in one direction over time-major packed ``data`` (sizes[t] rows at step t,
-    non-increasing): (outputs in data's row order, final h, final c) per sequence."""
-    def linear(role: str, inputs: Tensor) -> Tensor:
-        weight = getattr(m, "weight_" + role)
-        bias = getattr(m, "bias_" + role, None) if m.bias else None
-        out = F.linear(inputs, weight, bias)
-        report(role, inputs, out)
-        return out
+    non-increasing): (outputs in data's row order, final h, final c) per sequence.
 
-    gi_all = linear(f"ih_l{k}{sfx}", data)
-    starts = [0]
-    for s in sizes[:-1]:
-        starts.append(starts[-1] + s)
+    gh_t = W_hh h_{t-1} + b_hh + Z_t with Z a zero (rows x gates) tensor: the gradient of Z is
+    every step's dL/dgh_t at once, so the hh block is reported once, with the stacked h_{t-1}
+    (one record instead of one per step; the values are unchanged)."""
+    role = f"l{k}{sfx}"
+    w_hh = getattr(m, "weight_hh_" + role)
+    b_hh = getattr(m, "bias_hh_" + role) if m.bias else None
+    gi_all = F.linear(data, getattr(m, "weight_ih_" + role),
+                      getattr(m, "bias_ih_" + role) if m.bias else None)
+    report("ih_" + role, data, gi_all)
+    Z = torch.zeros(gi_all.shape, dtype=gi_all.dtype, device=gi_all.device, requires_grad=True)
+    lstm = c is not None
+    if lstm:  # gates = gi + gh: one (rows x 4H) input for every step's addmm
+        base = gi_all + Z if b_hh is None else gi_all + b_hh + Z
+    else:
+        base = Z if b_hh is None else Z + b_hh
+    w_t = w_hh.t()
+    # one split (its backward is one concatenation), not a slice per step (each slice's
+    # backward would write a full-size zero gradient)
+    base_steps, gi_steps = base.split(sizes), gi_all.split(sizes)
     outs: list[Tensor | None] = [None] * len(sizes)
+    prev: list[Tensor | None] = [None] * len(sizes)
     order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in order:
         b = sizes[t]
-        gi = gi_all[starts[t]:starts[t] + b]
         h_prev = h[:b]
-        gh = linear(f"hh_l{k}{sfx}", h_prev)
-        if c is not None:  # LSTM
-            i, f, g, o = (gi + gh).chunk(4, dim=1)
-            c_new = torch.sigmoid(f) * c[:b] + torch.sigmoid(i) * torch.tanh(g)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
-            if m.proj_size > 0:
-                h_new = linear(f"hr_l{k}{sfx}", h_new)
+        prev[t] = h_prev.detach()
+        gh = torch.addmm(base_steps[t], h_prev, w_t)
+        if lstm:  # gh holds gi + gh: (i, f, g, o)
+            i, f, _, o = torch.sigmoid(gh).chunk(4, dim=1)
+            g = torch.tanh(gh.chunk(4, dim=1)[2])
+            c_new = torch.addcmul(i * g, f, c[:b])
+            h_new = o * torch.tanh(c_new)
+            if m.proj_size > 0:  # h_t = W_hr (o tanh(c_t)), one hr record per step
+                inner = h_new
+                h_new = F.linear(inner, getattr(m, "weight_hr_" + role))
+                report("hr_" + role, inner, h_new)
             c = torch.cat([c_new, c[b:]]) if b < c.shape[0] else c_new
-        else:  # GRU
-            ri, zi, ni = gi.chunk(3, dim=1)
+        else:  # GRU (r, z, n): h_t = n + z (h_{t-1} - n)
+            ri, zi, ni = gi_steps[t].chunk(3, dim=1)
             rh, zh, nh = gh.chunk(3, dim=1)
             r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
-            new = torch.tanh(ni + r * nh)
-            h_new = (1 - z) * new + z * h_prev
+            n = torch.tanh(torch.addcmul(ni, r, nh))
+            h_new = torch.addcmul(n, z, h_prev - n)
         h = torch.cat([h_new, h[b:]]) if b < h.shape[0] else h_new
         outs[t] = h_new
+    report("hh_" + role, torch.cat(prev), Z)
     return torch.cat(outs), h, c
 
 
