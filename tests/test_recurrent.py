@@ -169,6 +169,22 @@ def test_the_fused_forward_runs_when_no_capture_records(monkeypatch) -> None:
     assert "forward" not in vars(m)
 
 
+def test_steps_that_fold_no_factors_run_the_fused_forward(monkeypatch) -> None:
+    """factor_every=3: only every third step's forward is written out."""
+    calls = []
+    original = recurrent.recurrent_forward
+    monkeypatch.setattr(recurrent, "recurrent_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    m = nn.GRU(3, 4)
+    opt = KFAC(m, factor_every=3)
+    x = torch.randn(2, 3, 3)
+    for _ in range(6):
+        opt.zero_grad()
+        m(x)[0].sum().backward()
+        opt.step()
+    assert calls == [1, 1]
+
+
 @pytest.mark.parametrize("make", [lambda m: KFAC(m, lr=0.05), lambda m: RKalman(m, lr=0.05)],
                          ids=["kfac", "rkalman"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

@@ -191,13 +191,13 @@ def _direction(m: nn.Module, report: Report, k: int, sfx: str, data: Tensor, siz
     order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in order:
         b = sizes[t]
-        h_prev = h[:b]
+        h_prev = h if b == h.shape[0] else h[:b]
         prev[t] = h_prev.detach()
         gh = torch.addmm(base_steps[t], h_prev, w_t)
         if lstm:  # gh holds gi + gh: (i, f, g, o)
             i, f, _, o = torch.sigmoid(gh).chunk(4, dim=1)
             g = torch.tanh(gh.chunk(4, dim=1)[2])
-            c_new = torch.addcmul(i * g, f, c[:b])
+            c_new = torch.addcmul(i * g, f, c if b == c.shape[0] else c[:b])
             h_new = o * torch.tanh(c_new)
             if m.proj_size > 0:  # h_t = W_hr (o tanh(c_t)), one hr record per step
                 inner = h_new
