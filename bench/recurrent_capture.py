@@ -22,7 +22,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from coverage import _next_byte_loss, recurrent_lm  # noqa: E402
 from grng.optim.cases import CASES  # noqa: E402

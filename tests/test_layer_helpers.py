@@ -446,7 +446,8 @@ def test_conv3d_one_example_one_position_is_outer_product() -> None:
     def one(p, xi, yi):
         return _loss(functional_call(conv, p, (xi[None],)), yi[None])
 
-    pg = vmap(grad(one), in_dims=(None, 0, 0))({k: v.detach() for k, v in conv.named_parameters()}, x, y)
+    params = {k: v.detach() for k, v in conv.named_parameters()}
+    pg = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
     v = torch.cat([pg["weight"][0].reshape(3, -1), pg["bias"][0][:, None]], 1).reshape(-1)
     opt = KFAC(conv, lr=0.0)
     _loss(conv(x), y).backward()

@@ -219,3 +219,16 @@ def test_lstm_subclass_with_its_own_forward_gets_the_diagonal_with_the_reason() 
         opt = KFAC(nn.Sequential(Mine(3, 4)))
     assert opt.coverage()["0.weight_ih_l0"].treatment == "diagonal"
     assert isinstance(RecurrentProjection.unsupported(Mine(3, 4)), str)
+
+
+def test_a_deep_copy_of_an_attached_lstm_runs_its_own_forward() -> None:
+    import copy
+    torch.manual_seed(5)
+    m = nn.LSTM(3, 4, batch_first=True).double()
+    opt = KFAC(m)
+    twin = copy.deepcopy(m)
+    x = torch.randn(2, 5, 3, dtype=DT)
+    out = twin(x)[0]
+    out.sum().backward()
+    assert not any(opt.capture.has_rows(layer) for layer in opt.layers)  # the copy reports nothing
+    torch.testing.assert_close(out, m(x)[0], rtol=1e-12, atol=1e-12)

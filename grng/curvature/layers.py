@@ -28,9 +28,9 @@ from grng.curvature.factors import (BlockDiagonalFactor, DenseFactor, DiagonalFa
                                     FactorStructure, Rows)
 
 __all__ = ["MAX_FACTOR_DIM", "Conv1dLayer", "Conv2dLayer", "Conv3dLayer", "ConvLayer",
-           "EmbeddingLayer", "Handle", "KroneckerLayer", "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer",
-           "WeightNormLayer", "helper_for", "make_layers", "register_layer", "registered_layers",
-           "weight_norm_parts"]
+           "EmbeddingLayer", "Handle", "KroneckerLayer", "LinearLayer", "Recorder", "Rows",
+           "TransposedLinearLayer", "WeightNormLayer", "helper_for", "make_layers",
+           "register_layer", "registered_layers", "weight_norm_parts"]
 
 #: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
 #: float32 factor of this size is 256 MiB, its eigenbasis as much again
