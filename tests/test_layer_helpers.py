@@ -378,6 +378,22 @@ def test_grouped_conv_rkalman_is_the_kalman_filter_per_group() -> None:
             _close(P, expect, rtol=1e-8, atol=1e-10)
 
 
+def test_grouped_conv_sync_free_rkalman_equals_the_host_path() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(36, 2)).double()
+    twin = copy.deepcopy(model)
+    host, free = RKalman(model, lr=0.1), RKalman(twin, lr=0.1, sync_free=True)
+    for _ in range(3):
+        x = torch.randn(5, 4, 5, 5, dtype=DT)
+        for opt, m in ((host, model), (free, twin)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    assert free.layer_state(free.layers[0])["PA"].shape == (4, 10, 10)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        _close(q, p, rtol=1e-12)
+
+
 @pytest.mark.parametrize("inverse", ["eigen", "cholesky"])
 def test_grouped_conv_checkpoint_round_trip_and_shapes(inverse: str) -> None:
     conv = nn.Conv2d(4, 4, 3, groups=4).double()
