@@ -9,7 +9,8 @@ and its eval loss there is the target; K-FAC (eigen, ``KFAC`` settings below) ru
 and with their helper switched off so that they get the diagonal fallback ("diagonal", as before
 issue 25); the eval loss is read every ``EVAL_EVERY`` steps and the first step at or below the
 target is recorded (None: not reached). Fixed learning rates (no grid): AdamW 2e-3 (LMs) /
-1e-2 (digits), K-FAC 0.02 / 0.05, the same for both K-FAC runs. One thread.
+1e-2 (digits), K-FAC 0.02 / 0.05 (``--kfac-lr`` sets another), the same for both K-FAC runs.
+One thread.
 
     python bench/time_to_target.py [--seeds 0 1 2] [--out FILE.md]
 """
@@ -80,7 +81,7 @@ def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callab
         def evaluate(m: nn.Module) -> float:
             with torch.no_grad():
                 return statistics.fmean(float(_next_byte_loss(m, b)) for b in _EVAL.split(16))
-        return model, batch_loss, evaluate, {"AdamW": 2e-3, "K-FAC": 0.02}
+        return model, batch_loss, evaluate, {"AdamW": 2e-3, "K-FAC": _KFAC_LR[0] or 0.02}
     digits = _DIGITS
     g = torch.Generator().manual_seed(1000 + seed)
     model = digits_cnn(seed)
@@ -98,7 +99,7 @@ def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callab
             out = float(nn.functional.cross_entropy(m(image(digits.val.x)), digits.val.y))
         m.train()
         return out
-    return model, batch_loss, evaluate, {"AdamW": 1e-2, "K-FAC": 0.05}
+    return model, batch_loss, evaluate, {"AdamW": 1e-2, "K-FAC": _KFAC_LR[0] or 0.05}
 
 
 def run(task: str, seed: int, optimizer: str, off: bool = False) -> dict[int, float]:
@@ -134,6 +135,7 @@ def steps_to(curve: dict[int, float], target: float) -> int | None:
     return next((s for s, v in sorted(curve.items()) if v <= target), None)
 
 
+_KFAC_LR: list[float | None] = [None]  # --kfac-lr
 _TEXT: dict[str, Tensor] = {}
 _EVAL = torch.empty(0)
 _DIGITS = None
@@ -144,14 +146,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=["LSTM", "GRU", "digits CNN"])
+    parser.add_argument("--kfac-lr", type=float, help="K-FAC's learning rate on every task")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if args.kfac_lr is not None:
+        _KFAC_LR[0] = args.kfac_lr
     torch.set_num_threads(1)
     _TEXT = stdlib_text()
     _EVAL = windows(_TEXT["valid"], 64, torch.Generator().manual_seed(1234))
     _DIGITS = load_digits_splits()
     lines = [f"# Steps to AdamW's {TARGET_STEP}-step eval loss (issue 25; seeds {args.seeds}, "
-             f"eval every {EVAL_EVERY} steps, at most {MAX_STEPS})", "",
+             f"eval every {EVAL_EVERY} steps, at most {MAX_STEPS}; K-FAC lr "
+             f"{args.kfac_lr or 'per task'})", "",
              "| task | seed | AdamW eval @ 50 | K-FAC blocks: steps | K-FAC diagonal fallback: steps "
              "| K-FAC blocks eval @ 50 | diagonal eval @ 50 |", "|---|---|---|---|---|---|---|"]
     for task in args.tasks:
