@@ -14,6 +14,11 @@
    small grid on the validation loss at the last step, averaged over the seeds; the test loss is
    reported.
 
+Coverage also of the models of issue 25: byte-level LSTM and GRU language models (embedding,
+2-layer recurrence, head) and a depthwise-separable CNN (MobileNet-style: depthwise 3x3 then
+pointwise 1x1 convolutions with BatchNorm). ``--coverage-only`` skips the training part; a model
+that an earlier commit cannot build is reported with its construction error.
+
 Before / after: run this script in a worktree of the earlier commit, then merge:
 
     git worktree add --detach /tmp/before <commit>; cp bench/coverage.py /tmp/before/bench/
@@ -62,6 +67,45 @@ def gpt2(seed: int) -> nn.Module:
     return transformers.GPT2LMHeadModel(config)
 
 
+class RecurrentLM(nn.Module):
+    """Byte-level language model: embedding 256 x 64, a 2-layer ``kind`` (LSTM or GRU) of
+    hidden size 128, a linear head to 256 bytes."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(256, 64)
+        self.rnn = getattr(nn, kind)(64, 128, num_layers=2, batch_first=True)
+        self.head = nn.Linear(128, 256)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.rnn(self.emb(tokens))[0])
+
+
+def recurrent_lm(kind: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return RecurrentLM(kind)
+
+
+def separable_cnn(seed: int) -> nn.Module:
+    """MobileNet-style CNN on 3 x 16 x 16 images: a 3x3 stem, three depthwise-separable blocks
+    (depthwise 3x3, groups = channels; pointwise 1x1), BatchNorm + ReLU, a linear head."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()]
+    c = 32
+    for out in (64, 128, 256):
+        layers += [nn.Conv2d(c, c, 3, padding=1, stride=2, groups=c), nn.BatchNorm2d(c),
+                   nn.ReLU(), nn.Conv2d(c, out, 1), nn.BatchNorm2d(out), nn.ReLU()]
+        c = out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+    return nn.Sequential(*layers)
+
+
+def _next_byte_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    logits = model(batch[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       batch[:, 1:].reshape(-1))
+
+
 def encoder(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
@@ -102,8 +146,12 @@ def eval_loss(model: nn.Module, batches: Tensor) -> float:
 def coverage(model: nn.Module, batch: Callable[[], Tensor], loss: Callable[[nn.Module, Tensor], Tensor]
              ) -> dict:
     """Shares of the trainable parameters in live blocks, dead blocks and on the diagonal,
-    after two K-FAC steps (the matrices on the diagonal named)."""
-    opt = CASES["kfac-eigen"].make(model, lr=0.0)
+    after two K-FAC steps (the matrices on the diagonal named); {"error": ...} when the
+    optimizer cannot be built for the model."""
+    try:
+        opt = CASES["kfac-eigen"].make(model, lr=0.0)
+    except (ValueError, TypeError) as err:
+        return {"error": f"{type(err).__name__}: {err}"}
     for _ in range(2):
         opt.zero_grad()
         loss(model, batch()).backward()
@@ -135,6 +183,12 @@ def coverages() -> dict:
         "nn.TransformerEncoder (2 layers, d=64)": coverage(
             encoder(0), lambda: torch.randn(4, 16, 64, generator=g),
             lambda m, x: m(x).square().mean()),
+        **{f"{kind} byte LM (2 layers, hidden 128)": coverage(
+            recurrent_lm(kind, 0), lambda: torch.randint(0, 256, (4, LENGTH), generator=g),
+            _next_byte_loss) for kind in ("LSTM", "GRU")},
+        "depthwise-separable CNN (3 blocks, 16x16)": coverage(
+            separable_cnn(0), lambda: torch.randn(8, 3, 16, 16, generator=g),
+            lambda m, x: nn.functional.cross_entropy(m(x), torch.arange(8) % 10)),
     }
 
 
@@ -202,10 +256,10 @@ def _commit() -> str:
         return "unknown"
 
 
-def measure() -> dict:
+def measure(with_training: bool = True) -> dict:
     torch.set_num_threads(2)
     return {"commit": _commit(), "grng": grng.__version__, "coverage": coverages(),
-            "training": training(),
+            "training": training() if with_training else None,
             "environment": f"Python {platform.python_version()}, torch {torch.__version__}, "
                            f"{platform.processor() or platform.machine()}, "
                            f"{torch.get_num_threads()} threads"}
@@ -232,13 +286,19 @@ def markdown(runs: list[tuple[str, dict]]) -> str:
               ("| model | run | parameters | Kronecker, live | Kronecker, dead | diagonal | "
                "blocks live / dead | matrices on the diagonal |"),
               "|---|---|---|---|---|---|---|---|"]
-    for model in runs[0][1]["coverage"]:
+    for model in runs[-1][1]["coverage"]:
         for label, r in runs:
-            c = r["coverage"][model]
+            c = r["coverage"].get(model)
+            if c is None or "error" in c:
+                why = "not measured" if c is None else c["error"].replace("|", "/")
+                lines.append(f"| {model} | {label} | | | | | | {why} |")
+                continue
             mats = ", ".join(c["matrices_on_diagonal"]) or "none"
             lines.append(f"| {model} | {label} | {c['total']:,} | {_pct(c['live'])} | "
                          f"{_pct(c['dead'])} | {_pct(c['diagonal'])} | {c['blocks']['live']} / "
                          f"{c['blocks']['dead']} | {mats} |")
+    if any(r["training"] is None for _, r in runs):
+        return "\n".join(lines) + "\n"
     tokens = runs[0][1]["training"]["tokens"]
     lines += ["", (f"## Small GPT-2 on Python standard-library bytes ({BATCH} x {LENGTH} tokens "
                    f"per step; train {tokens['train']:,}, validation {tokens['valid']:,}, test "
@@ -270,8 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write this run's measurements as JSON")
     parser.add_argument("--before", type=Path, help="JSON of a run of an earlier commit")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
+    parser.add_argument("--coverage-only", action="store_true",
+                        help="measure the coverage only (no training runs)")
     args = parser.parse_args(argv)
-    result = measure()
+    result = measure(with_training=not args.coverage_only)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     runs = ([("before", json.loads(args.before.read_text()))] if args.before else []) + [

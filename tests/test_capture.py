@@ -7,6 +7,8 @@ the capture code to produce what it is compared with. The factors are read back 
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -237,10 +239,26 @@ def test_conv2d_one_example_one_position_is_outer_product() -> None:
     _close(torch.kron(st["G"], st["A"]), torch.outer(v, v))
 
 
-def test_conv2d_groups_rejected_at_construction() -> None:
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="groups"):
-        KFAC(model)
+@pytest.mark.parametrize("kwargs, reason", [
+    (dict(padding_mode="reflect", padding=1), "padding_mode='reflect'"),
+    (dict(padding="same"), "padding='same'"),
+])
+def test_unsupported_conv2d_gets_the_diagonal_with_one_warning(kwargs, reason) -> None:
+    """One policy: a layer the capture cannot treat is built, warned about once (the reason
+    and grng.register_layer), and its parameters get the diagonal fallback."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, **kwargs), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 4, 5, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = KFAC(model)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and reason in messages[0] and "grng.register_layer" in messages[0]
+    assert opt.coverage()["0.weight"].treatment == "diagonal"
+    x = torch.randn(2, 4, 5, 5)
+    model(x).square().sum().backward()
+    before = model[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, model[0].weight)
 
 
 # ----------------------------------------------------------------------------- Embedding

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, sandwich
+from grng.curvature.factors import (BlockDiagonalFactor, DenseFactor, DiagonalFactor,
+                                    FactorStructure, Rows, sandwich)
 from grng.testing import spd_matrix
 
 F64 = torch.float64
@@ -99,3 +100,58 @@ def test_sandwich_computes_in_the_inverse_dtype() -> None:
     out = sandwich(g, torch.eye(3, dtype=F64), torch.ones(3, 2, dtype=torch.float32),
                    torch.ones(2, dtype=F64), a)
     assert out.dtype == F64
+
+
+# ------------------------------------------------------------------- block-diagonal factors
+
+
+def _stack(groups: int, b: int, seed: int) -> torch.Tensor:
+    return torch.stack([spd_matrix(b, generator=torch.Generator().manual_seed(seed + j))
+                        for j in range(groups)])
+
+
+@pytest.mark.parametrize("groups,b", [(1, 1), (3, 17), (5, 2)])
+def test_block_diagonal_factor_is_the_dense_block_diagonal_matrix(groups: int, b: int) -> None:
+    """fold, batch_sum, eig, damped, trace, identity, left/right and the sandwich of a
+    BlockDiagonalFactor equal the dense ops on torch.block_diag of its blocks."""
+    s = BlockDiagonalFactor(groups, b)
+    assert s.shape == (groups, b, b) and s.dim == groups * b and s.batched
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(groups, 9, b, generator=gen, dtype=F64)[:, ::2]   # non-contiguous rows
+    rows = Rows(X, n=5, scale=2.0)
+    M = s.fold(None, rows, 0.9, X, F64, None, "reference")
+    for j in range(groups):
+        torch.testing.assert_close(M[j], 4.0 * X[j].T @ X[j] / 5)
+    M2 = s.fold(M.clone(), rows, 0.9, X, F64, None, "reference")
+    torch.testing.assert_close(M2, M)                                 # same rows: a fixed point
+    torch.testing.assert_close(s.batch_sum(rows, F64, X.device, "reference"), 5 * M)
+    A = _stack(groups, b, 3)
+    dense = torch.block_diag(*A)
+    l, Q = s.eig(A, "reference")
+    torch.testing.assert_close(torch.block_diag(*(Q @ torch.diag_embed(l) @ Q.mT)), dense)
+    torch.testing.assert_close(torch.block_diag(*s.damped(A, 0.3)),
+                               dense + 0.3 * torch.eye(groups * b, dtype=F64))
+    assert s.damped_inverse(A, 0.3) is None
+    torch.testing.assert_close(s.trace(A), dense.trace())
+    assert s.trace_mean(A) == pytest.approx(float(dense.trace()) / (groups * b))
+    torch.testing.assert_close(torch.block_diag(*s.identity(2.0, F64, A.device)),
+                               2.0 * torch.eye(groups * b, dtype=F64))
+    G = _stack(groups, 4, 7)
+    V = torch.randn(groups, 4, b, generator=gen, dtype=F64)
+    out = sandwich(BlockDiagonalFactor(groups, 4), G, V, A, s)
+    torch.testing.assert_close(torch.block_diag(*out),
+                               torch.block_diag(*G) @ torch.block_diag(*V) @ dense)
+    assert [t.data_ptr() for t in s.blocks(A)] == [A[j].data_ptr() for j in range(groups)]
+    assert isinstance(s.block_structure(), DenseFactor) and s.block_structure().dim == b
+
+
+def test_block_diagonal_pieces_round_trip_a_packed_buffer() -> None:
+    from grng.distributed.comm import pack, unpack
+    s = BlockDiagonalFactor(3, 4)
+    A = _stack(3, 4, 0)
+    for piece, value in ((s.piece(), A), (s.inverse_piece(), A), (s.eigenvectors_piece(), A),
+                         (s.eigenvalues_piece(), A.diagonal(dim1=-2, dim2=-1).contiguous())):
+        seg = pack(piece, value, 5.0, F64, A.device)
+        assert seg.numel() == piece.numel
+        back, count = unpack(piece, seg)
+        assert torch.equal(back, value) and count == (5.0 if piece.counted else 0.0)

@@ -22,9 +22,6 @@ Blocks (each Linear-like: rows are tokens, A = (1/N) sum a_bar a_bar^T, G = (1/N
 from __future__ import annotations
 
 import math
-import types
-import weakref
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +29,10 @@ from torch import Tensor, nn
 
 from grng.curvature.layers import (Handle, KroneckerLayer, LinearLayer, Recorder, WeightNormLayer,
                                    register_layer, weight_norm_parts)
+from grng.curvature.replacement import (Report, attach_forward, recording_report,
+                                        replaced_by_another)
 
 __all__ = ["AttentionProjection", "attention_forward"]
-
-#: role, projection input, projection output, first output column of the block (None: all)
-Report = Callable[[str, Tensor, Tensor, "int | None"], None]
-
-#: one capture's attachment to a module: (weak reference to the recorder, {role: block})
-Tap = tuple["weakref.ref[Recorder]", dict[str, KroneckerLayer]]
-
-# module -> the taps of the captures attached to it
-_TAPS: weakref.WeakKeyDictionary[nn.Module, list[Tap]] = weakref.WeakKeyDictionary()
 
 
 class AttentionProjection(LinearLayer):
@@ -62,7 +52,7 @@ class AttentionProjection(LinearLayer):
     def unsupported(cls, module: nn.Module) -> str | None:
         if type(module).forward is not nn.MultiheadAttention.forward:
             return f"{type(module).__name__} overrides MultiheadAttention.forward"
-        if "forward" in vars(module) and module not in _TAPS:
+        if replaced_by_another(module):
             return "its forward was replaced by another library"
         return None
 
@@ -95,29 +85,8 @@ class AttentionProjection(LinearLayer):
     def attach(cls, module: nn.Module, blocks: list[KroneckerLayer],
                recorder: Recorder) -> list[Handle]:
         """Route the module's forward through :func:`attention_forward` while attached."""
-        entry = (weakref.ref(recorder), {getattr(b, "inner", b).role: b for b in blocks})
-        _TAPS.setdefault(module, []).append(entry)
-        if "forward" not in vars(module):
-            module.forward = types.MethodType(_forward, module)
-        return [_Detach(module, entry)]
-
-
-class _Detach:
-    """Handle of one capture's attachment; the last one out restores the module's forward."""
-
-    def __init__(self, module: nn.Module, entry: Tap) -> None:
-        self.module = weakref.ref(module)
-        self.entry = entry
-
-    def remove(self) -> None:
-        module = self.module()
-        taps = None if module is None else _TAPS.get(module)
-        if taps is None:
-            return
-        taps[:] = [t for t in taps if t is not self.entry]
-        if not taps:
-            del _TAPS[module]
-            vars(module).pop("forward", None)
+        roles = {getattr(b, "inner", b).role: b for b in blocks}
+        return [attach_forward(module, roles, recorder, _forward)]
 
 
 def _forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
@@ -127,22 +96,10 @@ def _forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Ten
     """The forward of an attached nn.MultiheadAttention: :func:`attention_forward` reporting to
     the captures that record this call, else the module's own forward. (A deep copy of the
     module is attached to no capture, so it runs its own forward.)"""
-    taps = []
-    for ref, blocks in _TAPS.get(self, ()):
-        recorder = ref()
-        if recorder is not None:
-            recorder.observed = True
-            if recorder.recording:
-                taps.append((recorder, blocks))
-    if not taps or not torch.is_grad_enabled():
+    report = recording_report(self)
+    if report is None:
         return type(self).forward(self, query, key, value, key_padding_mask, need_weights,
                                   attn_mask, average_attn_weights, is_causal)
-
-    def report(role: str, inputs: Tensor, output: Tensor, column: int | None = None) -> None:
-        for recorder, blocks in taps:
-            if role in blocks:
-                recorder.record(blocks[role], inputs, output, column)
-
     return attention_forward(self, report, query, key, value, key_padding_mask, need_weights,
                              attn_mask, average_attn_weights, is_causal)
 

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from grng.curvature import attention  # noqa: F401  (registers nn.MultiheadAttention's helper)
+from grng.curvature import recurrent  # noqa: F401  (registers nn.LSTM and nn.GRU helpers)
 from grng.curvature.layers import (Handle, KroneckerLayer, Rows, dead_reference, helper_for,
                                    make_layers)
 from grng.finite import all_finite

@@ -1,4 +1,5 @@
-"""The structure of one Kronecker factor: dense (d x d) or diagonal (a length-d vector).
+"""The structure of one Kronecker factor: dense (d x d), diagonal (a length-d vector) or
+block-diagonal (groups equal dense blocks, kept as a (groups, b, b) stack).
 
 A layer helper (:mod:`grng.curvature.layers`) owns one structure per side (A and G); the
 preconditioners, the inverse strategies and the communicator ask the structure, never the layer
@@ -8,7 +9,10 @@ by it (docs/algorithms.md sections 1 and 2):
 - dense:    M = (s^2 / n) X^T X, folded as M <- beta M + (1 - beta) M_batch (first update sets);
 - diagonal: diag(M) = (s^2 / n) sum_rows x * x, kept as a vector. The rows are dense (a factor
   side above ``max_factor_dim``, docs/algorithms.md "Factor size limit") or the category indices
-  of one-hot rows (an embedding's A: x * x is the one-hot itself, so diag(M) = counts / n).
+  of one-hot rows (an embedding's A: x * x is the one-hot itself, so diag(M) = counts / n);
+- block-diagonal: M_j = (s^2 / n) X_j^T X_j per group j (a grouped convolution: the rows are
+  (groups, rows, b), the gradient matrix (groups, d_G / groups, d_A / groups)), every op batched
+  over the group dimension.
 
 Per-side algebra: eigendecomposition (a diagonal factor is its own eigenvalues, no Q), the
 damped matrix M + extra I and its inverse (elementwise for a diagonal), tr(M) / dim (the
@@ -39,6 +43,9 @@ class FactorStructure:
     """How one factor of size ``dim`` is stored, accumulated, communicated and costed."""
 
     diagonal = False
+    #: the factor is itself a stack of blocks (eigendecomposed and inverted in its own batched
+    #: call, never stacked with other blocks' factors)
+    batched = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -66,6 +73,27 @@ class FactorStructure:
     def identity(self, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
         """value * I in this structure."""
         raise NotImplementedError
+
+    def blocks(self, M: Tensor) -> list[Tensor]:
+        """The independent blocks of M (or of a tensor laid out per block, such as its rows):
+        [M], or the group slices (views) of a batched structure."""
+        return [M]
+
+    def block_structure(self) -> FactorStructure:
+        """The structure of each of :meth:`blocks` (itself, or one group's dense block)."""
+        return self
+
+    def eigenvalues_piece(self) -> Piece:
+        """How the eigenvalues l travel (comm-opt broadcast of an eigen inverse)."""
+        return Piece("vec", (self.dim,))
+
+    def eigenvectors_piece(self) -> Piece | None:
+        """How the eigenvectors Q travel; None for a diagonal factor (Q = I is not kept)."""
+        return None if self.diagonal else Piece("full", (self.dim, self.dim))
+
+    def inverse_piece(self) -> Piece:
+        """How a Tikhonov inverse X ~ (M + extra I)^-1 travels."""
+        return Piece("vec", (self.dim,)) if self.diagonal else Piece("sym", (self.dim, self.dim))
 
     def cost(self) -> float:
         """Factorization cost estimate (d^3 dense, d diagonal)."""
@@ -227,6 +255,87 @@ class DiagonalFactor(FactorStructure):
 
     def right(self, V, X):
         return V * X.unsqueeze(-2)
+
+
+class BlockDiagonalFactor(FactorStructure):
+    """A block-diagonal factor of ``groups`` dense b x b blocks (dim = groups b), kept as a
+    (groups, b, b) stack: M_j = (s^2 / n) X_j^T X_j from rows (groups, rows, b). Each op is the
+    dense one batched over the group dimension; the gradient matrix it multiplies is
+    (groups, d_G / groups, d_A / groups)."""
+
+    batched = True
+
+    def __init__(self, groups: int, block: int) -> None:
+        super().__init__(groups * block)
+        self.groups = groups
+        self.block = block
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.groups, self.block, self.block)
+
+    def fold(self, current, rows, beta, like, compute, storage, backend):
+        first = current is None
+        if first:
+            work = torch.empty(self.shape, dtype=compute, device=like.device)
+        else:
+            work = current if current.dtype == compute else current.to(compute)
+        b = 0.0 if first else beta
+        ops.factor_update(work, rows.X, (1.0 - b) * rows.scale ** 2 / rows.n, b, backend=backend)
+        storage = storage or compute
+        return work if work.dtype == storage else work.to(storage)
+
+    def batch_sum(self, rows, compute, device, backend):
+        if rows is None:
+            return None
+        M = torch.empty(self.shape, dtype=compute, device=device)
+        ops.factor_update(M, rows.X, rows.scale ** 2, 0.0, backend=backend)
+        return M
+
+    def piece(self) -> Piece:
+        return Piece("full", self.shape, True)
+
+    def identity(self, value, dtype, device):
+        eye = torch.eye(self.block, dtype=dtype, device=device) * value
+        return eye.expand(self.shape).clone()
+
+    def blocks(self, M: Tensor) -> list[Tensor]:
+        return list(M.unbind(0))
+
+    def block_structure(self) -> FactorStructure:
+        return DenseFactor(self.block)
+
+    def eigenvalues_piece(self) -> Piece:
+        return Piece("full", (self.groups, self.block))
+
+    def eigenvectors_piece(self) -> Piece:
+        return Piece("full", self.shape)
+
+    def inverse_piece(self) -> Piece:
+        return Piece("full", self.shape)
+
+    def cost(self) -> float:
+        return float(self.groups) * float(self.block) ** 3
+
+    def eig(self, M, backend):
+        return ops.eigh(M, backend=backend)
+
+    def damped(self, M, extra):
+        Md = M.clone()
+        Md.diagonal(dim1=-2, dim2=-1).add_(extra)
+        return Md
+
+    def damped_inverse(self, M, extra):
+        return None
+
+    def trace(self, M):
+        return M.diagonal(dim1=-2, dim2=-1).sum()
+
+    def left(self, X, V):
+        return X @ V
+
+    def right(self, V, X):
+        return V @ X
 
 
 def sandwich(g: FactorStructure, XG: Tensor, V: Tensor, XA: Tensor, a: FactorStructure) -> Tensor:

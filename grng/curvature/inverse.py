@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from grng import ops
-from grng.curvature.factors import FactorStructure, sandwich
+from grng.curvature.factors import DenseFactor, FactorStructure, sandwich
 
 INVERSES: tuple[str, ...] = ("eigen", "newton", "cholesky")
 
@@ -94,6 +94,10 @@ class RefreshItem:
     damping: float
     previous: InverseState | None
 
+    def structure(self, side: str) -> FactorStructure:
+        """The structure of side "A" or "G"."""
+        return self.a_factor if side == "A" else self.g_factor
+
     def split(self) -> tuple[float, float]:
         """:func:`tikhonov_split` of this block."""
         return tikhonov_split(self.A, self.G, self.damping, self.a_factor, self.g_factor)
@@ -102,6 +106,43 @@ class RefreshItem:
         """:func:`tikhonov_split_on_device` of this block."""
         return tikhonov_split_on_device(self.A, self.G, self.damping, self.a_factor,
                                         self.g_factor)
+
+
+class _Blocked:
+    """Splits a batched (block-diagonal) factor into its blocks, so that they are factorized
+    alongside other blocks' dense factors of their size, and stacks the results back."""
+
+    @staticmethod
+    def parts(structure: FactorStructure, M: Tensor) -> list[tuple[int | None, Tensor]]:
+        """[(None, M)], or [(j, M_j)] over the blocks of a batched structure."""
+        if not structure.batched:
+            return [(None, M)]
+        return list(enumerate(structure.blocks(M)))
+
+    @staticmethod
+    def put(out: dict, j: int | None, *fields: tuple[str, Tensor | None]) -> None:
+        """out[name] = value (j None), or value as block j of out[name]."""
+        for name, value in fields:
+            if j is None:
+                out[name] = value
+            else:
+                out.setdefault(name, {})[j] = value
+
+    @staticmethod
+    def previous(state: InverseState | None, j: int | None, side: str) -> InverseState | None:
+        """Block j of side ``side`` of a previous inverse (the other side's fields None; the
+        state itself when j is None)."""
+        if state is None or j is None:
+            return state
+        return type(state)(**{f.name: None if getattr(state, f.name) is None
+                              or not f.name.endswith(side) else getattr(state, f.name)[j]
+                              for f in fields(state)})
+
+    @staticmethod
+    def stacked(out: dict) -> dict:
+        """Each blockwise field stacked in block order."""
+        return {name: torch.stack([v[j] for j in sorted(v)]) if isinstance(v, dict) else v
+                for name, v in out.items()}
 
 
 class InverseStrategy:
@@ -166,14 +207,16 @@ class EigenInverse(InverseStrategy):
         """Dense factors of equal size (over blocks and sides) in one batched eigh; when it
         fails, each factor alone (float64 retry, keep previous)."""
         out: list[dict[str, Tensor | None]] = [{} for _ in items]
-        batches: dict[tuple, list[tuple[int, str, FactorStructure, Tensor]]] = {}
+        batches: dict[tuple, list[tuple[int, str, int | None, Tensor]]] = {}
+        blocked = _Blocked()
         for i, item in enumerate(items):
             for side, structure, M in (("G", item.g_factor, item.G), ("A", item.a_factor, item.A)):
                 if structure.diagonal:  # its own eigenbasis: nothing to batch
                     out[i]["l" + side], out[i]["Q" + side] = structure.eig(M, backend)
-                else:
-                    batches.setdefault((M.shape[0], M.dtype, M.device), []).append(
-                        (i, side, structure, M))
+                    continue
+                for j, Mj in blocked.parts(structure, M):
+                    batches.setdefault((Mj.shape[0], Mj.dtype, Mj.device), []).append(
+                        (i, side, j, Mj))
         for entries in batches.values():
             if len(entries) > 1:
                 try:
@@ -181,13 +224,14 @@ class EigenInverse(InverseStrategy):
                 except ops.FactorizationError:
                     pass
                 else:
-                    for (i, side, _, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
-                        out[i]["l" + side], out[i]["Q" + side] = l, Q
+                    for (i, side, j, _), l, Q in zip(entries, ls.unbind(0), Qs.unbind(0)):
+                        blocked.put(out[i], j, ("l" + side, l), ("Q" + side, Q))
                     continue
-            for i, side, structure, M in entries:
-                out[i]["l" + side], out[i]["Q" + side] = self._eig(
-                    structure, M, items[i].previous, side, backend)
-        return [EigenBasis(**o) for o in out]  # type: ignore[arg-type]
+            for i, side, j, M in entries:
+                previous = blocked.previous(items[i].previous, j, side)
+                l, Q = self._eig(DenseFactor(M.shape[0]), M, previous, side, backend)
+                blocked.put(out[i], j, ("l" + side, l), ("Q" + side, Q))
+        return [EigenBasis(**blocked.stacked(o)) for o in out]  # type: ignore[arg-type]
 
     @staticmethod
     def _eig(structure: FactorStructure, M: Tensor, previous: EigenBasis | None, side: str,
@@ -200,7 +244,8 @@ class EigenInverse(InverseStrategy):
             _warn_kept(err, previous is not None)
             if previous is not None:
                 return getattr(previous, "l" + side), getattr(previous, "Q" + side)
-            return torch.zeros_like(M[0]), torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            return (torch.zeros_like(M.diagonal(dim1=-2, dim2=-1)),
+                    structure.identity(1.0, M.dtype, M.device))
 
     def apply(self, inv, V, damping, backend, g, a) -> Tensor:
         """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T (the op takes Q_A = None for a
@@ -228,9 +273,13 @@ class _TikhonovInverse(InverseStrategy):
 
     def refresh(self, item, backend) -> TikhonovInverses:
         out: dict[str, Tensor] = {}
+        blocked = _Blocked()
         for side, Md, extra in self._damped(item, out):
-            out["X" + side] = self._invert_or_keep(Md, extra, item.previous, side, backend)
-        return TikhonovInverses(**out)
+            for j, Mj in blocked.parts(item.structure(side), Md):
+                previous = blocked.previous(item.previous, j, side)
+                blocked.put(out, j, ("X" + side,
+                                     self._invert_or_keep(Mj, extra, previous, side, backend)))
+        return TikhonovInverses(**blocked.stacked(out))
 
     @staticmethod
     def _damped(item: RefreshItem, out: dict[str, Tensor]) -> list[tuple[str, Tensor, float]]:
@@ -283,7 +332,8 @@ class _TikhonovInverse(InverseStrategy):
         :meth:`_invert_on_device` (the previous X where it fails), the damping split without a
         host read; dense factors of one size (over blocks and sides) stacked in one call."""
         outs: list[dict[str, Tensor]] = [{} for _ in items]
-        batches: dict[tuple, list[tuple[int, str, Tensor, Tensor]]] = {}
+        batches: dict[tuple, list[tuple[int, str, int | None, Tensor, Tensor]]] = {}
+        blocked = _Blocked()
         for i, item in enumerate(items):
             da, dg = item.split_on_device()
             for side, structure, M, extra in (("A", item.a_factor, item.A, da),
@@ -295,16 +345,19 @@ class _TikhonovInverse(InverseStrategy):
                     continue
                 Md = structure.damped(M, extra)
                 prev = getattr(item.previous, "X" + side).to(M.dtype)
-                batches.setdefault((M.shape[0], M.dtype, M.device), []).append((i, side, Md, prev))
+                for (j, Mj), (_, pj) in zip(blocked.parts(structure, Md),
+                                            blocked.parts(structure, prev)):
+                    batches.setdefault((Mj.shape[0], M.dtype, M.device), []).append(
+                        (i, side, j, Mj, pj))
         for entries in batches.values():
-            Ms = torch.stack([Md for _, _, Md, _ in entries])
-            prevs = torch.stack([prev for _, _, _, prev in entries])
+            Ms = torch.stack([e[3] for e in entries])
+            prevs = torch.stack([e[4] for e in entries])
             X, ok = self._invert_on_device(Ms, prevs, backend)
             self._count_kept(ok)
             X = torch.where(ok[:, None, None], X, prevs)
-            for (i, side, _, _), x in zip(entries, X.unbind(0)):
-                outs[i]["X" + side] = x
-        return [TikhonovInverses(**o) for o in outs]
+            for (i, side, j, _, _), x in zip(entries, X.unbind(0)):
+                blocked.put(outs[i], j, ("X" + side, x))
+        return [TikhonovInverses(**blocked.stacked(o)) for o in outs]
 
     def _invert_on_device(self, M: Tensor, previous: Tensor, backend: str
                           ) -> tuple[Tensor, Tensor]:
@@ -330,22 +383,24 @@ class CholeskyInverse(_TikhonovInverse):
         if on_device:
             return super().refresh_many(items, backend, on_device=True)
         outs: list[dict[str, Tensor]] = [{} for _ in items]
-        batches: dict[tuple, list[tuple[int, str, Tensor, float]]] = {}
+        batches: dict[tuple, list[tuple[int, str, int | None, Tensor, float]]] = {}
+        blocked = _Blocked()
         for i, item in enumerate(items):
             for side, Md, extra in self._damped(item, outs[i]):
-                if Md.shape[0] <= self.BATCH_MAX_DIM:
-                    batches.setdefault((Md.shape[0], Md.dtype, Md.device), []).append(
-                        (i, side, Md, extra))
-                else:
-                    outs[i]["X" + side] = self._invert_or_keep(Md, extra, item.previous, side,
-                                                               backend)
+                for j, Mj in blocked.parts(item.structure(side), Md):
+                    if Mj.shape[0] <= self.BATCH_MAX_DIM:
+                        batches.setdefault((Mj.shape[0], Mj.dtype, Mj.device), []).append(
+                            (i, side, j, Mj, extra))
+                    else:
+                        blocked.put(outs[i], j, ("X" + side, self._invert_or_keep(
+                            Mj, extra, blocked.previous(item.previous, j, side), side, backend)))
         for entries in batches.values():
-            inverses, ok = ops.batched_spd_inverse(torch.stack([e[2] for e in entries]),
+            inverses, ok = ops.batched_spd_inverse(torch.stack([e[3] for e in entries]),
                                                    "cholesky", backend=backend)
-            for (i, side, Md, extra), X, good in zip(entries, inverses, ok.tolist()):
-                outs[i]["X" + side] = X if good else self._invert_or_keep(
-                    Md, extra, items[i].previous, side, backend)
-        return [TikhonovInverses(**o) for o in outs]
+            for (i, side, j, Md, extra), X, good in zip(entries, inverses, ok.tolist()):
+                blocked.put(outs[i], j, ("X" + side, X if good else self._invert_or_keep(
+                    Md, extra, blocked.previous(items[i].previous, j, side), side, backend)))
+        return [TikhonovInverses(**blocked.stacked(o)) for o in outs]
 
     def _invert(self, M: Tensor, previous: Tensor | None, backend: str) -> Tensor:
         return ops.cholesky_inverse(M, backend=backend)

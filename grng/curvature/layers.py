@@ -26,12 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from grng.curvature.factors import DenseFactor, DiagonalFactor, FactorStructure, Rows
+from grng.curvature.factors import (BlockDiagonalFactor, DenseFactor, DiagonalFactor,
+                                    FactorStructure, Rows)
 
 __all__ = ["MAX_FACTOR_DIM", "PATCH_CHUNK_ELEMENTS", "Conv1dLayer", "Conv2dLayer",
-           "EmbeddingLayer", "ForwardHook", "Handle", "KroneckerLayer", "LinearLayer", "Recorder",
-           "Rows", "TransposedLinearLayer", "WeightNormLayer", "dead_reference", "helper_for",
-           "make_layers", "register_layer", "registered_layers", "weight_norm_parts"]
+           "Conv3dLayer", "ConvLayer", "EmbeddingLayer", "ForwardHook", "Handle", "KroneckerLayer",
+           "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer", "WeightNormLayer",
+           "dead_reference", "helper_for", "make_layers", "register_layer", "registered_layers",
+           "weight_norm_parts"]
 
 #: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
 #: float32 factor of this size is 256 MiB, its eigenbasis as much again
@@ -217,6 +219,11 @@ class KroneckerLayer:
         """(d_G, d_A): the sizes of G and A."""
         raise NotImplementedError
 
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`grad_matrix`: (d_G, d_A), or (groups, d_G / groups,
+        d_A / groups) for block-diagonal factors (a grouped convolution)."""
+        return self.dims()
+
     def grad_matrix(self) -> Tensor | None:
         """The gradient as the d_G x d_A matrix [dW db], or None if the layer got no gradient."""
         return self.to_matrix([p.grad for p in self.params])
@@ -316,28 +323,102 @@ class TransposedLinearLayer(LinearLayer):
         return mat.transpose(0, 1)
 
 
-class Conv2dLayer(KroneckerLayer):
+class ConvLayer(KroneckerLayer):
+    """What the convolution helpers share: with ``groups`` > 1 (grouped, depthwise) the block
+    is block-diagonal, one A_j (x) G_j per group j on that group's [W_j b_j]
+    (O/g x (C/g k [+1])): A and G are :class:`BlockDiagonalFactor` stacks, the rows and the
+    gradient matrix carry a leading group dimension (docs/algorithms.md "Grouped
+    convolutions"). With groups = 1 it is one dense A (x) G.
+    """
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups
+
+    def _group_dims(self) -> tuple[int, int]:
+        """(O / g, C / g k [+1]): one group's d_G and d_A."""
+        return self.weight.shape[0] // self.groups, self.weight[0].numel() + int(self.has_bias)
+
+    def dims(self) -> tuple[int, int]:
+        o, i = self._group_dims()
+        return o * self.groups, i * self.groups
+
+    def matrix_shape(self) -> tuple[int, ...]:
+        if self.groups == 1:
+            return self.dims()
+        return (self.groups, *self._group_dims())
+
+    @cached_property
+    def a_factor(self) -> FactorStructure:
+        if self.groups == 1:
+            return self._limited(self.a_structure, self.dims()[1])
+        return BlockDiagonalFactor(self.groups, self._group_dims()[1])
+
+    @cached_property
+    def g_factor(self) -> FactorStructure:
+        if self.groups == 1:
+            return self._limited(DenseFactor, self.dims()[0])
+        return BlockDiagonalFactor(self.groups, self._group_dims()[0])
+
+    def _patch_rows(self, inputs: list[Tensor], unfold: Callable[[Tensor], Tensor]) -> Rows:
+        """A rows from the (k, C k, T) patches ``unfold`` cuts (channel-major): the one chunked
+        buffer [rows 1] of :meth:`KroneckerLayer._patch_rows`, or per group
+        (g, rows, C/g k [+1])."""
+        if self.groups == 1:
+            return super()._patch_rows(inputs, unfold)
+        rows = torch.cat([unfold(a).transpose(1, 2).reshape(-1, self.weight[0].numel()
+                                                               * self.groups) for a in inputs])
+        grouped = rows.reshape(rows.shape[0], self.groups, -1).transpose(0, 1)
+        if self.has_bias:
+            grouped = torch.cat([grouped, grouped.new_ones(*grouped.shape[:2], 1)], dim=2)
+        return Rows(grouped.contiguous(), rows.shape[0])
+
+    def _grad_rows(self, rows: Tensor, n_examples: int) -> Rows:
+        """G rows from the output-gradient rows (rows x O): as they are, or per group
+        (g, rows, O/g); scale e = N g_hat."""
+        if self.groups != 1:
+            rows = rows.reshape(rows.shape[0], self.groups, -1).transpose(0, 1).contiguous()
+        return Rows(rows, n_examples, float(n_examples))
+
+    def to_matrix(self, tensors: list[Tensor | None]) -> Tensor | None:
+        """[W b] as d_G x d_A, or per group (g, O/g, C/g k [+1])."""
+        if self.groups == 1:
+            return super().to_matrix(tensors)
+        w = tensors[0]
+        if w is None:
+            return None
+        mat = w.reshape(self.groups, w.shape[0] // self.groups, -1)
+        if self.has_bias:
+            b = tensors[1]
+            col = (torch.zeros_like(mat[..., :1]) if b is None
+                   else b.reshape(self.groups, -1, 1).to(mat.dtype))
+            mat = torch.cat([mat, col], dim=2)
+        return mat
+
+    def split(self, mat: Tensor) -> list[Tensor]:
+        if self.groups == 1:
+            return super().split(mat)
+        if self.has_bias:
+            return [mat[..., :-1].reshape(self.weight.shape), mat[..., -1].reshape(self.bias.shape)]
+        return [mat.reshape(self.weight.shape)]
+
+
+class Conv2dLayer(ConvLayer):
     """nn.Conv2d: rows are unfolded patches (channel-major, then kernel position).
 
     A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
     """
 
-    def __init__(self, module: nn.Conv2d, **kwargs) -> None:
-        if module.groups != 1:
-            raise ValueError(
-                f"Conv2d with groups={module.groups} is not supported by the Kronecker capture; "
-                "exclude it from the optimizer or use groups=1")
-        if module.padding_mode != "zeros":
-            raise ValueError(f"Conv2d padding_mode={module.padding_mode!r} is not supported "
-                             "(only 'zeros')")
-        if isinstance(module.padding, str):
-            raise ValueError(f"Conv2d padding={module.padding!r} (a string) is not supported; "
-                             "give the padding as integers")
-        super().__init__(module, **kwargs)
-
-    def dims(self) -> tuple[int, int]:
-        o = self.weight.shape[0]
-        return o, self.weight[0].numel() + int(self.has_bias)
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is None and module.padding_mode != "zeros":
+            return (f"Conv2d padding_mode={module.padding_mode!r} has no Kronecker capture "
+                    "(only 'zeros')")
+        if reason is None and isinstance(module.padding, str):
+            return (f"Conv2d padding={module.padding!r} (a string) has no Kronecker capture; "
+                    "give the padding as integers")
+        return reason
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
@@ -347,28 +428,16 @@ class Conv2dLayer(KroneckerLayer):
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         n_examples = sum(g.shape[0] for g in grads)
         rows = torch.cat([g.permute(0, 2, 3, 1).reshape(-1, g.shape[1]) for g in grads])
-        return Rows(rows, n_examples, float(n_examples))
+        return self._grad_rows(rows, n_examples)
 
 
-class Conv1dLayer(KroneckerLayer):
+class Conv1dLayer(ConvLayer):
     """nn.Conv1d: rows are unfolded 1-D patches (channel-major, then kernel position), the
     padding (any ``padding_mode``, ``"same"``/``"valid"``) applied first as the layer does.
 
     A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat
     (an unbatched (C, L) call is one example).
     """
-
-    @classmethod
-    def unsupported(cls, module: nn.Module) -> str | None:
-        reason = super().unsupported(module)
-        if reason is None and module.groups != 1:
-            return (f"Conv1d with groups={module.groups} (grouped/depthwise) has no Kronecker "
-                    "capture")
-        return reason
-
-    def dims(self) -> tuple[int, int]:
-        o = self.weight.shape[0]
-        return o, self.weight[0].numel() + int(self.has_bias)
 
     def _padding(self) -> tuple[int, int]:
         """(left, right) zero or ``padding_mode`` padding, as nn.Conv1d computes it."""
@@ -395,7 +464,45 @@ class Conv1dLayer(KroneckerLayer):
         grads = [g if g.dim() == 3 else g.unsqueeze(0) for g in grads]
         n_examples = sum(g.shape[0] for g in grads)
         rows = torch.cat([g.transpose(1, 2).reshape(-1, g.shape[1]) for g in grads])
-        return Rows(rows, n_examples, float(n_examples))
+        return self._grad_rows(rows, n_examples)
+
+
+class Conv3dLayer(ConvLayer):
+    """nn.Conv3d (zero padding given as integers): rows are 3-D patches cut by
+    ``Tensor.unfold`` (channel-major, then kernel position), as Conv2d's unfolded patches.
+
+    A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
+    """
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if reason is None and module.padding_mode != "zeros":
+            return (f"Conv3d padding_mode={module.padding_mode!r} has no Kronecker capture "
+                    "(only 'zeros')")
+        if reason is None and isinstance(module.padding, str):
+            return (f"Conv3d padding={module.padding!r} (a string) has no Kronecker capture; "
+                    "give the padding as integers")
+        return reason
+
+    def a_rows(self, inputs: list[Tensor]) -> Rows:
+        m = self.module
+        p = m.padding
+
+        def unfold(a: Tensor) -> Tensor:  # (N, C k_d k_h k_w, D' H' W')
+            a = F.pad(a, (p[2], p[2], p[1], p[1], p[0], p[0]))
+            for dim, (k, s, d) in enumerate(zip(m.kernel_size, m.stride, m.dilation)):
+                a = a.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]  # (N, C, D', H', W', k...)
+            return a.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(a.shape[0], -1,
+                                                             a.shape[2] * a.shape[3] * a.shape[4])
+
+        return self._patch_rows([a if a.dim() == 5 else a.unsqueeze(0) for a in inputs], unfold)
+
+    def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
+        grads = [g if g.dim() == 5 else g.unsqueeze(0) for g in grads]
+        n_examples = sum(g.shape[0] for g in grads)
+        rows = torch.cat([g.permute(0, 2, 3, 4, 1).reshape(-1, g.shape[1]) for g in grads])
+        return self._grad_rows(rows, n_examples)
 
 
 class EmbeddingLayer(KroneckerLayer):
@@ -471,6 +578,17 @@ class WeightNormLayer(KroneckerLayer):
 
     def dims(self) -> tuple[int, int]:
         return self.inner.dims()
+
+    def matrix_shape(self) -> tuple[int, ...]:
+        return self.inner.matrix_shape()
+
+    @cached_property
+    def a_factor(self) -> FactorStructure:
+        return self.inner.a_factor
+
+    @cached_property
+    def g_factor(self) -> FactorStructure:
+        return self.inner.g_factor
 
     def layer_input(self, args: tuple, kwargs: dict) -> Tensor:
         return self.inner.layer_input(args, kwargs)
@@ -551,6 +669,7 @@ def registered_layers() -> dict[type | str, type[KroneckerLayer]]:
 register_layer(nn.Linear, LinearLayer)
 register_layer(nn.Conv1d, Conv1dLayer)
 register_layer(nn.Conv2d, Conv2dLayer)
+register_layer(nn.Conv3d, Conv3dLayer)
 register_layer(nn.Embedding, EmbeddingLayer)
 register_layer("transformers.pytorch_utils.Conv1D", TransposedLinearLayer)
 

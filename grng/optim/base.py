@@ -395,7 +395,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         def layout(i: int) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
             w = self._blocks[i].layer.weight
-            return self._blocks[i].layer.dims(), compute_dtype(w), w.device
+            return self._blocks[i].layer.matrix_shape(), compute_dtype(w), w.device
 
         block_dirs = self.comm.directions([u.index for u in self._blocks], compute, layout)
         out: dict[int, Tensor] = {}

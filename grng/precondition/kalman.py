@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from grng import ops
-from grng.curvature.factors import sandwich
+from grng.curvature.factors import Rows, sandwich
 from grng.curvature.state import KalmanBlock
 from grng.distributed.communicator import Communicator, KalmanItem, Observation
 from grng.ops.reference import symmetrize_from_upper
@@ -67,8 +67,13 @@ class KalmanPreconditioner(Preconditioner):
             a_rows, g_rows = rows if rows is not None else (None, None)
             for side, structure, r in (("PA", unit.layer.a_factor, a_rows),
                                        ("PG", unit.layer.g_factor, g_rows)):
-                items.append(KalmanItem(structure, r, getattr(unit.state, side), unit.like))
-                targets.append(getattr(unit.state, side))
+                # a block-diagonal P: each group's block is filtered on that group's rows
+                Ps = structure.blocks(getattr(unit.state, side))
+                Xs = [None] * len(Ps) if r is None else structure.blocks(r.X)
+                for P, X in zip(Ps, Xs):
+                    rows = None if X is None else Rows(X, r.n, r.scale)
+                    items.append(KalmanItem(structure.block_structure(), rows, P, unit.like))
+                    targets.append(P)
         observations = comm.kalman_observations(items, self.config.factor_decay,
                                                 self.kalman.kalman_rank, self.sketch)
         for P, obs in zip(targets, observations):

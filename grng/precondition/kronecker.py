@@ -102,14 +102,13 @@ class KroneckerPreconditioner(Preconditioner):
         diagonal factor has no eigenvectors and a vector inverse."""
         pieces = []
         for side, structure in (("G", layer.g_factor), ("A", layer.a_factor)):
-            d = structure.dim
             if self.inverse.state_type is EigenBasis:
-                pieces.append(("l" + side, Piece("vec", (d,))))
-                if not structure.diagonal:
-                    pieces.append(("Q" + side, Piece("full", (d, d))))
+                pieces.append(("l" + side, structure.eigenvalues_piece()))
+                Q = structure.eigenvectors_piece()
+                if Q is not None:
+                    pieces.append(("Q" + side, Q))
             else:
-                pieces.append(("X" + side, Piece("vec", (d,)) if structure.diagonal
-                               else Piece("sym", (d, d))))
+                pieces.append(("X" + side, structure.inverse_piece()))
         return pieces
 
     def _inverse_storage(self, unit: Unit) -> torch.dtype:

@@ -1,0 +1,235 @@
+"""Kronecker blocks of nn.LSTM and nn.GRU (docs/algorithms.md "Recurrent layers"): the
+written-out forward equals the fused one in float64 over the option grid; the captured rows
+reproduce autograd's gradient of every block (rows stacked over time steps); for one sequence of
+one step A (x) G is the outer product of the torch.func gradient; the fused forward runs on the
+calls no capture records; coverage, training and checkpoints of recurrent language models.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+from grng import KFAC, RKalman
+from grng.curvature import recurrent
+from grng.curvature.recurrent import RecurrentProjection, recurrent_forward
+from grng.optim.cases import optimizer_factory
+
+DT = torch.float64
+
+
+def _flat(out) -> list[Tensor]:
+    if isinstance(out, PackedSequence):
+        return [out.data]
+    if isinstance(out, tuple):
+        return [t for o in out for t in _flat(o)]
+    return [out]
+
+
+GRID = [c for c in itertools.product(
+    ["LSTM", "GRU"], [1, 2], [False, True], [False, True], [0, 2], [0.0, 0.4],
+    ["padded", "packed", "unbatched"], [False, True])
+    if not (c[0] == "GRU" and c[4]) and not (c[5] and c[1] == 1)]
+
+
+@pytest.mark.parametrize("kind, layers, bidirectional, batch_first, proj, dropout, form, hx",
+                         GRID)
+def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, batch_first, proj,
+                                                  dropout, form, hx) -> None:
+    """Outputs and final states agree to float64 rounding; inter-layer dropout draws the same
+    masks (same seed) as the fused CPU kernel."""
+    torch.manual_seed(0)
+    kw = dict(proj_size=proj) if proj else {}
+    m = getattr(nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional,
+                          batch_first=batch_first, dropout=dropout, **kw).double().train()
+    T, N = 5, 3
+    x = torch.randn(*((N, T) if batch_first else (T, N)), 3, dtype=DT)
+    dirs = 2 if bidirectional else 1
+    h_size = proj or 4
+    state_shape = (layers * dirs,) + (() if form == "unbatched" else (N,))
+    h0 = torch.randn(*state_shape, h_size, dtype=DT) if hx else None
+    if hx and kind == "LSTM":
+        h0 = (h0, torch.randn(*state_shape, 4, dtype=DT))
+    if form == "unbatched":
+        x = x[0] if batch_first else x[:, 0]
+    elif form == "packed":
+        x = pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=batch_first,
+                                 enforce_sorted=False)
+    torch.manual_seed(7)
+    expected = _flat(m(x, h0))
+    torch.manual_seed(7)
+    actual = _flat(recurrent_forward(m, lambda *a: None, x, h0))
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def _lm(kind: str, **kw) -> nn.Module:
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(11, 5)
+            self.rnn = getattr(nn, kind)(5, 6, batch_first=True, **kw)
+            self.head = nn.Linear(6 * (2 if kw.get("bidirectional") else 1)
+                                  if not kw.get("proj_size") else kw["proj_size"]
+                                  * (2 if kw.get("bidirectional") else 1), 11)
+
+        def forward(self, tokens: Tensor) -> Tensor:
+            return self.head(self.rnn(self.emb(tokens))[0])
+
+    return LM()
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("LSTM", {}), ("GRU", dict(num_layers=2, bidirectional=True)),
+    ("LSTM", dict(proj_size=3, num_layers=2))])
+def test_recurrent_language_models_are_fully_covered(kind, kw) -> None:
+    model = _lm(kind, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = KFAC(model)
+    cov = opt.coverage()
+    assert cov.fraction("kronecker") == 1.0, str(cov)
+    names = [n for n in opt.capture.names if n.startswith("rnn.")]
+    expected = [f"rnn.{n}" for n in recurrent._weight_names(model.rnn)]
+    assert names == expected
+
+
+@pytest.mark.parametrize("kind, kw, packed", [
+    ("LSTM", {}, False), ("GRU", {}, False), ("LSTM", dict(bidirectional=True), True),
+    ("GRU", dict(num_layers=2, bidirectional=True), True), ("LSTM", dict(proj_size=2), True)])
+def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed) -> None:
+    """sum over the stacked rows of g_hat a_bar^T = [dW db] for every block (rows over time
+    steps, both directions, packed sequences of different lengths)."""
+    torch.manual_seed(2)
+    m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    opt = KFAC(m, lr=0.0)
+    x = torch.randn(3, 5, 3, dtype=DT)
+    inp = pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=True,
+                               enforce_sorted=False) if packed else x
+    out = _flat(m(inp))
+    sum(o.tanh().sum() for o in out).backward()
+    assert len(opt.layers) == len(recurrent._weight_names(m))
+    for layer in opt.layers:
+        a_rows, g_rows = opt.capture.rows(layer)
+        assert g_rows.scale == g_rows.n                   # e = n g_hat, n = rows
+        torch.testing.assert_close(g_rows.X.T @ a_rows.X, layer.grad_matrix(), rtol=1e-10,
+                                   atol=1e-12)
+        assert a_rows.n == g_rows.n
+    opt.step()
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_one_step_one_sequence_is_the_outer_product_of_the_gradient(kind) -> None:
+    """T = 1, N = 1 (a nonzero h0, so hh sees a nonzero input): A (x) G = v v^T per block,
+    v from torch.func."""
+    torch.manual_seed(3)
+    m = getattr(nn, kind)(3, 4).double()
+    x = torch.randn(1, 1, 3, dtype=DT)
+    h0 = torch.randn(1, 1, 4, dtype=DT)
+    hx = (h0, torch.randn(1, 1, 4, dtype=DT)) if kind == "LSTM" else h0
+    w = torch.randn(1, 1, 4, dtype=DT)
+
+    def loss(p):
+        return (functional_call(m, p, (x, hx))[0].tanh() * w).sum()
+
+    g = grad(loss)({k: v.detach() for k, v in m.named_parameters()})
+    opt = KFAC(m, lr=0.0)
+    loss(dict(m.named_parameters())).backward()
+    opt.step()
+    for layer in opt.layers:
+        role = layer.role
+        v = torch.cat([g["weight_" + role], g["bias_" + role][:, None]], 1).reshape(-1)
+        st = opt.layer_state(layer)
+        torch.testing.assert_close(torch.kron(st["G"], st["A"]), torch.outer(v, v),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_forward_runs_when_no_capture_records(monkeypatch) -> None:
+    calls = []
+    original = recurrent.recurrent_forward
+    monkeypatch.setattr(recurrent, "recurrent_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    m = nn.LSTM(3, 4)
+    opt = KFAC(m)
+    x = torch.randn(2, 3, 3)
+    m(x)[0].sum().backward()
+    assert calls == [1]
+    with torch.no_grad():
+        m(x)
+    with opt.capture.paused():
+        m(x)
+    assert calls == [1]
+    opt.capture.remove()
+    assert "forward" not in vars(m)
+
+
+def test_steps_that_fold_no_factors_run_the_fused_forward(monkeypatch) -> None:
+    """factor_every=3: only every third step's forward is written out."""
+    calls = []
+    original = recurrent.recurrent_forward
+    monkeypatch.setattr(recurrent, "recurrent_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    m = nn.GRU(3, 4)
+    opt = KFAC(m, factor_every=3)
+    x = torch.randn(2, 3, 3)
+    for _ in range(6):
+        opt.zero_grad()
+        m(x)[0].sum().backward()
+        opt.step()
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("make", [optimizer_factory("kfac-eigen", lr=0.05),
+                                  optimizer_factory("rkalman", lr=0.05)], ids=["kfac", "rkalman"])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_language_model_trains_and_checkpoints(make, kind) -> None:
+    torch.manual_seed(4)
+    model = _lm(kind)
+    opt = make(model)
+    tokens = torch.randint(0, 11, (8, 7))
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 11),
+                                           tokens[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    other = make(model)
+    other.load_state_dict(opt.state_dict())
+    for layer, twin in zip(opt.layers, other.layers):
+        for k, v in opt.layer_state(layer).items():
+            assert torch.equal(v, other.layer_state(twin)[k]), k
+
+
+def test_lstm_subclass_with_its_own_forward_gets_the_diagonal_with_the_reason() -> None:
+    class Mine(nn.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x, hx)
+
+    with pytest.warns(UserWarning, match="overrides LSTM.forward.*grng.register_layer"):
+        opt = KFAC(nn.Sequential(Mine(3, 4)))
+    assert opt.coverage()["0.weight_ih_l0"].treatment == "diagonal"
+    assert isinstance(RecurrentProjection.unsupported(Mine(3, 4)), str)
+
+
+def test_a_deep_copy_of_an_attached_lstm_runs_its_own_forward() -> None:
+    import copy
+    torch.manual_seed(5)
+    m = nn.LSTM(3, 4, batch_first=True).double()
+    opt = KFAC(m)
+    twin = copy.deepcopy(m)
+    x = torch.randn(2, 5, 3, dtype=DT)
+    out = twin(x)[0]
+    out.sum().backward()
+    assert not any(opt.capture.has_rows(layer) for layer in opt.layers)  # the copy reports nothing
+    torch.testing.assert_close(out, m(x)[0], rtol=1e-12, atol=1e-12)
