@@ -56,6 +56,7 @@ from grng.demo.optimizers import SPECS, make_stepper  # noqa: E402
 from grng.demo.sweep import HPARAMS_PATH, hparams_for, load_hparams  # noqa: E402
 from grng.demo.tasks import TASKS, Task, load_data  # noqa: E402
 from grng.demo.train import RunResult, level_key, train_run  # noqa: E402
+from grng.optim import device_defaults  # noqa: E402
 from grng.optim.kfac import KFAC  # noqa: E402
 from grng.optim.rkalman import RKalman  # noqa: E402
 
@@ -64,7 +65,10 @@ KNOBS = ("factor_every", "inverse_every", "inverse")
 
 
 def _signature_default(cls: type, name: str) -> Any:
-    return inspect.signature(cls.__init__).parameters[name].default
+    """The constructor's default of ``name``; None there means the device's default
+    (grng.optim.device_defaults): the CPU's, where this benchmark runs."""
+    default = inspect.signature(cls.__init__).parameters[name].default
+    return getattr(device_defaults.CPU, name) if default is None else default
 
 
 # The library defaults, read from the constructors (RING forwards these keywords to KFAC).

@@ -156,8 +156,12 @@ class GRNGTrainer(Trainer):
         window, self._window = self._window, []
         theta, self._theta = self._theta, None
         # the Trainer's gradients are in ``theta`` (or recomputed by the closure): the step must
-        # not take them for gradients accumulated outside its closure
-        args[0].zero_grad(set_to_none=True)
+        # not take them for gradients accumulated outside its closure. Set to None directly:
+        # the optimizer's own zero_grad would also drop the curvature rows the Trainer's pass
+        # captured, which the step at theta folds
+        for group in args[0].param_groups:
+            for p in group["params"]:
+                p.grad = None
         rest = {k: v for k, v in kwargs.items() if k != "closure"}
         return (args[0], self._closure(window, theta)), rest
 
