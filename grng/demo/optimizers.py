@@ -90,6 +90,9 @@ SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
                               "H g by forward finite difference"),
     OptimizerSpec("rkalman", "R-Kalman", lr_sweep(_grng_lr("rkalman")),
                   description="grng.RKalman at its defaults: Kalman-filtered Kronecker covariances"),
+    OptimizerSpec("ekfac", "EKFAC", lr_sweep(_grng_lr("ekfac")),
+                  description="grng.EKFAC at its defaults: Adam's moments in K-FAC's Kronecker "
+                              "eigenbasis"),
     OptimizerSpec("fgr", "F-GR (SGD)", lr_sweep(0.1),
                   {"momentum": 0.9, "gamma": 0.05, "epsilon": 0.01},
                   description="grng.GradReg(SGD(momentum=0.9), mode='forward'), the case table's "
@@ -114,7 +117,8 @@ OPTIMIZERS: tuple[str, ...] = tuple(SPECS)
 
 # the demo's names -> cases of grng.optim.cases (the table the tests and the benchmarks use)
 CASE_OF = {"sgd": "sgd", "adamw": "adamw", "kfac": "kfac-eigen", "ring": "ring",
-           "reng": "reng-forward", "rkalman": "rkalman", "fgr": "fgr-sgd", "sam": "sam-sgd"}
+           "reng": "reng-forward", "rkalman": "rkalman", "ekfac": "ekfac", "fgr": "fgr-sgd",
+           "sam": "sam-sgd"}
 
 # Where SophiaG may live in the sophia-opt distribution (module name, attribute).
 _SOPHIA_LOCATIONS = (("sophia_opt", "SophiaG"), ("sophia", "SophiaG"),
