@@ -40,6 +40,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: (label, demo optimizer key, hyperparameters) compared on each task
 CONFIGS: dict[str, list[tuple[str, str, dict]]] = {
     "transformer": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
+                    ("EKFAC lr 1e-2, carry keep", "ekfac", {"lr": 1e-2, "carry": "keep"}),
                     ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
                     ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
                     ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
