@@ -2,7 +2,7 @@
 
     python bench/ekfac.py refresh                 # eigh vs one subspace step at d = 768, 3072
     python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
-    python bench/ekfac.py hparams                 # EKFAC's validation sweep into hparams.json
+    python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
 
 ``refresh``: per factor size d, the time of one refresh of one dense factor M (float32, SPD
 with a decaying spectrum) by eigh and by one step of warm-started subspace iteration (the basis
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
 from grng.precondition.eigenbasis import carry_weights, subspace_step  # noqa: E402
@@ -194,6 +195,30 @@ def tasks(args: argparse.Namespace) -> None:
          "runs interleaved (seed outermost).", "", *text]) + "\n")
 
 
+def hparams(args: argparse.Namespace) -> None:
+    """EKFAC's part of the defaults sweep (bench/defaults.py's protocol, its seeds, only this
+    optimizer): its rows to ``defaults_ekfac.csv`` and its entries into grng/demo/hparams.json
+    (the other optimizers' entries, from the full sweep, are kept)."""
+    import defaults  # bench/defaults.py
+
+    from grng.demo.sweep import (HPARAMS_PATH, hparams_table, load_hparams, run_sweep,
+                                 save_hparams, sweep_meta)
+
+    warnings.simplefilter("ignore")
+    seeds = {t: defaults.DEFAULT_SEEDS[t] for t in args.tasks}
+    load_start = os.getloadavg()
+    cells = run_sweep(args.tasks, ["ekfac"], seeds, log=lambda line: print(line, flush=True))
+    loads = load_text(load_start, os.getloadavg())
+    config = f"defaults; validation split; seeds {seeds}; only EKFAC (bench/ekfac.py hparams); {loads}"
+    replace_rows(RESULTS / "defaults_ekfac.csv", defaults.rows_of(cells, environment("cpu"), config))
+    mine = hparams_table(cells, sweep_meta(seeds, None))
+    table = load_hparams(HPARAMS_PATH)
+    for task, entries in mine["models"].items():
+        table["models"][task].update(entries)
+    table["meta"]["ekfac"] = {"added_by": "bench/ekfac.py hparams", **mine["meta"]}
+    save_hparams(table, HPARAMS_PATH)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -203,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--tasks", nargs="+", default=["transformer", "mlp"])
     t.add_argument("--seeds", type=int, default=3)
     t.add_argument("--name", default="ekfac_tasks")
+    h = sub.add_parser("hparams")
+    h.add_argument("--tasks", nargs="+", default=["cnn", "mlp", "transformer"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"refresh": refresh, "tasks": tasks}[args.cmd](args)
+    {"refresh": refresh, "tasks": tasks, "hparams": hparams}[args.cmd](args)
     return 0
 
 
