@@ -192,6 +192,7 @@ UNUSED_RUNS = {
     "unused_kfac_mem": optimizer_factory("kfac-eigen", **_UNUSED, distributed_strategy="mem-opt"),
     "unused_rkalman": optimizer_factory("rkalman", lr=0.1, kalman_rank=4),
     "unused_reng": optimizer_factory("reng-forward", lr=0.1, damping=1e-2),
+    "unused_ekfac": optimizer_factory("ekfac", lr=0.05, inverse_every=2),
 }
 
 
