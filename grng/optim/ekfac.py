@@ -42,6 +42,8 @@ class EKFAC(CurvatureOptimizer):
     time (``basis="eigh"``). ``carry`` says how the second moment follows a new basis:
     "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
     ``kl_clip`` (default None, Adam has none) and ``rho`` (default 0) are the shared update's.
+    The default lr (1e-2) is the one the defaults sweep picked on the demo's three tasks
+    (bench/results/defaults_ekfac.csv, docs/algorithms.md "EKFAC").
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
@@ -50,7 +52,7 @@ class EKFAC(CurvatureOptimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 3e-3,
+        lr: float = 1e-2,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
