@@ -3,6 +3,7 @@
     python bench/ekfac.py refresh                 # eigh vs one subspace step at d = 768, 3072
     python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
+    python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
 
 ``refresh``: per factor size d, the time of one refresh of one dense factor M (float32, SPD
 with a decaying spectrum) by eigh and by one step of warm-started subspace iteration (the basis
@@ -46,13 +47,15 @@ CONFIGS: dict[str, list[tuple[str, str, dict]]] = {
                     ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
                     ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
                     ("K-FAC defaults", "kfac", {"lr": 1e-2}),
-                    ("SOAP lr 1e-2", "soap", {"lr": 1e-2})],
+                    ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+                    ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
     "mlp": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
             ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
             ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
             ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
             ("K-FAC defaults", "kfac", {"lr": 1e-2}),
-            ("SOAP lr 1e-2", "soap", {"lr": 1e-2})],
+            ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+            ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
 }
 
 
@@ -196,9 +199,9 @@ def tasks(args: argparse.Namespace) -> None:
 
 
 def hparams(args: argparse.Namespace) -> None:
-    """EKFAC's part of the defaults sweep (bench/defaults.py's protocol, its seeds, only this
-    optimizer): its rows to ``defaults_ekfac.csv`` and its entries into grng/demo/hparams.json
-    (the other optimizers' entries, from the full sweep, are kept)."""
+    """Some optimizers' part of the defaults sweep (bench/defaults.py's protocol and seeds; EKFAC
+    and Muon, added after the full sweep): their rows to ``defaults_<keys>.csv`` and their
+    entries into grng/demo/hparams.json (the other optimizers' entries are kept)."""
     import defaults  # bench/defaults.py
 
     from grng.demo.sweep import (HPARAMS_PATH, hparams_table, load_hparams, run_sweep,
@@ -207,15 +210,19 @@ def hparams(args: argparse.Namespace) -> None:
     warnings.simplefilter("ignore")
     seeds = {t: defaults.DEFAULT_SEEDS[t] for t in args.tasks}
     load_start = os.getloadavg()
-    cells = run_sweep(args.tasks, ["ekfac"], seeds, log=lambda line: print(line, flush=True))
+    cells = run_sweep(args.tasks, args.optimizers, seeds,
+                      log=lambda line: print(line, flush=True))
     loads = load_text(load_start, os.getloadavg())
-    config = f"defaults; validation split; seeds {seeds}; only EKFAC (bench/ekfac.py hparams); {loads}"
-    replace_rows(RESULTS / "defaults_ekfac.csv", defaults.rows_of(cells, environment("cpu"), config))
+    config = (f"defaults; validation split; seeds {seeds}; only {args.optimizers} "
+              f"(bench/ekfac.py hparams); {loads}")
+    replace_rows(RESULTS / f"defaults_{'_'.join(args.optimizers)}.csv",
+                 defaults.rows_of(cells, environment("cpu"), config))
     mine = hparams_table(cells, sweep_meta(seeds, None))
     table = load_hparams(HPARAMS_PATH)
     for task, entries in mine["models"].items():
         table["models"][task].update(entries)
-    table["meta"]["ekfac"] = {"added_by": "bench/ekfac.py hparams", **mine["meta"]}
+    for key in args.optimizers:
+        table["meta"][key] = {"added_by": "bench/ekfac.py hparams", **mine["meta"]}
     save_hparams(table, HPARAMS_PATH)
 
 
@@ -230,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--name", default="ekfac_tasks")
     h = sub.add_parser("hparams")
     h.add_argument("--tasks", nargs="+", default=["cnn", "mlp", "transformer"])
+    h.add_argument("--optimizers", nargs="+", default=["ekfac"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     {"refresh": refresh, "tasks": tasks, "hparams": hparams}[args.cmd](args)
