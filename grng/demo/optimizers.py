@@ -106,7 +106,8 @@ SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
                               "'match_rms_adamw' on the 2-D weights of the Linear layers but the "
                               "last (the head); torch.optim.AdamW at its defaults and the same lr "
                               "on every other parameter (embeddings, norms, biases, convolutions), "
-                              "as Muon's documentation prescribes",
+                              "as Muon's documentation prescribes (the CNN has no hidden Linear: "
+                              "AdamW alone there)",
                   note="base lr 3e-3, not Muon's 1e-3: with match_rms_adamw the lr is AdamW's, "
                        "whose best on the transformer is 1e-2 (issue 21)"),
     OptimizerSpec("sophia", "Sophia", lr_sweep(1e-3), {"hessian_every": 10}, family="peer",
@@ -237,23 +238,26 @@ class SophiaStepper(Stepper):
 
 
 class MuonStepper(Stepper):
-    """Muon on the hidden Linear layers' matrices and AdamW on the rest (both step)."""
+    """Muon on the hidden Linear layers' matrices and AdamW on the rest (both step). A model
+    without a hidden Linear (the CNN: its convolutions are 4-D, which torch.optim.Muon does not
+    take) is AdamW alone."""
 
     def __init__(self, model: nn.Module, hp: dict[str, Any]) -> None:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         hidden = {id(m.weight) for m in linears[:-1]}
         matrices = [p for p in model.parameters() if id(p) in hidden]
         rest = [p for p in model.parameters() if id(p) not in hidden]
-        super().__init__(torch.optim.Muon(matrices, **hp), model)
-        self.adamw = torch.optim.AdamW(rest, lr=hp["lr"])
+        adamw = torch.optim.AdamW(rest, lr=hp["lr"])
+        super().__init__(torch.optim.Muon(matrices, **hp) if matrices else adamw, model)
+        self.others = [adamw] if matrices else []
 
     def step(self, x: Tensor, y: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.adamw.zero_grad(set_to_none=True)
+        for opt in (self.optimizer, *self.others):
+            opt.zero_grad(set_to_none=True)
         loss = _loss(self.model, x, y)
         loss.backward()
-        self.optimizer.step()
-        self.adamw.step()
+        for opt in (self.optimizer, *self.others):
+            opt.step()
         return loss.detach()
 
 
