@@ -45,6 +45,8 @@ COMPILED_STEPS = {  # cases of grng.optim.cases, sync-free
     "ring-cholesky": optimizer_factory("ring", lr=0.05, inverse="cholesky", inverse_every=2,
                                        sync_free=True),
     "rkalman": optimizer_factory("rkalman", lr=0.05, kalman_rank=4, sync_free=True),
+    "ekfac": optimizer_factory("ekfac", lr=0.01, weight_decay=0.01, inverse_every=2,
+                               sync_free=True),
 }
 
 

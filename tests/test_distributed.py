@@ -170,6 +170,18 @@ RUNS.update({
     "rkalman_sync_free": ("conv", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=8,
                                                     sync_free=True), True),
 })
+# EKFAC: bases broadcast by their owners (comm-opt) or kept there (mem-opt), moments on every
+# rank. Models whose factors have distinct eigenvalues: inside a degenerate eigenspace (the
+# conv net's fc A, 28 x 28 of rank 12 at the first step) the basis follows the rounding of A,
+# and Adam's scaling is not invariant to a rotation there (docs/algorithms.md "EKFAC")
+_EKFAC = dict(lr=0.05, weight_decay=0.01, inverse_every=2)
+RUNS.update({
+    "ekfac_comm": ("branchy", optimizer_factory("ekfac", **_EKFAC), True),
+    "ekfac_mem": ("branchy", optimizer_factory("ekfac", **_EKFAC,
+                                               distributed_strategy="mem-opt"), True),
+    "ekfac_embed_comm": ("embed", optimizer_factory("ekfac", **_EKFAC), True),
+    "ekfac_sync_free": ("branchy", optimizer_factory("ekfac", **_EKFAC, sync_free=True), True),
+})
 # float32 storage rounds the same float64 sums that differ in their last bits
 TOLERANCE = {"kfac_factor_dtype": 1e-5, "kfac_inverse_dtype_mem": 1e-5,
              "kfac_inverse_dtype_comm": 1e-5}
@@ -180,6 +192,7 @@ UNUSED_RUNS = {
     "unused_kfac_mem": optimizer_factory("kfac-eigen", **_UNUSED, distributed_strategy="mem-opt"),
     "unused_rkalman": optimizer_factory("rkalman", lr=0.1, kalman_rank=4),
     "unused_reng": optimizer_factory("reng-forward", lr=0.1, damping=1e-2),
+    "unused_ekfac": optimizer_factory("ekfac", lr=0.05, inverse_every=2),
 }
 
 

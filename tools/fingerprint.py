@@ -61,11 +61,14 @@ HP_CASE: dict[str, dict[str, Any]] = {
     "ring": {"rho": 0.1}, "reng-forward": {"rho": 0.1}, "reng-exact": {"rho": 0.1},
     "rkalman": dict(lr=0.1, rho=0.1, momentum=0.9, kalman_rank=5, prior_precision=1.0,
                     kl_clip=None, factor_every=1),
+    "ekfac": dict(lr=0.01, weight_decay=0.01, inverse_every=2, factor_every=1),
 }
+#: cases whose keywords are their own (not K-FAC's HP plus extras)
+OWN_HP = ("rkalman", "ekfac")
 
 
 def _hp(case: str) -> dict[str, Any]:
-    return dict(HP_CASE[case]) if case == "rkalman" else {**HP, **HP_CASE.get(case, {})}
+    return dict(HP_CASE[case]) if case in OWN_HP else {**HP, **HP_CASE.get(case, {})}
 
 
 def _curv(opt: Any) -> Any:

@@ -12,7 +12,9 @@ Each such number sits in a block of README.md between ``<!-- readme_numbers: NAM
   and curves.png);
 * ``defaults``: the targets of ``bench/results/defaults.md`` (``python bench/defaults.py``);
 * ``step_time``: ratios computed from ``bench/results/step_time.md`` (``bench/step_time.py``);
-* ``ext``: speed-ups computed from ``bench/results/ext.csv`` (``bench/ext_update.py``).
+* ``ext``: speed-ups computed from ``bench/results/ext.csv`` (``bench/ext_update.py``);
+* ``ekfac``: which optimizer for which model, from ``bench/results/ekfac_tasks.csv``
+  (``python bench/ekfac.py tasks``).
 
 ``python tools/readme_numbers.py`` rewrites the blocks; ``--check`` rewrites nothing, prints the
 blocks that disagree and exits 1 (tests/test_readme_numbers.py runs it).
@@ -207,9 +209,51 @@ def ext_block() -> str:
             f"Kalman update {_range(speedups('kalman_update', 'reference'))} the reference.\n")
 
 
+def ekfac_block() -> str:
+    """Which optimizer for which model: per task of ``bench/results/ekfac_tasks.csv``
+    (``python bench/ekfac.py tasks``) every configuration's median steps to the target, final
+    validation metric and ms per step, and the configuration that reached the target in the
+    fewest median steps with every seed (ties: the better final metric)."""
+    cells: dict[str, dict[str, dict[str, dict]]] = {}
+    meta = ""
+    with (RESULTS / "ekfac_tasks.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            task = row["name"].split("/")[0]
+            cells.setdefault(task, {}).setdefault(row["provider"], {})[row["metric"]] = row
+            meta = f"{row['device']}, torch {row['torch']}, {row['timestamp'][:10]}"
+    text = [f"From [bench/results/ekfac_tasks.md](bench/results/ekfac_tasks.md) ({meta}; "
+            "validation split, medians over the seeds; ms/step on a shared machine):", "",
+            "| model | optimizer | steps to target (reached) | final val | ms/step | fewest steps |",
+            "|---|---|---|---|---|---|"]
+    for task, configs in cells.items():
+        def key(item: tuple[str, dict]) -> tuple[float, float]:
+            m = item[1]
+            steps = m["steps_to_target"]
+            final = float(m[[k for k in m if k.startswith("final_val_")][0]]["p50"] or "nan")
+            sign = -1.0 if "acc" in [k for k in m if k.startswith("final_val_")][0] else 1.0
+            return float(steps["p50"]), sign * final
+        full = [(label, m) for label, m in configs.items()
+                if m["steps_to_target"]["p50"] and m["steps_to_target"]["n"] == m["failed_runs"]["n"]
+                and float(m["failed_runs"]["p50"]) == 0.0]
+        best = min(full, key=key)[0] if full else None
+        for label, m in configs.items():
+            steps = m["steps_to_target"]
+            final_key = [k for k in m if k.startswith("final_val_")][0]
+            final = m[final_key]
+            unit = "%" if final["unit"] == "%" else " bpc"
+            reached = f"{steps['n']}/{m['failed_runs']['n']}"
+            text.append(f"| {task} | {label} | "
+                        f"{float(steps['p50']):.0f} ({reached}) | " if steps["p50"] else
+                        f"| {task} | {label} | never (0/{m['failed_runs']['n']}) | ")
+            text[-1] += (f"{float(final['p50']):.3g}{unit} | {float(m['step_time']['p50']):.0f} | "
+                         f"{'**yes**' if label == best else ''} |")
+    return "\n".join(text) + "\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "dropin": dropin_block, "verify": verify_block, "bench": bench_block, "demo": demo_block,
     "defaults": defaults_block, "step_time": step_time_block, "ext": ext_block,
+    "ekfac": ekfac_block,
 }
 
 

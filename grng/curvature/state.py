@@ -103,3 +103,42 @@ class DiagonalState(StateView):
 
     def replace(self, name: str, tensor: Tensor) -> None:
         self.value = tensor
+
+
+@dataclass(eq=False)
+class AdamMoments(StateView):
+    """Adam's moments of a parameter without a Kronecker block (EKFAC's diagonal): the first
+    moment ``exp_avg`` (EMA of g), the second ``exp_avg_sq`` (EMA of g * g) and the count
+    ``step`` of updates (a 0-dim tensor), all written by the per-step ``update`` phase."""
+
+    PER_STEP = ("exp_avg", "exp_avg_sq", "step")
+
+    exp_avg: Tensor | None = None
+    exp_avg_sq: Tensor | None = None
+    step: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: getattr(self, k) for k in self.PER_STEP if getattr(self, k) is not None}
+
+
+@dataclass(eq=False)
+class EigenbasisBlock(StateView):
+    """EKFAC's state of a Kronecker block: running factors A, G; their eigenbases Q_A, Q_G
+    (refreshed; None for a diagonal side, whose basis is the identity); Adam's first moment
+    ``exp_avg`` of the gradient matrix (parameter space), the second moment ``exp_avg_sq`` of
+    its projection Q_G^T V Q_A (eigenbasis) and the update count ``step``."""
+
+    FOLDED = ("A", "G")
+    PER_STEP = ("exp_avg", "exp_avg_sq", "step")
+
+    A: Tensor | None = None
+    G: Tensor | None = None
+    QG: Tensor | None = None
+    QA: Tensor | None = None
+    exp_avg: Tensor | None = None
+    exp_avg_sq: Tensor | None = None
+    step: Tensor | None = None
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = ("A", "G", "QG", "QA", *self.PER_STEP)
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}

@@ -90,6 +90,9 @@ SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
                               "H g by forward finite difference"),
     OptimizerSpec("rkalman", "R-Kalman", lr_sweep(_grng_lr("rkalman")),
                   description="grng.RKalman at its defaults: Kalman-filtered Kronecker covariances"),
+    OptimizerSpec("ekfac", "EKFAC", lr_sweep(_grng_lr("ekfac")),
+                  description="grng.EKFAC at its defaults: Adam's moments in K-FAC's Kronecker "
+                              "eigenbasis"),
     OptimizerSpec("fgr", "F-GR (SGD)", lr_sweep(0.1),
                   {"momentum": 0.9, "gamma": 0.05, "epsilon": 0.01},
                   description="grng.GradReg(SGD(momentum=0.9), mode='forward'), the case table's "
@@ -97,6 +100,16 @@ SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
     OptimizerSpec("sam", "SAM (SGD)", lr_sweep(0.1), {"momentum": 0.9, "epsilon": 0.05},
                   description="grng.GradReg(SGD(momentum=0.9), mode='sam'): normalized SAM, "
                               "radius 0.05 (the case table's)"),
+    OptimizerSpec("muon", "Muon", lr_sweep(3e-3), {"adjust_lr_fn": "match_rms_adamw"},
+                  family="torch",
+                  description="torch.optim.Muon at its defaults with adjust_lr_fn="
+                              "'match_rms_adamw' on the 2-D weights of the Linear layers but the "
+                              "last (the head); torch.optim.AdamW at its defaults and the same lr "
+                              "on every other parameter (embeddings, norms, biases, convolutions), "
+                              "as Muon's documentation prescribes (the CNN has no hidden Linear: "
+                              "AdamW alone there)",
+                  note="base lr 3e-3, not Muon's 1e-3: with match_rms_adamw the lr is AdamW's, "
+                       "whose best on the transformer is 1e-2 (issue 21)"),
     OptimizerSpec("sophia", "Sophia", lr_sweep(1e-3), {"hessian_every": 10}, family="peer",
                   description="SophiaG from sophia-opt at its defaults (rho=0.04, betas=(0.965, "
                               "0.99), weight_decay=0.1); GNB Hessian estimate every 10 steps as "
@@ -114,7 +127,8 @@ OPTIMIZERS: tuple[str, ...] = tuple(SPECS)
 
 # the demo's names -> cases of grng.optim.cases (the table the tests and the benchmarks use)
 CASE_OF = {"sgd": "sgd", "adamw": "adamw", "kfac": "kfac-eigen", "ring": "ring",
-           "reng": "reng-forward", "rkalman": "rkalman", "fgr": "fgr-sgd", "sam": "sam-sgd"}
+           "reng": "reng-forward", "rkalman": "rkalman", "ekfac": "ekfac", "fgr": "fgr-sgd",
+           "sam": "sam-sgd"}
 
 # Where SophiaG may live in the sophia-opt distribution (module name, attribute).
 _SOPHIA_LOCATIONS = (("sophia_opt", "SophiaG"), ("sophia", "SophiaG"),
@@ -223,6 +237,30 @@ class SophiaStepper(Stepper):
         return loss.detach()
 
 
+class MuonStepper(Stepper):
+    """Muon on the hidden Linear layers' matrices and AdamW on the rest (both step). A model
+    without a hidden Linear (the CNN: its convolutions are 4-D, which torch.optim.Muon does not
+    take) is AdamW alone."""
+
+    def __init__(self, model: nn.Module, hp: dict[str, Any]) -> None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        hidden = {id(m.weight) for m in linears[:-1]}
+        matrices = [p for p in model.parameters() if id(p) in hidden]
+        rest = [p for p in model.parameters() if id(p) not in hidden]
+        adamw = torch.optim.AdamW(rest, lr=hp["lr"])
+        super().__init__(torch.optim.Muon(matrices, **hp) if matrices else adamw, model)
+        self.others = [adamw] if matrices else []
+
+    def step(self, x: Tensor, y: Tensor) -> Tensor:
+        for opt in (self.optimizer, *self.others):
+            opt.zero_grad(set_to_none=True)
+        loss = _loss(self.model, x, y)
+        loss.backward()
+        for opt in (self.optimizer, *self.others):
+            opt.step()
+        return loss.detach()
+
+
 def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 0,
                  batch_size: int = 64) -> Stepper:
     """Build optimizer ``key`` for ``model`` with hyperparameters ``hp``. ``batch_size`` is the
@@ -236,6 +274,8 @@ def make_stepper(key: str, model: nn.Module, hp: dict[str, Any], *, seed: int = 
         assert cls is not None
         every = int(hp.pop("hessian_every"))
         return SophiaStepper(cls(model.parameters(), **hp), model, every, batch_size)
+    if key == "muon":
+        return MuonStepper(model, hp)
     if key in _HEAVYBALL_CLASSES:
         cls = find_heavyball(key)
         assert cls is not None

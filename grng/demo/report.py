@@ -284,10 +284,10 @@ def write_markdown(path: Path, *, tables: dict[str, str], summaries: list[dict[s
     path.write_text("\n".join(text) + "\n")
 
 
-#: one colour per optimizer of the demo, all distinct (tab10, then black and ochre): K-FAC/RING
+#: one colour per optimizer of the demo, all distinct (tab10, then black, ochre and magenta): K-FAC/RING
 #: and RENG/R-Kalman, whose curves lie close together, must not share a hue
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#a6761d")
+           "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#a6761d", "#e7298a")
 
 
 def optimizer_colors() -> dict[str, str]:

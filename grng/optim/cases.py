@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from grng.optim.ekfac import EKFAC
 from grng.optim.gradreg import GradReg
 from grng.optim.kfac import KFAC
 from grng.optim.reng import RENG
@@ -87,6 +88,7 @@ CASES: Mapping[str, OptimizerCase] = MappingProxyType({c.name: c for c in (
           epsilon=0.01),
     _case("reng-exact", "RENG (DB)", RENG, curvature=True, two_pass=True, gr="exact"),
     _case("rkalman", "R-Kalman", RKalman, curvature=True),
+    _case("ekfac", "EKFAC", EKFAC, curvature=True),
     _case("gradreg-kfac", "F-GR (K-FAC)", _gradreg_kfac, curvature=True, two_pass=True,
           gamma=0.05, epsilon=0.01, mode="forward"),
     _case("fgr-sgd", "F-GR (SGD)", _gradreg_sgd, two_pass=True, lr=0.1, momentum=0.9,

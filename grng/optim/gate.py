@@ -12,7 +12,8 @@ apply -> fused update once, asking its gate at each point where a step can fail:
 What a skipped step must leave as it was: the folded statistics and the inverses of the blocks
 due (the device gate keeps them; the host gate skips before the fold), and each unit's
 per-step fields (``StateView.PER_STEP``, written by a preconditioner's ``update`` phase), which
-both gates keep; a state type that declares none costs nothing.
+both gates keep (the device gate also before the refresh of a block due, which may carry them
+into a new basis); a state type that declares none costs nothing.
 """
 from __future__ import annotations
 
@@ -153,14 +154,14 @@ class DeviceGate:
 
     def keep_statistics(self, blocks: list[Unit], due: Sequence[bool], diagonal: list[Unit],
                         fold: bool) -> None:
-        """Copy what fold and refresh may change: the whole state of the blocks ``due`` (but
-        its per-step fields), the folded statistics of the other units on a ``fold`` step."""
+        """Copy what fold and refresh may change: the whole state of the blocks ``due`` (with
+        its per-step fields, which a refresh may carry into a new basis: EKFAC), the folded
+        statistics of the other units on a ``fold`` step."""
         changing = [(u.state, now) for u, now in zip(blocks, due)]
         changing += [(u.state, False) for u in diagonal]
         self.statistics = [
             (st, {k: t.clone() for k, t in (st.items() if now else
-                                            st.folded().items() if fold else ())
-                  if k not in st.PER_STEP})
+                                            st.folded().items() if fold else ())})
             for st, now in changing]
 
     def restore_statistics(self) -> None:

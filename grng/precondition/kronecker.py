@@ -18,10 +18,29 @@ from torch import Tensor
 from grng.curvature.inverse import EigenBasis, InverseStrategy, RefreshItem
 from grng.curvature.layers import KroneckerLayer
 from grng.curvature.stacks import Stacks
-from grng.curvature.state import KroneckerBlock
+from grng.curvature.factors import Rows
+from grng.curvature.state import KroneckerBlock, StateView
 from grng.curvature.pieces import Piece
 from grng.distributed.communicator import Communicator, FactorFold
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
+
+
+def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Communicator,
+                 config: CurvatureConfig) -> None:
+    """A <- beta A + (1 - beta) A_batch and G likewise for each unit's state (fields ``A``,
+    ``G``; the first fold sets them), all units in one call of the communicator."""
+    folds: list[tuple[StateView, str, FactorFold]] = []
+    for unit, rows in units:
+        block = unit.state
+        a_rows, g_rows = rows if rows is not None else (None, None)
+        compute = compute_dtype(unit.like)
+        for side, structure, r in (("A", unit.layer.a_factor, a_rows),
+                                   ("G", unit.layer.g_factor, g_rows)):
+            folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
+                                                  compute, config.factor_dtype)))
+    comm.fold_factors([f for _, _, f in folds], config.factor_decay, config.backend)
+    for block, side, f in folds:
+        setattr(block, side, f.result)
 
 
 class KroneckerPreconditioner(Preconditioner):
@@ -37,18 +56,7 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------------- fold
     def fold(self, units, comm: Communicator) -> None:
-        folds: list[tuple[KroneckerBlock, str, FactorFold]] = []
-        for unit, rows in units:
-            block = unit.state
-            a_rows, g_rows = rows if rows is not None else (None, None)
-            compute = compute_dtype(unit.like)
-            for side, structure, r in (("A", unit.layer.a_factor, a_rows),
-                                       ("G", unit.layer.g_factor, g_rows)):
-                folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
-                                                      compute, self.config.factor_dtype)))
-        comm.fold_factors([f for _, _, f in folds], self.config.factor_decay, self.config.backend)
-        for block, side, f in folds:
-            setattr(block, side, f.result)
+        fold_factors(units, comm, self.config)
 
     def needs_first_use(self, unit, folding) -> bool:
         """Rows folded into a block without factors, or factors without an inverse yet (the

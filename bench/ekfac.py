@@ -1,0 +1,248 @@
+"""EKFAC's measurements (issue 21): the basis refresh's cost, and the demo tasks against peers.
+
+    python bench/ekfac.py refresh                 # eigh vs one subspace step at d = 768, 3072
+    python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
+    python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
+    python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
+
+``refresh``: per factor size d, the time of one refresh of one dense factor M (float32, SPD
+with a decaying spectrum) by eigh and by one step of warm-started subspace iteration (the basis
+of the factor one refresh earlier, M_prev = M with a 5% EMA drift, as start), and the second
+moment's re-projection into the new basis (W = (Q_new^T Q_old)^2, then W v for a d x d v); and
+how far each result is from diagonalizing M: ||offdiag(Q^T M Q)||_F / ||M||_F.
+``tasks``: runs of grng.demo.train.train_run on the validation split, seeds interleaved (seed
+outermost, configuration innermost), each configuration (optimizer, fixed lr) the steps and
+seconds to the task's target and the final validation metric (median over seeds).
+Writes schema rows (grng.benchmark.schema) to ``bench/results/ekfac_refresh.csv`` /
+``ekfac_tasks.csv`` and a Markdown summary next to them. One torch thread; the machine is shared
+(the load averages are recorded).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
+from grng.precondition.eigenbasis import carry_weights, subspace_step  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: (label, demo optimizer key, hyperparameters) compared on each task
+CONFIGS: dict[str, list[tuple[str, str, dict]]] = {
+    "transformer": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
+                    ("EKFAC lr 1e-2, carry keep", "ekfac", {"lr": 1e-2, "carry": "keep"}),
+                    ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
+                    ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
+                    ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
+                    ("K-FAC defaults", "kfac", {"lr": 1e-2}),
+                    ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+                    ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
+    "mlp": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
+            ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
+            ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
+            ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
+            ("K-FAC defaults", "kfac", {"lr": 1e-2}),
+            ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+            ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
+}
+
+
+def _spd(d: int, seed: int) -> torch.Tensor:
+    """X^T X / n with n = 2d rows whose scales decay (a factor-like spectrum), float32."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * d, d, generator=g) * torch.logspace(0, -2, d)
+    return (X.T @ X / (2 * d)).float()
+
+
+def _off_diagonal(M: torch.Tensor, Q: torch.Tensor) -> float:
+    D = Q.T @ M @ Q
+    return float((D - torch.diag(D.diagonal())).norm() / M.norm())
+
+
+def _timed(fn, reps: int) -> tuple[list[float], object]:
+    out, times = None, []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        times.append(1000.0 * (time.perf_counter() - t))
+    return times, out
+
+
+def _stats(times: list[float]) -> dict:
+    s = sorted(times)
+    q = lambda f: s[min(len(s) - 1, round(f * (len(s) - 1)))]  # noqa: E731
+    return dict(p50=statistics.median(s), p20=q(0.2), p80=q(0.8), n=len(s))
+
+
+def refresh(args: argparse.Namespace) -> None:
+    load_start = os.getloadavg()
+    env = environment("cpu")
+    rows, lines = [], []
+    for d in args.sizes:
+        reps = 5 if d <= 1024 else 3
+        prev = _spd(d, 0)
+        M = 0.95 * prev + 0.05 * _spd(d, 1)
+        Q_prev = torch.linalg.eigh(prev).eigenvectors.flip(-1)
+        v = torch.rand(d, d)
+        t_eigh, Q_eigh = _timed(lambda: torch.linalg.eigh(M).eigenvectors.flip(-1), reps)
+        t_sub, Q_sub = _timed(lambda: subspace_step(M, Q_prev), reps)
+        t_carry, _ = _timed(lambda: carry_weights(Q_sub, Q_prev) @ v, reps)
+        base = dict(suite="ekfac_refresh", x_name="d", x_value=str(d), dtype="float32", **env)
+        cfg = (f"one dense factor, SPD, spectrum decaying 1e4; warm start: the basis of the "
+               f"factor before a 5% EMA drift; torch threads {torch.get_num_threads()}; "
+               "machine shared")
+        for provider, times, Q in (("eigh", t_eigh, Q_eigh), ("subspace", t_sub, Q_sub),
+                                   ("reproject v", t_carry, None)):
+            rows.append(Row(name=f"refresh/d{d}", provider=provider, metric="time", unit="ms",
+                            config=cfg, **_stats(times), **base))
+            if Q is not None:
+                rows.append(Row(name=f"refresh/d{d}", provider=provider, metric="offdiag",
+                                unit="||offdiag(Q^T M Q)||/||M||", p50=_off_diagonal(M, Q),
+                                config=cfg, **base))
+        start = _off_diagonal(M, Q_prev)
+        lines.append(f"| {d} | {statistics.median(t_eigh):.0f} | {statistics.median(t_sub):.0f} "
+                     f"| {statistics.median(t_eigh) / statistics.median(t_sub):.1f}x | "
+                     f"{statistics.median(t_carry):.0f} | {start:.1e} | "
+                     f"{_off_diagonal(M, Q_sub):.1e} | {_off_diagonal(M, Q_eigh):.1e} |")
+        print(lines[-1], flush=True)
+    loads = load_text(load_start, os.getloadavg())
+    replace_rows(RESULTS / "ekfac_refresh.csv", rows)
+    head = run_header(torch.get_num_threads())
+    text = ["# EKFAC basis refresh: eigh vs one warm-started subspace step "
+            "(`python bench/ekfac.py refresh`)", "",
+            *[f"- {k}: {v}" for k, v in head.items()], f"- {loads} (machine shared)", "",
+            "Per refresh of one dense d x d factor, float32, median ms. off-diagonal: "
+            "||offdiag(Q^T M Q)||_F / ||M||_F of the previous basis (the start), one subspace "
+            "step from it, and eigh.", "",
+            "| d | eigh ms | subspace step ms | eigh / subspace | re-project v ms | "
+            "off-diag start | after subspace | eigh |", "|---|---|---|---|---|---|---|---|",
+            *lines]
+    (RESULTS / "ekfac_refresh.md").write_text("\n".join(text) + "\n")
+
+
+def tasks(args: argparse.Namespace) -> None:
+    from grng.demo.tasks import TASKS, load_data
+    from grng.demo.train import level_key, train_run
+
+    warnings.simplefilter("ignore")
+    load_start = os.getloadavg()
+    env = environment("cpu")
+    seeds = list(range(100, 100 + args.seeds))
+    runs: dict[tuple[str, str], list] = {}
+    for seed in seeds:
+        for task_key in args.tasks:
+            task = TASKS[task_key]
+            data = load_data(task.dataset)
+            for label, key, hp in CONFIGS[task_key]:
+                r = train_run(task_key, key, hp, data.train, data.val, seed=seed,
+                              epochs=task.epochs, batch_size=task.batch_size,
+                              eval_every=task.eval_every, progress=False)
+                runs.setdefault((task_key, label), []).append(r)
+                hit = r.reached.get(level_key(task.target))
+                print(f"{task_key} {label} seed {seed}: {r.status} final "
+                      f"{task.format(r.final_metric)} target at {hit and hit[0]} "
+                      f"{1000 * r.wall_s / max(r.steps, 1):.1f} ms/step", flush=True)
+    loads = load_text(load_start, os.getloadavg())
+    rows, text = [], []
+    for task_key in args.tasks:
+        task = TASKS[task_key]
+        text += [f"## {task_key} (target {task.level_name(task.target)} on validation)", "",
+                 f"| optimizer | steps to target (median; reached) | s to target | final val "
+                 f"{task.metric} (median) | ms/step | diverged |", "|---|---|---|---|---|---|"]
+        for label, key, hp in CONFIGS[task_key]:
+            rs = runs[(task_key, label)]
+            hits = [r.reached.get(level_key(task.target)) for r in rs]
+            steps = [h[0] for h in hits if h]
+            secs = [h[1] for h in hits if h]
+            finals = [r.final_metric for r in rs if math.isfinite(r.final_metric)]
+            ms = [1000 * r.wall_s / r.steps for r in rs if r.steps]
+            bad = sum(r.status != "ok" for r in rs)
+            med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+            scale = 100.0 if task.metric == "acc" else 1.0
+            base = dict(suite="ekfac_tasks", name=f"{task_key}/{key}", provider=label,
+                        x_name="lr", x_value=f"{hp['lr']:g}", dtype="float32",
+                        config=f"{json.dumps(hp)}; seeds {seeds}; validation split; {loads}",
+                        **env)
+            rows += [Row(metric="steps_to_target", unit="steps", p50=med(steps) if steps else None,
+                         n=len(steps), **base),
+                     Row(metric="seconds_to_target", unit="s", p50=med(secs) if secs else None,
+                         n=len(secs), **base),
+                     Row(metric=f"final_val_{task.metric}", unit="%" if scale == 100 else "bpc",
+                         p50=scale * med(finals) if finals else None, n=len(finals), **base),
+                     Row(metric="step_time", unit="ms", p50=med(ms), n=len(ms), **base),
+                     Row(metric="failed_runs", unit="runs", p50=float(bad), n=len(rs), **base)]
+            text.append(f"| {label} | {med(steps):.0f} ({len(steps)}/{len(rs)}) | "
+                        f"{med(secs):.2f} | {task.format(med(finals))} | {med(ms):.1f} | "
+                        f"{bad}/{len(rs)} |")
+        text.append("")
+    name = args.name
+    replace_rows(RESULTS / f"{name}.csv", rows)
+    head = run_header(torch.get_num_threads())
+    (RESULTS / f"{name}.md").write_text("\n".join(
+        [f"# EKFAC on the demo's tasks (`python bench/ekfac.py tasks`)", "",
+         *[f"- {k}: {v}" for k, v in head.items()], f"- seeds: {seeds}",
+         f"- {loads} (machine shared: seconds and ms/step are noisy)", "",
+         "Validation split; every configuration at its library defaults but the lr named; "
+         "runs interleaved (seed outermost).", "", *text]) + "\n")
+
+
+def hparams(args: argparse.Namespace) -> None:
+    """Some optimizers' part of the defaults sweep (bench/defaults.py's protocol and seeds; EKFAC
+    and Muon, added after the full sweep): their rows to ``defaults_<keys>.csv`` and their
+    entries into grng/demo/hparams.json (the other optimizers' entries are kept)."""
+    import defaults  # bench/defaults.py
+
+    from grng.demo.sweep import (HPARAMS_PATH, hparams_table, load_hparams, run_sweep,
+                                 save_hparams, sweep_meta)
+
+    warnings.simplefilter("ignore")
+    seeds = {t: defaults.DEFAULT_SEEDS[t] for t in args.tasks}
+    load_start = os.getloadavg()
+    cells = run_sweep(args.tasks, args.optimizers, seeds,
+                      log=lambda line: print(line, flush=True))
+    loads = load_text(load_start, os.getloadavg())
+    config = (f"defaults; validation split; seeds {seeds}; only {args.optimizers} "
+              f"(bench/ekfac.py hparams); {loads}")
+    replace_rows(RESULTS / f"defaults_{'_'.join(args.optimizers)}.csv",
+                 defaults.rows_of(cells, environment("cpu"), config))
+    mine = hparams_table(cells, sweep_meta(seeds, None))
+    table = load_hparams(HPARAMS_PATH)
+    for task, entries in mine["models"].items():
+        table["models"][task].update(entries)
+    for key in args.optimizers:
+        table["meta"][key] = {"added_by": "bench/ekfac.py hparams", **mine["meta"]}
+    save_hparams(table, HPARAMS_PATH)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("refresh")
+    r.add_argument("--sizes", type=int, nargs="+", default=[768, 3072])
+    t = sub.add_parser("tasks")
+    t.add_argument("--tasks", nargs="+", default=["transformer", "mlp"])
+    t.add_argument("--seeds", type=int, default=3)
+    t.add_argument("--name", default="ekfac_tasks")
+    h = sub.add_parser("hparams")
+    h.add_argument("--tasks", nargs="+", default=["cnn", "mlp", "transformer"])
+    h.add_argument("--optimizers", nargs="+", default=["ekfac"])
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    {"refresh": refresh, "tasks": tasks, "hparams": hparams}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""EKFAC: Adam in K-FAC's Kronecker eigenbasis (docs/algorithms.md "EKFAC"): the plain
+gradient, the eigenbasis preconditioner, Adam for the parameters without a block."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from grng.curvature.layers import MAX_FACTOR_DIM
+from grng.optim import validation as check
+from grng.optim.arguments import optimizer_classes, reject_unknown
+from grng.optim.base import CurvatureOptimizer
+from grng.precondition.adam import AdamSettings, DiagonalAdam
+from grng.precondition.eigenbasis import BASES, CARRIES, EigenbasisPreconditioner
+
+
+def _betas(betas: tuple[float, float]) -> tuple[float, float]:
+    """ValueError naming ``betas`` unless it is a pair in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(
+            isinstance(b, (int, float)) and 0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"betas must be a pair (beta1, beta2) in [0, 1), got {betas!r}")
+    return float(betas[0]), float(betas[1])
+
+
+class EKFAC(CurvatureOptimizer):
+    """Adam whose second moment lives in each block's Kronecker eigenbasis (eigenvalue-
+    corrected K-FAC with Adam's scaling, as SOAP does with Shampoo's factors).
+
+    ``EKFAC(model, lr)`` then ``loss.backward(); opt.step()`` (or ``opt.step(closure)``).
+    Per step, for a block with gradient matrix V and factor eigenbases Q_G, Q_A:
+    m <- beta1 m + (1 - beta1) V, v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 and
+    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T; then
+    theta <- (1 - lr weight_decay) theta - lr d (AdamW's decoupled decay). The first moment is
+    kept in parameter space, so a change of basis leaves it exact. Parameters without a
+    Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
+
+    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``). The bases
+    are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then
+    (``basis="subspace"``, the default) by one step of warm-started subspace iteration
+    Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
+    time (``basis="eigh"``). ``carry`` says how the second moment follows a new basis:
+    "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
+    ``kl_clip`` (default None, Adam has none) and ``rho`` (default 0) are the shared update's.
+    The default lr (1e-2) is the one the defaults sweep picked on the demo's three tasks
+    (bench/results/defaults_ekfac.csv, docs/algorithms.md "EKFAC").
+    The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
+    ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
+    ``distributed_strategy``) are K-FAC's.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        factor_decay: float = 0.95,
+        factor_every: int = 1,
+        inverse_every: int = 10,
+        basis: str = "subspace",
+        carry: str = "reproject",
+        kl_clip: float | None = None,
+        backend: str = "auto",
+        *,
+        param_groups: Iterable[dict] | None = None,
+        process_group: object = None,
+        distributed_strategy: str = "comm-opt",
+        factor_dtype: torch.dtype | None = None,
+        inverse_dtype: torch.dtype | None = None,
+        grad_scaler: object = None,
+        max_grad_norm: float | None = None,
+        max_factor_dim: int | None = MAX_FACTOR_DIM,
+        sync_free: bool | None = None,
+        precision: str = "fp32",
+        **unknown: object,
+    ) -> None:
+        reject_unknown(type(self), unknown, optimizer_classes())
+        self.inverse_every = check.positive_int("inverse_every", inverse_every)
+        adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
+        check.choice("basis", basis, BASES)
+        check.choice("carry", carry, CARRIES)
+        defaults = dict(lr=lr, momentum=0.0, weight_decay=weight_decay, kl_clip=kl_clip)
+        super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
+                         backend=backend, param_groups=param_groups, process_group=process_group,
+                         distributed_strategy=distributed_strategy, factor_dtype=factor_dtype,
+                         inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
+                         max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
+                         sync_free=sync_free, precision=precision)
+        for group in self.param_groups:
+            if group["momentum"] != 0.0:
+                self.capture.remove()
+                raise ValueError("momentum must be 0 in every param group of EKFAC (its first "
+                                 f"moment is Adam's, betas[0]); got {group['momentum']!r}")
+        self.adam = adam
+        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry),
+                   DiagonalAdam(self.config, adam))
+
+    def _inverse_due(self) -> list[bool]:
+        """Every block every ``inverse_every`` steps (all in the same step)."""
+        return [self._steps % self.inverse_every == 0] * len(self._blocks)

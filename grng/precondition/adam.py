@@ -1,0 +1,87 @@
+"""Adam's moments as a preconditioner's per-step state (docs/algorithms.md "EKFAC").
+
+The per-step phase of EKFAC (block and diagonal alike):
+
+    t <- t + 1,   m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) s
+
+with s = g * g for a parameter without a block, or the squared projection of the gradient
+matrix in the block's Kronecker eigenbasis; the direction is Adam's bias-corrected ratio
+
+    (m' / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps),
+
+m' being m (or its projection). :class:`DiagonalAdam` is that preconditioner for the parameters
+without a Kronecker block; the learning rate and decoupled weight decay are the shared fused
+update's (with momentum 0: the first moment is here).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from grng.curvature.state import AdamMoments, StateView
+from grng.precondition.base import CurvatureConfig, Preconditioner, compute_dtype
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    """Adam's EMA decays (beta1: first moment, beta2: second) and the denominator's eps."""
+
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def update(self, state: StateView, g: Tensor, s: Tensor) -> None:
+        """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, on the
+        state's ``exp_avg``, ``exp_avg_sq`` and ``step`` (zeros before the first update)."""
+        if state.step is None:
+            state.exp_avg = torch.zeros_like(g)
+            state.exp_avg_sq = torch.zeros_like(s)
+            state.step = torch.zeros((), dtype=g.dtype, device=g.device)
+        state.step.add_(1.0)
+        state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+        state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
+
+    def ratio(self, m: Tensor, v: Tensor, step: Tensor) -> Tensor:
+        """(m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps), t = ``step`` (a device
+        scalar: no host read)."""
+        bias1 = 1.0 - torch.pow(self.beta1, step)
+        bias2 = (1.0 - torch.pow(self.beta2, step)).sqrt()
+        return (m / bias1) / (v.sqrt() / bias2 + self.eps)
+
+
+class DiagonalAdam(Preconditioner):
+    """Adam for a parameter without a Kronecker block: ``update`` writes the moments (the
+    per-step fields of :class:`~grng.curvature.state.AdamMoments`), ``apply`` is the ratio."""
+
+    def __init__(self, config: CurvatureConfig, adam: AdamSettings) -> None:
+        super().__init__(config)
+        self.adam = adam
+
+    def new_state(self, unit_params, layer) -> AdamMoments:
+        return AdamMoments()
+
+    def fold(self, units, comm) -> None:
+        """No running statistics: Adam's moments are per-step state."""
+
+    def needs_first_use(self, unit, folding) -> bool:
+        """The step that creates the moments (a unit with a gradient and none yet)."""
+        return unit.like.grad is not None and unit.state.step is None
+
+    def update(self, units) -> None:
+        for unit in units:
+            g = unit.like.grad.to(compute_dtype(unit.like))
+            self.adam.update(unit.state, g, g * g)
+
+    def apply(self, unit, V, group) -> Tensor:
+        st = unit.state
+        return self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step)
+
+    def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
+        shape = tuple(unit.like.shape)
+        return {"exp_avg": shape, "exp_avg_sq": shape, "step": ()}
+
+    def load(self, unit, tensors) -> None:
+        st = unit.state
+        st.exp_avg, st.exp_avg_sq, st.step = (tensors.get(k) for k in st.PER_STEP)
