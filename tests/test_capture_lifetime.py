@@ -20,9 +20,12 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import grng
 from grng.curvature import layers as layer_helpers
 from grng.curvature.layers import ForwardHook
+from grng.optim.cases import optimizer_factory
 from optimizer_helpers import F64, FACTORIES, _assert_same, _data, _mlp
 
-NAMES = ["kfac-eigen", "ring", "reng-forward", "rkalman"]
+# the members that capture (the eigenbasis member through K-FAC's capture)
+FACTORIES = {**FACTORIES, "ekfac": optimizer_factory("ekfac", lr=1e-2, inverse_every=2)}
+NAMES = ["kfac-eigen", "ring", "reng-forward", "rkalman", "ekfac"]
 
 
 def _needs_closure(name: str) -> bool:
@@ -210,8 +213,11 @@ def test_two_backward_passes_give_the_summed_loss_curvature(name: str) -> None:
     for x, y in _data(3):
         _step(name, o_two, model, x, y, two)
         _step(name, o_sum, twin, x, y, summed)
+    # Adam's normalization (EKFAC) divides gradients at rounding level by about eps: the two
+    # summations of a cancelling gradient differ there by ~1e-11 after the step
+    atol = 1e-10 if name == "ekfac" else 1e-13
     for p, q in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=atol)
     for la, lb in zip(o_two.layers, o_sum.layers):
         for key, value in o_sum.layer_state(lb).items():
             torch.testing.assert_close(o_two.layer_state(la)[key], value, rtol=1e-11,
@@ -314,7 +320,10 @@ def test_resume_after_add_param_group_is_exact_or_a_clear_error(name: str) -> No
 
     full = _mlp()
     full.load_state_dict(saved[0])
-    with pytest.raises(ValueError, match=r"'3\.weight'.*diagonal.*Kronecker block.*add_param_group"):
+    # the first parameter of the layer whose saved state kind differs is named (EKFAC's bias
+    # keeps Adam moments of its own on the diagonal, so its bias is met first)
+    with pytest.raises(ValueError, match=r"'3\.(weight|bias)'.*diagonal.*(Kronecker )?block.*"
+                                         r"add_param_group"):
         FACTORIES[name](full).load_state_dict(saved[1])
 
     other = _mlp()  # the reverse: a full run's checkpoint into the add_param_group build

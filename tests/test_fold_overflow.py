@@ -14,7 +14,7 @@ from torch import nn
 from grng.finite import finite_flag
 from grng.optim.cases import make_optimizer
 
-CASES = ["kfac-eigen", "ring", "reng-forward", "rkalman"]
+CASES = ["kfac-eigen", "ring", "reng-forward", "rkalman", "ekfac"]
 
 
 def _train(case: str, sync_free: bool, huge_at: int | None) -> tuple[nn.Module, object, list[str]]:
