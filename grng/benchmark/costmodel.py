@@ -420,8 +420,9 @@ def count_ops(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 # ------------------------------------------------------------------------------ the CPU
 
-def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512)) -> Device:
-    """This machine as a :class:`Device`: float32/float64 GEMM rates at the larger size, copy
+def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512), gemm_size: int = 1024
+                ) -> Device:
+    """This machine as a :class:`Device`: float32/float64 GEMM rates at ``gemm_size``, copy
     bandwidth, the fixed cost of one small op, and eigh's latency + throughput fitted to the
     two sizes (medians of a few calls; one torch thread unless ``threads`` says otherwise)."""
     before = torch.get_num_threads()
@@ -435,7 +436,7 @@ def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512)) -> Device:
                 times.append(time.perf_counter() - t0)
             return sorted(times)[len(times) // 2]
 
-        n = max(sizes)
+        n = gemm_size  # the GEMM rate of the training step's sizes, not of a small square
         rates = {}
         for name, dt in (("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.bfloat16)):
             a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
