@@ -153,7 +153,7 @@ class DenseFactor(FactorStructure):
     def fold(self, current, rows, beta, like, compute, storage, backend):
         first = current is None
         if first:
-            work = torch.empty(self.dim, self.dim, dtype=compute, device=like.device)
+            work = torch.empty(self.shape, dtype=compute, device=like.device)
         else:
             work = current if current.dtype == compute else current.to(compute)
         b = 0.0 if first else beta
@@ -164,7 +164,7 @@ class DenseFactor(FactorStructure):
     def batch_sum(self, rows, compute, device, backend):
         if rows is None:
             return None
-        M = torch.empty(self.dim, self.dim, dtype=compute, device=device)
+        M = torch.empty(self.shape, dtype=compute, device=device)
         ops.factor_update(M, rows.X, rows.scale ** 2, 0.0, backend=backend)
         return M
 
@@ -274,23 +274,10 @@ class BlockDiagonalFactor(FactorStructure):
     def shape(self) -> tuple[int, ...]:
         return (self.groups, self.block, self.block)
 
-    def fold(self, current, rows, beta, like, compute, storage, backend):
-        first = current is None
-        if first:
-            work = torch.empty(self.shape, dtype=compute, device=like.device)
-        else:
-            work = current if current.dtype == compute else current.to(compute)
-        b = 0.0 if first else beta
-        ops.factor_update(work, rows.X, (1.0 - b) * rows.scale ** 2 / rows.n, b, backend=backend)
-        storage = storage or compute
-        return work if work.dtype == storage else work.to(storage)
-
-    def batch_sum(self, rows, compute, device, backend):
-        if rows is None:
-            return None
-        M = torch.empty(self.shape, dtype=compute, device=device)
-        ops.factor_update(M, rows.X, rows.scale ** 2, 0.0, backend=backend)
-        return M
+    # the Gram fold of a dense factor, over the leading group dimension (ops.factor_update
+    # takes stacked matrices)
+    fold = DenseFactor.fold
+    batch_sum = DenseFactor.batch_sum
 
     def piece(self) -> Piece:
         return Piece("full", self.shape, True)

@@ -343,6 +343,24 @@ class ConvLayer(KroneckerLayer):
         o, i = self._group_dims()
         return o * self.groups, i * self.groups
 
+    #: patches are cut only with zero padding given as integers (Conv2d's F.unfold, Conv3d's
+    #: Tensor.unfold; Conv1d pads with F.pad first)
+    ZERO_INTEGER_PADDING_ONLY = False
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        reason = super().unsupported(module)
+        if not cls.ZERO_INTEGER_PADDING_ONLY:
+            return reason
+        kind = type(module).__name__
+        if reason is None and module.padding_mode != "zeros":
+            return (f"{kind} padding_mode={module.padding_mode!r} has no Kronecker capture "
+                    "(only 'zeros')")
+        if reason is None and isinstance(module.padding, str):
+            return (f"{kind} padding={module.padding!r} (a string) has no Kronecker capture; "
+                    "give the padding as integers")
+        return reason
+
     def matrix_shape(self) -> tuple[int, ...]:
         if self.groups == 1:
             return self.dims()
@@ -409,16 +427,7 @@ class Conv2dLayer(ConvLayer):
     A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
     """
 
-    @classmethod
-    def unsupported(cls, module: nn.Module) -> str | None:
-        reason = super().unsupported(module)
-        if reason is None and module.padding_mode != "zeros":
-            return (f"Conv2d padding_mode={module.padding_mode!r} has no Kronecker capture "
-                    "(only 'zeros')")
-        if reason is None and isinstance(module.padding, str):
-            return (f"Conv2d padding={module.padding!r} (a string) has no Kronecker capture; "
-                    "give the padding as integers")
-        return reason
+    ZERO_INTEGER_PADDING_ONLY = True
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
@@ -474,16 +483,7 @@ class Conv3dLayer(ConvLayer):
     A = (1/(N T)) sum a_bar a_bar^T over the N*T patches; G = (1/N) sum e e^T, e = N g_hat.
     """
 
-    @classmethod
-    def unsupported(cls, module: nn.Module) -> str | None:
-        reason = super().unsupported(module)
-        if reason is None and module.padding_mode != "zeros":
-            return (f"Conv3d padding_mode={module.padding_mode!r} has no Kronecker capture "
-                    "(only 'zeros')")
-        if reason is None and isinstance(module.padding, str):
-            return (f"Conv3d padding={module.padding!r} (a string) has no Kronecker capture; "
-                    "give the padding as integers")
-        return reason
+    ZERO_INTEGER_PADDING_ONLY = True
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         m = self.module
