@@ -97,6 +97,39 @@ void factor_update_impl(const Tensor& M, const Tensor& X, double alpha, double b
   if (!M.is_contiguous()) M.copy_(M3.view(M.sizes()));
 }
 
+// factor_update_masked: factor_update where ok. On the CPU the flag is read (no sync to avoid)
+// and the update is factor_update's, bit for bit; on CUDA the upper block rows of alpha X^T X go
+// to a scratch matrix and one kernel blends and mirrors them into M where the flag says so.
+
+void factor_update_masked_impl(const Tensor& M, const Tensor& X, double alpha, double beta, const Tensor& ok) {
+  TORCH_CHECK(ok.scalar_type() == at::kBool && ok.numel() == 1 && ok.device() == M.device(),
+              "grng_ext::factor_update_masked: ok must be a one-element bool tensor on M's device");
+  if (M.is_cpu()) {
+    if (ok.item<bool>()) factor_update_impl(M, X, alpha, beta);
+    return;
+  }
+#ifdef GRNG_WITH_CUDA
+  check_factor_dtype(M, "M");
+  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "grng_ext::factor_update_masked: M must be (..., d, d)");
+  TORCH_CHECK(X.dim() == M.dim() && X.size(-1) == M.size(-1) &&
+                  X.sizes().slice(0, X.dim() - 2).equals(M.sizes().slice(0, M.dim() - 2)) &&
+                  X.is_floating_point() && X.device() == M.device(),
+              "grng_ext::factor_update_masked: X must be floating (..., m, d) matching M, on M's device");
+  const int64_t d = M.size(-1);
+  const Tensor Xc = X.to(M.scalar_type()).reshape({-1, X.size(-2), d});
+  const Tensor M3 = M.reshape({-1, d, d});  // a view where M's batch dims flatten, else a copy
+  Tensor U = at::empty({d, d}, M.options());
+  for (int64_t b = 0; b < M3.size(0); ++b) {
+    upper_rank_update(U, Xc[b], alpha, 0.0);
+    Tensor Mb = M3[b];
+    masked_blend_mirror_cuda(Mb, U, beta, ok);
+  }
+  if (!M3.is_same(M) && M3.data_ptr() != M.data_ptr()) M.copy_(M3.view(M.sizes()));
+#else
+  TORCH_CHECK(false, "grng_ext::factor_update_masked: no kernel for device ", M.device());
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // kalman_update: P <- P/beta + qI - W W^T, S = rI + H U = L L^T (float64), W = U L^-T.
 
@@ -521,6 +554,7 @@ TORCH_LIBRARY_IMPL(grng_ext, CPU, m) {
   m.impl("fused_update", &grng::fused_update_cpu);
   m.impl("fused_update_masked", &grng::fused_update_masked_cpu);
   m.impl("factor_update", &grng::factor_update_impl);
+  m.impl("factor_update_masked", &grng::factor_update_masked_impl);
   m.impl("kalman_update", &grng::kalman_update_impl);
   m.impl("kalman_update_masked", &grng::kalman_update_masked_impl);
   m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cpu);

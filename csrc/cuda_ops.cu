@@ -1,6 +1,7 @@
 // CUDA kernels of grng_ext: the multi-tensor fused update (one check and one update launch per
 // group, no host sync), batched SPD inverses by Cholesky (one block per matrix in shared memory)
-// and the mirror kernel that makes factor_update / kalman_update exactly symmetric.
+// the mirror kernel that makes factor_update / kalman_update exactly symmetric, and its masked
+// blend for factor_update_masked.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -318,7 +319,38 @@ __global__ void mirror_upper_kernel(T* m, int64_t d, int64_t s0, int64_t s1, T s
     m[i * s0 + i * s1] += shift;
 }
 
+// Where *ok: for i <= j, v = beta m[i, j] + u[i, j] is stored at (i, j) and (j, i); nothing is
+// read or written where the flag is False. Each entry is written from one value (exact symmetry)
+// and only its upper-triangle thread reads m there, so no thread reads what another writes.
+template <typename T>
+__global__ void masked_blend_mirror_kernel(T* m, const T* u, int64_t d, int64_t s0, int64_t s1,
+                                           int64_t u0, T beta, const bool* ok) {
+  if (!*ok) return;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  if (i >= d || j >= d || j < i) return;
+  const T v = beta * m[i * s0 + j * s1] + u[i * u0 + j];
+  m[i * s0 + j * s1] = v;
+  m[j * s0 + i * s1] = v;
+}
+
 }  // namespace
+
+void masked_blend_mirror_cuda(Tensor& M, const Tensor& U, double beta, const Tensor& ok) {
+  const int64_t d = M.size(0);
+  if (d == 0) return;
+  TORCH_CHECK(U.is_contiguous() && U.scalar_type() == M.scalar_type(), "grng_ext: scratch must be contiguous");
+  const c10::cuda::CUDAGuard guard(M.device());
+  const dim3 block(32, 8);
+  const dim3 grid(static_cast<unsigned>((d + 31) / 32), static_cast<unsigned>((d + 7) / 8));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(M.scalar_type(), "grng_masked_blend_mirror", [&] {
+    masked_blend_mirror_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        M.data_ptr<scalar_t>(), U.const_data_ptr<scalar_t>(), d, M.stride(0), M.stride(1), U.stride(0),
+        static_cast<scalar_t>(beta), ok.const_data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 void mirror_upper_cuda(Tensor& M, double shift) {
   const int64_t d = M.size(0);
@@ -340,6 +372,7 @@ TORCH_LIBRARY_IMPL(grng_ext, CUDA, m) {
   m.impl("fused_update", &grng::fused_update_cuda);
   m.impl("fused_update_masked", &grng::fused_update_masked_cuda);
   m.impl("factor_update", &grng::factor_update_impl);
+  m.impl("factor_update_masked", &grng::factor_update_masked_impl);
   m.impl("kalman_update", &grng::kalman_update_impl);
   m.impl("kalman_update_masked", &grng::kalman_update_masked_impl);
   m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cuda);

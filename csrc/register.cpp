@@ -26,6 +26,9 @@ TORCH_LIBRARY(grng_ext, m) {
       "float? kl_clip, Tensor ok) -> Tensor");
   // M <- beta M + alpha X^T X (exactly symmetric; beta == 0 never reads M).
   m.def("factor_update(Tensor(a!) M, Tensor X, float alpha, float beta) -> ()");
+  // factor_update where the device flag ok (a one-element bool tensor on M's device) is True;
+  // nothing written where it is False, whatever X holds (no host read on CUDA).
+  m.def("factor_update_masked(Tensor(a!) M, Tensor X, float alpha, float beta, Tensor ok) -> ()");
   // P <- P/beta + qI - W W^T, W = U L^-T, L L^T = rI + H U, U = P H^T/beta + q H^T.
   m.def("kalman_update(Tensor(a!) P, Tensor H, float r, float beta, float q) -> ()");
   // kalman_update in place where the innovation Cholesky succeeds and the result is finite (P

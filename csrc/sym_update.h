@@ -29,6 +29,9 @@ inline void upper_rank_update(at::Tensor& M, const at::Tensor& X, double alpha, 
 void mirror_upper_cpu(at::Tensor& M, double shift);  // cpu_ops.cpp
 #ifdef GRNG_WITH_CUDA
 void mirror_upper_cuda(at::Tensor& M, double shift);  // cuda_ops.cu
+// Where *ok: M's upper triangle <- beta M + U (U: the upper block rows of alpha X^T X), mirrored;
+// M untouched where it is False (the flag is read on the device).
+void masked_blend_mirror_cuda(at::Tensor& M, const at::Tensor& U, double beta, const at::Tensor& ok);
 #endif
 
 inline void mirror_upper(at::Tensor& M, double shift) {
@@ -41,6 +44,8 @@ inline void mirror_upper(at::Tensor& M, double shift) {
 
 // Device-generic ops (cpu_ops.cpp), registered for CPU there and for CUDA in cuda_ops.cu.
 void factor_update_impl(const at::Tensor& M, const at::Tensor& X, double alpha, double beta);
+void factor_update_masked_impl(const at::Tensor& M, const at::Tensor& X, double alpha, double beta,
+                               const at::Tensor& ok);
 void kalman_update_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
 at::Tensor kalman_update_masked_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
 

@@ -36,6 +36,8 @@ def _nan_tile_outputs() -> Iterator[None]:
 # replace the registered implementations.
 if __name__ == "grng.kernels":
     registry.implement("factor_update", "triton", factor_update.factor_update, factor_update.supports)
+    registry.implement("factor_update_masked", "triton", factor_update.factor_update_masked,
+                       factor_update.supports_masked)
     registry.implement("eigen_apply", "triton", eigen_apply.eigen_apply, eigen_apply.supports)
     registry.implement("newton_schulz_step", "triton", newton_schulz.newton_schulz_step,
                        newton_schulz.supports)

@@ -36,12 +36,13 @@ def rows_class(m: int) -> int:
 @triton.autotune(configs=_tiles.sym_configs(), key=["d", "m_class", "READ_M", "PRECISION"],
                  restore_value=["m_ptr"])
 @triton.jit
-def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
+def _sym_update_kernel(m_ptr, x_ptr, ok_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,
-                       READ_M: tl.constexpr, PRECISION: tl.constexpr,
+                       READ_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored
-    (m_class = rows_class(m) is read by the autotuner's key only)."""
+    (m_class = rows_class(m) is read by the autotuner's key only); with MASKED, only where the
+    device flag *ok_ptr (nothing stored where it is False)."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     # Program pid -> tile (ti, tj), 0 <= ti <= tj: tj = floor((sqrt(8 pid + 1) - 1) / 2), fixed up
@@ -71,6 +72,8 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk
     rows = offs_r[:, None]
     cols = offs_c[None, :]
     upper = (rows <= cols) & r_ok[:, None] & c_ok[None, :]
+    if MASKED:
+        upper = upper & (tl.load(ok_ptr) != 0)
     m_base = m_ptr + batch * s_mb
     out = alpha * acc
     if READ_M:
@@ -81,12 +84,16 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk
     tl.store(m_base + rows * s_mr + cols * s_mc, out, mask=upper)
     # The mirror image, stored as the transposed tile so that the writes stay row-contiguous.
     lower = (offs_r[None, :] <= offs_c[:, None]) & r_ok[None, :] & c_ok[:, None]
+    if MASKED:
+        lower = lower & (tl.load(ok_ptr) != 0)
     tl.store(m_base + offs_c[:, None] * s_mr + offs_r[None, :] * s_mc, tl.trans(out), mask=lower)
 
 
-def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> None:
-    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I for M (B, d, d), X (B, m, d), mirrored; the
-    batch index is grid axis 1 (one launch per :func:`_tiles.batch_chunks` slice)."""
+def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float,
+               ok: Tensor | None = None) -> None:
+    """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I for M (B, d, d), X (B, m, d), mirrored
+    (only where the 0-dim bool ``ok`` is True, when given); the batch index is grid axis 1 (one
+    launch per :func:`_tiles.batch_chunks` slice)."""
     B, d, _ = M.shape
     m = X.shape[1]
     if B == 0 or d == 0:
@@ -102,34 +109,50 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
             return (tiles * (tiles + 1) // 2, batch)
 
         _sym_update_kernel[grid](
-            Mp, Xp, d, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
+            Mp, Xp, Mp if ok is None else ok, d, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
             Xp.stride(0), Xp.stride(1), Xp.stride(2),
             float(alpha), float(beta), float(diag),
-            READ_M=beta != 0.0, PRECISION=precision)
+            READ_M=beta != 0.0, MASKED=ok is not None, PRECISION=precision)
 
 
-def _factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> None:
-    """M <- beta * M + alpha * X^T X in place (the launcher behind the custom op); batched."""
+def _update_stack(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor | None) -> None:
+    """M <- beta * M + alpha * X^T X in place (where ``ok``, when given); batched."""
     d, m = M.shape[-1], X.shape[-2]
     if M.dim() == 2:
-        sym_update(M.unsqueeze(0), X.unsqueeze(0), alpha, beta, 0.0)
+        sym_update(M.unsqueeze(0), X.unsqueeze(0), alpha, beta, 0.0, ok)
         return
     X3 = X.reshape(-1, m, d)
     try:
         M3 = M.view(-1, d, d)
     except RuntimeError:  # batch dims that cannot be flattened in place: update a copy
         M3 = M.reshape(-1, d, d).contiguous()
-        sym_update(M3, X3, alpha, beta, 0.0)
+        sym_update(M3, X3, alpha, beta, 0.0, ok)
         M.copy_(M3.view(M.shape))
         return
-    sym_update(M3, X3, alpha, beta, 0.0)
+    sym_update(M3, X3, alpha, beta, 0.0, ok)
+
+
+def _factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> None:
+    """M <- beta * M + alpha * X^T X in place (the launcher behind the custom op); batched."""
+    _update_stack(M, X, alpha, beta, None)
+
+
+def _factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> None:
+    """:func:`_factor_update` where the device flag ``ok`` (the launcher behind the masked op)."""
+    _update_stack(M, X, alpha, beta, ok)
 
 
 def _no_output(M: Tensor, X: Tensor, alpha: float, beta: float) -> None:
     """Fake implementation: the op only writes M."""
 
 
+def _no_output_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> None:
+    """Fake implementation: the masked op only writes M."""
+
+
 factor_update_op = _library.triton_op("factor_update", ("M",), _no_output)(_factor_update)
+factor_update_masked_op = _library.triton_op("factor_update_masked", ("M",),
+                                             _no_output_masked)(_factor_update_masked)
 
 
 def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
@@ -137,6 +160,19 @@ def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
     through the custom op ``grng_triton::factor_update``."""
     factor_update_op(M, X, alpha, beta)
     return M
+
+
+def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> Tensor:
+    """M <- beta * M + alpha * X^T X in place where ``ok`` (a 0-dim bool on M's device), M
+    untouched otherwise; through the custom op ``grng_triton::factor_update_masked``."""
+    factor_update_masked_op(M, X, alpha, beta, ok)
+    return M
+
+
+def supports_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> bool:
+    """:func:`supports`, with ``ok`` a 0-dim bool tensor on M's device."""
+    return (isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.dim() == 0
+            and ok.device == M.device and supports(M, X, alpha, beta))
 
 
 def supports(M: Tensor, X: Tensor, alpha: float, beta: float) -> bool:

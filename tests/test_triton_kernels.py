@@ -357,6 +357,9 @@ def small_call(op: str, n: int, dtype: torch.dtype) -> Callable[[], object]:
         return lambda: kalman_update.kalman_update(torch.linalg.inv(spd), x[:2].to(dtype),
                                                    1.0, 0.9, 1e-3)
     ok = torch.ones((), dtype=torch.bool, device=DEVICE)
+    if op == "factor_update_masked":
+        return lambda: factor_update.factor_update_masked(torch.zeros(n, n, device=DEVICE),
+                                                          x.to(dtype), 1.0, 0.5, ok)
     if op == "fused_update_masked":
         v = torch.randn(n, device=DEVICE)
         return lambda: fused_update.fused_update_masked([x.clone(), v.clone()], [x, v], [x, v],

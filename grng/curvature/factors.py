@@ -28,6 +28,7 @@ from torch import Tensor
 
 from grng import ops
 from grng.curvature.pieces import Piece
+from grng.ops import masked
 
 
 @dataclass
@@ -60,6 +61,15 @@ class FactorStructure:
         """beta current + (1 - beta) M_batch (M_batch when ``current`` is None), stored in
         ``storage`` (default: the accumulation dtype)."""
         raise NotImplementedError
+
+    def fold_masked(self, current: Tensor, rows: Rows, beta: float, like: Tensor,
+                    compute: torch.dtype, storage: torch.dtype | None, backend: str,
+                    ok: Tensor) -> Tensor:
+        """:meth:`fold` where the device flag ``ok``, ``current`` as it was where not (the device
+        gate's fold, no host read): here a fold of a copy and a select; a structure that can
+        write only where ``ok`` (a dense factor) updates ``current`` in place instead."""
+        return masked.select(ok, self.fold(current.clone(), rows, beta, like, compute, storage,
+                                           backend), current)
 
     def batch_sum(self, rows: Rows | None, compute: torch.dtype, device: torch.device,
                   backend: str) -> Tensor | None:
@@ -160,6 +170,15 @@ class DenseFactor(FactorStructure):
         ops.factor_update(work, rows.X, (1.0 - b) * rows.scale ** 2 / rows.n, b, backend=backend)
         storage = storage or compute
         return work if work.dtype == storage else work.to(storage)
+
+    def fold_masked(self, current, rows, beta, like, compute, storage, backend, ok):
+        """In place through ``factor_update_masked`` when ``current`` is kept in the accumulation
+        dtype (no copy of the factor), else a fold of a copy and a select."""
+        if current.dtype != compute or (storage or compute) != compute:
+            return super().fold_masked(current, rows, beta, like, compute, storage, backend, ok)
+        ops.factor_update_masked(current, rows.X, (1.0 - beta) * rows.scale ** 2 / rows.n, beta,
+                                 ok, backend=backend)
+        return current
 
     def batch_sum(self, rows, compute, device, backend):
         if rows is None:
@@ -277,6 +296,7 @@ class BlockDiagonalFactor(FactorStructure):
     # the Gram fold of a dense factor, over the leading group dimension (ops.factor_update
     # takes stacked matrices)
     fold = DenseFactor.fold
+    fold_masked = DenseFactor.fold_masked
     batch_sum = DenseFactor.batch_sum
 
     def piece(self) -> Piece:

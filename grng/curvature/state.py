@@ -23,6 +23,10 @@ class StateView(Mapping):
     #: the fields a preconditioner's per-step ``update`` phase writes (moments, step counts):
     #: the step's gate keeps them and restores them on a skipped step (none by default)
     PER_STEP: tuple[str, ...] = ()
+    #: the FOLDED fields are folded by the communicator's ``fold_factors`` (Kronecker factors
+    #: A, G), which under ``comm.masked_folds(ok)`` writes them only where the device gate's flag
+    #: says so: the gate keeps no copy of them then
+    FOLDS_THROUGH_COMMUNICATOR = False
 
     def tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -59,6 +63,7 @@ class KroneckerBlock(StateView):
     """A Kronecker block's state: running factors A, G and the inverse built from them."""
 
     FOLDED = ("A", "G")
+    FOLDS_THROUGH_COMMUNICATOR = True
 
     A: Tensor | None = None
     G: Tensor | None = None
@@ -129,6 +134,7 @@ class EigenbasisBlock(StateView):
     its projection Q_G^T V Q_A (eigenbasis) and the update count ``step``."""
 
     FOLDED = ("A", "G")
+    FOLDS_THROUGH_COMMUNICATOR = True
     PER_STEP = ("exp_avg", "exp_avg_sq", "step")
 
     A: Tensor | None = None

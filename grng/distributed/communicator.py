@@ -76,6 +76,9 @@ class Communicator:
     world_size = 1
     rank = 0
     strategy = "comm-opt"
+    #: whether :meth:`fold_factors` honours :meth:`masked_folds` (else the device gate keeps a
+    #: copy of the folded factors and selects it back)
+    masks_folds = False
 
     def owns(self, index: int) -> bool:
         """Whether this rank refreshes block ``index``'s inverse."""
@@ -100,6 +103,12 @@ class Communicator:
     def fold_factors(self, folds: list[FactorFold], beta: float, backend: str) -> None:
         """Set every ``fold.result`` (the global batch's factor blended into ``current``)."""
         raise NotImplementedError
+
+    def masked_folds(self, ok: Tensor) -> ContextManager[Any]:
+        """Context of a sync-free step's folds: with :attr:`masks_folds`, each ``fold.result``
+        of :meth:`fold_factors` is the fold where the device flag ``ok`` and ``current``
+        unchanged where not; without, nothing changes (the gate keeps copies)."""
+        return contextlib.nullcontext()
 
     def kalman_observations(self, items: list[KalmanItem], beta: float, rank: int,
                             sketch: Callable[[int, Tensor], Tensor]) -> list[Observation | None]:
@@ -130,10 +139,23 @@ FOLD_BATCH_MAX_ELEMENTS = 1 << 16
 
 class LocalCommunicator(Communicator):
     """One process: identity reductions, every block owned, fused single-process ops; the dense
-    factors of equal-shape blocks with small rows are folded in one batched call."""
+    factors of equal-shape blocks with small rows are folded in one batched call; under
+    :meth:`masked_folds` every fold writes only where the device flag says so (a dense factor in
+    place, through ``factor_update_masked``)."""
+
+    masks_folds = True
 
     def __init__(self) -> None:
         self.stacks = Stacks()
+        self._fold_ok: Tensor | None = None
+
+    @contextlib.contextmanager
+    def masked_folds(self, ok):
+        self._fold_ok = ok
+        try:
+            yield
+        finally:
+            self._fold_ok = None
 
     def owns(self, index: int) -> bool:
         return True
@@ -155,22 +177,32 @@ class LocalCommunicator(Communicator):
         for f in folds:
             key = _fold_batch_key(f, beta)
             if key is None:
-                f.result = f.current if f.rows is None else f.structure.fold(
-                    f.current, f.rows, beta, f.like, f.compute, f.storage, backend)
+                f.result = self._fold_one(f, beta, backend)
             else:
                 batches.setdefault(key, []).append(f)
+        ok = self._fold_ok
         for key, fs in batches.items():
             if len(fs) == 1:
-                f = fs[0]
-                f.result = f.structure.fold(f.current, f.rows, beta, f.like, f.compute, f.storage,
-                                            backend)
+                fs[0].result = self._fold_one(fs[0], beta, backend)
                 continue
             slot = ("fold", tuple((id(f.like), id(f.structure)) for f in fs))
             S, views = self.stacks.stack(slot, [f.current for f in fs])
-            ops.factor_update(S, torch.stack([f.rows.X for f in fs]), key[-1], beta,
-                              backend=backend)
+            X = torch.stack([f.rows.X for f in fs])
+            if ok is None:
+                ops.factor_update(S, X, key[-1], beta, backend=backend)
+            else:
+                ops.factor_update_masked(S, X, key[-1], beta, ok, backend=backend)
             for f, view in zip(fs, views):
                 f.result = view
+
+    def _fold_one(self, f: FactorFold, beta: float, backend: str) -> Tensor | None:
+        """One fold's result, written only where the masked folds' flag says so (when set)."""
+        if f.rows is None:
+            return f.current
+        if self._fold_ok is None or f.current is None:
+            return f.structure.fold(f.current, f.rows, beta, f.like, f.compute, f.storage, backend)
+        return f.structure.fold_masked(f.current, f.rows, beta, f.like, f.compute, f.storage,
+                                       backend, self._fold_ok)
 
     def kalman_observations(self, items, beta, rank, sketch):
         out: list[Observation | None] = []

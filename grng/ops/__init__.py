@@ -25,7 +25,8 @@ __all__ = [
     "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
     "batched_spd_inverse",
     "cholesky_inverse", "cholesky_inverse_masked", "default_newton_tol", "eigen_apply", "eigh",
-    "factor_update", "fused_update", "fused_update_masked", "kalman_update", "kalman_update_masked",
+    "factor_update", "factor_update_masked", "fused_update", "fused_update_masked", "kalman_update",
+    "kalman_update_masked",
     "newton_schulz_inverse", "newton_schulz_masked", "newton_schulz_step", "validate_backend",
 ]
 
@@ -86,6 +87,13 @@ def fused_update_masked(params: Sequence[Tensor], grads: Sequence[Tensor],
                 None if momentum_buffers is None else list(momentum_buffers),
                 float(lr), float(momentum), float(weight_decay), float(rho),
                 None if kl_clip is None else float(kl_clip), ok)
+
+
+def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor, *,
+                         backend: str = "auto") -> Tensor:
+    """M <- beta M + alpha X^T X in place where ``ok`` (a 0-dim bool on M's device), M untouched
+    otherwise; batched over leading dims."""
+    return call("factor_update_masked", backend, M, X, float(alpha), float(beta), ok)
 
 
 def newton_schulz_masked(M: Tensor, X0: Tensor, iterations: int, tol: float, *,

@@ -66,6 +66,11 @@ def _factor_update_fake(M, X, alpha, beta):
     return None
 
 
+@torch.library.register_fake("grng_ext::factor_update_masked")
+def _factor_update_masked_fake(M, X, alpha, beta, ok):
+    return None
+
+
 @torch.library.register_fake("grng_ext::kalman_update")
 def _kalman_update_fake(P, H, r, beta, q):
     return None
@@ -146,6 +151,19 @@ def _factor_supports(M: Tensor, X: Tensor, alpha: float, beta: float) -> bool:
             and M.shape[-1] == M.shape[-2] == X.shape[-1] and M.shape[:-2] == X.shape[:-2])
 
 
+def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> Tensor:
+    """M <- beta * M + alpha * X^T X in place where ``ok``, M untouched otherwise (no host read on
+    CUDA; on the CPU factor_update's result bit for bit)."""
+    _ops.factor_update_masked(M, X, float(alpha), float(beta), ok)
+    return M
+
+
+def _factor_masked_supports(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> bool:
+    return (isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.numel() == 1
+            and ok.device == M.device and _has_kernel("factor_update_masked", M.device.type)
+            and _factor_supports(M, X, alpha, beta))
+
+
 def kalman_update(P: Tensor, H: Tensor, r: float, beta: float, q: float) -> Tensor:
     """P <- P/beta + q I - W W^T, W = P- H^T L^-T, L L^T = r I + H P- H^T (in place)."""
     try:
@@ -188,6 +206,7 @@ def _batched_supports(Ms: Tensor, method: str, tol: float, max_iter: int) -> boo
 implement("fused_update", "ext", fused_update, _fused_supports)
 implement("fused_update_masked", "ext", fused_update_masked, _fused_masked_supports)
 implement("factor_update", "ext", factor_update, _factor_supports)
+implement("factor_update_masked", "ext", factor_update_masked, _factor_masked_supports)
 implement("kalman_update", "ext", kalman_update, _kalman_supports)
 implement("kalman_update_masked", "ext", kalman_update_masked, _kalman_masked_supports)
 implement("batched_spd_inverse", "ext", batched_spd_inverse, _batched_supports)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from grng.finite import finite_flag
-from grng.ops.reference import combine, kalman_posterior, symmetrize_from_upper
+from grng.ops.reference import combine, factor_update, kalman_posterior, symmetrize_from_upper
 
 
 def fused_update_masked(
@@ -59,6 +59,13 @@ def fused_update_masked(
         new = p * (1.0 - lr * weight_decay) if weight_decay != 0.0 else p
         p.copy_(torch.where(ok, new - lr * step.to(p.dtype), p))
     return ok
+
+
+def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> Tensor:
+    """M <- beta M + alpha X^T X in place where ``ok`` (:func:`grng.ops.factor_update`), M
+    untouched otherwise, whatever X holds (the device gate's fold: no copy of M to select back)."""
+    new = factor_update(M.clone(), X, alpha, beta)
+    return M.copy_(torch.where(ok, new, M))
 
 
 def newton_schulz_fixed(M: Tensor, X0: Tensor, iterations: int, tol: float) -> tuple[Tensor, Tensor]:

@@ -392,6 +392,36 @@ define(OpSpec(
 ))
 
 
+def _masked_factor_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                          variant: str) -> tuple:
+    base = variant if variant in ("strided", "batched") else "contiguous"
+    M, X, alpha, beta = _factor_inputs(n, dtype, device, seed, base)
+    if variant == "skip_nonfinite":  # non-finite rows under a False flag: M must stay as it was
+        X[..., n // 2, 0] = math.nan
+    ok = torch.tensor(not variant.startswith("skip"), device=device)
+    return M, X, alpha, beta, ok
+
+
+define(OpSpec(
+    name="factor_update_masked",
+    signature="factor_update_masked(M, X, alpha, beta, ok) -> M",
+    math="M <- beta M + alpha X^T X in place where ok (exactly symmetric), M untouched otherwise",
+    reference=masked.factor_update_masked,
+    make_inputs=_masked_factor_inputs,
+    outputs=lambda args, out: (args[0],),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="X (M is float32, float64 for float64; ok: a 0-dim bool)",
+    shape=lambda n: f"M {n}x{n}, X {n}x{n}",
+    reduction=lambda n: n,
+    flops=lambda n: n * n * (n + 1.0),
+    bytes=lambda n, dt: 2.0 * n * n * size_of(wide(dt)) + n * n * size_of(dt),
+    variants=("contiguous", "strided", "batched", "skip", "skip_nonfinite"),
+    symmetric=(0,),
+    returns_arg=0,
+    output_names=("M",),
+))
+
+
 #: fixed Newton-Schulz steps of a newton_schulz_masked case (a warm start converges in ~5, the
 #: cold scaled start from 2I in ~12 at these well-conditioned inputs)
 NEWTON_MASKED_ITERATIONS = 20

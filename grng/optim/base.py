@@ -296,7 +296,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             fold, due = self._schedule()
             gate.keep_statistics(self._blocks, due, diagonal, fold)
             if fold:
-                self._fold(diagonal)
+                with gate.folding():
+                    self._fold(diagonal)
             self._refresh()
             gate.restore_statistics()
             gate.keep_per_step([*blocks, *diagonal])

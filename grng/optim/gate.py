@@ -10,15 +10,18 @@ apply -> fused update once, asking its gate at each point where a step can fail:
   new = where(ok, new, old) on the device, counting a skip in a device tensor.
 
 What a skipped step must leave as it was: the folded statistics and the inverses of the blocks
-due (the device gate keeps them; the host gate skips before the fold), and each unit's
+due (the device gate keeps them, or, where the communicator ``masks_folds``, has the Kronecker
+factors folded only where its flag says so: ``comm.masked_folds``; the host gate skips before
+the fold), and each unit's
 per-step fields (``StateView.PER_STEP``, written by a preconditioner's ``update`` phase), which
 both gates keep (the device gate also before the refresh of a block due, which may carry them
 into a new basis); a state type that declares none costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import Tensor
@@ -104,6 +107,10 @@ class HostGate:
                         fold: bool) -> None:
         """Nothing to keep: a non-finite input ended the step before the fold."""
 
+    def folding(self) -> ContextManager[Any]:
+        """The fold's context: nothing (a non-finite input ended the step before the fold)."""
+        return contextlib.nullcontext()
+
     def restore_statistics(self) -> None:
         """Nothing to restore (see :meth:`keep_statistics`)."""
 
@@ -156,13 +163,20 @@ class DeviceGate:
                         fold: bool) -> None:
         """Copy what fold and refresh may change: the whole state of the blocks ``due`` (with
         its per-step fields, which a refresh may carry into a new basis: EKFAC), the folded
-        statistics of the other units on a ``fold`` step."""
+        statistics of the other units on a ``fold`` step; no copy of the folded fields the
+        communicator folds only where ok (:meth:`folding`)."""
+        masks = self.opt.comm.masks_folds
         changing = [(u.state, now) for u, now in zip(blocks, due)]
         changing += [(u.state, False) for u in diagonal]
-        self.statistics = [
-            (st, {k: t.clone() for k, t in (st.items() if now else
-                                            st.folded().items() if fold else ())})
-            for st, now in changing]
+        self.statistics = []
+        for st, now in changing:
+            fields = st.items() if now else st.folded().items() if fold else ()
+            masked = st.FOLDED if masks and st.FOLDS_THROUGH_COMMUNICATOR else ()
+            self.statistics.append((st, {k: t.clone() for k, t in fields if k not in masked}))
+
+    def folding(self) -> ContextManager[Any]:
+        """The fold's context: the communicator folds only where ok (when it can)."""
+        return self.opt.comm.masked_folds(self.ok)
 
     def restore_statistics(self) -> None:
         """A skipped step leaves the statistics and inverses as they were."""
