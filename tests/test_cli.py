@@ -139,6 +139,10 @@ def _flag_ignoring_update(params, grads, directions, momentum_buffers, lr, momen
                                       weight_decay, rho, kl_clip, torch.ones_like(ok))
 
 
+def _flag_ignoring_fold(M, X, alpha, beta, ok):
+    return masked.factor_update_masked(M, X, alpha, beta, torch.ones_like(ok))
+
+
 def _one_element_unwritten_kalman(P, H, r, beta, q):
     updated = P.clone()
     ok = masked.kalman_update_masked(updated, H, r, beta, q)
@@ -150,13 +154,14 @@ def _one_element_unwritten_kalman(P, H, r, beta, q):
 
 @pytest.fixture
 def broken_masked(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A live backend whose masked update ignores the flag and whose masked Kalman update leaves
-    one element unwritten; its Newton-Schulz and Cholesky are right (private registry copies)."""
+    """A live backend whose masked update and masked fold ignore the flag and whose masked Kalman
+    update leaves one element unwritten; its Newton-Schulz and Cholesky are right (private registry copies)."""
     monkeypatch.setattr(dispatch, "_IMPLS", {op: dict(b) for op, b in dispatch._IMPLS.items()})
     monkeypatch.setattr(dispatch, "BACKENDS", (*dispatch.BACKENDS, "broken"))
     monkeypatch.setitem(dispatch._LOADED, "broken", "live")
     registry.implement("fused_update_masked", "broken", _flag_ignoring_update)
     registry.implement("kalman_update_masked", "broken", _one_element_unwritten_kalman)
+    registry.implement("factor_update_masked", "broken", _flag_ignoring_fold)
     registry.implement("newton_schulz_masked", "broken", masked.newton_schulz_fixed)
     registry.implement("cholesky_inverse_masked", "broken", masked.cholesky_inverse_masked)
     return "broken"
@@ -165,13 +170,15 @@ def broken_masked(monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_verify_catches_a_wrong_masked_op(broken_masked: str, dtype: str) -> None:
     """Exactly the wrong rows fail: the flag-ignoring update on its flag-False case only (the
-    non-finite case skips anyway), the Kalman update wherever it writes P; in float64 too (the
+    non-finite case skips anyway), the flag-ignoring fold on both flag-False cases, the Kalman
+    update wherever it writes P; in float64 too (the
     truth must not run on the backend's in-place output)."""
     rows = verify.check_ops("cpu", [broken_masked], [dtype], [1, 7], ops=MASKED_OPS)
     assert {r.op for r in rows} == set(MASKED_OPS)
     failed = {(r.op, r.shape) for r in rows if r.passed is False}
     assert failed == {("fused_update_masked", f"n={n} skip") for n in (1, 7)} | {
-        ("kalman_update_masked", f"n={n}{v}") for n in (1, 7) for v in ("", " strided", " steady")}
+        ("kalman_update_masked", f"n={n}{v}") for n in (1, 7) for v in ("", " strided", " steady")} | {
+        ("factor_update_masked", f"n={n} {v}") for n in (1, 7) for v in ("skip", "skip_nonfinite")}
     assert all(r.passed for r in rows if (r.op, r.shape) not in failed)
     assert all("params off" in r.note for r in rows if r.passed is False and r.op == "fused_update_masked")
 
@@ -183,7 +190,8 @@ def test_verify_cli_fails_on_exactly_the_wrong_masked_op(broken_masked: str,
     out = capsys.readouterr().out
     assert status == 1
     fails = [line for line in out.splitlines() if line.startswith("FAIL ")]
-    assert fails and all(line.startswith("FAIL fused_update_masked broken float32") for line in fails)
+    assert {line.split()[1] for line in fails} == {"fused_update_masked", "factor_update_masked"}
+    assert all(line.split()[2:4] == ["broken", "float32"] for line in fails)
 
 
 # ----------------------------------------------------------------------------- bench

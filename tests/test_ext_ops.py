@@ -364,6 +364,17 @@ def test_sync_free_step_runs_the_extensions_masked_update():
     assert _profiled_calls(opt, model, 4, "grng_ext::fused_update_masked") == [1, 1, 1, 1]
 
 
+def test_sync_free_fold_runs_the_extensions_masked_fold():
+    """sync_free=True, backend="ext": each fold step folds every dense factor (A and G of the two
+    layers, four sizes: no batching) through ext's masked fold, and none through the plain one."""
+    import grng
+    model = _two_layer_model()
+    opt = grng.KFAC(model, lr=0.05, inverse="cholesky", inverse_every=2, factor_every=2,
+                    sync_free=True, backend="ext")
+    assert _profiled_calls(opt, model, 4, "grng_ext::factor_update_masked") == [0, 4, 0, 4]
+    assert _profiled_calls(opt, model, 4, "grng_ext::factor_update") == [0, 0, 0, 0]
+
+
 def test_sync_free_rkalman_runs_the_extensions_masked_kalman_update():
     """R-Kalman's fold steps run ext's masked Kalman update, once per covariance (P_A and P_G of
     each of the two dense layers), and no other step does."""
@@ -445,6 +456,8 @@ def test_auto_runs_ext_masked_ops_on_cpu():
     assert dispatch.resolve("fused_update_masked", "auto", *args) is ext.fused_update_masked
     P, H = spd(9, 9, dtype=torch.float32), torch.randn(3, 9)
     assert dispatch.resolve("kalman_update_masked", "auto", P, H, 2.0, 0.9, 0.01) is ext.kalman_update_masked
+    X, ok = torch.randn(4, 9), torch.tensor(True)
+    assert dispatch.resolve("factor_update_masked", "auto", P, X, 0.1, 0.9, ok) is ext.factor_update_masked
 
 
 def test_kernels_are_listed_from_the_registry():

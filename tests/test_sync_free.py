@@ -169,6 +169,39 @@ def test_a_non_finite_step_changes_nothing(name: str) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("masks", [True, False])
+def test_a_skipped_fold_leaves_the_factors_with_or_without_copies(
+        masks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The local communicator folds the Kronecker factors (NaN rows here) only where the device
+    flag says so, and the gate keeps no copy of them; a communicator that cannot
+    (``masks_folds`` False, as the process-group one) gets copies selected back. Either way a
+    skipped fold leaves A and G bit for bit as they were."""
+    from grng.optim.gate import DeviceGate
+
+    model, opt = _train("kfac-no-clip-factor-every", True, 4)  # step 4 folds (factor_every=2)
+    if not masks:
+        monkeypatch.setattr(opt.comm, "masks_folds", False)
+        monkeypatch.setattr(opt.comm, "masked_folds", lambda ok: contextlib.nullcontext())
+    kept: list[set[str]] = []
+    keep = DeviceGate.keep_statistics
+
+    def spy(self: DeviceGate, *args: object) -> None:
+        keep(self, *args)
+        kept.append({k for _, old in self.statistics for k in old})
+
+    monkeypatch.setattr(DeviceGate, "keep_statistics", spy)
+    factors = [(u.state, {k: u.state[k].clone() for k in ("A", "G")})
+               for u, _ in opt._curvature_units() if "A" in u.state]
+    assert factors
+    x, y = _batch(4)
+    opt.step(_closure(model, opt, x, y, poison=True))
+    assert opt.skipped_steps == 1 and len(kept) == 1
+    assert ({"A", "G"} <= kept[0]) == (not masks)
+    for state, saved in factors:
+        for k, v in saved.items():
+            assert torch.equal(state[k], v), k
+
+
 def test_unconverged_newton_keeps_the_previous_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
     """One Newton-Schulz iteration cannot converge: the refresh keeps every dense factor's
     previous inverse on the device and counts it."""

@@ -90,7 +90,7 @@ def _check_compiled(op: str, variant: str) -> None:
 def test_compiled_sync_free_step_through_triton(name: str) -> None:
     """torch.compile(opt.step) of a sync-free step with backend="triton" takes the eager steps
     bit for bit; the traced fold-and-refresh step is one graph (K-FAC) calling the grng_triton
-    ops: the masked update, and the factor update and the masked Newton-Schulz's steps (K-FAC)
+    ops: the masked update, and the masked fold and the masked Newton-Schulz's steps (K-FAC)
     or the masked Kalman update (R-Kalman)."""
     from grng.optim.cases import optimizer_factory
 
@@ -118,7 +118,7 @@ def test_compiled_sync_free_step_through_triton(name: str) -> None:
                     assert explained.graph_break_count == 0, explained.break_reasons
                 targets = {str(n.target) for g in explained.graphs for n in g.graph.nodes}
                 want = {"fused_update_masked"} | ({"kalman_update_masked"} if name == "rkalman"
-                                                  else {"factor_update", "newton_schulz_step"})
+                                                  else {"factor_update_masked", "newton_schulz_step"})
                 assert {f"grng_triton.{op}" for op in want} <= targets, sorted(targets)
             else:  # the first step creates the factors (host path)
                 (opt.step if i == 0 else step)()
