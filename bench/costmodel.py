@@ -44,24 +44,39 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BAR = 0.30
 
+#: the CUDA defaults (grng.optim.device_defaults.CUDA) as the model sees them: sync-free, and
+#: either as CUDA's auto dispatch runs them today (the reference ops: AUTO_ORDER["cuda"] is
+#: empty until bench/gpu_check.py measures a kernel faster) or with grng's kernels for the fold
+#: (Triton / extension one-triangle fold, masked under the device gate) and the update
+_CUDA = dict(inverse=device_defaults.CUDA.inverse, inverse_every=device_defaults.CUDA.inverse_every,
+             precision=device_defaults.CUDA.precision, sync_free=True)
+_KERNELS = dict(fold_kernel=True, fused_update=True)
+
 #: the configurations compared on the GPU (name -> StepConfig)
 GPU_CONFIGS: dict[str, cm.StepConfig] = {
-    "0.3 defaults (eigen, fp32, T=10, F=2)": cm.StepConfig(),
-    "CUDA defaults (cholesky, tf32, T=20, F=2, sync-free), update as dispatched today":
-        cm.StepConfig(inverse=device_defaults.CUDA.inverse, sync_free=True,
-                      inverse_every=device_defaults.CUDA.inverse_every,
-                      precision=device_defaults.CUDA.precision),
-    "CUDA defaults, with a measured fused update kernel": cm.StepConfig(
-        inverse=device_defaults.CUDA.inverse, inverse_every=device_defaults.CUDA.inverse_every,
-        precision=device_defaults.CUDA.precision, fused_update=True, sync_free=True),
-    "cholesky, tf32, T=10": cm.StepConfig(inverse="cholesky", precision="tf32",
-                                          fused_update=True),
-    "newton 20 its, fp32 (0.3 sync-free newton)": cm.StepConfig(inverse="newton", iterations=20),
-    "newton 3 its warm, tf32, T=20 (does not converge: newton_warmstart.md)": cm.StepConfig(
-        inverse="newton", iterations=3, inverse_every=20, precision="tf32", fused_update=True),
-    "eigen, tf32, T=100": cm.StepConfig(inverse_every=100, precision="tf32", fused_update=True),
-    "eigenbasis member, QR refresh, tf32, T=20": cm.StepConfig(
-        family="ekfac", iterations=1, inverse_every=20, precision="tf32", fused_update=True),
+    "0.3 defaults (eigen, fp32, T=10, F=2), reference ops": cm.StepConfig(),
+    "CUDA defaults (cholesky, tf32, T=20, F=2, sync-free), reference ops (the dispatch today)":
+        cm.StepConfig(**_CUDA),
+    "CUDA defaults, grng's kernels (masked one-triangle fold, fused update)":
+        cm.StepConfig(**_CUDA, **_KERNELS),
+    "CUDA defaults, grng's kernels, T=40": cm.StepConfig(**{**_CUDA, "inverse_every": 40},
+                                                         **_KERNELS),
+    "CUDA defaults, grng's kernels, F=4": cm.StepConfig(**_CUDA, factor_every=4, **_KERNELS),
+    "newton 20 its, fp32 (0.3 sync-free newton), reference ops": cm.StepConfig(
+        inverse="newton", iterations=20, sync_free=True),
+    "newton 3 its warm, tf32, T=20, kernels (does not converge: newton_warmstart.md)":
+        cm.StepConfig(inverse="newton", iterations=3, inverse_every=20, precision="tf32",
+                      sync_free=True, **_KERNELS),
+    "eigen, tf32, T=100, kernels": cm.StepConfig(inverse_every=100, precision="tf32",
+                                                 **_KERNELS),
+    "eigenbasis member (EKFAC), QR refresh, tf32, T=20, sync-free, reference ops": cm.StepConfig(
+        family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True),
+    "eigenbasis member (EKFAC), QR refresh, tf32, T=20, sync-free, kernels": cm.StepConfig(
+        family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True,
+        **_KERNELS),
+    "eigenbasis member (EKFAC), QR refresh, tf32, T=100, F=4, sync-free, kernels": cm.StepConfig(
+        family="ekfac", iterations=1, inverse_every=100, factor_every=4, precision="tf32",
+        sync_free=True, **_KERNELS),
 }
 
 
@@ -153,11 +168,11 @@ def measure_steps(name: str, rounds: int, steps: int) -> dict[str, float]:
 
 def cpu_config() -> cm.StepConfig:
     """K-FAC's library defaults as the model sees them on the CPU (the ext fused update takes a
-    param group's tensors in one call)."""
+    param group's tensors in one call; the ext fold updates block rows of the upper triangle)."""
     opt = make_optimizer("kfac-eigen", torch.nn.Linear(2, 2))
     try:
         return cm.StepConfig(factor_every=opt.factor_every, inverse_every=opt.inverse_every,
-                             fused_update=True)
+                             fused_update=True, fold_kernel=True)
     finally:
         opt.capture.remove()
 

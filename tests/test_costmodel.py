@@ -20,9 +20,14 @@ def _shape(*blocks: cm.BlockShape, params: int = 100, diagonal: int = 10) -> cm.
 
 def test_component_counts_follow_the_formulas() -> None:
     b = cm.BlockShape("fc", d_a=7, d_g=5, a_dense=True, g_dense=True, rows=11)
-    pred = cm.predict(_shape(b), cm.StepConfig(factor_every=2, inverse_every=3), FLAT)
+    pred = cm.predict(_shape(b), cm.StepConfig(factor_every=2, inverse_every=3, fold_kernel=True),
+                      FLAT)
     c = pred.components
-    assert c["fold"].flops == pytest.approx(11 * (7 ** 2 + 5 ** 2) / 2)
+    assert c["fold"].flops == pytest.approx(11 * (7 * 8 + 5 * 6) / 2)  # one triangle, m d (d + 1)
+    assert "fold passes" not in c
+    ref = cm.predict(_shape(b), cm.StepConfig(factor_every=2, inverse_every=3), FLAT).components
+    assert ref["fold"].flops == pytest.approx(2 * 11 * (7 ** 2 + 5 ** 2) / 2)  # the full GEMM
+    assert ref["fold passes"].bytes == pytest.approx(48 * (7 ** 2 + 5 ** 2) / 2)
     assert c["refresh"].flops == pytest.approx(9 * (7 ** 3 + 5 ** 3) / 3)
     assert c["apply"].flops == pytest.approx(4 * 5 * 7 * (5 + 7) + 2 * 5 * 7)
     assert c["update"].flops == pytest.approx(10 * 100)
@@ -34,9 +39,39 @@ def test_component_counts_follow_the_formulas() -> None:
 
 def test_diagonal_side_has_no_factor_work() -> None:
     b = cm.BlockShape("emb", d_a=1000, d_g=8, a_dense=False, g_dense=True, rows=3)
-    c = cm.predict(_shape(b), cm.StepConfig(factor_every=1, inverse_every=1), FLAT).components
-    assert c["fold"].flops == pytest.approx(3 * 8 ** 2)
+    c = cm.predict(_shape(b), cm.StepConfig(factor_every=1, inverse_every=1, fold_kernel=True),
+                   FLAT).components
+    assert c["fold"].flops == pytest.approx(3 * 8 * 9)
     assert c["refresh"].flops == pytest.approx(9 * 8 ** 3)
+
+
+def test_device_gate_copies_no_dense_factor_under_the_masked_fold() -> None:
+    """Sync-free: the gate's copies are the diagonal statistics per fold and the inverses of
+    the blocks due (over T), never the dense factors (folded where ok by the communicator); the
+    reference's masked fold pays its own clone and select in its passes, the kernel nothing."""
+    small, wide = (cm.BlockShape("fc", d, 5, True, True, 11) for d in (7, 70))
+    for b in (small, wide):
+        cfg = cm.StepConfig(inverse="cholesky", factor_every=2, inverse_every=4, sync_free=True,
+                            fold_kernel=True)
+        gate = cm.predict(_shape(b), cfg, FLAT).components["gate"]
+        assert gate.flops == pytest.approx(10 / 2 + (b.d_a ** 2 + 5 ** 2) / 4)
+    ref = cm.predict(_shape(small), cm.StepConfig(sync_free=True), FLAT).components
+    plain = cm.predict(_shape(small), cm.StepConfig(), FLAT).components
+    assert ref["fold passes"].bytes == pytest.approx(plain["fold passes"].bytes * (48 + 28) / 48)
+
+
+def test_eigenbasis_member_counts_its_per_step_and_refresh_work() -> None:
+    """EKFAC: six GEMM-pairs' worth per block and step (V and m to the basis, the direction
+    back), a GEMM + QR refresh and the second moment's carry (over T), and under the device gate
+    a copy of both moments every step."""
+    b = cm.BlockShape("fc", 7, 5, True, True, 11)
+    c = cm.predict(_shape(b), cm.StepConfig(family="ekfac", iterations=1, inverse_every=3,
+                                            sync_free=True), FLAT).components
+    assert c["apply"].flops == pytest.approx(4 * 5 * 7 * 12 + 2 * 5 * 7)
+    assert c["moments"].flops == pytest.approx(2 * 5 * 7 * 12 + 12 * 5 * 7)
+    assert c["refresh"].flops == pytest.approx((2 + 8 / 3) * (7 ** 3 + 5 ** 3) / 3)
+    assert c["reproject"].flops == pytest.approx((2 * (7 ** 3 + 5 ** 3) + 2 * 5 * 7 * 12) / 3)
+    assert c["gate"].flops >= 2 * 5 * 7  # both moments, every step
 
 
 def test_time_is_the_roofline_plus_launches() -> None:

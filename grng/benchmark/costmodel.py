@@ -109,6 +109,9 @@ class StepShape:
     fwd_bwd_flops: float
     fwd_bwd_ops: int
     model_precision: str = "fp32"
+    #: parameter tensors on the diagonal fallback (each a unit of its own); 0: unknown, taken as
+    #: every tensor outside the blocks' weights
+    diagonal_tensors: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,17 @@ class StepConfig:
     """An optimizer configuration as the model sees it. ``family``: adamw, kfac, ring, reng,
     rkalman, ekfac; ``inverse``: eigen, newton, cholesky; ``iterations``: Newton-Schulz steps per
     refresh; ``precision``: of the optimizer's GEMMs (fp32, tf32, bf16); ``fused_update``: one
-    multi-tensor launch for the update (else one per parameter); ``batched``: equal-shape blocks
-    share one launch; ``kalman_rank``: R-Kalman's k; ``sync_free``: the device gate copies the
-    folded statistics before a fold and selects them back after it (the CUDA default)."""
+    multi-tensor launch for the update (else the reference's ops per parameter);
+    ``fold_kernel``: the fold through grng's one-triangle kernel (Triton ``sym_update`` or the
+    extension; under the device gate its masked form, written only where ok) instead of the
+    reference (a full X^T X GEMM, then passes that mirror, blend and, under the device gate,
+    copy and select); both kernels are what CUDA's auto dispatch runs once ``bench/gpu_check.py``
+    measures them faster (``grng.ops.dispatch.AUTO_ORDER``), the reference until then;
+    ``batched``: equal-shape blocks share one launch (the fold: where the rows are small,
+    ``grng.distributed.communicator.FOLD_BATCH_MAX_ELEMENTS``); ``kalman_rank``: R-Kalman's k;
+    ``sync_free``: the device gate (the CUDA default): the copies it keeps and selects back
+    (statistics the communicator does not fold in place where ok, the state of the blocks due,
+    per-step fields)."""
 
     family: str = "kfac"
     inverse: str = "eigen"
@@ -127,6 +138,7 @@ class StepConfig:
     iterations: int = 20
     precision: str = "fp32"
     fused_update: bool = False
+    fold_kernel: bool = False
     batched: bool = True
     kalman_rank: int = 64
     sync_free: bool = False
@@ -222,23 +234,23 @@ def predict(shape: StepShape, config: StepConfig, device: Device,
         by = sum(4.0 * (b.rows * d + 3 * d * d + k * d) for b, d in dense)
         c["fold"] = _time(device, Cost(fl / F, by / F, 8.0 * len(dense) / F), p)
     else:
-        fl = sum(b.rows * d * d for b, d in dense)  # one triangle of X^T X
-        by = sum(eb * b.rows * d + 4.0 * 2 * d * d for b, d in dense)
-        launches = _groups([d for _, d in dense], config.batched)
-        c["fold"] = _time(device, Cost(fl / F, by / F, 2.0 * launches / F), p)
+        c["fold"], passes = _fold(dense, config, device)
+        if passes is not None:
+            c["fold passes"] = passes
     c["refresh"] = _refresh(dense, config, device)
+    if config.family == "ekfac":
+        c["reproject"] = _reproject(blocks, config, device)
     c["apply"] = _apply(blocks, config, device)
-    if config.family == "ekfac":  # Adam moments in the eigenbasis: ~12 FLOPs, 5 reads/writes each
-        n = sum(b.d_a * b.d_g for b in blocks)
-        c["moments"] = _time(device, Cost(12.0 * n, 4.0 * 5 * n, 4.0 * len(blocks)), "fp32")
+    if config.family == "ekfac":
+        c["moments"] = _moments(blocks, config, device)
     Pd = shape.diagonal_params
     # multi-tensor fold (3 ops) and apply (2 ops) per (device, dtype): grng.precondition.diagonal
     c["diagonal"] = _time(device, Cost(6.0 * Pd, 4.0 * 4 * Pd, 5.0), "fp32")
-    if config.sync_free:  # copy of every folded statistic, a select back after the fold
-        stats = sum(d * d for _, d in dense) + Pd
-        units = len(dense) + max(1, shape.tensors - len(blocks))
-        c["gate"] = _time(device, Cost(stats / F, 4.0 * 4 * stats / F, 2.0 * units / F), "fp32")
-    launches = 2.0 if config.fused_update else 4.0 * shape.tensors
+    if config.sync_free:
+        c["gate"] = _gate(shape, dense, config, device)
+    # the reference's masked update: 20 ops plus 15 per parameter (momentum and weight decay),
+    # counted by grng.benchmark.costmodel.count_ops-style dispatch counting
+    launches = 2.0 if config.fused_update else UPDATE_OPS[0] + UPDATE_OPS[1] * shape.tensors
     c["update"] = _time(device, Cost(10.0 * P, 4.0 * 6 * P, launches), "fp32")
     if config.family == "reng":  # a second forward and backward (finite differences)
         c["probe pass"] = _common(shape, device)
@@ -252,6 +264,106 @@ def predict(shape: StepShape, config: StepConfig, device: Device,
     return out
 
 
+#: ops of the reference fused_update_masked: (fixed, per parameter tensor) with momentum and
+#: weight decay (counted with :class:`_OpCounter` on grng.ops.masked.fused_update_masked)
+UPDATE_OPS = (20.0, 15.0)
+#: bytes per factor element of the reference fold's passes after its GEMM (4-byte elements):
+#: mirror (two triu reads + writes, one add: 28), blend (mul_ 8, add_ 12); under the device
+#: gate the masked reference adds a clone (8), a where (12) and the copy back (8)
+REFERENCE_FOLD_BYTES, MASKED_REFERENCE_BYTES = 48.0, 28.0
+#: launches per factor of those passes: triu, triu, add, mul_, add_ (+ clone, where, copy_)
+REFERENCE_FOLD_PASSES, MASKED_REFERENCE_PASSES = 5.0, 3.0
+#: a device-gate copy of a tensor and its select back: clone (8 B / element), where (12) and
+#: copy_ (8); three launches
+COPY_BYTES, COPY_LAUNCHES = 28.0, 3.0
+
+
+def _fold_calls(dense: list[tuple[BlockShape, int]], config: StepConfig) -> float:
+    """Launches of one fold: the local communicator batches equal-shape factors only where the
+    rows are small (m d <= FOLD_BATCH_MAX_ELEMENTS), else one call per factor."""
+    from grng.distributed.communicator import FOLD_BATCH_MAX_ELEMENTS
+
+    small = [d for b, d in dense if b.rows * d <= FOLD_BATCH_MAX_ELEMENTS]
+    return float(_groups(small, config.batched) + len(dense) - len(small))
+
+
+def _fold(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Device
+          ) -> tuple[Cost, Cost | None]:
+    """The Gram fold of every dense factor, per step (over F): grng's one-triangle kernel (m d^2
+    FLOPs, M read and written in its epilogue, masked there under the device gate), or the
+    reference: a full GEMM (2 m d^2) and then its elementwise passes (a second component)."""
+    F, p = config.factor_every, config.precision
+    eb = ELEMENT_BYTES[p]
+    calls = _fold_calls(dense, config)
+    rows = sum(eb * b.rows * d for b, d in dense)
+    sq = sum(float(d) * d for _, d in dense)
+    if config.fold_kernel:
+        fl = sum(b.rows * d * (d + 1.0) for b, d in dense)  # one triangle of X^T X
+        return _time(device, Cost(fl / F, (rows + 8.0 * sq) / F, calls / F,
+                                  note="one-triangle kernel"), p), None
+    fl = sum(2.0 * b.rows * d * d for b, d in dense)
+    gemm = _time(device, Cost(fl / F, (rows + 4.0 * sq) / F, calls / F, note="reference GEMM"), p)
+    masked = config.sync_free
+    per = REFERENCE_FOLD_BYTES + (MASKED_REFERENCE_BYTES if masked else 0.0)
+    ops = REFERENCE_FOLD_PASSES + (MASKED_REFERENCE_PASSES if masked else 0.0)
+    passes = _time(device, Cost(2.0 * sq / F, per * sq / F, ops * len(dense) / F,
+                                note="mirror, blend" + (", masked select" if masked else "")),
+                   "fp32")
+    return gemm, passes
+
+
+def _gate(shape: StepShape, dense: list[tuple[BlockShape, int]], config: StepConfig,
+          device: Device) -> Cost:
+    """The device gate's copies and selects (grng.optim.gate.DeviceGate): the diagonal units'
+    statistics on fold steps (the Kronecker factors are folded where ok by the communicator,
+    no copy), the refreshed state of the blocks due (over T) and, every step, the per-step
+    fields (EKFAC's moments, its diagonal Adam's)."""
+    F, T = config.factor_every, config.inverse_every
+    blocks = shape.blocks
+    Pd = shape.diagonal_params
+    diag_units = shape.diagonal_tensors or max(1, shape.tensors - len(blocks))
+    elems = Pd / F
+    launches = diag_units / F
+    if config.family == "ekfac":  # Q_A, Q_G, and the moments a refresh carries
+        refreshed = sum(float(d) * d for _, d in dense) + 2.0 * sum(b.d_a * b.d_g for b in blocks)
+        fields = len(dense) + 3.0 * len(blocks)
+        per_step = 2.0 * sum(b.d_a * b.d_g for b in blocks) + 2.0 * Pd
+        elems += refreshed / T + per_step
+        launches += fields / T + 3.0 * (len(blocks) + diag_units)
+    elif config.family != "rkalman":  # the inverse of each dense factor (a vector if diagonal)
+        eigen = config.inverse == "eigen"
+        elems += sum(float(d) * d + (d if eigen else 0) for _, d in dense) / T
+        launches += (2.0 if eigen else 1.0) * len(dense) / T
+    return _time(device, Cost(elems, COPY_BYTES * elems, COPY_LAUNCHES * launches), "fp32")
+
+
+def _moments(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
+    """EKFAC's update phase, per block and step: V to the eigenbasis (Q_G^T V Q_A: two GEMMs
+    where the sides are dense), its square, Adam's two moment EMAs (~12 FLOPs and ~10 reads or
+    writes per element), about 10 launches (no batching across blocks)."""
+    fl = by = 0.0
+    for b in blocks:
+        a = b.d_a if b.a_dense else 0
+        g = b.d_g if b.g_dense else 0
+        fl += 2.0 * b.d_g * b.d_a * (a + g) + 12.0 * b.d_g * b.d_a
+        by += 4.0 * (10 * b.d_g * b.d_a + a * a + g * g)
+    return _time(device, Cost(fl, by, 10.0 * len(blocks), note="projection + Adam"),
+                 config.precision)
+
+
+def _reproject(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
+    """EKFAC's second moment carried into a new basis, per refresh (over T): W = (Q_new^T
+    Q_old)^2 per dense side (2 d^3), then W_G v W_A^T (2 d_G d_A (d_G + d_A))."""
+    T = config.inverse_every
+    fl = by = launches = 0.0
+    for b in blocks:
+        sides = [d for d, dense in ((b.d_a, b.a_dense), (b.d_g, b.g_dense)) if dense]
+        fl += sum(2.0 * d ** 3 for d in sides) + 2.0 * b.d_g * b.d_a * sum(sides)
+        by += 4.0 * (sum(3.0 * d * d for d in sides) + 3.0 * b.d_g * b.d_a)
+        launches += 3.0 * len(sides)
+    return _time(device, Cost(fl / T, by / T, launches / T, note="carry v"), config.precision)
+
+
 def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Device) -> Cost:
     """The inverse (or basis) refresh of every dense factor, amortized over T."""
     T, p = config.inverse_every, config.precision
@@ -260,13 +372,16 @@ def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: De
         return Cost(note="none (Kalman)")
     if config.family == "ekfac" or config.inverse == "eigen":
         if config.family == "ekfac" and config.iterations > 0:
-            # warm-started subspace iteration: M Q (2 d^3) then a QR (~4/3 d^3, at SIMT rate)
+            # warm-started subspace iteration (grng.precondition.eigenbasis.subspace_step): M Q
+            # (2 d^3, batched per size) and the Rayleigh order (gather), then a Householder QR
+            # with Q formed (geqrf + orgqr, 8/3 d^3, at a quarter of the SIMT rate, one call
+            # per matrix)
             gemm = Cost(sum(2.0 * d ** 3 for d in sizes) / T,
-                        sum(4.0 * 3 * d * d for d in sizes) / T, _groups(sizes, True) / T)
+                        sum(4.0 * 5 * d * d for d in sizes) / T, 5.0 * _groups(sizes, True) / T)
             _time(device, gemm, p)
-            qr = sum(device.eigh_latency_ms * 1e-3 / 3 + (4.0 / 3.0) * d ** 3 / device.rate("fp32")
+            qr = sum(device.eigh_latency_ms * 1e-3 / 3 + (8.0 / 3.0) * d ** 3 / device.rate("fp32")
                      / 0.25 for d in sizes) / T
-            return Cost(gemm.flops + sum(4.0 / 3.0 * d ** 3 for d in sizes) / T, gemm.bytes,
+            return Cost(gemm.flops + sum(8.0 / 3.0 * d ** 3 for d in sizes) / T, gemm.bytes,
                         gemm.launches + len(sizes) / T, gemm.seconds + qr, "GEMM + QR")
         seconds = sum(device.eigh_seconds(d) for d in sizes) / T
         return Cost(sum(9.0 * d ** 3 for d in sizes) / T, sum(4.0 * 3 * d * d for d in sizes) / T,
@@ -296,7 +411,10 @@ def _apply(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> 
         fl += gemms * b.d_g * b.d_a * (a + g) + 2.0 * b.d_g * b.d_a
         by += 4.0 * (3 * b.d_g * b.d_a + a * a + g * g) * (2 if eigen else 1)
     shapes = [(b.d_a, b.d_g) for b in blocks]
-    launches = (gemms + 1) * (len(set(shapes)) if config.batched else len(blocks))
+    if config.family == "ekfac":  # per block (no apply_many): 4 GEMMs, Adam's ratio (~6 ops)
+        launches = 10.0 * len(blocks)
+    else:
+        launches = (gemms + 1) * (len(set(shapes)) if config.batched else len(blocks))
     return _time(device, Cost(fl, by, launches), config.precision)
 
 
@@ -345,7 +463,8 @@ def step_shape(build: Callable[[], nn.Module], batch: Callable[[torch.device], t
         params = [p for p in model.parameters() if p.requires_grad]
         return StepShape(tuple(blocks), sum(p.numel() for p in params),
                          sum(p.numel() for p in params if id(p) not in covered), len(params),
-                         float(flops.get_total_flops()), counter.count, model_precision)
+                         float(flops.get_total_flops()), counter.count, model_precision,
+                         sum(1 for p in params if id(p) not in covered))
     finally:
         opt.capture.remove()
 
@@ -367,7 +486,8 @@ def gpt_shape(layers: int, width: int, vocab: int, context: int, batch: int,
     params = layers * (12 * d * d + 9 * d) + (vocab + context) * d + norms
     per_token = 2.0 * (12 * layers * d * d + d * vocab) + 4.0 * context * d * layers
     return StepShape(tuple(blocks), params, norms, 4 * layers * 2 + 2 + 2 * (2 * layers + 1),
-                     3.0 * per_token * m, 150 * layers + 80, model_precision)
+                     3.0 * per_token * m, 150 * layers + 80, model_precision,
+                     2 * (2 * layers + 1))
 
 
 #: transformer presets for ``grng bench --predict``: (layers, width, vocab, context, batch)
@@ -485,7 +605,9 @@ def _describe(config: StepConfig) -> str:
     inverse = "QR refresh" if config.family == "ekfac" else config.inverse
     iters = f", {config.iterations} its" if inverse in ("newton", "QR refresh") else ""
     return (f"{inverse}{iters}, F={config.factor_every}, T={config.inverse_every}, "
-            f"{config.precision}, {'fused' if config.fused_update else 'per-tensor'} update")
+            f"{config.precision}, {'kernel' if config.fold_kernel else 'reference'} fold, "
+            f"{'fused' if config.fused_update else 'per-tensor'} update"
+            f"{', sync-free' if config.sync_free else ''}")
 
 
 __all__ = ["BlockShape", "Cost", "DEVICES", "Device", "Prediction", "StepConfig", "StepShape",
