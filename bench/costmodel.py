@@ -49,19 +49,21 @@ BAR = 0.30
 #: empty until bench/gpu_check.py measures a kernel faster) or with grng's kernels for the fold
 #: (Triton / extension one-triangle fold, masked under the device gate) and the update
 _CUDA = dict(inverse=device_defaults.CUDA.inverse, inverse_every=device_defaults.CUDA.inverse_every,
-             precision=device_defaults.CUDA.precision, sync_free=True)
+             precision=device_defaults.CUDA.precision,
+             factor_every=device_defaults.CUDA.factor_every, sync_free=True)
 _KERNELS = dict(fold_kernel=True, fused_update=True)
 
 #: the configurations compared on the GPU (name -> StepConfig)
 GPU_CONFIGS: dict[str, cm.StepConfig] = {
     "0.3 defaults (eigen, fp32, T=10, F=2), reference ops": cm.StepConfig(),
-    "CUDA defaults (cholesky, tf32, T=20, F=2, sync-free), reference ops (the dispatch today)":
+    "CUDA defaults (cholesky, tf32, T=20, F=4, sync-free), reference ops (the dispatch today)":
         cm.StepConfig(**_CUDA),
     "CUDA defaults, grng's kernels (masked one-triangle fold, fused update)":
         cm.StepConfig(**_CUDA, **_KERNELS),
+    "CUDA defaults at F=2 (before), grng's kernels": cm.StepConfig(
+        **{**_CUDA, "factor_every": 2}, **_KERNELS),
     "CUDA defaults, grng's kernels, T=40": cm.StepConfig(**{**_CUDA, "inverse_every": 40},
                                                          **_KERNELS),
-    "CUDA defaults, grng's kernels, F=4": cm.StepConfig(**_CUDA, factor_every=4, **_KERNELS),
     "newton 20 its, fp32 (0.3 sync-free newton), reference ops": cm.StepConfig(
         inverse="newton", iterations=20, sync_free=True),
     "newton 3 its warm, tf32, T=20, kernels (does not converge: newton_warmstart.md)":
@@ -69,6 +71,9 @@ GPU_CONFIGS: dict[str, cm.StepConfig] = {
                       sync_free=True, **_KERNELS),
     "eigen, tf32, T=100, kernels": cm.StepConfig(inverse_every=100, precision="tf32",
                                                  **_KERNELS),
+    "eigenbasis member (EKFAC) at its defaults (QR refresh, fp32, T=10, F=1, sync-free), "
+    "reference ops": cm.StepConfig(family="ekfac", iterations=1, inverse_every=10, factor_every=1,
+                                   sync_free=True),
     "eigenbasis member (EKFAC), QR refresh, tf32, T=20, sync-free, reference ops": cm.StepConfig(
         family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True),
     "eigenbasis member (EKFAC), QR refresh, tf32, T=20, sync-free, kernels": cm.StepConfig(

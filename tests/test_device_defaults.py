@@ -19,23 +19,28 @@ def _model(device: str = "cpu") -> nn.Module:
 @pytest.mark.parametrize("case", ["kfac-eigen", "ring", "reng-exact"])
 def test_cpu_model_gets_the_measured_cpu_defaults(case: str) -> None:
     opt = make_optimizer(case, _model())
-    assert (opt.inverse.name, opt.inverse_every, opt.precision) == ("eigen", 10, "fp32")
+    assert (opt.inverse.name, opt.inverse_every, opt.precision, opt.factor_every) == (
+        "eigen", 10, "fp32", 2)
     assert device_defaults.for_model(_model()) is device_defaults.CPU
 
 
 def test_cuda_defaults_are_wired_into_the_constructor(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A model the defaults see as on CUDA gets cholesky, T = 20 and TF32 (simulated: no GPU)."""
+    """A model the defaults see as on CUDA gets cholesky, T = 20, TF32 and F = 4 (simulated: no
+    GPU)."""
     monkeypatch.setattr(device_defaults, "for_model", lambda model: device_defaults.CUDA)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf32 on CPU parameters is inert (warned)
         opt = make_optimizer("ring", _model())
-    assert (opt.inverse.name, opt.inverse_every, opt.precision) == ("cholesky", 20, "tf32")
+    assert (opt.inverse.name, opt.inverse_every, opt.precision, opt.factor_every) == (
+        "cholesky", 20, "tf32", 4)
 
 
 def test_explicit_arguments_win_over_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(device_defaults, "for_model", lambda model: device_defaults.CUDA)
-    opt = make_optimizer("kfac-newton", _model(), inverse_every=3, precision="fp32")
-    assert (opt.inverse.name, opt.inverse_every, opt.precision) == ("newton", 3, "fp32")
+    opt = make_optimizer("kfac-newton", _model(), inverse_every=3, precision="fp32",
+                         factor_every=1)
+    assert (opt.inverse.name, opt.inverse_every, opt.precision, opt.factor_every) == (
+        "newton", 3, "fp32", 1)
 
 
 def test_the_cuda_defaults_are_exact_per_refresh_and_never_eigh() -> None:
@@ -49,5 +54,6 @@ def test_a_cuda_model_gets_the_cuda_defaults() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     opt = make_optimizer("ring", _model("cuda"))
-    assert (opt.inverse.name, opt.inverse_every, opt.precision) == ("cholesky", 20, "tf32")
+    assert (opt.inverse.name, opt.inverse_every, opt.precision, opt.factor_every) == (
+        "cholesky", 20, "tf32", 4)
     assert opt.sync_free

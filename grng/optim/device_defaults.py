@@ -7,7 +7,9 @@ docs/performance.md) among the configurations that stay exact per refresh, becau
 was cheapest on paper (a warm-started Newton-Schulz inverse with 1-3 fixed steps) does not track
 real factor sequences (``bench/newton_warmstart.py``, ``bench/results/newton_warmstart.md``):
 Cholesky refreshes (cuSOLVER, no eigh, sync-free through ``cholesky_inverse_masked``) every 20
-steps with TF32 factor and apply GEMMs.
+steps with TF32 factor and apply GEMMs, and folds every 4 steps: the fold is the model's largest
+curvature term at F = 2, and F = 4 kept the steps to target of F = 2 on the demo's three tasks
+(``bench/cuda_intervals.py``, ``bench/results/cuda_intervals.md``: 3 seeds each).
 """
 from __future__ import annotations
 
@@ -18,17 +20,19 @@ from torch import nn
 
 @dataclass(frozen=True)
 class DeviceDefaults:
-    """The inverse strategy, its refresh period T and the optimizer's matmul precision."""
+    """The inverse strategy, its refresh period T, the optimizer's matmul precision and the
+    fold period F."""
 
     inverse: str
     inverse_every: int
     precision: str
+    factor_every: int
 
 
 #: measured on the CPU (docs/defaults.md)
-CPU = DeviceDefaults(inverse="eigen", inverse_every=10, precision="fp32")
+CPU = DeviceDefaults(inverse="eigen", inverse_every=10, precision="fp32", factor_every=2)
 #: chosen from the cost model for CUDA (module docstring; docs/defaults.md)
-CUDA = DeviceDefaults(inverse="cholesky", inverse_every=20, precision="tf32")
+CUDA = DeviceDefaults(inverse="cholesky", inverse_every=20, precision="tf32", factor_every=4)
 
 
 def for_model(model: nn.Module) -> DeviceDefaults:

@@ -26,9 +26,9 @@ class KFAC(CurvatureOptimizer):
     update sets M); inverses are refreshed every ``inverse_every`` steps with ``inverse`` =
     "eigen" (exact damping, (A (x) G + damping I)^-1), "newton" (Newton-Schulz, factored
     Tikhonov damping) or "cholesky" (the same damping by Cholesky). Unset, ``inverse``,
-    ``inverse_every`` and ``precision`` take the defaults of the model's device: "eigen", 10,
-    "fp32" on the CPU (measured), "cholesky", 20, "tf32" on CUDA (chosen from the cost model:
-    :mod:`grng.optim.device_defaults`, docs/defaults.md).
+    ``inverse_every``, ``precision`` and ``factor_every`` take the defaults of the model's
+    device: "eigen", 10, "fp32", 2 on the CPU (measured), "cholesky", 20, "tf32", 4 on CUDA
+    (chosen from the cost model: :mod:`grng.optim.device_defaults`, docs/defaults.md).
 
     ``factor_dtype`` / ``inverse_dtype`` (None, torch.bfloat16, float32, float64) store the
     factors / inverses in that dtype (bf16 halves the curvature memory; arithmetic stays in
@@ -60,7 +60,7 @@ class KFAC(CurvatureOptimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
-        factor_every: int = 2,
+        factor_every: int | None = None,
         inverse_every: int | None = None,
         inverse: str | None = None,
         kl_clip: float | None = 1e-3,
@@ -87,6 +87,7 @@ class KFAC(CurvatureOptimizer):
         inverse = chosen.inverse if inverse is None else inverse
         inverse_every = chosen.inverse_every if inverse_every is None else inverse_every
         precision = chosen.precision if precision is None else precision
+        factor_every = chosen.factor_every if factor_every is None else factor_every
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         self.stagger_refresh = check.boolean("stagger_refresh", stagger_refresh)
         strategy = make_inverse(check.choice("inverse", inverse, INVERSES))
