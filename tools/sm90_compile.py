@@ -6,9 +6,11 @@ ships ptxas. Each compiled variant is then put through ``ptxas -v`` once more to
 registers, spill bytes and shared memory. Run ``python tools/sm90_compile.py [--newton]``
 (prints one row per variant, exit status 1 when one fails or the masked update spills);
 ``tests/test_triton_sm90.py`` runs it without ``--newton`` (about 30 s; the Newton-Schulz
-configs take minutes) and is skipped when ptxas is missing.
+configs take minutes) and is skipped when ptxas is missing; ``--fold`` adds the masked fold.
 
-Kernels: the multi-tensor masked update (``grng.kernels.fused_update``) in both phases and
+``--fold``: the masked fold (the ``sym_update`` kernel with the device flag), every Hopper
+config, fp32 rows on TF32 and bf16 rows; fails unless each uses tensor cores (wgmma), spills
+reported. Kernels: the multi-tensor masked update (``grng.kernels.fused_update``) in both phases and
 with every optional term on and off, at the launch sizes a GPU uses (these must not spill);
 with ``--newton`` also the batched Newton-Schulz step's two kernels
 (``grng.kernels.newton_schulz``) in every Hopper autotune config, fp32 ("ieee") and bf16
@@ -37,6 +39,7 @@ class Compiled:
     spill_bytes: int
     shared_bytes: int
     cubin_bytes: int
+    tensor_cores: bool = False  # the PTX holds wgmma (Hopper's warpgroup tensor-core MMA)
 
 
 def ptxas() -> str | None:
@@ -74,7 +77,7 @@ def compile_sm90(name: str, fn, signature: dict[str, str], constexprs: dict[str,
 
     spills = number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads")
     return Compiled(name, number(r"Used (\d+) registers"), spills, kernel.metadata.shared,
-                    len(kernel.asm["cubin"]))
+                    len(kernel.asm["cubin"]), "wgmma" in kernel.asm["ptx"])
 
 
 def masked_update_variants() -> list[Compiled]:
@@ -94,6 +97,29 @@ def masked_update_variants() -> list[Compiled]:
             name = f"masked_update PHASE={phase} {'all terms' if on else 'no optional term'}"
             full = {**signature, **{k: "constexpr" for k in constexprs}}
             out.append(compile_sm90(name, kernel, full, constexprs))
+    return out
+
+
+def masked_fold_variants() -> list[Compiled]:
+    """The masked fold (``grng.kernels.factor_update``'s ``sym_update`` kernel with the device
+    flag in its store masks, reading M), every Hopper config, fp32 rows on TF32 tensor cores and
+    bf16 rows ("native"): the device gate's fold on CUDA."""
+    from grng.kernels import _tiles, factor_update
+
+    kernel = factor_update._sym_update_kernel.fn
+    out = []
+    for dtype, precision in (("fp32", "tf32"), ("bf16", "native")):
+        signature = {a: "constexpr" for a in kernel.arg_names}
+        signature.update({"m_ptr": "*fp32", "x_ptr": f"*{dtype}", "ok_ptr": "*i1",
+                          "alpha": "fp32", "beta": "fp32", "diag": "fp32"})
+        signature.update({a: "i32" for a in kernel.arg_names if a in ("d", "m", "m_class")
+                          or a.startswith("s_")})
+        for config in _tiles._SYM_HOPPER:
+            constexprs = {"READ_M": True, "MASKED": True, "PRECISION": precision,
+                          **config.kwargs}
+            tile = "x".join(str(v) for v in config.kwargs.values())
+            out.append(compile_sm90(f"masked_fold {dtype} {tile} w{config.num_warps}", kernel,
+                                    signature, constexprs, config.num_warps, config.num_stages))
     return out
 
 
@@ -125,10 +151,12 @@ def main(argv: list[str]) -> int:
         print("no ptxas (Triton's CUDA backend is not installed): nothing compiled")
         return 1
     masked = masked_update_variants()
-    for r in masked + (newton_schulz_variants() if "--newton" in argv else []):
+    folds = masked_fold_variants() if "--fold" in argv else []
+    for r in masked + folds + (newton_schulz_variants() if "--newton" in argv else []):
         print(f"{r.name:45s} sm_90: {r.registers:3d} registers, {r.spill_bytes} spill bytes, "
-              f"{r.shared_bytes} B shared, cubin {r.cubin_bytes} B")
-    return 1 if any(r.spill_bytes for r in masked) else 0
+              f"{r.shared_bytes} B shared, cubin {r.cubin_bytes} B"
+              f"{', tensor cores' if r.tensor_cores else ''}")
+    return 1 if any(r.spill_bytes for r in masked) or not all(r.tensor_cores for r in folds) else 0
 
 
 if __name__ == "__main__":
