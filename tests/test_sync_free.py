@@ -339,3 +339,49 @@ def test_eigen_refresh_steps_take_the_host_path() -> None:
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "step skipped" in messages[0], messages
     assert opt.skipped_steps == 1
+
+
+class _Structures(nn.Module):
+    """A grouped convolution (block-diagonal factors), an embedding (a diagonal A) and a
+    linear layer (dense factors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.conv = nn.Conv1d(4, 8, 3, groups=2)
+        self.out = nn.Linear(8 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.conv(self.emb(x).transpose(1, 2)).flatten(1))
+
+
+def test_a_skipped_fold_leaves_every_factor_structure() -> None:
+    """The masked fold of each structure: block-diagonal (in place, batched over groups),
+    diagonal (a fold of a copy and a select), dense: a NaN step leaves every factor bit for bit,
+    and the next step folds again."""
+    torch.manual_seed(0)
+    model = _Structures()
+    opt = grng.KFAC(model, lr=0.01, inverse="cholesky", inverse_every=2, factor_every=1,
+                    sync_free=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(poison: bool) -> None:
+        x, y = torch.randint(0, 11, (5, 6), generator=gen), torch.randint(0, 3, (5,), generator=gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y) * (float("nan") if poison else 1.0)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step(False)
+    units = [u for u, _ in opt._curvature_units() if "A" in u.state]
+    assert sorted(u.state["A"].dim() for u in units) == [1, 2, 3]
+    saved = [{k: u.state[k].clone() for k in ("A", "G")} for u in units]
+    step(True)
+    assert opt.skipped_steps == 1
+    for u, s in zip(units, saved):
+        for k, v in s.items():
+            assert torch.equal(u.state[k], v), k
+    with pytest.warns(RuntimeWarning, match="skipped on the device"):
+        step(False)
+    assert all(not torch.equal(u.state["G"], s["G"]) for u, s in zip(units, saved))
