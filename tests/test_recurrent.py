@@ -41,8 +41,9 @@ GRID = [c for c in itertools.product(
                          GRID)
 def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, batch_first, proj,
                                                   dropout, form, hx) -> None:
-    """Outputs and final states agree to float64 rounding; inter-layer dropout draws the same
-    masks (same seed) as the fused CPU kernel."""
+    """Outputs, final states and the gradients of every parameter, the input and hx agree to
+    float64 rounding; inter-layer dropout draws the same masks (same seed) as the fused CPU
+    kernel."""
     torch.manual_seed(0)
     kw = dict(proj_size=proj) if proj else {}
     m = getattr(nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional,
@@ -52,22 +53,52 @@ def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, b
     dirs = 2 if bidirectional else 1
     h_size = proj or 4
     state_shape = (layers * dirs,) + (() if form == "unbatched" else (N,))
-    h0 = torch.randn(*state_shape, h_size, dtype=DT) if hx else None
+    states = [torch.randn(*state_shape, h_size, dtype=DT)] if hx else []
     if hx and kind == "LSTM":
-        h0 = (h0, torch.randn(*state_shape, 4, dtype=DT))
+        states.append(torch.randn(*state_shape, 4, dtype=DT))
+    leaves = [x.requires_grad_()] + [s.requires_grad_() for s in states]
+    h0 = None if not hx else (tuple(states) if kind == "LSTM" else states[0])
     if form == "unbatched":
         x = x[0] if batch_first else x[:, 0]
     elif form == "packed":
         x = pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=batch_first,
                                  enforce_sorted=False)
-    torch.manual_seed(7)
-    expected = _flat(m(x, h0))
-    torch.manual_seed(7)
-    actual = _flat(recurrent_forward(m, lambda *a: None, x, h0))
+    results = []
+    for forward in (m, lambda *a: recurrent_forward(m, lambda *r: None, *a)):
+        torch.manual_seed(7)
+        out = _flat(forward(x, h0))
+        weights = [torch.randn(o.shape, dtype=DT, generator=torch.Generator().manual_seed(i))
+                   for i, o in enumerate(out)]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)),
+                                    leaves + list(m.parameters()), retain_graph=True)
+        results.append(out + list(grads))
+    expected, actual = results
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", dict(bidirectional=True)),
+                                      ("LSTM", dict(proj_size=2, num_layers=2))])
+def test_double_backward_through_the_written_out_forward_equals_the_fused_one(kind, kw) -> None:
+    """create_graph=True (exact gradient regularization): the Hessian-vector product through
+    the written-out recurrence (which then recomputes through its plain reference) equals the
+    fused forward's."""
+    torch.manual_seed(6)
+    m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    x = pack_padded_sequence(torch.randn(3, 5, 3, dtype=DT), torch.tensor([5, 2, 4]),
+                             batch_first=True, enforce_sorted=False)
+    params = list(m.parameters())
+    v = [torch.randn_like(p) for p in params]
+    results = []
+    for forward in (m, lambda a: recurrent_forward(m, lambda *r: None, a)):
+        out = forward(x)[0].data
+        g = torch.autograd.grad(out.tanh().pow(2).sum(), params, create_graph=True)
+        hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), params)
+        results.append(list(g) + list(hv))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
 def _lm(kind: str, **kw) -> nn.Module:
