@@ -207,20 +207,48 @@ def _direction(m: nn.Module, report: Report, k: int, sfx: str, data: Tensor, siz
 
 
 class _Steps:
-    """The row layout of one direction over packed time-major data: step t owns rows
-    [offsets[t], offsets[t] + sizes[t]) (sizes non-increasing), processed in ``order``. Step t
-    reads the first sizes[t] sequences' state and writes it back, so a state buffer of one row
-    per sequence holds h_{t-1} before every step and (h_n, c_n) after the last: in the forward
-    direction a sequence's rows stop being written after its last step; in the reverse one a
-    sequence is first read (h_0) at its last step."""
+    """The row layout of one direction over packed time-major data: step t owns the next
+    sizes[t] rows (sizes non-increasing: the first sizes[t] sequences of the sorted batch),
+    processed in ``order``. Step t continues the first k_t of its rows from the previous
+    processed step's rows and starts the others from the initial state (forward direction:
+    all of them; reverse: the sequences whose last step is t); a sequence's final state is its
+    row at the last step it is processed in."""
 
     def __init__(self, sizes: list[int], reverse: bool) -> None:
         self.sizes = sizes
         self.order = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
+        order = list(self.order)
+        #: step -> (the previous processed step or None, k: rows continued from it)
+        self.prev: dict[int, tuple[int | None, int]] = {}
+        #: (step, first row, end row): the rows whose final state is that step's
+        self.final: list[tuple[int, int, int]] = []
+        for pos, t in enumerate(order):
+            before = order[pos - 1] if pos else None
+            self.prev[t] = (before, 0 if before is None else min(sizes[before], sizes[t]))
+            after = sizes[order[pos + 1]] if pos + 1 < len(order) else 0
+            if after < sizes[t]:
+                self.final.append((t, after, sizes[t]))
+        self.final.sort(key=lambda f: f[1])
 
     def split(self, t: Tensor) -> tuple[Tensor, ...]:
         """The per-step row blocks (views) of a tensor laid out as the data."""
         return t.split(self.sizes)
+
+    def previous(self, t: int, outs: tuple[Tensor, ...], init: Tensor) -> Tensor:
+        """The state step t reads: the previous step's rows ``outs[s][:k]`` (a view), then the
+        initial state's rows of the sequences that start at t."""
+        s, k = self.prev[t]
+        b = self.sizes[t]
+        if s is not None and k == b:
+            return outs[s] if k == outs[s].shape[0] else outs[s][:k]
+        if k == 0:
+            return init if b == init.shape[0] else init[:b]
+        return torch.cat([outs[s][:k], init[k:b]])
+
+    def last(self, outs: tuple[Tensor, ...]) -> Tensor:
+        """Every sequence's state after its last step (a new tensor, one row per sequence)."""
+        pieces = [outs[t][lo:hi] for t, lo, hi in self.final]
+        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _prefixes(state: Tensor, sizes: list[int]) -> dict[int, Tensor]:
@@ -236,8 +264,9 @@ class _LSTMRecurrence(torch.autograd.Function):
 
     Forward (gates in torch's order i, f, g, o; s the sigmoid):
     c_t = s(f) c_{t-1} + s(i) tanh(g), h_t = s(o) tanh(c_t) [then W_hr].
-    Backward through time with dh_t = dy_t + dL/dh_t from step t+1 (see :class:`_Steps` for the
-    state buffers): dc_t += dh_t s(o) (1 - tanh^2(c_t)); d(i, f, g, o) = (dc_t tanh(g) s'(i),
+    Backward through time with dh_t = dy_t + dL/dh_t from step t+1 (a buffer of one row per
+    sequence, first dh_n, carries dh between steps: step t reads and rewrites its first sizes[t]
+    rows; it ends as dh_0; dc likewise): dc_t += dh_t s(o) (1 - tanh^2(c_t)); d(i, f, g, o) = (dc_t tanh(g) s'(i),
     dc_t c_{t-1} s'(f), dc_t s(i) tanh'(g), dh_t tanh(c_t) s'(o)); dc_{t-1} = dc_t s(f);
     dh_{t-1} = dgates_t W_hh. The factors that do not depend on the recurrence are computed for
     every row at once, and dW_hh = dgates^T [h_{t-1}] is one GEMM over all rows. A double
@@ -249,36 +278,35 @@ class _LSTMRecurrence(torch.autograd.Function):
         rows, hidden = pre.shape[0], w_hh.shape[1] if w_hr is None else w_hr.shape[1]
         out_size = h0.shape[1]
         gates = torch.empty_like(pre)  # the activated gates s(i), s(f), tanh(g), s(o)
-        h_prev = pre.new_empty(rows, out_size)
-        c_prev = pre.new_empty(rows, hidden)
-        tanh_c = pre.new_empty(rows, hidden)
+        cell = pre.new_empty(rows, hidden)
+        tanh_c = torch.empty_like(cell)
         y = pre.new_empty(rows, out_size)
-        inner = y if w_hr is None else pre.new_empty(rows, hidden)
-        h, c = h0.clone(), c0.clone()
-        hs, cs = _prefixes(h, steps.sizes), _prefixes(c, steps.sizes)
+        inner = y if w_hr is None else torch.empty_like(cell)
         w_t = w_hh.t()
         w_rt = None if w_hr is None else w_hr.t()
         ifgo = gates.view(rows, 4, hidden)
-        per_step = zip(*(steps.split(t) for t in (
+        ys, cells = steps.split(y), steps.split(cell)
+        per_step = list(zip(*(steps.split(t) for t in (
             pre, gates, gates[:, :2 * hidden], ifgo[:, 0], ifgo[:, 1], ifgo[:, 2], ifgo[:, 3],
-            h_prev, c_prev, tanh_c, inner, y)))
-        per_step = list(per_step)
+            tanh_c, inner))))
+        hp_steps: list[Tensor | None] = [None] * len(ys)
+        cp_steps: list[Tensor | None] = [None] * len(ys)
         for t in steps.order:
-            p, g, g_if, i, f, g_g, o, hp, cp, tc, inn, y_t = per_step[t]
-            b = p.shape[0]
-            hp.copy_(hs[b])
+            p, g, g_if, i, f, g_g, o, tc, inn = per_step[t]
+            hp = hp_steps[t] = steps.previous(t, ys, h0)
+            cp = cp_steps[t] = steps.previous(t, cells, c0)
             torch.addmm(p, hp, w_t, out=g)
             g_if.sigmoid_()
             g_g.tanh_()
             o.sigmoid_()
-            cp.copy_(cs[b])
-            torch.mul(f, cp, out=cs[b])
-            cs[b].addcmul_(i, g_g)
-            torch.tanh(cs[b], out=tc)
+            torch.mul(f, cp, out=cells[t])
+            cells[t].addcmul_(i, g_g)
+            torch.tanh(cells[t], out=tc)
             torch.mul(o, tc, out=inn)
             if w_rt is not None:
-                torch.mm(inn, w_rt, out=y_t)
-            hs[b].copy_(y_t)
+                torch.mm(inn, w_rt, out=ys[t])
+        h, c = steps.last(ys), steps.last(cells)
+        h_prev, c_prev = torch.cat(hp_steps), torch.cat(cp_steps)
         ctx.steps = steps
         ctx.save_for_backward(pre, w_hh, h0, c0, w_hr, tap, gates, h_prev, c_prev, tanh_c, inner)
         if w_hr is None:
@@ -346,24 +374,22 @@ class _GRURecurrence(torch.autograd.Function):
         rows, hidden = gi.shape[0], h0.shape[1]
         gh = torch.empty_like(gi)
         act = torch.empty_like(gi)  # s(r), s(z), n
-        h_prev = gi.new_empty(rows, hidden)
         y = gi.new_empty(rows, hidden)
-        h = h0.clone()
-        hs = _prefixes(h, steps.sizes)
         w_t = w_hh.t()
+        ys = steps.split(y)
         per_step = list(zip(*(steps.split(t) for t in (
             gi[:, :2 * hidden], gi[:, 2 * hidden:], bh, gh, gh[:, :2 * hidden],
             gh[:, 2 * hidden:], act[:, :2 * hidden], act[:, :hidden],
-            act[:, hidden:2 * hidden], act[:, 2 * hidden:], h_prev, y))))
+            act[:, hidden:2 * hidden], act[:, 2 * hidden:]))))
+        hp_steps: list[Tensor | None] = [None] * len(ys)
         for t in steps.order:
-            gi_rz, gi_n, bh_t, gh_t, gh_rz, gh_n, rz, r, z, n, hp, y_t = per_step[t]
-            b = hp.shape[0]
-            hp.copy_(hs[b])
+            gi_rz, gi_n, bh_t, gh_t, gh_rz, gh_n, rz, r, z, n = per_step[t]
+            hp = hp_steps[t] = steps.previous(t, ys, h0)
             torch.addmm(bh_t, hp, w_t, out=gh_t)
             torch.add(gi_rz, gh_rz, out=rz).sigmoid_()
             torch.addcmul(gi_n, r, gh_n, out=n).tanh_()
-            torch.addcmul(n, z, hp - n, out=y_t)
-            hs[b].copy_(y_t)
+            torch.addcmul(n, z, hp - n, out=ys[t])
+        h, h_prev = steps.last(ys), torch.cat(hp_steps)
         ctx.steps = steps
         ctx.save_for_backward(gi, bh, w_hh, h0, gh, act, h_prev)
         ctx.mark_non_differentiable(h_prev)
