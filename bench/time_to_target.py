@@ -121,8 +121,9 @@ def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict 
             elif optimizer == "EKFAC":
                 opt = CASES["ekfac"].make(model, **(settings or {}))
             else:
-                opt = CASES["kfac-eigen"].make(model, **{"lr": lrs["K-FAC"], **KFAC,
-                                                        **(settings or {})})
+                kwargs = dict(KFAC, lr=lrs["K-FAC"])
+                kwargs.update(settings or {})
+                opt = CASES["kfac-eigen"].make(model, **kwargs)
     finally:
         register_layer(nn.LSTM, RecurrentProjection)
         register_layer(nn.GRU, RecurrentProjection)
