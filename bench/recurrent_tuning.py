@@ -17,6 +17,7 @@ are those of ``bench/time_to_target.py``.
     python bench/recurrent_tuning.py sweep --csv bench/results/recurrent_tuning_sweep.csv
     python bench/recurrent_tuning.py final --sweep-csv bench/results/recurrent_tuning_sweep.csv \
         --csv bench/results/recurrent_tuning_final.csv
+    python bench/recurrent_tuning.py report --sweep-csv SWEEP.csv ... --csv FINAL.csv ...
 """
 from __future__ import annotations
 
@@ -129,19 +130,55 @@ def final(path: Path, sweep_path: Path, tasks: list[str], seeds: list[int]) -> N
             _write(path, rows)
 
 
+def report(sweep_paths: list[Path], final_paths: list[Path]) -> str:
+    """The sweep and final tables (markdown) from the CSVs."""
+    sweep_rows = [r for p in sweep_paths for r in _read(p)]
+    final_rows = [r for p in final_paths for r in _read(p)]
+    lines = ["## Sweep (seed 0): steps to AdamW's 50-step eval loss (empty: not within 100)", "",
+             "| task | optimizer | settings | blocks: steps | blocks: eval @ 50 | diagonal: steps "
+             "| diagonal: eval @ 50 |", "|---|---|---|---|---|---|---|"]
+    cells: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in sweep_rows:
+        cells.setdefault((r["task"], r["optimizer"], r["settings"]), {})[r["variant"]] = r
+    for (task, optimizer, settings), v in cells.items():
+        b, d = v.get("blocks", {}), v.get("diagonal", {})
+        lines.append(f"| {task} | {optimizer} | {settings} | {b.get('steps', '?') or '-'} | "
+                     f"{b.get('eval_at_50', '?')} | {d.get('steps', '?') or '-'} | "
+                     f"{d.get('eval_at_50', '?')} |")
+    lines += ["", "## Final (seeds 0, 1, 2; each variant at its best sweep setting)", "",
+              "| task | seed | AdamW eval @ 50 (target) | optimizer | blocks: steps (settings) | "
+              "diagonal: steps (settings) | blocks: eval @ 50 | diagonal: eval @ 50 |",
+              "|---|---|---|---|---|---|---|---|"]
+    pairs: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in final_rows:
+        pairs.setdefault((r["task"], r["seed"], r["optimizer"]), {})[r["variant"]] = r
+    for (task, seed, optimizer), v in pairs.items():
+        b, d = v.get("blocks", {}), v.get("diagonal", {})
+        lines.append(f"| {task} | {seed} | {b.get('target', d.get('target', '?'))} | {optimizer} | "
+                     f"{b.get('steps') or '> 100'} ({b.get('settings', '?')}) | "
+                     f"{d.get('steps') or '> 100'} ({d.get('settings', '?')}) | "
+                     f"{b.get('eval_at_50', '?')} | {d.get('eval_at_50', '?')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("sweep", "final"))
-    parser.add_argument("--csv", type=Path, required=True)
-    parser.add_argument("--sweep-csv", type=Path)
+    parser.add_argument("stage", choices=("sweep", "final", "report"))
+    parser.add_argument("--csv", type=Path, nargs="+", required=True,
+                        help="the output CSV (report: the final CSVs)")
+    parser.add_argument("--sweep-csv", type=Path, nargs="+")
     parser.add_argument("--tasks", nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
+    if args.stage == "report":
+        print(report(args.sweep_csv, args.csv))
+        return
     _load()
     if args.stage == "sweep":
-        sweep(args.csv, args.tasks or ["LSTM", "GRU"])
+        sweep(args.csv[0], args.tasks or ["LSTM", "GRU"])
     else:
-        final(args.csv, args.sweep_csv, args.tasks or ["LSTM", "GRU", "digits CNN"], args.seeds)
+        final(args.csv[0], args.sweep_csv[0], args.tasks or ["LSTM", "GRU", "digits CNN"],
+              args.seeds)
 
 
 if __name__ == "__main__":
