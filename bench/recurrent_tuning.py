@@ -51,7 +51,7 @@ GRIDS = {
               dict(lr=0.03)],  # added after the first pass: 0.01 was the best, at the edge
 }
 FIELDS = ["stage", "task", "seed", "optimizer", "variant", "settings", "target", "steps",
-          "eval_at_50", "curve"]
+          "eval_at_50", "curve", "error"]
 
 
 def _load() -> None:
@@ -63,13 +63,17 @@ def _load() -> None:
 
 def _row(stage: str, task: str, seed: int, optimizer: str, variant: str, settings: dict,
          target: float) -> dict:
-    curve = ttt.run(task, seed, optimizer, off=variant == "diagonal", settings=settings,
-                    until=target)
+    error = ""
+    try:
+        curve = ttt.run(task, seed, optimizer, off=variant == "diagonal", settings=settings,
+                        until=target)
+    except RuntimeError as err:  # recorded (a failing optimizer), not a stopped benchmark
+        curve, error = {}, f"{type(err).__name__}: {str(err).splitlines()[0]}"
     steps = ttt.steps_to(curve, target)
     return dict(stage=stage, task=task, seed=seed, optimizer=optimizer, variant=variant,
                 settings=repr(settings), target=f"{target:.4f}", steps=steps or "",
                 eval_at_50=f"{curve.get(ttt.TARGET_STEP, float('nan')):.4f}",
-                curve=" ".join(f"{s}:{v:.4f}" for s, v in sorted(curve.items())))
+                curve=" ".join(f"{s}:{v:.4f}" for s, v in sorted(curve.items())), error=error)
 
 
 def _score(row: dict) -> tuple[float, float]:
@@ -130,6 +134,12 @@ def final(path: Path, sweep_path: Path, tasks: list[str], seeds: list[int]) -> N
             _write(path, rows)
 
 
+def _steps(row: dict) -> str:
+    if row.get("error"):
+        return f"error: {row['error']}"
+    return row.get("steps") or "> 100"
+
+
 def report(sweep_paths: list[Path], final_paths: list[Path]) -> str:
     """The sweep and final tables (markdown) from the CSVs."""
     sweep_rows = [r for p in sweep_paths for r in _read(p)]
@@ -155,8 +165,8 @@ def report(sweep_paths: list[Path], final_paths: list[Path]) -> str:
     for (task, seed, optimizer), v in pairs.items():
         b, d = v.get("blocks", {}), v.get("diagonal", {})
         lines.append(f"| {task} | {seed} | {b.get('target', d.get('target', '?'))} | {optimizer} | "
-                     f"{b.get('steps') or '> 100'} ({b.get('settings', '?')}) | "
-                     f"{d.get('steps') or '> 100'} ({d.get('settings', '?')}) | "
+                     f"{_steps(b)} ({b.get('settings', '?')}) | "
+                     f"{_steps(d)} ({d.get('settings', '?')}) | "
                      f"{b.get('eval_at_50', '?')} | {d.get('eval_at_50', '?')} |")
     return "\n".join(lines) + "\n"
 

@@ -161,21 +161,26 @@ def test_recurrent_language_models_are_fully_covered(kind, kw) -> None:
     assert names == expected
 
 
-@pytest.mark.parametrize("kind, kw, packed", [
-    ("LSTM", {}, False), ("GRU", {}, False), ("LSTM", dict(bidirectional=True), True),
-    ("GRU", dict(num_layers=2, bidirectional=True), True), ("LSTM", dict(proj_size=2), True)])
-def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed) -> None:
+@pytest.mark.parametrize("kind, kw, packed, frozen", [
+    ("LSTM", {}, False, ()), ("GRU", {}, False, ()), ("LSTM", dict(bidirectional=True), True, ()),
+    ("GRU", dict(num_layers=2, bidirectional=True), True, ()),
+    ("LSTM", dict(proj_size=2), True, ()),
+    ("LSTM", {}, False, ("weight_ih_l0", "bias_ih_l0")), ("GRU", {}, True, ("bias_hh_l0",))])
+def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed, frozen) -> None:
     """sum over the stacked rows of g_hat a_bar^T = [dW db] for every block (rows over time
-    steps, both directions, packed sequences of different lengths)."""
+    steps, both directions, packed sequences of different lengths; a frozen input-hidden
+    weight or hidden bias: the hh rows still come)."""
     torch.manual_seed(2)
     m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    for name in frozen:
+        getattr(m, name).requires_grad_(False)
     opt = KFAC(m, lr=0.0)
     x = torch.randn(3, 5, 3, dtype=DT)
     inp = pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=True,
                                enforce_sorted=False) if packed else x
     out = _flat(m(inp))
     sum(o.tanh().sum() for o in out).backward()
-    assert len(opt.layers) == len(recurrent._weight_names(m))
+    assert len(opt.layers) == len(recurrent._weight_names(m)) - ("weight_ih_l0" in frozen)
     for layer in opt.layers:
         a_rows, g_rows = opt.capture.rows(layer)
         assert g_rows.scale == g_rows.n                   # e = n g_hat, n = rows
