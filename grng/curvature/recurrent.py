@@ -2,15 +2,17 @@
 
 The fused recurrent kernel hides the gate pre-activations, so while a capture is attached the
 module's forward is replaced (:mod:`grng.curvature.replacement`): a call that a capture records
-runs :func:`recurrent_forward`, the same recurrence written out step by step, which reports
-every block's input and output; any other call runs the fused forward.
+runs :func:`recurrent_forward`, the same recurrence written out (per layer and direction: one
+GEMM for the input-hidden products of every step, then the recurrence as one autograd node whose
+backward through time is written out), which reports every block's input and output; any other
+call runs the fused forward.
 
 Blocks per layer k and direction (``_reverse``), each Linear-like with rows stacked over the
 time steps of every sequence (A = (1/n) sum a_bar a_bar^T, G = (1/n) sum e e^T, n = rows):
 
 - ``ih_l{k}``: W_ih (gates x input) with b_ih, on the layer's input x_t: gi = W_ih x_t + b_ih;
 - ``hh_l{k}``: W_hh (gates x hidden) with b_hh, on the previous hidden state h_{t-1}:
-  gh = W_hh h_{t-1} + b_hh (one call per step: weight sharing over time);
+  gh = W_hh h_{t-1} + b_hh (every step: weight sharing over time, reported once for all rows);
 - ``hr_l{k}`` (LSTM with ``proj_size``): W_hr on o_t * tanh(c_t), h_t = W_hr (o_t * tanh(c_t)).
 
 Gates (torch's order): LSTM i, f, g, o: c_t = f c_{t-1} + i g, h_t = o tanh(c_t); GRU r, z, n:
