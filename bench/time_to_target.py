@@ -102,8 +102,12 @@ def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callab
     return model, batch_loss, evaluate, {"AdamW": 1e-2, "K-FAC": _KFAC_LR[0] or 0.05}
 
 
-def run(task: str, seed: int, optimizer: str, off: bool = False) -> dict[int, float]:
-    """Eval loss every EVAL_EVERY steps (AdamW: up to TARGET_STEP)."""
+def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict | None = None,
+        until: float | None = None) -> dict[int, float]:
+    """Eval loss every EVAL_EVERY steps (AdamW: up to TARGET_STEP). ``optimizer``: "AdamW",
+    "K-FAC" (eigen, ``KFAC`` settings) or "EKFAC"; ``settings`` override its keyword arguments
+    (``lr`` included); ``until``: stop once the eval loss is at or below it (at TARGET_STEP at
+    the earliest)."""
     model, batch_loss, evaluate, lrs = _task(task, seed)
     if off:
         register_layer(nn.LSTM, _RecurrentOff)
@@ -112,8 +116,14 @@ def run(task: str, seed: int, optimizer: str, off: bool = False) -> dict[int, fl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = (CASES["adamw"].make(model, lr=lrs["AdamW"]) if optimizer == "AdamW"
-                   else CASES["kfac-eigen"].make(model, lr=lrs["K-FAC"], **KFAC))
+            if optimizer == "AdamW":
+                opt = CASES["adamw"].make(model, lr=lrs["AdamW"])
+            elif optimizer == "EKFAC":
+                opt = CASES["ekfac"].make(model, **(settings or {}))
+            else:
+                kwargs = dict(KFAC, lr=lrs["K-FAC"])
+                kwargs.update(settings or {})
+                opt = CASES["kfac-eigen"].make(model, **kwargs)
     finally:
         register_layer(nn.LSTM, RecurrentProjection)
         register_layer(nn.GRU, RecurrentProjection)
@@ -128,6 +138,8 @@ def run(task: str, seed: int, optimizer: str, off: bool = False) -> dict[int, fl
             break
         if step % EVAL_EVERY == 0:
             out[step] = evaluate(model)
+            if until is not None and step >= TARGET_STEP and min(out.values()) <= until:
+                break
     return out
 
 

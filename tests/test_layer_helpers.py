@@ -968,6 +968,33 @@ def test_diagonal_sides_checkpoint_and_reject_mismatches() -> None:
         dense.load_state_dict(sd)
 
 
+def test_max_factor_dim_compares_a_grouped_convs_per_group_blocks() -> None:
+    """Conv2d(8, 12, 3, groups=4): per group G is 3 x 3 and A (2 * 9 + 1) = 19 x 19, the full
+    sides 12 and 76. A limit between the per-group and the full sizes keeps the block-diagonal
+    factors; a limit below a per-group side gives the layer the diagonal fallback with the
+    reason (a dense layer's side above the limit is kept diagonal inside its block)."""
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(12, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = KFAC(model, max_factor_dim=19)             # 12 and 76 are above it, 3 and 19 not
+    assert kept.layers[0].a_factor.shape == (4, 19, 19)
+    assert kept.layers[0].g_factor.shape == (4, 3, 3)
+    assert kept.coverage()["0.weight"].treatment == "kronecker"
+    for limit, side in ((18, "A 19"), (2, "G 3, A 19")):
+        with pytest.warns(UserWarning, match=rf"0.weight .*: its per-group factor side \({side}; groups=4\) "
+                                             rf"is above max_factor_dim={limit}"):
+            opt = KFAC(model, max_factor_dim=limit)
+        cov = opt.coverage()
+        assert cov["0.weight"].treatment == cov["0.bias"].treatment == "diagonal"
+        assert "max_factor_dim" in cov["0.weight"].note
+        x = torch.randn(5, 8, 4, 4)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "big"])
 def test_max_factor_dim_is_validated(bad) -> None:
     with pytest.raises(ValueError, match="max_factor_dim"):

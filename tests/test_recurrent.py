@@ -41,8 +41,9 @@ GRID = [c for c in itertools.product(
                          GRID)
 def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, batch_first, proj,
                                                   dropout, form, hx) -> None:
-    """Outputs and final states agree to float64 rounding; inter-layer dropout draws the same
-    masks (same seed) as the fused CPU kernel."""
+    """Outputs, final states and the gradients of every parameter, the input and hx agree to
+    float64 rounding; inter-layer dropout draws the same masks (same seed) as the fused CPU
+    kernel."""
     torch.manual_seed(0)
     kw = dict(proj_size=proj) if proj else {}
     m = getattr(nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional,
@@ -52,22 +53,81 @@ def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, b
     dirs = 2 if bidirectional else 1
     h_size = proj or 4
     state_shape = (layers * dirs,) + (() if form == "unbatched" else (N,))
-    h0 = torch.randn(*state_shape, h_size, dtype=DT) if hx else None
+    states = [torch.randn(*state_shape, h_size, dtype=DT)] if hx else []
     if hx and kind == "LSTM":
-        h0 = (h0, torch.randn(*state_shape, 4, dtype=DT))
+        states.append(torch.randn(*state_shape, 4, dtype=DT))
+    leaves = [x.requires_grad_()] + [s.requires_grad_() for s in states]
+    h0 = None if not hx else (tuple(states) if kind == "LSTM" else states[0])
     if form == "unbatched":
         x = x[0] if batch_first else x[:, 0]
     elif form == "packed":
         x = pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=batch_first,
                                  enforce_sorted=False)
-    torch.manual_seed(7)
-    expected = _flat(m(x, h0))
-    torch.manual_seed(7)
-    actual = _flat(recurrent_forward(m, lambda *a: None, x, h0))
+    results = []
+    for forward in (m, lambda *a: recurrent_forward(m, lambda *r: None, *a)):
+        torch.manual_seed(7)
+        out = _flat(forward(x, h0))
+        weights = [torch.randn(o.shape, dtype=DT, generator=torch.Generator().manual_seed(i))
+                   for i, o in enumerate(out)]
+        grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights)),
+                                    leaves + list(m.parameters()), retain_graph=True)
+        results.append(out + list(grads))
+    expected, actual = results
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
         assert a.shape == e.shape
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", dict(proj_size=5, bidirectional=True)),
+                                      ("GRU", dict(num_layers=2))])
+def test_written_out_forward_in_float32_is_as_accurate_as_the_fused_one(kind, kw) -> None:
+    """float32 (17 x 9 input, hidden 13, packed sequences of lengths 1 to 9): the error (2-norm)
+    of every output and gradient against the fused float64 computation is at most 2x the fused
+    float32 forward's own error."""
+    torch.manual_seed(8)
+    m64 = getattr(nn, kind)(17, 13, **kw).double()
+    x64 = torch.randn(9, 6, 17, dtype=DT)
+    lengths = torch.tensor([9, 1, 4, 9, 7, 2])
+
+    def run(m: nn.Module, x: Tensor, written_out: bool) -> list[Tensor]:
+        x = x.clone().requires_grad_()
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out = _flat(recurrent_forward(m, lambda *r: None, packed) if written_out else m(packed))
+        w = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o.dtype)
+             for i, o in enumerate(out)]
+        grads = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(out, w)),
+                                    [x] + list(m.parameters()))
+        return [t.double() for t in out + list(grads)]
+
+    truth = run(m64, x64, False)
+    m32 = getattr(nn, kind)(17, 13, **kw)
+    m32.load_state_dict(m64.state_dict())
+    fused, written = run(m32, x64.float(), False), run(m32, x64.float(), True)
+    for t, f, w in zip(truth, fused, written):
+        assert (w - t).norm() <= 2 * (f - t).norm() + 1e-7 * t.norm()
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", dict(bidirectional=True)),
+                                      ("LSTM", dict(proj_size=2, num_layers=2))])
+def test_double_backward_through_the_written_out_forward_equals_the_fused_one(kind, kw) -> None:
+    """create_graph=True (exact gradient regularization): the Hessian-vector product through
+    the written-out recurrence (which then recomputes through its plain reference) equals the
+    fused forward's."""
+    torch.manual_seed(6)
+    m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    x = pack_padded_sequence(torch.randn(3, 5, 3, dtype=DT), torch.tensor([5, 2, 4]),
+                             batch_first=True, enforce_sorted=False)
+    params = list(m.parameters())
+    v = [torch.randn_like(p) for p in params]
+    results = []
+    for forward in (m, lambda a: recurrent_forward(m, lambda *r: None, a)):
+        out = forward(x)[0].data
+        g = torch.autograd.grad(out.tanh().pow(2).sum(), params, create_graph=True)
+        hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), params)
+        results.append(list(g) + list(hv))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
 def _lm(kind: str, **kw) -> nn.Module:
@@ -101,21 +161,26 @@ def test_recurrent_language_models_are_fully_covered(kind, kw) -> None:
     assert names == expected
 
 
-@pytest.mark.parametrize("kind, kw, packed", [
-    ("LSTM", {}, False), ("GRU", {}, False), ("LSTM", dict(bidirectional=True), True),
-    ("GRU", dict(num_layers=2, bidirectional=True), True), ("LSTM", dict(proj_size=2), True)])
-def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed) -> None:
+@pytest.mark.parametrize("kind, kw, packed, frozen", [
+    ("LSTM", {}, False, ()), ("GRU", {}, False, ()), ("LSTM", dict(bidirectional=True), True, ()),
+    ("GRU", dict(num_layers=2, bidirectional=True), True, ()),
+    ("LSTM", dict(proj_size=2), True, ()),
+    ("LSTM", {}, False, ("weight_ih_l0", "bias_ih_l0")), ("GRU", {}, True, ("bias_hh_l0",))])
+def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed, frozen) -> None:
     """sum over the stacked rows of g_hat a_bar^T = [dW db] for every block (rows over time
-    steps, both directions, packed sequences of different lengths)."""
+    steps, both directions, packed sequences of different lengths; a frozen input-hidden
+    weight or hidden bias: the hh rows still come)."""
     torch.manual_seed(2)
     m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    for name in frozen:
+        getattr(m, name).requires_grad_(False)
     opt = KFAC(m, lr=0.0)
     x = torch.randn(3, 5, 3, dtype=DT)
     inp = pack_padded_sequence(x, torch.tensor([5, 2, 4]), batch_first=True,
                                enforce_sorted=False) if packed else x
     out = _flat(m(inp))
     sum(o.tanh().sum() for o in out).backward()
-    assert len(opt.layers) == len(recurrent._weight_names(m))
+    assert len(opt.layers) == len(recurrent._weight_names(m)) - ("weight_ih_l0" in frozen)
     for layer in opt.layers:
         a_rows, g_rows = opt.capture.rows(layer)
         assert g_rows.scale == g_rows.n                   # e = n g_hat, n = rows

@@ -145,6 +145,12 @@ class KroneckerLayer:
         return None
 
     @classmethod
+    def beyond_limit(cls, module: nn.Module, max_factor_dim: int | None) -> str | None:
+        """Why ``module`` gets no block at this ``max_factor_dim`` (None: it gets one; a dense
+        side above the limit is kept diagonal inside the block, :meth:`_limited`)."""
+        return None
+
+    @classmethod
     def blocks(cls, module: nn.Module, max_factor_dim: int | None) -> list[KroneckerLayer]:
         """The blocks of a supported ``module`` whose weight is trainable: one for most layers
         (on W = g v / ||v|| for a weight-normed one, :class:`WeightNormLayer`)."""
@@ -360,6 +366,24 @@ class ConvLayer(KroneckerLayer):
             return (f"{kind} padding={module.padding!r} (a string) has no Kronecker capture; "
                     "give the padding as integers")
         return reason
+
+    @classmethod
+    def beyond_limit(cls, module: nn.Module, max_factor_dim: int | None) -> str | None:
+        """A grouped convolution whose per-group block side (O/g or C/g k [+1]) exceeds
+        ``max_factor_dim`` gets the diagonal fallback: the limit bounds each dense block, and a
+        diagonal side next to a block-diagonal one is not a structure the inverses take."""
+        weight = getattr(module, "weight", None)
+        if module.groups == 1 or max_factor_dim is None or not isinstance(weight, Tensor):
+            return None
+        bias = getattr(module, "bias", None)
+        sides = (("G", weight.shape[0] // module.groups),
+                 ("A", weight[0].numel() + int(isinstance(bias, Tensor) and bias.requires_grad)))
+        over = [f"{side} {size}" for side, size in sides if size > max_factor_dim]
+        if not over:
+            return None
+        return (f"its per-group factor side ({', '.join(over)}; groups={module.groups}) is above "
+                f"max_factor_dim={max_factor_dim}; raise max_factor_dim to keep its "
+                "block-diagonal factors")
 
     def matrix_shape(self) -> tuple[int, ...]:
         if self.groups == 1:
@@ -690,7 +714,7 @@ def make_layers(module: nn.Module, max_factor_dim: int | None = None
     helper = helper_for(module)
     if helper is None:
         return [], None
-    reason = helper.unsupported(module)
+    reason = helper.unsupported(module) or helper.beyond_limit(module, max_factor_dim)
     if reason is not None:
         return [], reason
     return helper.blocks(module, max_factor_dim), None
