@@ -9,9 +9,12 @@ matrix in the block's Kronecker eigenbasis; the direction is Adam's bias-correct
 
     (m' / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps),
 
-m' being m (or its projection). :class:`DiagonalAdam` is that preconditioner for the parameters
-without a Kronecker block; the learning rate and decoupled weight decay are the shared fused
-update's (with momentum 0: the first moment is here).
+m' being m (or its projection), or EKFAC's original (Fisher) ratio
+(m' / (1 - beta1^t)) / (v / (1 - beta2^t) + damping). :class:`DiagonalAdam` is that
+preconditioner for the parameters without a Kronecker block; the learning rate and decoupled
+weight decay are the shared fused update's (with momentum 0: the first moment is here). The
+gradient-regularization term relative to the step, d + rho_rel (||d|| / ||g||) g, is
+:func:`with_relative_gr`.
 """
 from __future__ import annotations
 
@@ -36,19 +39,51 @@ class AdamSettings:
         """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, on the
         state's ``exp_avg``, ``exp_avg_sq`` and ``step`` (zeros before the first update)."""
         if state.step is None:
-            state.exp_avg = torch.zeros_like(g)
-            state.exp_avg_sq = torch.zeros_like(s)
-            state.step = torch.zeros((), dtype=g.dtype, device=g.device)
+            self.start(state, g, s)
         state.step.add_(1.0)
         state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
         state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
 
+    @staticmethod
+    def start(state: StateView, g: Tensor, s: Tensor) -> None:
+        """Zero moments shaped as ``g`` and ``s`` and a zero count, on ``state``."""
+        state.exp_avg = torch.zeros_like(g)
+        state.exp_avg_sq = torch.zeros_like(s)
+        state.step = torch.zeros((), dtype=g.dtype, device=g.device)
+
     def ratio(self, m: Tensor, v: Tensor, step: Tensor) -> Tensor:
         """(m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps), t = ``step`` (a device
-        scalar: no host read)."""
+        scalar, or one per leading index of a stack: no host read)."""
+        step = _leading(step, m)
         bias1 = 1.0 - torch.pow(self.beta1, step)
         bias2 = (1.0 - torch.pow(self.beta2, step)).sqrt()
         return (m / bias1) / (v.sqrt() / bias2 + self.eps)
+
+    def fisher_ratio(self, m: Tensor, v: Tensor, step: Tensor, damping: float) -> Tensor:
+        """(m / (1 - beta1^t)) / (v / (1 - beta2^t) + damping): EKFAC's original scaling, v
+        the EMA of the Fisher's eigenvalue correction (no square root)."""
+        step = _leading(step, m)
+        bias1 = 1.0 - torch.pow(self.beta1, step)
+        bias2 = 1.0 - torch.pow(self.beta2, step)
+        return (m / bias1) / (v / bias2 + damping)
+
+
+def _leading(step: Tensor, like: Tensor) -> Tensor:
+    """``step`` (0-dim, or (L,) for a stack of L) shaped to broadcast over ``like``."""
+    return step.reshape(step.shape + (1,) * (like.dim() - step.dim()))
+
+
+def with_relative_gr(d: Tensor, g: Tensor, rho_rel: float, dims: int | None = None) -> Tensor:
+    """d + rho_rel (||d|| / ||g||) g (docs/algorithms.md "EKFAC", gradient regularization): the
+    GRNG term rho g with rho measured in the step's own scale, so the term is a fraction
+    rho_rel of ||d||; norms over the last ``dims`` dimensions (None: all; a stack's leading
+    dimension is its blocks), a zero g adds nothing; d itself for rho_rel = 0."""
+    if rho_rel == 0.0:
+        return d
+    over = tuple(range(d.dim() - (d.dim() if dims is None else dims), d.dim()))
+    dn = torch.linalg.vector_norm(d, dim=over, keepdim=True)
+    gn = torch.linalg.vector_norm(g, dim=over, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    return d + (rho_rel * dn / gn) * g.to(d.dtype)
 
 
 class DiagonalAdam(Preconditioner):
@@ -76,7 +111,8 @@ class DiagonalAdam(Preconditioner):
 
     def apply(self, unit, V, group) -> Tensor:
         st = unit.state
-        return self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step)
+        return with_relative_gr(self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step), V,
+                                group.get("rho_rel", 0.0))
 
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
         shape = tuple(unit.like.shape)
