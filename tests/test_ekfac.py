@@ -58,7 +58,7 @@ def test_identity_bases_equal_adamw() -> None:
     ref = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="max_factor_dim"):
         opt = grng.EKFAC(model, lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
-                         max_factor_dim=1)
+                         rho_rel=0.0, max_factor_dim=1)
     adamw = torch.optim.AdamW(ref.parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6,
                               weight_decay=0.1)
     batches = classification_batches(12, 8, dtype=F64, seed=1)

@@ -45,12 +45,13 @@ class EKFAC(CurvatureOptimizer):
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
     of the captured rows; it needs ``factor_every=1``) and the ratio is
     m_hat / (v / (1 - beta2^t) + ``damping``), no square root (``damping`` is unused with
-    Adam's scaling). ``rho_rel`` (default 0) is the GRNG term relative to the step:
+    Adam's scaling). ``rho_rel`` (default 0.2) is the GRNG term relative to the step:
     d + rho_rel (||d|| / ||g||) g per block (per parameter without one), a GR term whose norm
-    is the fraction rho_rel of the step's. ``kl_clip`` (default None, Adam has none) is the
-    shared update's.
+    is the fraction rho_rel of the step's (0: plain Adam in the eigenbasis). ``kl_clip``
+    (default None, Adam has none) is the shared update's.
     The default lr (1e-2) is the one the defaults sweep picked on the demo's three tasks
-    (bench/results/defaults_ekfac.csv, docs/algorithms.md "EKFAC").
+    (bench/results/defaults_ekfac.csv); betas (0.9, 0.95), rho_rel 0.2 and Adam's scaling are
+    what bench/results/ekfac_scaling.md and ekfac_gr.md picked (docs/algorithms.md "EKFAC").
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
@@ -60,7 +61,7 @@ class EKFAC(CurvatureOptimizer):
         self,
         model: nn.Module,
         lr: float = 1e-2,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
@@ -73,7 +74,7 @@ class EKFAC(CurvatureOptimizer):
         *,
         scaling: str = "adam",
         damping: float = 1e-3,
-        rho_rel: float = 0.0,
+        rho_rel: float = 0.2,
         param_groups: Iterable[dict] | None = None,
         process_group: object = None,
         distributed_strategy: str = "comm-opt",
