@@ -4,6 +4,7 @@
     python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
     python bench/ekfac.py tasks --set scaling --tasks transformer mlp cnn --name ekfac_scaling
     python bench/ekfac.py tasks --set gr --split test --tasks transformer mlp cnn --name ekfac_gr
+    python bench/ekfac.py step                    # ms per step: batched vs one block at a time
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
     python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
 
@@ -16,6 +17,10 @@ how far each result is from diagonalizing M: ||offdiag(Q^T M Q)||_F / ||M||_F.
 test``: the test split), seeds interleaved (seed outermost, configuration innermost), each
 configuration of the set ``--set`` (optimizer, fixed hyperparameters) the steps and seconds to
 the task's target and the final metric (median over seeds).
+``step``: ms per training step (forward, backward, step) on the demo's character transformer
+(batch 16 x 32) of AdamW (lr 1e-2), EKFAC at its defaults, and EKFAC with every unit (block or
+Adam parameter) updated and applied alone (the batching off), rounds interleaved
+(``ekfac_step.csv`` / ``.md``).
 Writes schema rows (grng.benchmark.schema) to ``bench/results/ekfac_refresh.csv`` /
 ``ekfac_tasks.csv`` and a Markdown summary next to them. One torch thread; the machine is shared
 (the load averages are recorded).
@@ -224,6 +229,73 @@ def tasks(args: argparse.Namespace) -> None:
          "outermost).", "", *text]) + "\n")
 
 
+def step(args: argparse.Namespace) -> None:
+    import torch.nn.functional as F
+
+    import grng
+    from grng.demo.models import make_model
+    from grng.demo.tasks import load_data
+    from grng.precondition.adam import DiagonalAdam
+    from grng.precondition.eigenbasis import EigenbasisPreconditioner
+
+    warnings.simplefilter("ignore")
+    load_start = os.getloadavg()
+    train = load_data("text").train
+    batches = [(train.x[k * 16:(k + 1) * 16], train.y[k * 16:(k + 1) * 16]) for k in range(40)]
+
+    def alone(*unit):  # every unit its own batch: the per-unit loop
+        return None
+
+    setups = {"AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
+              "EKFAC (defaults, batched)": lambda m: grng.EKFAC(m),
+              "EKFAC (one unit at a time)": lambda m: grng.EKFAC(m)}
+    runs = {}
+    for label, make in setups.items():
+        torch.manual_seed(0)
+        model = make_model("transformer")
+        runs[label] = (model, make(model))
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    real = EigenbasisPreconditioner._layout, DiagonalAdam._layout
+    for r in range(args.rounds):
+        for label, (model, opt) in runs.items():
+            one = "one unit" in label
+            EigenbasisPreconditioner._layout = alone if one else real[0]
+            DiagonalAdam._layout = staticmethod(alone) if one else real[1]
+            for k in range(args.steps):
+                x, y = batches[(r * args.steps + k) % len(batches)]
+                t = time.perf_counter()
+                opt.zero_grad()
+                out = model(x)
+                F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+                opt.step()
+                if r > 0:  # round 0 warms up (first bases by eigh)
+                    times[label].append(1000.0 * (time.perf_counter() - t))
+    EigenbasisPreconditioner._layout, DiagonalAdam._layout = real[0], staticmethod(real[1])
+    loads = load_text(load_start, os.getloadavg())
+    env = environment("cpu")
+    adamw = statistics.median(times["AdamW"])
+    rows, lines = [], []
+    for label, ts in times.items():
+        st = _stats(ts)
+        rows.append(Row(suite="ekfac_step", name="step/transformer", provider=label,
+                        metric="time", unit="ms", x_name="steps", x_value=str(len(ts)),
+                        dtype="float32", config=f"demo transformer, batch 16 x 32; {loads}",
+                        **st, **env))
+        lines.append(f"| {label} | {st['p50']:.1f} | {st['p20']:.1f} | {st['p80']:.1f} | "
+                     f"{st['p50'] / adamw:.2f} |")
+        print(lines[-1], flush=True)
+    replace_rows(RESULTS / "ekfac_step.csv", rows)
+    head = run_header(torch.get_num_threads())
+    (RESULTS / "ekfac_step.md").write_text("\n".join(
+        ["# EKFAC's step cost on the demo transformer (`python bench/ekfac.py step`)", "",
+         *[f"- {k}: {v}" for k, v in head.items()], f"- {loads} (machine shared)", "",
+         f"ms per training step (forward, backward, optimizer step), {args.rounds - 1} rounds "
+         f"of {args.steps} steps after one warm-up round, the three interleaved round by round "
+         "(refresh steps included, every 10th).", "",
+         "| configuration | ms/step p50 | p20 | p80 | / AdamW |", "|---|---|---|---|---|",
+         *lines]) + "\n")
+
+
 def hparams(args: argparse.Namespace) -> None:
     """Some optimizers' part of the defaults sweep (bench/defaults.py's protocol and seeds; EKFAC
     and Muon, added after the full sweep): their rows to ``defaults_<keys>.csv`` and their
@@ -263,12 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--name", default="ekfac_tasks")
     t.add_argument("--set", choices=list(CONFIGS), default="peers")
     t.add_argument("--split", choices=["val", "test"], default="val")
+    st = sub.add_parser("step")
+    st.add_argument("--rounds", type=int, default=11)
+    st.add_argument("--steps", type=int, default=20)
     h = sub.add_parser("hparams")
     h.add_argument("--tasks", nargs="+", default=["cnn", "mlp", "transformer"])
     h.add_argument("--optimizers", nargs="+", default=["ekfac"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"refresh": refresh, "tasks": tasks, "hparams": hparams}[args.cmd](args)
+    {"refresh": refresh, "tasks": tasks, "step": step, "hparams": hparams}[args.cmd](args)
     return 0
 
 

@@ -35,7 +35,7 @@ from grng.curvature.layers import KroneckerLayer
 from grng.curvature.pieces import Piece
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import EigenbasisBlock
-from grng.precondition.adam import AdamSettings, with_relative_gr
+from grng.precondition.adam import AdamSettings, batches, stacked, with_relative_gr
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 from grng.precondition.kronecker import fold_factors
 
@@ -47,21 +47,26 @@ CARRIES: tuple[str, ...] = ("reproject", "keep")
 SCALINGS: tuple[str, ...] = ("adam", "fisher")
 
 
+def _mm(X: Tensor, Y: Tensor) -> Tensor:
+    """X @ Y; two stacks of matrices by bmm itself (matmul would add expand and view ops)."""
+    return torch.bmm(X, Y) if X.dim() == 3 and Y.dim() == 3 else X @ Y
+
+
 def to_basis(V: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
     """Q_G^T V Q_A (a side without Q: the identity); batched over leading dimensions."""
     if QG is not None:
-        V = QG.transpose(-2, -1) @ V
+        V = _mm(QG.transpose(-2, -1), V)
     if QA is not None:
-        V = V @ QA
+        V = _mm(V, QA)
     return V
 
 
 def from_basis(N: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
     """Q_G N Q_A^T, the inverse of :func:`to_basis`."""
     if QG is not None:
-        N = QG @ N
+        N = _mm(QG, N)
     if QA is not None:
-        N = N @ QA.transpose(-2, -1)
+        N = _mm(N, QA.transpose(-2, -1))
     return N
 
 
@@ -280,34 +285,13 @@ class EigenbasisPreconditioner(Preconditioner):
         return (tuple(unit.layer.matrix_shape()), compute, unit.like.device,
                 *(None if Q is None else tuple(Q.shape) for Q in (st.QG, st.QA)))
 
-    def _batches(self, units: list[Unit], extra=lambda unit: ()) -> list[list[Unit]]:
-        """``units`` in batches of one layout (and one ``extra(unit)``); a unit without a
-        layout alone."""
-        batches: dict[tuple, list[Unit]] = {}
-        out: list[list[Unit]] = []
-        for unit in units:
-            key = self._layout(unit)
-            if key is None:
-                out.append([unit])
-            else:
-                batches.setdefault((key, extra(unit)), []).append(unit)
-        return out + list(batches.values())
-
     def _stacked(self, batch: list[Unit]) -> tuple[EigenbasisBlock, Tensor | None, Tensor | None]:
         """(moments, Q_G, Q_A) of one block, or of a batch as (L, ...) stacks kept between
-        steps (the blocks' fields become the stacks' slices)."""
+        steps (:func:`~grng.precondition.adam.stacked`)."""
         if len(batch) == 1:
             return batch[0].state, *self._bases(batch[0])
-        ids = tuple(u.index for u in batch)
-        out = EigenbasisBlock()
-        for name in ("QG", "QA", *EigenbasisBlock.PER_STEP):
-            fields = [getattr(u.state, name) for u in batch]
-            if fields[0] is None:
-                continue
-            S, views = self.stacks.stack((name, ids), fields)
-            for u, view in zip(batch, views):
-                setattr(u.state, name, view)
-            setattr(out, name, S)
+        out = stacked(self.stacks, batch, ("QG", "QA", *EigenbasisBlock.PER_STEP),
+                      EigenbasisBlock())
         return out, out.QG, out.QA
 
     def _corrections(self, units: list[Unit], grads: dict[int, Tensor]) -> dict[int, Tensor]:
@@ -335,7 +319,7 @@ class EigenbasisPreconditioner(Preconditioner):
             if unit.state.step is None:
                 V = grads[unit.index]
                 self.adam.start(unit.state, V, V)
-        for batch in self._batches(units):
+        for batch in batches(units, self._layout):
             state, QG, QA = self._stacked(batch)
             V = torch.stack([grads[u.index] for u in batch]) if len(batch) > 1 else (
                 grads[batch[0].index])
@@ -370,7 +354,8 @@ class EigenbasisPreconditioner(Preconditioner):
         def hyper(unit: Unit) -> tuple:
             group = items[at[id(unit)]][2]
             return (group.get("damping"), group.get("rho_rel", 0.0))
-        for batch in self._batches([unit for unit, _, _ in items], hyper):
+
+        for batch in batches([unit for unit, _, _ in items], self._layout, hyper):
             ks = [at[id(u)] for u in batch]
             if len(batch) == 1:
                 out[ks[0]] = self.apply(*items[ks[0]])
