@@ -260,7 +260,7 @@ def step(args: argparse.Namespace) -> None:
         for label, (model, opt) in runs.items():
             one = "one unit" in label
             EigenbasisPreconditioner._layout = alone if one else real[0]
-            DiagonalAdam._layout = staticmethod(alone) if one else real[1]
+            DiagonalAdam._layout = staticmethod(alone if one else real[1])
             for k in range(args.steps):
                 x, y = batches[(r * args.steps + k) % len(batches)]
                 t = time.perf_counter()
