@@ -233,6 +233,7 @@ def step(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     import grng
+    from grng.benchmark.costmodel import count_ops
     from grng.demo.models import make_model
     from grng.demo.tasks import load_data
     from grng.precondition.adam import DiagonalAdam
@@ -270,6 +271,18 @@ def step(args: argparse.Namespace) -> None:
                 opt.step()
                 if r > 0:  # round 0 warms up (first bases by eigh)
                     times[label].append(1000.0 * (time.perf_counter() - t))
+    ops = {}  # aten ops dispatched per optimizer step, over 20 more steps (two refreshes)
+    for label, (model, opt) in runs.items():
+        one = "one unit" in label
+        EigenbasisPreconditioner._layout = alone if one else real[0]
+        DiagonalAdam._layout = staticmethod(alone if one else real[1])
+
+        def loss(i: int, model=model) -> torch.Tensor:
+            x, y = batches[i % len(batches)]
+            out = model(x)
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+        ops[label] = count_ops(model, opt, loss, 20)[1]
     EigenbasisPreconditioner._layout, DiagonalAdam._layout = real[0], staticmethod(real[1])
     loads = load_text(load_start, os.getloadavg())
     env = environment("cpu")
@@ -281,8 +294,11 @@ def step(args: argparse.Namespace) -> None:
                         metric="time", unit="ms", x_name="steps", x_value=str(len(ts)),
                         dtype="float32", config=f"demo transformer, batch 16 x 32; {loads}",
                         **st, **env))
+        rows.append(Row(suite="ekfac_step", name="step/transformer", provider=label,
+                        metric="ops", unit="aten ops per step", x_name="steps", x_value="20",
+                        dtype="float32", p50=ops[label], config="demo transformer", **env))
         lines.append(f"| {label} | {st['p50']:.1f} | {st['p20']:.1f} | {st['p80']:.1f} | "
-                     f"{st['p50'] / adamw:.2f} |")
+                     f"{st['p50'] / adamw:.2f} | {ops[label]:.0f} |")
         print(lines[-1], flush=True)
     replace_rows(RESULTS / "ekfac_step.csv", rows)
     head = run_header(torch.get_num_threads())
@@ -292,7 +308,10 @@ def step(args: argparse.Namespace) -> None:
          f"ms per training step (forward, backward, optimizer step), {args.rounds - 1} rounds "
          f"of {args.steps} steps after one warm-up round, the three interleaved round by round "
          "(refresh steps included, every 10th).", "",
-         "| configuration | ms/step p50 | p20 | p80 | / AdamW |", "|---|---|---|---|---|",
+         "ops: aten ops dispatched by one optimizer step (mean over 20 steps; the forward and "
+         "backward are the same for all three).", "",
+         "| configuration | ms/step p50 | p20 | p80 | / AdamW | ops per step |",
+         "|---|---|---|---|---|---|",
          *lines]) + "\n")
 
 
