@@ -4,6 +4,7 @@
     python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
     python bench/ekfac.py tasks --set scaling --tasks transformer mlp cnn --name ekfac_scaling
     python bench/ekfac.py tasks --set gr --split test --tasks transformer mlp cnn --name ekfac_gr
+    python bench/ekfac.py tasks --set levers --tasks transformer --name ekfac_levers
     python bench/ekfac.py step                    # ms per step: batched vs one block at a time
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
     python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
@@ -80,6 +81,12 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
         ("EKFAC Adam, betas (0.9, 0.95), rho_rel 0.2", "ekfac", _SHIPPED),
         *_PEERS] + ([] if task == "transformer" else [("K-FAC defaults", "kfac", {"lr": 1e-2})])
         for task in ("transformer", "mlp", "cnn")},
+    # step-cost levers at the shipped defaults (bench/results/ekfac_levers.md)
+    "levers": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
+                      ("EKFAC defaults, factor_every 2", "ekfac", {**_SHIPPED, "factor_every": 2}),
+                      ("EKFAC defaults, factor_every 2, inverse_every 20", "ekfac",
+                       {**_SHIPPED, "factor_every": 2, "inverse_every": 20}),
+                      _PEERS[0]] for task in ("transformer", "mlp", "cnn")},
     # the relative GR term's effect at the shipped defaults (bench/results/ekfac_gr.md)
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
