@@ -308,8 +308,8 @@ class EigenbasisPreconditioner(Preconditioner):
                 s = kronecker_eigenvalues(unit.state.G.to(V.dtype), unit.state.A.to(V.dtype),
                                           QG, QA)
             out.append(s)
-        if self._comm is not None:
-            out = self._comm.average(out, [u.like for u in units])
+        if self._comm is not None:  # shaped as s (d_G x d_A), not as the weight
+            out = self._comm.average(out, out)
         return {u.index: s for u, s in zip(units, out)}
 
     def update(self, units) -> None:
