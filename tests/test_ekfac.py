@@ -449,3 +449,18 @@ def test_batched_blocks_equal_one_at_a_time(monkeypatch, kwargs) -> None:
     assert max(float((p - q).abs().max()) for p, q in zip(runs[0], start)) > 0.05
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+def test_fisher_refuses_mem_opt() -> None:
+    """Under a process group the original scaling averages each rank's correction in the
+    block's bases, which mem-opt keeps on the owner only: refused, naming the strategy."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="mem-opt"):
+            grng.EKFAC(small_mlp(F64), scaling="fisher", process_group=dist.group.WORLD,
+                       distributed_strategy="mem-opt")
+        grng.EKFAC(small_mlp(F64), scaling="fisher", process_group=dist.group.WORLD).close()
+    finally:
+        dist.destroy_process_group()

@@ -43,7 +43,8 @@ class EKFAC(CurvatureOptimizer):
     "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
-    of the captured rows; it needs ``factor_every=1``) and the ratio is
+    of the captured rows; it needs ``factor_every=1``, and under a process group the comm-opt
+    strategy) and the ratio is
     m_hat / (v / (1 - beta2^t) + ``damping``), no square root (``damping`` is unused with
     Adam's scaling). ``rho_rel`` (default 0.2) is the GRNG term relative to the step:
     d + rho_rel (||d|| / ||g||) g per block (per parameter without one), a GR term whose norm
@@ -104,6 +105,11 @@ class EKFAC(CurvatureOptimizer):
                          inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
                          max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
                          sync_free=sync_free, precision=precision)
+        if scaling == "fisher" and getattr(self.comm, "strategy", None) == "mem-opt":
+            self.capture.remove()
+            raise ValueError("scaling='fisher' needs every rank to hold every block's bases (its "
+                             "ranks' corrections are averaged in them): use "
+                             "distributed_strategy='comm-opt', not 'mem-opt'")
         for group in self.param_groups:
             check.non_negative("rho_rel", group["rho_rel"])
             if group["momentum"] != 0.0:
