@@ -122,7 +122,7 @@ def stacked(stacks: Stacks, batch: list[Unit], names: tuple[str, ...], out: Stat
     return out
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
+def stack_of(tensors: list[Tensor]) -> Tensor:
     """One tensor as it is; several stacked on a new leading dimension."""
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors)
 
@@ -162,7 +162,7 @@ class DiagonalAdam(Preconditioner):
                 g = grads[id(unit.like)]
                 self.adam.start(unit.state, g, g)
         for batch in batches(units, self._layout):
-            g = _stack([grads[id(u.like)] for u in batch])
+            g = stack_of([grads[id(u.like)] for u in batch])
             self.adam.update(self._state(batch), g, g * g)
 
     def apply(self, unit, V, group) -> Tensor:
@@ -177,7 +177,7 @@ class DiagonalAdam(Preconditioner):
                              lambda unit: items[at[id(unit)]][2].get("rho_rel", 0.0)):
             ks = [at[id(u)] for u in batch]
             st = self._state(batch)
-            g = _stack([items[k][1] for k in ks])
+            g = stack_of([items[k][1] for k in ks])
             D = with_relative_gr(self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step), g,
                                  items[ks[0]][2].get("rho_rel", 0.0),
                                  dims=g.dim() - (len(batch) > 1))

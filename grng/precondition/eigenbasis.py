@@ -35,7 +35,9 @@ from grng.curvature.layers import KroneckerLayer
 from grng.curvature.pieces import Piece
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import EigenbasisBlock
-from grng.precondition.adam import AdamSettings, batches, stacked, with_relative_gr
+from grng.distributed.communicator import Communicator
+from grng.precondition.adam import (AdamSettings, batches, stack_of, stacked,
+                                   with_relative_gr)
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 from grng.precondition.kronecker import fold_factors
 
@@ -160,7 +162,7 @@ class EigenbasisPreconditioner(Preconditioner):
         self.stacks = Stacks()
         # the fisher scaling's rows of this step (from fold to update) and the communicator
         self._rows: dict[int, tuple[Rows, Rows]] = {}
-        self._comm = None
+        self._comm: Communicator | None = None
 
     def new_state(self, unit_params, layer) -> EigenbasisBlock:
         return EigenbasisBlock()
@@ -321,11 +323,9 @@ class EigenbasisPreconditioner(Preconditioner):
                 self.adam.start(unit.state, V, V)
         for batch in batches(units, self._layout):
             state, QG, QA = self._stacked(batch)
-            V = torch.stack([grads[u.index] for u in batch]) if len(batch) > 1 else (
-                grads[batch[0].index])
+            V = stack_of([grads[u.index] for u in batch])
             if fisher is not None:
-                s = torch.stack([fisher[u.index] for u in batch]) if len(batch) > 1 else (
-                    fisher[batch[0].index])
+                s = stack_of([fisher[u.index] for u in batch])
             else:
                 P = to_basis(V, QG, QA)
                 s = P * P
@@ -351,6 +351,7 @@ class EigenbasisPreconditioner(Preconditioner):
         damping and rho_rel in one batched call over their stacks."""
         at = {id(unit): k for k, (unit, _, _) in enumerate(items)}
         out: list[Tensor | None] = [None] * len(items)
+
         def hyper(unit: Unit) -> tuple:
             group = items[at[id(unit)]][2]
             return (group.get("damping"), group.get("rho_rel", 0.0))
