@@ -30,8 +30,9 @@ class EKFAC(CurvatureOptimizer):
     ``EKFAC(model, lr)`` then ``loss.backward(); opt.step()`` (or ``opt.step(closure)``).
     Per step, for a block with gradient matrix V and factor eigenbases Q_G, Q_A:
     m <- beta1 m + (1 - beta1) V, v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 and
-    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T; then
-    theta <- (1 - lr weight_decay) theta - lr d (AdamW's decoupled decay). The first moment is
+    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T,
+    d' = d + rho_rel (||d|| / ||V||) V (below); then theta <- (1 - lr weight_decay) theta - lr d'
+    (AdamW's decoupled decay). The first moment is
     kept in parameter space, so a change of basis leaves it exact. Parameters without a
     Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
@@ -44,9 +45,8 @@ class EKFAC(CurvatureOptimizer):
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
     of the captured rows; it needs ``factor_every=1``, and under a process group the comm-opt
-    strategy) and the ratio is
-    m_hat / (v / (1 - beta2^t) + ``damping``), no square root (``damping`` is unused with
-    Adam's scaling). ``rho_rel`` (default 0.2) is the GRNG term relative to the step:
+    strategy) and the ratio is m_hat / (v / (1 - beta2^t) + ``damping``), no square root
+    (``damping`` is unused with Adam's scaling). ``rho_rel`` (default 0.2) is the GRNG term relative to the step:
     d + rho_rel (||d|| / ||g||) g per block (per parameter without one), a GR term whose norm
     is the fraction rho_rel of the step's (0: plain Adam in the eigenbasis). ``kl_clip``
     (default None, Adam has none) is the shared update's.
