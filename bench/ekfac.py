@@ -2,6 +2,10 @@
 
     python bench/ekfac.py refresh                 # eigh vs one subspace step at d = 768, 3072
     python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
+    python bench/ekfac.py tasks --set scaling --tasks transformer mlp cnn --name ekfac_scaling
+    python bench/ekfac.py tasks --set gr --split test --tasks transformer mlp cnn --name ekfac_gr
+    python bench/ekfac.py tasks --set levers --tasks transformer --name ekfac_levers
+    python bench/ekfac.py step                    # ms per step: batched vs one block at a time
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
     python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
 
@@ -10,9 +14,14 @@ with a decaying spectrum) by eigh and by one step of warm-started subspace itera
 of the factor one refresh earlier, M_prev = M with a 5% EMA drift, as start), and the second
 moment's re-projection into the new basis (W = (Q_new^T Q_old)^2, then W v for a d x d v); and
 how far each result is from diagonalizing M: ||offdiag(Q^T M Q)||_F / ||M||_F.
-``tasks``: runs of grng.demo.train.train_run on the validation split, seeds interleaved (seed
-outermost, configuration innermost), each configuration (optimizer, fixed lr) the steps and
-seconds to the task's target and the final validation metric (median over seeds).
+``tasks``: runs of grng.demo.train.train_run evaluated on the validation split (``--split
+test``: the test split), seeds interleaved (seed outermost, configuration innermost), each
+configuration of the set ``--set`` (optimizer, fixed hyperparameters) the steps and seconds to
+the task's target and the final metric (median over seeds).
+``step``: ms per training step (forward, backward, step) on the demo's character transformer
+(batch 16 x 32) of AdamW (lr 1e-2), EKFAC at its defaults, and EKFAC with every unit (block or
+Adam parameter) updated and applied alone (the batching off), rounds interleaved
+(``ekfac_step.csv`` / ``.md``).
 Writes schema rows (grng.benchmark.schema) to ``bench/results/ekfac_refresh.csv`` /
 ``ekfac_tasks.csv`` and a Markdown summary next to them. One torch thread; the machine is shared
 (the load averages are recorded).
@@ -39,23 +48,48 @@ from grng.precondition.eigenbasis import carry_weights, subspace_step  # noqa: E
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: (label, demo optimizer key, hyperparameters) compared on each task
-CONFIGS: dict[str, list[tuple[str, str, dict]]] = {
-    "transformer": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
-                    ("EKFAC lr 1e-2, carry keep", "ekfac", {"lr": 1e-2, "carry": "keep"}),
-                    ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
-                    ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
-                    ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
-                    ("K-FAC defaults", "kfac", {"lr": 1e-2}),
-                    ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
-                    ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
-    "mlp": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
-            ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
-            ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
-            ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
-            ("K-FAC defaults", "kfac", {"lr": 1e-2}),
-            ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
-            ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
+#: (label, demo optimizer key, hyperparameters) compared on each task, per named set
+_PEERS = [("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
+          ("SOAP lr 1e-2", "soap", {"lr": 1e-2})]
+_ADAM_0 = {"lr": 1e-2, "betas": [0.9, 0.999], "rho_rel": 0.0}  # the first release's defaults
+_SHIPPED = {"lr": 1e-2, "betas": [0.9, 0.95], "rho_rel": 0.2}  # the defaults now
+CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
+    # the first comparison (bench/results/ekfac_tasks.md)
+    "peers": {
+        "transformer": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
+                        ("EKFAC lr 1e-2, carry keep", "ekfac", {"lr": 1e-2, "carry": "keep"}),
+                        ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
+                        ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
+                        ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
+                        ("K-FAC defaults", "kfac", {"lr": 1e-2}),
+                        ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+                        ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
+        "mlp": [("EKFAC lr 1e-2", "ekfac", {"lr": 1e-2}),
+                ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
+                ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
+                ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
+                ("K-FAC defaults", "kfac", {"lr": 1e-2}),
+                ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+                ("Muon lr 1e-2", "muon", {"lr": 1e-2, "adjust_lr_fn": "match_rms_adamw"})],
+    },
+    # the two scalings, the betas and the relative GR term (bench/results/ekfac_scaling.md)
+    "scaling": {task: [
+        ("EKFAC Adam scaling, betas (0.9, 0.999), rho_rel 0", "ekfac", _ADAM_0),
+        ("EKFAC Fisher scaling (damping 1e-3)", "ekfac", {**_ADAM_0, "scaling": "fisher"}),
+        ("EKFAC Adam, rho_rel 0.2", "ekfac", {**_ADAM_0, "rho_rel": 0.2}),
+        ("EKFAC Adam, betas (0.9, 0.95)", "ekfac", {**_SHIPPED, "rho_rel": 0.0}),
+        ("EKFAC Adam, betas (0.9, 0.95), rho_rel 0.2", "ekfac", _SHIPPED),
+        *_PEERS] + ([] if task == "transformer" else [("K-FAC defaults", "kfac", {"lr": 1e-2})])
+        for task in ("transformer", "mlp", "cnn")},
+    # step-cost levers at the shipped defaults (bench/results/ekfac_levers.md)
+    "levers": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
+                      ("EKFAC defaults, factor_every 2", "ekfac", {**_SHIPPED, "factor_every": 2}),
+                      ("EKFAC defaults, factor_every 2, inverse_every 20", "ekfac",
+                       {**_SHIPPED, "factor_every": 2, "inverse_every": 20}),
+                      _PEERS[0]] for task in ("transformer", "mlp", "cnn")},
+    # the relative GR term's effect at the shipped defaults (bench/results/ekfac_gr.md)
+    "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
+                  for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
 }
 
 
@@ -140,13 +174,15 @@ def tasks(args: argparse.Namespace) -> None:
     load_start = os.getloadavg()
     env = environment("cpu")
     seeds = list(range(100, 100 + args.seeds))
+    split = {"val": "validation", "test": "test"}[args.split]
     runs: dict[tuple[str, str], list] = {}
     for seed in seeds:
         for task_key in args.tasks:
             task = TASKS[task_key]
             data = load_data(task.dataset)
-            for label, key, hp in CONFIGS[task_key]:
-                r = train_run(task_key, key, hp, data.train, data.val, seed=seed,
+            for label, key, hp in CONFIGS[args.set][task_key]:
+                r = train_run(task_key, key, hp, data.train, getattr(data, args.split),
+                              seed=seed,
                               epochs=task.epochs, batch_size=task.batch_size,
                               eval_every=task.eval_every, progress=False)
                 runs.setdefault((task_key, label), []).append(r)
@@ -158,10 +194,10 @@ def tasks(args: argparse.Namespace) -> None:
     rows, text = [], []
     for task_key in args.tasks:
         task = TASKS[task_key]
-        text += [f"## {task_key} (target {task.level_name(task.target)} on validation)", "",
-                 f"| optimizer | steps to target (median; reached) | s to target | final val "
+        text += [f"## {task_key} (target {task.level_name(task.target)} on {split})", "",
+                 f"| optimizer | steps to target (median; reached) | s to target | final {split} "
                  f"{task.metric} (median) | ms/step | diverged |", "|---|---|---|---|---|---|"]
-        for label, key, hp in CONFIGS[task_key]:
+        for label, key, hp in CONFIGS[args.set][task_key]:
             rs = runs[(task_key, label)]
             hits = [r.reached.get(level_key(task.target)) for r in rs]
             steps = [h[0] for h in hits if h]
@@ -173,13 +209,14 @@ def tasks(args: argparse.Namespace) -> None:
             scale = 100.0 if task.metric == "acc" else 1.0
             base = dict(suite="ekfac_tasks", name=f"{task_key}/{key}", provider=label,
                         x_name="lr", x_value=f"{hp['lr']:g}", dtype="float32",
-                        config=f"{json.dumps(hp)}; seeds {seeds}; validation split; {loads}",
+                        config=f"{json.dumps(hp)}; seeds {seeds}; {split} split; {loads}",
                         **env)
             rows += [Row(metric="steps_to_target", unit="steps", p50=med(steps) if steps else None,
                          n=len(steps), **base),
                      Row(metric="seconds_to_target", unit="s", p50=med(secs) if secs else None,
                          n=len(secs), **base),
-                     Row(metric=f"final_val_{task.metric}", unit="%" if scale == 100 else "bpc",
+                     Row(metric=f"final_{args.split}_{task.metric}",
+                         unit="%" if scale == 100 else "bpc",
                          p50=scale * med(finals) if finals else None, n=len(finals), **base),
                      Row(metric="step_time", unit="ms", p50=med(ms), n=len(ms), **base),
                      Row(metric="failed_runs", unit="runs", p50=float(bad), n=len(rs), **base)]
@@ -194,8 +231,95 @@ def tasks(args: argparse.Namespace) -> None:
         [f"# EKFAC on the demo's tasks (`python bench/ekfac.py tasks`)", "",
          *[f"- {k}: {v}" for k, v in head.items()], f"- seeds: {seeds}",
          f"- {loads} (machine shared: seconds and ms/step are noisy)", "",
-         "Validation split; every configuration at its library defaults but the lr named; "
-         "runs interleaved (seed outermost).", "", *text]) + "\n")
+         f"Evaluated on the {split} split; every configuration at its library defaults but "
+         "the hyperparameters named (its row's config in the .csv); runs interleaved (seed "
+         "outermost).", "", *text]) + "\n")
+
+
+def step(args: argparse.Namespace) -> None:
+    import torch.nn.functional as F
+
+    import grng
+    from grng.benchmark.costmodel import count_ops
+    from grng.demo.models import make_model
+    from grng.demo.tasks import load_data
+    from grng.precondition.adam import DiagonalAdam
+    from grng.precondition.eigenbasis import EigenbasisPreconditioner
+
+    warnings.simplefilter("ignore")
+    load_start = os.getloadavg()
+    train = load_data("text").train
+    batches = [(train.x[k * 16:(k + 1) * 16], train.y[k * 16:(k + 1) * 16]) for k in range(40)]
+
+    def alone(*unit):  # every unit its own batch: the per-unit loop
+        return None
+
+    setups = {"AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
+              "EKFAC (defaults, batched)": lambda m: grng.EKFAC(m),
+              "EKFAC (one unit at a time)": lambda m: grng.EKFAC(m)}
+    runs = {}
+    for label, make in setups.items():
+        torch.manual_seed(0)
+        model = make_model("transformer")
+        runs[label] = (model, make(model))
+    times: dict[str, list[float]] = {label: [] for label in setups}
+    real = EigenbasisPreconditioner._layout, DiagonalAdam._layout
+    for r in range(args.rounds):
+        for label, (model, opt) in runs.items():
+            one = "one unit" in label
+            EigenbasisPreconditioner._layout = alone if one else real[0]
+            DiagonalAdam._layout = staticmethod(alone if one else real[1])
+            for k in range(args.steps):
+                x, y = batches[(r * args.steps + k) % len(batches)]
+                t = time.perf_counter()
+                opt.zero_grad()
+                out = model(x)
+                F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
+                opt.step()
+                if r > 0:  # round 0 warms up (first bases by eigh)
+                    times[label].append(1000.0 * (time.perf_counter() - t))
+    ops = {}  # aten ops dispatched per optimizer step, over 20 more steps (two refreshes)
+    for label, (model, opt) in runs.items():
+        one = "one unit" in label
+        EigenbasisPreconditioner._layout = alone if one else real[0]
+        DiagonalAdam._layout = staticmethod(alone if one else real[1])
+
+        def loss(i: int, model=model) -> torch.Tensor:
+            x, y = batches[i % len(batches)]
+            out = model(x)
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+        ops[label] = count_ops(model, opt, loss, 20)[1]
+    EigenbasisPreconditioner._layout, DiagonalAdam._layout = real[0], staticmethod(real[1])
+    loads = load_text(load_start, os.getloadavg())
+    env = environment("cpu")
+    adamw = statistics.median(times["AdamW"])
+    rows, lines = [], []
+    for label, ts in times.items():
+        st = _stats(ts)
+        rows.append(Row(suite="ekfac_step", name="step/transformer", provider=label,
+                        metric="time", unit="ms", x_name="steps", x_value=str(len(ts)),
+                        dtype="float32", config=f"demo transformer, batch 16 x 32; {loads}",
+                        **st, **env))
+        rows.append(Row(suite="ekfac_step", name="step/transformer", provider=label,
+                        metric="ops", unit="aten ops per step", x_name="steps", x_value="20",
+                        dtype="float32", p50=ops[label], config="demo transformer", **env))
+        lines.append(f"| {label} | {st['p50']:.1f} | {st['p20']:.1f} | {st['p80']:.1f} | "
+                     f"{st['p50'] / adamw:.2f} | {ops[label]:.0f} |")
+        print(lines[-1], flush=True)
+    replace_rows(RESULTS / "ekfac_step.csv", rows)
+    head = run_header(torch.get_num_threads())
+    (RESULTS / "ekfac_step.md").write_text("\n".join(
+        ["# EKFAC's step cost on the demo transformer (`python bench/ekfac.py step`)", "",
+         *[f"- {k}: {v}" for k, v in head.items()], f"- {loads} (machine shared)", "",
+         f"ms per training step (forward, backward, optimizer step), {args.rounds - 1} rounds "
+         f"of {args.steps} steps after one warm-up round, the three interleaved round by round "
+         "(refresh steps included, every 10th).", "",
+         "ops: aten ops dispatched by one optimizer step (mean over 20 steps; the forward and "
+         "backward are the same for all three).", "",
+         "| configuration | ms/step p50 | p20 | p80 | / AdamW | ops per step |",
+         "|---|---|---|---|---|---|",
+         *lines]) + "\n")
 
 
 def hparams(args: argparse.Namespace) -> None:
@@ -235,12 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--tasks", nargs="+", default=["transformer", "mlp"])
     t.add_argument("--seeds", type=int, default=3)
     t.add_argument("--name", default="ekfac_tasks")
+    t.add_argument("--set", choices=list(CONFIGS), default="peers")
+    t.add_argument("--split", choices=["val", "test"], default="val")
+    st = sub.add_parser("step")
+    st.add_argument("--rounds", type=int, default=11)
+    st.add_argument("--steps", type=int, default=20)
     h = sub.add_parser("hparams")
     h.add_argument("--tasks", nargs="+", default=["cnn", "mlp", "transformer"])
     h.add_argument("--optimizers", nargs="+", default=["ekfac"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"refresh": refresh, "tasks": tasks, "hparams": hparams}[args.cmd](args)
+    {"refresh": refresh, "tasks": tasks, "step": step, "hparams": hparams}[args.cmd](args)
     return 0
 
 

@@ -181,6 +181,12 @@ RUNS.update({
                                                distributed_strategy="mem-opt"), True),
     "ekfac_embed_comm": ("embed", optimizer_factory("ekfac", **_EKFAC), True),
     "ekfac_sync_free": ("branchy", optimizer_factory("ekfac", **_EKFAC, sync_free=True), True),
+    # the original scaling: each rank's eigenvalue correction averaged (equal local batches;
+    # comm-opt only: mem-opt keeps a block's bases on its owner and is refused)
+    "ekfac_fisher_comm": ("branchy", optimizer_factory("ekfac", **_EKFAC, scaling="fisher",
+                                                       rho_rel=0.2), True),
+    "ekfac_fisher_embed_comm": ("embed", optimizer_factory("ekfac", **_EKFAC, scaling="fisher"),
+                                True),
 })
 # float32 storage rounds the same float64 sums that differ in their last bits
 TOLERANCE = {"kfac_factor_dtype": 1e-5, "kfac_inverse_dtype_mem": 1e-5,

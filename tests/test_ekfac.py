@@ -58,7 +58,7 @@ def test_identity_bases_equal_adamw() -> None:
     ref = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="max_factor_dim"):
         opt = grng.EKFAC(model, lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
-                         max_factor_dim=1)
+                         rho_rel=0.0, max_factor_dim=1)
     adamw = torch.optim.AdamW(ref.parameters(), lr=0.02, betas=(0.8, 0.95), eps=1e-6,
                               weight_decay=0.1)
     batches = classification_batches(12, 8, dtype=F64, seed=1)
@@ -203,14 +203,30 @@ def test_a_non_finite_subspace_step_falls_back(monkeypatch, sync_free: bool) -> 
                                        torch.ones(len(Q), dtype=F64), atol=1e-9, rtol=0)
 
 
+def _twin_mlp(dtype: torch.dtype = F64) -> nn.Module:
+    """Linear(4,6)-Tanh-Linear(6,6)-Tanh-Linear(6,6)-LayerNorm-Linear(6,3): two blocks of one
+    shape (updated and applied in one batch) among four."""
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6),
+                         nn.LayerNorm(6), nn.Linear(6, 3)).to(dtype)
+
+
+#: (model, EKFAC keywords): the defaults on blocks of distinct shapes, and the original scaling
+#: with the relative GR term on a model whose equal-shape blocks batch
+VARIANTS = {"adam": (small_mlp, {}),
+            "fisher-batched": (_twin_mlp, dict(scaling="fisher", rho_rel=0.1))}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("at", [3, 4])  # 4: a refresh step (inverse_every=2)
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_a_skipped_step_leaves_the_state_bit_for_bit(sync_free: bool, at: int) -> None:
+def test_a_skipped_step_leaves_the_state_bit_for_bit(sync_free: bool, at: int,
+                                                     variant: str) -> None:
     """A NaN loss at step ``at``: parameters, factors, bases and moments of every unit as they
     were, on the host path and on the sync-free (device) path; the next step goes on."""
     torch.manual_seed(0)
-    model = small_mlp(torch.float32)
-    opt = grng.EKFAC(model, lr=0.01, inverse_every=2, sync_free=sync_free)
+    make, kwargs = VARIANTS[variant]
+    model = make(torch.float32)
+    opt = grng.EKFAC(model, lr=0.01, inverse_every=2, sync_free=sync_free, **kwargs)
     batches = classification_batches(at + 2, 8, dtype=torch.float32, seed=1)
     _train(model, opt, batches[:at])
     state, params = _state(opt), [p.detach().clone() for p in model.parameters()]
@@ -251,13 +267,16 @@ def test_a_non_finite_direction_puts_the_moments_back(monkeypatch, sync_free: bo
     assert opt.skipped_steps == 1
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_checkpoint_resumes_bit_for_bit(sync_free: bool) -> None:
+def test_checkpoint_resumes_bit_for_bit(sync_free: bool, variant: str) -> None:
     """Save after 5 steps, train 5 more; a new model and optimizer loaded from the checkpoint
     take the same 5 steps bit for bit (a refresh among them)."""
     torch.manual_seed(0)
-    model = small_mlp(torch.float32)
-    opt = grng.EKFAC(model, lr=0.01, inverse_every=3, weight_decay=0.01, sync_free=sync_free)
+    make, kwargs = VARIANTS[variant]
+    model = make(torch.float32)
+    opt = grng.EKFAC(model, lr=0.01, inverse_every=3, weight_decay=0.01, sync_free=sync_free,
+                     **kwargs)
     batches = classification_batches(10, 8, dtype=torch.float32, seed=1)
     _train(model, opt, batches[:5])
     saved_model = copy.deepcopy(model.state_dict())
@@ -265,10 +284,10 @@ def test_checkpoint_resumes_bit_for_bit(sync_free: bool) -> None:
     names = set(saved["state"][0])
     assert {"A", "G", "QG", "QA", "exp_avg", "exp_avg_sq", "step"} <= names
     _train(model, opt, batches[5:])
-    other = small_mlp(torch.float32)
+    other = make(torch.float32)
     other.load_state_dict(saved_model)
     resumed = grng.EKFAC(other, lr=0.01, inverse_every=3, weight_decay=0.01,
-                         sync_free=sync_free)
+                         sync_free=sync_free, **kwargs)
     resumed.load_state_dict(saved)
     _train(other, resumed, batches[5:])
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
@@ -290,5 +309,158 @@ def test_case_coverage_and_arguments() -> None:
                                            "momentum": 0.9}]), "momentum")):
         with pytest.raises(ValueError, match=name):
             grng.EKFAC(small_mlp(F64), **bad) if name != "momentum" else grng.EKFAC(model, **bad)
-    with pytest.raises(TypeError, match="damping"):
-        grng.EKFAC(small_mlp(F64), damping=0.1)
+    for bad, name in ((dict(scaling="sqrt"), "scaling"), (dict(rho_rel=-0.1), "rho_rel"),
+                      (dict(damping=0.0), "damping"),
+                      (dict(scaling="fisher", factor_every=2), "factor_every")):
+        with pytest.raises(ValueError, match=name):
+            grng.EKFAC(small_mlp(F64), **bad)
+    with pytest.raises(TypeError, match="inverse"):  # K-FAC's, not EKFAC's
+        grng.EKFAC(small_mlp(F64), inverse="eigen")
+
+
+# ------------------------------------------------------------------ original scaling, GR, batching
+class _TokenNet(nn.Module):
+    """Embedding(7, 5) -> Tanh -> Linear(5, 3), one token per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin = nn.Embedding(7, 5), nn.Linear(5, 3)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.lin(torch.tanh(self.emb(idx)))
+
+
+def test_fisher_correction_is_the_per_example_squared_projection() -> None:
+    """With beta2 = 0, v after one step is the original scaling's s: the mean over examples of
+    the squared per-example gradient matrix in the block's eigenbasis, (Q_G^T V_i Q_A)^2,
+    per-example gradients from torch.func (a Linear block; an Embedding block with its
+    one-hot, diagonal A side)."""
+    torch.manual_seed(0)
+    model = _TokenNet().double()
+    opt = grng.EKFAC(model, lr=0.01, betas=(0.9, 0.0), scaling="fisher")
+    idx, y = torch.randint(0, 7, (11,)), torch.randint(0, 3, (11,))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p: dict[str, Tensor], i: Tensor, t: Tensor) -> Tensor:
+        out = torch.func.functional_call(model, p, (i.unsqueeze(0),))
+        return F.cross_entropy(out, t.unsqueeze(0))
+
+    per = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(params, idx, y)
+    opt.zero_grad()
+    F.cross_entropy(model(idx), y).backward()
+    opt.step()
+    for unit in opt._blocks:
+        layer, st = unit.layer, unit.state
+        name = "emb" if layer.module is model.emb else "lin"
+        Vi = torch.stack([layer.to_matrix([per[f"{name}.{k}"][i] for k in ("weight", "bias")
+                                           if f"{name}.{k}" in per]) for i in range(len(idx))])
+        P = eigenbasis.to_basis(Vi, st.QG, st.QA)
+        torch.testing.assert_close(st.exp_avg_sq, (P * P).mean(0), rtol=1e-10, atol=1e-14)
+        assert float(st.exp_avg_sq.abs().max()) > 1e-4
+
+
+def test_fisher_rows_per_position_scale_to_kronecker_eigenvalues() -> None:
+    """Rows per position (a conv's patches): s sums to tr(A) tr(G) when each row's a and g are
+    independent (here: g rows a permutation of their pairing), the scale K-FAC's l_G l_A^T
+    has; with the pairing kept it is the per-row sum."""
+    g = torch.Generator().manual_seed(0)
+    n, T, dA, dG = 3, 5, 4, 2
+    XA, XG = torch.randn(n * T, dA, generator=g, dtype=F64), torch.randn(n * T, dG, generator=g,
+                                                                         dtype=F64)
+    a, gr = eigenbasis.Rows(XA, n * T), eigenbasis.Rows(XG, n, float(n))
+    s = eigenbasis.eigenvalue_correction((a, gr), None, None, dA, F64)
+    A, G = XA.T @ XA / (n * T), n * (XG.T @ XG)  # the conv factors (s^2 / n) X^T X
+    ref = sum(torch.outer(XG[r] ** 2, XA[r] ** 2) for r in range(n * T)) * n
+    torch.testing.assert_close(s, ref)
+    # averaged over every pairing, the per-row sum is tr(G) tr(A) (independence)
+    mixed = sum(torch.outer(XG[r] ** 2, XA[q] ** 2) for r in range(n * T)
+                for q in range(n * T)) * n / (n * T)
+    torch.testing.assert_close(mixed.sum(), A.trace() * G.trace())
+    assert eigenbasis.eigenvalue_correction((a, eigenbasis.Rows(XG[:-1], n, float(n))), None,
+                                            None, dA, F64) is None
+
+
+def test_unpaired_rows_take_kronecker_eigenvalues(monkeypatch) -> None:
+    """A block whose rows do not pair takes K-FAC's eigenvalue product l_G l_A^T in its basis
+    (the factors' Rayleigh quotients): beta2 = 0 makes v that product."""
+    monkeypatch.setattr(eigenbasis, "eigenvalue_correction", lambda *a, **k: None)
+    torch.manual_seed(0)
+    model = small_mlp(F64)
+    opt = grng.EKFAC(model, lr=0.01, betas=(0.9, 0.0), scaling="fisher")
+    _train(model, opt, classification_batches(1, 8, dtype=F64, seed=1))
+    for unit in opt._blocks:
+        st = unit.state
+        lG = torch.linalg.eigvalsh(st.G).flip(-1)
+        lA = torch.linalg.eigvalsh(st.A).flip(-1)
+        torch.testing.assert_close(st.exp_avg_sq, torch.outer(lG, lA).clamp_min(0),
+                                   rtol=1e-8, atol=1e-12)
+
+
+def test_fisher_ratio_and_relative_gr_term() -> None:
+    """One step from a fresh optimizer: theta_1 - theta_0 = -lr d', with the fisher ratio
+    d = Q_G [Q_G^T V Q_A / (s + damping)] Q_A^T (bias-corrected moments of one gradient) and
+    d' = d + rho_rel ||d|| / ||V|| V per block (per parameter for the LayerNorm's Adam)."""
+    torch.manual_seed(0)
+    model = small_mlp(F64)
+    start = copy.deepcopy(model)
+    lr, damping, rho = 0.05, 1e-2, 0.3
+    opt = grng.EKFAC(model, lr=lr, betas=(0.9, 0.0), eps=1e-8, damping=damping, rho_rel=rho,
+                     scaling="fisher")
+    _train(model, opt, classification_batches(1, 8, dtype=F64, seed=1))
+    moved = {id(q): (q.detach() - p.detach()) / -lr
+             for p, q in zip(start.parameters(), model.parameters())}
+    for unit in opt._blocks:
+        st, layer = unit.state, unit.layer
+        V = layer.grad_matrix()
+        P = eigenbasis.to_basis(V, st.QG, st.QA)
+        d = eigenbasis.from_basis(P / (st.exp_avg_sq + damping), st.QG, st.QA)
+        d = d + rho * d.norm() / V.norm() * V
+        got = layer.to_matrix([moved[id(p)] for p in layer.params])
+        torch.testing.assert_close(got, d, rtol=1e-9, atol=1e-12)
+    for p in model[2].parameters():  # LayerNorm: Adam's first step is sign(g) (eps aside)
+        g = p.grad
+        d = g / (g.abs() + 1e-8)
+        torch.testing.assert_close(moved[id(p)], d + rho * d.norm() / g.norm() * g,
+                                   rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(scaling="fisher", rho_rel=0.2)])
+def test_batched_blocks_equal_one_at_a_time(monkeypatch, kwargs) -> None:
+    """Equal-shape blocks updated and applied in one batch give what one block at a time gives
+    (float64, rounding; 6 steps, refreshes among them)."""
+    batches = classification_batches(6, 8, dtype=F64, seed=1)
+    runs = []
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "_layout",
+                                lambda self, unit: None)
+        torch.manual_seed(0)
+        model = _twin_mlp(F64)
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = grng.EKFAC(model, lr=0.02, inverse_every=2, **kwargs)
+        _train(model, opt, batches)
+        runs.append(list(model.parameters()))
+        if batched:  # the two 6 x 7 blocks' fields are one stack's slices
+            a, b = opt._blocks[1].state, opt._blocks[2].state
+            assert a.exp_avg._base is not None and a.exp_avg._base is b.exp_avg._base
+    # batched GEMMs round differently, and the rounding picks the basis inside the factors'
+    # degenerate eigenspaces (the softmax's and the LayerNorm's null directions of G; docs
+    # "Degenerate eigenspaces"), so the runs agree to 1e-7 of parameters that moved by > 0.05
+    assert max(float((p - q).abs().max()) for p, q in zip(runs[0], start)) > 0.05
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+def test_fisher_refuses_mem_opt() -> None:
+    """Under a process group the original scaling averages each rank's correction in the
+    block's bases, which mem-opt keeps on the owner only: refused, naming the strategy."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="mem-opt"):
+            grng.EKFAC(small_mlp(F64), scaling="fisher", process_group=dist.group.WORLD,
+                       distributed_strategy="mem-opt")
+        grng.EKFAC(small_mlp(F64), scaling="fisher", process_group=dist.group.WORLD).close()
+    finally:
+        dist.destroy_process_group()

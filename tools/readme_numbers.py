@@ -15,6 +15,8 @@ Each such number sits in a block of README.md between ``<!-- readme_numbers: NAM
 * ``ext``: speed-ups computed from ``bench/results/ext.csv`` (``bench/ext_update.py``);
 * ``ekfac``: which optimizer for which model, from ``bench/results/ekfac_tasks.csv``
   (``python bench/ekfac.py tasks``).
+* ``ekfac_scaling``: EKFAC's two scalings, betas and GR term against AdamW and SOAP, from
+  ``bench/results/ekfac_scaling.csv`` (``python bench/ekfac.py tasks --set scaling``).
 
 ``python tools/readme_numbers.py`` rewrites the blocks; ``--check`` rewrites nothing, prints the
 blocks that disagree and exits 1 (tests/test_readme_numbers.py runs it).
@@ -209,19 +211,20 @@ def ext_block() -> str:
             f"Kalman update {_range(speedups('kalman_update', 'reference'))} the reference.\n")
 
 
-def ekfac_block() -> str:
-    """Which optimizer for which model: per task of ``bench/results/ekfac_tasks.csv``
-    (``python bench/ekfac.py tasks``) every configuration's median steps to the target, final
-    validation metric and ms per step, and the configuration that reached the target in the
-    fewest median steps with every seed (ties: the better final metric)."""
+def ekfac_block(name: str = "ekfac_tasks") -> str:
+    """Which optimizer for which model: per task of ``bench/results/<name>.csv``
+    (``python bench/ekfac.py tasks``; ``ekfac_scaling``: ``--set scaling``) every
+    configuration's median steps to the target, final validation metric and ms per step, and
+    the configuration that reached the target in the fewest median steps with every seed
+    (ties: the better final metric)."""
     cells: dict[str, dict[str, dict[str, dict]]] = {}
     meta = ""
-    with (RESULTS / "ekfac_tasks.csv").open() as fh:
+    with (RESULTS / f"{name}.csv").open() as fh:
         for row in csv.DictReader(fh):
             task = row["name"].split("/")[0]
             cells.setdefault(task, {}).setdefault(row["provider"], {})[row["metric"]] = row
             meta = f"{row['device']}, torch {row['torch']}, {row['timestamp'][:10]}"
-    text = [f"From [bench/results/ekfac_tasks.md](bench/results/ekfac_tasks.md) ({meta}; "
+    text = [f"From [bench/results/{name}.md](bench/results/{name}.md) ({meta}; "
             "validation split, medians over the seeds; ms/step on a shared machine):", "",
             "| model | optimizer | steps to target (reached) | final val | ms/step | fewest steps |",
             "|---|---|---|---|---|---|"]
@@ -253,7 +256,7 @@ def ekfac_block() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     "dropin": dropin_block, "verify": verify_block, "bench": bench_block, "demo": demo_block,
     "defaults": defaults_block, "step_time": step_time_block, "ext": ext_block,
-    "ekfac": ekfac_block,
+    "ekfac": ekfac_block, "ekfac_scaling": lambda: ekfac_block("ekfac_scaling"),
 }
 
 

@@ -12,7 +12,7 @@ from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition.adam import AdamSettings, DiagonalAdam
-from grng.precondition.eigenbasis import BASES, CARRIES, EigenbasisPreconditioner
+from grng.precondition.eigenbasis import BASES, CARRIES, SCALINGS, EigenbasisPreconditioner
 
 
 def _betas(betas: tuple[float, float]) -> tuple[float, float]:
@@ -30,8 +30,9 @@ class EKFAC(CurvatureOptimizer):
     ``EKFAC(model, lr)`` then ``loss.backward(); opt.step()`` (or ``opt.step(closure)``).
     Per step, for a block with gradient matrix V and factor eigenbases Q_G, Q_A:
     m <- beta1 m + (1 - beta1) V, v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 and
-    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T; then
-    theta <- (1 - lr weight_decay) theta - lr d (AdamW's decoupled decay). The first moment is
+    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T,
+    d' = d + rho_rel (||d|| / ||V||) V (below); then theta <- (1 - lr weight_decay) theta - lr d'
+    (AdamW's decoupled decay). The first moment is
     kept in parameter space, so a change of basis leaves it exact. Parameters without a
     Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
@@ -41,9 +42,17 @@ class EKFAC(CurvatureOptimizer):
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``). ``carry`` says how the second moment follows a new basis:
     "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
-    ``kl_clip`` (default None, Adam has none) and ``rho`` (default 0) are the shared update's.
+    ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
+    Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
+    of the captured rows; it needs ``factor_every=1``, and under a process group the comm-opt
+    strategy) and the ratio is m_hat / (v / (1 - beta2^t) + ``damping``), no square root
+    (``damping`` is unused with Adam's scaling). ``rho_rel`` (default 0.2) is the GRNG term relative to the step:
+    d + rho_rel (||d|| / ||g||) g per block (per parameter without one), a GR term whose norm
+    is the fraction rho_rel of the step's (0: plain Adam in the eigenbasis). ``kl_clip``
+    (default None, Adam has none) is the shared update's.
     The default lr (1e-2) is the one the defaults sweep picked on the demo's three tasks
-    (bench/results/defaults_ekfac.csv, docs/algorithms.md "EKFAC").
+    (bench/results/defaults_ekfac.csv); betas (0.9, 0.95), rho_rel 0.2 and Adam's scaling are
+    what bench/results/ekfac_scaling.md and ekfac_gr.md picked (docs/algorithms.md "EKFAC").
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
@@ -53,7 +62,7 @@ class EKFAC(CurvatureOptimizer):
         self,
         model: nn.Module,
         lr: float = 1e-2,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
@@ -64,6 +73,9 @@ class EKFAC(CurvatureOptimizer):
         kl_clip: float | None = None,
         backend: str = "auto",
         *,
+        scaling: str = "adam",
+        damping: float = 1e-3,
+        rho_rel: float = 0.2,
         param_groups: Iterable[dict] | None = None,
         process_group: object = None,
         distributed_strategy: str = "comm-opt",
@@ -81,20 +93,31 @@ class EKFAC(CurvatureOptimizer):
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
-        defaults = dict(lr=lr, momentum=0.0, weight_decay=weight_decay, kl_clip=kl_clip)
+        check.choice("scaling", scaling, SCALINGS)
+        if scaling == "fisher" and factor_every != 1:
+            raise ValueError("scaling='fisher' reads the captured rows every step: it needs "
+                             f"factor_every=1, got factor_every={factor_every!r}")
+        defaults = dict(lr=lr, momentum=0.0, weight_decay=weight_decay, kl_clip=kl_clip,
+                        damping=damping, rho_rel=check.non_negative("rho_rel", rho_rel))
         super().__init__(model, defaults, factor_decay=factor_decay, factor_every=factor_every,
                          backend=backend, param_groups=param_groups, process_group=process_group,
                          distributed_strategy=distributed_strategy, factor_dtype=factor_dtype,
                          inverse_dtype=inverse_dtype, grad_scaler=grad_scaler,
                          max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
                          sync_free=sync_free, precision=precision)
+        if scaling == "fisher" and getattr(self.comm, "strategy", None) == "mem-opt":
+            self.capture.remove()
+            raise ValueError("scaling='fisher' needs every rank to hold every block's bases (its "
+                             "ranks' corrections are averaged in them): use "
+                             "distributed_strategy='comm-opt', not 'mem-opt'")
         for group in self.param_groups:
+            check.non_negative("rho_rel", group["rho_rel"])
             if group["momentum"] != 0.0:
                 self.capture.remove()
                 raise ValueError("momentum must be 0 in every param group of EKFAC (its first "
                                  f"moment is Adam's, betas[0]); got {group['momentum']!r}")
         self.adam = adam
-        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry),
+        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling),
                    DiagonalAdam(self.config, adam))
 
     def _inverse_due(self) -> list[bool]:

@@ -9,19 +9,25 @@ matrix in the block's Kronecker eigenbasis; the direction is Adam's bias-correct
 
     (m' / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps),
 
-m' being m (or its projection). :class:`DiagonalAdam` is that preconditioner for the parameters
-without a Kronecker block; the learning rate and decoupled weight decay are the shared fused
-update's (with momentum 0: the first moment is here).
+m' being m (or its projection), or EKFAC's original (Fisher) ratio
+(m' / (1 - beta1^t)) / (v / (1 - beta2^t) + damping). :class:`DiagonalAdam` is that
+preconditioner for the parameters without a Kronecker block; the learning rate and decoupled
+weight decay are the shared fused update's (with momentum 0: the first moment is here). The
+gradient-regularization term relative to the step, d + rho_rel (||d|| / ||g||) g, is
+:func:`with_relative_gr`. Units of one layout are updated and applied as one batch over
+persistent stacks of their moments (:func:`batches`, :func:`stacked`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from grng.curvature.stacks import Stacks
 from grng.curvature.state import AdamMoments, StateView
-from grng.precondition.base import CurvatureConfig, Preconditioner, compute_dtype
+from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 
 
 @dataclass(frozen=True)
@@ -36,19 +42,89 @@ class AdamSettings:
         """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, on the
         state's ``exp_avg``, ``exp_avg_sq`` and ``step`` (zeros before the first update)."""
         if state.step is None:
-            state.exp_avg = torch.zeros_like(g)
-            state.exp_avg_sq = torch.zeros_like(s)
-            state.step = torch.zeros((), dtype=g.dtype, device=g.device)
+            self.start(state, g, s)
         state.step.add_(1.0)
         state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
         state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
 
+    @staticmethod
+    def start(state: StateView, g: Tensor, s: Tensor) -> None:
+        """Zero moments shaped as ``g`` and ``s`` and a zero count, on ``state``."""
+        state.exp_avg = torch.zeros_like(g)
+        state.exp_avg_sq = torch.zeros_like(s)
+        state.step = torch.zeros((), dtype=g.dtype, device=g.device)
+
     def ratio(self, m: Tensor, v: Tensor, step: Tensor) -> Tensor:
         """(m / (1 - beta1^t)) / (sqrt(v) / sqrt(1 - beta2^t) + eps), t = ``step`` (a device
-        scalar: no host read)."""
+        scalar, or one per leading index of a stack: no host read)."""
+        step = _leading(step, m)
         bias1 = 1.0 - torch.pow(self.beta1, step)
         bias2 = (1.0 - torch.pow(self.beta2, step)).sqrt()
         return (m / bias1) / (v.sqrt() / bias2 + self.eps)
+
+    def fisher_ratio(self, m: Tensor, v: Tensor, step: Tensor, damping: float) -> Tensor:
+        """(m / (1 - beta1^t)) / (v / (1 - beta2^t) + damping): EKFAC's original scaling, v
+        the EMA of the Fisher's eigenvalue correction (no square root)."""
+        step = _leading(step, m)
+        bias1 = 1.0 - torch.pow(self.beta1, step)
+        bias2 = 1.0 - torch.pow(self.beta2, step)
+        return (m / bias1) / (v / bias2 + damping)
+
+
+def _leading(step: Tensor, like: Tensor) -> Tensor:
+    """``step`` (0-dim, or (L,) for a stack of L) shaped to broadcast over ``like``."""
+    return step.reshape(step.shape + (1,) * (like.dim() - step.dim()))
+
+
+def with_relative_gr(d: Tensor, g: Tensor, rho_rel: float, dims: int | None = None) -> Tensor:
+    """d + rho_rel (||d|| / ||g||) g (docs/algorithms.md "EKFAC", gradient regularization): the
+    GRNG term rho g with rho measured in the step's own scale, so the term is a fraction
+    rho_rel of ||d||; norms over the last ``dims`` dimensions (None: all; a stack's leading
+    dimension is its blocks), a zero g adds nothing; d itself for rho_rel = 0."""
+    if rho_rel == 0.0:
+        return d
+    over = tuple(range(d.dim() - (d.dim() if dims is None else dims), d.dim()))
+    dn = torch.linalg.vector_norm(d, dim=over, keepdim=True)
+    gn = torch.linalg.vector_norm(g, dim=over, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    return d + (rho_rel * dn / gn) * g.to(d.dtype)
+
+
+def batches(units: list[Unit], layout: Callable[[Unit], Hashable | None],
+            extra: Callable[[Unit], Hashable] = lambda unit: ()) -> list[list[Unit]]:
+    """``units`` grouped by ``(layout(unit), extra(unit))``; a unit whose layout is None alone."""
+    groups: dict[Hashable, list[Unit]] = {}
+    out: list[list[Unit]] = []
+    for unit in units:
+        key = layout(unit)
+        if key is None:
+            out.append([unit])
+        else:
+            groups.setdefault((key, extra(unit)), []).append(unit)
+    return out + list(groups.values())
+
+
+def stacked(stacks: Stacks, batch: list[Unit], names: tuple[str, ...], out: StateView
+            ) -> StateView:
+    """``out`` holding each named field of the ``batch`` units as one (L, ...) stack kept
+    between steps (the units' fields become the stack's slices; a field unset on the first
+    unit stays unset); a batch of one: that unit's own state."""
+    if len(batch) == 1:
+        return batch[0].state
+    ids = tuple(id(u.like) for u in batch)
+    for name in names:
+        fields = [getattr(u.state, name) for u in batch]
+        if fields[0] is None:
+            continue
+        S, views = stacks.stack((name, ids), fields)
+        for u, view in zip(batch, views):
+            setattr(u.state, name, view)
+        setattr(out, name, S)
+    return out
+
+
+def stack_of(tensors: list[Tensor]) -> Tensor:
+    """One tensor as it is; several stacked on a new leading dimension."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors)
 
 
 class DiagonalAdam(Preconditioner):
@@ -58,6 +134,7 @@ class DiagonalAdam(Preconditioner):
     def __init__(self, config: CurvatureConfig, adam: AdamSettings) -> None:
         super().__init__(config)
         self.adam = adam
+        self.stacks = Stacks()
 
     def new_state(self, unit_params, layer) -> AdamMoments:
         return AdamMoments()
@@ -69,14 +146,44 @@ class DiagonalAdam(Preconditioner):
         """The step that creates the moments (a unit with a gradient and none yet)."""
         return unit.like.grad is not None and unit.state.step is None
 
+    @staticmethod
+    def _layout(unit: Unit) -> Hashable | None:
+        """Units batch when their moments are started and share shape, dtype and device."""
+        m = unit.state.exp_avg
+        return None if unit.state.step is None else (tuple(m.shape), m.dtype, m.device)
+
+    def _state(self, batch: list[Unit]) -> StateView:
+        return stacked(self.stacks, batch, AdamMoments.PER_STEP, AdamMoments())
+
     def update(self, units) -> None:
+        grads = {id(u.like): u.like.grad.to(compute_dtype(u.like)) for u in units}
         for unit in units:
-            g = unit.like.grad.to(compute_dtype(unit.like))
-            self.adam.update(unit.state, g, g * g)
+            if unit.state.step is None:
+                g = grads[id(unit.like)]
+                self.adam.start(unit.state, g, g)
+        for batch in batches(units, self._layout):
+            g = stack_of([grads[id(u.like)] for u in batch])
+            self.adam.update(self._state(batch), g, g * g)
 
     def apply(self, unit, V, group) -> Tensor:
-        st = unit.state
-        return self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step)
+        return self.apply_many([(unit, V, group)])[0]
+
+    def apply_many(self, items) -> list[Tensor]:
+        """The ratio (with the relative GR term) of each (unit, p.grad, group); units of one
+        layout and one group's rho_rel in one batched call."""
+        at = {id(unit): k for k, (unit, _, _) in enumerate(items)}
+        out: list[Tensor | None] = [None] * len(items)
+        for batch in batches([unit for unit, _, _ in items], self._layout,
+                             lambda unit: items[at[id(unit)]][2].get("rho_rel", 0.0)):
+            ks = [at[id(u)] for u in batch]
+            st = self._state(batch)
+            g = stack_of([items[k][1] for k in ks])
+            D = with_relative_gr(self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step), g,
+                                 items[ks[0]][2].get("rho_rel", 0.0),
+                                 dims=g.dim() - (len(batch) > 1))
+            for k, d in zip(ks, D.unbind(0) if len(batch) > 1 else [D]):
+                out[k] = d
+        return out  # type: ignore[return-value]
 
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
         shape = tuple(unit.like.shape)

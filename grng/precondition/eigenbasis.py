@@ -11,6 +11,13 @@ update:  t += 1, m <- beta1 m + (1 - beta1) V (parameter space),
          v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 (eigenbasis);
 apply:   Q_G [ (Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) ] Q_A^T.
 
+``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
+Fisher's eigenvalue correction, the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^T^2
+summed over the captured rows (one GEMM of the squared projected rows,
+:func:`eigenvalue_correction`), and apply divides by (v / (1 - beta2^t) + damping). Equal-shape
+blocks are updated and applied in one batched call over persistent stacks of their bases and
+moments (:class:`~grng.curvature.stacks.Stacks`).
+
 A diagonal side (an embedding's A, a side above ``max_factor_dim``) has the identity as its
 basis (no Q), so a block with both sides diagonal is plain Adam, as is a block before its first
 basis.
@@ -23,11 +30,14 @@ import torch
 from torch import Tensor
 
 from grng import ops
-from grng.curvature.factors import FactorStructure
+from grng.curvature.factors import FactorStructure, Rows
 from grng.curvature.layers import KroneckerLayer
 from grng.curvature.pieces import Piece
+from grng.curvature.stacks import Stacks
 from grng.curvature.state import EigenbasisBlock
-from grng.precondition.adam import AdamSettings
+from grng.distributed.communicator import Communicator
+from grng.precondition.adam import (AdamSettings, batches, stack_of, stacked,
+                                   with_relative_gr)
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 from grng.precondition.kronecker import fold_factors
 
@@ -35,23 +45,30 @@ from grng.precondition.kronecker import fold_factors
 BASES: tuple[str, ...] = ("subspace", "eigh")
 #: how the second moment follows a change of basis
 CARRIES: tuple[str, ...] = ("reproject", "keep")
+#: the per-direction scaling in the eigenbasis: Adam's, or EKFAC's original (the Fisher's)
+SCALINGS: tuple[str, ...] = ("adam", "fisher")
+
+
+def _mm(X: Tensor, Y: Tensor) -> Tensor:
+    """X @ Y; two stacks of matrices by bmm itself (matmul would add expand and view ops)."""
+    return torch.bmm(X, Y) if X.dim() == 3 and Y.dim() == 3 else X @ Y
 
 
 def to_basis(V: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
     """Q_G^T V Q_A (a side without Q: the identity); batched over leading dimensions."""
     if QG is not None:
-        V = QG.transpose(-2, -1) @ V
+        V = _mm(QG.transpose(-2, -1), V)
     if QA is not None:
-        V = V @ QA
+        V = _mm(V, QA)
     return V
 
 
 def from_basis(N: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
     """Q_G N Q_A^T, the inverse of :func:`to_basis`."""
     if QG is not None:
-        N = QG @ N
+        N = _mm(QG, N)
     if QA is not None:
-        N = N @ QA.transpose(-2, -1)
+        N = _mm(N, QA.transpose(-2, -1))
     return N
 
 
@@ -80,6 +97,50 @@ def first_basis(structure: FactorStructure, M: Tensor, previous: Tensor | None,
     return None if Q is None else Q.flip(-1)
 
 
+def squared_rows(rows: Rows, Q: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(X Q)^2 elementwise, the squared projections of the rows X (R x d, or a (g, R, b)
+    stack) onto the basis Q (None: the identity)."""
+    P = rows.X.to(dtype)
+    if Q is not None:
+        P = P @ Q
+    return P * P
+
+
+def eigenvalue_correction(rows: tuple[Rows, Rows], QG: Tensor | None, QA: Tensor | None,
+                          dim_a: int, dtype: torch.dtype) -> Tensor | None:
+    """s = (s_G^2 s_A^2 R / (n_G n_A)) sum_r (Q_G^T g_r)^2 [(Q_A^T a_r)^2]^T over the R paired
+    rows (a_r, g_r) of one step, batched over a group dimension: the EMA target of EKFAC's
+    original scaling. With one row per example (a Linear on 2-D inputs) it is the mean over
+    examples of the squared per-example gradient in the eigenbasis (per-example gradient
+    g_i a_i^T, projected (Q_G^T g_i)(Q_A^T a_i)^T; no per-example gradient is formed); rows per
+    position (sequences, convolutions) count each position as an example, scaled so that if a
+    row's a and g were independent, s would be K-FAC's l_G l_A^T. Index rows (an embedding's
+    one-hot A) add their G term to their category's column. None where the A and G rows do not
+    pair (different counts)."""
+    a, g = rows
+    count = a.X.shape[0] if a.X.dim() == 1 else a.X.shape[-2]
+    if g.X.shape[-2] != count:
+        return None
+    PG = squared_rows(g, QG, dtype)
+    if a.X.is_floating_point():
+        S = PG.transpose(-2, -1) @ squared_rows(a, QA, dtype)
+    else:  # one-hot rows, identity basis: (Q_A^T a_r)^2 is the one-hot itself
+        S = PG.new_zeros(PG.shape[-1], dim_a).index_add_(1, a.X, PG.transpose(0, 1))
+    return S.mul_((g.scale * a.scale) ** 2 * count / (g.n * a.n))
+
+
+def kronecker_eigenvalues(G: Tensor, A: Tensor, QG: Tensor | None, QA: Tensor | None
+                          ) -> Tensor:
+    """l_G l_A^T, the factors' Rayleigh quotients diag(Q^T M Q) (a diagonal factor: itself)
+    in the current bases, clamped at 0: K-FAC's eigenvalues, the original scaling's value for
+    a block whose rows do not pair."""
+    def rayleigh(M: Tensor, Q: Tensor | None) -> Tensor:
+        return (M if Q is None else (Q * (M.to(Q.dtype) @ Q)).sum(-2)).clamp_min(0.0)
+
+    lG, lA = rayleigh(G, QG), rayleigh(A, QA)
+    return lG.unsqueeze(-1) * lA.to(lG.dtype).unsqueeze(-2)
+
+
 def carry_weights(new: Tensor | None, old: Tensor | None) -> Tensor | None:
     """W = (Q_new^T Q_old)^2 elementwise (None when the basis did not change from none)."""
     if new is None:
@@ -92,17 +153,25 @@ class EigenbasisPreconditioner(Preconditioner):
     """Adam's moments in each block's Kronecker eigenbasis (module docstring)."""
 
     def __init__(self, config: CurvatureConfig, adam: AdamSettings, basis: str = "subspace",
-                 carry: str = "reproject") -> None:
+                 carry: str = "reproject", scaling: str = "adam") -> None:
         super().__init__(config)
         self.adam = adam
         self.basis = basis
         self.carry = carry
+        self.scaling = scaling
+        self.stacks = Stacks()
+        # the fisher scaling's rows of this step (from fold to update) and the communicator
+        self._rows: dict[int, tuple[Rows, Rows]] = {}
+        self._comm: Communicator | None = None
 
     def new_state(self, unit_params, layer) -> EigenbasisBlock:
         return EigenbasisBlock()
 
     def fold(self, units, comm) -> None:
         fold_factors(units, comm, self.config)
+        if self.scaling == "fisher":  # kept for this step's update (then dropped)
+            self._rows = {u.index: rows for u, rows in units if rows is not None}
+            self._comm = comm
 
     def needs_first_use(self, unit, folding) -> bool:
         """Rows into a block without factors, moments not yet set, or factors whose basis the
@@ -208,17 +277,98 @@ class EigenbasisPreconditioner(Preconditioner):
         return tuple(None if Q is None else Q.to(compute)  # type: ignore[return-value]
                      for Q in (unit.state.QG, unit.state.QA))
 
-    def update(self, units) -> None:
+    def _layout(self, unit: Unit) -> tuple | None:
+        """What blocks must share to be updated and applied in one batch (None: alone): the
+        gradient matrix's shape, dtype and device, started moments, and bases kept in that
+        dtype (no cast per step) of equal shapes (None for a side without one)."""
+        st, compute = unit.state, compute_dtype(unit.like)
+        if st.step is None or any(Q is not None and Q.dtype != compute for Q in (st.QG, st.QA)):
+            return None
+        return (tuple(unit.layer.matrix_shape()), compute, unit.like.device,
+                *(None if Q is None else tuple(Q.shape) for Q in (st.QG, st.QA)))
+
+    def _stacked(self, batch: list[Unit]) -> tuple[EigenbasisBlock, Tensor | None, Tensor | None]:
+        """(moments, Q_G, Q_A) of one block, or of a batch as (L, ...) stacks kept between
+        steps (:func:`~grng.precondition.adam.stacked`)."""
+        if len(batch) == 1:
+            return batch[0].state, *self._bases(batch[0])
+        out = stacked(self.stacks, batch, ("QG", "QA", *EigenbasisBlock.PER_STEP),
+                      EigenbasisBlock())
+        return out, out.QG, out.QA
+
+    def _corrections(self, units: list[Unit], grads: dict[int, Tensor]) -> dict[int, Tensor]:
+        """The fisher scaling's s per unit (:func:`eigenvalue_correction` from this step's
+        rows, else :func:`kronecker_eigenvalues`), averaged over ranks."""
+        rows, self._rows = self._rows, {}
+        out = []
         for unit in units:
-            V = unit.layer.grad_matrix().to(compute_dtype(unit.like))
-            P = to_basis(V, *self._bases(unit))
-            self.adam.update(unit.state, V, P * P)
+            V, (QG, QA) = grads[unit.index], self._bases(unit)
+            r = rows.get(unit.index)
+            s = None if r is None else eigenvalue_correction(r, QG, QA, unit.layer.a_factor.dim,
+                                                             V.dtype)
+            if s is None:
+                s = kronecker_eigenvalues(unit.state.G.to(V.dtype), unit.state.A.to(V.dtype),
+                                          QG, QA)
+            out.append(s)
+        if self._comm is not None:  # shaped as s (d_G x d_A), not as the weight
+            out = self._comm.average(out, out)
+        return {u.index: s for u, s in zip(units, out)}
+
+    def update(self, units) -> None:
+        grads = {u.index: u.layer.grad_matrix().to(compute_dtype(u.like)) for u in units}
+        fisher = self._corrections(units, grads) if self.scaling == "fisher" else None
+        for unit in units:
+            if unit.state.step is None:
+                V = grads[unit.index]
+                self.adam.start(unit.state, V, V)
+        for batch in batches(units, self._layout):
+            state, QG, QA = self._stacked(batch)
+            V = stack_of([grads[u.index] for u in batch])
+            if fisher is not None:
+                s = stack_of([fisher[u.index] for u in batch])
+            else:
+                P = to_basis(V, QG, QA)
+                s = P * P
+            self.adam.update(state, V, s)
+
+    def _direction(self, state: EigenbasisBlock, QG: Tensor | None, QA: Tensor | None,
+                   group: dict) -> Tensor:
+        """Q_G [ratio(Q_G^T m Q_A, v)] Q_A^T, Adam's or the fisher ratio."""
+        M = to_basis(state.exp_avg, QG, QA)
+        if self.scaling == "fisher":
+            N = self.adam.fisher_ratio(M, state.exp_avg_sq, state.step, group["damping"])
+        else:
+            N = self.adam.ratio(M, state.exp_avg_sq, state.step)
+        return from_basis(N, QG, QA)
 
     def apply(self, unit, V, group) -> Tensor:
-        st = unit.state
-        QG, QA = self._bases(unit)
-        return from_basis(self.adam.ratio(to_basis(st.exp_avg, QG, QA), st.exp_avg_sq, st.step),
-                          QG, QA)
+        state, QG, QA = self._stacked([unit])
+        return with_relative_gr(self._direction(state, QG, QA, group), V,
+                                group.get("rho_rel", 0.0))
+
+    def apply_many(self, items) -> list[Tensor]:
+        """The direction of each (unit, V, group); blocks of one layout and one group's
+        damping and rho_rel in one batched call over their stacks."""
+        at = {id(unit): k for k, (unit, _, _) in enumerate(items)}
+        out: list[Tensor | None] = [None] * len(items)
+
+        def hyper(unit: Unit) -> tuple:
+            group = items[at[id(unit)]][2]
+            return (group.get("damping"), group.get("rho_rel", 0.0))
+
+        for batch in batches([unit for unit, _, _ in items], self._layout, hyper):
+            ks = [at[id(u)] for u in batch]
+            if len(batch) == 1:
+                out[ks[0]] = self.apply(*items[ks[0]])
+                continue
+            group = items[ks[0]][2]
+            state, QG, QA = self._stacked(batch)
+            V = torch.stack([items[k][1] for k in ks])
+            D = with_relative_gr(self._direction(state, QG, QA, group), V,
+                                 group.get("rho_rel", 0.0), dims=V.dim() - 1)
+            for k, d in zip(ks, D.unbind(0)):
+                out[k] = d
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------- checkpoints
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
