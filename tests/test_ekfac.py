@@ -464,3 +464,26 @@ def test_fisher_refuses_mem_opt() -> None:
         grng.EKFAC(small_mlp(F64), scaling="fisher", process_group=dist.group.WORLD).close()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_block_diagonal_and_dense_sides_refresh_in_separate_batches(sync_free: bool) -> None:
+    """A depthwise convolution's block-diagonal factor (groups, b, b) next to a dense b x b
+    factor of another layer: the subspace refresh batches sides by their full shape, so each
+    side keeps its own shape and stays orthogonal (per group), and the steps stay finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4),
+                          nn.Flatten(), nn.Linear(64, 10)).double()
+    opt = grng.EKFAC(model, inverse_every=1, sync_free=sync_free)
+    x = torch.randn(8, 1, 8, 8, dtype=F64)
+    y = torch.randint(0, 10, (8,))
+    for _ in range(3):  # the second and third refreshes take the batched subspace step
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    dense, depthwise = opt._blocks[0].state, opt._blocks[1].state
+    assert dense.QG.shape == (4, 4) and depthwise.QG.shape == (4, 1, 1)
+    for Q in (dense.QG, dense.QA, depthwise.QA):
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype).expand_as(Q)
+        torch.testing.assert_close(Q.transpose(-2, -1) @ Q, eye, rtol=0, atol=1e-10)
+    assert all(bool(p.isfinite().all()) for p in model.parameters())

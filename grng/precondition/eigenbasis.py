@@ -92,8 +92,9 @@ def first_basis(structure: FactorStructure, M: Tensor, previous: Tensor | None,
     except ops.FactorizationError as err:
         kept = "keeping the previous basis" if previous is not None else "using the identity"
         warnings.warn(f"eigendecomposition failed ({err}); {kept}", RuntimeWarning, stacklevel=5)
-        return previous if previous is not None else torch.eye(M.shape[0], dtype=M.dtype,
-                                                               device=M.device)
+        if previous is not None:
+            return previous
+        return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M).clone()
     return None if Q is None else Q.flip(-1)
 
 
@@ -238,14 +239,14 @@ class EigenbasisPreconditioner(Preconditioner):
                 if Q is None or self.basis == "eigh":
                     self._set(unit, side, first_basis(structure, M, Q, self.config.backend))
                 else:
-                    batches.setdefault((M.shape[0], compute, M.device), []).append(
+                    batches.setdefault((tuple(M.shape), compute, M.device), []).append(
                         (unit, side, structure, M, Q.to(compute)))
         for entries in batches.values():
             prev = torch.stack([e[4] for e in entries])
             new = subspace_step(torch.stack([e[3] for e in entries]), prev)
             ok = torch.isfinite(new).flatten(1).all(1)
             if self.config.sync_free:  # no host read: a failed basis keeps the previous one
-                new = torch.where(ok[:, None, None], new, prev)
+                new = torch.where(ok.view(-1, *[1] * (new.dim() - 1)), new, prev)
             good = [True] * len(entries) if self.config.sync_free else ok.tolist()
             for k, (unit, side, structure, M, Q) in enumerate(entries):
                 if good[k]:
