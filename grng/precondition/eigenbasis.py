@@ -210,7 +210,7 @@ class EigenbasisPreconditioner(Preconditioner):
 
     def update(self, units) -> None:
         for unit in units:
-            V = unit.layer.grad_matrix().to(compute_dtype(unit.like))
+            V = unit.grad_matrix().to(compute_dtype(unit.like))
             P = to_basis(V, *self._bases(unit))
             self.adam.update(unit.state, V, P * P)
 
