@@ -77,6 +77,9 @@ class Communicator:
     world_size = 1
     rank = 0
     strategy = "comm-opt"
+    #: parameters are sharded across ranks (FSDP2): checkpoints go through
+    #: grng.distributed.checkpoint, not state_dict()
+    shards_parameters = False
 
     def owns(self, index: int) -> bool:
         """Whether this rank refreshes block ``index``'s inverse."""

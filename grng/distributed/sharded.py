@@ -76,6 +76,8 @@ class ShardedCommunicator(ProcessGroupCommunicator):
     """FSDP2: factors reduced to each block's owner, gradients gathered there, directions
     scattered back (module docstring)."""
 
+    shards_parameters = True
+
     def __init__(self, mesh: Any, costs: Sequence[float], model: Any = None,
                  bucket_cap_mb: float = 25.0) -> None:
         self.group = mesh.get_group()

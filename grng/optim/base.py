@@ -507,12 +507,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus the curvature state (under the names of
         docs/algorithms.md) and grng's step counters (see :mod:`grng.optim.checkpoint`)."""
+        self._refuse_plain_checkpoint()
         return checkpoint.save(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint of the same model (shapes checked before anything is loaded)."""
+        self._refuse_plain_checkpoint()
         checkpoint.load(self, state_dict, super().load_state_dict)
         self._end_step()
+
+    def _refuse_plain_checkpoint(self) -> None:
+        """Sharded parameters (FSDP2): a rank's state is a shard of the whole (row shards, the
+        blocks it owns), which torch.optim's format cannot say; NotImplementedError naming
+        grng.distributed.checkpoint, the torch.distributed.checkpoint path."""
+        if self.comm.shards_parameters:
+            raise NotImplementedError(
+                f"{type(self).__name__} of an FSDP2 model: save and load its sharded state with "
+                "grng.distributed.checkpoint.save(opt, path) / load(opt, path) "
+                "(torch.distributed.checkpoint; docs/distributed.md)")
 
     def _curvature_units(self) -> list[tuple[Unit, Preconditioner]]:
         """Every unit with its preconditioner (blocks, then diagonal parameters)."""
