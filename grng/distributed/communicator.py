@@ -80,6 +80,9 @@ class Communicator:
     #: parameters are sharded across ranks (FSDP2): checkpoints go through
     #: grng.distributed.checkpoint, not state_dict()
     shards_parameters = False
+    #: None, or why a gradient cannot be differentiated again through this communicator's
+    #: gradient path (then gradient regularization's "exact" mode falls back to "forward")
+    no_double_backward: str | None = None
 
     def owns(self, index: int) -> bool:
         """Whether this rank refreshes block ``index``'s inverse."""

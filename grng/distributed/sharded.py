@@ -77,6 +77,8 @@ class ShardedCommunicator(ProcessGroupCommunicator):
     scattered back (module docstring)."""
 
     shards_parameters = True
+    no_double_backward = ("FSDP2 reduce-scatters the gradients outside autograd, so H g cannot "
+                          "be differentiated through them")
 
     def __init__(self, mesh: Any, costs: Sequence[float], model: Any = None,
                  bucket_cap_mb: float = 25.0) -> None:
