@@ -1,10 +1,14 @@
-"""Data-parallel (DDP) support for grng's optimizers; see docs/distributed.md.
+"""Data-parallel (DDP) and sharded (FSDP2) support for grng's optimizers; see
+docs/distributed.md.
 
-- :func:`make_communicator`: the optimizer's communicator, local (one process) or over a
-  process group (:mod:`grng.distributed.communicator`); the optimizers call it and never
+- :func:`make_communicator`: the optimizer's communicator, local (one process), over a
+  process group (:mod:`grng.distributed.communicator`), or FSDP2's when the parameters are
+  DTensor row shards (:mod:`grng.distributed.sharded`); the optimizers call it and never
   branch on distributed.
 - :func:`resolve_group`: which process group an optimizer communicates over (None = one process).
-- :func:`refuse_sharded`: FSDP / DTensor parameters are refused at construction.
+- :func:`refuse_sharded`: the sharded layouts that are not supported (FSDP1, 2-D meshes, ...)
+  are refused at construction.
+- :mod:`grng.distributed.checkpoint`: FSDP2 checkpoints with torch.distributed.checkpoint.
 - :mod:`grng.distributed.comm`: the bucketed asynchronous collectives.
 - :mod:`grng.distributed.assignment`: the cost-balanced layer-to-rank assignment.
 """

@@ -13,6 +13,9 @@ zeros and a count of 0. Nothing here depends on a rank's batch except tensor con
   triangle), dense or vector pieces, broadcast asynchronously; the receivers unpack.
 - :func:`allreduce_mean`: the gradient average of a list of tensors (None = zero) plus a
   "used anywhere" flag per tensor, in one all_reduce per dtype.
+- :func:`gather_rows` / :func:`scatter_rows`: one equal-sized flat tensor per rank gathered to,
+  or scattered from, one rank (FSDP2's row shards to and from a block's owner); a
+  :class:`FactorReducer` with ``dst`` reduces to one rank instead of all-reducing.
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """The communicator: everything an optimizer step needs from "the other ranks", behind one
-interface with two implementations (docs/architecture.md, docs/distributed.md).
+interface with three implementations (docs/architecture.md, docs/distributed.md); the third,
+FSDP2's :class:`~grng.distributed.sharded.ShardedCommunicator`, is in
+:mod:`grng.distributed.sharded`. The parameter-layout verbs (``holds``, ``local``,
+``bind_local``, ``gather_gradients``, ``update_arguments``, ``all_true_sharded``,
+``any_rank``) default here to replicated parameters, where they are the identity.
 
 - :class:`LocalCommunicator` (one process, world size 1): reductions are the identity, every
   block is owned here, directions are computed here. It runs the fused single-process ops
