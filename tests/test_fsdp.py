@@ -81,7 +81,10 @@ CONFIGS = {
     "rkalman-rows": optimizer_factory("rkalman", lr=0.1, rho=0.1, kalman_rank=200),
     "rkalman-sketch": optimizer_factory("rkalman", lr=0.1, rho=0.1, kalman_rank=3),
     "ekfac": optimizer_factory("ekfac", **_EKFAC),
+    # a NaN in rank 0's rows at step 2: every rank skips that step, as one process does
+    "kfac-nan": optimizer_factory("kfac-eigen", **_KFAC),
 }
+NAN_AT = {"kfac-nan": 2}
 RUNS = [(name, sync_free) for name in CONFIGS for sync_free in (False, True)]
 #: the configuration of one process a sharded run must equal (itself unless named here)
 REFERENCE = {"reng-exact": "reng-forward"}
@@ -91,10 +94,13 @@ def _key(name: str, sync_free: bool) -> str:
     return f"{name}/{'sync_free' if sync_free else 'host'}"
 
 
-def _train(model: nn.Module, opt, rank: int, world: int, steps: range = range(STEPS)) -> None:
+def _train(model: nn.Module, opt, rank: int, world: int, steps: range = range(STEPS),
+           nan_at: int | None = None) -> None:
     local = GLOBAL_BATCH // world
     for step in steps:
         x, y = _batch(step)
+        if step == nan_at:
+            x[0, 0] = float("nan")
         x, y = x[rank * local:(rank + 1) * local], y[rank * local:(rank + 1) * local]
         opt.step(make_closure(opt, lambda: F.mse_loss(model(x), y)))
 
@@ -103,7 +109,11 @@ def _references() -> dict[str, list[torch.Tensor]]:
     refs = {}
     for name, sync_free in RUNS:
         model = _model()
-        _train(model, CONFIGS[REFERENCE.get(name, name)](model, sync_free=sync_free), 0, 1)
+        opt = CONFIGS[REFERENCE.get(name, name)](model, sync_free=sync_free)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _train(model, opt, 0, 1, nan_at=NAN_AT.get(name))
+        assert opt.skipped_steps == (name in NAN_AT)
         refs[_key(name, sync_free)] = [p.detach().clone() for p in model.parameters()]
     return refs
 
@@ -134,7 +144,9 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
                 opt = CONFIGS[name](model, sync_free=sync_free)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    _train(model, opt, rank, world)
+                    _train(model, opt, rank, world, nan_at=NAN_AT.get(name))
+                if opt.skipped_steps != (name in NAN_AT):
+                    raise AssertionError(f"{opt.skipped_steps} steps skipped")
                 fell_back = any("falls back to the forward" in str(w.message) for w in caught)
                 if fell_back != (name in REFERENCE):
                     raise AssertionError(f"fall-back warning: {fell_back}")
