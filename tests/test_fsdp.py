@@ -159,11 +159,27 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
             except Exception:  # noqa: BLE001 - reported per case
                 report[key] = {"error": traceback.format_exc()}
                 raise
+        if world == 1:
+            report["hsdp"] = _hsdp_refusal()
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(report, fh)
         gc.collect()
         dist.destroy_process_group()
+
+
+def _hsdp_refusal() -> str:
+    """K-FAC on an HSDP model (fully_shard on a 2-D mesh: Replicate, Shard(0)): the message."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard"))
+    model = fully_shard(_model(), mesh=mesh)
+    try:
+        CONFIGS["kfac-eigen"](model)
+    except NotImplementedError as err:
+        return str(err)
+    return "accepted"
 
 
 def _foreign_dense(opt) -> list[str]:
@@ -363,3 +379,9 @@ def test_the_example_runs_saves_and_resumes(tmp_path):
     second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at step 3" in second.stdout and "step   5" in second.stdout, second.stdout
+
+
+def test_hsdp_is_refused_with_a_clear_message(references):
+    """A 2-D mesh (HSDP) is not supported: NotImplementedError naming the layout."""
+    message = _results(1, references)[0]["hsdp"]
+    assert "not supported" in message and "2-D mesh" in message, message
