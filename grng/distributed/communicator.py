@@ -167,9 +167,11 @@ class Communicator:
         are replicated: ``unit.like`` is the parameter)."""
         return []
 
-    def gather_gradients(self, units: list[Any]) -> None:
+    def gather_gradients(self, units: list[Any]) -> list[Any]:
         """Make each block's gradient matrix available where the block is preconditioned
-        (``unit.gathered``); nothing where every rank has the whole gradient."""
+        (``unit.gathered``); returns the units set (none where every rank has the whole
+        gradient)."""
+        return []
 
     def update_arguments(self, *args: Any) -> tuple:
         """The arguments of ``ops.fused_update`` (params, grads, directions, buffers, lr,

@@ -190,6 +190,7 @@ class ShardedCommunicator(ProcessGroupCommunicator):
     def gather_gradients(self, units):
         """Each block's gradient rows, gathered to its owner (one gather per owner and
         dtype), laid out as the gradient matrix: ``unit.gathered`` on the owner."""
+        gathered = []
         for q, us in sorted(self._per_owner(units).items()):
             for dtype, group in _by_dtype(us).items():
                 flat = torch.cat([self._padded(p, p.grad, dtype) for u in group
@@ -207,6 +208,8 @@ class ShardedCommunicator(ProcessGroupCommunicator):
                         offsets = [o + size for o in offsets]
                         full.append(whole.to(p.device) if p.grad is not None else None)
                     u.gathered = u.layer.to_matrix(full)
+                    gathered.append(u)
+        return gathered
 
     def directions(self, units, compute, layout, split):
         """The owners precondition their blocks; each parameter's direction rows go back to

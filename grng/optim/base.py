@@ -303,7 +303,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._fold(diagonal)
             self._refresh()
             gate.restore_statistics()
-            self.comm.gather_gradients(blocks)
+            self._bound += self.comm.gather_gradients(blocks)
             gate.keep_per_step([*held, *diagonal])
             self.block.update(held)
             self.diagonal.update(diagonal)
@@ -450,11 +450,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Drop what the communicator bound for this step (sharded parameters: the diagonal
         units' local views and the blocks' gathered gradients); nothing otherwise."""
         for unit in getattr(self, "_bound", ()):
-            unit.view.grad = None
-            unit.view = None
+            if unit.view is not None:
+                unit.view.grad = None
+            unit.view = unit.gathered = None
         self._bound = []
-        for unit in self._blocks:
-            unit.gathered = None
 
     def _schedule(self) -> tuple[bool, tuple[bool, ...]]:
         """(fold this step, per block: refresh its inverse this step), from the step counter;
