@@ -45,7 +45,8 @@ def test_optimizers_and_preconditioners_do_not_touch_torch_distributed(folder: s
 
 def test_distributed_holds_only_the_communicator_and_the_assignment() -> None:
     files = sorted(p.name for p in (ROOT / "grng" / "distributed").glob("*.py"))
-    assert files == ["__init__.py", "assignment.py", "comm.py", "communicator.py"]
+    assert files == ["__init__.py", "assignment.py", "checkpoint.py", "comm.py", "communicator.py",
+                     "sharded.py"]
 
 
 def test_no_code_asks_a_layer_whether_its_a_is_diagonal() -> None:

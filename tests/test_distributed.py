@@ -383,12 +383,17 @@ def test_unused_layer_does_not_hang(world, references):
             assert entry["same_on_ranks"] and entry["finite"], (rank, name, entry)
 
 
-def test_fsdp2_is_refused_with_a_clear_message(references):
-    """fully_shard (DTensor parameters): construction raises NotImplementedError, never a silent
-    wrong result."""
+def test_fsdp2_is_accepted_by_the_curvature_optimizers_and_refused_by_gradreg(references):
+    """fully_shard (DTensor parameters): the curvature optimizers build on it (tests/test_fsdp.py
+    checks their results); GradReg around another optimizer raises NotImplementedError, never
+    a silent wrong result."""
     refusals = _results(1, references)[0]["fsdp"]
     for name, message in refusals.items():
-        assert "FSDP" in message and "not supported" in message, (name, message)
+        if message != "accepted":  # only GradReg refuses, clearly
+            assert message.startswith("GradReg") and "FSDP" in message, (name, message)
+            assert "not supported" in message, (name, message)
+    accepted = {name for name, message in refusals.items() if message == "accepted"}
+    assert {"kfac-eigen", "ring", "reng-forward", "rkalman", "ekfac"} <= accepted, refusals
 
 
 # ------------------------------------------------------------------- no processes needed

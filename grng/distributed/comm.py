@@ -13,6 +13,9 @@ zeros and a count of 0. Nothing here depends on a rank's batch except tensor con
   triangle), dense or vector pieces, broadcast asynchronously; the receivers unpack.
 - :func:`allreduce_mean`: the gradient average of a list of tensors (None = zero) plus a
   "used anywhere" flag per tensor, in one all_reduce per dtype.
+- :func:`gather_rows` / :func:`scatter_rows`: one equal-sized flat tensor per rank gathered to,
+  or scattered from, one rank (FSDP2's row shards to and from a block's owner); a
+  :class:`FactorReducer` with ``dst`` reduces to one rank instead of all-reducing.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from torch import Tensor
 from grng.curvature.pieces import Piece
 from grng.ops.reference import symmetrize_from_upper
 
-__all__ = ["FactorReducer", "allreduce_mean", "broadcast_packed", "pack", "unpack"]
+__all__ = ["FactorReducer", "allreduce_mean", "broadcast_packed", "gather_rows", "global_rank",
+           "pack", "scatter_rows", "unpack"]
 
 _TRIU: dict[tuple[int, torch.device], Tensor] = {}
 
@@ -85,14 +89,18 @@ class _Bucket:
 
 
 class FactorReducer:
-    """Bucketed asynchronous SUM all-reduce of counted factors (see the module docstring).
+    """Bucketed asynchronous SUM all-reduce of counted factors (see the module docstring), or
+    SUM reduce to the group rank ``dst`` only (the other ranks get None: they keep nothing).
 
     ``add`` returns a slot; ``finish`` waits on every handle and returns ``(tensor, count)`` per
     slot, in slot order. One reducer can be reused: ``finish`` resets it.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None, bucket_cap_mb: float = 25.0) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, bucket_cap_mb: float = 25.0,
+                 dst: int | None = None) -> None:
         self.group = group
+        self.dst = dst
+        self.receives = dst is None or dist.get_rank(group) == dst
         self.cap_bytes = max(1, int(bucket_cap_mb * 2 ** 20))
         self._open: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
         self._launched: list[_Bucket] = []
@@ -119,7 +127,11 @@ class FactorReducer:
         bucket = self._open.pop(key)
         bucket.flat = torch.cat(bucket.segments)
         bucket.segments = []
-        bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+        if self.dst is None:
+            bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+        else:
+            bucket.work = dist.reduce(bucket.flat, dst=global_rank(self.group, self.dst),
+                                      group=self.group, async_op=True)
         self._launched.append(bucket)
 
     def finish(self) -> list[tuple[Tensor, float]]:
@@ -129,6 +141,8 @@ class FactorReducer:
         out: list[tuple[Tensor, float] | None] = [None] * self._slots
         for bucket in self._launched:
             bucket.work.wait()
+            if not self.receives:
+                continue
             offset = 0
             for slot, piece in zip(bucket.slots, bucket.pieces):
                 out[slot] = unpack(piece, bucket.flat[offset:offset + piece.numel])
@@ -136,6 +150,30 @@ class FactorReducer:
         self._launched = []
         self._slots = 0
         return out  # type: ignore[return-value]
+
+
+def global_rank(group: dist.ProcessGroup | None, q: int) -> int:
+    """The global rank of group rank ``q`` (what ``src`` / ``dst`` of a collective take)."""
+    return dist.get_global_rank(group, q) if group is not None and group != dist.group.WORLD else q
+
+
+def gather_rows(group: dist.ProcessGroup | None, dst: int, flat: Tensor, world_size: int
+                ) -> list[Tensor] | None:
+    """Gather each rank's equal-sized ``flat`` to group rank ``dst`` (one call): the list in
+    rank order on ``dst``, None elsewhere."""
+    mine = dist.get_rank(group) == dst
+    bufs = [torch.empty_like(flat) for _ in range(world_size)] if mine else None
+    dist.gather(flat, bufs, dst=global_rank(group, dst), group=group)
+    return bufs
+
+
+def scatter_rows(group: dist.ProcessGroup | None, src: int, parts: list[Tensor] | None,
+                 like: Tensor) -> Tensor:
+    """Scatter ``parts[r]`` (given on group rank ``src``, equal-sized like ``like``) to rank r."""
+    out = torch.empty_like(like)
+    mine = dist.get_rank(group) == src
+    dist.scatter(out, parts if mine else None, src=global_rank(group, src), group=group)
+    return out
 
 
 def broadcast_packed(group: dist.ProcessGroup | None, rank: int,
@@ -157,7 +195,7 @@ def broadcast_packed(group: dist.ProcessGroup | None, rank: int,
             flat = torch.cat([pack(p, v, 0.0, dtype, device) for p, v in pieces])
         else:
             flat = torch.empty(sum(p.numel for p, _ in pieces), dtype=dtype, device=device)
-        src = dist.get_global_rank(group, q) if group is not None and group != dist.group.WORLD else q
+        src = global_rank(group, q)
         works.append(dist.broadcast(flat, src=src, group=group, async_op=True))
         flats.append(flat)
     out: list[list[Tensor]] = []

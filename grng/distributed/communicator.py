@@ -1,5 +1,9 @@
 """The communicator: everything an optimizer step needs from "the other ranks", behind one
-interface with two implementations (docs/architecture.md, docs/distributed.md).
+interface with three implementations (docs/architecture.md, docs/distributed.md); the third,
+FSDP2's :class:`~grng.distributed.sharded.ShardedCommunicator`, is in
+:mod:`grng.distributed.sharded`. The parameter-layout verbs (``holds``, ``local``,
+``bind_local``, ``gather_gradients``, ``update_arguments``, ``all_true_sharded``,
+``any_rank``) default here to replicated parameters, where they are the identity.
 
 - :class:`LocalCommunicator` (one process, world size 1): reductions are the identity, every
   block is owned here, directions are computed here. It runs the fused single-process ops
@@ -48,6 +52,7 @@ class FactorFold:
     compute: torch.dtype
     storage: torch.dtype | None
     result: Tensor | None = None
+    block: int = -1  # the index of the block the factor belongs to (its owner keeps it)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class KalmanItem:
 
     structure: Any
     rows: Any
-    P: Tensor
+    P: Tensor  # on a rank that does not hold the block: a stand-in of P's shape (never written)
     like: Tensor
 
 
@@ -79,6 +84,12 @@ class Communicator:
     #: whether :meth:`fold_factors` honours :meth:`masked_folds` (else the device gate keeps a
     #: copy of the folded factors and selects it back)
     masks_folds = False
+    #: parameters are sharded across ranks (FSDP2): checkpoints go through
+    #: grng.distributed.checkpoint, not state_dict()
+    shards_parameters = False
+    #: None, or why a gradient cannot be differentiated again through this communicator's
+    #: gradient path (then gradient regularization's "exact" mode falls back to "forward")
+    no_double_backward: str | None = None
 
     def owns(self, index: int) -> bool:
         """Whether this rank refreshes block ``index``'s inverse."""
@@ -122,13 +133,60 @@ class Communicator:
         then (comm-opt) each owner's fields ``exchange(i)`` travel to every rank (``receive``)."""
         raise NotImplementedError
 
-    def directions(self, indices: list[int], compute: Callable[[list[int]], dict[int, Tensor]],
-                   layout: Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]]
-                   ) -> dict[int, Tensor]:
-        """Each block's direction (``compute(blocks)``: index -> direction of those with a
-        gradient, in one call so equal shapes batch), computed where its inverse lives;
-        ``layout(i)`` = (shape, dtype, device) of block i's direction."""
+    def directions(self, units: list[Any], compute: Callable[[list[int]], dict[int, Tensor]],
+                   layout: Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]],
+                   split: Callable[[int, Tensor], list[Tensor]]) -> dict[int, list[Tensor]]:
+        """Each block's direction per parameter of ``unit.layer.params`` (as this rank stores
+        them), for the ``units`` (blocks) with a gradient: ``compute(indices)`` gives index ->
+        direction matrix of those with a gradient, in one call so equal shapes batch, computed
+        where the block's curvature lives; ``layout(i)`` = (shape, dtype, device) of block i's
+        direction matrix; ``split(i, D)`` lays it out per parameter."""
         raise NotImplementedError
+
+    # ------------------------------------------------- parameter layout (replicated here)
+    def holds(self, index: int) -> bool:
+        """Whether this rank keeps block ``index``'s curvature state (factors, inverse,
+        moments): every rank where parameters are replicated; its owner only where they are
+        sharded (:mod:`grng.distributed.sharded`)."""
+        return True
+
+    def any_rank(self, flag: bool) -> bool:
+        """A host decision agreed by every rank (True iff ``flag`` on some rank) where ranks
+        hold different state; ``flag`` itself where every rank holds the same."""
+        return flag
+
+    def all_true_sharded(self, ok: bool) -> bool:
+        """:meth:`all_true` of a flag computed on this rank's parameter shards (directions):
+        ``ok`` itself where parameters are replicated (every rank computed the same flag)."""
+        return ok
+
+    def all_true_sharded_flag(self, ok: Tensor | None) -> Tensor | None:
+        """:meth:`all_true_sharded` of a 0-dim bool device tensor (no host read; None: no
+        floating value to check on this rank)."""
+        return ok
+
+    def local(self, t: Tensor) -> Tensor:
+        """This rank's part of a parameter, gradient or optimizer buffer (``t`` itself where
+        parameters are replicated)."""
+        return t
+
+    def bind_local(self, units: list[Any]) -> list[Any]:
+        """Point each diagonal unit at this rank's part of its parameter (``unit.view``, with
+        the local gradient as its ``.grad``); returns the units bound (none where parameters
+        are replicated: ``unit.like`` is the parameter)."""
+        return []
+
+    def gather_gradients(self, units: list[Any]) -> list[Any]:
+        """Make each block's gradient matrix available where the block is preconditioned
+        (``unit.gathered``); returns the units set (none where every rank has the whole
+        gradient)."""
+        return []
+
+    def update_arguments(self, *args: Any) -> tuple:
+        """The arguments of ``ops.fused_update`` (params, grads, directions, buffers, lr,
+        momentum, weight_decay, rho, kl_clip) as this rank applies them: unchanged where
+        parameters are replicated."""
+        return args
 
 
 #: dense factors whose rows have at most this many elements (m d) are folded in one batched
@@ -221,8 +279,8 @@ class LocalCommunicator(Communicator):
     def refresh(self, due, refresh_owned, exchange, receive):
         refresh_owned(due)
 
-    def directions(self, indices, compute, layout):
-        return compute(indices)
+    def directions(self, units, compute, layout, split):
+        return {i: split(i, D) for i, D in compute([u.index for u in units]).items()}
 
 
 def _fold_batch_key(f: FactorFold, beta: float) -> tuple | None:
@@ -391,9 +449,10 @@ class ProcessGroupCommunicator(Communicator):
         for i in due:
             receive(i, received.get(i, {}))
 
-    def directions(self, indices, compute, layout):
+    def directions(self, units, compute, layout, split):
         if self.strategy == "comm-opt":
-            return LocalCommunicator.directions(self, indices, compute, layout)  # type: ignore[arg-type]
+            return LocalCommunicator.directions(self, units, compute, layout, split)  # type: ignore[arg-type]
+        indices = [u.index for u in units]
         owned = compute([i for i in indices if self.owns(i)])
         entries = []
         for i in indices:
@@ -413,7 +472,7 @@ class ProcessGroupCommunicator(Communicator):
         out = {}
         for i, v in self._exchange(entries):
             if float(v[-1]) != 0.0:
-                out[i] = v[:-1].view(layout(i)[0])
+                out[i] = split(i, v[:-1].view(layout(i)[0]))
         return out
 
     def _exchange(self, entries) -> list[tuple[Any, Tensor]]:

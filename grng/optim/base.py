@@ -102,7 +102,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(check.model_first(type(self).__name__, model))
-        refuse_sharded(model, type(self).__name__)
+        refuse_sharded(model, type(self).__name__, fsdp2=True)
         check.choice("distributed_strategy", distributed_strategy, STRATEGIES)
         for key, value in defaults.items():
             if key in self.GROUP_CHECKS:
@@ -149,6 +149,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.block: Preconditioner
         self.diagonal: Preconditioner
         self._blocks: list[Unit] = []
+        self._bound: list[Unit] = []
         self._diagonal_units: dict[int, Unit] = {}
 
     def _bind(self, block: Preconditioner, diagonal: Preconditioner,
@@ -244,6 +245,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Count a skipped step and drop its captured rows (warned unless ``warn`` is False,
         as for GradScaler overflows); parameters and optimizer state stay unchanged."""
         self._skipped += 1
+        self._release_views()
         self.capture.clear()
         if warn:
             warnings.warn(f"{type(self).__name__}: step skipped ({why}); parameters and optimizer "
@@ -283,15 +285,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.loss_scale = scale
         if self.max_grad_norm is not None and params:  # ||g|| <= max_grad_norm, what d uses
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        grads = [p.grad for p in params]
+        grads = [self.comm.local(p.grad) for p in params]  # this rank's part (FSDP2: shards)
         losses = [] if loss is None else [loss]
         # one check (one flag across ranks) for gradients, loss and captured rows
         flag = finite_flag([*grads, *losses], foldable=self.capture.recorded())
         diagonal = self._diagonal_units_now()
+        self._bound = self.comm.bind_local(diagonal)
         gate = self._gate(diagonal)
         if not gate.admit(flag, lambda: self._non_finite_reason(grads, losses), warn=quiet):
             return loss
         blocks = [u for u in self._blocks if u.layer.weight.grad is not None]
+        held = [u for u in blocks if self.comm.holds(u.index)]  # every block unless sharded
         with _own_arithmetic(self.precision):  # fp32 GEMMs even inside torch.autocast
             fold, due = self._schedule()
             gate.keep_statistics(self._blocks, due, diagonal, fold)
@@ -300,8 +304,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     self._fold(diagonal)
             self._refresh()
             gate.restore_statistics()
-            gate.keep_per_step([*blocks, *diagonal])
-            self.block.update(blocks)
+            self._bound += self.comm.gather_gradients(blocks)
+            gate.keep_per_step([*held, *diagonal])
+            self.block.update(held)
             self.diagonal.update(diagonal)
             directions = self._directions(blocks, diagonal)
         if not gate.accept(directions) or not gate.commit(self._update_groups(), directions):
@@ -316,10 +321,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not self.sync_free or self.amp.active:
             return HostGate(self)
         fold, due = self._schedule()
-        if (any(due) and self.block.refresh_synchronizes()) or any(
-                self.block.needs_first_use(u, fold and self.capture.has_rows(u.layer))
-                for u in self._blocks) or any(
-                self.diagonal.needs_first_use(u, fold) for u in diagonal):
+        if any(due) and self.block.refresh_synchronizes():
+            return HostGate(self)
+        first = any(self.block.needs_first_use(u, fold and self.capture.has_rows(u.layer))
+                    for u in self._blocks if self.comm.holds(u.index)) or any(
+                    self.diagonal.needs_first_use(u, fold) for u in diagonal)
+        if self.comm.any_rank(first):  # ranks that hold different blocks agree on the gate
             return HostGate(self)
         return DeviceGate(self, type(self).__name__, next(self._params_with_grad()).device)
 
@@ -389,7 +396,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             items = []
             for i in indices:
                 unit = self._blocks[i]
-                V = unit.layer.grad_matrix()
+                V = unit.grad_matrix()
                 if V is not None:
                     items.append((unit, V, self.param_groups[group_of[id(unit.layer.weight)]]))
             return {u.index: D for (u, _, _), D in zip(items, self.block.apply_many(items))}
@@ -398,19 +405,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             w = self._blocks[i].layer.weight
             return self._blocks[i].layer.matrix_shape(), compute_dtype(w), w.device
 
-        block_dirs = self.comm.directions([u.index for u in self._blocks], compute, layout)
+        def split(i: int, D: Tensor) -> list[Tensor]:
+            return self._blocks[i].layer.split(D)
+
+        block_dirs = self.comm.directions(self._blocks, compute, layout, split)
         out: dict[int, Tensor] = {}
         for unit in units:
-            D = block_dirs.get(unit.index)
-            if D is None:
+            ds = block_dirs.get(unit.index)
+            if ds is None:
                 continue
-            for p, d in zip(unit.layer.params, unit.layer.split(D)):
+            for p, d in zip(unit.layer.params, ds):
                 if p.grad is not None:
                     out[id(p)] = d
-        items = [(unit, unit.like.grad, self.param_groups[group_of[id(unit.like)]])
+        items = [(unit, unit.like.grad, self.param_groups[group_of[id(unit.params[0])]])
                  for unit in diagonal]
         for (unit, _, _), d in zip(items, self.diagonal.apply_many(items)):
-            out[id(unit.like)] = d
+            out[id(unit.params[0])] = d
         return out
 
     # ---------------------------------------------------------------------- internals
@@ -432,9 +442,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return st["momentum_buffer"]
 
     def _end_step(self) -> None:
+        self._release_views()
         self.capture.clear()
         self.capture.armed = self._steps % self.factor_every == 0
         self.counters.plan = None
+
+    def _release_views(self) -> None:
+        """Drop what the communicator bound for this step (sharded parameters: the diagonal
+        units' local views and the blocks' gathered gradients); nothing otherwise."""
+        for unit in getattr(self, "_bound", ()):
+            if unit.view is not None:
+                unit.view.grad = None
+            unit.view = unit.gathered = None
+        self._bound = []
 
     def _schedule(self) -> tuple[bool, tuple[bool, ...]]:
         """(fold this step, per block: refresh its inverse this step), from the step counter;
@@ -487,12 +507,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict plus the curvature state (under the names of
         docs/algorithms.md) and grng's step counters (see :mod:`grng.optim.checkpoint`)."""
+        self._refuse_plain_checkpoint()
         return checkpoint.save(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint of the same model (shapes checked before anything is loaded)."""
+        self._refuse_plain_checkpoint()
         checkpoint.load(self, state_dict, super().load_state_dict)
         self._end_step()
+
+    def _refuse_plain_checkpoint(self) -> None:
+        """Sharded parameters (FSDP2): a rank's state is a shard of the whole (row shards, the
+        blocks it owns), which torch.optim's format cannot say; NotImplementedError naming
+        grng.distributed.checkpoint, the torch.distributed.checkpoint path."""
+        if self.comm.shards_parameters:
+            raise NotImplementedError(
+                f"{type(self).__name__} of an FSDP2 model: save and load its sharded state with "
+                "grng.distributed.checkpoint.save(opt, path) / load(opt, path) "
+                "(torch.distributed.checkpoint; docs/distributed.md)")
 
     def _curvature_units(self) -> list[tuple[Unit, Preconditioner]]:
         """Every unit with its preconditioner (blocks, then diagonal parameters)."""

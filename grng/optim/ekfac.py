@@ -109,7 +109,8 @@ class EKFAC(CurvatureOptimizer):
             self.capture.remove()
             raise ValueError("scaling='fisher' needs every rank to hold every block's bases (its "
                              "ranks' corrections are averaged in them): use "
-                             "distributed_strategy='comm-opt', not 'mem-opt'")
+                             "distributed_strategy='comm-opt', not 'mem-opt' (under FSDP2, "
+                             "where a block's bases live on its owner only: scaling='adam')")
         for group in self.param_groups:
             check.non_negative("rho_rel", group["rho_rel"])
             if group["momentum"] != 0.0:

@@ -81,12 +81,14 @@ def put_back(kept: Kept) -> None:
                 st.replace(k, t)
 
 
-def _update_args(group: dict[str, Any], gparams: list[Tensor], bufs: list[Tensor] | None,
-                 directions: dict[int, Tensor]) -> tuple:
-    """The positional arguments of ``fused_update`` for one param group."""
-    return (gparams, [p.grad for p in gparams], [directions[id(p)] for p in gparams], bufs,
-            group["lr"], group["momentum"], group["weight_decay"], group.get("rho", 0.0),
-            group["kl_clip"])
+def _update_args(comm: Any, group: dict[str, Any], gparams: list[Tensor],
+                 bufs: list[Tensor] | None, directions: dict[int, Tensor]) -> tuple:
+    """The positional arguments of ``fused_update`` for one param group, as this rank applies
+    them (``comm.update_arguments``: unchanged unless parameters are sharded)."""
+    return comm.update_arguments(
+        gparams, [p.grad for p in gparams], [directions[id(p)] for p in gparams], bufs,
+        group["lr"], group["momentum"], group["weight_decay"], group.get("rho", 0.0),
+        group["kl_clip"])
 
 
 class HostGate:
@@ -120,7 +122,7 @@ class HostGate:
 
     def accept(self, directions: dict[int, Tensor]) -> bool:
         """Whether every direction is finite (else the per-step fields are put back, skipped)."""
-        if all_finite(directions.values()):
+        if self.opt.comm.all_true_sharded(all_finite(directions.values())):
             return True
         self._skip("non-finite preconditioned direction")
         return False
@@ -128,7 +130,7 @@ class HostGate:
     def commit(self, groups: Groups, directions: dict[int, Tensor]) -> bool:
         """One ``fused_update`` per param group; False if a backend found a non-finite d + rho g."""
         for group, gparams, bufs in groups:
-            if not ops.fused_update(*_update_args(group, gparams, bufs, directions),
+            if not ops.fused_update(*_update_args(self.opt.comm, group, gparams, bufs, directions),
                                     backend=self.opt.backend):
                 # unreachable after accept() unless a backend disagrees
                 self._skip("non-finite combined direction")
@@ -188,7 +190,8 @@ class DeviceGate:
 
     def accept(self, directions: dict[int, Tensor]) -> bool:
         """ok <- ok and every direction finite; the step always goes on."""
-        flag = finite_flag(directions.values())
+        # directions of sharded parameters: agreed across ranks (None: nothing to check here)
+        flag = self.opt.comm.all_true_sharded_flag(finite_flag(directions.values()))
         self.ok = self.ok if flag is None else self.ok & flag
         return True
 
@@ -198,7 +201,7 @@ class DeviceGate:
         applied = self.ok
         for group, gparams, bufs in groups:
             applied = applied & ops.fused_update_masked(
-                *_update_args(group, gparams, bufs, directions), self.ok,
+                *_update_args(self.opt.comm, group, gparams, bufs, directions), self.ok,
                 backend=self.opt.backend)
         select(self.per_step, applied)
         skipped = (~applied).to(torch.int64)

@@ -400,6 +400,8 @@ class RegularizedGradient:
         drops what a failed double-backprop pass at theta left (captured rows) before it is
         run again as a finite difference."""
         comm = comm or LocalCommunicator()
+        if self.mode == "exact" and comm.no_double_backward is not None:
+            self._fall_back(RuntimeError(comm.no_double_backward))
         amp = _Amp(grad_scaler) if grad_scaler is not None and grad_scaler.is_enabled() else None
         with comm.sync_context():
             used_params, result, loss = self._evaluate(list(params), closure, comm, probe_context,

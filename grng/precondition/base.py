@@ -44,17 +44,28 @@ class CurvatureConfig:
 @dataclass
 class Unit:
     """One unit: ``index`` in the optimizer's list, its ``layer`` helper (None for a diagonal
-    unit), its ``params`` and its typed ``state``."""
+    unit), its ``params`` and its typed ``state``. Where parameters are sharded (FSDP2) the
+    communicator sets, per step, a diagonal unit's ``view`` (this rank's part of its
+    parameter, the local gradient as its ``.grad``) and a block's ``gathered`` gradient matrix
+    on the rank that preconditions it."""
 
     index: int
     layer: KroneckerLayer | None
     params: list[Tensor]
     state: StateView
+    view: Tensor | None = None
+    gathered: Tensor | None = None
 
     @property
     def like(self) -> Tensor:
-        """The tensor whose device and dtype the unit's state follows (the weight)."""
-        return self.params[0]
+        """The tensor whose device and dtype (and, for a diagonal unit, shape and ``.grad``) the
+        unit's state follows: the weight, or this rank's part of the parameter (``view``)."""
+        return self.params[0] if self.view is None else self.view
+
+    def grad_matrix(self) -> Tensor | None:
+        """The block's gradient as the d_G x d_A matrix: the one gathered for this step, else
+        the layer's (None without a gradient)."""
+        return self.gathered if self.gathered is not None else self.layer.grad_matrix()
 
 
 class Preconditioner:

@@ -316,7 +316,7 @@ class EigenbasisPreconditioner(Preconditioner):
         return {u.index: s for u, s in zip(units, out)}
 
     def update(self, units) -> None:
-        grads = {u.index: u.layer.grad_matrix().to(compute_dtype(u.like)) for u in units}
+        grads = {u.index: u.grad_matrix().to(compute_dtype(u.like)) for u in units}
         fisher = self._corrections(units, grads) if self.scaling == "fisher" else None
         for unit in units:
             if unit.state.step is None:

@@ -37,6 +37,13 @@ class KalmanConfig:
     seed: int
 
 
+def _stand_in(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A read-only tensor of ``shape`` in the block's dtype and device backed by one element:
+    what a rank that does not hold a block passes for its P (the observation's plan reads only
+    P's size, dtype and device)."""
+    return torch.zeros(1, dtype=compute_dtype(like), device=like.device).expand(shape)
+
+
 class KalmanPreconditioner(Preconditioner):
     """P_G V P_A with Kalman-updated covariance factors (module docstring)."""
 
@@ -63,21 +70,24 @@ class KalmanPreconditioner(Preconditioner):
     def fold(self, units, comm: Communicator) -> None:
         items, targets = [], []
         for unit, rows in units:
-            self.init(unit)
+            held = comm.holds(unit.index)  # else: sharded, another rank keeps this block
+            if held:
+                self.init(unit)
             a_rows, g_rows = rows if rows is not None else (None, None)
             for side, structure, r in (("PA", unit.layer.a_factor, a_rows),
                                        ("PG", unit.layer.g_factor, g_rows)):
                 # a block-diagonal P: each group's block is filtered on that group's rows
-                Ps = structure.blocks(getattr(unit.state, side))
+                Ps = structure.blocks(getattr(unit.state, side) if held
+                                      else _stand_in(structure.shape, unit.like))
                 Xs = [None] * len(Ps) if r is None else structure.blocks(r.X)
                 for P, X in zip(Ps, Xs):
                     rows = None if X is None else Rows(X, r.n, r.scale)
                     items.append(KalmanItem(structure.block_structure(), rows, P, unit.like))
-                    targets.append(P)
+                    targets.append(P if held else None)
         observations = comm.kalman_observations(items, self.config.factor_decay,
                                                 self.kalman.kalman_rank, self.sketch)
         for P, obs in zip(targets, observations):
-            if obs is not None:
+            if obs is not None and P is not None:
                 self.observe(P, obs)
 
     def observe(self, P: Tensor, obs: Observation) -> None:

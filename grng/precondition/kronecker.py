@@ -37,7 +37,7 @@ def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Commu
         for side, structure, r in (("A", unit.layer.a_factor, a_rows),
                                    ("G", unit.layer.g_factor, g_rows)):
             folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
-                                                  compute, config.factor_dtype)))
+                                                  compute, config.factor_dtype, block=unit.index)))
     comm.fold_factors([f for _, _, f in folds], config.factor_decay, config.backend)
     for block, side, f in folds:
         setattr(block, side, f.result)
