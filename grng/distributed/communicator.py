@@ -150,6 +150,11 @@ class Communicator:
         sharded (:mod:`grng.distributed.sharded`)."""
         return True
 
+    def sum_over_shards(self, t: Tensor) -> Tensor:
+        """The sum over ranks of ``t`` computed on this rank's parameter shards (on the device,
+        no host read); ``t`` itself where parameters are whole on every rank."""
+        return t
+
     def any_rank(self, flag: bool) -> bool:
         """A host decision agreed by every rank (True iff ``flag`` on some rank) where ranks
         hold different state; ``flag`` itself where every rank holds the same."""

@@ -104,6 +104,11 @@ class ShardedCommunicator(ProcessGroupCommunicator):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
         return float(t) > 0.0
 
+    def sum_over_shards(self, t: Tensor) -> Tensor:
+        t = t.clone()
+        dist.all_reduce(t, group=self.group)
+        return t
+
     def all_true_sharded(self, ok: bool) -> bool:
         return self.all_true(ok)
 

@@ -119,7 +119,8 @@ class EKFAC(CurvatureOptimizer):
                                  f"moment is Adam's, betas[0]); got {group['momentum']!r}")
         self.adam = adam
         self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling),
-                   DiagonalAdam(self.config, adam))
+                   DiagonalAdam(self.config, adam, self.comm.sum_over_shards
+                                if self.comm.shards_parameters else None))
 
     def _inverse_due(self) -> list[bool]:
         """Every block every ``inverse_every`` steps (all in the same step)."""

@@ -76,16 +76,25 @@ def _leading(step: Tensor, like: Tensor) -> Tensor:
     return step.reshape(step.shape + (1,) * (like.dim() - step.dim()))
 
 
-def with_relative_gr(d: Tensor, g: Tensor, rho_rel: float, dims: int | None = None) -> Tensor:
+def with_relative_gr(d: Tensor, g: Tensor, rho_rel: float, dims: int | None = None,
+                     over_shards: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """d + rho_rel (||d|| / ||g||) g (docs/algorithms.md "EKFAC", gradient regularization): the
     GRNG term rho g with rho measured in the step's own scale, so the term is a fraction
     rho_rel of ||d||; norms over the last ``dims`` dimensions (None: all; a stack's leading
-    dimension is its blocks), a zero g adds nothing; d itself for rho_rel = 0."""
+    dimension is its blocks), a zero g adds nothing; d itself for rho_rel = 0. With
+    ``over_shards`` (d, g: this rank's shards of sharded parameters) the squared norms are
+    summed over the ranks by it, so the norms are the whole parameters'."""
     if rho_rel == 0.0:
         return d
     over = tuple(range(d.dim() - (d.dim() if dims is None else dims), d.dim()))
-    dn = torch.linalg.vector_norm(d, dim=over, keepdim=True)
-    gn = torch.linalg.vector_norm(g, dim=over, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+    if over_shards is None:
+        dn = torch.linalg.vector_norm(d, dim=over, keepdim=True)
+        gn = torch.linalg.vector_norm(g, dim=over, keepdim=True)
+    else:
+        squares = torch.stack([(d * d).sum(dim=over, keepdim=True),
+                               (g * g).to(d.dtype).sum(dim=over, keepdim=True)])
+        dn, gn = over_shards(squares).sqrt().unbind(0)
+    gn = gn.clamp_min(torch.finfo(g.dtype).tiny)
     return d + (rho_rel * dn / gn) * g.to(d.dtype)
 
 
@@ -131,9 +140,13 @@ class DiagonalAdam(Preconditioner):
     """Adam for a parameter without a Kronecker block: ``update`` writes the moments (the
     per-step fields of :class:`~grng.curvature.state.AdamMoments`), ``apply`` is the ratio."""
 
-    def __init__(self, config: CurvatureConfig, adam: AdamSettings) -> None:
+    def __init__(self, config: CurvatureConfig, adam: AdamSettings,
+                 over_shards: Callable[[Tensor], Tensor] | None = None) -> None:
+        """``over_shards``: the sum over ranks of per-shard sums (the communicator's
+        ``sum_over_shards``; None or the identity where parameters are whole)."""
         super().__init__(config)
         self.adam = adam
+        self.over_shards = over_shards
         self.stacks = Stacks()
 
     def new_state(self, unit_params, layer) -> AdamMoments:
@@ -180,7 +193,7 @@ class DiagonalAdam(Preconditioner):
             g = stack_of([items[k][1] for k in ks])
             D = with_relative_gr(self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step), g,
                                  items[ks[0]][2].get("rho_rel", 0.0),
-                                 dims=g.dim() - (len(batch) > 1))
+                                 dims=g.dim() - (len(batch) > 1), over_shards=self.over_shards)
             for k, d in zip(ks, D.unbind(0) if len(batch) > 1 else [D]):
                 out[k] = d
         return out  # type: ignore[return-value]
