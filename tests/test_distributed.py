@@ -82,14 +82,17 @@ class Branchy(nn.Module):
 
 def _model(kind: str) -> nn.Module:
     torch.manual_seed(0)
-    return {"conv": ConvNet, "embed": EmbedNet, "branchy": Branchy}[kind]().double()
+    return {"conv": ConvNet, "conv_nan": ConvNet, "embed": EmbedNet,
+            "branchy": Branchy}[kind]().double()
 
 
 def _batch(kind: str, step: int):
     g = torch.Generator().manual_seed(100 + step)
-    if kind == "conv":
+    if kind in ("conv", "conv_nan"):
         x = torch.randn(GLOBAL_BATCH, 2, 5, 5, generator=g, dtype=torch.float64)
         y = torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64)
+        if kind == "conv_nan" and step == 1:  # rank 0's rows: a step every rank skips
+            x[0, 0, 0, 0] = float("nan")
     elif kind == "embed":
         x = torch.randint(0, 10, (GLOBAL_BATCH, 5), generator=g)
         y = torch.randn(GLOBAL_BATCH, 3, generator=g, dtype=torch.float64)
@@ -169,6 +172,10 @@ RUNS.update({
                                                   distributed_strategy="mem-opt"), True),
     "rkalman_sync_free": ("conv", optimizer_factory("rkalman", **_RKALMAN, kalman_rank=8,
                                                     sync_free=True), True),
+    # mem-opt: ranks keep different inverses yet take the same (device) gate, so a skipped
+    # step is skipped as one process skips it on the device
+    "kfac_cholesky_sync_free_mem_nan": ("conv_nan", _kfac("kfac-cholesky", sync_free=True,
+                                                          distributed_strategy="mem-opt"), True),
 })
 # EKFAC: bases broadcast by their owners (comm-opt) or kept there (mem-opt), moments on every
 # rank. Models whose factors have distinct eigenvalues: inside a degenerate eigenspace (the

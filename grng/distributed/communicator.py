@@ -155,6 +155,12 @@ class Communicator:
         no host read); ``t`` itself where parameters are whole on every rank."""
         return t
 
+    def keeps_inverse(self, index: int) -> bool:
+        """Whether this rank keeps block ``index``'s inverse (or basis) between steps: every
+        rank where inverses are broadcast (one process, comm-opt); the owner only under mem-opt
+        and where parameters are sharded."""
+        return self.holds(index)
+
     def any_rank(self, flag: bool) -> bool:
         """A host decision agreed by every rank (True iff ``flag`` on some rank) where ranks
         hold different state; ``flag`` itself where every rank holds the same."""
@@ -316,9 +322,22 @@ class ProcessGroupCommunicator(Communicator):
         self.owner = assign_layers(list(costs), self.world_size)
         self.reducer = FactorReducer(group, bucket_cap_mb)
         self.model = model
+        # mem-opt: ranks keep different inverses, so they agree on the sync-free gate over gloo
+        # (a host collective, never a device read)
+        self.host_group = (None if strategy == "comm-opt" else host_group(group))
 
     def owns(self, index: int) -> bool:
         return self.owner[index] == self.rank
+
+    def keeps_inverse(self, index: int) -> bool:
+        return self.strategy == "comm-opt" or self.owns(index)
+
+    def any_rank(self, flag: bool) -> bool:
+        if self.host_group is None:  # comm-opt: every rank holds the same state
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
+        return float(t) > 0.0
 
     def all_true(self, ok: bool) -> bool:
         flag = torch.tensor([0.0 if ok else 1.0])
@@ -502,3 +521,10 @@ def _on_comm_device(t: Tensor, group: Any) -> Tensor:
     if dist.get_backend(group) == "nccl" and not t.is_cuda:
         return t.cuda()
     return t
+
+
+def host_group(group: Any) -> Any:
+    """``group`` itself over gloo, else a gloo group of its ranks (host flags travel there)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    return dist.new_group(dist.get_process_group_ranks(group), backend="gloo")

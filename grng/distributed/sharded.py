@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from grng.distributed.assignment import assign_layers
 from grng.distributed.comm import FactorReducer, gather_rows, scatter_rows
-from grng.distributed.communicator import ProcessGroupCommunicator
+from grng.distributed.communicator import ProcessGroupCommunicator, host_group
 
 
 def rows_of(p: Tensor, rank: int, world: int) -> tuple[int, int]:
@@ -91,18 +91,11 @@ class ShardedCommunicator(ProcessGroupCommunicator):
         self.bucket_cap_mb = bucket_cap_mb
         self.reducer = FactorReducer(self.group, bucket_cap_mb)  # R-Kalman's observations
         # host decisions (which gate a sync-free step takes) travel over gloo, never the device
-        self.host_group = (self.group if dist.get_backend(self.group) == "gloo"
-                           else dist.new_group(dist.get_process_group_ranks(self.group),
-                                               backend="gloo"))
+        self.host_group = host_group(self.group)
 
     # --------------------------------------------------------------- parameter layout
     def holds(self, index: int) -> bool:
         return self.owns(index)
-
-    def any_rank(self, flag: bool) -> bool:
-        t = torch.tensor([1.0 if flag else 0.0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.host_group)
-        return float(t) > 0.0
 
     def sum_over_shards(self, t: Tensor) -> Tensor:
         t = t.clone()

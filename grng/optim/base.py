@@ -324,7 +324,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if any(due) and self.block.refresh_synchronizes():
             return HostGate(self)
         first = any(self.block.needs_first_use(u, fold and self.capture.has_rows(u.layer))
-                    for u in self._blocks if self.comm.holds(u.index)) or any(
+                    for u in self._blocks if self.comm.keeps_inverse(u.index)) or any(
                     self.diagonal.needs_first_use(u, fold) for u in diagonal)
         if self.comm.any_rank(first):  # ranks that hold different blocks agree on the gate
             return HostGate(self)
