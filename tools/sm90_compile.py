@@ -2,7 +2,7 @@
 
 ``triton.compile`` of an ``ASTSource`` with ``GPUTarget("cuda", 90, 32)`` runs Triton's whole
 CUDA pipeline (TTIR, TTGIR, LLVM, PTX, and ptxas to a cubin) with no device; Triton's wheel
-ships ptxas and cuobjdump. The launches are the real ones: each op's launcher runs on CPU
+ships ptxas. The launches are the real ones: each op's launcher runs on CPU
 tensors of the shapes a GPT-2-sized model gives it (768 and 3072 wide, the bias-augmented 769
 and 3073; fp32 at exact-fp32 and at TF32 precision, bf16), with its kernels replaced by
 recorders, and every recorded launch is specialized as Triton's JIT would on a GPU (integer
@@ -10,8 +10,8 @@ arguments divisible by 16 and 16-byte aligned pointers marked, a stride of 1 mad
 for every autotune config the kernel's pruning keeps (``--all-configs``: every config listed).
 Variants that specialize alike (768 and 3072) compile once.
 
-Per variant it reads, from the PTX and the cubin (``cuobjdump -res-usage``): registers, local
-memory (stack: spills), shared memory (Triton's dynamic plus the static), tensor-core
+Per variant it reads, from the PTX and ``ptxas -v`` (run as Triton runs it): registers, spill
+bytes (stores + loads), shared memory (Triton's dynamic plus any static), tensor-core
 instructions (``wgmma`` or ``mma``), and how the dot operands reach shared memory: the widths of
 the ``cp.async`` copies (16 bytes: vectorized and pipelined; 4: pipelined, element by element;
 none: loads through registers, unpipelined). The checks (``--check``, exit status 1 when one
@@ -230,11 +230,6 @@ def jobs(all_configs: bool = False) -> list[Job]:
 
 # ------------------------------------------------------------------------------- compiling
 
-def _cuobjdump() -> str:
-    import triton
-    return triton.knobs.nvidia.cuobjdump.path
-
-
 def compile_job(job: Job) -> Compiled:
     """Compile ``job`` for sm_90 and read its resources (in a worker process)."""
     import triton
@@ -247,31 +242,41 @@ def compile_job(job: Job) -> Compiled:
     attrs = {k: [list(a) for a in v] for k, v in job.attrs}
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
                             target=GPUTarget(*SM90), options=dict(job.options))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([_cuobjdump(), "-res-usage", str(cubin)], capture_output=True,
-                               text=True, check=True).stdout
+    ptx = kernel.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:  # ptxas -v again, as Triton runs it, for its log
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([ptxas(), "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              "--gpu-name=sm_90a", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
 
-    def number(field: str) -> int:
-        found = re.search(rf"\b{field}:(\d+)", usage.split("Function", 1)[-1])
+    def number(pattern: str) -> int:
+        found = re.search(pattern, log)
         return int(found.group(1)) if found else 0
 
-    ptx = kernel.asm["ptx"]
-    widths = sorted({int(w, 0) for w in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*?, (0x[0-9a-f]+|\d+)", ptx)})
+    widths = sorted({int(w, 0) for w in re.findall(
+        r"cp\.async\.c[ag]\.shared\.global[^;]*?, (0x[0-9a-f]+|\d+)", ptx)})
     if "cp.async.bulk" in ptx:
         widths.append(128)  # TMA
-    return Compiled(job.name, job.precision, job.odd, job.twin, number("REG"),
-                    number("STACK") + number("LOCAL"), kernel.metadata.shared + number("SHARED"),
+    return Compiled(job.name, job.precision, job.odd, job.twin, number(r"Used (\d+) registers"),
+                    number(r"(\d+) bytes spill stores") + number(r"(\d+) bytes spill loads"),
+                    kernel.metadata.shared + number(r"(\d+) bytes smem"),
                     bool(re.search(r"\b(wgmma|mma)\.", ptx)), tuple(widths))
 
 
-def compile_all(todo: list[Job], workers: int) -> list[Compiled]:
-    """Every job compiled, ``workers`` at a time (in this process when 1)."""
-    if workers <= 1:
-        return [compile_job(j) for j in todo]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(compile_job, todo))
+def compile_all(todo: list[Job], workers: int, progress: Callable[[Compiled], object] = print
+                ) -> list[Compiled]:
+    """Every job compiled, ``workers`` at a time (in this process when 1); ``progress`` gets
+    each result as it comes (Triton's on-disk cache makes a second run fast)."""
+    out = []
+    with contextlib.ExitStack() as stack:
+        results = map(compile_job, todo)
+        if workers > 1:
+            results = stack.enter_context(ProcessPoolExecutor(workers)).map(compile_job, todo)
+        for r in results:
+            progress(r)
+            out.append(r)
+    return out
 
 
 def off_path(rows: list[Compiled]) -> list[Compiled]:
@@ -291,6 +296,13 @@ def counts(rows: list[Compiled]) -> dict[str, int]:
             "odd_off_path": len(off_path(rows))}
 
 
+def describe(r: Compiled, problems: list[str]) -> str:
+    """One line: the variant, its width class, resources, tensor cores, copies, problems."""
+    return (f"{r.name:64s} {'odd' if r.odd else '768'} {r.registers:3d} reg {r.spill_bytes:5d} B "
+            f"spill {r.shared_bytes:6d} B shared tc={int(r.tensor_cores)} "
+            f"cp.async={list(r.copy_widths)}{'  FAIL: ' + '; '.join(problems) if problems else ''}")
+
+
 def main(argv: list[str]) -> int:
     """Compile, print a row per variant and the counts; with --check, 1 when a check fails."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -302,15 +314,12 @@ def main(argv: list[str]) -> int:
     if ptxas() is None:
         print("no ptxas (Triton's CUDA backend is not installed): nothing compiled")
         return 1
-    rows = sorted(compile_all(jobs(args.all_configs), args.jobs), key=lambda r: (r.name, r.odd))
-    strays = {id(r) for r in off_path(rows)}
-    failed = 0
-    for r in rows:
-        problems = r.problems() + (["odd width leaves the 768 path"] if id(r) in strays else [])
-        failed += bool(problems)
-        print(f"{r.name:64s} {'odd' if r.odd else '768'} {r.registers:3d} reg {r.spill_bytes:5d} B spill "
-              f"{r.shared_bytes:6d} B shared tc={int(r.tensor_cores)} cp.async={list(r.copy_widths)}"
-              f"{'  FAIL: ' + '; '.join(problems) if problems else ''}")
+    rows = compile_all(jobs(args.all_configs), args.jobs,
+                       lambda r: print(describe(r, r.problems()), flush=True))
+    strays = off_path(rows)
+    for r in strays:
+        print(describe(r, ["odd width leaves the 768 path"]))
+    failed = any(r.problems() for r in rows) or bool(strays)
     summary = counts(rows)
     print("counts:", json.dumps(summary))
     if args.json:
