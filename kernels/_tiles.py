@@ -19,6 +19,8 @@ fp32 -> bf16 casts truncate, though, where compiled kernels round to nearest eve
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,64 @@ _SYM_HOPPER = [
     triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
 _SYM_INTERPRET = [triton.Config({"BLOCK": 32, "BLOCK_K": 32}, num_warps=4)]
+
+
+#: sm_90 (H100/H200): the most shared memory one block may use (227 KiB), and what a config
+#: keeps of it free beyond its staged operand tiles (barriers, the epilogue's layout changes)
+SM90_SHARED = 232448
+SM90_SHARED_RESERVE = 8192
+
+
+def operand_bytes(precision: str) -> int:
+    """Bytes per staged operand element of a dot at ``precision``: 2 for "native" (bf16/fp16
+    operands), 4 for fp32 operands ("ieee", "tf32")."""
+    return 2 if precision == "native" else 4
+
+
+def tile_sizes(config: triton.Config) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of a GEMM config, or (BLOCK, BLOCK, BLOCK_K) of a square one."""
+    kw = config.kwargs
+    return kw.get("BLOCK_M", kw.get("BLOCK")), kw.get("BLOCK_N", kw.get("BLOCK")), kw["BLOCK_K"]
+
+
+def staged_bytes(config: triton.Config, precision: str) -> int:
+    """Shared memory of the pipelined operand tiles: stages x (BM BK + BK BN) x element size."""
+    bm, bn, bk = tile_sizes(config)
+    return config.num_stages * (bm * bk + bk * bn) * operand_bytes(precision)
+
+
+def accumulator_registers(config: triton.Config) -> int:
+    """fp32 accumulator elements per thread: BM BN / (32 num_warps)."""
+    bm, bn, _ = tile_sizes(config)
+    return bm * bn // (32 * config.num_warps)
+
+
+def fits_sm90(config: triton.Config, precision: str, max_accumulator: int) -> bool:
+    """Whether ``config`` fits an H100 at ``precision``: its staged tiles within the shared memory
+    (less the reserve) and at most ``max_accumulator`` accumulator registers per thread (past
+    it ptxas spills: tools/sm90_compile.py, bench/results/sm90_compile.md)."""
+    return (staged_bytes(config, precision) <= SM90_SHARED - SM90_SHARED_RESERVE
+            and accumulator_registers(config) <= max_accumulator)
+
+
+def sm90_pruner(max_accumulator: Callable[[dict], int]):
+    """An autotuner ``early_config_prune``: the configs that :func:`fits_sm90` at the launch's
+    ``PRECISION`` with ``max_accumulator(launch keyword arguments)`` registers (the config with
+    the fewest staged bytes when none fits; every config under the interpreter)."""
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if interpreter_enabled():
+            return configs
+        precision = kwargs["PRECISION"]
+        kept = [c for c in configs if fits_sm90(c, precision, max_accumulator(kwargs))]
+        return kept or [min(configs, key=lambda c: staged_bytes(c, precision))]
+    return prune
+
+
+#: accumulator registers per thread the strided GEMM kernels (eigen apply, Newton-Schulz) keep
+#: without spilling on sm_90, at every precision
+GEMM_MAX_ACCUMULATOR = 64
+#: the autotuners' ``prune_configs_by`` of those kernels
+GEMM_PRUNE = {"early_config_prune": sm90_pruner(lambda kwargs: GEMM_MAX_ACCUMULATOR)}
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -105,6 +165,29 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr):
     else:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
     return acc
+
+
+#: elements per 16 bytes' worth of alignment Triton specializes on: an int argument divisible
+#: by 16 (and a 16-byte aligned pointer) lets a row-contiguous tile load in 16-byte vectors,
+#: and on sm_90 through pipelined ``cp.async`` copies (bf16 rows otherwise load element by
+#: element, unpipelined: tools/sm90_compile.py)
+ALIGN = 16
+
+
+def aligned_rows(X: Tensor) -> tuple[Tensor, int]:
+    """(X', width to load): X (..., m, d) itself and d when its rows start 16-element aligned
+    (d, the row and batch strides multiples of :data:`ALIGN`, unit column stride, aligned data);
+    else a copy whose rows are zero-padded to d rounded up to ALIGN, and that width. Loads
+    masked at the padded width then take the vectorized, pipelined path of an aligned d (a
+    bias-augmented 769 that of 768); the zero columns add nothing to a product over rows."""
+    d = X.shape[-1]
+    strides_ok = all(s % ALIGN == 0 for s in X.stride()[:-1]) and X.stride(-1) == 1
+    if d % ALIGN == 0 and strides_ok and X.data_ptr() % 16 == 0:
+        return X, d
+    width = triton.cdiv(d, ALIGN) * ALIGN
+    padded = X.new_zeros((*X.shape[:-1], width))
+    padded[..., :d] = X
+    return padded, width
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

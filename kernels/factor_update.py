@@ -33,15 +33,23 @@ def rows_class(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 32), 512)
 
 
+#: accumulator registers per thread the kernel keeps without spilling on sm_90: reading M in the
+#: epilogue (READ_M) holds a second tile of values and addresses
+SYM_MAX_ACCUMULATOR = {False: 64, True: 32}
+
+
 @triton.autotune(configs=_tiles.sym_configs(), key=["d", "m_class", "READ_M", "PRECISION"],
-                 restore_value=["m_ptr"])
+                 restore_value=["m_ptr"], prune_configs_by={
+                     "early_config_prune": _tiles.sm90_pruner(
+                         lambda kwargs: SYM_MAX_ACCUMULATOR[bool(kwargs["READ_M"])])})
 @triton.jit
-def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
+def _sym_update_kernel(m_ptr, x_ptr, d, d_load, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,
                        READ_M: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored
-    (m_class = rows_class(m) is read by the autotuner's key only)."""
+    (m_class = rows_class(m) is read by the autotuner's key only; X's columns are loaded up to
+    d_load >= d, past d zeros or values that reach only rows / columns >= d, never stored)."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     # Program pid -> tile (ti, tj), 0 <= ti <= tj: tj = floor((sqrt(8 pid + 1) - 1) / 2), fixed up
@@ -57,13 +65,15 @@ def _sym_update_kernel(m_ptr, x_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk
     offs_k = _tiles.block_range(0, BLOCK_K)
     r_ok = offs_r < d
     c_ok = offs_c < d
+    r_load = offs_r < d_load
+    c_load = offs_c < d_load
     xr_ptrs = x_base + offs_k[:, None] * s_xk + offs_r[None, :] * s_xc
     xc_ptrs = x_base + offs_k[:, None] * s_xk + offs_c[None, :] * s_xc
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, m, BLOCK_K):
         k_ok = (k0 + offs_k)[:, None] < m
-        xr = tl.load(xr_ptrs, mask=k_ok & r_ok[None, :], other=0.0)
-        xc = tl.load(xc_ptrs, mask=k_ok & c_ok[None, :], other=0.0)
+        xr = tl.load(xr_ptrs, mask=k_ok & r_load[None, :], other=0.0)
+        xc = tl.load(xc_ptrs, mask=k_ok & c_load[None, :], other=0.0)
         acc = _tiles.dot_acc(tl.trans(xr), xc, acc, PRECISION)
         xr_ptrs += BLOCK_K * _tiles.stride64(s_xk)
         xc_ptrs += BLOCK_K * _tiles.stride64(s_xk)
@@ -93,6 +103,11 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
         return
 
     precision = _tiles.dot_precision(X.dtype)
+    d_load = d
+    if X.stride(-1) == 1 and precision != "tf32":
+        # TF32 stages these operands (d-contiguous, not K-major) element by element at any
+        # width; the other precisions load whole rows: aligned or zero-padded ones
+        X, d_load = _tiles.aligned_rows(X)
     for part in _tiles.batch_chunks(B):
         Mp, Xp = M[part], X[part]
 
@@ -102,7 +117,7 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
             return (tiles * (tiles + 1) // 2, batch)
 
         _sym_update_kernel[grid](
-            Mp, Xp, d, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
+            Mp, Xp, d, d_load, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
             Xp.stride(0), Xp.stride(1), Xp.stride(2),
             float(alpha), float(beta), float(diag),
             READ_M=beta != 0.0, PRECISION=precision)
