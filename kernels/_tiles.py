@@ -190,6 +190,44 @@ def aligned_rows(X: Tensor) -> tuple[Tensor, int]:
     return padded, width
 
 
+def padded(n: int) -> int:
+    """n rounded up to a multiple of :data:`ALIGN`."""
+    return triton.cdiv(n, ALIGN) * ALIGN
+
+
+def is_aligned(t: Tensor) -> bool:
+    """Whether the matrices t (..., r, c) load in 16-byte vectors as they are: r and c multiples
+    of :data:`ALIGN`, one of the last two strides 1 and every other stride a multiple of ALIGN,
+    data 16-byte aligned."""
+    r, c = t.shape[-2:]
+    unit = -1 if t.stride(-1) == 1 else -2 if t.stride(-2) == 1 else None
+    others = [s for i, s in enumerate(t.stride()) if unit is None or i != t.dim() + unit]
+    return (r % ALIGN == 0 and c % ALIGN == 0 and unit is not None
+            and all(s % ALIGN == 0 for s in others) and t.data_ptr() % 16 == 0)
+
+
+def padded_matrices(t: Tensor) -> Tensor:
+    """t itself when :func:`is_aligned`, else a contiguous copy with both matrix sides zero-padded
+    to multiples of ALIGN: a GEMM over the padded sizes reads only aligned rows (the path of
+    an aligned size) and its padded rows and columns are zero, never stored."""
+    if is_aligned(t):
+        return t
+    r, c = t.shape[-2:]
+    out = t.new_zeros((*t.shape[:-2], padded(r), padded(c)))
+    out[..., :r, :c] = t
+    return out
+
+
+def padded_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An intermediate (..., r, c) buffer with both sides padded to multiples of ALIGN, its padding
+    zero (a kernel writes the r x c part)."""
+    *batch, r, c = shape
+    full = (*batch, padded(r), padded(c))
+    if full == tuple(shape):
+        return torch.empty(full, dtype=dtype, device=device)
+    return torch.zeros(full, dtype=dtype, device=device)
+
+
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A fresh, uninitialized output buffer (tests replace this to poison outputs with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
