@@ -212,20 +212,24 @@ def padded_matrices(t: Tensor) -> Tensor:
     an aligned size) and its padded rows and columns are zero, never stored."""
     if is_aligned(t):
         return t
+    if t.stride(-2) == 1 and t.stride(-1) != 1:  # column-major (an eigh basis) stays so
+        return padded_matrices(t.transpose(-2, -1)).transpose(-2, -1)
     r, c = t.shape[-2:]
     out = t.new_zeros((*t.shape[:-2], padded(r), padded(c)))
     out[..., :r, :c] = t
     return out
 
 
-def padded_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def padded_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                  column_major: bool = False) -> Tensor:
     """An intermediate (..., r, c) buffer with both sides padded to multiples of ALIGN, its padding
-    zero (a kernel writes the r x c part)."""
+    zero (a kernel writes the r x c part); ``column_major``: each matrix stored transposed (the
+    layout in which a later product's B operand is K-major, as TF32 tensor cores load it)."""
     *batch, r, c = shape
-    full = (*batch, padded(r), padded(c))
-    if full == tuple(shape):
-        return torch.empty(full, dtype=dtype, device=device)
-    return torch.zeros(full, dtype=dtype, device=device)
+    full = (*batch, padded(c), padded(r)) if column_major else (*batch, padded(r), padded(c))
+    make = torch.empty if full == ((*batch, c, r) if column_major else tuple(shape)) else torch.zeros
+    out = make(full, dtype=dtype, device=device)
+    return out.transpose(-2, -1) if column_major else out
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -99,14 +99,16 @@ def _eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tenso
     Vp, QGp = _tiles.padded_matrices(V), _tiles.padded_matrices(QG)
     QGt = QGp.transpose(-2, -1)
 
-    def buffer() -> Tensor:
-        return _tiles.padded_buffer(tuple(V.shape), QG.dtype, V.device)
+    def buffer(column_major: bool = False) -> Tensor:
+        return _tiles.padded_buffer(tuple(V.shape), QG.dtype, V.device, column_major)
 
+    # S is the B operand of Q_G S: stored column-major, TF32 loads it K-major in 16-byte copies
     if QA is None:
-        S = _gemm(QGt, Vp, buffer(), precision, lG32, lA32, damping)
+        S = _gemm(QGt, Vp, buffer(True), precision, lG32, lA32, damping)
         return _gemm(QGp, S, out, precision)
     QAp = _tiles.padded_matrices(QA)
-    S = _gemm(_gemm(QGt, Vp, buffer(), precision), QAp, buffer(), precision, lG32, lA32, damping)
+    S = _gemm(_gemm(QGt, Vp, buffer(), precision), QAp, buffer(True), precision, lG32, lA32,
+              damping)
     return _gemm(_gemm(QGp, S, buffer(), precision), QAp.transpose(-2, -1), out, precision)
 
 

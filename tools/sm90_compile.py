@@ -149,7 +149,8 @@ def _launch_cases(d_out: int, d_in: int, dtype, log: list) -> None:
             factor_update._factor_update(M, torch.empty(tokens, d, dtype=dtype), 0.05, beta)
         X = torch.empty(2, d, d, dtype=dtype)  # two stacked blocks of one shape
         newton_schulz._newton_schulz_step(torch.empty(2, d, d, dtype=dtype), X)
-    QG, QA = torch.empty(d_out, d_out, dtype=dtype), torch.empty(d_in, d_in, dtype=dtype)
+    # eigenbases as torch.linalg.eigh returns them: column-major
+    QG, QA = (torch.empty(n, n, dtype=dtype).mT for n in (d_out, d_in))
     V = torch.empty(d_out, d_in)
     eigen_apply._eigen_apply(V, QG, torch.ones(d_out), QA, torch.ones(d_in), 1e-3)
     eigen_apply._eigen_apply(V, QG, torch.ones(d_out), None, torch.ones(d_in), 1e-3)
