@@ -17,8 +17,10 @@ the ``cp.async`` copies (16 bytes: vectorized and pipelined; 4: pipelined, eleme
 none: loads through registers, unpipelined). The checks (``--check``, exit status 1 when one
 fails): no kept variant spills or needs more than sm_90's 227 KiB of shared memory, every TF32
 and bf16 dot uses tensor cores, and every variant at an odd width takes the operand copies of
-its 768-wide twin. ``--json PATH`` writes the rows and counts. Compiles run in parallel
-(``--jobs``, default: every core); ``tests/test_triton_sm90.py`` runs ``--check``.
+its 768-wide twin. ``--json PATH`` writes the rows and counts, ``--compare A.json B.json ...``
+tabulates such reports (bench/results/sm90_compile.md). Compiles run in parallel (``--jobs``, default: every
+core; Triton's on-disk cache makes a rerun fast); ``tests/test_triton_sm90.py`` runs
+``--check``.
 """
 from __future__ import annotations
 
@@ -297,6 +299,30 @@ def counts(rows: list[Compiled]) -> dict[str, int]:
             "odd_off_path": len(off_path(rows))}
 
 
+def compare(paths: list[Path]) -> str:
+    """A markdown table of the counts of several ``--json`` reports (a column each) and, per
+    kernel and precision, the variants that fail a check in each."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    lines = ["| count | " + " | ".join(p.stem for p in paths) + " |",
+             "|---|" + "---|" * len(paths)]
+    for key in reports[0]["counts"]:
+        lines.append(f"| {key} | " + " | ".join(str(r["counts"][key]) for r in reports) + " |")
+    lines += ["", "| kernel / precision | " + " | ".join(p.stem for p in paths) + " |",
+              "|---|" + "---|" * len(paths)]
+    groups = sorted({(row["name"].split()[0], row["precision"]) for r in reports for row in r["rows"]})
+    for kernel, precision in groups:
+        cells = []
+        for r in reports:
+            rows = [Compiled(**{**row, "copy_widths": tuple(row["copy_widths"])})
+                    for row in r["rows"]]
+            strays = {id(x) for x in off_path(rows)}
+            mine = [x for x in rows if (x.name.split()[0], x.precision) == (kernel, precision)]
+            bad = [x for x in mine if x.problems() or id(x) in strays]
+            cells.append(f"{len(bad)} of {len(mine)} fail")
+        lines.append(f"| {kernel} {precision} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def describe(r: Compiled, problems: list[str]) -> str:
     """One line: the variant, its width class, resources, tensor cores, copies, problems."""
     return (f"{r.name:64s} {'odd' if r.odd else '768'} {r.registers:3d} reg {r.spill_bytes:5d} B "
@@ -311,7 +337,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a check fails")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write the rows and counts here")
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
+                        help="print a markdown table of these --json reports, compile nothing")
     args = parser.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return 0
     if ptxas() is None:
         print("no ptxas (Triton's CUDA backend is not installed): nothing compiled")
         return 1
