@@ -2,7 +2,11 @@
 
 Every load and store is masked (the interpreter does no bounds checks), so any size runs the
 same tiled path: the grid covers the sizes rounded up to whole tiles and the masks cut the edge
-tiles (a bias column's d = 769 or 3073 takes the path of 768 or 3072, no special case).
+tiles. On a GPU the masks and strides also decide how operand tiles load: Triton vectorizes
+(16-byte ``cp.async``, pipelined) only rows that start aligned and masks at multiples of 16,
+so the launchers zero-pad operands whose sides are not multiples of 16 (a bias column's 769 or
+3073) and run the product over the padded sizes, storing only the true ones
+(:func:`padded_matrices`, :func:`aligned_rows`): 769 loads as 768 does.
 Element offsets are 64-bit (:func:`block_range`, :func:`stride64`): index x stride products and
 pointer steps exceed 2^31 past d = 46341 (a d x d matrix) and would wrap in 32-bit arithmetic.
 Batched launches (stacked blocks of one shape) put the batch index on grid axis 1 and step each
@@ -28,22 +32,22 @@ from torch import Tensor
 
 from grng.ops.dispatch import interpreter_enabled
 
-# Hopper (H100/H200) GEMM tiles; under the interpreter one small tile keeps the tests fast.
+# Hopper (H100/H200) GEMM tiles; under the interpreter one small tile keeps the tests fast. Each
+# is kept where it compiles for sm_90 without spills (:func:`sm90_pruner`): the first three
+# on tensor cores, the last two at every precision (exact fp32 dots hold operands in registers).
 _GEMM_HOPPER = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
 _GEMM_INTERPRET = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
-# Square tiles for the symmetric (one-triangle) kernels.
+# Square tiles for the symmetric (one-triangle) kernels: 128 only on tensor cores without
+# reading M in the epilogue (factor_update's pruning).
 _SYM_HOPPER = [
     triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
@@ -101,11 +105,15 @@ def sm90_pruner(max_accumulator: Callable[[dict], int]):
     return prune
 
 
-#: accumulator registers per thread the strided GEMM kernels (eigen apply, Newton-Schulz) keep
-#: without spilling on sm_90, at every precision
-GEMM_MAX_ACCUMULATOR = 64
+def gemm_max_accumulator(kwargs: dict) -> int:
+    """Accumulator registers per thread the strided GEMM kernels (eigen apply, Newton-Schulz)
+    keep without spilling on sm_90 (measured by tools/sm90_compile.py): 64 on tensor cores, 32
+    for exact fp32 dots (FMA units, their operand tiles in registers too)."""
+    return 32 if kwargs["PRECISION"] == "ieee" else 64
+
+
 #: the autotuners' ``prune_configs_by`` of those kernels
-GEMM_PRUNE = {"early_config_prune": sm90_pruner(lambda kwargs: GEMM_MAX_ACCUMULATOR)}
+GEMM_PRUNE = {"early_config_prune": sm90_pruner(gemm_max_accumulator)}
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -184,10 +192,10 @@ def aligned_rows(X: Tensor) -> tuple[Tensor, int]:
     strides_ok = all(s % ALIGN == 0 for s in X.stride()[:-1]) and X.stride(-1) == 1
     if d % ALIGN == 0 and strides_ok and X.data_ptr() % 16 == 0:
         return X, d
-    width = triton.cdiv(d, ALIGN) * ALIGN
-    padded = X.new_zeros((*X.shape[:-1], width))
-    padded[..., :d] = X
-    return padded, width
+    width = padded(d)
+    out = X.new_zeros((*X.shape[:-1], width))
+    out[..., :d] = X
+    return out, width
 
 
 def padded(n: int) -> int:

@@ -33,15 +33,16 @@ def rows_class(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 32), 512)
 
 
-#: accumulator registers per thread the kernel keeps without spilling on sm_90: reading M in the
-#: epilogue (READ_M) holds a second tile of values and addresses
-SYM_MAX_ACCUMULATOR = {False: 64, True: 32}
+def _max_accumulator(kwargs: dict) -> int:
+    """Accumulator registers per thread the kernel keeps without spilling on sm_90 (measured by
+    tools/sm90_compile.py): 64 on tensor cores, 32 when the epilogue also reads M (a second tile
+    of values and addresses) or the dots run on FMA units (exact fp32: operands in registers)."""
+    return 32 if kwargs["READ_M"] or kwargs["PRECISION"] == "ieee" else 64
 
 
 @triton.autotune(configs=_tiles.sym_configs(), key=["d", "m_class", "READ_M", "PRECISION"],
-                 restore_value=["m_ptr"], prune_configs_by={
-                     "early_config_prune": _tiles.sm90_pruner(
-                         lambda kwargs: SYM_MAX_ACCUMULATOR[bool(kwargs["READ_M"])])})
+                 restore_value=["m_ptr"],
+                 prune_configs_by={"early_config_prune": _tiles.sm90_pruner(_max_accumulator)})
 @triton.jit
 def _sym_update_kernel(m_ptr, x_ptr, d, d_load, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,
