@@ -180,6 +180,9 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr):
 #: and on sm_90 through pipelined ``cp.async`` copies (bf16 rows otherwise load element by
 #: element, unpipelined: tools/sm90_compile.py)
 ALIGN = 16
+#: whether the launchers zero-pad sides that are not multiples of ALIGN (tests/test_triton_offsets.py
+#: turns it off so that its far-strided views reach the kernels themselves)
+PAD_ODD_SIDES = True
 
 
 def aligned_rows(X: Tensor) -> tuple[Tensor, int]:
@@ -190,7 +193,7 @@ def aligned_rows(X: Tensor) -> tuple[Tensor, int]:
     bias-augmented 769 that of 768); the zero columns add nothing to a product over rows."""
     d = X.shape[-1]
     strides_ok = all(s % ALIGN == 0 for s in X.stride()[:-1]) and X.stride(-1) == 1
-    if d % ALIGN == 0 and strides_ok and X.data_ptr() % 16 == 0:
+    if not PAD_ODD_SIDES or (d % ALIGN == 0 and strides_ok and X.data_ptr() % 16 == 0):
         return X, d
     width = padded(d)
     out = X.new_zeros((*X.shape[:-1], width))
@@ -199,8 +202,8 @@ def aligned_rows(X: Tensor) -> tuple[Tensor, int]:
 
 
 def padded(n: int) -> int:
-    """n rounded up to a multiple of :data:`ALIGN`."""
-    return triton.cdiv(n, ALIGN) * ALIGN
+    """n rounded up to a multiple of :data:`ALIGN` (n itself when padding is off)."""
+    return triton.cdiv(n, ALIGN) * ALIGN if PAD_ODD_SIDES else n
 
 
 def is_aligned(t: Tensor) -> bool:
@@ -218,7 +221,7 @@ def padded_matrices(t: Tensor) -> Tensor:
     """t itself when :func:`is_aligned`, else a contiguous copy with both matrix sides zero-padded
     to multiples of ALIGN: a GEMM over the padded sizes reads only aligned rows (the path of
     an aligned size) and its padded rows and columns are zero, never stored."""
-    if is_aligned(t):
+    if is_aligned(t) or not PAD_ODD_SIDES:
         return t
     if t.stride(-2) == 1 and t.stride(-1) != 1:  # column-major (an eigh basis) stays so
         return padded_matrices(t.transpose(-2, -1)).transpose(-2, -1)
@@ -231,12 +234,16 @@ def padded_matrices(t: Tensor) -> Tensor:
 def padded_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                   column_major: bool = False) -> Tensor:
     """An intermediate (..., r, c) buffer with both sides padded to multiples of ALIGN, its padding
-    zero (a kernel writes the r x c part); ``column_major``: each matrix stored transposed (the
-    layout in which a later product's B operand is K-major, as TF32 tensor cores load it)."""
+    zero (a kernel writes the r x c part; without padding a :func:`new_output`);
+    ``column_major``: each matrix stored transposed (the layout in which a later product's B
+    operand is K-major, as TF32 tensor cores load it)."""
     *batch, r, c = shape
+    stored = (*batch, c, r) if column_major else tuple(shape)
     full = (*batch, padded(c), padded(r)) if column_major else (*batch, padded(r), padded(c))
-    make = torch.empty if full == ((*batch, c, r) if column_major else tuple(shape)) else torch.zeros
-    out = make(full, dtype=dtype, device=device)
+    if full == stored:
+        out = new_output(full, dtype, device)
+    else:
+        out = torch.zeros(full, dtype=dtype, device=device)
     return out.transpose(-2, -1) if column_major else out
 
 
