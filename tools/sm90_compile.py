@@ -337,6 +337,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 when a check fails")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write the rows and counts here")
+    parser.add_argument("--only", default="", help="compile only variants whose name has this")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="JSON",
                         help="print a markdown table of these --json reports, compile nothing")
     args = parser.parse_args(argv)
@@ -346,7 +347,7 @@ def main(argv: list[str]) -> int:
     if ptxas() is None:
         print("no ptxas (Triton's CUDA backend is not installed): nothing compiled")
         return 1
-    rows = compile_all(jobs(args.all_configs), args.jobs,
+    rows = compile_all([j for j in jobs(args.all_configs) if args.only in j.name], args.jobs,
                        lambda r: print(describe(r, r.problems()), flush=True))
     strays = off_path(rows)
     for r in strays:
