@@ -105,9 +105,7 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float) -> 
 
     precision = _tiles.dot_precision(X.dtype)
     d_load = d
-    if X.stride(-1) == 1 and precision != "tf32":
-        # TF32 stages these operands (d-contiguous, not K-major) element by element at any
-        # width; the other precisions load whole rows: aligned or zero-padded ones
+    if X.stride(-1) == 1:  # rows of X loaded aligned: as they are, or zero-padded
         X, d_load = _tiles.aligned_rows(X)
     for part in _tiles.batch_chunks(B):
         Mp, Xp = M[part], X[part]

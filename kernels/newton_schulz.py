@@ -102,7 +102,7 @@ def _newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     part = torch.zeros(B, _max_programs(dp), dtype=torch.float32, device=X.device)
     if d > 0 and B > 0:
         M3, X3 = _tiles.padded_matrices(M3), _tiles.padded_matrices(X3)
-        R3 = _tiles.padded_buffer((B, d, d), X.dtype, X.device)
+        R3 = _tiles.padded_buffer(tuple(X.shape), X.dtype, X.device).view(-1, dp, dp)
         precision = _tiles.dot_precision(X.dtype)
         for c in _tiles.batch_chunks(B):
             m, x, r, o, p = M3[c], X3[c], R3[c], O3[c], part[c]
