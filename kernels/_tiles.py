@@ -92,28 +92,41 @@ def fits_sm90(config: triton.Config, precision: str, max_accumulator: int) -> bo
             and accumulator_registers(config) <= max_accumulator)
 
 
-def sm90_pruner(max_accumulator: Callable[[dict], int]):
+def sm90_pruner(max_accumulator: Callable[[dict, dict], int],
+                max_block_k: Callable[[dict, dict], int] | None = None):
     """An autotuner ``early_config_prune``: the configs that :func:`fits_sm90` at the launch's
-    ``PRECISION`` with ``max_accumulator(launch keyword arguments)`` registers (the config with
-    the fewest staged bytes when none fits; every config under the interpreter)."""
+    ``PRECISION`` with ``max_accumulator(arguments, keyword arguments)`` registers and, when
+    ``max_block_k`` is given, at most that BLOCK_K (the config with the fewest staged bytes when
+    none fits; every config under the interpreter)."""
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         if interpreter_enabled():
             return configs
         precision = kwargs["PRECISION"]
-        kept = [c for c in configs if fits_sm90(c, precision, max_accumulator(kwargs))]
+        limit = max_accumulator(named_args, kwargs)
+        depth = max_block_k(named_args, kwargs) if max_block_k else None
+        kept = [c for c in configs if fits_sm90(c, precision, limit)
+                and (depth is None or tile_sizes(c)[2] <= depth)]
         return kept or [min(configs, key=lambda c: staged_bytes(c, precision))]
     return prune
 
 
-def gemm_max_accumulator(kwargs: dict) -> int:
-    """Accumulator registers per thread the strided GEMM kernels (eigen apply, Newton-Schulz)
-    keep without spilling on sm_90 (measured by tools/sm90_compile.py): 64 on tensor cores, 32
-    for exact fp32 dots (FMA units, their operand tiles in registers too)."""
-    return 32 if kwargs["PRECISION"] == "ieee" else 64
+def multiples_of_16(*values: int) -> bool:
+    """Whether every value (sizes, strides of a stored tensor) is 1 or a multiple of 16: then
+    its tiles store in vectors; otherwise element by element, each store with its own address
+    (what pushes the larger tiles into spills at 769)."""
+    return all(int(v) == 1 or int(v) % 16 == 0 for v in values)
 
 
-#: the autotuners' ``prune_configs_by`` of those kernels
-GEMM_PRUNE = {"early_config_prune": sm90_pruner(gemm_max_accumulator)}
+def gemm_pruner(*out_args: str) -> dict:
+    """``prune_configs_by`` of a strided GEMM kernel (eigen apply, Newton-Schulz) whose output is
+    described by the arguments ``out_args``: accumulator registers per thread at most 64 on
+    tensor cores into an aligned output, else 32 (exact fp32 dots hold their operand tiles in
+    registers too; an unaligned output stores element by element). Measured by
+    tools/sm90_compile.py: past these limits ptxas spilled."""
+    def limit(args: dict, kwargs: dict) -> int:
+        aligned = multiples_of_16(*(args[a] for a in out_args))
+        return 64 if kwargs["PRECISION"] != "ieee" and aligned else 32
+    return {"early_config_prune": sm90_pruner(limit)}
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -180,8 +193,8 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr):
 #: and on sm_90 through pipelined ``cp.async`` copies (bf16 rows otherwise load element by
 #: element, unpipelined: tools/sm90_compile.py)
 ALIGN = 16
-#: whether the launchers zero-pad sides that are not multiples of ALIGN (tests/test_triton_offsets.py
-#: turns it off so that its far-strided views reach the kernels themselves)
+#: whether the launchers zero-pad sides that are not multiples of ALIGN
+#: (tests/test_triton_offsets.py turns it off: its far-strided views must reach the kernels)
 PAD_ODD_SIDES = True
 
 

@@ -29,8 +29,9 @@ from torch import Tensor
 from . import _library, _tiles
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["M", "N", "K", "SCALE", "PRECISION"],
-                 prune_configs_by=_tiles.GEMM_PRUNE)
+@triton.autotune(configs=_tiles.gemm_configs(),
+                 key=["M", "N", "K", "M_out", "N_out", "SCALE", "PRECISION"],
+                 prune_configs_by=_tiles.gemm_pruner("M_out", "N_out", "s_cm", "s_cn"))
 @triton.jit
 def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K, M_out, N_out,
                         s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn, s_lgb, s_lab,

@@ -33,16 +33,25 @@ def rows_class(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 32), 512)
 
 
-def _max_accumulator(kwargs: dict) -> int:
+def _max_accumulator(args: dict, kwargs: dict) -> int:
     """Accumulator registers per thread the kernel keeps without spilling on sm_90 (measured by
-    tools/sm90_compile.py): 64 on tensor cores, 32 when the epilogue also reads M (a second tile
-    of values and addresses) or the dots run on FMA units (exact fp32: operands in registers)."""
-    return 32 if kwargs["READ_M"] or kwargs["PRECISION"] == "ieee" else 64
+    tools/sm90_compile.py): 64 on tensor cores into an aligned M, else 32 (reading M in the
+    epilogue holds a second tile of values and addresses, exact fp32 dots hold their operands
+    in registers, an unaligned M stores element by element)."""
+    aligned = _tiles.multiples_of_16(args["d"], args["s_mr"], args["s_mc"])
+    return 64 if aligned and not kwargs["READ_M"] and kwargs["PRECISION"] != "ieee" else 32
+
+
+def _max_block_k(args: dict, kwargs: dict) -> int:
+    """The deepest k tile kept: 32 for an unaligned M read in the epilogue (the 64-deep tiles
+    spilled at 769), else any."""
+    aligned = _tiles.multiples_of_16(args["d"], args["s_mr"], args["s_mc"])
+    return 1 << 30 if aligned or not kwargs["READ_M"] else 32
 
 
 @triton.autotune(configs=_tiles.sym_configs(), key=["d", "m_class", "READ_M", "PRECISION"],
-                 restore_value=["m_ptr"],
-                 prune_configs_by={"early_config_prune": _tiles.sm90_pruner(_max_accumulator)})
+                 restore_value=["m_ptr"], prune_configs_by={
+                     "early_config_prune": _tiles.sm90_pruner(_max_accumulator, _max_block_k)})
 @triton.jit
 def _sym_update_kernel(m_ptr, x_ptr, d, d_load, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,

@@ -29,8 +29,9 @@ from grng.ops import masked
 from . import _library, _tiles
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"], reset_to_zero=["part_ptr"],
-                 prune_configs_by=_tiles.GEMM_PRUNE)
+@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "d_out", "PRECISION"],
+                 reset_to_zero=["part_ptr"],
+                 prune_configs_by=_tiles.gemm_pruner("d_out", "s_rm", "s_rn"))
 @triton.jit
 def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d, d_out,
                      s_mb, s_mm, s_mk, s_xb, s_xk, s_xn, s_rb, s_rm, s_rn, s_pb,
@@ -57,8 +58,8 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d, d_out,
              res.to(r_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"],
-                 prune_configs_by=_tiles.GEMM_PRUNE)
+@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "d_out", "PRECISION"],
+                 prune_configs_by=_tiles.gemm_pruner("d_out", "s_om", "s_on"))
 @triton.jit
 def _update_kernel(x_ptr, r_ptr, o_ptr, d, d_out, s_xb, s_xm, s_xk, s_rb, s_rk, s_rn, s_ob, s_om, s_on,
                    PRECISION: tl.constexpr,
