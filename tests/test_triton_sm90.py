@@ -5,8 +5,9 @@ specialized as Triton's JIT would, ``triton.compile`` for ``GPUTarget("cuda", 90
 ``ptxas -v``): no variant spills or needs more than sm_90's 227 KiB of shared memory, every TF32
 and bf16 dot uses tensor cores, and the odd widths load their operands as 768 does. Run in a
 subprocess without TRITON_INTERPRET (under the interpreter ``@triton.jit`` gives functions
-Triton cannot compile); skipped when there is no ptxas. Marked slow (a few minutes on two cores,
-fast again from Triton's cache): ``make test`` runs it, ``make test-fast`` does not.
+Triton cannot compile); skipped when there is no ptxas. Marked slow (146 compiles, in parallel
+on every core; much faster again from Triton's on-disk cache): ``make test`` runs it,
+``make test-fast`` does not.
 
 Also here, in the interpreter: the launchers' padding of odd widths, and that the CUDA
 defaults' precision reaches the kernels' dots as TF32.
