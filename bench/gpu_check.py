@@ -911,7 +911,8 @@ def step_config(opt_name: str, backend: str, opt: Any) -> Any:
     return costmodel.StepConfig(
         family=family, inverse=inverse, factor_every=getattr(opt, "factor_every", 1),
         inverse_every=getattr(opt, "inverse_every", 1),
-        precision=getattr(opt, "precision", "fp32"), sync_free=bool(getattr(opt, "sync_free", False)),
+        precision=getattr(opt, "precision", "fp32"),
+        sync_free=bool(getattr(opt, "sync_free", False)),
         fused_update=backend in ("triton", "ext"))
 
 

@@ -61,8 +61,8 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d, d_out,
 @triton.autotune(configs=_tiles.gemm_configs(), key=["d", "d_out", "PRECISION"],
                  prune_configs_by=_tiles.gemm_pruner("d_out", "s_om", "s_on"))
 @triton.jit
-def _update_kernel(x_ptr, r_ptr, o_ptr, d, d_out, s_xb, s_xm, s_xk, s_rb, s_rk, s_rn, s_ob, s_om, s_on,
-                   PRECISION: tl.constexpr,
+def _update_kernel(x_ptr, r_ptr, o_ptr, d, d_out, s_xb, s_xm, s_xk, s_rb, s_rk, s_rn, s_ob, s_om,
+                   s_on, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b] = X[b] + X[b] R[b] = X[b] (2I - M[b] X[b]) on one tile of batch entry
     b = program_id(1) (X, R zero-padded to d >= d_out: out is stored d_out x d_out)."""

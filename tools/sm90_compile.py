@@ -18,9 +18,9 @@ none: loads through registers, unpipelined). The checks (``--check``, exit statu
 fails): no kept variant spills or needs more than sm_90's 227 KiB of shared memory, every TF32
 and bf16 dot uses tensor cores, and every variant at an odd width takes the operand copies of
 its 768-wide twin. ``--json PATH`` writes the rows and counts, ``--compare A.json B.json ...``
-tabulates such reports (bench/results/sm90_compile.md). Compiles run in parallel (``--jobs``, default: every
-core; Triton's on-disk cache makes a rerun fast); ``tests/test_triton_sm90.py`` runs
-``--check``.
+tabulates such reports (bench/results/sm90_compile.md), ``--only TEXT`` compiles the variants
+whose name has TEXT. Compiles run in parallel (``--jobs``, default: every core; Triton's
+on-disk cache makes a rerun fast); ``tests/test_triton_sm90.py`` runs ``--check``.
 """
 from __future__ import annotations
 
@@ -207,17 +207,19 @@ def jobs(all_configs: bool = False) -> list[Job]:
                 configs = [None]
                 if isinstance(rec.kernel, Autotuner):
                     rec.kernel.nargs = dict(zip(rec.kernel.arg_names, args))
-                    configs = rec.kernel.configs if all_configs else rec.kernel.prune_configs(kwargs)
+                    configs = (rec.kernel.configs if all_configs
+                               else rec.kernel.prune_configs(kwargs))
                     rec.kernel.nargs = None
                 binder = create_function_from_signature(jit.signature, jit.params, backend)
                 for config in configs:
                     full = {**kwargs, **(config.all_kwargs() if config else {})}
                     bound, spec, opts = binder(*args, **full)
-                    options, sig, constexprs, attrs = jit._pack_args(backend, full, bound, spec, opts)
+                    options, sig, constexprs, attrs = jit._pack_args(backend, full, bound, spec,
+                                                                     opts)
                     precision = str(full.get("PRECISION", "n/a"))
                     tile = "x".join(str(full[k]) for k in full if k.startswith("BLOCK"))
-                    shape = ",".join(f"{a}={full.get(a, bound[a])}" for a in ("READ_M", "SCALE", "PHASE")
-                                     if a in bound)
+                    shape = ",".join(f"{a}={full.get(a, bound[a])}"
+                                     for a in ("READ_M", "SCALE", "PHASE") if a in bound)
                     name = (f"{rec.attr} {str(dtype)[6:]} {precision} {tile} w{options.num_warps}"
                             f" s{options.num_stages} {shape}".rstrip())
                     opt = {k: options.__dict__[k] for k in ("num_warps", "num_stages", "num_ctas")}
@@ -309,7 +311,8 @@ def compare(paths: list[Path]) -> str:
         lines.append(f"| {key} | " + " | ".join(str(r["counts"][key]) for r in reports) + " |")
     lines += ["", "| kernel / precision | " + " | ".join(p.stem for p in paths) + " |",
               "|---|" + "---|" * len(paths)]
-    groups = sorted({(row["name"].split()[0], row["precision"]) for r in reports for row in r["rows"]})
+    groups = sorted({(row["name"].split()[0], row["precision"])
+                     for r in reports for row in r["rows"]})
     for kernel, precision in groups:
         cells = []
         for r in reports:
