@@ -20,14 +20,18 @@ Stages, in this order (``--stages`` takes a comma list of them):
    GPU-marked tests (``pytest -m gpu``) and, on CUDA, the device-aware step and offset tests;
 5. ``kernels``: each op x provider (reference, triton, ext) x size x dtype: median time (CUDA
    events, warm-up, rotating random inputs), TFLOP/s, fraction of stage 3's GEMM rate, speed-up
-   over the reference; eigh against warm-started Newton-Schulz;
-6. ``step``: a whole training step of AdamW, K-FAC (eigen and newton), RING and R-Kalman (each
-   backend; sync-free, the CUDA default, and equal-shape blocks batched) on a GPT-2-small-sized
-   model (12 layers, width 768, tied head, vocabulary 50257, bf16 autocast, sequence 512):
-   median step time, ratio to AdamW, peak memory, the most host syncs of one ``opt.step()``
-   over a refresh period (0 expected for newton and R-Kalman; an eigen refresh synchronizes);
-   last, K-FAC newton with ``sync_free=False``, the host path the sync-free default is judged
-   against.
+   over the reference, and which backends win at every size of a dtype (the AUTO_ORDER rule,
+   decided per dtype); then the inverse candidates at n = 768, 2304, 3072 and 4096 (eigh, the
+   Cholesky inverse, warm-started Newton-Schulz to convergence and in 3 fixed sync-free steps);
+6. ``step``: a whole training step on a GPT-2-small-sized model (12 layers, width 768, tied
+   head, vocabulary 50257, bf16 autocast, sequence 512), in the order a short window must keep:
+   AdamW, the sync-free K-FAC newton step and the host path (``sync_free=False``) it is judged
+   against, K-FAC at the device's defaults and EKFAC on every backend, then K-FAC eigen, R-Kalman,
+   RING and K-FAC newton on the other backends: median step time, ratio to AdamW, peak memory,
+   the most host syncs of one ``opt.step()`` over a refresh period (0 expected for newton and
+   R-Kalman; an eigen refresh synchronizes), and beside every row the cost model's prediction
+   (``grng.benchmark.costmodel`` for this GPU: step ms, x AdamW, measured / predicted), so that
+   the first run calibrates the model.
 
 Each stage runs in its own child process (a crash or a broken CUDA context stays inside it),
 after the previous one, with a share of the time left proportional to its weight; a stage that
@@ -91,7 +95,7 @@ class Plan:
     gemm_n: int
     check_sizes: tuple[int, ...]
     kernel_sizes: tuple[int, ...]
-    eigh_n: int
+    inverse_sizes: tuple[int, ...]
     warmup: int
     reps: int
     gpt: dict[str, int]
@@ -102,11 +106,11 @@ class Plan:
 
 
 GPU_PLAN = Plan(gemm_n=4096, check_sizes=(1, 123, 769, 3072), kernel_sizes=(769, 3072, 4096),
-                eigh_n=4096, warmup=5, reps=30,
+                inverse_sizes=(768, 2304, 3072, 4096), warmup=5, reps=30,
                 gpt=dict(vocab=50257, context=512, width=768, heads=12, layers=12),
                 batch=8, seq=512, inverse_every=10, step_warmup=3)
-CPU_PLAN = Plan(gemm_n=256, check_sizes=(1, 7, 33), kernel_sizes=(33,), eigh_n=64, warmup=1,
-                reps=3, gpt=dict(vocab=64, context=16, width=16, heads=2, layers=1),
+CPU_PLAN = Plan(gemm_n=256, check_sizes=(1, 7, 33), kernel_sizes=(33,), inverse_sizes=(32, 64),
+                warmup=1, reps=3, gpt=dict(vocab=64, context=16, width=16, heads=2, layers=1),
                 batch=2, seq=16, inverse_every=2, step_warmup=1)
 
 
@@ -712,15 +716,15 @@ def junit_counts(path: Path) -> dict[str, int] | None:
 
 
 def stage_kernels(ctx: Ctx) -> None:
-    """Op timings per provider (grng.benchmark.kernels.run), then eigh against warm-started
-    Newton-Schulz."""
+    """Op timings per provider (grng.benchmark.kernels.run), then the inverse candidates (eigh,
+    Cholesky, warm-started Newton-Schulz) at every size of ``plan.inverse_sizes``."""
     from grng.benchmark.kernels import run
     plan = ctx.plan
     rates = gemm_rates(ctx.out, plan.gemm_n)
     if not rates:
         ctx.report.notes.append(f"no GEMM rate at n = {plan.gemm_n} from the ceilings stage: "
                                 "measured here")
-    deadline = ctx.deadline - 0.15 * ctx.left()  # the rest is for eigh vs Newton-Schulz
+    deadline = ctx.deadline - 0.3 * ctx.left()  # the rest is for the inverse candidates
     rows = run(ctx.device, providers(), plan.kernel_sizes, ("float32", "bfloat16"), ops=bench_ops(),
                deadline=time.monotonic() + deadline - time.time(), gemm_rates=rates,
                warmup=plan.warmup, reps=plan.reps, log=lambda line: print("  " + line, flush=True))
@@ -729,15 +733,33 @@ def stage_kernels(ctx: Ctx) -> None:
         ctx.report.note("kernel timings stopped at their share")
         ctx.cut = True
     summarize_kernels(ctx, rows)
-    if not ctx.expired():
-        eigh_vs_newton(ctx)
+    for n in plan.inverse_sizes:
+        if ctx.expired():
+            ctx.report.note(f"inverse candidates from n = {n} on: not timed (stage share used)")
+            break
+        inverse_candidates(ctx, n)
     ctx.report.status = "ok"
+
+
+def auto_order_wins(speed: dict[tuple[str, str, int, str], float]) -> list[str]:
+    """Per op and dtype, the backends faster than the reference at every measured size of that
+    dtype (``speed``: (op, provider, n, dtype) -> speed-up): the rule by which
+    grng.ops.dispatch.AUTO_ORDER['cuda'] may list a backend, decided per dtype so that a bf16
+    win (tensor cores) is not hidden by an fp32 loss, nor the reverse."""
+    wins = []
+    for op in dict.fromkeys(k[0] for k in speed):
+        for dtype in sorted({k[3] for k in speed if k[0] == op}):
+            for prov in fast_backends():
+                pts = [v for (o, p, _, t), v in speed.items() if (o, p, t) == (op, prov, dtype)]
+                if pts and min(pts) > 1.0:
+                    wins.append(f"{op}/{dtype}: {prov} (x{min(pts):.2f}-{max(pts):.2f})")
+    return wins
 
 
 def summarize_kernels(ctx: Ctx, rows: list) -> None:
     """Details: the time and speed-up table; notes: which backends beat the reference at every
-    measured point (the only evidence on which grng.ops.dispatch.AUTO_ORDER['cuda'] may list
-    them, after the correct stage passed them)."""
+    measured point of a dtype (:func:`auto_order_wins`, the only evidence on which
+    grng.ops.dispatch.AUTO_ORDER['cuda'] may list them, after the correct stage passed them)."""
     def key(r: Any) -> tuple[str, str, int, str]:
         return r.name, r.provider, int(r.x_value), r.dtype
 
@@ -748,24 +770,23 @@ def summarize_kernels(ctx: Ctx, rows: list) -> None:
     ctx.report.details += [f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {r.p50:.4g} ({r.p20:.4g}-"
                            f"{r.p80:.4g}) | {speed.get(k, float('nan')):.3g} |"
                            for k, r in sorted(times.items())]
-    wins = []
-    for op in bench_ops():
-        for prov in fast_backends():
-            pts = [v for (o, p, _, _), v in speed.items() if o == op and p == prov]
-            if pts and min(pts) > 1.0:
-                wins.append(f"{op}: {prov} (x{min(pts):.2f}-{max(pts):.2f})")
+    wins = auto_order_wins(speed)
     ctx.report.notes.append(f"{len(times)} timings; faster than the reference at every measured "
-                            f"point: {', '.join(wins) or 'none'}")
+                            f"point of a dtype: {', '.join(wins) or 'none'}")
 
 
-def eigh_vs_newton(ctx: Ctx) -> None:
-    """Time eigh of SPD M (n = plan.eigh_n) against Newton-Schulz warm-started at
-    X0 = (M + E)^-1 with E symmetric, ||E||_F ~ 0.1 (the previous step's inverse)."""
+#: fixed Newton-Schulz steps of the sync-free warm-started inverse timed beside eigh
+WARM_ITERATIONS = 3
+
+
+def inverse_candidates(ctx: Ctx, n: int) -> None:
+    """Time the refresh candidates on one SPD M (n x n, fp32): eigh, the Cholesky inverse and
+    Newton-Schulz warm-started at X0 = (M + E)^-1 with E symmetric, ||E||_F ~ 0.1 (the previous
+    refresh's inverse): to convergence, and :data:`WARM_ITERATIONS` fixed sync-free steps."""
     import torch
 
     from grng import ops
     from grng.benchmark.timing import measure
-    n = ctx.plan.eigh_n
     torch.manual_seed(0)
     A = torch.randn(n, n, device=ctx.device)
     M = A @ A.T / n + torch.eye(n, device=ctx.device)
@@ -778,24 +799,31 @@ def eigh_vs_newton(ctx: Ctx) -> None:
     ctx.emit([ms_row("kernels", "eigh", "reference", "time", st, config="torch.linalg.eigh",
                      **kw)])
     parts = [f"eigh {st.p50 * 1e3:.4g} ms"]
+    candidates = [("cholesky_inverse", "reference", "M = L L^T, L^-T L^-1",
+                   lambda m, x: ops.cholesky_inverse(m, backend="reference"))]
     for backend in ("reference", "triton"):
-        if ctx.expired():
-            break
         if backend == "triton" and ctx.cpu:
             parts.append("Newton-Schulz/triton: not timed in the interpreter")
             continue
         res = ops.newton_schulz_inverse(M, X0, backend=backend)
-        st_ns = measure(lambda m, x, b=backend: ops.newton_schulz_inverse(m, x, backend=b),
-                        lambda: (M, X0), device=ctx.device, warmup=1, reps=5)
-        cfg = (f"X0 = (M + E)^-1, ||E||_F ~ 0.1; {res.iterations} iterations, converged "
-               f"{res.converged}, rms residual {res.residual:.1e}")
-        ctx.emit([ms_row("kernels", "newton_schulz_inverse_warm", backend, "time", st_ns,
-                         config=cfg, **kw),
-                  row("kernels", "newton_schulz_inverse_warm", backend, "speedup_vs_eigh", "x",
-                      st.p50 / st_ns.p50, config=cfg, **kw)])
-        parts.append(f"warm Newton-Schulz/{backend} {st_ns.p50 * 1e3:.4g} ms "
-                     f"({res.iterations} it., x{st.p50 / st_ns.p50:.2g} vs eigh)")
-    ctx.report.notes.append(f"n = {n}: " + "; ".join(parts))
+        candidates += [
+            ("newton_schulz_inverse_warm", backend,
+             f"X0 = (M + E)^-1, ||E||_F ~ 0.1; {res.iterations} iterations, converged "
+             f"{res.converged}, rms residual {res.residual:.1e}",
+             lambda m, x, b=backend: ops.newton_schulz_inverse(m, x, backend=b)),
+            ("newton_schulz_masked_warm", backend,
+             f"X0 = (M + E)^-1, ||E||_F ~ 0.1; {WARM_ITERATIONS} fixed sync-free steps",
+             lambda m, x, b=backend: ops.newton_schulz_masked(m, x, WARM_ITERATIONS, 1e-3,
+                                                              backend=b))]
+    for name, backend, cfg, fn in candidates:
+        if ctx.expired():
+            break
+        st_c = measure(fn, lambda: (M, X0), device=ctx.device, warmup=1, reps=5)
+        ctx.emit([ms_row("kernels", name, backend, "time", st_c, config=cfg, **kw),
+                  row("kernels", name, backend, "speedup_vs_eigh", "x", st.p50 / st_c.p50,
+                      config=cfg, **kw)])
+        parts.append(f"{name}/{backend} {st_c.p50 * 1e3:.4g} ms (x{st.p50 / st_c.p50:.2g} vs eigh)")
+    ctx.report.note(f"n = {n}: " + "; ".join(parts))
 
 
 def make_optimizer(name: str, model: Any, backend: str, inverse_every: int):
@@ -804,7 +832,11 @@ def make_optimizer(name: str, model: Any, backend: str, inverse_every: int):
     from grng.optim.cases import CASES
     curv = dict(backend=backend, kl_clip=1e-3)
     hp = {"adamw": ("adamw", dict(lr=1e-3)),
-          "kfac": ("kfac-eigen", dict(lr=0.01, damping=0.1, momentum=0.9,
+          # the device's defaults (grng.optim.device_defaults: on CUDA Cholesky every 20, TF32)
+          "kfac-default": ("kfac-eigen", dict(lr=0.01, damping=0.1, momentum=0.9, inverse=None,
+                                              **curv)),
+          "ekfac": ("ekfac", dict(lr=0.01, **curv)),
+          "kfac": ("kfac-eigen", dict(lr=0.01, damping=0.1, momentum=0.9, inverse="eigen",
                                       inverse_every=inverse_every, **curv)),
           "kfac-newton": ("kfac-newton", dict(lr=0.01, damping=0.1, momentum=0.9,
                                               inverse_every=inverse_every, **curv)),
@@ -840,6 +872,59 @@ def factor_summary(model: Any) -> tuple[str, int]:
         cap.remove()
 
 
+def step_configs() -> list[tuple[str, str]]:
+    """(optimizer, backend) in the order the step stage runs them, the ones a short window must
+    not lose first: AdamW (every ratio's denominator), the sync-free step against the host path
+    it is judged against, the device's defaults (K-FAC, and EKFAC at its defaults) on every
+    backend, then the other members."""
+    first = [("adamw", "-"), ("kfac-newton", "reference"), ("kfac-newton-host", "reference")]
+    defaults = [(o, b) for o in ("kfac-default", "ekfac") for b in providers()]
+    rest = [(o, b) for o in ("kfac", "rkalman", "ring", "kfac-newton") for b in providers()]
+    return list(dict.fromkeys(first + defaults + rest))
+
+
+def cost_device(ctx: Ctx) -> Any:
+    """The cost model's device for this run: the data-sheet GPU named like the CUDA device (H100
+    when none matches, said in a note), or this CPU measured at small sizes (``--cpu``)."""
+    import torch
+
+    from grng.benchmark import costmodel
+    if ctx.device != "cuda":
+        return costmodel.measure_cpu(torch.get_num_threads(), sizes=(64, 128), gemm_size=256)
+    name = torch.cuda.get_device_name().lower()
+    key = next((k for k in costmodel.DEVICES if k in name), None)
+    if key is None:
+        ctx.report.note(f"cost model: no figures for {name!r}; predicting for an H100")
+    return costmodel.DEVICES[key or "h100"]
+
+
+def step_config(opt_name: str, backend: str, opt: Any) -> Any:
+    """The cost model's StepConfig of the optimizer ``opt`` built for (opt_name, backend): its
+    family, inverse, F, T, precision and sync-free flag as constructed; the update fused when a
+    kernel backend runs it."""
+    from grng.benchmark import costmodel
+    if opt_name == "adamw":
+        return costmodel.StepConfig(family="adamw")
+    family = {"kfac-default": "kfac", "kfac-newton": "kfac", "kfac-newton-host": "kfac",
+              "ring": "ring", "rkalman": "rkalman", "ekfac": "ekfac"}.get(opt_name, "kfac")
+    inverse = getattr(getattr(opt, "inverse", None), "name", "eigen")
+    return costmodel.StepConfig(
+        family=family, inverse=inverse, factor_every=getattr(opt, "factor_every", 1),
+        inverse_every=getattr(opt, "inverse_every", 1),
+        precision=getattr(opt, "precision", "fp32"),
+        sync_free=bool(getattr(opt, "sync_free", False)),
+        fused_update=backend in ("triton", "ext"))
+
+
+def predict_step(ctx: Ctx, device: Any, config: Any) -> Any:
+    """The cost model's prediction of one step of ``config`` on the step stage's GPT."""
+    from grng.benchmark import costmodel
+    g = ctx.plan.gpt
+    shape = costmodel.gpt_shape(g["layers"], g["width"], g["vocab"], ctx.plan.seq, ctx.plan.batch,
+                                model_precision="bf16")
+    return costmodel.predict(shape, config, device)
+
+
 def stage_step(ctx: Ctx) -> None:
     """Whole training steps (bf16 autocast) of AdamW and each curvature optimizer x backend."""
     import torch
@@ -848,8 +933,7 @@ def stage_step(ctx: Ctx) -> None:
     plan = ctx.plan
     cfg = models.GPTConfig(**plan.gpt)
     dev = ctx.device
-    configs = [("adamw", "-")] + [(o, b) for o in ("kfac", "rkalman", "ring", "kfac-newton")
-                                  for b in providers()] + [("kfac-newton-host", "reference")]
+    configs = step_configs()
     gen = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(2):
@@ -868,9 +952,12 @@ def stage_step(ctx: Ctx) -> None:
                                 "in fp32, several per block) is too big: curvature optimizers not run")
     ctx.report.save()
     adamw: dict[str, float] = {}
+    device = cost_device(ctx)
+    ctx.report.notes.append(f"predictions: grng.benchmark.costmodel on {device.name}")
     ctx.report.details += ["| optimizer | backend | full step ms (p20-p80) | mean ms | x AdamW | "
-                           "opt.step ms | peak MiB | max host syncs per opt.step |",
-                           "|---|---|---|---|---|---|---|---|"]
+                           "opt.step ms | peak MiB | max host syncs per opt.step | "
+                           "predicted ms | predicted x AdamW | measured / predicted |",
+                           "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = True
     for opt_name, backend in configs:
         if ctx.expired():
@@ -891,6 +978,7 @@ def stage_step(ctx: Ctx) -> None:
                 torch.cuda.empty_cache()
         if opt_name == "adamw":
             adamw = {"p50": res["full"].p50, "mean": res["mean"]}
+        res["predicted"] = predict_step(ctx, device, res["config"])
         record_step(ctx, opt_name, backend, res, adamw)
     ctx.report.status = "ok" if ok else "failed"
 
@@ -910,6 +998,7 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
         model = models.GPT(cfg)
     opt = make_optimizer(opt_name, model, "reference" if backend == "-" else backend,
                          ctx.plan.inverse_every)
+    config = step_config(opt_name, backend, opt)
 
     def fb(i: int) -> None:
         forward_backward(model, opt, *batches[i % len(batches)], dev)
@@ -957,7 +1046,7 @@ def time_steps(ctx: Ctx, cfg: Any, opt_name: str, backend: str, batches: list, s
     peak = torch.cuda.max_memory_allocated() / 2**20 if dev == "cuda" else None
     skipped = getattr(opt, "skipped_steps", 0)
     return {"full": stats_of(full), "only": stats_of(only), "mean": statistics.fmean(full),
-            "warm": warm_s, "syncs": syncs, "peak": peak, "skipped": skipped}
+            "warm": warm_s, "syncs": syncs, "peak": peak, "skipped": skipped, "config": config}
 
 
 def record_step(ctx: Ctx, opt_name: str, backend: str, res: dict, adamw: dict[str, float]) -> None:
@@ -980,6 +1069,15 @@ def record_step(ctx: Ctx, opt_name: str, backend: str, res: dict, adamw: dict[st
     if res["syncs"] is not None:
         rows.append(row("step", opt_name, backend, "host_syncs", "count", float(res["syncs"]),
                         n=1, **kw))
+    pred = res["predicted"]
+    pkw = {**kw, "config": f"{kw['config']}; {pred.device}; {res['config']}"}
+    rows += [row("step", opt_name, backend, "predicted_step_time", "ms", pred.seconds * 1e3, **pkw),
+             row("step", opt_name, backend, "predicted_ratio_vs_adamw", "x", pred.ratio, **pkw),
+             row("step", opt_name, backend, "measured_over_predicted", "x",
+                 res["full"].p50 / pred.seconds, **pkw)]
+    print(f"  {opt_name}/{backend}: measured {res['full'].p50 * 1e3:.4g} ms"
+          f"{'' if ratio is None else f' (x{ratio:.2f} AdamW)'}, predicted "
+          f"{pred.seconds * 1e3:.4g} ms (x{pred.ratio:.2f} AdamW) on {pred.device}", flush=True)
     ctx.emit(rows)
     if res["skipped"]:
         ctx.report.note(f"{opt_name}/{backend}: {res['skipped']} steps skipped (non-finite): "
@@ -991,7 +1089,8 @@ def record_step(ctx: Ctx, opt_name: str, backend: str, res: dict, adamw: dict[st
     ctx.report.details.append(
         f"| {opt_name} | {backend} | {f.p50 * 1e3:.1f} ({f.p20 * 1e3:.1f}-{f.p80 * 1e3:.1f}) | "
         f"{res['mean'] * 1e3:.1f} | {ratio_s} | {res['only'].p50 * 1e3:.2f} | {peak_s} | "
-        f"{syncs_s} |")
+        f"{syncs_s} | {pred.seconds * 1e3:.1f} | {pred.ratio:.2f} | "
+        f"{res['full'].p50 / pred.seconds:.2f} |")
     ctx.report.save()
 
 

@@ -1,6 +1,8 @@
 """Damped eigen-inverse application Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T.
 
-Four strided GEMM launches of one kernel (transposes are stride swaps, never copies):
+Four strided GEMM launches of one kernel (transposes are stride swaps; a side that is not a
+multiple of 16, such as a bias-augmented 769, is zero-padded in a copy so that every launch
+loads aligned rows, the pipelined path of 768: :func:`_tiles.padded_matrices`):
 T = Q_G^T V, S = (T Q_A) / D, U = Q_G S, out = U Q_A^T with D = max(l_G, 0) max(l_A, 0)^T +
 damping. The divide by D is the second GEMM's epilogue, applied to its fp32 accumulator before
 the store, so Q_G^T V Q_A is never written unscaled and read back. With ``QA is None`` (A
@@ -27,14 +29,17 @@ from torch import Tensor
 from . import _library, _tiles
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["M", "N", "K", "SCALE", "PRECISION"])
+@triton.autotune(configs=_tiles.gemm_configs(),
+                 key=["M", "N", "K", "M_out", "N_out", "SCALE", "PRECISION"],
+                 prune_configs_by=_tiles.gemm_pruner("M_out", "N_out", "s_cm", "s_cn"))
 @triton.jit
-def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
+def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K, M_out, N_out,
                         s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn, s_lgb, s_lab,
                         damping, SCALE: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[b] = A[b] B[b], or (A[b] B[b]) / (max(lg[b], 0) max(la[b], 0)^T + damping) when SCALE,
-    on one tile of batch entry b = program_id(1); the tiles of A and B are rounded to C's dtype."""
+    on one tile of batch entry b = program_id(1); the tiles of A and B are rounded to C's dtype.
+    M, N, K: the operands' (padded) sizes the product runs over; M_out x N_out of C are stored."""
     batch = tl.program_id(1).to(tl.int64)
     a_ptr += batch * _tiles.stride64(s_ab)
     b_ptr += batch * _tiles.stride64(s_bb)
@@ -44,8 +49,8 @@ def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(a_ptr, b_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K, c_ptr.dtype.element_ty, PRECISION)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    m_ok = offs_m < M_out
+    n_ok = offs_n < N_out
     if SCALE:
         lg_ptr += batch * _tiles.stride64(s_lgb)
         la_ptr += batch * _tiles.stride64(s_lab)
@@ -56,14 +61,17 @@ def _gemm_damped_kernel(a_ptr, b_ptr, c_ptr, lg_ptr, la_ptr, M, N, K,
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm(A: Tensor, B: Tensor, precision: str, lG: Tensor | None = None,
+def _gemm(A: Tensor, B: Tensor, C: Tensor, precision: str, lG: Tensor | None = None,
           lA: Tensor | None = None, damping: float = 0.0) -> Tensor:
-    """A B, or (A B) / (max(lG, 0) max(lA, 0)^T + damping) when lG, lA (contiguous) are given, in
-    A's dtype; 2-D, or batched over one leading dimension (one launch per batch_chunks slice)."""
-    M, K = A.shape[-2:]
-    N = B.shape[-1]
-    C = _tiles.new_output((*A.shape[:-2], M, N), A.dtype, A.device)
-    if C.numel() == 0:
+    """C[..., :M, :N] = A B, or (A B) / (max(lG, 0) max(lA, 0)^T + damping) when lG (M), lA (N)
+    (contiguous) are given, in C's dtype; A (..., M', K), B (..., K, N') with M' >= M, N' >= N
+    zero-padded (the product runs over the padded sizes); 2-D, or batched over one leading
+    dimension (one launch per batch_chunks slice). Returns C."""
+    Mp, K = A.shape[-2:]
+    Np = B.shape[-1]
+    M, N = C.shape[-2:] if lG is None else (lG.shape[-1], lA.shape[-1])
+    M, N = min(M, Mp), min(N, Np)
+    if C.numel() == 0 or M == 0 or N == 0:
         return C
     scale = lG is not None
     A3, B3, C3 = (t if t.dim() == 3 else t.unsqueeze(0) for t in (A, B, C))
@@ -71,8 +79,8 @@ def _gemm(A: Tensor, B: Tensor, precision: str, lG: Tensor | None = None,
     LG, LA = ((v if v.dim() == 2 else v.unsqueeze(0)) for v in (lG, lA)) if scale else (C3, C3)
     for part in _tiles.batch_chunks(C3.shape[0]):
         a, b, c, lg, la = A3[part], B3[part], C3[part], LG[part], LA[part]
-        _gemm_damped_kernel[_tiles.gemm_grid(M, N, c.shape[0])](
-            a, b, c, lg, la, M, N, K, a.stride(0), a.stride(1), a.stride(2),
+        _gemm_damped_kernel[_tiles.gemm_grid(Mp, Np, c.shape[0])](
+            a, b, c, lg, la, Mp, Np, K, M, N, a.stride(0), a.stride(1), a.stride(2),
             b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1), c.stride(2),
             lg.stride(0), la.stride(0), float(damping), SCALE=scale, PRECISION=precision)
     return C
@@ -80,15 +88,29 @@ def _gemm(A: Tensor, B: Tensor, precision: str, lG: Tensor | None = None,
 
 def _eigen_apply(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,
                  damping: float) -> Tensor:
-    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T (the launcher behind the custom op)."""
+    """Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T (the launcher behind the custom op).
+    Operands whose sides are not multiples of 16 are copied zero-padded and the intermediates
+    kept padded (:func:`_tiles.padded_matrices`), so that every launch loads aligned rows."""
     lG32 = lG.to(torch.float32).contiguous()
     lA32 = lA.to(torch.float32).contiguous()
     precision = _tiles.dot_precision(QG.dtype)
-    QGt = QG.transpose(-2, -1)
+    out = _tiles.new_output(V.shape, QG.dtype, V.device)
+    if out.numel() == 0:
+        return out
+    Vp, QGp = _tiles.padded_matrices(V), _tiles.padded_matrices(QG)
+    QGt = QGp.transpose(-2, -1)
+
+    def buffer(column_major: bool = False) -> Tensor:
+        return _tiles.padded_buffer(tuple(V.shape), QG.dtype, V.device, column_major)
+
+    # S is the B operand of Q_G S: stored column-major, TF32 loads it K-major in 16-byte copies
     if QA is None:
-        return _gemm(QG, _gemm(QGt, V, precision, lG32, lA32, damping), precision)
-    S = _gemm(_gemm(QGt, V, precision), QA, precision, lG32, lA32, damping)
-    return _gemm(_gemm(QG, S, precision), QA.transpose(-2, -1), precision)
+        S = _gemm(QGt, Vp, buffer(True), precision, lG32, lA32, damping)
+        return _gemm(QGp, S, out, precision)
+    QAp = _tiles.padded_matrices(QA)
+    S = _gemm(_gemm(QGt, Vp, buffer(), precision), QAp, buffer(True), precision, lG32, lA32,
+              damping)
+    return _gemm(_gemm(QGp, S, buffer(), precision), QAp.transpose(-2, -1), out, precision)
 
 
 def _output_like(V: Tensor, QG: Tensor, lG: Tensor, QA: Tensor | None, lA: Tensor,

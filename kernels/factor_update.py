@@ -33,16 +33,34 @@ def rows_class(m: int) -> int:
     return min(max(triton.next_power_of_2(m), 32), 512)
 
 
+def _max_accumulator(args: dict, kwargs: dict) -> int:
+    """Accumulator registers per thread the kernel keeps without spilling on sm_90 (measured by
+    tools/sm90_compile.py): 64 on tensor cores into an aligned M, else 32 (reading M in the
+    epilogue holds a second tile of values and addresses, exact fp32 dots hold their operands
+    in registers, an unaligned M stores element by element)."""
+    aligned = _tiles.multiples_of_16(args["d"], args["s_mr"], args["s_mc"])
+    return 64 if aligned and not kwargs["READ_M"] and kwargs["PRECISION"] != "ieee" else 32
+
+
+def _max_block_k(args: dict, kwargs: dict) -> int:
+    """The deepest k tile kept: 32 for an unaligned M read in the epilogue (the 64-deep tiles
+    spilled at 769), else any."""
+    aligned = _tiles.multiples_of_16(args["d"], args["s_mr"], args["s_mc"])
+    return 1 << 30 if aligned or not kwargs["READ_M"] else 32
+
+
 @triton.autotune(configs=_tiles.sym_configs(), key=["d", "m_class", "READ_M", "PRECISION"],
-                 restore_value=["m_ptr"])
+                 restore_value=["m_ptr"], prune_configs_by={
+                     "early_config_prune": _tiles.sm90_pruner(_max_accumulator, _max_block_k)})
 @triton.jit
-def _sym_update_kernel(m_ptr, x_ptr, ok_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
+def _sym_update_kernel(m_ptr, x_ptr, ok_ptr, d, d_load, m, m_class, s_mb, s_mr, s_mc, s_xb, s_xk, s_xc,
                        alpha, beta, diag,
                        READ_M: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """M[b] <- beta M[b] + alpha X[b]^T X[b] + diag I on the upper tile of program 0, mirrored
-    (m_class = rows_class(m) is read by the autotuner's key only); with MASKED, only where the
-    device flag *ok_ptr (nothing stored where it is False)."""
+    (m_class = rows_class(m) is read by the autotuner's key only; X's columns are loaded up to
+    d_load >= d, past d zeros or values that reach only rows / columns >= d, never stored);
+    with MASKED, only where the device flag *ok_ptr (nothing stored where it is False)."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     # Program pid -> tile (ti, tj), 0 <= ti <= tj: tj = floor((sqrt(8 pid + 1) - 1) / 2), fixed up
@@ -58,13 +76,15 @@ def _sym_update_kernel(m_ptr, x_ptr, ok_ptr, d, m, m_class, s_mb, s_mr, s_mc, s_
     offs_k = _tiles.block_range(0, BLOCK_K)
     r_ok = offs_r < d
     c_ok = offs_c < d
+    r_load = offs_r < d_load
+    c_load = offs_c < d_load
     xr_ptrs = x_base + offs_k[:, None] * s_xk + offs_r[None, :] * s_xc
     xc_ptrs = x_base + offs_k[:, None] * s_xk + offs_c[None, :] * s_xc
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for k0 in range(0, m, BLOCK_K):
         k_ok = (k0 + offs_k)[:, None] < m
-        xr = tl.load(xr_ptrs, mask=k_ok & r_ok[None, :], other=0.0)
-        xc = tl.load(xc_ptrs, mask=k_ok & c_ok[None, :], other=0.0)
+        xr = tl.load(xr_ptrs, mask=k_ok & r_load[None, :], other=0.0)
+        xc = tl.load(xc_ptrs, mask=k_ok & c_load[None, :], other=0.0)
         acc = _tiles.dot_acc(tl.trans(xr), xc, acc, PRECISION)
         xr_ptrs += BLOCK_K * _tiles.stride64(s_xk)
         xc_ptrs += BLOCK_K * _tiles.stride64(s_xk)
@@ -100,6 +120,9 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float,
         return
 
     precision = _tiles.dot_precision(X.dtype)
+    d_load = d
+    if X.stride(-1) == 1:  # rows of X loaded aligned: as they are, or zero-padded
+        X, d_load = _tiles.aligned_rows(X)
     for part in _tiles.batch_chunks(B):
         Mp, Xp = M[part], X[part]
 
@@ -109,7 +132,7 @@ def sym_update(M: Tensor, X: Tensor, alpha: float, beta: float, diag: float,
             return (tiles * (tiles + 1) // 2, batch)
 
         _sym_update_kernel[grid](
-            Mp, Xp, Mp if ok is None else ok, d, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
+            Mp, Xp, Mp if ok is None else ok, d, d_load, m, rows_class(m), Mp.stride(0), Mp.stride(1), Mp.stride(2),
             Xp.stride(0), Xp.stride(1), Xp.stride(2),
             float(alpha), float(beta), float(diag),
             READ_M=beta != 0.0, MASKED=ok is not None, PRECISION=precision)
@@ -162,6 +185,14 @@ def factor_update(M: Tensor, X: Tensor, alpha: float, beta: float) -> Tensor:
     return M
 
 
+def supports(M: Tensor, X: Tensor, alpha: float, beta: float) -> bool:
+    """True for fp32 M (..., d, d) and fp32/bf16/fp16 X (..., m, d) on a device the kernel runs on."""
+    return (M.dtype == torch.float32 and X.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and M.dim() >= 2 and X.dim() == M.dim() and M.shape[-1] == M.shape[-2]
+            and X.shape[-1] == M.shape[-1] and X.shape[:-2] == M.shape[:-2]
+            and _tiles.device_ok(M, X))
+
+
 def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor) -> Tensor:
     """M <- beta * M + alpha * X^T X in place where ``ok`` (a 0-dim bool on M's device), M
     untouched otherwise; through the custom op ``grng_triton::factor_update_masked``."""
@@ -173,11 +204,3 @@ def supports_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Tensor)
     """:func:`supports`, with ``ok`` a 0-dim bool tensor on M's device."""
     return (isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.dim() == 0
             and ok.device == M.device and supports(M, X, alpha, beta))
-
-
-def supports(M: Tensor, X: Tensor, alpha: float, beta: float) -> bool:
-    """True for fp32 M (..., d, d) and fp32/bf16/fp16 X (..., m, d) on a device the kernel runs on."""
-    return (M.dtype == torch.float32 and X.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and M.dim() >= 2 and X.dim() == M.dim() and M.shape[-1] == M.shape[-2]
-            and X.shape[-1] == M.shape[-1] and X.shape[:-2] == M.shape[:-2]
-            and _tiles.device_ok(M, X))

@@ -29,14 +29,16 @@ from grng.ops import masked
 from . import _library, _tiles
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"], reset_to_zero=["part_ptr"])
+@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "d_out", "PRECISION"],
+                 reset_to_zero=["part_ptr"],
+                 prune_configs_by=_tiles.gemm_pruner("d_out", "s_rm", "s_rn"))
 @triton.jit
-def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
+def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d, d_out,
                      s_mb, s_mm, s_mk, s_xb, s_xk, s_xn, s_rb, s_rm, s_rn, s_pb,
                      PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """R[b] = I - M[b] X[b] on one tile of batch entry b = program_id(1); part[b, pid] = sum of
-    R[b]^2 over the tile's entries."""
+    R[b]^2 over the tile's entries (M, X zero-padded to d >= d_out: R is stored d_out x d_out)."""
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     m_ptr += batch * _tiles.stride64(s_mb)
@@ -48,7 +50,7 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(m_ptr, x_ptr, d, d, d, s_mm, s_mk, s_xk, s_xn, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty, PRECISION)
-    valid = (offs_m[:, None] < d) & (offs_n[None, :] < d)
+    valid = (offs_m[:, None] < d_out) & (offs_n[None, :] < d_out)
     eye = (offs_m[:, None] == offs_n[None, :]).to(tl.float32)
     res = tl.where(valid, eye - acc, 0.0)
     tl.store(part_ptr + pid, tl.sum(tl.sum(res * res, axis=1), axis=0))
@@ -56,13 +58,14 @@ def _residual_kernel(m_ptr, x_ptr, r_ptr, part_ptr, d,
              res.to(r_ptr.dtype.element_ty), mask=valid)
 
 
-@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "PRECISION"])
+@triton.autotune(configs=_tiles.gemm_configs(), key=["d", "d_out", "PRECISION"],
+                 prune_configs_by=_tiles.gemm_pruner("d_out", "s_om", "s_on"))
 @triton.jit
-def _update_kernel(x_ptr, r_ptr, o_ptr, d, s_xb, s_xm, s_xk, s_rb, s_rk, s_rn, s_ob, s_om, s_on,
-                   PRECISION: tl.constexpr,
+def _update_kernel(x_ptr, r_ptr, o_ptr, d, d_out, s_xb, s_xm, s_xk, s_rb, s_rk, s_rn, s_ob, s_om,
+                   s_on, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[b] = X[b] + X[b] R[b] = X[b] (2I - M[b] X[b]) on one tile of batch entry
-    b = program_id(1)."""
+    b = program_id(1) (X, R zero-padded to d >= d_out: out is stored d_out x d_out)."""
     batch = tl.program_id(1).to(tl.int64)
     x_ptr += batch * _tiles.stride64(s_xb)
     r_ptr += batch * _tiles.stride64(s_rb)
@@ -72,7 +75,7 @@ def _update_kernel(x_ptr, r_ptr, o_ptr, d, s_xb, s_xm, s_xk, s_rb, s_rk, s_rn, s
     offs_n = _tiles.block_range(pid_n, BLOCK_N)
     acc = _tiles.gemm_tile(x_ptr, r_ptr, d, d, d, s_xm, s_xk, s_rk, s_rn, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K, x_ptr.dtype.element_ty, PRECISION)
-    valid = (offs_m[:, None] < d) & (offs_n[None, :] < d)
+    valid = (offs_m[:, None] < d_out) & (offs_n[None, :] < d_out)
     x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_n[None, :] * s_xk, mask=valid, other=0.0)
     out = acc + x.to(tl.float32)
     tl.store(o_ptr + offs_m[:, None] * s_om + offs_n[None, :] * s_on,
@@ -88,25 +91,29 @@ def _max_programs(d: int) -> int:
 def _newton_schulz_step(M: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
     """(X (2I - M X), ||I - M X||_F) for square M, X of one dtype, batched over leading dims
     (residuals of shape M.shape[:-2]); the launcher behind the op: two launches per
-    :func:`_tiles.batch_chunks` slice, the batch index on grid axis 1."""
+    :func:`_tiles.batch_chunks` slice, the batch index on grid axis 1. A side that is not a
+    multiple of 16 runs on zero-padded copies of M and X and a padded R (aligned rows: the
+    pipelined path of a multiple of 16)."""
     d = M.shape[-1]
     M3, X3 = M.reshape(-1, d, d), X.reshape(-1, d, d)
     B = M3.shape[0]
-    R = _tiles.new_output(tuple(X.shape), X.dtype, X.device)
     X_next = _tiles.new_output(tuple(X.shape), X.dtype, X.device)
-    R3, O3 = R.view(-1, d, d), X_next.view(-1, d, d)
-    part = torch.zeros(B, _max_programs(d), dtype=torch.float32, device=X.device)
-    if d > 0:
+    O3 = X_next.view(-1, d, d)
+    dp = _tiles.padded(d)
+    part = torch.zeros(B, _max_programs(dp), dtype=torch.float32, device=X.device)
+    if d > 0 and B > 0:
+        M3, X3 = _tiles.padded_matrices(M3), _tiles.padded_matrices(X3)
+        R3 = _tiles.padded_buffer(tuple(X.shape), X.dtype, X.device).view(-1, dp, dp)
         precision = _tiles.dot_precision(X.dtype)
         for c in _tiles.batch_chunks(B):
             m, x, r, o, p = M3[c], X3[c], R3[c], O3[c], part[c]
-            grid = _tiles.gemm_grid(d, d, m.shape[0])
+            grid = _tiles.gemm_grid(dp, dp, m.shape[0])
             _residual_kernel[grid](
-                m, x, r, p, d, m.stride(0), m.stride(1), m.stride(2), x.stride(0), x.stride(1),
-                x.stride(2), r.stride(0), r.stride(1), r.stride(2), p.stride(0),
+                m, x, r, p, dp, d, m.stride(0), m.stride(1), m.stride(2), x.stride(0),
+                x.stride(1), x.stride(2), r.stride(0), r.stride(1), r.stride(2), p.stride(0),
                 PRECISION=precision)
             _update_kernel[grid](
-                x, r, o, d, x.stride(0), x.stride(1), x.stride(2), r.stride(0), r.stride(1),
+                x, r, o, dp, d, x.stride(0), x.stride(1), x.stride(2), r.stride(0), r.stride(1),
                 r.stride(2), o.stride(0), o.stride(1), o.stride(2), PRECISION=precision)
     residual = part.to(torch.float64).sum(-1).sqrt().to(X.dtype)
     return X_next, residual.view(X.shape[:-2])

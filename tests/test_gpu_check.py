@@ -63,11 +63,29 @@ def test_cpu_mode_runs_every_stage(tmp_path: Path) -> None:
     assert any(r.suite == "ceilings" and r.name == "gemm" and r.p50 > 0 for r in rows)
     times = [r for r in rows if r.suite == "kernels" and r.metric == "time"]
     assert {r.provider for r in times} >= {"reference", "ext"} and all(r.p50 > 0 for r in times)
-    steps = {(r.name, r.provider) for r in rows
-             if r.suite == "gpu_check.step" and r.metric == "full_step_time" and r.p50 > 0}
-    assert steps == {("adamw", "-"), ("kfac-newton-host", "reference")} | {
-        (o, b) for o in ("kfac", "ring", "rkalman", "kfac-newton")
+    inverses = {(r.name, r.provider, int(r.x_value)) for r in rows
+                if r.suite == "gpu_check.kernels" and r.metric == "time" and r.p50 > 0}
+    for n in (32, 64):  # CPU_PLAN.inverse_sizes
+        assert {(c, "reference", n) for c in ("eigh", "cholesky_inverse",
+                                              "newton_schulz_inverse_warm",
+                                              "newton_schulz_masked_warm")} <= inverses, inverses
+    measured = [(r.name, r.provider) for r in rows
+                if r.suite == "gpu_check.step" and r.metric == "full_step_time" and r.p50 > 0]
+    assert set(measured) == {("adamw", "-"), ("kfac-newton-host", "reference")} | {
+        (o, b) for o in ("kfac-default", "ekfac", "kfac", "ring", "rkalman", "kfac-newton")
         for b in ("reference", "triton", "ext")}
+    # what a short window must not lose runs first: AdamW, the sync-free step against the host
+    # path, then the device's defaults
+    assert measured[:3] == [("adamw", "-"), ("kfac-newton", "reference"),
+                            ("kfac-newton-host", "reference")]
+    assert {o for o, _ in measured[3:9]} == {"kfac-default", "ekfac"}
+    # the cost model's prediction beside every measured step row
+    for metric in ("predicted_step_time", "predicted_ratio_vs_adamw", "measured_over_predicted"):
+        predicted = [(r.name, r.provider) for r in rows
+                     if r.suite == "gpu_check.step" and r.metric == metric and r.p50 > 0]
+        assert predicted == measured, metric
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| predicted ms | predicted x AdamW | measured / predicted |" in summary
     assert {r.name for r in rows if r.suite == "gpu_check" and r.metric == "wall_time"} == {
         "env", "ceilings", "correct", "kernels", "step"}
 
@@ -103,3 +121,20 @@ def test_warmup_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                       r"checks passed", log)
     assert match and match.group(1) == match.group(2) != "0", log
     assert "[warm step:rkalman] warm step:rkalman: 2 steps" in log, log
+
+
+def test_auto_order_rule_is_decided_per_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that wins every bf16 point but loses at fp32 is listed for bf16 alone (pooling
+    the dtypes would hide the win); one losing a single size of a dtype is not listed for it."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setattr(gpu_check, "fast_backends", lambda: ("triton", "ext"))
+    speed = {("eigen_apply", "triton", 769, "bfloat16"): 1.8,
+             ("eigen_apply", "triton", 3072, "bfloat16"): 2.5,
+             ("eigen_apply", "triton", 769, "float32"): 0.6,
+             ("eigen_apply", "triton", 3072, "float32"): 0.7,
+             ("eigen_apply", "ext", 769, "float32"): 1.2,
+             ("eigen_apply", "ext", 3072, "float32"): 0.9}
+    assert gpu_check.auto_order_wins(speed) == ["eigen_apply/bfloat16: triton (x1.80-2.50)"]

@@ -501,11 +501,13 @@ def test_odd_sizes_noncontiguous_small(poisoned: None, d: int) -> None:
 
 def test_autotune_keys_leave_out_the_row_count() -> None:
     """No autotune key holds a row (batch) count: the factor update keys on d and the row
-    count's class; every key holds the dots' precision."""
+    count's class; every key holds the dots' precision, and the GEMMs' keys the true output
+    sizes beside the padded ones (an unaligned output prunes other tiles)."""
     assert factor_update._sym_update_kernel.keys == ["d", "m_class", "READ_M", "PRECISION"]
-    assert eigen_apply._gemm_damped_kernel.keys == ["M", "N", "K", "SCALE", "PRECISION"]
+    assert eigen_apply._gemm_damped_kernel.keys == ["M", "N", "K", "M_out", "N_out", "SCALE",
+                                                    "PRECISION"]
     for kernel in (newton_schulz._residual_kernel, newton_schulz._update_kernel):
-        assert kernel.keys == ["d", "PRECISION"]
+        assert kernel.keys == ["d", "d_out", "PRECISION"]
     assert {factor_update.rows_class(m) for m in range(1, 5000)} == {32, 64, 128, 256, 512}
 
 
