@@ -222,7 +222,7 @@ def jobs(all_configs: bool = False) -> list[Job]:
                     precision = str(full.get("PRECISION", "n/a"))
                     tile = "x".join(str(full[k]) for k in full if k.startswith("BLOCK"))
                     shape = ",".join(f"{a}={full.get(a, bound[a])}"
-                                     for a in ("READ_M", "SCALE", "PHASE") if a in bound)
+                                     for a in ("READ_M", "MASKED", "SCALE", "PHASE") if a in bound)
                     name = (f"{rec.attr} {str(dtype)[6:]} {precision} {tile} w{options.num_warps}"
                             f" s{options.num_stages} {shape}".rstrip())
                     opt = {k: options.__dict__[k] for k in ("num_warps", "num_stages", "num_ctas")}
