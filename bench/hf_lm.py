@@ -1,0 +1,214 @@
+"""Small Hugging Face language models from configs (issue 21): EKFAC against AdamW, Muon, SOAP
+and K-FAC on a GPT-2 and a Llama trained on the standard library's characters.
+
+    python bench/hf_lm.py                     # both models, 3 seeds: bench/results/hf_lm.{csv,md}
+    python bench/hf_lm.py --models gpt2 --seeds 1 --steps 20 --name hf_lm_smoke   # a quick look
+
+Models (transformers' classes built from configs, nothing downloaded), both 2 layers of width
+64 with 4 attention heads, a 64-character context and grng.demo.text's 98-symbol alphabet:
+
+* ``gpt2``: ``GPT2LMHeadModel`` (MLP 256, learned positions, dropout 0, head tied to the token
+  embedding);
+* ``llama``: ``LlamaForCausalLM`` (SwiGLU MLP 176, rotary positions, 4 key/value heads, untied
+  head).
+
+Data: grng.demo.text's splits in 64-character windows; 300 steps of 16 windows are one epoch of
+the train text (no window twice), validation is 256 windows (16,384 characters). Each run is
+grng.demo.train.train_run (the demo's loop: per seed the same initialization and batch order
+for every optimizer) with the validation loss (mean cross-entropy per character, nats) taken at
+steps 100 and 300. The optimizers are built as the demo builds them
+(grng.demo.optimizers.make_stepper): AdamW over an lr grid up to 3e-2, torch.optim.Muon
+(``match_rms_adamw``; AdamW on embeddings, norms, biases and the head), SOAP (heavyball, eager)
+over a grid, and K-FAC and EKFAC at their library defaults (no argument, so a rerun measures
+whatever the defaults are then). Runs are interleaved: seed outermost, then model, then
+optimizer. One torch thread; the machine is shared (load averages recorded), so ms/step is
+noisy. Writes schema rows (grng.benchmark.schema) to ``bench/results/<name>.csv`` and a
+Markdown summary next to it; the README's table reads the CSV (tools/readme_numbers.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ_LEN, BATCH, STEPS, EVAL_EVERY = 64, 16, 300, 100
+REPORTED = (100, 300)  # the steps whose validation loss the tables and the CSV give
+
+#: (label, demo optimizer key, hyperparameters): the lr grids of AdamW and SOAP (around their
+#: best on the demo's transformer, 1e-2 for both, where 1e-3 lost to 3e-3), Muon at that
+#: transformer's best lr, K-FAC and EKFAC at their defaults
+CONFIGS: list[tuple[str, str, dict]] = [
+    ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
+    ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
+    ("AdamW lr 3e-2", "adamw", {"lr": 3e-2}),
+    ("Muon lr 1e-2", "muon", {"lr": 1e-2}),
+    ("SOAP lr 1e-2", "soap", {"lr": 1e-2}),
+    ("SOAP lr 3e-2", "soap", {"lr": 3e-2}),
+    ("K-FAC defaults", "kfac", {}),
+    ("EKFAC defaults", "ekfac", {}),
+]
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM as the demo's models are: token ids (N, T) -> logits (N, T, V)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm(input_ids=x).logits
+
+
+def build(model: str) -> CausalLM:
+    """The model named ``model`` ("gpt2" or "llama"; module docstring), freshly initialized."""
+    import transformers
+
+    from grng.demo.text import VOCAB_SIZE
+
+    if model == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB_SIZE, n_positions=SEQ_LEN, n_embd=64, n_layer=2, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+            attn_implementation="sdpa")
+        return CausalLM(transformers.GPT2LMHeadModel(config))
+    if model == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB_SIZE, max_position_embeddings=SEQ_LEN, hidden_size=64,
+            intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, bos_token_id=0, eos_token_id=0, pad_token_id=None,
+            attn_implementation="sdpa")
+        return CausalLM(transformers.LlamaForCausalLM(config))
+    raise ValueError(f"model must be 'gpt2' or 'llama', got {model!r}")
+
+
+def _hp(key: str, hp: dict) -> dict:
+    """The demo's fixed protocol of ``key`` (Muon's match_rms_adamw) under ``hp``."""
+    from grng.demo.optimizers import SPECS
+
+    return {**SPECS[key].fixed, **hp}
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else math.nan
+
+
+def loss_at(run, step: int) -> float:
+    """A run's validation loss at ``step`` (NaN when it stopped before)."""
+    return run.curve_loss[run.curve_step.index(step)] if step in run.curve_step else math.nan
+
+
+def best_of(configs: list[tuple[str, str, dict]], final: Callable[[str], float]
+            ) -> dict[str, str]:
+    """{optimizer key: the label of its configuration with the lowest ``final`` loss}."""
+    best: dict[str, str] = {}
+    for label, key, _ in configs:
+        if key not in best or final(label) < final(best[key]):
+            best[key] = label
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--name", default="hf_lm")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from grng.demo.tasks import Task
+    from grng.demo.text import load_text_splits
+    from grng.demo.train import train_run
+
+    warnings.simplefilter("ignore")
+    data = load_text_splits(sizes=(STEPS * BATCH * SEQ_LEN, 256 * SEQ_LEN, 256 * SEQ_LEN),
+                            seq_len=SEQ_LEN)
+    task = Task("hf_lm", "text", "bpc", (3.7,), 3.7, epochs=1, batch_size=BATCH,
+                eval_every=min(EVAL_EVERY, args.steps), grad_rows=64)
+    steps = sorted({min(s, args.steps) for s in (*REPORTED, args.steps)})
+    seeds = list(range(100, 100 + args.seeds))
+    load_start = os.getloadavg()
+    env = environment("cpu")
+    runs: dict[tuple[str, str], list] = {}
+    for seed in seeds:
+        for model in args.models:
+            for label, key, hp in CONFIGS:
+                r = train_run(model, key, _hp(key, hp), data.train, data.val, seed=seed,
+                              epochs=1, batch_size=BATCH, eval_every=task.eval_every,
+                              max_steps=args.steps, progress=False, task=task,
+                              build=lambda m=model: build(m))
+                runs.setdefault((model, label), []).append(r)
+                print(f"{model} {label} seed {seed}: {r.status} "
+                      + " ".join(f"@{s} {loss_at(r, s):.3f}" for s in steps)
+                      + f" {1000 * r.wall_s / max(r.steps, 1):.1f} ms/step {r.message[:80]}",
+                      flush=True)
+        write(args, runs, steps, seeds[:seeds.index(seed) + 1], env,
+              load_text(load_start, os.getloadavg()))
+    return 0
+
+
+def write(args: argparse.Namespace, runs: dict[tuple[str, str], list], steps: list[int],
+          seeds: list[int], env: dict[str, str], loads: str) -> None:
+    """The CSV rows and the Markdown summary of the runs so far (rewritten after each seed)."""
+    rows, text = [], []
+    for model in args.models:
+        n_params = sum(p.numel() for p in build(model).parameters())
+        final = {label: _median([loss_at(r, steps[-1]) for r in runs[(model, label)]])
+                 for label, _, _ in CONFIGS}
+        best = best_of(CONFIGS, lambda label: final[label] if math.isfinite(final[label]) else math.inf)
+        text += [f"## {model} ({n_params:,} parameters)", "",
+                 "| optimizer | " + " | ".join(f"val loss @{s} (median; min-max)" for s in steps)
+                 + " | ms/step | diverged | best of its grid |",
+                 "|---|" + "---|" * (len(steps) + 3)]
+        for label, key, hp in CONFIGS:
+            rs = runs[(model, label)]
+            bad = sum(r.status != "ok" for r in rs)
+            ms = [1000 * r.wall_s / r.steps for r in rs if r.steps]
+            base = dict(suite="hf_lm", name=f"{model}/{key}", provider=label, dtype="float32",
+                        config=f"{json.dumps(_hp(key, hp))}; {n_params} parameters; seeds "
+                               f"{seeds}; validation split; {loads}", **env)
+            cells = []
+            for s in steps:
+                losses = sorted(v for v in (loss_at(r, s) for r in rs) if math.isfinite(v))
+                rows.append(Row(metric="val_loss", unit="nats", x_name="step", x_value=str(s),
+                                p50=_median(losses) if losses else None,
+                                p20=losses[0] if losses else None,
+                                p80=losses[-1] if losses else None, n=len(losses), **base))
+                cells.append(f"{_median(losses):.3f} ({losses[0]:.3f}-{losses[-1]:.3f})"
+                             if losses else "—")
+            rows += [Row(metric="step_time", unit="ms", p50=_median(ms), n=len(ms), **base),
+                     Row(metric="failed_runs", unit="runs", p50=float(bad), n=len(rs), **base)]
+            text.append(f"| {label} | " + " | ".join(cells) + f" | {_median(ms):.1f} | "
+                        f"{bad}/{len(rs)} | {'yes' if best[key] == label else ''} |")
+        text.append("")
+    replace_rows(RESULTS / f"{args.name}.csv", rows)
+    head = run_header(torch.get_num_threads())
+    (RESULTS / f"{args.name}.md").write_text("\n".join(
+        ["# Small Hugging Face GPT-2 and Llama on the standard library's characters "
+         "(`python bench/hf_lm.py`)", "",
+         *[f"- {k}: {v}" for k, v in head.items()], f"- seeds: {seeds}",
+         f"- {loads} (machine shared: ms/step is noisy)", "",
+         "\n\n".join(__doc__.split("\n\n")[2:5]), "",
+         f"Validation loss in nats per character (bits per character = nats / ln 2); "
+         f"{args.steps} steps of {BATCH} x {SEQ_LEN} characters. 'best of its grid': the "
+         f"optimizer's configuration with the lowest median loss at step {steps[-1]}.", "",
+         *text]) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
