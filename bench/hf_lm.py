@@ -1,7 +1,7 @@
 """Small Hugging Face language models from configs (issue 21): EKFAC against AdamW, Muon, SOAP
 and K-FAC on a GPT-2 and a Llama trained on the standard library's characters.
 
-    python bench/hf_lm.py                     # both models, 3 seeds: bench/results/hf_lm.{csv,md}
+    python bench/hf_lm.py --jobs 3            # both models, 3 seeds: bench/results/hf_lm.{csv,md}
     python bench/hf_lm.py --models gpt2 --seeds 1 --steps 20 --name hf_lm_smoke   # a quick look
 
 Models (transformers' classes built from configs, nothing downloaded), both 2 layers of width
@@ -21,8 +21,8 @@ steps 100 and 300. The optimizers are built as the demo builds them
 (``match_rms_adamw``; AdamW on embeddings, norms, biases and the head), SOAP (heavyball, eager)
 over a grid, and K-FAC and EKFAC at their library defaults (no argument, so a rerun measures
 whatever the defaults are then). Runs are interleaved: seed outermost, then model, then
-optimizer. One torch thread; the machine is shared (load averages recorded), so ms/step is
-noisy. Writes schema rows (grng.benchmark.schema) to ``bench/results/<name>.csv`` and a
+optimizer (``--jobs`` runs that many at a time, each a process of one torch thread). The
+machine is shared (load averages recorded), so ms/step is noisy. Writes schema rows (grng.benchmark.schema) to ``bench/results/<name>.csv`` and a
 Markdown summary next to it; the README's table reads the CSV (tools/readme_numbers.py).
 """
 from __future__ import annotations
@@ -30,11 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -122,43 +124,55 @@ def best_of(configs: list[tuple[str, str, dict]], final: Callable[[str], float]
     return best
 
 
+def one_run(model: str, key: str, hp: dict, seed: int, steps: int):
+    """One training run (grng.demo.train.train_run) of ``model`` with optimizer ``key``, in
+    one torch thread; returns its RunResult."""
+    from grng.demo.tasks import Task
+    from grng.demo.text import load_text_splits
+    from grng.demo.train import train_run
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    data = load_text_splits(sizes=(STEPS * BATCH * SEQ_LEN, 256 * SEQ_LEN, 256 * SEQ_LEN),
+                            seq_len=SEQ_LEN)
+    task = Task("hf_lm", "text", "bpc", (3.7,), 3.7, epochs=1, batch_size=BATCH,
+                eval_every=min(EVAL_EVERY, steps), grad_rows=64)
+    return train_run(model, key, _hp(key, hp), data.train, data.val, seed=seed, epochs=1,
+                     batch_size=BATCH, eval_every=task.eval_every, max_steps=steps,
+                     progress=False, task=task, build=lambda: build(model))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each a process of one torch thread (ms/step is then "
+                        "measured with the runs sharing the machine)")
     p.add_argument("--name", default="hf_lm")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-
-    from grng.demo.tasks import Task
-    from grng.demo.text import load_text_splits
-    from grng.demo.train import train_run
-
-    warnings.simplefilter("ignore")
-    data = load_text_splits(sizes=(STEPS * BATCH * SEQ_LEN, 256 * SEQ_LEN, 256 * SEQ_LEN),
-                            seq_len=SEQ_LEN)
-    task = Task("hf_lm", "text", "bpc", (3.7,), 3.7, epochs=1, batch_size=BATCH,
-                eval_every=min(EVAL_EVERY, args.steps), grad_rows=64)
     steps = sorted({min(s, args.steps) for s in (*REPORTED, args.steps)})
     seeds = list(range(100, 100 + args.seeds))
+    plan = [(seed, model, label, key, hp) for seed in seeds for model in args.models
+            for label, key, hp in CONFIGS]
     load_start = os.getloadavg()
     env = environment("cpu")
     runs: dict[tuple[str, str], list] = {}
-    for seed in seeds:
-        for model in args.models:
-            for label, key, hp in CONFIGS:
-                r = train_run(model, key, _hp(key, hp), data.train, data.val, seed=seed,
-                              epochs=1, batch_size=BATCH, eval_every=task.eval_every,
-                              max_steps=args.steps, progress=False, task=task,
-                              build=lambda m=model: build(m))
-                runs.setdefault((model, label), []).append(r)
-                print(f"{model} {label} seed {seed}: {r.status} "
-                      + " ".join(f"@{s} {loss_at(r, s):.3f}" for s in steps)
-                      + f" {1000 * r.wall_s / max(r.steps, 1):.1f} ms/step {r.message[:80]}",
-                      flush=True)
-        write(args, runs, steps, seeds[:seeds.index(seed) + 1], env,
-              load_text(load_start, os.getloadavg()))
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(one_run, model, key, hp, seed, args.steps)
+                   for seed, model, _, key, hp in plan]
+        for i, ((seed, model, label, _, _), fut) in enumerate(zip(plan, futures)):
+            r = fut.result()
+            runs.setdefault((model, label), []).append(r)
+            print(f"{model} {label} seed {seed}: {r.status} "
+                  + " ".join(f"@{s} {loss_at(r, s):.3f}" for s in steps)
+                  + f" {1000 * r.wall_s / max(r.steps, 1):.1f} ms/step {r.message[:80]}",
+                  flush=True)
+            if i + 1 == len(plan) or plan[i + 1][0] != seed:  # a seed's last run: write
+                write(args, runs, steps, seeds[:seeds.index(seed) + 1], env,
+                      load_text(load_start, os.getloadavg()))
     return 0
 
 
