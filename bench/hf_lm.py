@@ -3,6 +3,8 @@ and K-FAC on a GPT-2 and a Llama trained on the standard library's characters.
 
     python bench/hf_lm.py --jobs 3            # both models, 3 seeds: bench/results/hf_lm.{csv,md}
     python bench/hf_lm.py --models gpt2 --seeds 1 --steps 20 --name hf_lm_smoke   # a quick look
+    python bench/hf_lm.py --configs "AdamW lr 1e-3" --name hf_lm_more --jobs 3    # some more
+    python bench/hf_lm.py --merge hf_lm hf_lm_more     # ... joined into hf_lm.csv and .md
 
 Models (transformers' classes built from configs, nothing downloaded), both 2 layers of width
 64 with 4 attention heads, a 64-character context and grng.demo.text's 98-symbol alphabet:
@@ -32,6 +34,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import statistics
 import sys
 import warnings
@@ -44,16 +47,17 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
+from grng.benchmark.schema import Row, environment, load_text, read_rows, replace_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ_LEN, BATCH, STEPS, EVAL_EVERY = 64, 16, 300, 100
 REPORTED = (100, 300)  # the steps whose validation loss the tables and the CSV give
 
-#: (label, demo optimizer key, hyperparameters): the lr grids of AdamW and SOAP (around their
-#: best on the demo's transformer, 1e-2 for both, where 1e-3 lost to 3e-3), Muon at that
-#: transformer's best lr, K-FAC and EKFAC at their defaults
+#: (label, demo optimizer key, hyperparameters): the lr grids of AdamW (1e-3 to 3e-2) and SOAP
+#: (around its best on the demo's transformer, 1e-2), Muon at that transformer's best lr,
+#: K-FAC and EKFAC at their defaults, and EKFAC at AdamW's best lr on GPT-2 (3e-3)
 CONFIGS: list[tuple[str, str, dict]] = [
+    ("AdamW lr 1e-3", "adamw", {"lr": 1e-3}),
     ("AdamW lr 3e-3", "adamw", {"lr": 3e-3}),
     ("AdamW lr 1e-2", "adamw", {"lr": 1e-2}),
     ("AdamW lr 3e-2", "adamw", {"lr": 3e-2}),
@@ -62,6 +66,7 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("SOAP lr 3e-2", "soap", {"lr": 3e-2}),
     ("K-FAC defaults", "kfac", {}),
     ("EKFAC defaults", "ekfac", {}),
+    ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
 ]
 
 
@@ -145,18 +150,35 @@ def one_run(model: str, key: str, hp: dict, seed: int, steps: int):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
+    p.add_argument("--configs", nargs="+", help="labels of CONFIGS to run (default: all)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each a process of one torch thread (ms/step is then "
                         "measured with the runs sharing the machine)")
     p.add_argument("--name", default="hf_lm")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the folder of the CSV and summary")
+    p.add_argument("--merge", nargs="+", metavar="NAME",
+                   help="run nothing: join the rows of <out>/NAME.csv files (a later file's "
+                        "configuration replaces an earlier one's) into <out>/<name>.csv and .md")
     args = p.parse_args(argv)
+    if args.merge:
+        rows: dict[tuple[str, str], list[Row]] = {}
+        for name in args.merge:
+            mine: dict[tuple[str, str], list[Row]] = {}
+            for row in read_rows(args.out / f"{name}.csv"):
+                mine.setdefault((row.name, row.provider), []).append(row)
+            rows.update(mine)
+        write(args.out, args.name, [r for rs in rows.values() for r in rs])
+        return 0
     torch.set_num_threads(1)
+    configs = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
+    if args.configs and len(configs) != len(args.configs):
+        p.error(f"--configs: unknown {sorted(set(args.configs) - {c[0] for c in CONFIGS})}")
     steps = sorted({min(s, args.steps) for s in (*REPORTED, args.steps)})
     seeds = list(range(100, 100 + args.seeds))
     plan = [(seed, model, label, key, hp) for seed in seeds for model in args.models
-            for label, key, hp in CONFIGS]
+            for label, key, hp in configs]
     load_start = os.getloadavg()
     env = environment("cpu")
     runs: dict[tuple[str, str], list] = {}
@@ -171,57 +193,84 @@ def main(argv: list[str] | None = None) -> int:
                   + f" {1000 * r.wall_s / max(r.steps, 1):.1f} ms/step {r.message[:80]}",
                   flush=True)
             if i + 1 == len(plan) or plan[i + 1][0] != seed:  # a seed's last run: write
-                write(args, runs, steps, seeds[:seeds.index(seed) + 1], env,
-                      load_text(load_start, os.getloadavg()))
+                loads = load_text(load_start, os.getloadavg())
+                write(args.out, args.name, rows_of(runs, configs, steps,
+                                                   seeds[:seeds.index(seed) + 1], env, loads))
     return 0
 
 
-def write(args: argparse.Namespace, runs: dict[tuple[str, str], list], steps: list[int],
-          seeds: list[int], env: dict[str, str], loads: str) -> None:
-    """The CSV rows and the Markdown summary of the runs so far (rewritten after each seed)."""
-    rows, text = [], []
-    for model in args.models:
+def rows_of(runs: dict[tuple[str, str], list], configs: list[tuple[str, str, dict]],
+            steps: list[int], seeds: list[int], env: dict[str, str], loads: str) -> list[Row]:
+    """Per (model, configuration) of ``runs``: the validation loss at each of ``steps``
+    (median, min as p20, max as p80, over the runs that got there), ms/step, failed runs."""
+    rows = []
+    for model in dict.fromkeys(m for m, _ in runs):
         n_params = sum(p.numel() for p in build(model).parameters())
-        final = {label: _median([loss_at(r, steps[-1]) for r in runs[(model, label)]])
-                 for label, _, _ in CONFIGS}
-        best = best_of(CONFIGS, lambda label: final[label] if math.isfinite(final[label]) else math.inf)
-        text += [f"## {model} ({n_params:,} parameters)", "",
-                 "| optimizer | " + " | ".join(f"val loss @{s} (median; min-max)" for s in steps)
-                 + " | ms/step | diverged | best of its grid |",
-                 "|---|" + "---|" * (len(steps) + 3)]
-        for label, key, hp in CONFIGS:
+        for label, key, hp in configs:
             rs = runs[(model, label)]
-            bad = sum(r.status != "ok" for r in rs)
-            ms = [1000 * r.wall_s / r.steps for r in rs if r.steps]
             base = dict(suite="hf_lm", name=f"{model}/{key}", provider=label, dtype="float32",
                         config=f"{json.dumps(_hp(key, hp))}; {n_params} parameters; seeds "
-                               f"{seeds}; validation split; {loads}", **env)
-            cells = []
+                               f"{seeds}; {steps[-1]} steps; validation split; "
+                               f"{loads}", **env)
             for s in steps:
                 losses = sorted(v for v in (loss_at(r, s) for r in rs) if math.isfinite(v))
                 rows.append(Row(metric="val_loss", unit="nats", x_name="step", x_value=str(s),
                                 p50=_median(losses) if losses else None,
                                 p20=losses[0] if losses else None,
                                 p80=losses[-1] if losses else None, n=len(losses), **base))
-                cells.append(f"{_median(losses):.3f} ({losses[0]:.3f}-{losses[-1]:.3f})"
-                             if losses else "—")
+            ms = [1000 * r.wall_s / r.steps for r in rs if r.steps]
             rows += [Row(metric="step_time", unit="ms", p50=_median(ms), n=len(ms), **base),
-                     Row(metric="failed_runs", unit="runs", p50=float(bad), n=len(rs), **base)]
-            text.append(f"| {label} | " + " | ".join(cells) + f" | {_median(ms):.1f} | "
-                        f"{bad}/{len(rs)} | {'yes' if best[key] == label else ''} |")
+                     Row(metric="failed_runs", unit="runs", p50=float(sum(r.status != "ok"
+                                                                          for r in rs)),
+                         n=len(rs), **base)]
+    return rows
+
+
+def write(out: Path, name: str, rows: list[Row]) -> None:
+    """``rows`` as ``<out>/<name>.csv`` and their Markdown summary as ``<out>/<name>.md``: per
+    model every configuration's losses, ms/step and failed runs, and each optimizer's best."""
+    replace_rows(out / f"{name}.csv", rows)
+    cells: dict[str, dict[str, dict[str, Row]]] = {}
+    for r in rows:
+        metric = r.metric + (f"@{r.x_value}" if r.x_name == "step" else "")
+        cells.setdefault(r.name.split("/")[0], {}).setdefault(r.provider, {})[metric] = r
+    order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
+    cells = {model: dict(sorted(configs.items(), key=lambda item: order.get(item[0], len(order))))
+             for model, configs in cells.items()}
+    steps = sorted({int(r.x_value) for r in rows if r.metric == "val_loss"})
+    text = []
+    for model, configs in cells.items():
+        last = {label: m[f"val_loss@{steps[-1]}"] for label, m in configs.items()}
+        full = [(label, row.p50) for label, row in last.items()
+                if row.p50 is not None and row.n == configs[label]["failed_runs"].n]
+        key_of = {label: m["failed_runs"].name.split("/")[1] for label, m in configs.items()}
+        best = best_of([(label, key_of[label], {}) for label in configs],
+                       lambda label: dict(full).get(label, math.inf))
+        params = configs[next(iter(configs))]["failed_runs"].config.split("; ")[1]
+        text += [f"## {model} ({params})", "",
+                 "| optimizer | " + " | ".join(f"val loss @{s} (median; min-max)" for s in steps)
+                 + " | ms/step | failed runs | best of its grid |",
+                 "|---|" + "---|" * (len(steps) + 3)]
+        for label, m in configs.items():
+            cells_ = [f"{m[f'val_loss@{s}'].p50:.3f} ({m[f'val_loss@{s}'].p20:.3f}-"
+                      f"{m[f'val_loss@{s}'].p80:.3f})" if m[f"val_loss@{s}"].n else "—"
+                      for s in steps]
+            failed = m["failed_runs"]
+            text.append(f"| {label} | " + " | ".join(cells_) + f" | {m['step_time'].p50:.1f} | "
+                        f"{failed.p50:.0f}/{failed.n} | "
+                        f"{'yes' if best[key_of[label]] == label else ''} |")
         text.append("")
-    replace_rows(RESULTS / f"{args.name}.csv", rows)
-    head = run_header(torch.get_num_threads())
-    (RESULTS / f"{args.name}.md").write_text("\n".join(
+    runs = sorted({r.config.split("; ", 2)[2] for r in rows if r.metric == "failed_runs"})
+    (out / f"{name}.md").write_text("\n".join(
         ["# Small Hugging Face GPT-2 and Llama on the standard library's characters "
          "(`python bench/hf_lm.py`)", "",
-         *[f"- {k}: {v}" for k, v in head.items()], f"- seeds: {seeds}",
-         f"- {loads} (machine shared: ms/step is noisy)", "",
+         f"- machine: {platform.machine()}, {os.cpu_count()} logical cores, torch threads 1 "
+         f"per run; {rows[0].device}, torch {rows[0].torch}, grng {rows[0].grng}",
+         *[f"- runs: {r} (machine shared: ms/step is noisy)" for r in runs], "",
          "\n\n".join(__doc__.split("\n\n")[2:5]), "",
-         f"Validation loss in nats per character (bits per character = nats / ln 2); "
-         f"{args.steps} steps of {BATCH} x {SEQ_LEN} characters. 'best of its grid': the "
-         f"optimizer's configuration with the lowest median loss at step {steps[-1]}.", "",
-         *text]) + "\n")
+         f"Validation loss in nats per character (bits per character = nats / ln 2). 'best of "
+         f"its grid': the optimizer's configuration with the lowest median loss at step "
+         f"{steps[-1]} (every run finished).", "", *text]) + "\n")
 
 
 if __name__ == "__main__":
