@@ -3,8 +3,7 @@ and K-FAC on a GPT-2 and a Llama trained on the standard library's characters.
 
     python bench/hf_lm.py --jobs 3            # both models, 3 seeds: bench/results/hf_lm.{csv,md}
     python bench/hf_lm.py --models gpt2 --seeds 1 --steps 20 --name hf_lm_smoke   # a quick look
-    python bench/hf_lm.py --configs "AdamW lr 1e-3" --name hf_lm_more --jobs 3    # some more
-    python bench/hf_lm.py --merge hf_lm hf_lm_more     # ... joined into hf_lm.csv and .md
+    python bench/hf_lm.py --configs "EKFAC defaults" --seeds 2 --first-seed 103   # some more
 
 Models (transformers' classes built from configs, nothing downloaded), both 2 layers of width
 64 with 4 attention heads, a 64-character context and grng.demo.text's 98-symbol alphabet:
@@ -22,10 +21,16 @@ steps 100 and 300. The optimizers are built as the demo builds them
 (grng.demo.optimizers.make_stepper): AdamW over an lr grid up to 3e-2, torch.optim.Muon
 (``match_rms_adamw``; AdamW on embeddings, norms, biases and the head), SOAP (heavyball, eager)
 over a grid, and K-FAC and EKFAC at their library defaults (no argument, so a rerun measures
-whatever the defaults are then). Runs are interleaved: seed outermost, then model, then
-optimizer (``--jobs`` runs that many at a time, each a process of one torch thread). The
-machine is shared (load averages recorded), so ms/step is noisy. Writes schema rows (grng.benchmark.schema) to ``bench/results/<name>.csv`` and a
-Markdown summary next to it; the README's table reads the CSV (tools/readme_numbers.py).
+whatever the defaults are then). Runs are queued seed outermost, then model, then optimizer
+(``--jobs`` runs that many at a time, each a process of one torch thread). The machine is
+shared (load averages recorded), so ms/step is noisy.
+
+Each finished run is appended to ``bench/results/<name>_runs.jsonl`` (what ran, its losses,
+ms/step, the load); a run already there is not run again, so an interrupted or partial run
+(``--configs``, ``--seeds``, ``--first-seed``) is completed by running again. From all of
+them it writes schema rows (grng.benchmark.schema, medians over the seeds) to
+``<name>.csv`` and a Markdown summary ``<name>.md``; the README's tables read the CSV
+(tools/readme_numbers.py).
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ import os
 import platform
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -47,7 +53,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grng.benchmark.schema import Row, environment, load_text, read_rows, replace_rows  # noqa: E402
+from grng.benchmark.schema import Row, environment, replace_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ_LEN, BATCH, STEPS, EVAL_EVERY = 64, 16, 300, 100
@@ -147,130 +153,161 @@ def one_run(model: str, key: str, hp: dict, seed: int, steps: int):
                      progress=False, task=task, build=lambda: build(model))
 
 
+def record(model: str, label: str, key: str, hp: dict, seed: int, steps: list[int], r) -> dict:
+    """One run as a JSON line of ``<name>_runs.jsonl``: what ran and what it gave."""
+    return {"model": model, "label": label, "key": key, "hp": _hp(key, hp), "seed": seed,
+            "steps": steps[-1], "status": r.status, "message": r.message[:200],
+            "val_loss": {str(s): loss_at(r, s) for s in steps},
+            "ms_per_step": 1000 * r.wall_s / r.steps if r.steps else None,
+            "load_end": os.getloadavg()[0], **environment("cpu"),
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
     p.add_argument("--configs", nargs="+", help="labels of CONFIGS to run (default: all)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds, from --first-seed")
+    p.add_argument("--first-seed", type=int, default=100)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each a process of one torch thread (ms/step is then "
                         "measured with the runs sharing the machine)")
     p.add_argument("--name", default="hf_lm")
-    p.add_argument("--out", type=Path, default=RESULTS, help="the folder of the CSV and summary")
-    p.add_argument("--merge", nargs="+", metavar="NAME",
-                   help="run nothing: join the rows of <out>/NAME.csv files (a later file's "
-                        "configuration replaces an earlier one's) into <out>/<name>.csv and .md")
+    p.add_argument("--out", type=Path, default=RESULTS, help="the folder of the result files")
     args = p.parse_args(argv)
-    if args.merge:
-        rows: dict[tuple[str, str], list[Row]] = {}
-        for name in args.merge:
-            mine: dict[tuple[str, str], list[Row]] = {}
-            for row in read_rows(args.out / f"{name}.csv"):
-                mine.setdefault((row.name, row.provider), []).append(row)
-            rows.update(mine)
-        write(args.out, args.name, [r for rs in rows.values() for r in rs])
-        return 0
     torch.set_num_threads(1)
     configs = [c for c in CONFIGS if args.configs is None or c[0] in args.configs]
     if args.configs and len(configs) != len(args.configs):
         p.error(f"--configs: unknown {sorted(set(args.configs) - {c[0] for c in CONFIGS})}")
     steps = sorted({min(s, args.steps) for s in (*REPORTED, args.steps)})
-    seeds = list(range(100, 100 + args.seeds))
+    raw = args.out / f"{args.name}_runs.jsonl"
+    done = map(json.loads, raw.read_text().splitlines()) if raw.exists() else []
+    have = {(d["seed"], d["model"], d["label"], d["steps"]) for d in done}
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     plan = [(seed, model, label, key, hp) for seed in seeds for model in args.models
-            for label, key, hp in configs]
-    load_start = os.getloadavg()
-    env = environment("cpu")
-    runs: dict[tuple[str, str], list] = {}
+            for label, key, hp in configs if (seed, model, label, args.steps) not in have]
+    print(f"{len(plan)} runs to do ({len(have)} in {raw.name} already)", flush=True)
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(one_run, model, key, hp, seed, args.steps)
-                   for seed, model, _, key, hp in plan]
-        for i, ((seed, model, label, _, _), fut) in enumerate(zip(plan, futures)):
-            r = fut.result()
-            runs.setdefault((model, label), []).append(r)
-            print(f"{model} {label} seed {seed}: {r.status} "
-                  + " ".join(f"@{s} {loss_at(r, s):.3f}" for s in steps)
-                  + f" {1000 * r.wall_s / max(r.steps, 1):.1f} ms/step {r.message[:80]}",
-                  flush=True)
-            if i + 1 == len(plan) or plan[i + 1][0] != seed:  # a seed's last run: write
-                loads = load_text(load_start, os.getloadavg())
-                write(args.out, args.name, rows_of(runs, configs, steps,
-                                                   seeds[:seeds.index(seed) + 1], env, loads))
+        futures = {pool.submit(one_run, model, key, hp, seed, args.steps): item
+                   for item in plan for seed, model, _, key, hp in [item]}
+        for fut in as_completed(futures):
+            seed, model, label, key, hp = futures[fut]
+            rec = record(model, label, key, hp, seed, steps, fut.result())
+            with raw.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            print(f"{model} {label} seed {seed}: {rec['status']} " + " ".join(
+                f"@{s} {v:.3f}" for s, v in rec["val_loss"].items())
+                + f" {rec['ms_per_step'] or math.nan:.1f} ms/step {rec['message'][:80]}",
+                flush=True)
+            report(args, raw)
+    if raw.exists():
+        report(args, raw)  # (also when every run was there already)
     return 0
 
 
-def rows_of(runs: dict[tuple[str, str], list], configs: list[tuple[str, str, dict]],
-            steps: list[int], seeds: list[int], env: dict[str, str], loads: str) -> list[Row]:
-    """Per (model, configuration) of ``runs``: the validation loss at each of ``steps``
-    (median, min as p20, max as p80, over the runs that got there), ms/step, failed runs."""
+def report(args: argparse.Namespace, raw: Path) -> None:
+    """The CSV and the summary of every run of ``args.steps`` steps in ``raw`` (read again:
+    other invocations may have appended runs)."""
+    mine = [d for d in map(json.loads, raw.read_text().splitlines()) if d["steps"] == args.steps]
+    if mine:
+        write(args.out, args.name, rows_of(mine), mine)
+
+
+def rows_of(records: list[dict]) -> list[Row]:
+    """Per (model, configuration) of the run ``records``: the validation loss at each step
+    they were read (median, min as p20, max as p80, over the runs that got there), ms/step,
+    failed runs; the config cell says the seeds and the load averages at the runs' ends."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for d in records:
+        groups.setdefault((d["model"], d["label"]), []).append(d)
+    order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
     rows = []
-    for model in dict.fromkeys(m for m, _ in runs):
+    for (model, label), rs in sorted(groups.items(),
+                                     key=lambda g: (g[0][0], order.get(g[0][1], len(order)))):
+        first = rs[0]
         n_params = sum(p.numel() for p in build(model).parameters())
-        for label, key, hp in configs:
-            rs = runs[(model, label)]
-            base = dict(suite="hf_lm", name=f"{model}/{key}", provider=label, dtype="float32",
-                        config=f"{json.dumps(_hp(key, hp))}; {n_params} parameters; seeds "
-                               f"{seeds}; {steps[-1]} steps; validation split; "
-                               f"{loads}", **env)
-            for s in steps:
-                losses = sorted(v for v in (loss_at(r, s) for r in rs) if math.isfinite(v))
-                rows.append(Row(metric="val_loss", unit="nats", x_name="step", x_value=str(s),
-                                p50=_median(losses) if losses else None,
-                                p20=losses[0] if losses else None,
-                                p80=losses[-1] if losses else None, n=len(losses), **base))
-            ms = [1000 * r.wall_s / r.steps for r in rs if r.steps]
-            rows += [Row(metric="step_time", unit="ms", p50=_median(ms), n=len(ms), **base),
-                     Row(metric="failed_runs", unit="runs", p50=float(sum(r.status != "ok"
-                                                                          for r in rs)),
-                         n=len(rs), **base)]
+        loads = [d["load_end"] for d in rs if d["load_end"] is not None] or [math.nan]
+        base = dict(suite="hf_lm", name=f"{model}/{first['key']}", provider=label,
+                    dtype="float32", device=first["device"], torch=first["torch"],
+                    triton=first["triton"], grng=first["grng"],
+                    timestamp=max((d["timestamp"] for d in rs if d["timestamp"]), default=""),
+                    config=f"{json.dumps(first['hp'])}; {n_params} parameters; seeds "
+                           f"{sorted(d['seed'] for d in rs)}; {first['steps']} steps; validation "
+                           f"split; load average (1 min) at the runs' ends {min(loads):.1f}-"
+                           f"{max(loads):.1f}")
+        for s in first["val_loss"]:
+            losses = sorted(v for v in (d["val_loss"][s] for d in rs) if math.isfinite(v))
+            rows.append(Row(metric="val_loss", unit="nats", x_name="step", x_value=s,
+                            p50=_median(losses) if losses else None,
+                            p20=losses[0] if losses else None,
+                            p80=losses[-1] if losses else None, n=len(losses), **base))
+        ms = [d["ms_per_step"] for d in rs if d["ms_per_step"]]
+        rows += [Row(metric="step_time", unit="ms", p50=_median(ms), n=len(ms), **base),
+                 Row(metric="failed_runs", unit="runs",
+                     p50=float(sum(d["status"] != "ok" for d in rs)), n=len(rs), **base)]
     return rows
 
 
-def write(out: Path, name: str, rows: list[Row]) -> None:
+def best_runs(configs: dict[str, dict[str, Row]], last: str) -> dict[str, str]:
+    """{optimizer key: its configuration with the lowest median ``last`` loss} among those
+    with every run finished and as many runs as any of that optimizer's configurations (a
+    grid point run on fewer seeds does not compete)."""
+    key_of = {label: m["failed_runs"].name.split("/")[1] for label, m in configs.items()}
+    most = {key: max(m["failed_runs"].n for label, m in configs.items() if key_of[label] == key)
+            for key in key_of.values()}
+    full = {label: m[last].p50 for label, m in configs.items()
+            if m[last].p50 is not None and m[last].n == m["failed_runs"].n == most[key_of[label]]}
+    return best_of([(label, key_of[label], {}) for label in configs],
+                   lambda label: full.get(label, math.inf))
+
+
+def write(out: Path, name: str, rows: list[Row], records: list[dict]) -> None:
     """``rows`` as ``<out>/<name>.csv`` and their Markdown summary as ``<out>/<name>.md``: per
-    model every configuration's losses, ms/step and failed runs, and each optimizer's best."""
+    model every configuration's losses, ms/step, runs and seeds, and each optimizer's best."""
     replace_rows(out / f"{name}.csv", rows)
     cells: dict[str, dict[str, dict[str, Row]]] = {}
     for r in rows:
         metric = r.metric + (f"@{r.x_value}" if r.x_name == "step" else "")
         cells.setdefault(r.name.split("/")[0], {}).setdefault(r.provider, {})[metric] = r
-    order = {label: i for i, (label, _, _) in enumerate(CONFIGS)}
-    cells = {model: dict(sorted(configs.items(), key=lambda item: order.get(item[0], len(order))))
-             for model, configs in cells.items()}
     steps = sorted({int(r.x_value) for r in rows if r.metric == "val_loss"})
     text = []
     for model, configs in cells.items():
-        last = {label: m[f"val_loss@{steps[-1]}"] for label, m in configs.items()}
-        full = [(label, row.p50) for label, row in last.items()
-                if row.p50 is not None and row.n == configs[label]["failed_runs"].n]
-        key_of = {label: m["failed_runs"].name.split("/")[1] for label, m in configs.items()}
-        best = best_of([(label, key_of[label], {}) for label in configs],
-                       lambda label: dict(full).get(label, math.inf))
+        best = best_runs(configs, f"val_loss@{steps[-1]}")
         params = configs[next(iter(configs))]["failed_runs"].config.split("; ")[1]
         text += [f"## {model} ({params})", "",
                  "| optimizer | " + " | ".join(f"val loss @{s} (median; min-max)" for s in steps)
-                 + " | ms/step | failed runs | best of its grid |",
-                 "|---|" + "---|" * (len(steps) + 3)]
+                 + " | ms/step | failed runs | seeds | best of its grid |",
+                 "|---|" + "---|" * (len(steps) + 4)]
         for label, m in configs.items():
-            cells_ = [f"{m[f'val_loss@{s}'].p50:.3f} ({m[f'val_loss@{s}'].p20:.3f}-"
+            losses = [f"{m[f'val_loss@{s}'].p50:.3f} ({m[f'val_loss@{s}'].p20:.3f}-"
                       f"{m[f'val_loss@{s}'].p80:.3f})" if m[f"val_loss@{s}"].n else "—"
                       for s in steps]
-            failed = m["failed_runs"]
-            text.append(f"| {label} | " + " | ".join(cells_) + f" | {m['step_time'].p50:.1f} | "
-                        f"{failed.p50:.0f}/{failed.n} | "
-                        f"{'yes' if best[key_of[label]] == label else ''} |")
+            failed, ms = m["failed_runs"], m["step_time"].p50
+            seeds = failed.config.split("; ")[2].removeprefix("seeds ")
+            text.append(f"| {label} | " + " | ".join(losses) + f" | "
+                        f"{'—' if ms is None else f'{ms:.1f}'} | {failed.p50:.0f}/{failed.n} | "
+                        f"{seeds} | {'yes' if best[failed.name.split('/')[1]] == label else ''} |")
         text.append("")
-    runs = sorted({r.config.split("; ", 2)[2] for r in rows if r.metric == "failed_runs"})
+    loads = [d["load_end"] for d in records if d["load_end"] is not None]
+    stamps = sorted(d["timestamp"] for d in records if d["timestamp"])
+    unknown = len(records) - len(stamps)
     (out / f"{name}.md").write_text("\n".join(
         ["# Small Hugging Face GPT-2 and Llama on the standard library's characters "
          "(`python bench/hf_lm.py`)", "",
-         f"- machine: {platform.machine()}, {os.cpu_count()} logical cores, torch threads 1 "
+         f"- machine: {platform.machine()}, {os.cpu_count()} logical cores, one torch thread "
          f"per run; {rows[0].device}, torch {rows[0].torch}, grng {rows[0].grng}",
-         *[f"- runs: {r} (machine shared: ms/step is noisy)" for r in runs], "",
-         "\n\n".join(__doc__.split("\n\n")[2:5]), "",
+         f"- {len(records)} runs" + (f", {len(stamps)} finished {stamps[0]} to {stamps[-1]} "
+                                    f"with load average (1 min) {min(loads):.1f} to "
+                                    f"{max(loads):.1f} at their ends" if stamps else "")
+         + (f"; {unknown} recorded from the progress lines of an earlier version of this "
+            "script (same runs; losses to 3 decimals, no load or time)" if unknown else "")
+         + " (machine shared: ms/step is noisy)",
+         "", "\n\n".join(__doc__.split("\n\n")[2:5]), "",
          f"Validation loss in nats per character (bits per character = nats / ln 2). 'best of "
          f"its grid': the optimizer's configuration with the lowest median loss at step "
-         f"{steps[-1]} (every run finished).", "", *text]) + "\n")
+         f"{steps[-1]} among those with every run finished on the most seeds.", "",
+         *text]) + "\n")
 
 
 if __name__ == "__main__":
