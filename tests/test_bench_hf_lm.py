@@ -39,15 +39,21 @@ def test_the_models_are_small_causal_and_covered(name: str) -> None:
     assert coverage.fraction(KRONECKER) > 0.95, coverage.summary()
 
 
-def test_a_one_step_run_writes_rows_and_table(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "hf_lm.py"), "--models", "llama",
-                           "--seeds", "1", "--steps", "1", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+def test_a_one_step_run_writes_rows_and_table_and_resumes(tmp_path: Path) -> None:
+    """Two configurations (a torch peer, EKFAC at its defaults) one step each: rows and a
+    table; run again, nothing is run and the files are the same."""
+    cmd = [sys.executable, str(ROOT / "bench" / "hf_lm.py"), "--models", "llama", "--seeds", "1",
+           "--steps", "1", "--configs", "AdamW lr 3e-3", "EKFAC defaults", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = read_rows(tmp_path / "hf_lm.csv")
     losses = {r.provider: r.p50 for r in rows if r.metric == "val_loss" and r.x_value == "1"}
-    assert set(losses) == {label for label, _, _ in hf_lm.CONFIGS}
+    assert set(losses) == {"AdamW lr 3e-3", "EKFAC defaults"}
     assert all(math.isfinite(v) and 0 < v < 6 for v in losses.values())
     assert all(r.p50 == 0.0 for r in rows if r.metric == "failed_runs")
     table = (tmp_path / "hf_lm.md").read_text()
     assert "## llama (" in table and "| EKFAC defaults |" in table
+    runs = (tmp_path / "hf_lm_runs.jsonl").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and "0 runs to do (2 in" in again.stdout, again.stdout
+    assert (tmp_path / "hf_lm_runs.jsonl").read_text() == runs
