@@ -350,6 +350,7 @@ def which_block() -> str:
     lms, lm_keys, _ = _cells(RESULTS / "hf_lm.csv")
     last = f"val_loss@{HF_STEPS[-1]}"
     rows = []
+    seeds: set[str] = set()  # run counts of the configurations shown
     for task, configs in tasks.items():
         best = _best_per_family(configs, task_keys, lambda c: _fewest_steps(c) or next(iter(c)))
         reached = {k: lab for k, lab in best.items() if _complete(configs[lab], "steps_to_target")}
@@ -359,23 +360,21 @@ def which_block() -> str:
         what = "steps to " + ("95%" if "acc" in _final_key(next(iter(configs.values())))
                               else "3.7 bpc")
         rows.append((MODEL_NAMES.get(task, task), what, winner, cell))
+        seeds |= {configs[lab]["failed_runs"]["n"] for lab in best.values()}
     for model, configs in lms.items():
         best = _best_per_family(configs, lm_keys, lambda c: _lowest(_most_runs(c), last))
         winner = _lowest({lab: configs[lab] for lab in best.values()}, last)
         cell = {k: f"{float(configs[lab][last]['p50']):.3f} ({lab})" for k, lab in best.items()}
         rows.append((MODEL_NAMES.get(model, model), f"val loss @{HF_STEPS[-1]}", winner, cell))
+        seeds |= {configs[lab]["failed_runs"]["n"] for lab in best.values()}
     shown = [k for k in FAMILIES if any(k in r[3] for r in rows)]
-    seeds = sorted({m["failed_runs"]["n"] for group in (tasks, lms) for configs in group.values()
-                    for label, m in configs.items()
-                    if any(cell.endswith(f"({label})") for row in rows for cell in row[3].values())},
-                   key=int)
     text = ["| model | measure | best | " + " | ".join(FAMILIES[k] for k in shown) + " |",
             "|---|---|---|" + "---|" * len(shown)]
     for model, what, winner, cell in rows:
         text.append(f"| {model} | {what} | **{winner or 'none'}** | "
                     + " | ".join(cell.get(k, "—") for k in shown) + " |")
     return ("Each optimizer at its best measured configuration (in brackets; lower is better), "
-            f"medians over {'/'.join(seeds)} seeds, from [bench/results/ekfac_tasks.csv](bench/results/ekfac_tasks.csv) "
+            f"medians over {'/'.join(sorted(seeds, key=int))} seeds, from [bench/results/ekfac_tasks.csv](bench/results/ekfac_tasks.csv) "
             "and [bench/results/hf_lm.csv](bench/results/hf_lm.csv):\n\n" + "\n".join(text) + "\n")
 
 
