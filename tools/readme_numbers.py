@@ -356,7 +356,9 @@ def which_block() -> str:
         reached = {k: lab for k, lab in best.items() if _complete(configs[lab], "steps_to_target")}
         winner = _fewest_steps({lab: configs[lab] for lab in reached.values()})
         cell = {k: f"{float(configs[lab]['steps_to_target']['p50']):.0f} ({lab})"
-                if k in reached else f"never ({lab})" for k, lab in best.items()}
+                if k in reached else f"{configs[lab]['steps_to_target']['n']}/"
+                f"{configs[lab]['failed_runs']['n']} seeds reached ({lab})"
+                for k, lab in best.items()}
         what = "steps to " + ("95%" if "acc" in _final_key(next(iter(configs.values())))
                               else "3.7 bpc")
         rows.append((MODEL_NAMES.get(task, task), what, winner, cell))
