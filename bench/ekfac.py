@@ -1,7 +1,8 @@
 """EKFAC's measurements (issue 21): the basis refresh's cost, and the demo tasks against peers.
 
     python bench/ekfac.py refresh                 # eigh vs one subspace step at d = 768, 3072
-    python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP
+    python bench/ekfac.py tasks --seeds 3         # the demo's tasks: EKFAC vs AdamW, K-FAC, SOAP,
+                                                  # Muon (and PSGD-Kron, Sophia on the transformer)
     python bench/ekfac.py tasks --set scaling --tasks transformer mlp cnn --name ekfac_scaling
     python bench/ekfac.py tasks --set gr --split test --tasks transformer mlp cnn --name ekfac_gr
     python bench/ekfac.py tasks --set levers --tasks transformer --name ekfac_levers
@@ -93,6 +94,25 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
 }
 
 
+def peer_configs(task_key: str) -> list[tuple[str, str, dict]]:
+    """PSGD-Kron and Sophia on the language task (issue 21 item 5), built as the demo builds
+    them (grng.demo.optimizers.SPECS: Sophia's Hessian estimate every 10 steps), at lr 3e-3
+    (the top of the defaults sweep's grid, where it chose both) and 1e-2 (the next on the
+    1-3-10 grid); appended to :data:`CONFIGS`' rows of that task."""
+    from grng.demo.optimizers import SPECS
+
+    if task_key != "transformer":
+        return []
+    return [(f"{SPECS[key].label} lr {tag}", key, {**SPECS[key].fixed, "lr": lr})
+            for key in ("psgd", "sophia") for lr, tag in ((3e-3, "3e-3"), (1e-2, "1e-2"))]
+
+
+
+def _configs(name: str, task_key: str) -> list[tuple[str, str, dict]]:
+    """The rows of set ``name`` on a task: :data:`CONFIGS`' (plus :func:`peer_configs` in the
+    "peers" set)."""
+    return CONFIGS[name][task_key] + (peer_configs(task_key) if name == "peers" else [])
+
 def _spd(d: int, seed: int) -> torch.Tensor:
     """X^T X / n with n = 2d rows whose scales decay (a factor-like spectrum), float32."""
     g = torch.Generator().manual_seed(seed)
@@ -180,7 +200,7 @@ def tasks(args: argparse.Namespace) -> None:
         for task_key in args.tasks:
             task = TASKS[task_key]
             data = load_data(task.dataset)
-            for label, key, hp in CONFIGS[args.set][task_key]:
+            for label, key, hp in _configs(args.set, task_key):
                 r = train_run(task_key, key, hp, data.train, getattr(data, args.split),
                               seed=seed,
                               epochs=task.epochs, batch_size=task.batch_size,
@@ -197,7 +217,7 @@ def tasks(args: argparse.Namespace) -> None:
         text += [f"## {task_key} (target {task.level_name(task.target)} on {split})", "",
                  f"| optimizer | steps to target (median; reached) | s to target | final {split} "
                  f"{task.metric} (median) | ms/step | diverged |", "|---|---|---|---|---|---|"]
-        for label, key, hp in CONFIGS[args.set][task_key]:
+        for label, key, hp in _configs(args.set, task_key):
             rs = runs[(task_key, label)]
             hits = [r.reached.get(level_key(task.target)) for r in rs]
             steps = [h[0] for h in hits if h]

@@ -130,6 +130,28 @@ def test_verify_catches_a_broken_whole_step(broken: str) -> None:
     assert by_op["rkalman_step"].passed is True  # its Kalman update is right
 
 
+def _rotated_eigh(M):
+    """Eigenvalues right, the first two eigenvectors mixed (a basis that is not M's)."""
+    evals, Q = reference.eigh(M)
+    Q = Q.clone()
+    if Q.shape[-1] >= 2:
+        a, b = Q[..., 0].clone(), Q[..., 1].clone()
+        Q[..., 0], Q[..., 1] = 0.8 * a + 0.6 * b, 0.8 * b - 0.6 * a
+    return evals, Q
+
+
+def test_verify_whole_step_catches_a_wrong_eigenbasis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_IMPLS", {op: dict(b) for op, b in dispatch._IMPLS.items()})
+    monkeypatch.setattr(dispatch, "BACKENDS", (*dispatch.BACKENDS, "rotated"))
+    monkeypatch.setitem(dispatch._LOADED, "rotated", "live")
+    registry.implement("eigh", "rotated", _rotated_eigh)
+    rows = {r.op: r for r in verify.check_steps("cpu", ["rotated", "reference"],
+                                                steps=("ekfac_step", "rkalman_step"))
+            if r.backend == "rotated"}
+    assert rows["ekfac_step"].passed is False and rows["ekfac_step"].ratio > 10
+    assert rows["rkalman_step"].passed is True  # R-Kalman takes no eigendecomposition
+
+
 MASKED_OPS = tuple(op for op in registry.SPECS if op.endswith("_masked"))
 
 

@@ -343,6 +343,26 @@ def test_sophia_counts_characters_as_its_batch(monkeypatch):
     assert _FakeSophiaG.instances[-1].bs_seen == 4 * 32
 
 
+def test_muon_takes_gpt2s_conv1d_matrices_and_adamw_the_rest():
+    """A Hugging Face GPT-2 (Conv1D layers, head tied to the embedding): Muon gets exactly the
+    hidden layers' 2-D weights; AdamW the embeddings (and so the tied head), norms and biases."""
+    transformers = pytest.importorskip("transformers")
+    from grng.demo.optimizers import make_stepper
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB_SIZE,
+                                     n_positions=8)
+    model = transformers.GPT2LMHeadModel(config)
+    stepper = make_stepper("muon", model, {"lr": 1e-2})
+    muon = {id(p) for g in stepper.optimizer.param_groups for p in g["params"]}
+    adamw = {id(p) for o in stepper.others for g in o.param_groups for p in g["params"]}
+    hidden = {"c_attn", "c_proj", "c_fc"}
+    want = {id(p) for n, p in model.named_parameters()
+            if n.endswith(".weight") and n.split(".")[-2] in hidden}
+    assert muon == want and len(want) == 4
+    assert adamw == {id(p) for p in model.parameters()} - want
+    assert id(model.lm_head.weight) in adamw
+
+
 # ------------------------------------------------------------------- bench/defaults.py
 def test_defaults_bench_writes_schema_rows_summary_and_targets(tmp_path):
     import importlib.util

@@ -1,5 +1,5 @@
 """grng in PyTorch Lightning (real ``lightning.Trainer`` on CPU): automatic optimization with
-K-FAC, RING, R-Kalman, RENG and GradReg (plain, ``gradient_clip_val``, ``bf16-mixed``, a
+K-FAC, RING, R-Kalman, RENG, GradReg and EKFAC (plain, ``gradient_clip_val``, ``bf16-mixed``, a
 scheduler) and manual optimization. Each run is checked against a plain PyTorch loop over the
 same batches where the semantics are exact (fp32), and for a falling loss and finite
 parameters everywhere."""
@@ -51,6 +51,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {  # grng.
     "reng": optimizer_factory("reng-forward", **_KFAC, rho=0.05, epsilon=0.01),
     "gradreg": optimizer_factory("gradreg-kfac", **_KFAC, gamma=0.05, epsilon=0.01,
                                  mode="forward"),
+    "ekfac": optimizer_factory("ekfac", lr=0.05, inverse_every=2),
 }
 
 

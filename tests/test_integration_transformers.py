@@ -1,6 +1,6 @@
 """grng in the Hugging Face transformers Trainer (real ``transformers.Trainer`` on CPU) on a
 small GPT-2 built from its config (no downloads), trained on the bytes of a standard-library
-source file: K-FAC, RING and R-Kalman in the plain Trainer, RENG and GradReg through
+source file: K-FAC, RING, R-Kalman and EKFAC in the plain Trainer, RENG and GradReg through
 :class:`grng.integrations.transformers.GRNGTrainer`, and checkpoint resume."""
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ ONE_PASS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "kfac": optimizer_factory("kfac-eigen", lr=0.05, damping=0.05, inverse_every=5),
     "ring": optimizer_factory("ring", lr=0.05, damping=0.05, rho=0.05, inverse_every=5),
     "rkalman": optimizer_factory("rkalman", lr=0.2, rho=0.05, kalman_rank=4),
+    "ekfac": optimizer_factory("ekfac", lr=0.02, inverse_every=5),
 }
 
 
@@ -277,12 +278,12 @@ def test_max_grad_norm_disagreement_is_refused(tmp_path: Path) -> None:
         trainer.train()
 
 
-@pytest.mark.parametrize("name", ["kfac", "reng-forward"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac", "reng-forward"])
 def test_checkpoint_resume_continues_the_run(name: str, tmp_path: Path) -> None:
     """train(resume_from_checkpoint=...) restores the optimizer's state (factors, step count)
     with the Trainer's: the resumed run ends where the continuous run ends."""
-    make = ONE_PASS["kfac"] if name == "kfac" else TWO_PASS[name][1]
-    trainer_cls = Trainer if name == "kfac" else GRNGTrainer
+    make = ONE_PASS[name] if name in ONE_PASS else TWO_PASS[name][1]
+    trainer_cls = Trainer if name in ONE_PASS else GRNGTrainer
     chunks = _chunks()
     half = STEPS // 2
 

@@ -57,3 +57,23 @@ def test_the_blocks_read_their_sources() -> None:
     assert all(" reference " not in line for line in verify.splitlines()[4:-3])
     bench = readme_numbers.bench_block()
     assert "copy bandwidth" in bench and "appended" in bench
+
+
+def test_the_which_table_picks_what_the_detail_tables_mark() -> None:
+    """Each model's pick in the "which optimizer" table is the configuration the detail table
+    marks: the fewest steps on the demo's tasks, the lowest loss at the last step on the HF
+    models (bold there); every optimizer column holds one of that model's configurations."""
+    which = readme_numbers.which_block()
+    picks = {line.split("|")[1].strip(): line.split("|")[3].strip().strip("*")
+             for line in which.splitlines() if line.startswith("| ") and "**" in line}
+    fewest = {line.split("|")[1].strip(): line.split("|")[2].strip()
+              for line in readme_numbers.ekfac_block().splitlines() if "**yes**" in line}
+    lowest = {line.split("|")[1].strip(): line.split("|")[2].strip()
+              for line in readme_numbers.hf_lm_block().splitlines()
+              if line.startswith("| ") and "**" in line.split("|")[-4]}
+    names = readme_numbers.MODEL_NAMES
+    assert {names[t]: label for t, label in fewest.items()} == {
+        k: v for k, v in picks.items() if "(demo)" in k}
+    assert {names[m]: label for m, label in lowest.items()} == {
+        k: v for k, v in picks.items() if "Hugging Face" in k}
+    assert len(picks) == 4

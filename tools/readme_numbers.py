@@ -13,10 +13,13 @@ Each such number sits in a block of README.md between ``<!-- readme_numbers: NAM
 * ``defaults``: the targets of ``bench/results/defaults.md`` (``python bench/defaults.py``);
 * ``step_time``: ratios computed from ``bench/results/step_time.md`` (``bench/step_time.py``);
 * ``ext``: speed-ups computed from ``bench/results/ext.csv`` (``bench/ext_update.py``);
-* ``ekfac``: which optimizer for which model, from ``bench/results/ekfac_tasks.csv``
-  (``python bench/ekfac.py tasks``).
+* ``ekfac``: the demo's tasks against peers, from ``bench/results/ekfac_tasks.csv``
+  (``python bench/ekfac.py tasks``);
 * ``ekfac_scaling``: EKFAC's two scalings, betas and GR term against AdamW and SOAP, from
-  ``bench/results/ekfac_scaling.csv`` (``python bench/ekfac.py tasks --set scaling``).
+  ``bench/results/ekfac_scaling.csv`` (``python bench/ekfac.py tasks --set scaling``);
+* ``hf_lm``: small Hugging Face GPT-2 and Llama, from ``bench/results/hf_lm.csv``
+  (``python bench/hf_lm.py``);
+* ``which``: which optimizer for which model, each optimizer's best configuration from both.
 
 ``python tools/readme_numbers.py`` rewrites the blocks; ``--check`` rewrites nothing, prints the
 blocks that disagree and exits 1 (tests/test_readme_numbers.py runs it).
@@ -211,38 +214,73 @@ def ext_block() -> str:
             f"Kalman update {_range(speedups('kalman_update', 'reference'))} the reference.\n")
 
 
+Cells = dict[str, dict[str, dict[str, dict]]]  # group -> configuration label -> metric -> row
+
+
+def _cells(path: Path) -> tuple[Cells, dict[str, str], str]:
+    """A long-format result file as (cells, {configuration label: optimizer key}, "device,
+    torch, date"): a row's group is its ``name`` before the "/", the optimizer key after it;
+    a metric taken at a step (``x_name`` "step") is keyed "metric@step"."""
+    cells: Cells = {}
+    keys: dict[str, str] = {}
+    meta = stamp = ""
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            group, _, key = row["name"].partition("/")
+            metric = row["metric"] + (f"@{row['x_value']}" if row["x_name"] == "step" else "")
+            cells.setdefault(group, {}).setdefault(row["provider"], {})[metric] = row
+            keys[row["provider"]] = key
+            stamp = max(stamp, row["timestamp"][:10])
+            meta = f"{row['device']}, torch {row['torch']}, {stamp}"
+    return cells, keys, meta
+
+
+def _complete(m: dict[str, dict], metric: str) -> bool:
+    """Every run of the configuration has ``metric`` and none failed."""
+    return bool(m[metric]["p50"]) and m[metric]["n"] == m["failed_runs"]["n"] \
+        and float(m["failed_runs"]["p50"]) == 0.0
+
+
+def _final_key(m: dict[str, dict]) -> str:
+    return next(k for k in m if k.startswith("final_val_"))
+
+
+def _task_rank(m: dict[str, dict]) -> tuple[float, float]:
+    """(median steps to the target, the final metric signed so that lower is better)."""
+    final = _final_key(m)
+    sign = -1.0 if "acc" in final else 1.0
+    return float(m["steps_to_target"]["p50"]), sign * float(m[final]["p50"] or "nan")
+
+
+def _fewest_steps(configs: dict[str, dict]) -> str | None:
+    """The configuration that reached the target in the fewest median steps with every seed
+    (ties: the better final metric); None when none did."""
+    full = [(label, m) for label, m in configs.items() if _complete(m, "steps_to_target")]
+    return min(full, key=lambda item: _task_rank(item[1]))[0] if full else None
+
+
+def _lowest(configs: dict[str, dict], metric: str) -> str | None:
+    """The configuration with the lowest median ``metric`` with every run finished."""
+    full = [(label, m) for label, m in configs.items() if _complete(m, metric)]
+    return min(full, key=lambda item: float(item[1][metric]["p50"]))[0] if full else None
+
+
 def ekfac_block(name: str = "ekfac_tasks") -> str:
-    """Which optimizer for which model: per task of ``bench/results/<name>.csv``
-    (``python bench/ekfac.py tasks``; ``ekfac_scaling``: ``--set scaling``) every
+    """Per task of ``bench/results/<name>.csv`` (``python bench/ekfac.py tasks``;
+    ``ekfac_scaling``: ``--set scaling``) every
     configuration's median steps to the target, final validation metric and ms per step, and
     the configuration that reached the target in the fewest median steps with every seed
     (ties: the better final metric)."""
-    cells: dict[str, dict[str, dict[str, dict]]] = {}
-    meta = ""
-    with (RESULTS / f"{name}.csv").open() as fh:
-        for row in csv.DictReader(fh):
-            task = row["name"].split("/")[0]
-            cells.setdefault(task, {}).setdefault(row["provider"], {})[row["metric"]] = row
-            meta = f"{row['device']}, torch {row['torch']}, {row['timestamp'][:10]}"
+    cells, _, meta = _cells(RESULTS / f"{name}.csv")
     text = [f"From [bench/results/{name}.md](bench/results/{name}.md) ({meta}; "
             "validation split, medians over the seeds; ms/step on a shared machine):", "",
             "| model | optimizer | steps to target (reached) | final val | ms/step | fewest steps |",
             "|---|---|---|---|---|---|"]
     for task, configs in cells.items():
-        def key(item: tuple[str, dict]) -> tuple[float, float]:
-            m = item[1]
-            steps = m["steps_to_target"]
-            final = float(m[[k for k in m if k.startswith("final_val_")][0]]["p50"] or "nan")
-            sign = -1.0 if "acc" in [k for k in m if k.startswith("final_val_")][0] else 1.0
-            return float(steps["p50"]), sign * final
-        full = [(label, m) for label, m in configs.items()
-                if m["steps_to_target"]["p50"] and m["steps_to_target"]["n"] == m["failed_runs"]["n"]
-                and float(m["failed_runs"]["p50"]) == 0.0]
-        best = min(full, key=key)[0] if full else None
+        best = _fewest_steps(configs)
         for label, m in configs.items():
             steps = m["steps_to_target"]
-            final_key = [k for k in m if k.startswith("final_val_")][0]
-            final = m[final_key]
+            final = m[_final_key(m)]
             unit = "%" if final["unit"] == "%" else " bpc"
             reached = f"{steps['n']}/{m['failed_runs']['n']}"
             text.append(f"| {task} | {label} | "
@@ -253,10 +291,103 @@ def ekfac_block(name: str = "ekfac_tasks") -> str:
     return "\n".join(text) + "\n"
 
 
+HF_STEPS = ("100", "300")  # the steps of bench/results/hf_lm.csv the README shows
+#: the models' names in the "which" table (others as their group name)
+MODEL_NAMES = {"mlp": "digits MLP (demo)", "transformer": "character transformer (demo)",
+               "gpt2": "GPT-2 (Hugging Face)", "llama": "Llama (Hugging Face)"}
+#: the optimizers' order in the README's tables, by key of grng.demo.optimizers
+FAMILIES = {"ekfac": "EKFAC", "kfac": "K-FAC", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP",
+            "psgd": "PSGD-Kron", "sophia": "Sophia"}
+
+
+def _most_runs(configs: dict[str, dict]) -> dict[str, dict]:
+    """The configurations run as many times as the most-run one (a grid point tried on fewer
+    seeds does not compete with the configurations run on all of them)."""
+    most = max(int(m["failed_runs"]["n"]) for m in configs.values())
+    return {label: m for label, m in configs.items() if int(m["failed_runs"]["n"]) == most}
+
+
+def _best_per_family(configs: dict[str, dict], keys: dict[str, str],
+                     pick: Callable[[dict[str, dict]], str | None]) -> dict[str, str]:
+    """{optimizer key: ``pick`` among that optimizer's configurations (its best lr)}."""
+    out = {}
+    for key in FAMILIES:
+        mine = {label: m for label, m in configs.items() if keys[label] == key}
+        chosen = pick(mine) if mine else None
+        if chosen is not None:
+            out[key] = chosen
+    return out
+
+
+def hf_lm_block() -> str:
+    """Per model of ``bench/results/hf_lm.csv`` (``python bench/hf_lm.py``) each optimizer at
+    the lr of its grid with the lowest median validation loss at the last step shown (among
+    its configurations run on the most seeds): its losses at :data:`HF_STEPS`, ms per step and
+    runs; the lowest loss at each step in bold."""
+    cells, keys, meta = _cells(RESULTS / "hf_lm.csv")
+    last = f"val_loss@{HF_STEPS[-1]}"
+    text = [f"From [bench/results/hf_lm.md](bench/results/hf_lm.md) ({meta}; validation loss in "
+            "nats per character, medians over the seeds; each optimizer at the best lr of its "
+            "grid, the whole grid in the file; ms/step on a shared machine):", "",
+            "| model | optimizer | " + " | ".join(f"val loss @{s}" for s in HF_STEPS)
+            + " | ms/step | runs finished |", "|---|---|" + "---|" * (len(HF_STEPS) + 2)]
+    for model, configs in cells.items():
+        best = _best_per_family(configs, keys, lambda c: _lowest(_most_runs(c), last))
+        lowest = {s: _lowest({best[k]: configs[best[k]] for k in best}, f"val_loss@{s}")
+                  for s in HF_STEPS}
+        for key, label in best.items():
+            m = configs[label]
+            losses = [f"**{float(m[f'val_loss@{s}']['p50']):.3f}**" if lowest[s] == label
+                      else f"{float(m[f'val_loss@{s}']['p50']):.3f}" for s in HF_STEPS]
+            done = int(m["failed_runs"]["n"]) - int(float(m["failed_runs"]["p50"]))
+            text.append(f"| {model} | {label} | " + " | ".join(losses)
+                        + f" | {float(m['step_time']['p50']):.0f} | {done}/{m['failed_runs']['n']} |")
+    return "\n".join(text) + "\n"
+
+
+def which_block() -> str:
+    """Which optimizer for which model: per model of ``ekfac_tasks.csv`` and ``hf_lm.csv``
+    each optimizer's best configuration (fewest median steps to the target; lowest median
+    validation loss at the last step of :data:`HF_STEPS`) and the best of them."""
+    tasks, task_keys, _ = _cells(RESULTS / "ekfac_tasks.csv")
+    lms, lm_keys, _ = _cells(RESULTS / "hf_lm.csv")
+    last = f"val_loss@{HF_STEPS[-1]}"
+    rows = []
+    seeds: set[str] = set()  # run counts of the configurations shown
+    for task, configs in tasks.items():
+        best = _best_per_family(configs, task_keys, lambda c: _fewest_steps(c) or next(iter(c)))
+        reached = {k: lab for k, lab in best.items() if _complete(configs[lab], "steps_to_target")}
+        winner = _fewest_steps({lab: configs[lab] for lab in reached.values()})
+        cell = {k: f"{float(configs[lab]['steps_to_target']['p50']):.0f} ({lab})"
+                if k in reached else f"{configs[lab]['steps_to_target']['n']}/"
+                f"{configs[lab]['failed_runs']['n']} seeds reached ({lab})"
+                for k, lab in best.items()}
+        what = "steps to " + ("95%" if "acc" in _final_key(next(iter(configs.values())))
+                              else "3.7 bpc")
+        rows.append((MODEL_NAMES.get(task, task), what, winner, cell))
+        seeds |= {configs[lab]["failed_runs"]["n"] for lab in best.values()}
+    for model, configs in lms.items():
+        best = _best_per_family(configs, lm_keys, lambda c: _lowest(_most_runs(c), last))
+        winner = _lowest({lab: configs[lab] for lab in best.values()}, last)
+        cell = {k: f"{float(configs[lab][last]['p50']):.3f} ({lab})" for k, lab in best.items()}
+        rows.append((MODEL_NAMES.get(model, model), f"val loss @{HF_STEPS[-1]}", winner, cell))
+        seeds |= {configs[lab]["failed_runs"]["n"] for lab in best.values()}
+    shown = [k for k in FAMILIES if any(k in r[3] for r in rows)]
+    text = ["| model | measure | best | " + " | ".join(FAMILIES[k] for k in shown) + " |",
+            "|---|---|---|" + "---|" * len(shown)]
+    for model, what, winner, cell in rows:
+        text.append(f"| {model} | {what} | **{winner or 'none'}** | "
+                    + " | ".join(cell.get(k, "—") for k in shown) + " |")
+    return ("Each optimizer at its best measured configuration (in brackets; lower is better), "
+            f"medians over {'/'.join(sorted(seeds, key=int))} seeds, from [bench/results/ekfac_tasks.csv](bench/results/ekfac_tasks.csv) "
+            "and [bench/results/hf_lm.csv](bench/results/hf_lm.csv):\n\n" + "\n".join(text) + "\n")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "dropin": dropin_block, "verify": verify_block, "bench": bench_block, "demo": demo_block,
     "defaults": defaults_block, "step_time": step_time_block, "ext": ext_block,
     "ekfac": ekfac_block, "ekfac_scaling": lambda: ekfac_block("ekfac_scaling"),
+    "hf_lm": hf_lm_block, "which": which_block,
 }
 
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from grng import make_closure
+from grng.curvature.layers import LinearLayer, helper_for
 from grng.optim.cases import CASES
 
 
@@ -103,8 +104,8 @@ SPECS: dict[str, OptimizerSpec] = {s.key: s for s in (
     OptimizerSpec("muon", "Muon", lr_sweep(3e-3), {"adjust_lr_fn": "match_rms_adamw"},
                   family="torch",
                   description="torch.optim.Muon at its defaults with adjust_lr_fn="
-                              "'match_rms_adamw' on the 2-D weights of the Linear layers but the "
-                              "last (the head); torch.optim.AdamW at its defaults and the same lr "
+                              "'match_rms_adamw' on the 2-D weights of the Linear layers (GPT-2's "
+                              "Conv1D counts as one) but the last (the head); torch.optim.AdamW at its defaults and the same lr "
                               "on every other parameter (embeddings, norms, biases, convolutions), "
                               "as Muon's documentation prescribes (the CNN has no hidden Linear: "
                               "AdamW alone there)",
@@ -237,13 +238,19 @@ class SophiaStepper(Stepper):
         return loss.detach()
 
 
+def linear_layers(model: nn.Module) -> list[nn.Module]:
+    """``model``'s layers y = x W^T + b in module order: nn.Linear and what grng covers as one
+    (transformers' Conv1D of GPT-2, y = x W + b)."""
+    return [m for m in model.modules() if issubclass(helper_for(m) or object, LinearLayer)]
+
+
 class MuonStepper(Stepper):
-    """Muon on the hidden Linear layers' matrices and AdamW on the rest (both step). A model
-    without a hidden Linear (the CNN: its convolutions are 4-D, which torch.optim.Muon does not
-    take) is AdamW alone."""
+    """Muon on the hidden Linear layers' matrices (:func:`linear_layers` but the last, the
+    head) and AdamW on the rest (both step). A model without a hidden Linear (the CNN: its
+    convolutions are 4-D, which torch.optim.Muon does not take) is AdamW alone."""
 
     def __init__(self, model: nn.Module, hp: dict[str, Any]) -> None:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        linears = linear_layers(model)
         hidden = {id(m.weight) for m in linears[:-1]}
         matrices = [p for p in model.parameters() if id(p) in hidden]
         rest = [p for p in model.parameters() if id(p) not in hidden]

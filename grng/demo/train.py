@@ -19,6 +19,7 @@ import re
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,9 +120,11 @@ def train_run(
     progress: bool = True,
     desc: str | None = None,
     task: Task | None = None,
+    build: Callable[[], nn.Module] | None = None,
 ) -> RunResult:
     """Train ``model_name`` with ``optimizer`` (a key of :data:`SPECS`) and return the record;
-    ``task`` (default ``TASKS[model_name]``) gives the metric and the timed levels."""
+    ``task`` (default ``TASKS[model_name]``) gives the metric and the timed levels; ``build``
+    (default ``make_model(model_name)``) makes the model, after the seed is set."""
     device = torch.device(device)
     task = task or TASKS[model_name]
     result = RunResult(model_name, optimizer, seed, dict(hparams))
@@ -137,7 +140,7 @@ def train_run(
     result.planned_steps = total
 
     torch.manual_seed(seed)
-    model = make_model(model_name).to(device)
+    model = (make_model(model_name) if build is None else build()).to(device)
     order = torch.Generator().manual_seed(10_000 + seed)
     bar = None
     train_time = 0.0

@@ -2,8 +2,8 @@
 
 :func:`check_ops` runs one :func:`~grng.verify.checks.check_case` per (op, backend, dtype,
 size, variant) that the backend implements (the rule is in :mod:`grng.verify.checks`);
-:func:`check_steps` runs one K-FAC, RING and R-Kalman step through each backend against the
-float64 reference step. Both return :class:`Check` rows; ``passed is False`` is a failure,
+:func:`check_steps` runs K-FAC, RING, R-Kalman and EKFAC steps through each backend against
+the float64 reference steps. Both return :class:`Check` rows; ``passed is False`` is a failure,
 ``passed is None`` a check that did not run (the note says why).
 """
 from __future__ import annotations

@@ -1,10 +1,12 @@
-"""Whole-step check: one K-FAC, RING and R-Kalman step through a backend equals the reference.
+"""Whole-step check: K-FAC, RING, R-Kalman and EKFAC steps through a backend equal the reference.
 
-A small model (Linear 7 -> 13, tanh, Linear 13 -> 5; 19 examples) takes one step
-(``loss.backward(); opt.step()``) three times from the same start: in float64 on the reference
-backend (the truth T), in float32 on the reference backend (R) and in float32 on the backend
-(B). The compared output is the parameter update (theta_after - theta_before, all parameters
-concatenated), under the rule of :mod:`grng.verify.checks` (a float32 output: floor 2 eps).
+A small model (Linear 7 -> 13, tanh, Linear 13 -> 5; 19 examples) takes its check's steps
+(``loss.backward(); opt.step()``; one, or two for EKFAC so that its second step carries the
+moments into a basis refreshed by subspace iteration) three times from the same start: in
+float64 on the reference backend (the truth T), in float32 on the reference backend (R) and in
+float32 on the backend (B). The compared output is the parameter update (theta_after -
+theta_before, all parameters concatenated), under the rule of :mod:`grng.verify.checks` (a
+float32 output: floor 2 eps). Every optimizer comes from its case in :mod:`grng.optim.cases`.
 """
 from __future__ import annotations
 
@@ -18,11 +20,16 @@ from torch import nn
 from grng.optim.cases import make_optimizer
 from grng.verify.checks import Check, case_seed, compare, live_backends
 
-# step check -> (its case of grng.optim.cases, the check's hyperparameters)
-_STEP_CASES: dict[str, tuple[str, dict[str, float]]] = {
-    "kfac_step": ("kfac-eigen", dict(lr=0.05, damping=1e-2)),
-    "ring_step": ("ring", dict(lr=0.05, damping=1e-2, rho=0.1)),
-    "rkalman_step": ("rkalman", dict(lr=0.05)),
+# step check -> (its case of grng.optim.cases, the check's hyperparameters, steps taken)
+_STEP_CASES: dict[str, tuple[str, dict[str, float], int]] = {
+    "kfac_step": ("kfac-eigen", dict(lr=0.05, damping=1e-2), 1),
+    "ring_step": ("ring", dict(lr=0.05, damping=1e-2, rho=0.1), 1),
+    "rkalman_step": ("rkalman", dict(lr=0.05), 1),
+    # eps 1e-2, not Adam's 1e-8: cross-entropy's output gradients sum to zero, so the last
+    # layer's G has a null direction whose projected gradient is pure rounding, which
+    # V' / (sqrt(v) + 1e-8) would blow up to a full-size step component in float32 (the float32
+    # reference itself then errs by ~10%, and the check could catch nothing smaller)
+    "ekfac_step": ("ekfac", dict(lr=0.05, inverse_every=1, eps=1e-2), 2),
 }
 STEP_CHECKS: tuple[str, ...] = tuple(_STEP_CASES)
 _IN, _HIDDEN, _OUT, _BATCH = 7, 13, 5, 19
@@ -31,17 +38,18 @@ _IN, _HIDDEN, _OUT, _BATCH = 7, 13, 5, 19
 def _optimizer(name: str, model: nn.Module, backend: str) -> torch.optim.Optimizer:
     if name not in _STEP_CASES:
         raise ValueError(f"step check must be one of {STEP_CHECKS}, got {name!r}")
-    case, hp = _STEP_CASES[name]
+    case, hp, _ = _STEP_CASES[name]
     return make_optimizer(case, model, backend=backend, **hp)
 
 
 def _update(name: str, model: nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """theta_after - theta_before of one step, flattened."""
+    """theta_after - theta_before over the check's steps (on the same batch), flattened."""
     opt = _optimizer(name, model, backend)
     before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    opt.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
+    for _ in range(_STEP_CASES[name][2]):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     return after - before
 
