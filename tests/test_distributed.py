@@ -10,20 +10,18 @@ import datetime
 import gc
 import json
 import os
-import socket
-import tempfile
 import time
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import grng
 from grng import make_closure
+from spawn_helpers import spawn_ranks
 from grng.optim.cases import CASES, make_optimizer, optimizer_factory
 from grng.distributed import LocalCommunicator
 from grng.curvature.factors import DenseFactor, DiagonalFactor
@@ -328,12 +326,6 @@ def _same_on_ranks(params, world: int) -> bool:
     return all(torch.equal(b, flat) for b in bufs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RESULTS: dict[int, list[dict]] = {}
 
 
@@ -344,24 +336,9 @@ def references():
 
 def _results(world: int, refs) -> list[dict]:
     if world not in _RESULTS:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.start_processes(_worker, args=(world, _free_port(), refs, out_dir), nprocs=world,
-                                     join=False, start_method="spawn")
-            deadline = time.monotonic() + TIMEOUT_S
-            try:
-                while not ctx.join(timeout=2):
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"world size {world}: processes still running after {TIMEOUT_S} s "
-                                    "(a collective hangs)")
-            finally:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-            _RESULTS[world] = []
-            for r in range(world):
-                with open(os.path.join(out_dir, f"rank{r}.json")) as fh:
-                    _RESULTS[world].append(json.load(fh))
+        _RESULTS[world] = spawn_ranks(_worker, world, refs, timeout_s=TIMEOUT_S)
     return _RESULTS[world]
+
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)

@@ -12,19 +12,15 @@ import datetime
 import gc
 import json
 import os
-import socket
-import tempfile
-import time
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from grng.optim.cases import optimizer_factory
+from spawn_helpers import spawn_ranks
 
 SEQUENCES, T, VOCAB, STEPS, TIMEOUT_S = 6, 5, 11, 3, 150
 RUNS = {
@@ -100,12 +96,6 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_recurrent_model_on_two_processes_equals_one_process() -> None:
     refs = {}
     for name, factory in RUNS.items():
@@ -115,22 +105,7 @@ def test_recurrent_model_on_two_processes_equals_one_process() -> None:
         assert sum(n.startswith(("lstm.", "gru.")) for n in opt.capture.names) == 10
         refs[name] = [p.detach().clone() for p in model.parameters()]
     world = 2
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), refs, out_dir),
-                                 nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=2):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"processes still running after {TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        reports = []
-        for r in range(world):
-            with open(os.path.join(out_dir, f"rank{r}.json")) as fh:
-                reports.append(json.load(fh))
+    reports = spawn_ranks(_worker, world, refs, timeout_s=TIMEOUT_S)
     bad = [f"rank {rank} {name}: {report.get(name)}" for rank, report in enumerate(reports)
            for name in RUNS
            if "error" in report.get(name, {"error": "missing"})

@@ -14,7 +14,6 @@ import datetime
 import gc
 import json
 import os
-import socket
 import tempfile
 import time
 import traceback
@@ -23,11 +22,11 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from grng import make_closure
+from spawn_helpers import free_port, spawn_ranks
 from grng.optim.cases import optimizer_factory
 
 GLOBAL_BATCH = 12
@@ -195,12 +194,6 @@ def _foreign_dense(opt) -> list[str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RESULTS: dict[int, list[dict]] = {}
 
 
@@ -211,24 +204,9 @@ def references():
 
 def _results(world: int, refs) -> list[dict]:
     if world not in _RESULTS:
-        with tempfile.TemporaryDirectory() as out_dir:
-            ctx = mp.start_processes(_worker, args=(world, _free_port(), refs, out_dir),
-                                     nprocs=world, join=False, start_method="spawn")
-            deadline = time.monotonic() + TIMEOUT_S
-            try:
-                while not ctx.join(timeout=2):
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"world size {world}: processes still running after "
-                                    f"{TIMEOUT_S} s (a collective hangs)")
-            finally:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-            _RESULTS[world] = []
-            for r in range(world):
-                with open(os.path.join(out_dir, f"rank{r}.json")) as fh:
-                    _RESULTS[world].append(json.load(fh))
+        _RESULTS[world] = spawn_ranks(_worker, world, refs, timeout_s=TIMEOUT_S)
     return _RESULTS[world]
+
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -329,32 +307,12 @@ def _ckpt_worker(rank: int, world: int, port: int, refs: dict, root: str, out_di
         dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, *args) -> list[dict]:
-    with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(fn, args=(world, _free_port(), *args, out_dir), nprocs=world,
-                                 join=False, start_method="spawn")
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not ctx.join(timeout=2):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"world size {world}: processes still running after {TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-        out = []
-        for r in range(world):
-            with open(os.path.join(out_dir, f"rank{r}.json")) as fh:
-                out.append(json.load(fh))
-        return out
-
-
 def test_sharded_checkpoint_resumes_bit_for_bit_and_reshards_from_2_to_3_ranks(references):
     """torch.distributed.checkpoint: saved on 2 ranks; resumed on 2 ranks it is the
     uninterrupted run bit for bit; resumed on 3 ranks it is the single-process run."""
     with tempfile.TemporaryDirectory() as root:
-        saved = _spawn(_ckpt_worker, 2, references, root)
-        resumed = _spawn(_ckpt_worker, 3, references, root)
+        saved = spawn_ranks(_ckpt_worker, 2, references, root, timeout_s=TIMEOUT_S)
+        resumed = spawn_ranks(_ckpt_worker, 3, references, root, timeout_s=TIMEOUT_S)
     for rank, report in enumerate(saved):
         for name in CKPT_CASES:
             assert report[name].get("bitwise") is True, (rank, name, report[name])
@@ -371,11 +329,11 @@ def test_the_example_runs_saves_and_resumes(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / "fsdp_train.py"
-    env = {**os.environ, "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     args = [sys.executable, str(script), "--steps", "3", "--checkpoint", str(tmp_path / "ck")]
     first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at step 3" in second.stdout and "step   5" in second.stdout, second.stdout
