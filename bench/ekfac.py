@@ -6,6 +6,7 @@
     python bench/ekfac.py tasks --set scaling --tasks transformer mlp cnn --name ekfac_scaling
     python bench/ekfac.py tasks --set gr --split test --tasks transformer mlp cnn --name ekfac_gr
     python bench/ekfac.py tasks --set levers --tasks transformer --name ekfac_levers
+    python bench/ekfac.py tasks --set time --tasks transformer --seeds 5 --name ekfac_time
     python bench/ekfac.py step                    # ms per step: batched vs one block at a time
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
     python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
@@ -89,6 +90,11 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                        {**_SHIPPED, "factor_every": 2, "inverse_every": 20}),
                       _PEERS[0]] for task in ("transformer", "mlp", "cnn")},
     # the relative GR term's effect at the shipped defaults (bench/results/ekfac_gr.md)
+    # wall-clock time to the target on a quiet machine (bench/results/ekfac_time.md): EKFAC at
+    # its defaults against AdamW and Muon at their best lr, nothing else running
+    "time": {"transformer": [("EKFAC defaults", "ekfac", {"lr": 1e-2}), _PEERS[0],
+                             ("Muon lr 1e-2", "muon", {"lr": 1e-2,
+                                                       "adjust_lr_fn": "match_rms_adamw"})]},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
 }
