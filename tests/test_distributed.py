@@ -6,10 +6,6 @@ in the test process before spawning. float64 throughout, tight tolerances.
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import os
 import time
 import traceback
 
@@ -21,7 +17,7 @@ from torch import nn
 
 import grng
 from grng import make_closure
-from spawn_helpers import spawn_ranks
+from spawn_helpers import rank_report, spawn_ranks
 from grng.optim.cases import CASES, make_optimizer, optimizer_factory
 from grng.distributed import LocalCommunicator
 from grng.curvature.factors import DenseFactor, DiagonalFactor
@@ -246,19 +242,8 @@ def _references() -> dict[str, list[torch.Tensor]]:
 
 # ------------------------------------------------------------------------- the workers
 def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    report: dict = {}
-    try:
+    with rank_report(rank, world, port, out_dir) as report:
         _run_cases(rank, world, refs, report)
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(report, fh)
-        # the DDP wrappers and optimizers (now out of scope) hold the process group: release
-        # them before destroying it, or the group's threads outlive it and abort the exit
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def _run_cases(rank: int, world: int, refs: dict, report: dict) -> None:

@@ -8,10 +8,6 @@ length T, so the mean loss over tokens is the mean of the ranks' means). float64
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
-import os
 import traceback
 
 import torch
@@ -20,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from grng.optim.cases import optimizer_factory
-from spawn_helpers import spawn_ranks
+from spawn_helpers import rank_report, spawn_ranks
 
 SEQUENCES, T, VOCAB, STEPS, TIMEOUT_S = 6, 5, 11, 3, 150
 RUNS = {
@@ -69,11 +65,7 @@ def _train(model: nn.Module, opt, rank: int, world: int) -> None:
 
 
 def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    report: dict = {}
-    try:
+    with rank_report(rank, world, port, out_dir) as report:
         for name, factory in RUNS.items():
             try:
                 model = _model()
@@ -89,11 +81,6 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
                     "same_on_ranks": all(torch.equal(g, flat) for g in gathered)}
             except Exception:  # noqa: BLE001 - reported per case
                 report[name] = {"error": traceback.format_exc()}
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(report, fh)
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def test_recurrent_model_on_two_processes_equals_one_process() -> None:

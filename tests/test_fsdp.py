@@ -10,9 +10,6 @@ the test process before spawning.
 """
 from __future__ import annotations
 
-import datetime
-import gc
-import json
 import os
 import tempfile
 import time
@@ -21,12 +18,11 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from grng import make_closure
-from spawn_helpers import free_port, spawn_ranks
+from spawn_helpers import free_port, rank_report, spawn_ranks
 from grng.optim.cases import optimizer_factory
 
 GLOBAL_BATCH = 12
@@ -130,11 +126,7 @@ def shard(model: nn.Module, world: int) -> nn.Module:
 
 
 def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    report: dict = {}
-    try:
+    with rank_report(rank, world, port, out_dir) as report:
         for name, sync_free in RUNS:
             key = _key(name, sync_free)
             try:
@@ -160,11 +152,6 @@ def _worker(rank: int, world: int, port: int, refs: dict, out_dir: str) -> None:
                 raise
         if world == 1:
             report["hsdp"] = _hsdp_refusal()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(report, fh)
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def _hsdp_refusal() -> str:
@@ -268,11 +255,7 @@ def _ckpt_worker(rank: int, world: int, port: int, refs: dict, root: str, out_di
 
     from grng.distributed import checkpoint
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    report: dict = {}
-    try:
+    with rank_report(rank, world, port, out_dir) as report:
         for name in CKPT_CASES:
             path = os.path.join(root, name)
             rest = range(SAVED_AT, STEPS)
@@ -300,11 +283,6 @@ def _ckpt_worker(rank: int, world: int, port: int, refs: dict, root: str, out_di
             except Exception:  # noqa: BLE001 - reported per case
                 report[name] = {"error": traceback.format_exc()}
                 raise
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(report, fh)
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def test_sharded_checkpoint_resumes_bit_for_bit_and_reshards_from_2_to_3_ranks(references):
