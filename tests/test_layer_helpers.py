@@ -7,6 +7,7 @@ inputs, weight norm's chain rule, and factor sides kept diagonal by ``max_factor
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -1009,25 +1010,9 @@ def test_diagonal_sides_through_a_process_group(make, tmp_path) -> None:
     diagonal factors and observations to the single-process result."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 7)).double()
-    twin = copy.deepcopy(model)
     data = [(torch.randn(5, 7, dtype=DT), torch.randn(5, 7, dtype=DT)) for _ in range(3)]
-    with pytest.warns(UserWarning):
-        local = make(model)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
-    try:
-        with pytest.warns(UserWarning):
-            grouped = make(twin, process_group=dist.group.WORLD)
-        assert type(grouped.comm).__name__ == "ProcessGroupCommunicator"
-        for x, w in data:
-            for opt, m in ((local, model), (grouped, twin)):
-                opt.zero_grad()
-                _loss(m(x), w).backward()
-                opt.step()
-        for p, q in zip(model.parameters(), twin.parameters()):
-            _close(q, p, rtol=1e-10)
-    finally:
-        dist.destroy_process_group()
+    with pytest.warns(UserWarning):  # the sides above max_factor_dim, said at construction
+        _world_one_equals_local(make, model, data, tmp_path, warns=True)
 
 
 @pytest.mark.parametrize("make", [optimizer_factory("kfac-eigen", lr=0.1),
@@ -1040,13 +1025,21 @@ def test_grouped_conv_through_a_process_group(make, tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, groups=6),
                           nn.Conv2d(6, 4, 1, groups=2), nn.Flatten(), nn.Linear(36, 2)).double()
-    twin = copy.deepcopy(model)
     data = [(torch.randn(4, 3, 5, 5, dtype=DT), torch.randn(4, 2, dtype=DT)) for _ in range(3)]
+    _world_one_equals_local(make, model, data, tmp_path)
+
+
+def _world_one_equals_local(make, model: nn.Module, data, tmp_path, warns: bool = False) -> None:
+    """``make(model)`` and ``make(twin, process_group=<gloo, world size 1>)`` trained on
+    ``data``: the process-group communicator's result equals the local one's to 1e-10
+    (``warns``: the group's construction warns as the local one's does)."""
+    twin = copy.deepcopy(model)
     local = make(model)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1)
     try:
-        grouped = make(twin, process_group=dist.group.WORLD)
+        with pytest.warns(UserWarning) if warns else contextlib.nullcontext():
+            grouped = make(twin, process_group=dist.group.WORLD)
         assert type(grouped.comm).__name__ == "ProcessGroupCommunicator"
         for x, w in data:
             for opt, m in ((local, model), (grouped, twin)):
