@@ -46,7 +46,12 @@ GRIDS = {
               dict(lr=0.005, damping=0.001), dict(lr=0.01, damping=0.001),
               # added after the first pass: the GRU with blocks diverged at every setting above
               # but the first, and lr 0.2 at damping 0.1 had reached the target before
-              dict(lr=0.1, damping=0.1), dict(lr=0.2, damping=0.1)],
+              dict(lr=0.1, damping=0.1), dict(lr=0.2, damping=0.1),
+              # the KL clip (the library's default kl_clip=1e-3, and 1e-2): the blocks' first
+              # steps overshoot while G grows by 1e3 (bench/results/recurrent_kfac_diagnosis.md)
+              *(dict(s, kl_clip=clip) for clip in (1e-3, 1e-2) for s in (
+                  dict(lr=0.01, damping=0.001), dict(lr=0.03, damping=0.001),
+                  dict(lr=0.05, damping=0.01), dict(lr=0.4, damping=0.1)))],
     "EKFAC": [dict(lr=0.003), dict(lr=0.01),
               dict(lr=0.03)],  # added after the first pass: 0.01 was the best, at the edge
 }
@@ -95,10 +100,12 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def sweep(path: Path, tasks: list[str], optimizers: list[str]) -> None:
-    """Every grid point of every task on seed 0 (points already in ``path`` are kept)."""
+def sweep(path: Path, tasks: list[str], optimizers: list[str], known: list[Path]) -> None:
+    """Every grid point of every task on seed 0 (points already in ``path`` are kept, those in
+    ``known`` not rerun)."""
     rows = _read(path)
-    done = {(r["task"], r["optimizer"], r["variant"], r["settings"]) for r in rows}
+    done = {(r["task"], r["optimizer"], r["variant"], r["settings"])
+            for r in rows + [r for p in known for r in _read(p)]}
     for task in tasks:
         target = ttt.run(task, 0, "AdamW")[ttt.TARGET_STEP]
         for optimizer in optimizers:
@@ -111,22 +118,23 @@ def sweep(path: Path, tasks: list[str], optimizers: list[str]) -> None:
                 _write(path, rows)
 
 
-def best(path: Path) -> dict[tuple[str, str, str], dict]:
-    """(task, optimizer, variant) -> the best settings of the sweep."""
+def best(paths: list[Path]) -> dict[tuple[str, str, str], dict]:
+    """(task, optimizer, variant) -> the best settings of the sweeps."""
     out: dict[tuple[str, str, str], tuple] = {}
-    for row in _read(path):
+    for row in (r for p in paths for r in _read(p)):
         key = (row["task"], row["optimizer"], row["variant"])
         if key not in out or _score(row) < out[key][0]:
             out[key] = (_score(row), row["settings"])
     return {k: eval(v[1]) for k, v in out.items()}  # noqa: S307 (our own repr of a dict)
 
 
-def final(path: Path, sweep_path: Path, tasks: list[str], seeds: list[int]) -> None:
-    chosen = best(sweep_path)
+def final(path: Path, sweep_paths: list[Path], tasks: list[str], seeds: list[int],
+          optimizers: list[str]) -> None:
+    chosen = best(sweep_paths)
     rows: list[dict] = []
     for task, seed in itertools.product(tasks, seeds):
         target = ttt.run(task, seed, "AdamW")[ttt.TARGET_STEP]
-        for optimizer, variant in itertools.product(("K-FAC", "EKFAC"), ("blocks", "diagonal")):
+        for optimizer, variant in itertools.product(optimizers, ("blocks", "diagonal")):
             settings = chosen.get((task, optimizer, variant), {})
             rows.append(_row("final", task, seed, optimizer, variant, settings, target))
             print(task, seed, optimizer, variant, settings, rows[-1]["steps"],
@@ -176,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage", choices=("sweep", "final", "report"))
     parser.add_argument("--csv", type=Path, nargs="+", required=True,
                         help="the output CSV (report: the final CSVs)")
-    parser.add_argument("--sweep-csv", type=Path, nargs="+")
+    parser.add_argument("--sweep-csv", type=Path, nargs="+",
+                        help="sweep CSVs (final: the settings are the best over all of them; "
+                        "sweep: their points are not rerun)")
     parser.add_argument("--tasks", nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
@@ -186,10 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     _load()
     if args.stage == "sweep":
-        sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers)
+        sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers, args.sweep_csv or [])
     else:
-        final(args.csv[0], args.sweep_csv[0], args.tasks or ["LSTM", "GRU", "digits CNN"],
-              args.seeds)
+        final(args.csv[0], args.sweep_csv, args.tasks or ["LSTM", "GRU", "digits CNN"],
+              args.seeds, args.optimizers)
 
 
 if __name__ == "__main__":
