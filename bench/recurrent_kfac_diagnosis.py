@@ -1,0 +1,114 @@
+"""Issue 25: why K-FAC with the recurrent Kronecker blocks diverges (LSTM) or is slow (GRU) on
+the byte-level language models of ``bench/time_to_target.py``
+(bench/results/recurrent_kfac_diagnosis.md).
+
+``trace``: one K-FAC run (eigen, inverse_every 5, the bench's settings), per step the loss, the
+KL-clip quantity lr^2 <d, g> in total and for the parameters that contribute most (with the
+norm of their update), the eval loss every 5 steps, and at a few steps the eigenvalue range of
+every block's A and G. ``roles``: steps to AdamW's 50-step eval loss with the blocks of only
+some weights of the LSTM / GRU (``ih``, ``hh``; the others on the diagonal fallback). One
+thread.
+
+    python bench/recurrent_kfac_diagnosis.py trace LSTM 2 --lr 0.01 --damping 1e-3 [--kl-clip C]
+    python bench/recurrent_kfac_diagnosis.py roles LSTM 2 --lr 0.01 --damping 1e-3
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import recurrent_tuning as rt  # noqa: E402
+import time_to_target as ttt  # noqa: E402
+from grng import register_layer  # noqa: E402
+from grng.curvature.recurrent import RecurrentProjection  # noqa: E402
+from grng.optim.cases import CASES  # noqa: E402
+
+SPECTRA_AT = (1, 5, 10, 20, 30)
+
+
+def _spectrum(M: torch.Tensor) -> torch.Tensor:
+    M = M.double()
+    return torch.linalg.eigvalsh(M) if M.dim() == 2 else M
+
+
+def trace(task: str, seed: int, settings: dict, steps: int) -> None:
+    model, batch_loss, evaluate, _ = ttt._task(task, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = CASES["kfac-eigen"].make(model, **dict(ttt.KFAC, **settings))
+    lr = settings["lr"]
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        loss = batch_loss(model)
+        loss.backward()
+        before = {n: (p.detach().clone(), p.grad.detach().clone())
+                  for n, p in model.named_parameters()}
+        opt.step()
+        kl = {n: (lr * float(((w - p.detach()) * g).sum()), float((w - p.detach()).norm()))
+              for (n, p), (w, g) in zip(model.named_parameters(), before.values())}
+        ev = f"{evaluate(model):.3f}" if step % ttt.EVAL_EVERY == 0 else "-"
+        top = sorted(kl.items(), key=lambda kv: -kv[1][0])[:4]
+        print(f"{step:3d} loss {float(loss.detach()):7.3f} eval {ev:>7s} KL {sum(v[0] for v in kl.values()):.2e} | "
+              + " ".join(f"{n}:{v[0]:.1e}/{v[1]:.2f}" for n, v in top), flush=True)
+        if step in SPECTRA_AT:
+            for unit in opt._blocks:
+                if unit.state.A is None:
+                    continue
+                la, lg = _spectrum(unit.state.A), _spectrum(unit.state.G)
+                name = getattr(unit.layer, "role", type(unit.layer.module).__name__)
+                print(f"      {name:10s} A [max {float(la.max()):.2e} mean {float(la.mean()):.2e}]"
+                      f"  G [max {float(lg.max()):.2e} mean {float(lg.mean()):.2e}]")
+        if not math.isfinite(float(loss)):
+            break
+
+
+def roles(task: str, seed: int, settings: dict) -> None:
+    target = ttt.run(task, seed, "AdamW")[ttt.TARGET_STEP]
+    for kept in (("ih",), ("hh",), ("ih", "hh")):
+        class Only(RecurrentProjection):
+            @classmethod
+            def blocks(cls, module: nn.Module, max_factor_dim: int | None):
+                return [b for b in super().blocks(module, max_factor_dim)
+                        if b.role.split("_")[0] in kept]
+        register_layer(nn.LSTM, Only)
+        register_layer(nn.GRU, Only)
+        try:
+            curve = ttt.run(task, seed, "K-FAC", settings=settings, until=target)
+        finally:
+            register_layer(nn.LSTM, RecurrentProjection)
+            register_layer(nn.GRU, RecurrentProjection)
+        print(task, seed, settings, "blocks", "+".join(kept), "steps",
+              ttt.steps_to(curve, target) or f"> {ttt.MAX_STEPS}",
+              "eval@50", f"{curve.get(ttt.TARGET_STEP, float('nan')):.4f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stage", choices=("trace", "roles"))
+    parser.add_argument("task", choices=("LSTM", "GRU"))
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--damping", type=float, required=True)
+    parser.add_argument("--kl-clip", type=float)
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    rt._load()
+    settings = dict(lr=args.lr, damping=args.damping, kl_clip=args.kl_clip)
+    if args.stage == "trace":
+        trace(args.task, args.seed, settings, args.steps)
+    else:
+        roles(args.task, args.seed, settings)
+
+
+if __name__ == "__main__":
+    main()
