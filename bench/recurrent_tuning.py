@@ -2,14 +2,17 @@
 eval loss in fewer steps with the recurrent / depthwise Kronecker blocks than with the
 diagonal fallback, each variant at its own tuned settings?
 
-1. ``sweep`` (seed 0 only): for the byte-level LSTM and GRU language models, a small grid per
-   optimizer and variant ("blocks": the recurrent layers in Kronecker blocks; "diagonal": their
-   helper switched off, as before issue 25): K-FAC (eigen, inverse_every 5, no KL clip) lr x
-   damping, EKFAC lr. The score is the number of steps to AdamW's 50-step eval loss (eval
-   every 5 steps, at most 100), ties broken by the eval loss at step 50. Every run is a CSV row.
-2. ``final`` (seeds 0, 1, 2): each variant at the best setting of its sweep (seeds 1 and 2 were
-   not seen by the sweep), and on the depthwise CNN on digits K-FAC at the settings of
-   ``bench/time_to_target.py`` and EKFAC at its defaults.
+1. ``sweep`` (seed 0 only): for the byte-level LSTM and GRU language models (and the depthwise
+   CNN), a small grid per optimizer and variant ("blocks": the recurrent layers in Kronecker
+   blocks; "diagonal": their helper switched off, as before issue 25): K-FAC (eigen,
+   inverse_every 5) lr x damping, without and with the KL clip, EKFAC lr. The score is the
+   number of steps to AdamW's 50-step eval loss (eval every 5 steps, at most 100), ties broken
+   by the eval loss at step 50. Every run is a CSV row; points already in ``--sweep-csv`` files
+   are not rerun.
+2. ``final`` (seeds 0, 1, 2): each variant at the best setting over the given sweep CSVs (seeds
+   1 and 2 were not seen by the sweep; a task without sweep rows: K-FAC at the settings of
+   ``bench/time_to_target.py``, EKFAC at its defaults), or every variant at ``--settings``
+   (e.g. K-FAC's library defaults).
 
 One thread; steps, not seconds, are compared. The data, models, AdamW settings and the eval
 are those of ``bench/time_to_target.py``.
@@ -17,6 +20,8 @@ are those of ``bench/time_to_target.py``.
     python bench/recurrent_tuning.py sweep --csv bench/results/recurrent_tuning_sweep.csv
     python bench/recurrent_tuning.py final --sweep-csv bench/results/recurrent_tuning_sweep.csv \
         --csv bench/results/recurrent_tuning_final.csv
+    python bench/recurrent_tuning.py final --optimizers K-FAC --csv FINAL.csv \
+        --settings '{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}'
     python bench/recurrent_tuning.py report --sweep-csv SWEEP.csv ... --csv FINAL.csv ...
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -133,13 +139,15 @@ def best(paths: list[Path]) -> dict[tuple[str, str, str], dict]:
 
 
 def final(path: Path, sweep_paths: list[Path], tasks: list[str], seeds: list[int],
-          optimizers: list[str]) -> None:
-    chosen = best(sweep_paths)
+          optimizers: list[str], fixed: dict | None = None) -> None:
+    """Each (task, optimizer, variant) at the best settings of the sweeps, or every one at
+    ``fixed``."""
+    chosen = best(sweep_paths or [])
     rows: list[dict] = []
     for task, seed in itertools.product(tasks, seeds):
         target = ttt.run(task, seed, "AdamW")[ttt.TARGET_STEP]
         for optimizer, variant in itertools.product(optimizers, ("blocks", "diagonal")):
-            settings = chosen.get((task, optimizer, variant), {})
+            settings = fixed if fixed is not None else chosen.get((task, optimizer, variant), {})
             rows.append(_row("final", task, seed, optimizer, variant, settings, target))
             print(task, seed, optimizer, variant, settings, rows[-1]["steps"],
                   rows[-1]["eval_at_50"], flush=True)
@@ -193,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
                         "sweep: their points are not rerun)")
     parser.add_argument("--tasks", nargs="+")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", type=json.loads,
+                        help='final: every variant at these settings (JSON, e.g. K-FAC\'s '
+                        'defaults \'{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}\')')
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     if args.stage == "report":
@@ -203,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers, args.sweep_csv or [])
     else:
         final(args.csv[0], args.sweep_csv, args.tasks or ["LSTM", "GRU", "digits CNN"],
-              args.seeds, args.optimizers)
+              args.seeds, args.optimizers, args.settings)
 
 
 if __name__ == "__main__":
