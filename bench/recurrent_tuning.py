@@ -204,12 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settings", type=json.loads,
                         help='final: every variant at these settings (JSON, e.g. K-FAC\'s '
                         'defaults \'{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}\')')
+    parser.add_argument("--eval-every", type=int, default=ttt.EVAL_EVERY,
+                        help="steps between evals (the target's resolution; default %(default)s)")
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     if args.stage == "report":
         print(report(args.sweep_csv, args.csv))
         return
     _load()
+    ttt.EVAL_EVERY = args.eval_every
     if args.stage == "sweep":
         sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers, args.sweep_csv or [])
     else:
