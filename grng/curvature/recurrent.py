@@ -17,6 +17,10 @@ time steps of every sequence (A = (1/n) sum a_bar a_bar^T, G = (1/n) sum e e^T, 
 
 Gates (torch's order): LSTM i, f, g, o: c_t = f c_{t-1} + i g, h_t = o tanh(c_t); GRU r, z, n:
 n = tanh(gi_n + r gh_n), h_t = (1 - z) n + z h_{t-1}.
+
+These blocks' G grows by orders of magnitude in the first steps of training, faster than the
+running factors follow: keep K-FAC's KL clip on (its default; docs/algorithms.md "Early
+training and the KL clip").
 """
 from __future__ import annotations
 
