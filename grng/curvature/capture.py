@@ -42,6 +42,7 @@ from grng.curvature import attention  # noqa: F401  (registers nn.MultiheadAtten
 from grng.curvature import recurrent  # noqa: F401  (registers nn.LSTM and nn.GRU helpers)
 from grng.curvature.layers import (Handle, KroneckerLayer, Rows, dead_reference, helper_for,
                                    make_layers)
+from grng.curvature.options import BlockOptions
 from grng.finite import all_finite
 
 BYPASSED = (
@@ -138,10 +139,10 @@ class CurvatureCapture:
     """Finds the supported layers of a model and records their rows while armed."""
 
     def __init__(self, model: nn.Module, keep: set[int] | None = None,
-                 max_factor_dim: int | None = None, owner: object = None) -> None:
+                 options: BlockOptions = BlockOptions(), owner: object = None) -> None:
         """Find the supported layers of ``model`` (only blocks whose parameters are all in
-        ``keep``, a set of parameter ids, when given) and hook them; factor sides above
-        ``max_factor_dim`` are kept diagonal. :attr:`skipped` maps the name of each module a
+        ``keep``, a set of parameter ids, when given), built as ``options`` say (factor sides
+        above its ``max_factor_dim`` are kept diagonal), and hook them. :attr:`skipped` maps the name of each module a
         helper could not cover (or whose parameters another block already covers: tied
         weights) to why. ``owner``: the optimizer that owns the capture (named in errors; see
         :meth:`owned_by`)."""
@@ -153,7 +154,7 @@ class CurvatureCapture:
         claimed: dict[int, str] = {}  # parameter id -> name of the block that covers it
         attachments: list[tuple[nn.Module, list[KroneckerLayer]]] = []
         for name, module in model.named_modules():
-            blocks, reason = make_layers(module, max_factor_dim)
+            blocks, reason = make_layers(module, options)
             if reason is not None:
                 self.skipped[name] = reason
             mine = []

@@ -21,6 +21,7 @@ from torch import nn
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.factors import DenseFactor
 from grng.curvature.layers import KroneckerLayer, helper_for, make_layers
+from grng.curvature.options import BlockOptions
 
 __all__ = ["DIAGONAL", "FROZEN", "KRONECKER", "CoverageReport", "ParameterCoverage",
            "construction_warnings", "coverage_report", "warn_at_construction"]
@@ -159,9 +160,10 @@ def _limited_sides(layer: KroneckerLayer) -> tuple[str, ...]:
 
 
 def coverage_report(model: nn.Module, capture: CurvatureCapture, optimized: set[int],
-                    max_factor_dim: int | None) -> CoverageReport:
-    """The coverage of ``model`` by the blocks of ``capture`` for the parameters whose ids are
-    in ``optimized`` (the optimizer's param groups)."""
+                    options: BlockOptions) -> CoverageReport:
+    """The coverage of ``model`` by the blocks of ``capture`` (built as ``options`` say) for
+    the parameters whose ids are in ``optimized`` (the optimizer's param groups)."""
+    max_factor_dim = options.max_factor_dim
     block_of = {id(p): (layer, name) for layer, name in zip(capture.layers, capture.names)
                 for p in layer.params}
     aliases: dict[int, list[str]] = {}

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from grng import ops
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
-from grng.curvature.layers import MAX_FACTOR_DIM, KroneckerLayer
+from grng.curvature.layers import KroneckerLayer
+from grng.curvature.options import MAX_FACTOR_DIM, BlockOptions
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
 from grng.finite import all_finite, finite_flag
@@ -124,8 +125,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                       apply_in_storage=self.precision == "bf16")
         self.amp = AmpHandoff(check.grad_scaler("grad_scaler", grad_scaler))
         self.max_grad_norm = check.optional_positive("max_grad_norm", max_grad_norm)
-        self.max_factor_dim = (None if max_factor_dim is None
-                               else check.positive_int("max_factor_dim", max_factor_dim))
+        #: how the model's layers become blocks (the factor size limit)
+        self.block_options = BlockOptions(
+            None if max_factor_dim is None else check.positive_int("max_factor_dim",
+                                                                   max_factor_dim))
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -139,7 +142,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # (damping), the update applies each parameter's own group's lr, weight decay, ...
         self._built_momentum = [group["momentum"] for group in self.param_groups]
         self.capture = CurvatureCapture(model, keep=set(self._group_index()),
-                                        max_factor_dim=self.max_factor_dim, owner=self)
+                                        options=self.block_options, owner=self)
         warn_at_construction(self.coverage(), type(self).__name__)
         self.counters = StepCounters()
         self.distributed_strategy = distributed_strategy
@@ -200,7 +203,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         diagonal sides), the diagonal fallback (and why) or nothing (frozen); ``print`` it for
         a table (docs/algorithms.md "Coverage")."""
         return coverage_report(self.model, self.capture, set(self._group_index()),
-                               self.max_factor_dim)
+                               self.block_options)
 
     @property
     def grad_scaler(self) -> Any:
