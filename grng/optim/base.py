@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from grng import ops
+from grng.curvature.blocks import find_blocks
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
 from grng.curvature.layers import KroneckerLayer
@@ -141,13 +142,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # direction is computed jointly with the weight's group's curvature hyperparameters
         # (damping), the update applies each parameter's own group's lr, weight decay, ...
         self._built_momentum = [group["momentum"] for group in self.param_groups]
-        self.capture = CurvatureCapture(model, keep=set(self._group_index()),
-                                        options=self.block_options, owner=self)
+        #: the model's Kronecker blocks (the block source), observed by the capture
+        self.block_set = find_blocks(model, set(self._group_index()), self.block_options)
+        self.capture = CurvatureCapture(self.block_set, owner=self)
         warn_at_construction(self.coverage(), type(self).__name__)
         self.counters = StepCounters()
         self.distributed_strategy = distributed_strategy
         self.comm = make_communicator(model, process_group, distributed_strategy,
-                                      [layer.cost() for layer in self.capture.layers])
+                                      [layer.cost() for layer in self.block_set.layers])
         self.gradient_source: Any = PlainGradient()
         self.block: Preconditioner
         self.diagonal: Preconditioner
@@ -162,7 +164,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if gradient_source is not None:
             self.gradient_source = gradient_source
         self._blocks = [Unit(i, layer, layer.params, block.new_state(layer.params, layer))
-                        for i, layer in enumerate(self.capture.layers)]
+                        for i, layer in enumerate(self.block_set.layers)]
 
     # torch.amp.GradScaler.step(opt) hands step() opt.grad_scale and opt.found_inf instead of
     # unscaling and inf-checking itself: the captured output gradients carry the loss scale too
@@ -196,13 +198,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     @property
     def layers(self) -> list[KroneckerLayer]:
         """The Kronecker-factored layers, in model order."""
-        return self.capture.layers
+        return self.block_set.layers
 
     def coverage(self) -> CoverageReport:
         """Every parameter of the model and what it gets: a Kronecker block (name, d_G x d_A,
         diagonal sides), the diagonal fallback (and why) or nothing (frozen); ``print`` it for
         a table (docs/algorithms.md "Coverage")."""
-        return coverage_report(self.model, self.capture, set(self._group_index()),
+        return coverage_report(self.model, self.block_set, set(self._group_index()),
                                self.block_options)
 
     @property
