@@ -172,3 +172,13 @@ def test_bench_and_package_ask_the_structure_not_the_module_type() -> None:
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                         and node.func.id == "isinstance" and len(node.args) == 2):
                     assert "Embedding" not in ast.unparse(node.args[1]), path
+
+
+def test_a_helpers_orientation_is_its_dim0_not_its_own_transpose() -> None:
+    """Which Kronecker side a weight's dim 0 is, is the helper's ``dim0``; only the base helper
+    lays a weight out as the gradient matrix from it (no helper writes its own transpose)."""
+    for path in sorted((ROOT / "grng" / "curvature").rglob("*.py")):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            defined = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
+            if cls.name != "KroneckerLayer":
+                assert not defined & {"_weight_to_matrix", "_matrix_to_weight"}, (path, cls.name)
