@@ -182,3 +182,17 @@ def test_a_helpers_orientation_is_its_dim0_not_its_own_transpose() -> None:
             defined = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
             if cls.name != "KroneckerLayer":
                 assert not defined & {"_weight_to_matrix", "_matrix_to_weight"}, (path, cls.name)
+
+
+def test_outside_the_curvature_package_a_layer_is_only_a_block() -> None:
+    """The step, the preconditioners and the communicators ask a layer only what
+    ``grng.curvature.blocks.Block`` declares (parameters, sizes, factor structures, gradient
+    maps), never how its calls are observed (rows, hooks, its module): that is the capture's."""
+    from grng.curvature.blocks import Block
+    allowed = {n for n in dir(Block) if not n.startswith("_")} | set(Block.__annotations__)
+    for folder in ("grng/optim", "grng/precondition", "grng/distributed"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Attribute)
+                        and ast.unparse(node.value).split(".")[-1] == "layer"):
+                    assert node.attr in allowed, (path, node.lineno, node.attr)

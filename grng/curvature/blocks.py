@@ -1,9 +1,11 @@
-"""The block source: which Kronecker blocks a model has, found once when an optimizer is built
-and kept apart from how their calls are observed (:mod:`grng.curvature.capture`).
+"""Blocks and the block source: which Kronecker blocks a model has, found once when an optimizer
+is built and kept apart from how their calls are observed (:mod:`grng.curvature.capture`).
 
-A block is one layer helper instance (:mod:`grng.curvature.layers`): its parameters, sizes
-(d_G, d_A), factor structures and gradient-to-matrix map (``to_matrix`` / ``split``, laid out
-as its ``dim0`` says). The source here is the model's modules: each module's registered helper
+A block (:class:`Block`, what the step, the preconditioners and the communicators ask of it) is
+its parameters, sizes (d_G, d_A), factor structures and gradient-to-matrix map (``to_matrix`` /
+``split``, laid out as its ``dim0`` says); a layer helper instance (:mod:`grng.curvature.layers`)
+is one, and also knows how its module's calls are observed (``attach``, ``layer_input``,
+``a_rows``, ``g_rows``), which only the capture asks. The source here is the model's modules: each module's registered helper
 builds its blocks (as :class:`grng.curvature.options.BlockOptions` say), a parameter shared by
 several modules (tied weights) belongs to the first block that covers it, and with ``keep`` only
 blocks whose parameters are all optimized are built. Under FSDP2 the same blocks are built on
@@ -13,15 +15,56 @@ the DTensor parameters; the communicator gathers their gradient matrices
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from grng.curvature import attention  # noqa: F401  (registers nn.MultiheadAttention's helper)
 from grng.curvature import recurrent  # noqa: F401  (registers nn.LSTM and nn.GRU helpers)
+from grng.curvature.factors import FactorStructure
 from grng.curvature.layers import KroneckerLayer, make_layers
 from grng.curvature.options import BlockOptions
 
-__all__ = ["BlockSet", "find_blocks"]
+__all__ = ["Block", "BlockSet", "find_blocks"]
+
+
+class Block(Protocol):
+    """One Kronecker block F ~ A (x) G on [W b], as everything outside its observation sees it
+    (``tests/test_architecture.py`` checks that the optimizers, preconditioners and
+    communicators ask nothing else of a layer)."""
+
+    #: the parameters the block covers ([W] or [W, b]; a weight-normed layer's [v, g, b])
+    params: list[Tensor]
+    #: the tensor laid out as the module's weight (its device and dtype place the state)
+    weight: Tensor
+    #: which Kronecker side the weight's dim 0 is ("G" or "A")
+    dim0: str
+
+    @property
+    def a_factor(self) -> FactorStructure:
+        """The structure of A (size d_A)."""
+
+    @property
+    def g_factor(self) -> FactorStructure:
+        """The structure of G (size d_G)."""
+
+    def dims(self) -> tuple[int, int]:
+        """(d_G, d_A)."""
+
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The gradient matrix's shape: (d_G, d_A), or (groups, d_G / groups, d_A / groups)."""
+
+    def grad_matrix(self) -> Tensor | None:
+        """The gradient as the gradient matrix (None without a gradient)."""
+
+    def to_matrix(self, tensors: list[Tensor | None]) -> Tensor | None:
+        """Tensors shaped as :attr:`params` laid out as the gradient matrix."""
+
+    def split(self, mat: Tensor) -> list[Tensor]:
+        """The gradient matrix back to tensors shaped as :attr:`params`."""
+
+    def cost(self) -> float:
+        """The factorization cost estimate (owner assignment across ranks)."""
 
 
 @dataclass

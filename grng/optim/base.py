@@ -25,10 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from grng import ops
-from grng.curvature.blocks import find_blocks
+from grng.curvature.blocks import Block, find_blocks
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
-from grng.curvature.layers import KroneckerLayer
 from grng.curvature.options import MAX_FACTOR_DIM, BlockOptions
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
@@ -196,7 +195,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- public conveniences
     @property
-    def layers(self) -> list[KroneckerLayer]:
+    def layers(self) -> list[Block]:
         """The Kronecker-factored layers, in model order."""
         return self.block_set.layers
 
@@ -234,7 +233,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Context manager: forward/backward passes inside are not captured (GR probes)."""
         return self.capture.paused()
 
-    def layer_state(self, layer: KroneckerLayer) -> StateView:
+    def layer_state(self, layer: Block) -> StateView:
         """The typed state of a Kronecker block (mapping view: factors, inverses, covariances)."""
         return self._blocks[self.layers.index(layer)].state
 
