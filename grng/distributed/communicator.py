@@ -103,8 +103,9 @@ class Communicator:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ plain verbs
-    def all_gather(self, t: Tensor) -> Tensor:
-        """Every rank's ``t`` (a small host tensor), stacked in rank order: (ranks, *t.shape)."""
+    def all_gather(self, table: list[tuple[float, ...]]) -> list[list[tuple[float, ...]]]:
+        """Every rank's ``table`` (a few host numbers per row, rows of equal length on every
+        rank), in rank order."""
         raise NotImplementedError
 
     def sum_to_all(self) -> Any:
@@ -266,8 +267,8 @@ class LocalCommunicator(Communicator):
         return f.structure.fold_masked(f.current, f.rows, beta, f.like, f.compute, f.storage,
                                        backend, self._fold_ok)
 
-    def all_gather(self, t):
-        return t.unsqueeze(0)
+    def all_gather(self, table):
+        return [table]
 
     def sum_to_all(self):
         return _OwnSum()
@@ -378,11 +379,11 @@ class ProcessGroupCommunicator(Communicator):
                                                                   f.storage)
 
     # ------------------------------------------------------------------ plain verbs
-    def all_gather(self, t):
-        local = _on_comm_device(t, self.group)
+    def all_gather(self, table):
+        local = _on_comm_device(torch.tensor(table, dtype=torch.float64), self.group)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
-        return torch.stack([part.cpu() for part in parts])
+        return [[tuple(row) for row in part.tolist()] for part in parts]
 
     def sum_to_all(self):
         return self.reducer

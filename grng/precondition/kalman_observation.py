@@ -50,17 +50,16 @@ def global_observations(items: list[KalmanItem], comm: Communicator, beta: float
                         sketch: Callable[[int, Tensor], Tensor]) -> list[Observation | None]:
     """The global batch's observation of each item (None: no rank has rows); every rank issues
     the same collectives in the same order."""
-    table = torch.zeros(len(items), 3, dtype=torch.float64)  # (rows m, examples n, scale s)
-    for i, it in enumerate(items):
-        if it.rows is not None:
-            table[i, 0], table[i, 1], table[i, 2] = it.rows.X.shape[0], it.rows.n, it.rows.scale
-    every = comm.all_gather(table)  # (ranks, items, 3)
+    table = [(0.0, 0.0, 0.0) if it.rows is None  # (rows m, examples n, scale s)
+             else (float(it.rows.X.shape[0]), float(it.rows.n), float(it.rows.scale))
+             for it in items]
+    every = comm.all_gather(table)  # [rank][item] -> (m, n, s), host numbers
     summed = comm.sum_to_all()
     plan: list[tuple[str, int, int, float] | None] = []
     gathers: list[tuple[Tensor | None, int, torch.dtype, list[int]]] = []
     for i, it in enumerate(items):
-        m_r = [int(m) for m in every[:, i, 0].tolist()]
-        n_total = int(every[:, i, 1].sum())
+        m_r = [int(ranks[i][0]) for ranks in every]
+        n_total = int(sum(ranks[i][1] for ranks in every))
         if n_total == 0:
             plan.append(None)
             continue
@@ -70,7 +69,7 @@ def global_observations(items: list[KalmanItem], comm: Communicator, beta: float
             slot = summed.add(Piece("vec", (P.shape[0],)), counts, 0.0, P.dtype, P.device)
             plan.append(("diag", slot, n_total, 1.0))
             continue
-        s = float(every[next(r for r, m in enumerate(m_r) if m > 0), i, 2])
+        s = every[next(r for r, m in enumerate(m_r) if m > 0)][i][2]
         E = None if it.rows is None else _relative_rows(it.rows, P.dtype, s)
         if sum(m_r) > rank:
             omega = sketch(sum(m_r), P)  # the same draws on every rank
