@@ -854,22 +854,19 @@ def make_optimizer(name: str, model: Any, backend: str, inverse_every: int):
 def factor_summary(model: Any) -> tuple[str, int]:
     """(what grng builds for ``model``: blocks, largest dense factor, diagonal factors; the
     largest dense factor's side)."""
-    from grng.curvature.capture import CurvatureCapture
-    cap = CurvatureCapture(model)
-    try:
-        dense, diag = [], []
-        for name, layer in zip(cap.names, cap.layers):
-            # each side's structure says whether it is kept as a vector (an embedding's A, a
-            # side above max_factor_dim)
-            for side, structure in (("G", layer.g_factor), ("A", layer.a_factor)):
-                (diag if structure.diagonal else dense).append((structure.dim, f"{name} {side}"))
-        big = max(dense)
-        text = (f"{len(cap.layers)} Kronecker blocks; largest dense factor {big[0]} ({big[1]})")
-        if diag:
-            text += "; diagonal: " + ", ".join(f"{w} {d}" for d, w in diag)
-        return text, big[0]
-    finally:
-        cap.remove()
+    from grng.curvature.blocks import find_blocks
+    found = find_blocks(model)
+    dense, diag = [], []
+    for name, layer in zip(found.names, found.layers):
+        # each side's structure says whether it is kept as a vector (an embedding's A, a side
+        # above max_factor_dim)
+        for side, structure in (("G", layer.g_factor), ("A", layer.a_factor)):
+            (diag if structure.diagonal else dense).append((structure.dim, f"{name} {side}"))
+    big = max(dense)
+    text = (f"{len(found.layers)} Kronecker blocks; largest dense factor {big[0]} ({big[1]})")
+    if diag:
+        text += "; diagonal: " + ", ".join(f"{w} {d}" for d, w in diag)
+    return text, big[0]
 
 
 def step_configs() -> list[tuple[str, str]]:

@@ -172,3 +172,27 @@ def test_bench_and_package_ask_the_structure_not_the_module_type() -> None:
                 if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
                         and node.func.id == "isinstance" and len(node.args) == 2):
                     assert "Embedding" not in ast.unparse(node.args[1]), path
+
+
+def test_a_helpers_orientation_is_its_dim0_not_its_own_transpose() -> None:
+    """Which Kronecker side a weight's dim 0 is, is the helper's ``dim0``; only the base helper
+    lays a weight out as the gradient matrix from it (no helper writes its own transpose)."""
+    for path in sorted((ROOT / "grng" / "curvature").rglob("*.py")):
+        for cls in (n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)):
+            defined = {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
+            if cls.name != "KroneckerLayer":
+                assert not defined & {"_weight_to_matrix", "_matrix_to_weight"}, (path, cls.name)
+
+
+def test_outside_the_curvature_package_a_layer_is_only_a_block() -> None:
+    """The step, the preconditioners and the communicators ask a layer only what
+    ``grng.curvature.blocks.Block`` declares (parameters, sizes, factor structures, gradient
+    maps), never how its calls are observed (rows, hooks, its module): that is the capture's."""
+    from grng.curvature.blocks import Block
+    allowed = {n for n in dir(Block) if not n.startswith("_")} | set(Block.__annotations__)
+    for folder in ("grng/optim", "grng/precondition", "grng/distributed"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (isinstance(node, ast.Attribute)
+                        and ast.unparse(node.value).split(".")[-1] == "layer"):
+                    assert node.attr in allowed, (path, node.lineno, node.attr)

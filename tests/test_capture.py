@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from grng import KFAC
+from grng.curvature.blocks import find_blocks
+from grng.curvature.capture import CurvatureCapture
 
 DT = torch.float64
 
@@ -460,3 +462,21 @@ def test_layernorm_and_lone_bias_get_diagonal_fisher() -> None:
             _close(opt.curvature_state(p)["D"], D)
             _close(p.detach(), p0 - lr * g / (D + damping))
         D_prev = D_exp
+
+
+def test_finding_blocks_observes_nothing_and_the_capture_observes_exactly_them() -> None:
+    """The block source (find_blocks) builds the blocks without touching the model; the capture
+    hooks the modules of the blocks it is given, and only those."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Embedding(5, 2), nn.Linear(4, 2))
+    keep = {id(p) for p in model[0].parameters()} | {id(p) for p in model[3].parameters()}
+    found = find_blocks(model, keep)
+    assert found.names == ["0", "3"] and [m for m, _ in found.modules] == [model[0], model[3]]
+    assert not any(m._forward_hooks for m in model.modules())
+    capture = CurvatureCapture(found)
+    hooked = [m for m in model.modules() if m._forward_hooks]
+    assert hooked == [model[0], model[3]] and capture.layers is found.layers
+    x = torch.randn(6, 3)
+    model[3](torch.tanh(model[0](x))).sum().backward()
+    assert capture.has_rows(found.layers[0]) and capture.has_rows(found.layers[1])
+    capture.remove()
+    assert not any(m._forward_hooks for m in model.modules())

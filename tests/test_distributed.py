@@ -417,3 +417,51 @@ def test_pack_unpack_upper_triangle_roundtrip():
     assert count == 3.0 and torch.equal(back, M)
     zero, count = unpack(piece, pack(piece, None, 0.0, torch.float64, M.device))
     assert count == 0.0 and torch.equal(zero, torch.zeros(5, 5, dtype=torch.float64))
+
+
+# ------------------------------------------------ R-Kalman observations, uneven row scales
+_OBS_ROWS = (3, 5)   # rows (= examples = scale) of each rank: the scales differ
+_OBS_BETA = 0.9
+
+
+def _obs_rows(rank: int) -> torch.Tensor:
+    return torch.randn(_OBS_ROWS[rank], 4, dtype=torch.float64,
+                       generator=torch.Generator().manual_seed(10 + rank))
+
+
+def _obs_sketch():
+    gen = torch.Generator().manual_seed(0)
+    return lambda m, like: torch.randn(2, m, dtype=like.dtype, generator=gen)
+
+
+def _observation_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from grng.curvature.factors import Rows
+    from grng.distributed.communicator import ProcessGroupCommunicator
+    from grng.precondition.kalman_observation import KalmanItem, global_observations
+    with rank_report(rank, world, port, out_dir) as report:
+        comm = ProcessGroupCommunicator(dist.group.WORLD, "comm-opt", [1.0])
+        X, P = _obs_rows(rank), torch.eye(4, dtype=torch.float64)
+        rows = Rows(X, X.shape[0], float(X.shape[0]))
+        out = {}
+        for name, k in (("rows", 100), ("sketch", 2)):
+            obs = global_observations([KalmanItem(DenseFactor(4), rows, P, P)], comm, _OBS_BETA,
+                                      k, _obs_sketch())[0]
+            out[name] = (obs.H.tolist(), obs.r)
+        report.update(out)
+
+
+def test_kalman_observations_of_ranks_with_different_row_scales():
+    """Ranks whose rows carry different scales s_r: the observation (H, r) sent relative to a
+    common scale s equals the global one, (sum_r Omega_r s_r X_r, N / (1 - beta)), up to the
+    factor s that leaves the Kalman update unchanged ((H / s, r / s^2))."""
+    reports = spawn_ranks(_observation_worker, 2, timeout_s=TIMEOUT_S)
+    E = torch.cat([_obs_rows(r) * float(_OBS_ROWS[r]) for r in range(2)])  # e = s_r x rows
+    omega = _obs_sketch()(E.shape[0], E)
+    r_global = sum(_OBS_ROWS) / (1.0 - _OBS_BETA)
+    s = float(_OBS_ROWS[0])  # the first rank with rows
+    for report in reports:
+        for name, expected in (("rows", E), ("sketch", omega @ E)):
+            H, r = report[name]
+            torch.testing.assert_close(torch.tensor(H, dtype=torch.float64) * s, expected,
+                                       rtol=1e-13, atol=1e-13)
+            assert r * s ** 2 == pytest.approx(r_global, rel=1e-14)

@@ -23,7 +23,8 @@ from grng import KFAC, RKalman, register_layer
 from grng.curvature.attention import attention_forward
 from grng.optim.cases import make_optimizer, optimizer_factory
 from grng.curvature.layers import (Conv1dLayer, LinearLayer, TransposedLinearLayer,
-                                   WeightNormLayer, helper_for, registered_layers)
+                                   WeightNormLayer, helper_for, make_layers,
+                                   registered_layers)
 
 DT = torch.float64
 
@@ -126,6 +127,29 @@ def test_register_layer_rejects_bad_arguments() -> None:
         register_layer(int, LinearLayer)
     with pytest.raises(TypeError, match="helper"):
         register_layer(nn.Linear, object)
+
+
+@pytest.mark.parametrize("kind, side", [("linear", "G"), ("conv1d", "G"), ("conv2d", "G"),
+                                        ("conv3d", "G"), ("embedding", "A"), ("transposed", "A"),
+                                        ("weight-normed transposed", "A")])
+def test_each_helper_says_which_kronecker_side_its_weights_dim_0_is(kind: str, side: str) -> None:
+    """``dim0``: the weight's dim 0 indexes the rows of the gradient matrix (G) or its columns
+    (A), and ``to_matrix`` / ``split`` lay the weight out so."""
+    module = {"linear": lambda: nn.Linear(3, 2), "conv1d": lambda: nn.Conv1d(2, 3, 2),
+              "conv2d": lambda: nn.Conv2d(2, 3, 2), "conv3d": lambda: nn.Conv3d(2, 3, 2),
+              "embedding": lambda: nn.Embedding(5, 3), "transposed": lambda: Conv1D(2, 3),
+              "weight-normed transposed": lambda: parametrizations.weight_norm(Conv1D(2, 3), dim=0)}[kind]()
+    layer = make_layers(module)[0][0]
+    assert layer.dim0 == side
+    w = torch.randn(layer.weight.shape, dtype=DT)
+    tensors = [w] + ([torch.randn(layer.bias.shape, dtype=DT)] if layer.has_bias else [])
+    mat = layer.inner.to_matrix(tensors) if kind.startswith("weight") else layer.to_matrix(tensors)
+    assert tuple(mat.shape) == layer.dims()
+    core = mat[:, :-1] if layer.has_bias else mat
+    for i in range(w.shape[0]):   # dim 0's slice i is row i (G) or column i (A)
+        assert torch.equal(core[i] if side == "G" else core[:, i], w[i].reshape(-1))
+    back = layer.inner.split(mat) if kind.startswith("weight") else layer.split(mat)
+    assert all(torch.equal(a, b) for a, b in zip(back, tensors))
 
 
 # ----------------------------------------------------------------------------- Conv1d

@@ -453,13 +453,13 @@ def step_shape(build: Callable[[], nn.Module], batch: Callable[[torch.device], t
         with FlopCounterMode(display=False) as flops, counter:
             loss(model, batch(meta)).backward()
         blocks = []
-        for layer, name in zip(opt.capture.layers, opt.capture.names):
+        for layer, name in zip(opt.block_set.layers, opt.block_set.names):
             rows = opt.capture.rows(layer)
             m = 0 if rows is None or rows[1] is None else int(rows[1].X.shape[0])
             d_g, d_a = layer.dims()
             blocks.append(BlockShape(name, d_a, d_g, not layer.a_factor.diagonal,
                                      not layer.g_factor.diagonal, m))
-        covered = {id(p) for layer in opt.capture.layers for p in layer.params}
+        covered = {id(p) for layer in opt.block_set.layers for p in layer.params}
         params = [p for p in model.parameters() if p.requires_grad]
         return StepShape(tuple(blocks), sum(p.numel() for p in params),
                          sum(p.numel() for p in params if id(p) not in covered), len(params),

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from grng.curvature.layers import (Handle, KroneckerLayer, LinearLayer, Recorder, WeightNormLayer,
                                    register_layer, weight_norm_parts)
+from grng.curvature.options import BlockOptions
 from grng.curvature.replacement import (Report, attach_forward, recording_report,
                                         replaced_by_another)
 
@@ -42,8 +43,8 @@ class AttentionProjection(LinearLayer):
     """
 
     def __init__(self, module: nn.Module, role: str, weight: Tensor, bias: Tensor | None,
-                 max_factor_dim: int | None = None) -> None:
-        super().__init__(module, weight=weight, max_factor_dim=max_factor_dim)
+                 options: BlockOptions = BlockOptions()) -> None:
+        super().__init__(module, weight=weight, options=options)
         self.bias = bias if bias is not None and bias.requires_grad else None
         self.role = role
         self.suffix = "." + role
@@ -57,14 +58,14 @@ class AttentionProjection(LinearLayer):
         return None
 
     @classmethod
-    def blocks(cls, module: nn.Module, max_factor_dim: int | None) -> list[KroneckerLayer]:
+    def blocks(cls, module: nn.Module, options: BlockOptions) -> list[KroneckerLayer]:
         """in_proj (or q_proj, k_proj, v_proj) and out_proj, those whose weight is a trainable
         parameter (or a weight-normed out_proj's direction v)."""
         out: list[KroneckerLayer] = []
 
         def add(role: str, weight: Tensor | None, bias: Tensor | None) -> None:
             if weight is not None and weight.requires_grad and weight.is_leaf:
-                out.append(cls(module, role, weight, bias, max_factor_dim))
+                out.append(cls(module, role, weight, bias, options))
 
         if module._qkv_same_embed_dim:
             add("in_proj", module.in_proj_weight, module.in_proj_bias)
@@ -77,7 +78,7 @@ class AttentionProjection(LinearLayer):
             add("out_proj", module.out_proj.weight, module.out_proj.bias)
         elif parts[0].requires_grad:
             v, g, dim = parts
-            inner = cls(module, "out_proj", v, module.out_proj.bias, max_factor_dim)
+            inner = cls(module, "out_proj", v, module.out_proj.bias, options)
             out.append(WeightNormLayer(inner, g, dim))
         return out
 

@@ -1,12 +1,14 @@
-"""Curvature capture: each layer helper's hooks report a call's input and output; the input is
-kept on the output's gradient hook, i.e. on the autograd graph, until backward reaches it.
+"""Curvature capture, the observation of a model's blocks: each layer helper's hooks report a
+call's input and output; the input is kept on the output's gradient hook, i.e. on the autograd
+graph, until backward reaches it.
 
-Layers are found through the helper registry (:mod:`grng.curvature.layers`, attention in
-:mod:`grng.curvature.attention`); a helper's ``attach`` decides how its calls are observed
-(a forward hook that takes positional or keyword inputs; attention re-expresses its forward).
-A module called several times in one forward (weight sharing) records every call. Nothing is
-recorded when capture is not armed (factors not due this step), while paused (gradient
-regularization probes), under ``torch.no_grad()``, or when the output does not need a gradient.
+The blocks are found apart (:func:`grng.curvature.blocks.find_blocks`, through the helper
+registry of :mod:`grng.curvature.layers`); a helper's ``attach`` decides how its module's calls
+are observed (a forward hook that takes positional or keyword inputs; attention and the
+recurrent layers re-express their forward). A module called several times in one forward
+(weight sharing) records every call. Nothing is recorded when capture is not armed (factors
+not due this step), while paused (gradient regularization probes), under ``torch.no_grad()``,
+or when the output does not need a gradient.
 
 Lifetime (docs/numerics.md "The capture's lifetime"):
 
@@ -36,12 +38,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from grng.curvature import attention  # noqa: F401  (registers nn.MultiheadAttention's helper)
-from grng.curvature import recurrent  # noqa: F401  (registers nn.LSTM and nn.GRU helpers)
-from grng.curvature.layers import (Handle, KroneckerLayer, Rows, dead_reference, helper_for,
-                                   make_layers)
+from grng.curvature.blocks import BlockSet
+from grng.curvature.layers import Handle, KroneckerLayer, Rows, dead_reference, helper_for
 from grng.finite import all_finite
 
 BYPASSED = (
@@ -135,45 +135,16 @@ def forget_compiled_graphs() -> None:
 
 
 class CurvatureCapture:
-    """Finds the supported layers of a model and records their rows while armed."""
+    """Observes the blocks of a model and records their rows while armed."""
 
-    def __init__(self, model: nn.Module, keep: set[int] | None = None,
-                 max_factor_dim: int | None = None, owner: object = None) -> None:
-        """Find the supported layers of ``model`` (only blocks whose parameters are all in
-        ``keep``, a set of parameter ids, when given) and hook them; factor sides above
-        ``max_factor_dim`` are kept diagonal. :attr:`skipped` maps the name of each module a
-        helper could not cover (or whose parameters another block already covers: tied
-        weights) to why. ``owner``: the optimizer that owns the capture (named in errors; see
+    def __init__(self, blocks: BlockSet, owner: object = None) -> None:
+        """Hook the modules of ``blocks`` (:func:`grng.curvature.blocks.find_blocks`).
+        ``owner``: the optimizer that owns the capture (named in errors; see
         :meth:`owned_by`)."""
-        self.layers: list[KroneckerLayer] = []
-        self.names: list[str] = []
-        self.skipped: dict[str, str] = {}
+        self.layers: list[KroneckerLayer] = blocks.layers
+        self.names: list[str] = blocks.names
         self.owner = type(self).__name__ if owner is None else type(owner).__name__
         self._owner_id = id(owner)  # not a reference: the capture never keeps its owner alive
-        claimed: dict[int, str] = {}  # parameter id -> name of the block that covers it
-        attachments: list[tuple[nn.Module, list[KroneckerLayer]]] = []
-        for name, module in model.named_modules():
-            blocks, reason = make_layers(module, max_factor_dim)
-            if reason is not None:
-                self.skipped[name] = reason
-            mine = []
-            for block in blocks:
-                block_name = f"{name}{block.suffix}" if name else block.suffix.lstrip(".")
-                owner_name = next((claimed[id(p)] for p in block.params if id(p) in claimed),
-                                  None)
-                if owner_name is not None:
-                    if owner_name != block_name:  # attention's out_proj is claimed by its parent
-                        self.skipped[block_name] = (f"tied to {owner_name!r}, whose calls alone "
-                                                    "are captured")
-                    continue
-                if keep is not None and not all(id(p) in keep for p in block.params):
-                    continue
-                claimed.update((id(p), block_name) for p in block.params)
-                mine.append(block)
-                self.layers.append(block)
-                self.names.append(block_name)
-            if mine:
-                attachments.append((module, mine))
         self.armed = True
         self.loss_scale = 1.0  # the G rows carry the loss scale S of a scaled backward (GradScaler)
         #: whether a forward hook of this capture ran since the last :meth:`clear`
@@ -182,7 +153,7 @@ class CurvatureCapture:
         self._epoch = 0  # counts the clears: a pending call of an earlier step is stale
         self._records: dict[int, _Record] = {id(layer): _Record() for layer in self.layers}
         self._handles: list[Handle] = []
-        for module, mine in attachments:
+        for module, mine in blocks.modules:
             self._handles.extend(helper_for(module).attach(module, mine, self))
         for layer, name in zip(self.layers, self.names):
             if layer.weight.is_leaf:

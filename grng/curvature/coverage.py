@@ -18,9 +18,10 @@ from pathlib import Path
 
 from torch import nn
 
-from grng.curvature.capture import CurvatureCapture
+from grng.curvature.blocks import BlockSet
 from grng.curvature.factors import DenseFactor
 from grng.curvature.layers import KroneckerLayer, helper_for, make_layers
+from grng.curvature.options import BlockOptions
 
 __all__ = ["DIAGONAL", "FROZEN", "KRONECKER", "CoverageReport", "ParameterCoverage",
            "construction_warnings", "coverage_report", "warn_at_construction"]
@@ -158,11 +159,12 @@ def _limited_sides(layer: KroneckerLayer) -> tuple[str, ...]:
     return sides
 
 
-def coverage_report(model: nn.Module, capture: CurvatureCapture, optimized: set[int],
-                    max_factor_dim: int | None) -> CoverageReport:
-    """The coverage of ``model`` by the blocks of ``capture`` for the parameters whose ids are
-    in ``optimized`` (the optimizer's param groups)."""
-    block_of = {id(p): (layer, name) for layer, name in zip(capture.layers, capture.names)
+def coverage_report(model: nn.Module, blocks: BlockSet, optimized: set[int],
+                    options: BlockOptions) -> CoverageReport:
+    """The coverage of ``model`` by ``blocks`` (built as ``options`` say) for the parameters
+    whose ids are in ``optimized`` (the optimizer's param groups)."""
+    max_factor_dim = options.max_factor_dim
+    block_of = {id(p): (layer, name) for layer, name in zip(blocks.layers, blocks.names)
                 for p in layer.params}
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -174,7 +176,7 @@ def coverage_report(model: nn.Module, capture: CurvatureCapture, optimized: set[
         tied = []
         for alias in aliases[id(p)][1:]:
             module_name = alias.rpartition(".")[0]
-            why = capture.skipped.get(module_name)
+            why = blocks.skipped.get(module_name)
             tied.append(f"tied: also {alias}" + (f" ({module_name}: {why})" if why else ""))
         if not p.requires_grad or id(p) not in optimized:
             why = "requires_grad=False" if not p.requires_grad else "not in param_groups"
@@ -189,7 +191,7 @@ def coverage_report(model: nn.Module, capture: CurvatureCapture, optimized: set[
                 layer.a_factor.diagonal, limited, "; ".join(notes)))
         else:
             module_name, module = _owner(model, first, id(p))
-            why = _diagonal_reason(module_name, module, id(p), capture.skipped)
+            why = _diagonal_reason(module_name, module, id(p), blocks.skipped)
             entries.append(ParameterCoverage(name, shape, DIAGONAL, note="; ".join([why] + tied)))
     return CoverageReport(entries, max_factor_dim)
 

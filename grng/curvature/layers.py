@@ -16,6 +16,7 @@ its calls are observed (:meth:`KroneckerLayer.attach`); docs/algorithms.md "Laye
 from __future__ import annotations
 
 import inspect
+import math
 import weakref
 from collections.abc import Callable
 from functools import cached_property
@@ -28,16 +29,12 @@ from torch.nn.utils import parametrize
 
 from grng.curvature.factors import (BlockDiagonalFactor, DenseFactor, DiagonalFactor,
                                     FactorStructure, Rows)
+from grng.curvature.options import BlockOptions
 
-__all__ = ["MAX_FACTOR_DIM", "PATCH_CHUNK_ELEMENTS", "Conv1dLayer", "Conv2dLayer",
-           "Conv3dLayer", "ConvLayer", "EmbeddingLayer", "ForwardHook", "Handle", "KroneckerLayer",
-           "LinearLayer", "Recorder", "Rows", "TransposedLinearLayer", "WeightNormLayer",
-           "dead_reference", "helper_for", "make_layers", "register_layer", "registered_layers",
-           "weight_norm_parts"]
-
-#: the default largest dense factor side (docs/algorithms.md "Factor size limit"): a d x d
-#: float32 factor of this size is 256 MiB, its eigenbasis as much again
-MAX_FACTOR_DIM = 8192
+__all__ = ["PATCH_CHUNK_ELEMENTS", "Conv1dLayer", "Conv2dLayer", "Conv3dLayer", "ConvLayer",
+           "EmbeddingLayer", "ForwardHook", "Handle", "KroneckerLayer", "LinearLayer", "Recorder",
+           "Rows", "TransposedLinearLayer", "WeightNormLayer", "dead_reference", "helper_for",
+           "make_layers", "register_layer", "registered_layers", "weight_norm_parts"]
 
 #: the most elements of unfolded patches a convolution's capture holds besides its row matrix
 #: (64 MiB in float32; at least one example at a time)
@@ -105,25 +102,30 @@ class KroneckerLayer:
     A helper owns its factor structures (:attr:`a_factor`, :attr:`g_factor`: dense or
     diagonal, :mod:`grng.curvature.factors`) and how rows are extracted from a call's inputs
     and output gradients; nothing outside the helpers asks which kind of layer it is. A factor
-    side larger than ``max_factor_dim`` is kept diagonal (docs/algorithms.md "Factor size
-    limit").
+    side larger than ``options.max_factor_dim`` is kept diagonal (docs/algorithms.md "Factor
+    size limit"; :class:`grng.curvature.options.BlockOptions`).
     """
 
     #: the structure class of A (G is dense unless above ``max_factor_dim``)
     a_structure: type[FactorStructure] = DenseFactor
+    #: which Kronecker side the weight's dim 0 is: "G" (its rows are outputs: Linear, Conv) or
+    #: "A" (its rows are inputs: Embedding's V x D table, transformers' in x out Conv1D); the
+    #: gradient matrix (d_G x d_A) is the weight's [dim 0, the rest] laid out so
+    dim0 = "G"
     #: appended to the module's name to name the block (a module with several blocks)
     suffix = ""
 
     def __init__(self, module: nn.Module, *, weight: Tensor | None = None,
-                 max_factor_dim: int | None = None) -> None:
+                 options: BlockOptions = BlockOptions()) -> None:
         """``weight``: the trainable tensor laid out as the module's weight (default
-        ``module.weight``; a weight-normed layer passes its direction v)."""
+        ``module.weight``; a weight-normed layer passes its direction v); ``options``: how the
+        block is built (the factor size limit)."""
         self.module = module
         self.weight: Tensor = module.weight if weight is None else weight
         bias = getattr(module, "bias", None)
         self.bias: Tensor | None = (bias if isinstance(bias, Tensor) and bias.requires_grad
                                     and bias.is_leaf else None)
-        self.max_factor_dim = max_factor_dim
+        self.options = options
         names = list(inspect.signature(type(module).forward).parameters)
         self._input_name = names[1] if len(names) > 1 else ""
 
@@ -145,13 +147,14 @@ class KroneckerLayer:
         return None
 
     @classmethod
-    def beyond_limit(cls, module: nn.Module, max_factor_dim: int | None) -> str | None:
-        """Why ``module`` gets no block at this ``max_factor_dim`` (None: it gets one; a dense
-        side above the limit is kept diagonal inside the block, :meth:`_limited`)."""
+    def beyond_limit(cls, module: nn.Module, options: BlockOptions) -> str | None:
+        """Why ``module`` gets no block under ``options``' ``max_factor_dim`` (None: it gets
+        one; a dense side above the limit is kept diagonal inside the block,
+        :meth:`BlockOptions.side`)."""
         return None
 
     @classmethod
-    def blocks(cls, module: nn.Module, max_factor_dim: int | None) -> list[KroneckerLayer]:
+    def blocks(cls, module: nn.Module, options: BlockOptions) -> list[KroneckerLayer]:
         """The blocks of a supported ``module`` whose weight is trainable: one for most layers
         (on W = g v / ||v|| for a weight-normed one, :class:`WeightNormLayer`)."""
         parts = weight_norm_parts(module)
@@ -159,11 +162,11 @@ class KroneckerLayer:
             v, g, dim = parts
             if not v.requires_grad:
                 return []
-            return [WeightNormLayer(cls(module, weight=v, max_factor_dim=max_factor_dim), g, dim)]
+            return [WeightNormLayer(cls(module, weight=v, options=options), g, dim)]
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or not weight.requires_grad:
             return []
-        return [cls(module, max_factor_dim=max_factor_dim)]
+        return [cls(module, options=options)]
 
     @classmethod
     def attach(cls, module: nn.Module, blocks: list[KroneckerLayer],
@@ -187,18 +190,12 @@ class KroneckerLayer:
     @cached_property
     def a_factor(self) -> FactorStructure:
         """The structure of A (size d_A; built once: the preconditioners ask every step)."""
-        return self._limited(self.a_structure, self.dims()[1])
+        return self.options.side(self.a_structure, self.dims()[1])
 
     @cached_property
     def g_factor(self) -> FactorStructure:
         """The structure of G (size d_G; dense unless above ``max_factor_dim``; built once)."""
-        return self._limited(DenseFactor, self.dims()[0])
-
-    def _limited(self, structure: type[FactorStructure], dim: int) -> FactorStructure:
-        if (structure is DenseFactor and self.max_factor_dim is not None
-                and dim > self.max_factor_dim):
-            return DiagonalFactor(dim)
-        return structure(dim)
+        return self.options.side(DenseFactor, self.dims()[0])
 
     def cost(self) -> float:
         """Factorization cost estimate of the block (inverse assignment across ranks)."""
@@ -222,8 +219,11 @@ class KroneckerLayer:
         raise NotImplementedError
 
     def dims(self) -> tuple[int, int]:
-        """(d_G, d_A): the sizes of G and A."""
-        raise NotImplementedError
+        """(d_G, d_A): the sizes of G and A: the weight's dim 0 and the product of the others,
+        on the sides :attr:`dim0` says, with the bias's homogeneous coordinate on A."""
+        rows, rest = self.weight.shape[0], math.prod(self.weight.shape[1:])
+        d_g, d_a = (rows, rest) if self.dim0 == "G" else (rest, rows)
+        return d_g, d_a + int(self.has_bias)
 
     def matrix_shape(self) -> tuple[int, ...]:
         """The shape of :meth:`grad_matrix`: (d_G, d_A), or (groups, d_G / groups,
@@ -254,10 +254,16 @@ class KroneckerLayer:
         return [self._matrix_to_weight(mat)]
 
     def _weight_to_matrix(self, w: Tensor) -> Tensor:
-        return w.reshape(w.shape[0], -1)
+        """W-shaped ``w`` as d_G x (d_A without the bias column): [dim 0, the rest], transposed
+        when dim 0 is the A side."""
+        mat = w.reshape(w.shape[0], -1)
+        return mat if self.dim0 == "G" else mat.transpose(0, 1)
 
     def _matrix_to_weight(self, mat: Tensor) -> Tensor:
-        return mat.reshape(self.weight.shape)
+        """Inverse of :meth:`_weight_to_matrix`."""
+        if self.dim0 == "G":
+            return mat.reshape(self.weight.shape)
+        return mat.transpose(0, 1).reshape(self.weight.shape)
 
     def _with_ones(self, rows: Tensor) -> Tensor:
         if not self.has_bias:
@@ -287,10 +293,6 @@ class KroneckerLayer:
 class LinearLayer(KroneckerLayer):
     """nn.Linear with any number of leading dimensions: every row is an example (N = rows)."""
 
-    def dims(self) -> tuple[int, int]:
-        o, i = self.weight.shape
-        return o, i + int(self.has_bias)
-
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         rows = torch.cat([a.reshape(-1, a.shape[-1]) for a in inputs])
         return Rows(self._with_ones(rows), rows.shape[0])
@@ -302,7 +304,10 @@ class LinearLayer(KroneckerLayer):
 
 class TransposedLinearLayer(LinearLayer):
     """A Linear whose weight is stored in x out, y = x W + b (transformers' ``Conv1D`` of GPT-2):
-    W_bar = [W^T b], so the gradient matrix (d_G x d_A) is the transpose of the stored one."""
+    W_bar = [W^T b], so the gradient matrix (d_G x d_A) is the transpose of the stored one
+    (dim 0 is the A side)."""
+
+    dim0 = "A"
 
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
@@ -317,16 +322,6 @@ class TransposedLinearLayer(LinearLayer):
                     f"is not (in, nf={nf}): shape "
                     f"{None if not isinstance(weight, Tensor) else tuple(weight.shape)}")
         return None
-
-    def dims(self) -> tuple[int, int]:
-        i, o = self.weight.shape
-        return o, i + int(self.has_bias)
-
-    def _weight_to_matrix(self, w: Tensor) -> Tensor:
-        return w.transpose(0, 1)
-
-    def _matrix_to_weight(self, mat: Tensor) -> Tensor:
-        return mat.transpose(0, 1)
 
 
 class ConvLayer(KroneckerLayer):
@@ -368,21 +363,21 @@ class ConvLayer(KroneckerLayer):
         return reason
 
     @classmethod
-    def beyond_limit(cls, module: nn.Module, max_factor_dim: int | None) -> str | None:
+    def beyond_limit(cls, module: nn.Module, options: BlockOptions) -> str | None:
         """A grouped convolution whose per-group block side (O/g or C/g k [+1]) exceeds
         ``max_factor_dim`` gets the diagonal fallback: the limit bounds each dense block, and a
         diagonal side next to a block-diagonal one is not a structure the inverses take."""
         weight = getattr(module, "weight", None)
-        if module.groups == 1 or max_factor_dim is None or not isinstance(weight, Tensor):
+        if module.groups == 1 or not isinstance(weight, Tensor):
             return None
         bias = getattr(module, "bias", None)
         sides = (("G", weight.shape[0] // module.groups),
                  ("A", weight[0].numel() + int(isinstance(bias, Tensor) and bias.requires_grad)))
-        over = [f"{side} {size}" for side, size in sides if size > max_factor_dim]
+        over = [f"{side} {size}" for side, size in sides if options.above_limit(size)]
         if not over:
             return None
         return (f"its per-group factor side ({', '.join(over)}; groups={module.groups}) is above "
-                f"max_factor_dim={max_factor_dim}; raise max_factor_dim to keep its "
+                f"max_factor_dim={options.max_factor_dim}; raise max_factor_dim to keep its "
                 "block-diagonal factors")
 
     def matrix_shape(self) -> tuple[int, ...]:
@@ -393,13 +388,13 @@ class ConvLayer(KroneckerLayer):
     @cached_property
     def a_factor(self) -> FactorStructure:
         if self.groups == 1:
-            return self._limited(self.a_structure, self.dims()[1])
+            return self.options.side(self.a_structure, self.dims()[1])
         return BlockDiagonalFactor(self.groups, self._group_dims()[1])
 
     @cached_property
     def g_factor(self) -> FactorStructure:
         if self.groups == 1:
-            return self._limited(DenseFactor, self.dims()[0])
+            return self.options.side(DenseFactor, self.dims()[0])
         return BlockDiagonalFactor(self.groups, self._group_dims()[0])
 
     def _patch_rows(self, inputs: list[Tensor], unfold: Callable[[Tensor], Tensor]) -> Rows:
@@ -532,10 +527,12 @@ class Conv3dLayer(ConvLayer):
 class EmbeddingLayer(KroneckerLayer):
     """nn.Embedding: one-hot inputs, so A is diagonal (token counts / N), stored as a vector.
 
-    The embedding table E (V x D) computes s = E^T onehot, so its W (o x i) is E^T (D x V).
+    The embedding table E (V x D) computes s = E^T onehot, so its W (o x i) is E^T (D x V):
+    dim 0 is the A side.
     """
 
     a_structure = DiagonalFactor
+    dim0 = "A"
 
     def __init__(self, module: nn.Embedding, **kwargs) -> None:
         if module.sparse:
@@ -543,10 +540,6 @@ class EmbeddingLayer(KroneckerLayer):
                              "does not support; use sparse=False")
         super().__init__(module, **kwargs)
         self.bias = None
-
-    def dims(self) -> tuple[int, int]:
-        v, d = self.weight.shape
-        return d, v
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
         """Rows are the token indices; the diagonal of A is their counts / n."""
@@ -556,12 +549,6 @@ class EmbeddingLayer(KroneckerLayer):
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
         rows = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
         return Rows(rows, rows.shape[0], float(rows.shape[0]))
-
-    def _weight_to_matrix(self, w: Tensor) -> Tensor:
-        return w.transpose(0, 1)
-
-    def _matrix_to_weight(self, mat: Tensor) -> Tensor:
-        return mat.transpose(0, 1)
 
 
 def weight_norm_parts(module: nn.Module) -> tuple[Tensor, Tensor, int] | None:
@@ -586,8 +573,9 @@ class WeightNormLayer(KroneckerLayer):
     """
 
     def __init__(self, inner: KroneckerLayer, g: Tensor, dim: int) -> None:
-        super().__init__(inner.module, weight=inner.weight, max_factor_dim=inner.max_factor_dim)
+        super().__init__(inner.module, weight=inner.weight, options=inner.options)
         self.inner = inner
+        self.dim0 = inner.dim0
         self.bias = inner.bias
         self.a_structure = inner.a_structure
         self.suffix = inner.suffix
@@ -707,14 +695,14 @@ def helper_for(module: nn.Module) -> type[KroneckerLayer] | None:
     return None
 
 
-def make_layers(module: nn.Module, max_factor_dim: int | None = None
+def make_layers(module: nn.Module, options: BlockOptions = BlockOptions()
                 ) -> tuple[list[KroneckerLayer], str | None]:
     """(blocks, None) for a module its helper covers (no block when its weight is frozen);
     ([], why) when its helper cannot cover it; ([], None) when no helper is registered."""
     helper = helper_for(module)
     if helper is None:
         return [], None
-    reason = helper.unsupported(module) or helper.beyond_limit(module, max_factor_dim)
+    reason = helper.unsupported(module) or helper.beyond_limit(module, options)
     if reason is not None:
         return [], reason
-    return helper.blocks(module, max_factor_dim), None
+    return helper.blocks(module, options), None

@@ -31,6 +31,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from grng.curvature.layers import (Handle, KroneckerLayer, LinearLayer, Recorder,
                                    register_layer)
+from grng.curvature.options import BlockOptions
 from grng.curvature.replacement import (Report, attach_forward, recording_report,
                                         replaced_by_another)
 
@@ -43,8 +44,8 @@ class RecurrentProjection(LinearLayer):
     blocks it builds (:meth:`blocks`) and observes (:meth:`attach`)."""
 
     def __init__(self, module: nn.Module, role: str, weight: Tensor, bias: Tensor | None,
-                 max_factor_dim: int | None = None) -> None:
-        super().__init__(module, weight=weight, max_factor_dim=max_factor_dim)
+                 options: BlockOptions = BlockOptions()) -> None:
+        super().__init__(module, weight=weight, options=options)
         self.bias = bias if bias is not None and bias.requires_grad and bias.is_leaf else None
         self.role = role
         self.suffix = "." + role
@@ -59,7 +60,7 @@ class RecurrentProjection(LinearLayer):
         return None
 
     @classmethod
-    def blocks(cls, module: nn.Module, max_factor_dim: int | None) -> list[KroneckerLayer]:
+    def blocks(cls, module: nn.Module, options: BlockOptions) -> list[KroneckerLayer]:
         """ih, hh (and hr with proj_size) per layer and direction, those whose weight is a
         trainable parameter."""
         out: list[KroneckerLayer] = []
@@ -67,7 +68,7 @@ class RecurrentProjection(LinearLayer):
             weight = getattr(module, "weight_" + name)
             bias = getattr(module, "bias_" + name, None) if module.bias else None
             if weight.requires_grad and weight.is_leaf:
-                out.append(cls(module, name, weight, bias, max_factor_dim))
+                out.append(cls(module, name, weight, bias, options))
         return out
 
     @classmethod

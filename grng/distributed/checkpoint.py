@@ -85,7 +85,7 @@ def state_to_save(opt: ShardedOptimizer) -> dict[str, Any]:
     for p in opt._diagonal_params():
         for key, t in opt._diagonal_unit(p).state.tensors().items():
             sd[f"{PREFIX}.param.{names[id(p)]}.{key}"] = _as_shard(t, p)
-    for unit, layer_name in zip(opt._blocks, opt.capture.names):
+    for unit, layer_name in zip(opt._blocks, opt.block_set.names):
         if opt.comm.holds(unit.index):
             tensors = unit.state.tensors()
             for key, t in tensors.items():
@@ -141,7 +141,7 @@ def load(opt: ShardedOptimizer, checkpoint_id: str) -> None:
                 target[key] = _as_shard(torch.zeros(rows, dtype=dtype, device=p.device), p)
             per_param[key] = (p, key[len(base):])
     per_block: dict[str, tuple[Any, str]] = {}
-    for unit, layer_name in zip(opt._blocks, opt.capture.names):
+    for unit, layer_name in zip(opt._blocks, opt.block_set.names):
         if not opt.comm.holds(unit.index):
             continue
         base = f"{PREFIX}.block.{layer_name}."
@@ -163,7 +163,7 @@ def load(opt: ShardedOptimizer, checkpoint_id: str) -> None:
         opt.diagonal.load(opt._diagonal_unit(p), diagonal.get(id(p), {}))
     blocks: dict[int, dict[str, Tensor]] = {}
     layouts = {u.index: _unblob(target[f"{PREFIX}.layout.{n}"]) for u, n in
-               zip(opt._blocks, opt.capture.names) if f"{PREFIX}.layout.{n}" in target}
+               zip(opt._blocks, opt.block_set.names) if f"{PREFIX}.layout.{n}" in target}
     for key, (unit, name) in per_block.items():
         value = target[key]
         stride = layouts.get(unit.index, {}).get(name)

@@ -11,9 +11,10 @@ FSDP2's :class:`~grng.distributed.sharded.ShardedCommunicator`, is in
 - :class:`ProcessGroupCommunicator` (torch.distributed): per step, on every rank, in the same
   order: batch factors n_r M_r are all-reduced with their row counts in buckets (upper
   triangles only, asynchronously) and blended as M <- beta M + (1 - beta) sum_r n_r M_r / sum_r n_r
-  -- the factor of the global batch; R-Kalman's observations are the global batch's (a shared-
-  seed sketch Omega E_global = sum_r Omega_r E_r all-reduced, or the rows all-gathered); each
-  block has an owner rank (cost-balanced, :mod:`grng.distributed.assignment`) that refreshes
+  -- the factor of the global batch; R-Kalman's observations are the global batch's, planned by
+  the Kalman preconditioner (:mod:`grng.precondition.kalman_observation`) and carried by the
+  plain verbs ``all_gather``, ``sum_to_all`` and ``all_gather_rows``; each block has an owner
+  rank (cost-balanced, :mod:`grng.distributed.assignment`) that refreshes
   its inverse; ``comm-opt`` broadcasts the inverses, ``mem-opt`` keeps them on the owner, which
   preconditions and broadcasts the block's direction. Gradient regularization's passes run
   under ``model.no_sync()`` and average their gradients here.
@@ -53,26 +54,6 @@ class FactorFold:
     storage: torch.dtype | None
     result: Tensor | None = None
     block: int = -1  # the index of the block the factor belongs to (its owner keeps it)
-
-
-@dataclass
-class KalmanItem:
-    """One covariance factor P of R-Kalman and this rank's rows for it."""
-
-    structure: Any
-    rows: Any
-    P: Tensor  # on a rank that does not hold the block: a stand-in of P's shape (never written)
-    like: Tensor
-
-
-@dataclass
-class Observation:
-    """What a Kalman update folds in: (H, r) for a dense P (r = observation noise), or
-    ``diag`` = diag(M_batch) for a diagonal P."""
-
-    H: Tensor | None = None
-    r: float = 0.0
-    diag: Tensor | None = None
 
 
 class Communicator:
@@ -121,9 +102,22 @@ class Communicator:
         unchanged where not; without, nothing changes (the gate keeps copies)."""
         return contextlib.nullcontext()
 
-    def kalman_observations(self, items: list[KalmanItem], beta: float, rank: int,
-                            sketch: Callable[[int, Tensor], Tensor]) -> list[Observation | None]:
-        """The global batch's observation of each factor (None: no rank has rows)."""
+    # ------------------------------------------------------------------ plain verbs
+    def all_gather(self, table: list[tuple[float, ...]]) -> list[list[tuple[float, ...]]]:
+        """Every rank's ``table`` (a few host numbers per row, rows of equal length on every
+        rank), in rank order."""
+        raise NotImplementedError
+
+    def sum_to_all(self) -> Any:
+        """A reducer (``add(piece, value, count, dtype, device)`` -> slot; ``finish()`` ->
+        (sum over ranks, count) per slot) whose sums every rank receives; None values are
+        zeros."""
+        raise NotImplementedError
+
+    def all_gather_rows(self, parts: list[tuple[Tensor | None, int, torch.dtype, list[int]]]
+                        ) -> list[Tensor]:
+        """Per part (this rank's rows (m_r x d) or None, d, dtype, rows of every rank): the
+        rows of every rank, concatenated in rank order, on every rank."""
         raise NotImplementedError
 
     def refresh(self, due: list[int], refresh_owned: Callable[[list[int]], None],
@@ -273,25 +267,37 @@ class LocalCommunicator(Communicator):
         return f.structure.fold_masked(f.current, f.rows, beta, f.like, f.compute, f.storage,
                                        backend, self._fold_ok)
 
-    def kalman_observations(self, items, beta, rank, sketch):
-        out: list[Observation | None] = []
-        for it in items:
-            if it.rows is None:
-                out.append(None)
-            elif it.structure.diagonal:
-                out.append(Observation(diag=it.structure.mean(it.rows, it.P.dtype)))
-            else:
-                H = it.rows.X.to(it.P.dtype)
-                if H.shape[0] > rank:
-                    H = sketch(H.shape[0], it.P) @ H
-                out.append(Observation(H=H, r=it.rows.n / ((1.0 - beta) * it.rows.scale ** 2)))
-        return out
+    def all_gather(self, table):
+        return [table]
+
+    def sum_to_all(self):
+        return _OwnSum()
+
+    def all_gather_rows(self, parts):
+        return [E for E, _, _, _ in parts]
 
     def refresh(self, due, refresh_owned, exchange, receive):
         refresh_owned(due)
 
     def directions(self, units, compute, layout, split):
         return {i: split(i, D) for i, D in compute([u.index for u in units]).items()}
+
+
+class _OwnSum:
+    """The one-process :meth:`Communicator.sum_to_all`: each value is its own sum."""
+
+    def __init__(self) -> None:
+        self._values: list[tuple[Tensor, float]] = []
+
+    def add(self, piece: Piece, value: Tensor | None, count: float, dtype: torch.dtype,
+            device: torch.device) -> int:
+        self._values.append((torch.zeros(piece.shape, dtype=dtype, device=device)
+                             if value is None else value.to(dtype), count))
+        return len(self._values) - 1
+
+    def finish(self) -> list[tuple[Tensor, float]]:
+        out, self._values = self._values, []
+        return out
 
 
 def _fold_batch_key(f: FactorFold, beta: float) -> tuple | None:
@@ -372,74 +378,30 @@ class ProcessGroupCommunicator(Communicator):
             f.result = f.current if n <= 0 else f.structure.blend(f.current, total.div_(n), beta,
                                                                   f.storage)
 
-    # --------------------------------------------------------------------- R-Kalman
-    def kalman_observations(self, items, beta, rank, sketch):
-        # (a) per factor (rows m, examples n) of every rank, all-gathered
-        counts = torch.zeros(len(items), 2, dtype=torch.int64)
-        for i, it in enumerate(items):
-            if it.rows is not None:
-                counts[i, 0] = it.rows.X.shape[0]
-                counts[i, 1] = it.rows.n
-        gathered = [torch.empty_like(c) for c in [_on_comm_device(counts, self.group)] * self.world_size]
-        dist.all_gather(gathered, _on_comm_device(counts, self.group), group=self.group)
-        allc = torch.stack([g.cpu() for g in gathered])  # (R, items, 2)
-        # (b) sketched factors: all-reduce Omega_r E_r; diagonal: counts; small: gather rows
-        plan: list[tuple[str, int, int] | None] = []
-        gather_parts: list[tuple[int, int, int, Tensor | None, torch.dtype]] = []
-        for i, it in enumerate(items):
-            n_total = int(allc[:, i, 1].sum())
-            if n_total == 0:
-                plan.append(None)
-                continue
-            P = it.P
-            if it.structure.diagonal:
-                cnt = None if it.rows is None else it.structure.diag_sum(it.rows, P.dtype)
-                slot = self.reducer.add(Piece("vec", (P.shape[0],)), cnt, 0.0, P.dtype, P.device)
-                plan.append(("diag", slot, n_total))
-                continue
-            m_r = allc[:, i, 0].tolist()
-            E = None if it.rows is None else it.rows.X.to(P.dtype) * it.rows.scale  # e rows
-            m_total = sum(m_r)
-            if m_total > rank:
-                omega = sketch(m_total, P)  # the same draws on every rank
-                off = sum(m_r[:self.rank])
-                H_r = None if E is None else omega[:, off:off + E.shape[0]] @ E
-                slot = self.reducer.add(Piece("full", (rank, P.shape[0])), H_r, 0.0, P.dtype, P.device)
-                plan.append(("sketch", slot, n_total))
-            else:
-                plan.append(("rows", len(gather_parts), n_total))
-                gather_parts.append((max(m_r), P.shape[0], i, E, P.dtype))
-        gathered_rows = self._gather_rows(gather_parts, allc)
-        reduced = self.reducer.finish()
-        out: list[Observation | None] = []
-        for entry in plan:
-            if entry is None:
-                out.append(None)
-                continue
-            kind, ref, n_total = entry
-            if kind == "diag":
-                out.append(Observation(diag=reduced[ref][0].div_(n_total)))
-            elif kind == "sketch":
-                out.append(Observation(H=reduced[ref][0], r=n_total / (1.0 - beta)))
-            else:
-                out.append(Observation(H=gathered_rows[ref], r=n_total / (1.0 - beta)))
-        return out
+    # ------------------------------------------------------------------ plain verbs
+    def all_gather(self, table):
+        local = _on_comm_device(torch.tensor(table, dtype=torch.float64), self.group)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local, group=self.group)
+        return [[tuple(row) for row in part.tolist()] for part in parts]
 
-    def _gather_rows(self, parts, allc) -> list[Tensor]:
-        """All-gather each factor's rows (padded to the largest rank's count), one call per
-        dtype; returns the global rows in rank order (rank 0's, then rank 1's, ...)."""
+    def sum_to_all(self):
+        return self.reducer
+
+    def all_gather_rows(self, parts):
+        """One all-gather per dtype of every part's rows, padded to the largest rank's count."""
         out: list[Tensor | None] = [None] * len(parts)
         by_dtype: dict[torch.dtype, list[int]] = {}
         for idx, part in enumerate(parts):
-            by_dtype.setdefault(part[4], []).append(idx)
+            by_dtype.setdefault(part[2], []).append(idx)
         for dtype in sorted(by_dtype, key=str):
             idxs = by_dtype[dtype]
-            device = next((parts[k][3].device for k in idxs if parts[k][3] is not None), None)
+            device = next((parts[k][0].device for k in idxs if parts[k][0] is not None), None)
             device = device if device is not None else torch.device("cpu")
             segs = []
             for idx in idxs:
-                mmax, d, _, E, _ = parts[idx]
-                seg = torch.zeros(mmax, d, dtype=dtype, device=device)
+                E, d, _, m_r = parts[idx]
+                seg = torch.zeros(max(m_r), d, dtype=dtype, device=device)
                 if E is not None:
                     seg[:E.shape[0]] = E
                 segs.append(seg.reshape(-1))
@@ -448,11 +410,11 @@ class ProcessGroupCommunicator(Communicator):
             dist.all_gather(bufs, flat, group=self.group, async_op=True).wait()
             offset = 0
             for idx in idxs:
-                mmax, d, i, _, _ = parts[idx]
-                blocks = [buf[offset:offset + mmax * d].view(mmax, d)[:int(allc[r, i, 0])]
-                          for r, buf in enumerate(bufs)]
-                out[idx] = torch.cat(blocks).to(device)
-                offset += mmax * d
+                _, d, _, m_r = parts[idx]
+                size = max(m_r) * d
+                out[idx] = torch.cat([buf[offset:offset + size].view(max(m_r), d)[:m_r[r]]
+                                      for r, buf in enumerate(bufs)]).to(device)
+                offset += size
         return out  # type: ignore[return-value]
 
     # ---------------------------------------------------------------------- inverses

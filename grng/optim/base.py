@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from grng import ops
+from grng.curvature.blocks import Block, find_blocks
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
-from grng.curvature.layers import MAX_FACTOR_DIM, KroneckerLayer
+from grng.curvature.options import MAX_FACTOR_DIM, BlockOptions
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
 from grng.finite import all_finite, finite_flag
@@ -124,8 +125,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                       apply_in_storage=self.precision == "bf16")
         self.amp = AmpHandoff(check.grad_scaler("grad_scaler", grad_scaler))
         self.max_grad_norm = check.optional_positive("max_grad_norm", max_grad_norm)
-        self.max_factor_dim = (None if max_factor_dim is None
-                               else check.positive_int("max_factor_dim", max_factor_dim))
+        #: how the model's layers become blocks (the factor size limit)
+        self.block_options = BlockOptions(
+            None if max_factor_dim is None else check.positive_int("max_factor_dim",
+                                                                   max_factor_dim))
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
@@ -138,13 +141,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         # direction is computed jointly with the weight's group's curvature hyperparameters
         # (damping), the update applies each parameter's own group's lr, weight decay, ...
         self._built_momentum = [group["momentum"] for group in self.param_groups]
-        self.capture = CurvatureCapture(model, keep=set(self._group_index()),
-                                        max_factor_dim=self.max_factor_dim, owner=self)
+        #: the model's Kronecker blocks (the block source), observed by the capture
+        self.block_set = find_blocks(model, set(self._group_index()), self.block_options)
+        self.capture = CurvatureCapture(self.block_set, owner=self)
         warn_at_construction(self.coverage(), type(self).__name__)
         self.counters = StepCounters()
         self.distributed_strategy = distributed_strategy
         self.comm = make_communicator(model, process_group, distributed_strategy,
-                                      [layer.cost() for layer in self.capture.layers])
+                                      [layer.cost() for layer in self.block_set.layers])
         self.gradient_source: Any = PlainGradient()
         self.block: Preconditioner
         self.diagonal: Preconditioner
@@ -159,7 +163,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if gradient_source is not None:
             self.gradient_source = gradient_source
         self._blocks = [Unit(i, layer, layer.params, block.new_state(layer.params, layer))
-                        for i, layer in enumerate(self.capture.layers)]
+                        for i, layer in enumerate(self.block_set.layers)]
 
     # torch.amp.GradScaler.step(opt) hands step() opt.grad_scale and opt.found_inf instead of
     # unscaling and inf-checking itself: the captured output gradients carry the loss scale too
@@ -191,16 +195,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- public conveniences
     @property
-    def layers(self) -> list[KroneckerLayer]:
+    def layers(self) -> list[Block]:
         """The Kronecker-factored layers, in model order."""
-        return self.capture.layers
+        return self.block_set.layers
 
     def coverage(self) -> CoverageReport:
         """Every parameter of the model and what it gets: a Kronecker block (name, d_G x d_A,
         diagonal sides), the diagonal fallback (and why) or nothing (frozen); ``print`` it for
         a table (docs/algorithms.md "Coverage")."""
-        return coverage_report(self.model, self.capture, set(self._group_index()),
-                               self.max_factor_dim)
+        return coverage_report(self.model, self.block_set, set(self._group_index()),
+                               self.block_options)
 
     @property
     def grad_scaler(self) -> Any:
@@ -229,7 +233,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Context manager: forward/backward passes inside are not captured (GR probes)."""
         return self.capture.paused()
 
-    def layer_state(self, layer: KroneckerLayer) -> StateView:
+    def layer_state(self, layer: Block) -> StateView:
         """The typed state of a Kronecker block (mapping view: factors, inverses, covariances)."""
         return self._blocks[self.layers.index(layer)].state
 

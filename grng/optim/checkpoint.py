@@ -107,7 +107,7 @@ def _kind(opt: CurvatureOptimizer, p: Tensor, units: dict[int, tuple[Any, Any]])
     if id(p) in units:
         unit, _ = units[id(p)]
         return "a diagonal unit" if unit.layer is None else "a Kronecker block"
-    block = next((name for layer, name in zip(opt.layers, opt.capture.names)
+    block = next((name for layer, name in zip(opt.layers, opt.block_set.names)
                   if any(q is p for q in layer.params)), None)
     return "none of its own" if block is None else f"none of its own (it is in block {block!r})"
 
@@ -144,7 +144,7 @@ def _check_shapes(opt: CurvatureOptimizer, sd: dict[str, Any], saved: list[int],
     tensor of another kind (:func:`_check_kinds`), a curvature tensor against the shape its
     preconditioner expects, any other against p.shape."""
     _check_kinds(opt, sd, saved, params, units)
-    names = {id(layer.weight): name for layer, name in zip(opt.layers, opt.capture.names)}
+    names = {id(layer.weight): name for layer, name in zip(opt.layers, opt.block_set.names)}
     for i, p in zip(saved, params):
         expected = {}
         if id(p) in units:

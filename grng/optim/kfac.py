@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from grng.curvature.inverse import INVERSES, make_inverse
-from grng.curvature.layers import MAX_FACTOR_DIM
+from grng.curvature.options import MAX_FACTOR_DIM
 from grng.optim import device_defaults
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown

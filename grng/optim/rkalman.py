@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from grng.curvature.layers import MAX_FACTOR_DIM
+from grng.curvature.options import MAX_FACTOR_DIM
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from grng.curvature.factors import Rows
-from grng.curvature.layers import KroneckerLayer
+from grng.curvature.blocks import Block
 from grng.curvature.state import StateView
 from grng.distributed.communicator import Communicator
 
@@ -50,7 +50,7 @@ class Unit:
     on the rank that preconditions it."""
 
     index: int
-    layer: KroneckerLayer | None
+    layer: Block | None
     params: list[Tensor]
     state: StateView
     view: Tensor | None = None
@@ -74,7 +74,7 @@ class Preconditioner:
     def __init__(self, config: CurvatureConfig) -> None:
         self.config = config
 
-    def new_state(self, unit_params: list[Tensor], layer: KroneckerLayer | None) -> StateView:
+    def new_state(self, unit_params: list[Tensor], layer: Block | None) -> StateView:
         """A fresh (empty) state for a unit."""
         raise NotImplementedError
 

@@ -20,9 +20,10 @@ from torch import Tensor
 from grng import ops
 from grng.curvature.factors import Rows, sandwich
 from grng.curvature.state import KalmanBlock
-from grng.distributed.communicator import Communicator, KalmanItem, Observation
+from grng.distributed.communicator import Communicator
 from grng.ops.reference import symmetrize_from_upper
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
+from grng.precondition.kalman_observation import KalmanItem, Observation, global_observations
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ class KalmanPreconditioner(Preconditioner):
                     rows = None if X is None else Rows(X, r.n, r.scale)
                     items.append(KalmanItem(structure.block_structure(), rows, P, unit.like))
                     targets.append(P if held else None)
-        observations = comm.kalman_observations(items, self.config.factor_decay,
-                                                self.kalman.kalman_rank, self.sketch)
+        observations = global_observations(items, comm, self.config.factor_decay,
+                                           self.kalman.kalman_rank, self.sketch)
         for P, obs in zip(targets, observations):
             if obs is not None and P is not None:
                 self.observe(P, obs)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grng.curvature.blocks import Block
 from grng.curvature.inverse import EigenBasis, InverseStrategy, RefreshItem
-from grng.curvature.layers import KroneckerLayer
 from grng.curvature.stacks import Stacks
 from grng.curvature.factors import Rows
 from grng.curvature.state import KroneckerBlock, StateView
@@ -105,7 +105,7 @@ class KroneckerPreconditioner(Preconditioner):
     def _field_names(self) -> tuple[str, ...]:
         return ("QG", "lG", "QA", "lA") if self.inverse.state_type is EigenBasis else ("XG", "XA")
 
-    def _pieces(self, layer: KroneckerLayer) -> list[tuple[str, Piece]]:
+    def _pieces(self, layer: Block) -> list[tuple[str, Piece]]:
         """The inverse representation's fields and how each travels (comm-opt broadcast); a
         diagonal factor has no eigenvectors and a vector inverse."""
         pieces = []
