@@ -12,7 +12,7 @@ from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition.adam import AdamSettings, DiagonalAdam
-from grng.precondition.eigenbasis import BASES, CARRIES, SCALINGS, EigenbasisPreconditioner
+from grng.precondition.eigenbasis import BASES, CARRIES, QRS, SCALINGS, EigenbasisPreconditioner
 
 
 def _betas(betas: tuple[float, float]) -> tuple[float, float]:
@@ -40,7 +40,9 @@ class EKFAC(CurvatureOptimizer):
     are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
-    time (``basis="eigh"``). ``carry`` says how the second moment follows a new basis:
+    time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
+    or "cholesky" (CholeskyQR2 of the column-normalized M Q_prev: GEMMs and triangular solves,
+    the tensor cores' kind of work; where its Cholesky fails, the QR's fallback). ``carry`` says how the second moment follows a new basis:
     "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
@@ -74,6 +76,7 @@ class EKFAC(CurvatureOptimizer):
         backend: str = "auto",
         *,
         scaling: str = "adam",
+        qr: str = "householder",
         damping: float = 1e-3,
         rho_rel: float = 0.2,
         param_groups: Iterable[dict] | None = None,
@@ -94,6 +97,7 @@ class EKFAC(CurvatureOptimizer):
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
         check.choice("scaling", scaling, SCALINGS)
+        check.choice("qr", qr, QRS)
         if scaling == "fisher" and factor_every != 1:
             raise ValueError("scaling='fisher' reads the captured rows every step: it needs "
                              f"factor_every=1, got factor_every={factor_every!r}")
@@ -118,7 +122,7 @@ class EKFAC(CurvatureOptimizer):
                 raise ValueError("momentum must be 0 in every param group of EKFAC (its first "
                                  f"moment is Adam's, betas[0]); got {group['momentum']!r}")
         self.adam = adam
-        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling),
+        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling, qr),
                    DiagonalAdam(self.config, adam, self.comm.sum_over_shards
                                 if self.comm.shards_parameters else None))
 

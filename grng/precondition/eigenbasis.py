@@ -3,8 +3,8 @@
 fold:    A, G as K-FAC's (:func:`grng.precondition.kronecker.fold_factors`);
 refresh: every ``inverse_every`` steps the eigenbases Q_A, Q_G (columns by decreasing
          eigenvalue): by eigh at a block's first refresh, then by one step of warm-started
-         subspace iteration Q <- orth(M Q_prev) (a GEMM, then QR; eigh where the result is not
-         finite, or on the device the previous basis); the second moment is carried into the
+         subspace iteration Q <- orth(M Q_prev) (a GEMM, then Householder QR or CholeskyQR2;
+         eigh where the result is not finite, or on the device the previous basis); the second moment is carried into the
          new basis (``carry``: "reproject" v <- W_G v W_A^T with W = (Q_new^T Q_old)^2
          elementwise, or "keep" v as it is);
 update:  t += 1, m <- beta1 m + (1 - beta1) V (parameter space),
@@ -24,6 +24,7 @@ basis.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -47,6 +48,8 @@ BASES: tuple[str, ...] = ("subspace", "eigh")
 CARRIES: tuple[str, ...] = ("reproject", "keep")
 #: the per-direction scaling in the eigenbasis: Adam's, or EKFAC's original (the Fisher's)
 SCALINGS: tuple[str, ...] = ("adam", "fisher")
+#: how the subspace step orthonormalizes M Q: Householder QR, or CholeskyQR2 (GEMMs)
+QRS: tuple[str, ...] = ("householder", "cholesky")
 
 
 def _mm(X: Tensor, Y: Tensor) -> Tensor:
@@ -72,14 +75,29 @@ def from_basis(N: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
     return N
 
 
-def subspace_step(M: Tensor, Q: Tensor) -> Tensor:
+def subspace_step(M: Tensor, Q: Tensor, qr: str = "householder") -> Tensor:
     """One step of warm-started subspace (orthogonal) iteration: the columns of Q sorted by
-    decreasing Rayleigh quotient q^T M q, then Q' R = M Q by QR; batched over a leading
+    decreasing Rayleigh quotient q^T M q, then Q' R = M Q by QR (``qr``: Householder, or
+    :func:`cholesky_qr2`, non-finite where its Cholesky fails); batched over a leading
     dimension. Q' spans M Q; for Q an eigenbasis of M, Q' = Q up to column signs."""
     MQ = M @ Q
     order = (Q * MQ).sum(-2).argsort(dim=-1, descending=True)
     MQ = MQ.gather(-1, order.unsqueeze(-2).expand_as(MQ))
-    return torch.linalg.qr(MQ).Q
+    return cholesky_qr2(MQ) if qr == "cholesky" else torch.linalg.qr(MQ).Q
+
+
+def cholesky_qr2(Y: Tensor) -> Tensor:
+    """Q of Y = Q R by CholeskyQR twice (R^T R = Y^T Y, Y <- Y R^-1; GEMMs and a triangular
+    solve, no Householder reflections), after scaling Y's columns to unit norm (the same Q:
+    Y D^-1 = Q (R D^-1)), which makes a warm-started M Q_prev nearly orthogonal and so
+    well conditioned; batched; NaN where a Cholesky fails (the caller's non-finite fallback)."""
+    Y = Y / torch.linalg.vector_norm(Y, dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
+    failed = torch.zeros(Y.shape[:-2], dtype=torch.bool, device=Y.device)
+    for _ in range(2):
+        L, info = torch.linalg.cholesky_ex(Y.transpose(-2, -1) @ Y)
+        failed = failed | (info != 0)
+        Y = torch.linalg.solve_triangular(L, Y.transpose(-2, -1), upper=False).transpose(-2, -1)
+    return torch.where(failed[..., None, None], torch.full_like(Y, math.nan), Y)
 
 
 def first_basis(structure: FactorStructure, M: Tensor, previous: Tensor | None,
@@ -154,10 +172,11 @@ class EigenbasisPreconditioner(Preconditioner):
     """Adam's moments in each block's Kronecker eigenbasis (module docstring)."""
 
     def __init__(self, config: CurvatureConfig, adam: AdamSettings, basis: str = "subspace",
-                 carry: str = "reproject", scaling: str = "adam") -> None:
+                 carry: str = "reproject", scaling: str = "adam", qr: str = "householder") -> None:
         super().__init__(config)
         self.adam = adam
         self.basis = basis
+        self.qr = qr
         self.carry = carry
         self.scaling = scaling
         self.stacks = Stacks()
@@ -243,7 +262,7 @@ class EigenbasisPreconditioner(Preconditioner):
                         (unit, side, structure, M, Q.to(compute)))
         for entries in batches.values():
             prev = torch.stack([e[4] for e in entries])
-            new = subspace_step(torch.stack([e[3] for e in entries]), prev)
+            new = subspace_step(torch.stack([e[3] for e in entries]), prev, self.qr)
             ok = torch.isfinite(new).flatten(1).all(1)
             if self.config.sync_free:  # no host read: a failed basis keeps the previous one
                 new = torch.where(ok.view(-1, *[1] * (new.dim() - 1)), new, prev)
