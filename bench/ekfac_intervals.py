@@ -1,10 +1,10 @@
-"""Steps to target of EKFAC at longer fold / refresh intervals and with the CholeskyQR2 refresh
+"""Steps to target of EKFAC at longer fold / refresh intervals and with the CholeskyQR3 refresh
 (on the CPU): the evidence behind EKFAC's CUDA defaults.
 
     python bench/ekfac_intervals.py [--tasks transformer,cnn,mlp] [--seeds 3]
 
 The cost model (docs/performance.md) prices EKFAC's fold every F steps, its basis refresh every
-T steps and the refresh's orthonormalization (Householder QR, or CholeskyQR2: GEMMs, the tensor
+T steps and the refresh's orthonormalization (Householder QR, or CholeskyQR3: GEMMs, the tensor
 cores' work); this script measures what each costs in steps against EKFAC's CPU defaults
 (F = 1, T = 10, Householder), as ``bench/cuda_intervals.py`` did for K-FAC: every setting of
 :data:`SETTINGS` trains the demo tasks' budgets (``bench/amortization.py``'s phase 1: the demo's

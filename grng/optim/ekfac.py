@@ -41,8 +41,8 @@ class EKFAC(CurvatureOptimizer):
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
-    or "cholesky" (CholeskyQR2 of the column-normalized M Q_prev: GEMMs and triangular solves,
-    the tensor cores' kind of work; where its Cholesky fails, the QR's fallback). ``carry`` says how the second moment follows a new basis:
+    or "cholesky" (shifted CholeskyQR3 of the column-normalized M Q_prev in float64: GEMMs and
+    triangular solves; where a Cholesky fails, the QR's fallback). ``carry`` says how the second moment follows a new basis:
     "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2

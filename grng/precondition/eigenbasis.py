@@ -3,7 +3,7 @@
 fold:    A, G as K-FAC's (:func:`grng.precondition.kronecker.fold_factors`);
 refresh: every ``inverse_every`` steps the eigenbases Q_A, Q_G (columns by decreasing
          eigenvalue): by eigh at a block's first refresh, then by one step of warm-started
-         subspace iteration Q <- orth(M Q_prev) (a GEMM, then Householder QR or CholeskyQR2;
+         subspace iteration Q <- orth(M Q_prev) (a GEMM, then Householder QR or CholeskyQR3;
          eigh where the result is not finite, or on the device the previous basis); the second moment is carried into the
          new basis (``carry``: "reproject" v <- W_G v W_A^T with W = (Q_new^T Q_old)^2
          elementwise, or "keep" v as it is);
@@ -48,7 +48,7 @@ BASES: tuple[str, ...] = ("subspace", "eigh")
 CARRIES: tuple[str, ...] = ("reproject", "keep")
 #: the per-direction scaling in the eigenbasis: Adam's, or EKFAC's original (the Fisher's)
 SCALINGS: tuple[str, ...] = ("adam", "fisher")
-#: how the subspace step orthonormalizes M Q: Householder QR, or CholeskyQR2 (GEMMs)
+#: how the subspace step orthonormalizes M Q: Householder QR, or shifted CholeskyQR3 (GEMMs)
 QRS: tuple[str, ...] = ("householder", "cholesky")
 
 
@@ -78,26 +78,32 @@ def from_basis(N: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
 def subspace_step(M: Tensor, Q: Tensor, qr: str = "householder") -> Tensor:
     """One step of warm-started subspace (orthogonal) iteration: the columns of Q sorted by
     decreasing Rayleigh quotient q^T M q, then Q' R = M Q by QR (``qr``: Householder, or
-    :func:`cholesky_qr2`, non-finite where its Cholesky fails); batched over a leading
+    :func:`cholesky_qr3`, non-finite where a Cholesky fails); batched over a leading
     dimension. Q' spans M Q; for Q an eigenbasis of M, Q' = Q up to column signs."""
     MQ = M @ Q
     order = (Q * MQ).sum(-2).argsort(dim=-1, descending=True)
     MQ = MQ.gather(-1, order.unsqueeze(-2).expand_as(MQ))
-    return cholesky_qr2(MQ) if qr == "cholesky" else torch.linalg.qr(MQ).Q
+    return cholesky_qr3(MQ) if qr == "cholesky" else torch.linalg.qr(MQ).Q
 
 
-def cholesky_qr2(Y: Tensor) -> Tensor:
-    """Q of Y = Q R by CholeskyQR twice (R^T R = Y^T Y, Y <- Y R^-1; GEMMs and a triangular
-    solve, no Householder reflections), after scaling Y's columns to unit norm (the same Q:
-    Y D^-1 = Q (R D^-1)), which makes a warm-started M Q_prev nearly orthogonal and so
-    well conditioned; batched; NaN where a Cholesky fails (the caller's non-finite fallback)."""
-    Y = Y / torch.linalg.vector_norm(Y, dim=-2, keepdim=True).clamp_min(torch.finfo(Y.dtype).tiny)
-    failed = torch.zeros(Y.shape[:-2], dtype=torch.bool, device=Y.device)
-    for _ in range(2):
-        L, info = torch.linalg.cholesky_ex(Y.transpose(-2, -1) @ Y)
+def cholesky_qr3(Y: Tensor) -> Tensor:
+    """Q of Y = Q R by shifted CholeskyQR3 (three passes of R^T R = Y^T Y, Y <- Y R^-1, the
+    first on Y^T Y + n eps I so that it factors even where Y is numerically rank-deficient;
+    GEMMs and triangular solves, no Householder reflections), in float64 whatever Y's dtype
+    (a TF32 Gram matrix would lose the orthogonality), after scaling Y's columns to unit norm
+    (the same Q: Y D^-1 = Q (R D^-1)); batched; NaN where a Cholesky fails (the caller's
+    non-finite fallback)."""
+    X = Y.double()
+    X = X / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    n = X.shape[-1]
+    shift = n * torch.finfo(X.dtype).eps * torch.eye(n, dtype=X.dtype, device=X.device)
+    failed = torch.zeros(X.shape[:-2], dtype=torch.bool, device=X.device)
+    for k in range(3):
+        gram = X.transpose(-2, -1) @ X
+        L, info = torch.linalg.cholesky_ex(gram + shift if k == 0 else gram)
         failed = failed | (info != 0)
-        Y = torch.linalg.solve_triangular(L, Y.transpose(-2, -1), upper=False).transpose(-2, -1)
-    return torch.where(failed[..., None, None], torch.full_like(Y, math.nan), Y)
+        X = torch.linalg.solve_triangular(L, X.transpose(-2, -1), upper=False).transpose(-2, -1)
+    return torch.where(failed[..., None, None], math.nan, X).to(Y.dtype)
 
 
 def first_basis(structure: FactorStructure, M: Tensor, previous: Tensor | None,
