@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from grng import ops
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import AdamMoments, StateView
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
@@ -46,6 +47,20 @@ class AdamSettings:
         state.step.add_(1.0)
         state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
         state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
+
+    def masked_step(self, state: StateView, Vb: Tensor, ok: Tensor | None, backend: str) -> Tensor:
+        """Where ``ok`` (a device flag; None: always): t <- t + 1, m <- beta1 m + (1 - beta1) Vb,
+        v <- beta2 v + (1 - beta2) Vb^2; returns Adam's ratio of the moments as they end up
+        (one ``adam_moments_masked`` call: nothing read on the host, nothing copied)."""
+        if state.step is None:
+            self.start(state, Vb, Vb)
+        step = state.step
+        ok = torch.ones((), dtype=torch.bool, device=Vb.device) if ok is None else ok
+        step.add_(ok.to(step.dtype))
+        bias1 = 1.0 - torch.pow(self.beta1, step)
+        bias2 = (1.0 - torch.pow(self.beta2, step)).sqrt()
+        return ops.adam_moments_masked(Vb, state.exp_avg, state.exp_avg_sq, self.beta1,
+                                       self.beta2, bias1, bias2, self.eps, ok, backend=backend)
 
     @staticmethod
     def start(state: StateView, g: Tensor, s: Tensor) -> None:
@@ -136,9 +151,42 @@ def stack_of(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors)
 
 
+class StepRatios:
+    """Adam's ratios N from this step's update phase (``AdamSettings.masked_step``), per unit
+    key, kept from the update's batched calls for the apply phase, each taken once."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, tuple[Tensor, int | None]] = {}
+
+    def clear(self) -> None:
+        self._of.clear()
+
+    def put(self, keys: list[int], N: Tensor) -> None:
+        """N of the units ``keys`` (one unit's tensor, or a stack with a unit per row)."""
+        for k, key in enumerate(keys):
+            self._of[key] = (N, None if len(keys) == 1 else k)
+
+    def take(self, keys: list[int]) -> Tensor | None:
+        """N of these units as one tensor (stacked where several: the update's own stack when
+        it is the same batch), None when one has none (then the caller forms the ratio)."""
+        got = [self._of.pop(key, None) for key in keys]
+        if any(g is None for g in got):
+            return None
+        parts = [N if k is None else N[k] for N, k in got]  # type: ignore[misc]
+        if len(keys) == 1:
+            return parts[0]
+        first = got[0][0]  # type: ignore[index]
+        if all(N is first and k == i for i, (N, k) in enumerate(got)) and len(first) == len(keys):
+            return first
+        return torch.stack(parts)
+
+
 class DiagonalAdam(Preconditioner):
     """Adam for a parameter without a Kronecker block: ``update`` writes the moments (the
-    per-step fields of :class:`~grng.curvature.state.AdamMoments`), ``apply`` is the ratio."""
+    per-step fields of :class:`~grng.curvature.state.AdamMoments`, only where the device
+    gate's flag says: ``adam_moments_masked``) and forms the ratio, which ``apply`` returns."""
+
+    masks_per_step = True
 
     def __init__(self, config: CurvatureConfig, adam: AdamSettings,
                  over_shards: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -148,6 +196,7 @@ class DiagonalAdam(Preconditioner):
         self.adam = adam
         self.over_shards = over_shards
         self.stacks = Stacks()
+        self.ratios = StepRatios()
 
     def new_state(self, unit_params, layer) -> AdamMoments:
         return AdamMoments()
@@ -168,15 +217,19 @@ class DiagonalAdam(Preconditioner):
     def _state(self, batch: list[Unit]) -> StateView:
         return stacked(self.stacks, batch, AdamMoments.PER_STEP, AdamMoments())
 
-    def update(self, units) -> None:
+    def update(self, units, ok: Tensor | None = None) -> None:
+        """Adam's moments of each unit (batched by layout), written only where ``ok``; the
+        ratios kept for :meth:`apply_many`."""
         grads = {id(u.like): u.like.grad.to(compute_dtype(u.like)) for u in units}
         for unit in units:
             if unit.state.step is None:
                 g = grads[id(unit.like)]
                 self.adam.start(unit.state, g, g)
+        self.ratios.clear()
         for batch in batches(units, self._layout):
             g = stack_of([grads[id(u.like)] for u in batch])
-            self.adam.update(self._state(batch), g, g * g)
+            self.ratios.put([id(u.like) for u in batch],
+                            self.adam.masked_step(self._state(batch), g, ok, self.config.backend))
 
     def apply(self, unit, V, group) -> Tensor:
         return self.apply_many([(unit, V, group)])[0]
@@ -191,7 +244,10 @@ class DiagonalAdam(Preconditioner):
             ks = [at[id(u)] for u in batch]
             st = self._state(batch)
             g = stack_of([items[k][1] for k in ks])
-            D = with_relative_gr(self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step), g,
+            N = self.ratios.take([id(u.like) for u in batch])
+            if N is None:  # no update this step (an apply on its own): the stored moments' ratio
+                N = self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step)
+            D = with_relative_gr(N, g,
                                  items[ks[0]][2].get("rho_rel", 0.0),
                                  dims=g.dim() - (len(batch) > 1), over_shards=self.over_shards)
             for k, d in zip(ks, D.unbind(0) if len(batch) > 1 else [D]):
