@@ -43,9 +43,13 @@ class AdamSettings:
         state's ``exp_avg``, ``exp_avg_sq`` and ``step`` (zeros before the first update)."""
         if state.step is None:
             self.start(state, g, s)
-        state.step.add_(1.0)
-        state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
-        state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
+        self.advance(state.step, state.exp_avg, state.exp_avg_sq, g, s)
+
+    def advance(self, step: Tensor, m: Tensor, v: Tensor, g: Tensor, s: Tensor) -> None:
+        """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, in place."""
+        step.add_(1.0)
+        m.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+        v.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
 
     @staticmethod
     def start(state: StateView, g: Tensor, s: Tensor) -> None:
