@@ -289,7 +289,7 @@ def test_checkpoint_resumes_bit_for_bit(sync_free: bool, variant: str) -> None:
     saved_model = copy.deepcopy(model.state_dict())
     saved = copy.deepcopy(opt.state_dict())
     names = set(saved["state"][0])
-    assert {"A", "G", "QG", "QA", "exp_avg", "exp_avg_sq", "step"} <= names
+    assert {"A", "G", "QG", "QA", "exp_avg_basis", "exp_avg_sq", "step"} <= names
     _train(model, opt, batches[5:])
     other = make(torch.float32)
     other.load_state_dict(saved_model)
@@ -449,7 +449,8 @@ def test_batched_blocks_equal_one_at_a_time(monkeypatch, kwargs) -> None:
         runs.append(list(model.parameters()))
         if batched:  # the two 6 x 7 blocks' fields are one stack's slices
             a, b = opt._blocks[1].state, opt._blocks[2].state
-            assert a.exp_avg._base is not None and a.exp_avg._base is b.exp_avg._base
+            assert a.exp_avg_basis._base is not None
+            assert a.exp_avg_basis._base is b.exp_avg_basis._base
     # batched GEMMs round differently, and the rounding picks the basis inside the factors'
     # degenerate eigenspaces (the softmax's and the LayerNorm's null directions of G; docs
     # "Degenerate eigenspaces"), so the runs agree to 1e-7 of parameters that moved by > 0.05

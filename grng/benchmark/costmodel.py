@@ -352,16 +352,18 @@ def _moments(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -
 
 
 def _reproject(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
-    """EKFAC's second moment carried into a new basis, per refresh (over T): W = (Q_new^T
-    Q_old)^2 per dense side (2 d^3), then W_G v W_A^T (2 d_G d_A (d_G + d_A))."""
+    """EKFAC's moments carried into a new basis, per refresh (over T): R = Q_new^T Q_old per
+    dense side (2 d^3), then R_G m R_A^T and W_G v W_A^T, W = R * R (2 d_G d_A (d_G + d_A)
+    each)."""
     T = config.inverse_every
     fl = by = launches = 0.0
     for b in blocks:
         sides = [d for d, dense in ((b.d_a, b.a_dense), (b.d_g, b.g_dense)) if dense]
-        fl += sum(2.0 * d ** 3 for d in sides) + 2.0 * b.d_g * b.d_a * sum(sides)
-        by += 4.0 * (sum(3.0 * d * d for d in sides) + 3.0 * b.d_g * b.d_a)
-        launches += 3.0 * len(sides)
-    return _time(device, Cost(fl / T, by / T, launches / T, note="carry v"), config.precision)
+        fl += sum(2.0 * d ** 3 for d in sides) + 4.0 * b.d_g * b.d_a * sum(sides)
+        by += 4.0 * (sum(3.0 * d * d for d in sides) + 6.0 * b.d_g * b.d_a)
+        launches += 5.0 * len(sides)
+    return _time(device, Cost(fl / T, by / T, launches / T, note="carry m, v"),
+                 config.precision)
 
 
 def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Device) -> Cost:
@@ -400,9 +402,11 @@ def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: De
 
 
 def _apply(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
-    """P(V) per block: the eigenbasis sandwich (4 GEMMs) or X_G V X_A (2 GEMMs)."""
+    """P(V) per block: the eigenbasis sandwich (4 GEMMs), X_G V X_A (2 GEMMs), or EKFAC's
+    ratio of its eigenbasis moments taken back to parameter space (2 GEMMs; the projection
+    of V is in :func:`_moments`)."""
     eigen = config.family == "ekfac" or (config.inverse == "eigen" and config.family != "rkalman")
-    gemms = 4.0 if eigen else 2.0
+    gemms = 4.0 if eigen and config.family != "ekfac" else 2.0
     fl = by = 0.0
     for b in blocks:
         # a diagonal side is a scaling: its GEMM pair costs d_G d_A instead of 2 d d_G d_A
@@ -411,8 +415,8 @@ def _apply(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> 
         fl += gemms * b.d_g * b.d_a * (a + g) + 2.0 * b.d_g * b.d_a
         by += 4.0 * (3 * b.d_g * b.d_a + a * a + g * g) * (2 if eigen else 1)
     shapes = [(b.d_a, b.d_g) for b in blocks]
-    if config.family == "ekfac":  # per block (no apply_many): 4 GEMMs, Adam's ratio (~6 ops)
-        launches = 10.0 * len(blocks)
+    if config.family == "ekfac":  # per block (no apply_many): 2 GEMMs, Adam's ratio (~6 ops)
+        launches = 8.0 * len(blocks)
     else:
         launches = (gemms + 1) * (len(set(shapes)) if config.batched else len(blocks))
     return _time(device, Cost(fl, by, launches), config.precision)

@@ -29,12 +29,13 @@ class EKFAC(CurvatureOptimizer):
 
     ``EKFAC(model, lr)`` then ``loss.backward(); opt.step()`` (or ``opt.step(closure)``).
     Per step, for a block with gradient matrix V and factor eigenbases Q_G, Q_A:
-    m <- beta1 m + (1 - beta1) V, v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 and
-    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T,
+    P = Q_G^T V Q_A, m_b <- beta1 m_b + (1 - beta1) P, v <- beta2 v + (1 - beta2) P^2 and
+    d = Q_G [(m_b / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T,
     d' = d + rho_rel (||d|| / ||V||) V (below); then theta <- (1 - lr weight_decay) theta - lr d'
-    (AdamW's decoupled decay). The first moment is
-    kept in parameter space, so a change of basis leaves it exact. Parameters without a
-    Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
+    (AdamW's decoupled decay). Both moments live in the eigenbasis; a change of basis rotates
+    the first exactly, m_b <- (Q_G,new^T Q_G,old) m_b (Q_A,old^T Q_A,new), so m_b is always
+    Q_G^T m Q_A for m the EMA of V (grng 0.3.0 kept m itself; its checkpoints load). Parameters
+    without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
     Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``). The bases
     are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then

@@ -39,28 +39,23 @@ class AdamSettings:
     beta2: float = 0.999
     eps: float = 1e-8
 
-    def update(self, state: StateView, g: Tensor, s: Tensor) -> None:
-        """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, on the
-        state's ``exp_avg``, ``exp_avg_sq`` and ``step`` (zeros before the first update)."""
-        if state.step is None:
-            self.start(state, g, s)
-        state.step.add_(1.0)
-        state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
-        state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
+    def advance(self, step: Tensor, m: Tensor, v: Tensor, g: Tensor, s: Tensor) -> None:
+        """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, in place."""
+        step.add_(1.0)
+        m.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+        v.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
 
-    def masked_step(self, state: StateView, Vb: Tensor, ok: Tensor | None, backend: str) -> Tensor:
+    def masked_step(self, step: Tensor, m: Tensor, v: Tensor, Vb: Tensor, ok: Tensor | None,
+                    backend: str) -> Tensor:
         """Where ``ok`` (a device flag; None: always): t <- t + 1, m <- beta1 m + (1 - beta1) Vb,
-        v <- beta2 v + (1 - beta2) Vb^2; returns Adam's ratio of the moments as they end up
-        (one ``adam_moments_masked`` call: nothing read on the host, nothing copied)."""
-        if state.step is None:
-            self.start(state, Vb, Vb)
-        step = state.step
+        v <- beta2 v + (1 - beta2) Vb^2, in place; returns Adam's ratio of the moments as they
+        end up (one ``adam_moments_masked`` call: nothing read on the host, nothing copied)."""
         ok = torch.ones((), dtype=torch.bool, device=Vb.device) if ok is None else ok
         step.add_(ok.to(step.dtype))
         bias1 = 1.0 - torch.pow(self.beta1, step)
         bias2 = (1.0 - torch.pow(self.beta2, step)).sqrt()
-        return ops.adam_moments_masked(Vb, state.exp_avg, state.exp_avg_sq, self.beta1,
-                                       self.beta2, bias1, bias2, self.eps, ok, backend=backend)
+        return ops.adam_moments_masked(Vb, m, v, self.beta1, self.beta2, bias1, bias2, self.eps,
+                                       ok, backend=backend)
 
     @staticmethod
     def start(state: StateView, g: Tensor, s: Tensor) -> None:
@@ -228,8 +223,9 @@ class DiagonalAdam(Preconditioner):
         self.ratios.clear()
         for batch in batches(units, self._layout):
             g = stack_of([grads[id(u.like)] for u in batch])
-            self.ratios.put([id(u.like) for u in batch],
-                            self.adam.masked_step(self._state(batch), g, ok, self.config.backend))
+            st = self._state(batch)
+            self.ratios.put([id(u.like) for u in batch], self.adam.masked_step(
+                st.step, st.exp_avg, st.exp_avg_sq, g, ok, self.config.backend))
 
     def apply(self, unit, V, group) -> Tensor:
         return self.apply_many([(unit, V, group)])[0]
