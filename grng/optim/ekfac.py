@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from grng.curvature.layers import MAX_FACTOR_DIM
+from grng.optim import device_defaults
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
@@ -56,6 +57,9 @@ class EKFAC(CurvatureOptimizer):
     The default lr (1e-2) is the one the defaults sweep picked on the demo's three tasks
     (bench/results/defaults_ekfac.csv); betas (0.9, 0.95), rho_rel 0.2 and Adam's scaling are
     what bench/results/ekfac_scaling.md and ekfac_gr.md picked (docs/algorithms.md "EKFAC").
+    ``factor_every``, ``inverse_every``, ``precision`` and ``qr`` default per device
+    (:mod:`grng.optim.device_defaults`): on the CPU F = 1, T = 10, fp32 and Householder (as
+    measured); on CUDA the cost model's choice (TF32, CholeskyQR3, longer intervals).
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
@@ -69,15 +73,15 @@ class EKFAC(CurvatureOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
-        factor_every: int = 1,
-        inverse_every: int = 10,
+        factor_every: int | None = None,
+        inverse_every: int | None = None,
         basis: str = "subspace",
         carry: str = "reproject",
         kl_clip: float | None = None,
         backend: str = "auto",
         *,
         scaling: str = "adam",
-        qr: str = "householder",
+        qr: str | None = None,
         damping: float = 1e-3,
         rho_rel: float = 0.2,
         param_groups: Iterable[dict] | None = None,
@@ -89,10 +93,18 @@ class EKFAC(CurvatureOptimizer):
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         sync_free: bool | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
+        # None: the default of the model's device (grng.optim.device_defaults)
+        chosen = (device_defaults.ekfac_for_model(model) if isinstance(model, nn.Module)
+                  else device_defaults.EKFAC_CPU)
+        if factor_every is None:  # the fisher scaling reads the rows every step
+            factor_every = 1 if scaling == "fisher" else chosen.factor_every
+        inverse_every = chosen.inverse_every if inverse_every is None else inverse_every
+        precision = chosen.precision if precision is None else precision
+        qr = chosen.qr if qr is None else qr
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)

@@ -147,33 +147,36 @@ def stack_of(tensors: list[Tensor]) -> Tensor:
 
 
 class StepRatios:
-    """Adam's ratios N from this step's update phase (``AdamSettings.masked_step``), per unit
-    key, kept from the update's batched calls for the apply phase, each taken once."""
+    """What this step's update phase hands to the apply phase, per unit key: Adam's ratio N
+    (``AdamSettings.masked_step``) and the gradient it was formed from, kept from the update's
+    batched calls (a unit's tensors, or stacks with a unit per row), each taken once."""
 
     def __init__(self) -> None:
-        self._of: dict[int, tuple[Tensor, int | None]] = {}
+        self._of: dict[int, tuple[tuple[Tensor, ...], int | None]] = {}
 
     def clear(self) -> None:
         self._of.clear()
 
-    def put(self, keys: list[int], N: Tensor) -> None:
-        """N of the units ``keys`` (one unit's tensor, or a stack with a unit per row)."""
+    def put(self, keys: list[int], *tensors: Tensor) -> None:
+        """The tensors of the units ``keys`` (one unit's, or stacks with a unit per row)."""
         for k, key in enumerate(keys):
-            self._of[key] = (N, None if len(keys) == 1 else k)
+            self._of[key] = (tensors, None if len(keys) == 1 else k)
 
-    def take(self, keys: list[int]) -> Tensor | None:
-        """N of these units as one tensor (stacked where several: the update's own stack when
-        it is the same batch), None when one has none (then the caller forms the ratio)."""
+    def take(self, keys: list[int]) -> tuple[Tensor, ...] | None:
+        """The tensors of these units, each as one tensor (stacked where several: the update's
+        own stacks when it is the same batch), None when one unit has none."""
         got = [self._of.pop(key, None) for key in keys]
         if any(g is None for g in got):
             return None
-        parts = [N if k is None else N[k] for N, k in got]  # type: ignore[misc]
-        if len(keys) == 1:
-            return parts[0]
         first = got[0][0]  # type: ignore[index]
-        if all(N is first and k == i for i, (N, k) in enumerate(got)) and len(first) == len(keys):
+        if len(keys) == 1:
+            k = got[0][1]  # type: ignore[index]
+            return first if k is None else tuple(t[k] for t in first)
+        if all(ts is first and k == i for i, (ts, k) in enumerate(got)) \
+                and len(first[0]) == len(keys):  # type: ignore[misc]
             return first
-        return torch.stack(parts)
+        return tuple(torch.stack([ts[j] if k is None else ts[j][k] for ts, k in got])  # type: ignore[misc]
+                     for j in range(len(first)))
 
 
 class DiagonalAdam(Preconditioner):
@@ -225,7 +228,7 @@ class DiagonalAdam(Preconditioner):
             g = stack_of([grads[id(u.like)] for u in batch])
             st = self._state(batch)
             self.ratios.put([id(u.like) for u in batch], self.adam.masked_step(
-                st.step, st.exp_avg, st.exp_avg_sq, g, ok, self.config.backend))
+                st.step, st.exp_avg, st.exp_avg_sq, g, ok, self.config.backend), g)
 
     def apply(self, unit, V, group) -> Tensor:
         return self.apply_many([(unit, V, group)])[0]
@@ -239,10 +242,12 @@ class DiagonalAdam(Preconditioner):
                              lambda unit: items[at[id(unit)]][2].get("rho_rel", 0.0)):
             ks = [at[id(u)] for u in batch]
             st = self._state(batch)
-            g = stack_of([items[k][1] for k in ks])
-            N = self.ratios.take([id(u.like) for u in batch])
-            if N is None:  # no update this step (an apply on its own): the stored moments' ratio
+            kept = self.ratios.take([id(u.like) for u in batch])
+            if kept is None:  # no update this step (an apply on its own): the stored moments
+                g = stack_of([items[k][1] for k in ks])
                 N = self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step)
+            else:  # the update's ratio and gradient (stack)
+                N, g = kept
             D = with_relative_gr(N, g,
                                  items[ks[0]][2].get("rho_rel", 0.0),
                                  dims=g.dim() - (len(batch) > 1), over_shards=self.over_shards)

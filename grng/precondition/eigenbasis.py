@@ -370,30 +370,39 @@ class EigenbasisPreconditioner(Preconditioner):
         self.ratios.clear()
         for batch in batches(units, self._layout):
             state, QG, QA = self._stacked(batch)
-            P = to_basis(stack_of([grads[u.index] for u in batch]), QG, QA)
+            V = stack_of([grads[u.index] for u in batch])
+            P = to_basis(V, QG, QA)
             if fisher is not None:
                 s = stack_of([fisher[u.index] for u in batch])
                 self.adam.advance(state.step, state.exp_avg_basis, state.exp_avg_sq, P, s)
             else:
                 self.ratios.put([u.index for u in batch], self.adam.masked_step(
                     state.step, state.exp_avg_basis, state.exp_avg_sq, P, ok,
-                    self.config.backend))
+                    self.config.backend), V)
 
-    def _direction(self, batch: list[Unit], state: EigenbasisBlock, QG: Tensor | None,
-                   QA: Tensor | None, group: dict) -> Tensor:
-        """Q_G [ratio(m_b, v)] Q_A^T, Adam's (this step's update's, when it ran) or the fisher
-        ratio."""
+    def _direction(self, batch: list[Unit], vs: list[Tensor], group: dict) -> Tensor:
+        """Q_G [ratio(m_b, v)] Q_A^T + the relative GR term for a batch of one layout (``vs``:
+        its gradient matrices; a stack out where several): Adam's ratio of this step's update
+        with the update's own stack of V when it ran, else the fisher (or Adam's) ratio of the
+        stored moments."""
+        state, QG, QA = self._stacked(batch)
+        kept = self.ratios.take([u.index for u in batch]) if self.masks_per_step else None
+        if kept is not None:
+            N, V = kept
+        else:
+            N, V = self._stored_ratio(state, group), stack_of(vs)
+        return with_relative_gr(from_basis(N, QG, QA), V, group.get("rho_rel", 0.0),
+                                dims=None if len(batch) == 1 else V.dim() - 1)
+
+    def _stored_ratio(self, state: EigenbasisBlock, group: dict) -> Tensor:
+        """Adam's or the fisher ratio of the stored moments."""
         M, v = state.exp_avg_basis, state.exp_avg_sq
-        N = self.ratios.take([u.index for u in batch]) if self.masks_per_step else None
-        if N is None:
-            N = (self.adam.fisher_ratio(M, v, state.step, group["damping"])
-                 if self.scaling == "fisher" else self.adam.ratio(M, v, state.step))
-        return from_basis(N, QG, QA)
+        if self.scaling == "fisher":
+            return self.adam.fisher_ratio(M, v, state.step, group["damping"])
+        return self.adam.ratio(M, v, state.step)
 
     def apply(self, unit, V, group) -> Tensor:
-        state, QG, QA = self._stacked([unit])
-        return with_relative_gr(self._direction([unit], state, QG, QA, group), V,
-                                group.get("rho_rel", 0.0))
+        return self._direction([unit], [V], group)
 
     def apply_many(self, items) -> list[Tensor]:
         """The direction of each (unit, V, group); blocks of one layout and one group's
@@ -410,11 +419,7 @@ class EigenbasisPreconditioner(Preconditioner):
             if len(batch) == 1:
                 out[ks[0]] = self.apply(*items[ks[0]])
                 continue
-            group = items[ks[0]][2]
-            state, QG, QA = self._stacked(batch)
-            V = torch.stack([items[k][1] for k in ks])
-            D = with_relative_gr(self._direction(batch, state, QG, QA, group), V,
-                                 group.get("rho_rel", 0.0), dims=V.dim() - 1)
+            D = self._direction(batch, [items[k][1] for k in ks], items[ks[0]][2])
             for k, d in zip(ks, D.unbind(0)):
                 out[k] = d
         return out  # type: ignore[return-value]
