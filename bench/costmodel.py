@@ -90,8 +90,8 @@ GPU_CONFIGS: dict[str, cm.StepConfig] = {
         cm.StepConfig(**_EKFAC, **_KERNELS),
     "EKFAC CUDA defaults with the Householder QR refresh, kernels": cm.StepConfig(
         **{**_EKFAC, "qr": "householder"}, **_KERNELS),
-    "EKFAC CUDA defaults at T=100, kernels": cm.StepConfig(
-        **{**_EKFAC, "inverse_every": 100}, **_KERNELS),
+    "EKFAC CUDA defaults at T=50, kernels": cm.StepConfig(
+        **{**_EKFAC, "inverse_every": 50}, **_KERNELS),
 }
 
 

@@ -651,11 +651,15 @@ def table(pred: Prediction) -> str:
 def _describe(config: StepConfig) -> str:
     if config.family == "adamw":
         return "torch defaults"
-    inverse = "QR refresh" if config.family == "ekfac" else config.inverse
-    iters = f", {config.iterations} its" if inverse in ("newton", "QR refresh") else ""
+    ekfac = config.family == "ekfac"
+    inverse = ({"cholesky": "CholeskyQR3 refresh"}.get(config.qr, "QR refresh") if ekfac
+               else config.inverse)
+    iters = f", {config.iterations} its" if config.inverse == "newton" and not ekfac else ""
+    moments = (f", {'kernel' if config.moments_kernel else 'reference'} moment step"
+               if ekfac else "")
     return (f"{inverse}{iters}, F={config.factor_every}, T={config.inverse_every}, "
-            f"{config.precision}, {'kernel' if config.fold_kernel else 'reference'} fold, "
-            f"{'fused' if config.fused_update else 'per-tensor'} update"
+            f"{config.precision}, {'kernel' if config.fold_kernel else 'reference'} fold"
+            f"{moments}, {'fused' if config.fused_update else 'per-tensor'} update"
             f"{', sync-free' if config.sync_free else ''}")
 
 

@@ -51,10 +51,14 @@ class EigenbasisDefaults:
 #: measured on the CPU (bench/results/defaults_ekfac.csv, ekfac_levers.md)
 EKFAC_CPU = EigenbasisDefaults(qr="householder", inverse_every=10, precision="fp32",
                                factor_every=1)
-#: chosen from the cost model for CUDA (docs/performance.md): TF32 GEMMs, the refresh's
-#: orthonormalization by CholeskyQR3 (GEMMs, no per-matrix Householder latency), and the longer
-#: intervals that kept the steps to target on the demo's tasks (bench/results/ekfac_intervals.md)
-EKFAC_CUDA = EigenbasisDefaults(qr="cholesky", inverse_every=50, precision="tf32",
+#: chosen from the cost model for CUDA (docs/performance.md "EKFAC's CUDA defaults"): TF32
+#: GEMMs, the refresh's orthonormalization by CholeskyQR3 (GEMMs, no per-matrix Householder
+#: latency), F = 4 and T = 100: 1.58x AdamW on GPT-2 small (T = 50: 1.69x). No longer interval
+#: keeps the CPU defaults' steps on the demo transformer (bench/results/ekfac_intervals.md: 160
+#: steps to 3.7 bpc at T = 100, 150 at T = 50, 120 at F = 1, T = 10; the digits tasks keep
+#: theirs), but steps x the model's step time, the predicted time to target, is lowest at
+#: T = 50 and T = 100 alike (6.2 against 9.1 at F = 1, T = 10, in s x ms units)
+EKFAC_CUDA = EigenbasisDefaults(qr="cholesky", inverse_every=100, precision="tf32",
                                 factor_every=4)
 
 
