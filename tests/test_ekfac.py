@@ -495,3 +495,38 @@ def test_block_diagonal_and_dense_sides_refresh_in_separate_batches(sync_free: b
         eye = torch.eye(Q.shape[-1], dtype=Q.dtype).expand_as(Q)
         torch.testing.assert_close(Q.transpose(-2, -1) @ Q, eye, rtol=0, atol=1e-10)
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_cholesky_qr3_is_the_householder_q_up_to_signs() -> None:
+    """CholeskyQR3 of an ill-conditioned float32 Y (condition 1e7, columns of very different
+    norms): orthonormal to float32's rounding, spanning Y's leading columns as Householder's Q
+    does (equal up to column signs); a Y with a zero column cannot be orthonormalized and comes
+    back non-finite (the refresh's fallback)."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=F64))
+    W, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=F64))
+    Y = (U @ torch.diag(torch.logspace(0, -7, 40, dtype=F64)) @ W.T).float()
+    Q = eigenbasis.cholesky_qr3(Y)
+    assert Q.dtype == torch.float32
+    assert float((Q.T.double() @ Q.double() - torch.eye(40, dtype=F64)).abs().max()) < 1e-6
+    H = torch.linalg.qr(Y.double()).Q
+    signs = torch.sign((H * Q.double()).sum(0))
+    assert float((H * signs - Q.double()).abs()[:, :20].max()) < 1e-4  # the well-determined part
+    Y[:, 3] = 0.0
+    assert not bool(torch.isfinite(eigenbasis.cholesky_qr3(Y)).all())
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_cholesky_refresh_takes_the_householder_steps(sync_free: bool) -> None:
+    """qr="cholesky" changes how the subspace step orthonormalizes, not the optimizer: the bases
+    differ from Householder's by column signs only, which the moments' rotation and the
+    sandwich cancel, so in float64 the parameters agree to rounding over refreshes."""
+    params = []
+    for qr in ("householder", "cholesky"):
+        torch.manual_seed(0)
+        model = small_mlp(F64)
+        opt = grng.EKFAC(model, lr=0.01, inverse_every=2, qr=qr, sync_free=sync_free)
+        _train(model, opt, classification_batches(8, 8, dtype=F64, seed=1))
+        params.append([p.detach().clone() for p in model.parameters()])
+        assert opt.block.qr == qr
+    assert max(float((p - q).abs().max()) for p, q in zip(*params)) < 1e-9
