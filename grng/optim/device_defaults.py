@@ -11,7 +11,7 @@ steps with TF32 factor and apply GEMMs, and folds every 4 steps: the fold is the
 curvature term at F = 2, and F = 4 kept the steps to target of F = 2 on the demo's three tasks
 (``bench/cuda_intervals.py``, ``bench/results/cuda_intervals.md``: 3 seeds each).
 EKFAC has its own (:data:`EKFAC_CPU`, :data:`EKFAC_CUDA`), chosen the same way
-(``bench/ekfac_intervals.py``, ``bench/ekfac_qr.py``).
+(``bench/ekfac_cuda_intervals.py``, ``bench/ekfac_qr.py``).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ EKFAC_CPU = EigenbasisDefaults(qr="householder", inverse_every=10, precision="fp
 #: chosen from the cost model for CUDA (docs/performance.md "EKFAC's CUDA defaults"): TF32
 #: GEMMs, the refresh's orthonormalization by CholeskyQR3 (GEMMs, no per-matrix Householder
 #: latency), F = 4 and T = 100: 1.58x AdamW on GPT-2 small (T = 50: 1.69x). No longer interval
-#: keeps the CPU defaults' steps on the demo transformer (bench/results/ekfac_intervals.md: 160
+#: keeps the CPU defaults' steps on the demo transformer (bench/results/ekfac_cuda_intervals.md: 160
 #: steps to 3.7 bpc at T = 100, 150 at T = 50, 120 at F = 1, T = 10; the digits tasks keep
 #: theirs), but steps x the model's step time, the predicted time to target, is lowest at
 #: T = 50 and T = 100 alike (6.2 against 9.1 at F = 1, T = 10, in s x ms units)

@@ -1,7 +1,7 @@
 """Steps to target of EKFAC at longer fold / refresh intervals and with the CholeskyQR3 refresh
 (on the CPU): the evidence behind EKFAC's CUDA defaults.
 
-    python bench/ekfac_intervals.py [--tasks transformer,cnn,mlp] [--seeds 3]
+    python bench/ekfac_cuda_intervals.py [--tasks transformer,cnn,mlp] [--seeds 3]
 
 The cost model (docs/performance.md) prices EKFAC's fold every F steps, its basis refresh every
 T steps and the refresh's orthonormalization (Householder QR, or CholeskyQR3: GEMMs, the tensor
@@ -10,7 +10,7 @@ cores' work); this script measures what each costs in steps against EKFAC's CPU 
 :data:`SETTINGS` trains the demo tasks' budgets (``bench/amortization.py``'s phase 1: the demo's
 learning rates, validation split, seeds from its first) and is judged against the first by
 amortization's rule (:func:`amortization.keeps_accuracy`). Steps are deterministic, independent
-of the machine's load. Writes ``bench/results/ekfac_intervals.md``.
+of the machine's load. Writes ``bench/results/ekfac_cuda_intervals.md``.
 """
 from __future__ import annotations
 
@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     table = am.load_hparams(am.HPARAMS_PATH)
     t0 = time.perf_counter()
     lines = ["# EKFAC's intervals and refresh QR against its CPU defaults: steps to target "
-             "(`python bench/ekfac_intervals.py`)", "",
+             "(`python bench/ekfac_cuda_intervals.py`)", "",
              "Written by the script (module docstring). Steps to target are deterministic; the "
              "machine was shared (2 cores), which changes only the wall time.", "",
              *(f"- {k}: {v}" for k, v in run_header(1).items()),
-             f"- command: python bench/ekfac_intervals.py "
+             f"- command: python bench/ekfac_cuda_intervals.py "
              f"{' '.join(sys.argv[1:] if argv is None else argv)}", ""]
     for task in args.tasks.split(","):
         results = []
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines[-len(results) - 5:]), flush=True)
     lines.append(f"Wall time {time.perf_counter() - t0:.0f} s.")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ekfac_intervals.md").write_text("\n".join(lines) + "\n")
+    (args.out / "ekfac_cuda_intervals.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
