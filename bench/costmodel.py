@@ -57,7 +57,7 @@ _EKFAC = dict(family="ekfac", iterations=1, qr=device_defaults.EKFAC_CUDA.qr,
               inverse_every=device_defaults.EKFAC_CUDA.inverse_every,
               precision=device_defaults.EKFAC_CUDA.precision,
               factor_every=device_defaults.EKFAC_CUDA.factor_every, sync_free=True)
-_E = device_defaults.EKFAC_CUDA
+_E, _C = device_defaults.EKFAC_CUDA, device_defaults.EKFAC_CPU
 _EKFAC_NAME = (f"EKFAC CUDA defaults (CholeskyQR3 refresh, {_E.precision}, T={_E.inverse_every}, "
                f"F={_E.factor_every}, sync-free)")
 
@@ -79,9 +79,10 @@ GPU_CONFIGS: dict[str, cm.StepConfig] = {
                       sync_free=True, **_KERNELS),
     "eigen, tf32, T=100, kernels": cm.StepConfig(inverse_every=100, precision="tf32",
                                                  **_KERNELS),
-    "EKFAC at its CPU defaults (Householder QR refresh, fp32, T=10, F=1, sync-free), "
-    "reference ops": cm.StepConfig(family="ekfac", iterations=1, inverse_every=10, factor_every=1,
-                                   sync_free=True),
+    f"EKFAC at its CPU defaults (Householder QR refresh, fp32, T={_C.inverse_every}, "
+    f"F={_C.factor_every}, sync-free), reference ops": cm.StepConfig(
+        family="ekfac", iterations=1, inverse_every=_C.inverse_every,
+        factor_every=_C.factor_every, sync_free=True),
     "EKFAC before (Householder QR refresh, tf32, T=20, F=2, sync-free), kernels": cm.StepConfig(
         family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True,
         **_KERNELS),

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
-from grng.precondition.eigenbasis import carry_weights, subspace_step  # noqa: E402
+from grng.precondition.eigenbasis import rotation, subspace_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,6 +95,14 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
     "time": {"transformer": [("EKFAC defaults", "ekfac", {"lr": 1e-2}), _PEERS[0],
                              ("Muon lr 1e-2", "muon", {"lr": 1e-2,
                                                        "adjust_lr_fn": "match_rms_adamw"})]},
+    # CPU intervals: folds every factor_every steps, bases every inverse_every (steps to the
+    # target must not get worse on any task; bench/results/ekfac_intervals.md)
+    "intervals": {task: [("EKFAC defaults", "ekfac", {"lr": 1e-2}),
+                         *[(f"EKFAC factor_every {f}", "ekfac", {"lr": 1e-2, "factor_every": f})
+                           for f in (2, 3, 4)],
+                         ("EKFAC factor_every 2, inverse_every 20", "ekfac",
+                          {"lr": 1e-2, "factor_every": 2, "inverse_every": 20})]
+                  for task in ("transformer", "mlp", "cnn")},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
 }
@@ -158,7 +166,7 @@ def refresh(args: argparse.Namespace) -> None:
         v = torch.rand(d, d)
         t_eigh, Q_eigh = _timed(lambda: torch.linalg.eigh(M).eigenvectors.flip(-1), reps)
         t_sub, Q_sub = _timed(lambda: subspace_step(M, Q_prev), reps)
-        t_carry, _ = _timed(lambda: carry_weights(Q_sub, Q_prev) @ v, reps)
+        t_carry, _ = _timed(lambda: rotation(Q_sub, Q_prev) ** 2 @ v, reps)
         base = dict(suite="ekfac_refresh", x_name="d", x_value=str(d), dtype="float32", **env)
         cfg = (f"one dense factor, SPD, spectrum decaying 1e4; warm start: the basis of the "
                f"factor before a 5% EMA drift; torch threads {torch.get_num_threads()}; "

@@ -530,3 +530,19 @@ def test_cholesky_refresh_takes_the_householder_steps(sync_free: bool) -> None:
         params.append([p.detach().clone() for p in model.parameters()])
         assert opt.block.qr == qr
     assert max(float((p - q).abs().max()) for p, q in zip(*params)) < 1e-9
+
+
+def test_fold_period_default_by_device_and_scaling() -> None:
+    """factor_every defaults to 2 on the CPU (bench/results/ekfac_intervals.md), 1 with the
+    fisher scaling (which reads every step's rows); an explicit value is kept, and the fisher
+    scaling refuses another than 1, naming the argument."""
+    from grng.optim import device_defaults
+
+    assert device_defaults.EKFAC_CPU.factor_every == 2
+    for kwargs, want in (({}, 2), (dict(scaling="fisher"), 1), (dict(factor_every=1), 1),
+                         (dict(factor_every=3), 3)):
+        opt = grng.EKFAC(small_mlp(F64), **kwargs)
+        assert opt.factor_every == want, kwargs
+        opt.close()
+    with pytest.raises(ValueError, match="factor_every"):
+        grng.EKFAC(small_mlp(F64), scaling="fisher", factor_every=2)

@@ -33,11 +33,13 @@ class StateView(Mapping):
 
     def folded(self) -> dict[str, Tensor]:
         """Name -> tensor of the :attr:`FOLDED` fields that are set."""
-        return {f: self[f] for f in self.FOLDED if f in self}
+        tensors = self.tensors()  # once: each ``self[f]`` would build it again
+        return {f: tensors[f] for f in self.FOLDED if f in tensors}
 
     def per_step(self) -> dict[str, Tensor]:
         """Name -> tensor of the :attr:`PER_STEP` fields that are set."""
-        return {f: self[f] for f in self.PER_STEP if f in self}
+        tensors = self.tensors()
+        return {f: tensors[f] for f in self.PER_STEP if f in tensors}
 
     def replace(self, name: str, tensor: Tensor) -> None:
         """Set the tensor kept under checkpoint name ``name`` (one that is set)."""

@@ -38,14 +38,15 @@ class EKFAC(CurvatureOptimizer):
     Q_G^T m Q_A for m the EMA of V (grng 0.3.0 kept m itself; its checkpoints load). Parameters
     without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
-    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``). The bases
+    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; the default
+    per device below, every step with ``scaling="fisher"``). The bases
     are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
     or "cholesky" (shifted CholeskyQR3 of the column-normalized M Q_prev in float64: GEMMs and
-    triangular solves; where a Cholesky fails, the QR's fallback). ``carry`` says how the second moment follows a new basis:
-    "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
+    triangular solves; where a Cholesky fails, the QR's fallback). ``carry`` says how the
+    second moment follows a new basis: "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
     of the captured rows; it needs ``factor_every=1``, and under a process group the comm-opt
@@ -58,8 +59,10 @@ class EKFAC(CurvatureOptimizer):
     (bench/results/defaults_ekfac.csv); betas (0.9, 0.95), rho_rel 0.2 and Adam's scaling are
     what bench/results/ekfac_scaling.md and ekfac_gr.md picked (docs/algorithms.md "EKFAC").
     ``factor_every``, ``inverse_every``, ``precision`` and ``qr`` default per device
-    (:mod:`grng.optim.device_defaults`): on the CPU F = 1, T = 10, fp32 and Householder (as
-    measured); on CUDA the cost model's choice (TF32, CholeskyQR3, longer intervals).
+    (:mod:`grng.optim.device_defaults`): on the CPU F = 2, T = 10, fp32 and Householder (as
+    measured: F = 2 kept the steps to target on the demo's three tasks,
+    bench/results/ekfac_intervals.md); on CUDA the cost model's choice (TF32, CholeskyQR3,
+    F = 4, T = 100: docs/performance.md "EKFAC's CUDA defaults").
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
