@@ -10,7 +10,8 @@ for shape in [(64, 65), (256, 257), (3, 512, 513), (1024, 1025)]:
     ok = torch.tensor(True)
     res = {"reference": [], "ext": []}
     for r in range(7):
-        for name, fn in (("reference", masked.adam_moments_masked), ("ext", ext.adam_moments_masked)):
+        for name, fn in (("reference", masked.adam_moments_masked),
+                         ("ext", ext.adam_moments_masked)):
             t = time.perf_counter()
             for _ in range(20): fn(V, m, v, 0.9, 0.999, b, b, 1e-8, ok)
             res[name].append((time.perf_counter() - t) / 20 * 1e6)

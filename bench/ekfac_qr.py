@@ -45,7 +45,8 @@ def record_refreshes(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     original = eigenbasis.subspace_step
 
     def recording(M: torch.Tensor, Q: torch.Tensor, qr: str = "householder") -> torch.Tensor:
-        pairs.extend(zip(M.detach().double().clone().unbind(0), Q.detach().double().clone().unbind(0)))
+        pairs.extend(zip(M.detach().double().clone().unbind(0),
+                         Q.detach().double().clone().unbind(0)))
         return original(M, Q, qr)
 
     eigenbasis.subspace_step = recording

@@ -175,8 +175,8 @@ class StepRatios:
         if all(ts is first and k == i for i, (ts, k) in enumerate(got)) \
                 and len(first[0]) == len(keys):  # type: ignore[misc]
             return first
-        return tuple(torch.stack([ts[j] if k is None else ts[j][k] for ts, k in got])  # type: ignore[misc]
-                     for j in range(len(first)))
+        return tuple(torch.stack([ts[j] if k is None else ts[j][k]  # type: ignore[index]
+                                  for ts, k in got]) for j in range(len(first)))
 
 
 class DiagonalAdam(Preconditioner):
