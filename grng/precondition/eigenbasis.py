@@ -6,8 +6,8 @@ refresh: every ``inverse_every`` steps the eigenbases Q_A, Q_G (columns by decre
          subspace iteration Q <- orth(M Q_prev) (a GEMM, then Householder QR or CholeskyQR3;
          eigh where the result is not finite, or on the device the previous basis); the first
          moment is rotated into the new basis exactly, m_b <- R_G m_b R_A^T with
-         R = Q_new^T Q_old, and the second is carried (``carry``: "reproject" v <- W_G v W_A^T with W = R * R elementwise, or
-         "keep" v as it is);
+         R = Q_new^T Q_old, and the second is carried (``carry``: "reproject"
+         v <- W_G v W_A^T with W = R * R elementwise, or "keep" v as it is);
 update:  t += 1, P = Q_G^T V Q_A, m_b <- beta1 m_b + (1 - beta1) P,
          v <- beta2 v + (1 - beta2) P^2 (both moments in the eigenbasis);
 apply:   Q_G [ (m_b / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) ] Q_A^T.
