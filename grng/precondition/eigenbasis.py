@@ -226,8 +226,9 @@ class EigenbasisPreconditioner(Preconditioner):
                    for side, s in self._sides(unit.layer))
 
     def _pieces(self, layer: KroneckerLayer) -> list[tuple[str, Piece]]:
-        """The bases of the dense sides and how each travels (comm-opt broadcast)."""
-        return [("Q" + side, Piece("full", (s.dim, s.dim)))
+        """The bases of the dense sides (a block-diagonal side: one per group) and how each
+        travels (comm-opt broadcast)."""
+        return [("Q" + side, Piece("full", tuple(s.shape)))
                 for side, s in self._sides(layer) if not s.diagonal]
 
     def _storage(self, unit: Unit) -> torch.dtype:
@@ -426,7 +427,7 @@ class EigenbasisPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------- checkpoints
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
-        dims = tuple(unit.layer.dims())
+        dims = tuple(unit.layer.matrix_shape())  # the moments' (grouped: per group)
         shapes = {"A": unit.layer.a_factor.shape, "G": unit.layer.g_factor.shape}
         shapes.update({name: piece.shape for name, piece in self._pieces(unit.layer)})
         shapes.update({"exp_avg_basis": dims, "exp_avg_sq": dims, "step": ()})
