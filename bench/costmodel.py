@@ -51,7 +51,15 @@ BAR = 0.30
 _CUDA = dict(inverse=device_defaults.CUDA.inverse, inverse_every=device_defaults.CUDA.inverse_every,
              precision=device_defaults.CUDA.precision,
              factor_every=device_defaults.CUDA.factor_every, sync_free=True)
-_KERNELS = dict(fold_kernel=True, fused_update=True)
+_KERNELS = dict(fold_kernel=True, fused_update=True, moments_kernel=True)
+#: EKFAC's CUDA defaults (grng.optim.device_defaults.EKFAC_CUDA), sync-free
+_EKFAC = dict(family="ekfac", iterations=1, qr=device_defaults.EKFAC_CUDA.qr,
+              inverse_every=device_defaults.EKFAC_CUDA.inverse_every,
+              precision=device_defaults.EKFAC_CUDA.precision,
+              factor_every=device_defaults.EKFAC_CUDA.factor_every, sync_free=True)
+_E, _C = device_defaults.EKFAC_CUDA, device_defaults.EKFAC_CPU
+_EKFAC_NAME = (f"EKFAC CUDA defaults (CholeskyQR3 refresh, {_E.precision}, T={_E.inverse_every}, "
+               f"F={_E.factor_every}, sync-free)")
 
 #: the configurations compared on the GPU (name -> StepConfig)
 GPU_CONFIGS: dict[str, cm.StepConfig] = {
@@ -71,17 +79,20 @@ GPU_CONFIGS: dict[str, cm.StepConfig] = {
                       sync_free=True, **_KERNELS),
     "eigen, tf32, T=100, kernels": cm.StepConfig(inverse_every=100, precision="tf32",
                                                  **_KERNELS),
-    "eigenbasis member (EKFAC) at its defaults (QR refresh, fp32, T=10, F=1, sync-free), "
-    "reference ops": cm.StepConfig(family="ekfac", iterations=1, inverse_every=10, factor_every=1,
-                                   sync_free=True),
-    "eigenbasis member (EKFAC), QR refresh, tf32, T=20, sync-free, reference ops": cm.StepConfig(
-        family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True),
-    "eigenbasis member (EKFAC), QR refresh, tf32, T=20, sync-free, kernels": cm.StepConfig(
+    f"EKFAC at its CPU defaults (Householder QR refresh, fp32, T={_C.inverse_every}, "
+    f"F={_C.factor_every}, sync-free), reference ops": cm.StepConfig(
+        family="ekfac", iterations=1, inverse_every=_C.inverse_every,
+        factor_every=_C.factor_every, sync_free=True),
+    "EKFAC before (Householder QR refresh, tf32, T=20, F=2, sync-free), kernels": cm.StepConfig(
         family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True,
         **_KERNELS),
-    "eigenbasis member (EKFAC), QR refresh, tf32, T=100, F=4, sync-free, kernels": cm.StepConfig(
-        family="ekfac", iterations=1, inverse_every=100, factor_every=4, precision="tf32",
-        sync_free=True, **_KERNELS),
+    f"{_EKFAC_NAME}, reference ops (the dispatch today)": cm.StepConfig(**_EKFAC),
+    f"{_EKFAC_NAME}, grng's kernels (masked fold and moment step, fused update)":
+        cm.StepConfig(**_EKFAC, **_KERNELS),
+    "EKFAC CUDA defaults with the Householder QR refresh, kernels": cm.StepConfig(
+        **{**_EKFAC, "qr": "householder"}, **_KERNELS),
+    "EKFAC CUDA defaults at T=50, kernels": cm.StepConfig(
+        **{**_EKFAC, "inverse_every": 50}, **_KERNELS),
 }
 
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from grng.benchmark.schema import Row, environment, load_text, replace_rows, run_header  # noqa: E402
-from grng.precondition.eigenbasis import carry_weights, subspace_step  # noqa: E402
+from grng.precondition.eigenbasis import rotation, subspace_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,6 +95,14 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
     "time": {"transformer": [("EKFAC defaults", "ekfac", {"lr": 1e-2}), _PEERS[0],
                              ("Muon lr 1e-2", "muon", {"lr": 1e-2,
                                                        "adjust_lr_fn": "match_rms_adamw"})]},
+    # CPU intervals: folds every factor_every steps, bases every inverse_every (steps to the
+    # target must not get worse on any task; bench/results/ekfac_intervals.md)
+    "intervals": {task: [("EKFAC defaults", "ekfac", {"lr": 1e-2}),
+                         *[(f"EKFAC factor_every {f}", "ekfac", {"lr": 1e-2, "factor_every": f})
+                           for f in (2, 3, 4)],
+                         ("EKFAC factor_every 2, inverse_every 20", "ekfac",
+                          {"lr": 1e-2, "factor_every": 2, "inverse_every": 20})]
+                  for task in ("transformer", "mlp", "cnn")},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
 }
@@ -158,7 +166,7 @@ def refresh(args: argparse.Namespace) -> None:
         v = torch.rand(d, d)
         t_eigh, Q_eigh = _timed(lambda: torch.linalg.eigh(M).eigenvectors.flip(-1), reps)
         t_sub, Q_sub = _timed(lambda: subspace_step(M, Q_prev), reps)
-        t_carry, _ = _timed(lambda: carry_weights(Q_sub, Q_prev) @ v, reps)
+        t_carry, _ = _timed(lambda: rotation(Q_sub, Q_prev) ** 2 @ v, reps)
         base = dict(suite="ekfac_refresh", x_name="d", x_value=str(d), dtype="float32", **env)
         cfg = (f"one dense factor, SPD, spectrum decaying 1e4; warm start: the basis of the "
                f"factor before a 5% EMA drift; torch threads {torch.get_num_threads()}; "
@@ -282,7 +290,9 @@ def step(args: argparse.Namespace) -> None:
 
     setups = {"AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
               "EKFAC (defaults, batched)": lambda m: grng.EKFAC(m),
+              "EKFAC (defaults, factor_every 1)": lambda m: grng.EKFAC(m, factor_every=1),
               "EKFAC (one unit at a time)": lambda m: grng.EKFAC(m)}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     runs = {}
     for label, make in setups.items():
         torch.manual_seed(0)
@@ -297,13 +307,13 @@ def step(args: argparse.Namespace) -> None:
             DiagonalAdam._layout = staticmethod(alone if one else real[1])
             for k in range(args.steps):
                 x, y = batches[(r * args.steps + k) % len(batches)]
-                t = time.perf_counter()
+                t = clock()
                 opt.zero_grad()
                 out = model(x)
                 F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1)).backward()
                 opt.step()
                 if r > 0:  # round 0 warms up (first bases by eigh)
-                    times[label].append(1000.0 * (time.perf_counter() - t))
+                    times[label].append(1000.0 * (clock() - t))
     ops = {}  # aten ops dispatched per optimizer step, over 20 more steps (two refreshes)
     for label, (model, opt) in runs.items():
         one = "one unit" in label
@@ -325,7 +335,8 @@ def step(args: argparse.Namespace) -> None:
         st = _stats(ts)
         rows.append(Row(suite="ekfac_step", name="step/transformer", provider=label,
                         metric="time", unit="ms", x_name="steps", x_value=str(len(ts)),
-                        dtype="float32", config=f"demo transformer, batch 16 x 32; {loads}",
+                        dtype="float32",
+                        config=f"demo transformer, batch 16 x 32; clock {args.clock}; {loads}",
                         **st, **env))
         rows.append(Row(suite="ekfac_step", name="step/transformer", provider=label,
                         metric="ops", unit="aten ops per step", x_name="steps", x_value="20",
@@ -333,16 +344,20 @@ def step(args: argparse.Namespace) -> None:
         lines.append(f"| {label} | {st['p50']:.1f} | {st['p20']:.1f} | {st['p80']:.1f} | "
                      f"{st['p50'] / adamw:.2f} | {ops[label]:.0f} |")
         print(lines[-1], flush=True)
-    replace_rows(RESULTS / "ekfac_step.csv", rows)
+    replace_rows(RESULTS / f"{args.name}.csv", rows)
     head = run_header(torch.get_num_threads())
-    (RESULTS / "ekfac_step.md").write_text("\n".join(
-        ["# EKFAC's step cost on the demo transformer (`python bench/ekfac.py step`)", "",
+    what = ("CPU time of this process (1 thread; robust to other jobs on a shared machine, not "
+            "to their cache and core contention)" if args.clock == "cpu" else "wall-clock")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(
+        [f"# EKFAC's step cost on the demo transformer (`python bench/ekfac.py step --clock "
+         f"{args.clock} --name {args.name}`)", "",
          *[f"- {k}: {v}" for k, v in head.items()], f"- {loads} (machine shared)", "",
+         f"- clock: {what}", "",
          f"ms per training step (forward, backward, optimizer step), {args.rounds - 1} rounds "
-         f"of {args.steps} steps after one warm-up round, the three interleaved round by round "
-         "(refresh steps included, every 10th).", "",
+         f"of {args.steps} steps after one warm-up round, the configurations interleaved round "
+         "by round (refresh steps included, every 10th).", "",
          "ops: aten ops dispatched by one optimizer step (mean over 20 steps; the forward and "
-         "backward are the same for all three).", "",
+         "backward are the same for all).", "",
          "| configuration | ms/step p50 | p20 | p80 | / AdamW | ops per step |",
          "|---|---|---|---|---|---|",
          *lines]) + "\n")
@@ -390,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("step")
     st.add_argument("--rounds", type=int, default=11)
     st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    st.add_argument("--name", default="ekfac_step")
     h = sub.add_parser("hparams")
     h.add_argument("--tasks", nargs="+", default=["cnn", "mlp", "transformer"])
     h.add_argument("--optimizers", nargs="+", default=["ekfac"])

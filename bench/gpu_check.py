@@ -898,7 +898,7 @@ def cost_device(ctx: Ctx) -> Any:
 def step_config(opt_name: str, backend: str, opt: Any) -> Any:
     """The cost model's StepConfig of the optimizer ``opt`` built for (opt_name, backend): its
     family, inverse, F, T, precision and sync-free flag as constructed; the update fused when a
-    kernel backend runs it."""
+    kernel backend runs it (and EKFAC's masked moment step, its refresh's QR as built)."""
     from grng.benchmark import costmodel
     if opt_name == "adamw":
         return costmodel.StepConfig(family="adamw")
@@ -910,7 +910,9 @@ def step_config(opt_name: str, backend: str, opt: Any) -> Any:
         inverse_every=getattr(opt, "inverse_every", 1),
         precision=getattr(opt, "precision", "fp32"),
         sync_free=bool(getattr(opt, "sync_free", False)),
-        fused_update=backend in ("triton", "ext"))
+        fused_update=backend in ("triton", "ext"),
+        qr=getattr(getattr(opt, "block", None), "qr", "householder"),
+        moments_kernel=backend in ("triton", "ext"))
 
 
 def predict_step(ctx: Ctx, device: Any, config: Any) -> Any:

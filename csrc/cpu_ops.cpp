@@ -158,6 +158,82 @@ std::tuple<Tensor, Tensor> kalman_gain(const Tensor& P, const Tensor& H, double 
 
 }  // namespace
 
+// adam_moments_masked: m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) g^2 where ok,
+// N = (m / bias1[e / per]) / (sqrt(v) / bias2[e / per] + eps), in the op math type. The CPU reads
+// the flag (no sync to avoid); CUDA passes it to the kernel (adam_moments_cuda). Dense copies of
+// strided tensors; m and v copied back.
+
+namespace {
+
+template <typename T>
+void adam_moments_cpu(const T* g, T* m, T* v, T* n, const at::opmath_type<T>* b1,
+                      const at::opmath_type<T>* b2, int64_t numel, int64_t per, double beta1,
+                      double beta2, double eps, bool ok) {
+  using A = at::opmath_type<T>;
+  const A c1 = static_cast<A>(beta1), c2 = static_cast<A>(beta2), e = static_cast<A>(eps);
+  const A d1 = static_cast<A>(1.0 - beta1), d2 = static_cast<A>(1.0 - beta2);
+#pragma omp parallel for schedule(static) if (numel >= kFusedParallelMin)
+  for (int64_t i = 0; i < numel; ++i) {
+    A mi = static_cast<A>(m[i]), vi = static_cast<A>(v[i]);
+    if (ok) {
+      const A gi = static_cast<A>(g[i]);
+      mi = c1 * mi + d1 * gi;
+      vi = c2 * vi + d2 * (gi * gi);
+      m[i] = static_cast<T>(mi);
+      v[i] = static_cast<T>(vi);
+    }
+    const int64_t r = i / per;
+    n[i] = static_cast<T>((mi / b1[r]) / (std::sqrt(vi) / b2[r] + e));
+  }
+}
+
+}  // namespace
+
+Tensor adam_moments_masked_impl(const Tensor& Vb, const Tensor& m, const Tensor& v, double beta1,
+                                double beta2, const Tensor& bias1, const Tensor& bias2, double eps,
+                                const Tensor& ok) {
+  const char* op = "grng_ext::adam_moments_masked";
+  TORCH_CHECK(ok.scalar_type() == at::kBool && ok.numel() == 1 && ok.device() == Vb.device(), op,
+              ": ok must be a one-element bool tensor on Vb's device");
+  const auto st = Vb.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": Vb must be float32, bfloat16 or float64, got ", st);
+  TORCH_CHECK(m.scalar_type() == st && v.scalar_type() == st && m.sizes() == Vb.sizes() &&
+                  v.sizes() == Vb.sizes() && m.device() == Vb.device() && v.device() == Vb.device(),
+              op, ": m and v must have Vb's shape, dtype and device");
+  TORCH_CHECK(bias1.sizes() == bias2.sizes() && bias1.dim() <= Vb.dim() &&
+                  bias1.sizes() == Vb.sizes().slice(0, bias1.dim()) && bias1.device() == Vb.device() &&
+                  bias2.device() == Vb.device(),
+              op, ": bias1 and bias2 must be shaped as a leading part of Vb's shape, on its device");
+  const auto wide = st == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor g = Vb.contiguous(), mc = m.contiguous(), vc = v.contiguous();
+  const Tensor b1 = bias1.to(wide).contiguous(), b2 = bias2.to(wide).contiguous();
+  Tensor N = at::empty(Vb.sizes(), Vb.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t numel = g.numel();
+  if (numel > 0) {
+    const int64_t per = numel / b1.numel();
+    if (Vb.is_cpu()) {
+      const bool flag = ok.item<bool>();
+      AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, st, "grng_adam_moments", [&] {
+        using A = at::opmath_type<scalar_t>;
+        adam_moments_cpu<scalar_t>(g.const_data_ptr<scalar_t>(), mc.data_ptr<scalar_t>(),
+                                   vc.data_ptr<scalar_t>(), N.data_ptr<scalar_t>(),
+                                   b1.const_data_ptr<A>(), b2.const_data_ptr<A>(), numel, per, beta1,
+                                   beta2, eps, flag);
+      });
+    } else {
+#ifdef GRNG_WITH_CUDA
+      adam_moments_cuda(g, mc, vc, N, b1, b2, per, beta1, beta2, eps, ok);
+#else
+      TORCH_CHECK(false, op, ": no kernel for device ", Vb.device());
+#endif
+    }
+  }
+  if (!mc.is_same(m)) m.copy_(mc);
+  if (!vc.is_same(v)) v.copy_(vc);
+  return N;
+}
+
 void kalman_update_impl(const Tensor& P, const Tensor& H, double r, double beta, double q) {
   auto [W, info] = kalman_gain(P, H, r, beta, q, "kalman_update");
   const int64_t bad = info.item<int64_t>();
@@ -558,4 +634,5 @@ TORCH_LIBRARY_IMPL(grng_ext, CPU, m) {
   m.impl("kalman_update", &grng::kalman_update_impl);
   m.impl("kalman_update_masked", &grng::kalman_update_masked_impl);
   m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cpu);
+  m.impl("adam_moments_masked", &grng::adam_moments_masked_impl);
 }

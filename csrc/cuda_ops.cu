@@ -1,7 +1,7 @@
 // CUDA kernels of grng_ext: the multi-tensor fused update (one check and one update launch per
 // group, no host sync), batched SPD inverses by Cholesky (one block per matrix in shared memory)
-// the mirror kernel that makes factor_update / kalman_update exactly symmetric, and its masked
-// blend for factor_update_masked.
+// the mirror kernel that makes factor_update / kalman_update exactly symmetric, its masked
+// blend for factor_update_masked, and adam_moments_masked's elementwise kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -352,6 +352,50 @@ void masked_blend_mirror_cuda(Tensor& M, const Tensor& U, double beta, const Ten
   });
 }
 
+namespace {
+
+// adam_moments_masked, one thread per element (grid-stride): m, v written only where *ok; N always.
+template <typename T>
+__global__ void adam_moments_kernel(const T* g, T* m, T* v, T* n, const at::opmath_type<T>* b1,
+                                    const at::opmath_type<T>* b2, int64_t numel, int64_t per,
+                                    at::opmath_type<T> beta1, at::opmath_type<T> beta2,
+                                    at::opmath_type<T> eps, const bool* ok) {
+  using A = at::opmath_type<T>;
+  const bool take = *ok;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    A mi = static_cast<A>(m[i]), vi = static_cast<A>(v[i]);
+    if (take) {
+      const A gi = static_cast<A>(g[i]);
+      mi = beta1 * mi + (A(1) - beta1) * gi;
+      vi = beta2 * vi + (A(1) - beta2) * (gi * gi);
+      m[i] = static_cast<T>(mi);
+      v[i] = static_cast<T>(vi);
+    }
+    const int64_t r = i / per;
+    n[i] = static_cast<T>((mi / b1[r]) / (sqrt(vi) / b2[r] + eps));
+  }
+}
+
+}  // namespace
+
+void adam_moments_cuda(const Tensor& g, const Tensor& m, const Tensor& v, const Tensor& n,
+                       const Tensor& bias1, const Tensor& bias2, int64_t per, double beta1,
+                       double beta2, double eps, const Tensor& ok) {
+  const int64_t numel = g.numel();
+  const c10::cuda::CUDAGuard guard(g.device());
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((numel + kThreads - 1) / kThreads, 65535));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "grng_adam_moments", [&] {
+    using A = at::opmath_type<scalar_t>;
+    adam_moments_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), n.data_ptr<scalar_t>(),
+        bias1.const_data_ptr<A>(), bias2.const_data_ptr<A>(), numel, per, static_cast<A>(beta1),
+        static_cast<A>(beta2), static_cast<A>(eps), ok.const_data_ptr<bool>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 void mirror_upper_cuda(Tensor& M, double shift) {
   const int64_t d = M.size(0);
   if (d == 0) return;
@@ -376,4 +420,5 @@ TORCH_LIBRARY_IMPL(grng_ext, CUDA, m) {
   m.impl("kalman_update", &grng::kalman_update_impl);
   m.impl("kalman_update_masked", &grng::kalman_update_masked_impl);
   m.impl("batched_spd_inverse", &grng::batched_spd_inverse_cuda);
+  m.impl("adam_moments_masked", &grng::adam_moments_masked_impl);
 }

@@ -35,5 +35,11 @@ TORCH_LIBRARY(grng_ext, m) {
   // kept otherwise, no host read); returns that flag as a 0-d bool tensor on P's device.
   m.def("kalman_update_masked(Tensor(a!) P, Tensor H, float r, float beta, float q) -> Tensor");
   // (inverses, ok) of a batch (B, d, d) of SPD matrices; method "cholesky" or "newton".
+  // where ok (a one-element bool tensor on Vb's device): m <- beta1 m + (1 - beta1) Vb,
+  // v <- beta2 v + (1 - beta2) Vb^2 in place; returns N = (m / bias1) / (sqrt(v) / bias2 + eps),
+  // bias1 and bias2 shaped as a leading part of Vb's shape (no host read on CUDA).
+  m.def(
+      "adam_moments_masked(Tensor Vb, Tensor(a!) m, Tensor(b!) v, float beta1, float beta2, "
+      "Tensor bias1, Tensor bias2, float eps, Tensor ok) -> Tensor");
   m.def("batched_spd_inverse(Tensor Ms, str method, float tol, int max_iter) -> (Tensor, Tensor)");
 }

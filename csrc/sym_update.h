@@ -32,6 +32,10 @@ void mirror_upper_cuda(at::Tensor& M, double shift);  // cuda_ops.cu
 // Where *ok: M's upper triangle <- beta M + U (U: the upper block rows of alpha X^T X), mirrored;
 // M untouched where it is False (the flag is read on the device).
 void masked_blend_mirror_cuda(at::Tensor& M, const at::Tensor& U, double beta, const at::Tensor& ok);
+// adam_moments_masked on dense CUDA tensors (one elementwise launch; the flag read on the device).
+void adam_moments_cuda(const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, const at::Tensor& n,
+                       const at::Tensor& bias1, const at::Tensor& bias2, int64_t per, double beta1,
+                       double beta2, double eps, const at::Tensor& ok);
 #endif
 
 inline void mirror_upper(at::Tensor& M, double shift) {
@@ -48,5 +52,8 @@ void factor_update_masked_impl(const at::Tensor& M, const at::Tensor& X, double 
                                const at::Tensor& ok);
 void kalman_update_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
 at::Tensor kalman_update_masked_impl(const at::Tensor& P, const at::Tensor& H, double r, double beta, double q);
+at::Tensor adam_moments_masked_impl(const at::Tensor& Vb, const at::Tensor& m, const at::Tensor& v, double beta1,
+                                    double beta2, const at::Tensor& bias1, const at::Tensor& bias2, double eps,
+                                    const at::Tensor& ok);
 
 }  // namespace grng

@@ -2,7 +2,8 @@
 
 One module per op (kernel(s), launcher and glue, with the op's sync-free "masked" variant
 where it has one): :mod:`.factor_update`, :mod:`.eigen_apply`, :mod:`.newton_schulz`,
-:mod:`.kalman_update`, :mod:`.fused_update` (the multi-tensor masked update); shared tile code
+:mod:`.kalman_update`, :mod:`.fused_update` (the multi-tensor masked update),
+:mod:`.adam_moments` (EKFAC's masked moment step); shared tile code
 in :mod:`._tiles`. Every launcher is a ``torch.library`` custom op (:mod:`._library`), so that
 ``torch.compile(opt.step)`` calls it without a graph break. Each op
 accepts CUDA tensors, or CPU tensors when Triton's interpreter is on (TRITON_INTERPRET=1).
@@ -17,7 +18,7 @@ from collections.abc import Iterator
 
 from grng.ops import registry
 
-from . import _tiles, eigen_apply, factor_update, fused_update, kalman_update, newton_schulz
+from . import _tiles, adam_moments, eigen_apply, factor_update, fused_update, kalman_update, newton_schulz
 
 
 @contextlib.contextmanager
@@ -49,4 +50,6 @@ if __name__ == "grng.kernels":
                        newton_schulz.supports_masked)
     registry.implement("kalman_update_masked", "triton", kalman_update.kalman_update_masked,
                        kalman_update.supports)
+    registry.implement("adam_moments_masked", "triton", adam_moments.adam_moments_masked,
+                       adam_moments.supports)
     registry.add_poison_hook(_nan_tile_outputs)

@@ -165,6 +165,10 @@ def _flag_ignoring_fold(M, X, alpha, beta, ok):
     return masked.factor_update_masked(M, X, alpha, beta, torch.ones_like(ok))
 
 
+def _flag_ignoring_moments(Vb, m, v, beta1, beta2, bias1, bias2, eps, ok):
+    return masked.adam_moments_masked(Vb, m, v, beta1, beta2, bias1, bias2, eps, torch.ones_like(ok))
+
+
 def _one_element_unwritten_kalman(P, H, r, beta, q):
     updated = P.clone()
     ok = masked.kalman_update_masked(updated, H, r, beta, q)
@@ -176,7 +180,7 @@ def _one_element_unwritten_kalman(P, H, r, beta, q):
 
 @pytest.fixture
 def broken_masked(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A live backend whose masked update and masked fold ignore the flag and whose masked Kalman
+    """A live backend whose masked update, masked fold and masked moment step ignore the flag and whose masked Kalman
     update leaves one element unwritten; its Newton-Schulz and Cholesky are right (private registry copies)."""
     monkeypatch.setattr(dispatch, "_IMPLS", {op: dict(b) for op, b in dispatch._IMPLS.items()})
     monkeypatch.setattr(dispatch, "BACKENDS", (*dispatch.BACKENDS, "broken"))
@@ -184,6 +188,7 @@ def broken_masked(monkeypatch: pytest.MonkeyPatch) -> str:
     registry.implement("fused_update_masked", "broken", _flag_ignoring_update)
     registry.implement("kalman_update_masked", "broken", _one_element_unwritten_kalman)
     registry.implement("factor_update_masked", "broken", _flag_ignoring_fold)
+    registry.implement("adam_moments_masked", "broken", _flag_ignoring_moments)
     registry.implement("newton_schulz_masked", "broken", masked.newton_schulz_fixed)
     registry.implement("cholesky_inverse_masked", "broken", masked.cholesky_inverse_masked)
     return "broken"
@@ -192,7 +197,8 @@ def broken_masked(monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_verify_catches_a_wrong_masked_op(broken_masked: str, dtype: str) -> None:
     """Exactly the wrong rows fail: the flag-ignoring update on its flag-False case only (the
-    non-finite case skips anyway), the flag-ignoring fold on both flag-False cases, the Kalman
+    non-finite case skips anyway), the flag-ignoring fold and moment step on both flag-False
+    cases, the Kalman
     update wherever it writes P; in float64 too (the
     truth must not run on the backend's in-place output)."""
     rows = verify.check_ops("cpu", [broken_masked], [dtype], [1, 7], ops=MASKED_OPS)
@@ -200,7 +206,8 @@ def test_verify_catches_a_wrong_masked_op(broken_masked: str, dtype: str) -> Non
     failed = {(r.op, r.shape) for r in rows if r.passed is False}
     assert failed == {("fused_update_masked", f"n={n} skip") for n in (1, 7)} | {
         ("kalman_update_masked", f"n={n}{v}") for n in (1, 7) for v in ("", " strided", " steady")} | {
-        ("factor_update_masked", f"n={n} {v}") for n in (1, 7) for v in ("skip", "skip_nonfinite")}
+        (op, f"n={n} {v}") for op in ("factor_update_masked", "adam_moments_masked")
+        for n in (1, 7) for v in ("skip", "skip_nonfinite")}
     assert all(r.passed for r in rows if (r.op, r.shape) not in failed)
     assert all("params off" in r.note for r in rows if r.passed is False and r.op == "fused_update_masked")
 

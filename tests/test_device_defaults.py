@@ -57,3 +57,24 @@ def test_a_cuda_model_gets_the_cuda_defaults() -> None:
     assert (opt.inverse.name, opt.inverse_every, opt.precision, opt.factor_every) == (
         "cholesky", 20, "tf32", 4)
     assert opt.sync_free
+
+
+def _ekfac_defaults(opt) -> tuple:
+    return (opt.block.qr, opt.inverse_every, opt.precision, opt.factor_every)
+
+
+def test_ekfac_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EKFAC: the CPU defaults as measured (Householder, T = 10, fp32, F = 2); a model seen as
+    on CUDA (simulated) gets EKFAC_CUDA (CholeskyQR3, TF32, its intervals); explicit arguments
+    win; the fisher scaling, which reads the rows every step, folds every step."""
+    assert _ekfac_defaults(make_optimizer("ekfac", _model())) == ("householder", 10, "fp32", 2)
+    cuda = device_defaults.EKFAC_CUDA
+    monkeypatch.setattr(device_defaults, "ekfac_for_model", lambda model: cuda)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf32 on CPU parameters is inert (warned)
+        assert _ekfac_defaults(make_optimizer("ekfac", _model())) == (
+            "cholesky", cuda.inverse_every, "tf32", cuda.factor_every)
+        assert _ekfac_defaults(make_optimizer("ekfac", _model(), qr="householder",
+                                              inverse_every=7, precision="fp32",
+                                              factor_every=2)) == ("householder", 7, "fp32", 2)
+        assert make_optimizer("ekfac", _model(), scaling="fisher").factor_every == 1

@@ -189,7 +189,7 @@ def test_a_non_finite_subspace_step_falls_back(monkeypatch, sync_free: bool) -> 
     batches = classification_batches(3, 8, dtype=F64, seed=1)
     _train(model, opt, batches[:2])
     before = [u.state.QG.clone() for u in opt._blocks]
-    monkeypatch.setattr(eigenbasis, "subspace_step", lambda M, Q: Q * float("nan"))
+    monkeypatch.setattr(eigenbasis, "subspace_step", lambda M, Q, qr: Q * float("nan"))
     calls = _count_eigh(monkeypatch)
     _train(model, opt, batches[2:])
     assert calls[0] == (0 if sync_free else 4)
@@ -245,8 +245,10 @@ def test_a_skipped_step_leaves_the_state_bit_for_bit(sync_free: bool, at: int,
 
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_non_finite_direction_puts_the_moments_back(monkeypatch, sync_free: bool) -> None:
-    """Finite inputs, so the update phase runs, but a NaN direction: the moments are put back
-    bit for bit and the parameters are unchanged."""
+    """Finite inputs, so the update phase runs, but a NaN direction: the parameters are
+    unchanged and the step counted as skipped; the host gate puts the moments back bit for bit,
+    the device gate (no copy of them: the update wrote them where its inputs' flag said) keeps
+    their advance, finite (docs/architecture.md "Phases and the gate")."""
     torch.manual_seed(0)
     model = small_mlp(torch.float32)
     opt = grng.EKFAC(model, lr=0.01, inverse_every=2, sync_free=sync_free)
@@ -261,8 +263,13 @@ def test_a_non_finite_direction_puts_the_moments_back(monkeypatch, sync_free: bo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         _train(model, opt, batches[3:])
-    assert _same([{k: t for k, t in u.state.per_step().items()}
-                  for u, _ in opt._curvature_units()], moments)
+    now = [{k: t for k, t in u.state.per_step().items()} for u, _ in opt._curvature_units()]
+    if sync_free:
+        assert not _same(now, moments)
+        assert all(bool(torch.isfinite(t).all()) for fields in now for t in fields.values())
+        assert all(int(fields["step"]) == 4 for fields in now)
+    else:
+        assert _same(now, moments)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert opt.skipped_steps == 1
 
@@ -282,7 +289,7 @@ def test_checkpoint_resumes_bit_for_bit(sync_free: bool, variant: str) -> None:
     saved_model = copy.deepcopy(model.state_dict())
     saved = copy.deepcopy(opt.state_dict())
     names = set(saved["state"][0])
-    assert {"A", "G", "QG", "QA", "exp_avg", "exp_avg_sq", "step"} <= names
+    assert {"A", "G", "QG", "QA", "exp_avg_basis", "exp_avg_sq", "step"} <= names
     _train(model, opt, batches[5:])
     other = make(torch.float32)
     other.load_state_dict(saved_model)
@@ -442,7 +449,8 @@ def test_batched_blocks_equal_one_at_a_time(monkeypatch, kwargs) -> None:
         runs.append(list(model.parameters()))
         if batched:  # the two 6 x 7 blocks' fields are one stack's slices
             a, b = opt._blocks[1].state, opt._blocks[2].state
-            assert a.exp_avg._base is not None and a.exp_avg._base is b.exp_avg._base
+            assert a.exp_avg_basis._base is not None
+            assert a.exp_avg_basis._base is b.exp_avg_basis._base
     # batched GEMMs round differently, and the rounding picks the basis inside the factors'
     # degenerate eigenspaces (the softmax's and the LayerNorm's null directions of G; docs
     # "Degenerate eigenspaces"), so the runs agree to 1e-7 of parameters that moved by > 0.05
@@ -487,3 +495,54 @@ def test_block_diagonal_and_dense_sides_refresh_in_separate_batches(sync_free: b
         eye = torch.eye(Q.shape[-1], dtype=Q.dtype).expand_as(Q)
         torch.testing.assert_close(Q.transpose(-2, -1) @ Q, eye, rtol=0, atol=1e-10)
     assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_cholesky_qr3_is_the_householder_q_up_to_signs() -> None:
+    """CholeskyQR3 of an ill-conditioned float32 Y (condition 1e7, columns of very different
+    norms): orthonormal to float32's rounding, spanning Y's leading columns as Householder's Q
+    does (equal up to column signs); a Y with a zero column cannot be orthonormalized and comes
+    back non-finite (the refresh's fallback)."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=F64))
+    W, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=F64))
+    Y = (U @ torch.diag(torch.logspace(0, -7, 40, dtype=F64)) @ W.T).float()
+    Q = eigenbasis.cholesky_qr3(Y)
+    assert Q.dtype == torch.float32
+    assert float((Q.T.double() @ Q.double() - torch.eye(40, dtype=F64)).abs().max()) < 1e-6
+    H = torch.linalg.qr(Y.double()).Q
+    signs = torch.sign((H * Q.double()).sum(0))
+    assert float((H * signs - Q.double()).abs()[:, :20].max()) < 1e-4  # the well-determined part
+    Y[:, 3] = 0.0
+    assert not bool(torch.isfinite(eigenbasis.cholesky_qr3(Y)).all())
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_cholesky_refresh_takes_the_householder_steps(sync_free: bool) -> None:
+    """qr="cholesky" changes how the subspace step orthonormalizes, not the optimizer: the bases
+    differ from Householder's by column signs only, which the moments' rotation and the
+    sandwich cancel, so in float64 the parameters agree to rounding over refreshes."""
+    params = []
+    for qr in ("householder", "cholesky"):
+        torch.manual_seed(0)
+        model = small_mlp(F64)
+        opt = grng.EKFAC(model, lr=0.01, inverse_every=2, qr=qr, sync_free=sync_free)
+        _train(model, opt, classification_batches(8, 8, dtype=F64, seed=1))
+        params.append([p.detach().clone() for p in model.parameters()])
+        assert opt.block.qr == qr
+    assert max(float((p - q).abs().max()) for p, q in zip(*params)) < 1e-9
+
+
+def test_fold_period_default_by_device_and_scaling() -> None:
+    """factor_every defaults to 2 on the CPU (bench/results/ekfac_intervals.md), 1 with the
+    fisher scaling (which reads every step's rows); an explicit value is kept, and the fisher
+    scaling refuses another than 1, naming the argument."""
+    from grng.optim import device_defaults
+
+    assert device_defaults.EKFAC_CPU.factor_every == 2
+    for kwargs, want in (({}, 2), (dict(scaling="fisher"), 1), (dict(factor_every=1), 1),
+                         (dict(factor_every=3), 3)):
+        opt = grng.EKFAC(small_mlp(F64), **kwargs)
+        assert opt.factor_every == want, kwargs
+        opt.close()
+    with pytest.raises(ValueError, match="factor_every"):
+        grng.EKFAC(small_mlp(F64), scaling="fisher", factor_every=2)

@@ -37,7 +37,7 @@ from grng.ops.errors import BackendUnavailable, FactorizationError  # noqa: E402
 if not (torch.cuda.is_available() or dispatch.interpreter_enabled()):
     pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from grng.kernels import (_tiles, eigen_apply, factor_update, fused_update,  # noqa: E402
+from grng.kernels import (_tiles, adam_moments, eigen_apply, factor_update, fused_update,  # noqa: E402
                           kalman_update, newton_schulz)
 from grng.ops import masked  # noqa: E402
 
@@ -285,7 +285,8 @@ KERNELS = {"sym_update": factor_update._sym_update_kernel,
            "gemm_damped": eigen_apply._gemm_damped_kernel,
            "ns_residual": newton_schulz._residual_kernel,
            "ns_update": newton_schulz._update_kernel,
-           "masked_update": fused_update._masked_update_kernel}
+           "masked_update": fused_update._masked_update_kernel,
+           "adam_moments": adam_moments._adam_moments_kernel}
 Launch = tuple[str, dict, tuple[int, ...]]
 
 
@@ -370,6 +371,10 @@ def small_call(op: str, n: int, dtype: torch.dtype) -> Callable[[], object]:
     if op == "kalman_update_masked":
         return lambda: kalman_update.kalman_update_masked(torch.linalg.inv(spd), x[:2].to(dtype),
                                                           1.0, 0.9, 1e-3)
+    if op == "adam_moments_masked":
+        ones = torch.ones((), device=DEVICE)
+        return lambda: adam_moments.adam_moments_masked(x.to(dtype), x.to(dtype), (x * x).to(dtype),
+                                                        0.9, 0.999, ones, ones, 1e-8, ok)
     pytest.fail(f"small_call has no call of the Triton op {op!r}: add one")
 
 

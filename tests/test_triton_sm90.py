@@ -57,6 +57,7 @@ def test_every_kernel_compiles_for_sm90_on_the_fast_path(tmp_path: Path) -> None
     assert {(k, p, odd) for k in GEMMS for p in ("ieee", "tf32", "native")
             for odd in (False, True)} <= kinds, sorted(kinds)
     assert any(r["name"].startswith("_masked_update_kernel") for r in rows)
+    assert any(r["name"].startswith("_adam_moments_kernel") for r in rows)  # EKFAC's moments
     assert any(r["name"].startswith("_sym_update_kernel") and "MASKED=True" in r["name"]
                for r in rows)  # the device gate's fold
     for r in rows:

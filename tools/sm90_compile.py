@@ -120,7 +120,8 @@ KERNELS = (("grng.kernels.factor_update", "_sym_update_kernel"),
            ("grng.kernels.eigen_apply", "_gemm_damped_kernel"),
            ("grng.kernels.newton_schulz", "_residual_kernel"),
            ("grng.kernels.newton_schulz", "_update_kernel"),
-           ("grng.kernels.fused_update", "_masked_update_kernel"))
+           ("grng.kernels.fused_update", "_masked_update_kernel"),
+           ("grng.kernels.adam_moments", "_adam_moments_kernel"))
 
 
 @contextlib.contextmanager
@@ -142,7 +143,8 @@ def _launch_cases(d_out: int, d_in: int, dtype, log: list) -> None:
     """Run every op's launcher once on CPU tensors of a d_out x d_in layer (inputs ``dtype``)."""
     import torch
 
-    from grng.kernels import eigen_apply, factor_update, fused_update, kalman_update, newton_schulz
+    from grng.kernels import (adam_moments, eigen_apply, factor_update, fused_update, kalman_update,
+                              newton_schulz)
 
     tokens = 1024
     for d in (d_out, d_in):
@@ -167,6 +169,11 @@ def _launch_cases(d_out: int, d_in: int, dtype, log: list) -> None:
     for momentum, kl_clip in ((0.9, 1e-3), (0.0, None)):
         fused_update._fused_update_masked(params, grads, grads, grads, 0.1, momentum, 1e-4, 0.0,
                                           kl_clip, torch.ones((), dtype=torch.bool))
+    # EKFAC's masked moment step in the eigenbasis: a stack of two blocks, one count each
+    Vb = torch.empty(2, d_out, d_in, dtype=dtype)
+    adam_moments._adam_moments_masked(Vb, torch.empty_like(Vb), torch.empty_like(Vb), 0.9, 0.999,
+                                      torch.ones(2), torch.ones(2), 1e-8,
+                                      torch.ones((), dtype=torch.bool))
 
 
 def _freeze(value):

@@ -129,7 +129,10 @@ class StepConfig:
     ``grng.distributed.communicator.FOLD_BATCH_MAX_ELEMENTS``); ``kalman_rank``: R-Kalman's k;
     ``sync_free``: the device gate (the CUDA default): the copies it keeps and selects back
     (statistics the communicator does not fold in place where ok, the state of the blocks due,
-    per-step fields)."""
+    per-step fields); ``qr``: EKFAC's orthonormalization in its subspace refresh (householder:
+    geqrf + orgqr; cholesky: shifted CholeskyQR3 in float64, GEMMs); ``moments_kernel``:
+    EKFAC's masked moment step through grng's kernel (``adam_moments_masked``, Triton or the
+    extension: one launch) instead of the reference's elementwise ops."""
 
     family: str = "kfac"
     inverse: str = "eigen"
@@ -142,6 +145,8 @@ class StepConfig:
     batched: bool = True
     kalman_rank: int = 64
     sync_free: bool = False
+    qr: str = "householder"
+    moments_kernel: bool = False
 
 
 @dataclass
@@ -316,20 +321,20 @@ def _gate(shape: StepShape, dense: list[tuple[BlockShape, int]], config: StepCon
           device: Device) -> Cost:
     """The device gate's copies and selects (grng.optim.gate.DeviceGate): the diagonal units'
     statistics on fold steps (the Kronecker factors are folded where ok by the communicator,
-    no copy), the refreshed state of the blocks due (over T) and, every step, the per-step
-    fields (EKFAC's moments, its diagonal Adam's)."""
+    no copy) and the refreshed state of the blocks due (over T); EKFAC's per-step moments are
+    written where ok by ``adam_moments_masked`` and need no copy."""
     F, T = config.factor_every, config.inverse_every
     blocks = shape.blocks
     Pd = shape.diagonal_params
     diag_units = shape.diagonal_tensors or max(1, shape.tensors - len(blocks))
     elems = Pd / F
     launches = diag_units / F
-    if config.family == "ekfac":  # Q_A, Q_G, and the moments a refresh carries
+    if config.family == "ekfac":
+        # Q_A, Q_G and the moments a refresh carries, over T; no per-step copies (the moments
+        # are written where ok by adam_moments_masked) and no folded diagonal statistics
         refreshed = sum(float(d) * d for _, d in dense) + 2.0 * sum(b.d_a * b.d_g for b in blocks)
-        fields = len(dense) + 3.0 * len(blocks)
-        per_step = 2.0 * sum(b.d_a * b.d_g for b in blocks) + 2.0 * Pd
-        elems += refreshed / T + per_step
-        launches += fields / T + 3.0 * (len(blocks) + diag_units)
+        elems = refreshed / T
+        launches = (len(dense) + 3.0 * len(blocks)) / T
     elif config.family != "rkalman":  # the inverse of each dense factor (a vector if diagonal)
         eigen = config.inverse == "eigen"
         elems += sum(float(d) * d + (d if eigen else 0) for _, d in dense) / T
@@ -337,31 +342,53 @@ def _gate(shape: StepShape, dense: list[tuple[BlockShape, int]], config: StepCon
     return _time(device, Cost(elems, COPY_BYTES * elems, COPY_LAUNCHES * launches), "fp32")
 
 
+#: EKFAC's masked moment step: (launches, bytes per element) of grng's kernel (reads Vb, m,
+#: v; writes m, v, N) and of the reference's elementwise ops (counted on
+#: grng.ops.masked.adam_moments_masked: two mul/add/where/copy chains and the ratio's five ops)
+MOMENT_KERNEL, MOMENT_REFERENCE = (1.0, 24.0), (16.0, 136.0)
+#: per batch of equal-layout blocks: the gradient stack, the bias corrections (count, two pows,
+#: two subtractions, a square root, the flag's cast) and the two projection GEMMs
+MOMENT_BATCH_OPS = 10.0
+
+
+def _layouts(blocks: Sequence[BlockShape], config: StepConfig) -> int:
+    """Batches of EKFAC's per-step phases: one per block layout (equal shapes and dense sides;
+    grng.precondition.adam.batches), or one per block unbatched."""
+    return _groups([(b.d_a, b.d_g, b.a_dense, b.g_dense) for b in blocks], config.batched)
+
+
 def _moments(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
-    """EKFAC's update phase, per block and step: V to the eigenbasis (Q_G^T V Q_A: two GEMMs
-    where the sides are dense), its square, Adam's two moment EMAs (~12 FLOPs and ~10 reads or
-    writes per element), about 10 launches (no batching across blocks)."""
+    """EKFAC's update phase per step (grng.precondition.eigenbasis.update): each block's
+    gradient matrix (its bias column appended: a copy) stacked per layout, P = Q_G^T V Q_A (two
+    GEMMs per batch where the sides are dense), then Adam's masked moment step on P
+    (``adam_moments_masked``: :data:`MOMENT_KERNEL` or :data:`MOMENT_REFERENCE`)."""
+    launches_op, bytes_op = MOMENT_KERNEL if config.moments_kernel else MOMENT_REFERENCE
     fl = by = 0.0
     for b in blocks:
         a = b.d_a if b.a_dense else 0
         g = b.d_g if b.g_dense else 0
         fl += 2.0 * b.d_g * b.d_a * (a + g) + 12.0 * b.d_g * b.d_a
-        by += 4.0 * (10 * b.d_g * b.d_a + a * a + g * g)
-    return _time(device, Cost(fl, by, 10.0 * len(blocks), note="projection + Adam"),
+        # copies 16 B, the GEMMs' operands and results 16 B, the bases; the moment step
+        by += (32.0 + bytes_op) * b.d_g * b.d_a + 4.0 * (a * a + g * g)
+    layouts = _layouts(blocks, config)
+    launches = len(blocks) + layouts * (MOMENT_BATCH_OPS + launches_op)
+    return _time(device, Cost(fl, by, launches, note="projection + masked Adam step"),
                  config.precision)
 
 
 def _reproject(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
-    """EKFAC's second moment carried into a new basis, per refresh (over T): W = (Q_new^T
-    Q_old)^2 per dense side (2 d^3), then W_G v W_A^T (2 d_G d_A (d_G + d_A))."""
+    """EKFAC's moments carried into a new basis, per refresh (over T): R = Q_new^T Q_old per
+    dense side (2 d^3), then R_G m R_A^T and W_G v W_A^T, W = R * R (2 d_G d_A (d_G + d_A)
+    each)."""
     T = config.inverse_every
     fl = by = launches = 0.0
     for b in blocks:
         sides = [d for d, dense in ((b.d_a, b.a_dense), (b.d_g, b.g_dense)) if dense]
-        fl += sum(2.0 * d ** 3 for d in sides) + 2.0 * b.d_g * b.d_a * sum(sides)
-        by += 4.0 * (sum(3.0 * d * d for d in sides) + 3.0 * b.d_g * b.d_a)
-        launches += 3.0 * len(sides)
-    return _time(device, Cost(fl / T, by / T, launches / T, note="carry v"), config.precision)
+        fl += sum(2.0 * d ** 3 for d in sides) + 4.0 * b.d_g * b.d_a * sum(sides)
+        by += 4.0 * (sum(3.0 * d * d for d in sides) + 6.0 * b.d_g * b.d_a)
+        launches += 5.0 * len(sides)
+    return _time(device, Cost(fl / T, by / T, launches / T, note="carry m, v"),
+                 config.precision)
 
 
 def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Device) -> Cost:
@@ -379,6 +406,19 @@ def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: De
             gemm = Cost(sum(2.0 * d ** 3 for d in sizes) / T,
                         sum(4.0 * 5 * d * d for d in sizes) / T, 5.0 * _groups(sizes, True) / T)
             _time(device, gemm, p)
+            if config.qr == "cholesky":
+                # shifted CholeskyQR3 in float64 (eigenbasis.cholesky_qr3), batched per size:
+                # per pass a Gram GEMM (2 d^3) and a triangular solve (d^3) at the fp64 GEMM
+                # rate, a potrf (d^3 / 3) per matrix at a quarter of it; ~17 launches per size
+                fp64 = device.rate("fp64")
+                qr = sum(3.0 * (3.0 * d ** 3 / fp64 + d ** 3 / 3.0 / (0.25 * fp64)
+                                + device.launch_us * 1e-6) for d in sizes) / T
+                launches = 17.0 * _groups(sizes, True) / T
+                return Cost(gemm.flops + sum(10.0 * d ** 3 for d in sizes) / T,
+                            gemm.bytes + sum(168.0 * d * d for d in sizes) / T,
+                            gemm.launches + launches,
+                            gemm.seconds + qr + launches * device.launch_us * 1e-6,
+                            "GEMM + CholeskyQR3")
             qr = sum(device.eigh_latency_ms * 1e-3 / 3 + (8.0 / 3.0) * d ** 3 / device.rate("fp32")
                      / 0.25 for d in sizes) / T
             return Cost(gemm.flops + sum(8.0 / 3.0 * d ** 3 for d in sizes) / T, gemm.bytes,
@@ -400,9 +440,11 @@ def _refresh(dense: list[tuple[BlockShape, int]], config: StepConfig, device: De
 
 
 def _apply(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> Cost:
-    """P(V) per block: the eigenbasis sandwich (4 GEMMs) or X_G V X_A (2 GEMMs)."""
+    """P(V) per block: the eigenbasis sandwich (4 GEMMs), X_G V X_A (2 GEMMs), or EKFAC's
+    ratio of its eigenbasis moments taken back to parameter space (2 GEMMs; the projection
+    of V is in :func:`_moments`)."""
     eigen = config.family == "ekfac" or (config.inverse == "eigen" and config.family != "rkalman")
-    gemms = 4.0 if eigen else 2.0
+    gemms = 4.0 if eigen and config.family != "ekfac" else 2.0
     fl = by = 0.0
     for b in blocks:
         # a diagonal side is a scaling: its GEMM pair costs d_G d_A instead of 2 d d_G d_A
@@ -411,8 +453,15 @@ def _apply(blocks: Sequence[BlockShape], config: StepConfig, device: Device) -> 
         fl += gemms * b.d_g * b.d_a * (a + g) + 2.0 * b.d_g * b.d_a
         by += 4.0 * (3 * b.d_g * b.d_a + a * a + g * g) * (2 if eigen else 1)
     shapes = [(b.d_a, b.d_g) for b in blocks]
-    if config.family == "ekfac":  # per block (no apply_many): 4 GEMMs, Adam's ratio (~6 ops)
-        launches = 10.0 * len(blocks)
+    if config.family == "ekfac":
+        # per layout batch (apply_many): N and the stack of V from the update phase, N back by
+        # 2 GEMMs (16 B per element), the relative GR term (two norms, the scale, d + c g: 8
+        # ops, 28 B per element); each block's V formed for the pipeline (its bias column
+        # appended: a copy, 8 B)
+        by = sum(52.0 * b.d_g * b.d_a + 8.0 * ((b.d_a if b.a_dense else 0) ** 2
+                                               + (b.d_g if b.g_dense else 0) ** 2)
+                 for b in blocks)
+        launches = len(blocks) + _layouts(blocks, config) * (gemms + 8.0)
     else:
         launches = (gemms + 1) * (len(set(shapes)) if config.batched else len(blocks))
     return _time(device, Cost(fl, by, launches), config.precision)
@@ -602,11 +651,15 @@ def table(pred: Prediction) -> str:
 def _describe(config: StepConfig) -> str:
     if config.family == "adamw":
         return "torch defaults"
-    inverse = "QR refresh" if config.family == "ekfac" else config.inverse
-    iters = f", {config.iterations} its" if inverse in ("newton", "QR refresh") else ""
+    ekfac = config.family == "ekfac"
+    inverse = ({"cholesky": "CholeskyQR3 refresh"}.get(config.qr, "QR refresh") if ekfac
+               else config.inverse)
+    iters = f", {config.iterations} its" if config.inverse == "newton" and not ekfac else ""
+    moments = (f", {'kernel' if config.moments_kernel else 'reference'} moment step"
+               if ekfac else "")
     return (f"{inverse}{iters}, F={config.factor_every}, T={config.inverse_every}, "
-            f"{config.precision}, {'kernel' if config.fold_kernel else 'reference'} fold, "
-            f"{'fused' if config.fused_update else 'per-tensor'} update"
+            f"{config.precision}, {'kernel' if config.fold_kernel else 'reference'} fold"
+            f"{moments}, {'fused' if config.fused_update else 'per-tensor'} update"
             f"{', sync-free' if config.sync_free else ''}")
 
 

@@ -33,11 +33,13 @@ class StateView(Mapping):
 
     def folded(self) -> dict[str, Tensor]:
         """Name -> tensor of the :attr:`FOLDED` fields that are set."""
-        return {f: self[f] for f in self.FOLDED if f in self}
+        tensors = self.tensors()  # once: each ``self[f]`` would build it again
+        return {f: tensors[f] for f in self.FOLDED if f in tensors}
 
     def per_step(self) -> dict[str, Tensor]:
         """Name -> tensor of the :attr:`PER_STEP` fields that are set."""
-        return {f: self[f] for f in self.PER_STEP if f in self}
+        tensors = self.tensors()
+        return {f: tensors[f] for f in self.PER_STEP if f in tensors}
 
     def replace(self, name: str, tensor: Tensor) -> None:
         """Set the tensor kept under checkpoint name ``name`` (one that is set)."""
@@ -129,19 +131,21 @@ class AdamMoments(StateView):
 @dataclass(eq=False)
 class EigenbasisBlock(StateView):
     """EKFAC's state of a Kronecker block: running factors A, G; their eigenbases Q_A, Q_G
-    (refreshed; None for a diagonal side, whose basis is the identity); Adam's first moment
-    ``exp_avg`` of the gradient matrix (parameter space), the second moment ``exp_avg_sq`` of
-    its projection Q_G^T V Q_A (eigenbasis) and the update count ``step``."""
+    (refreshed; None for a diagonal side, whose basis is the identity); Adam's moments of the
+    gradient matrix's projection Q_G^T V Q_A (both in the eigenbasis): the first
+    ``exp_avg_basis``, the second ``exp_avg_sq``, and the update count ``step``. (grng 0.3.0
+    kept the first moment in parameter space, as ``exp_avg``; its checkpoints are converted on
+    load.)"""
 
     FOLDED = ("A", "G")
     FOLDS_THROUGH_COMMUNICATOR = True
-    PER_STEP = ("exp_avg", "exp_avg_sq", "step")
+    PER_STEP = ("exp_avg_basis", "exp_avg_sq", "step")
 
     A: Tensor | None = None
     G: Tensor | None = None
     QG: Tensor | None = None
     QA: Tensor | None = None
-    exp_avg: Tensor | None = None
+    exp_avg_basis: Tensor | None = None
     exp_avg_sq: Tensor | None = None
     step: Tensor | None = None
 

@@ -22,7 +22,8 @@ from grng.ops.errors import BackendUnavailable, FactorizationError
 from grng.ops.reference import default_newton_tol
 
 __all__ = [
-    "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "backends",
+    "BackendUnavailable", "FactorizationError", "NewtonResult", "accepts", "adam_moments_masked",
+    "backends",
     "batched_spd_inverse",
     "cholesky_inverse", "cholesky_inverse_masked", "default_newton_tol", "eigen_apply", "eigh",
     "factor_update", "factor_update_masked", "fused_update", "fused_update_masked", "kalman_update",
@@ -94,6 +95,17 @@ def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Te
     """M <- beta M + alpha X^T X in place where ``ok`` (a 0-dim bool on M's device), M untouched
     otherwise; batched over leading dims."""
     return call("factor_update_masked", backend, M, X, float(alpha), float(beta), ok)
+
+
+def adam_moments_masked(Vb: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
+                        bias1: Tensor, bias2: Tensor, eps: float, ok: Tensor, *,
+                        backend: str = "auto") -> Tensor:
+    """N = (m / bias1) / (sqrt(v) / bias2 + eps) after Adam's moment update
+    m <- beta1 m + (1 - beta1) Vb, v <- beta2 v + (1 - beta2) Vb^2 in place where ``ok`` (a
+    0-dim bool on Vb's device); ``bias1``, ``bias2``: 1 - beta1^t and sqrt(1 - beta2^t), device
+    tensors of a leading part of Vb's shape."""
+    return call("adam_moments_masked", backend, Vb, m, v, float(beta1), float(beta2), bias1,
+                bias2, float(eps), ok)
 
 
 def newton_schulz_masked(M: Tensor, X0: Tensor, iterations: int, tol: float, *,

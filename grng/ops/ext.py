@@ -81,6 +81,11 @@ def _kalman_update_masked_fake(P, H, r, beta, q):
     return torch.empty((), dtype=torch.bool, device=P.device)
 
 
+@torch.library.register_fake("grng_ext::adam_moments_masked")
+def _adam_moments_masked_fake(Vb, m, v, beta1, beta2, bias1, bias2, eps, ok):
+    return Vb.new_empty(Vb.shape)
+
+
 @torch.library.register_fake("grng_ext::batched_spd_inverse")
 def _batched_spd_inverse_fake(Ms, method, tol, max_iter):
     return Ms.new_empty(Ms.shape), Ms.new_empty((Ms.shape[0],), dtype=torch.bool)
@@ -192,6 +197,25 @@ def _kalman_masked_supports(P: Tensor, H: Tensor, r: float, beta: float, q: floa
     return _kalman_supports(P, H, r, beta, q, op="kalman_update_masked")
 
 
+def adam_moments_masked(Vb: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
+                        bias1: Tensor, bias2: Tensor, eps: float, ok: Tensor) -> Tensor:
+    """N = (m / bias1) / (sqrt(v) / bias2 + eps) after m <- beta1 m + (1 - beta1) Vb,
+    v <- beta2 v + (1 - beta2) Vb^2 in place where ``ok`` (no host read on CUDA)."""
+    return _ops.adam_moments_masked(Vb, m, v, float(beta1), float(beta2), bias1, bias2, float(eps),
+                                    ok)
+
+
+def _adam_masked_supports(Vb: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
+                          bias1: Tensor, bias2: Tensor, eps: float, ok: Tensor) -> bool:
+    lead = tuple(bias1.shape)
+    return (_has_kernel("adam_moments_masked", Vb.device.type) and Vb.dtype in _FUSED_DTYPES
+            and m.dtype == v.dtype == Vb.dtype and m.shape == v.shape == Vb.shape
+            and bias1.shape == bias2.shape and tuple(Vb.shape[:len(lead)]) == lead
+            and bias1.is_floating_point() and bias2.is_floating_point()
+            and isinstance(ok, Tensor) and ok.dtype == torch.bool and ok.numel() == 1
+            and all(t.device == Vb.device for t in (m, v, bias1, bias2, ok)))
+
+
 def batched_spd_inverse(Ms: Tensor, method: str, tol: float, max_iter: int) -> tuple[Tensor, Tensor]:
     """(M_b^-1, ok_b) for SPD M_b (B x d x d); see :func:`grng.ops.batched.batched_spd_inverse`."""
     return tuple(_ops.batched_spd_inverse(Ms, method, float(tol), int(max_iter)))
@@ -210,3 +234,4 @@ implement("factor_update_masked", "ext", factor_update_masked, _factor_masked_su
 implement("kalman_update", "ext", kalman_update, _kalman_supports)
 implement("kalman_update_masked", "ext", kalman_update_masked, _kalman_masked_supports)
 implement("batched_spd_inverse", "ext", batched_spd_inverse, _batched_supports)
+implement("adam_moments_masked", "ext", adam_moments_masked, _adam_masked_supports)

@@ -68,6 +68,19 @@ def factor_update_masked(M: Tensor, X: Tensor, alpha: float, beta: float, ok: Te
     return M.copy_(torch.where(ok, new, M))
 
 
+def adam_moments_masked(Vb: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float,
+                        bias1: Tensor, bias2: Tensor, eps: float, ok: Tensor) -> Tensor:
+    """N = (m / bias1) / (sqrt(v) / bias2 + eps) after m <- beta1 m + (1 - beta1) Vb,
+    v <- beta2 v + (1 - beta2) Vb^2 in place where ``ok`` (m, v untouched otherwise, whatever Vb
+    holds): Adam's step on the projected gradient Vb, EKFAC's in its eigenbasis. ``bias1`` =
+    1 - beta1^t and ``bias2`` = sqrt(1 - beta2^t) are device tensors of a leading part of Vb's
+    shape (one per block of a stack, or 0-dim), so the count t stays on the device."""
+    m.copy_(torch.where(ok, m.mul(beta1).add(Vb, alpha=1.0 - beta1), m))
+    v.copy_(torch.where(ok, v.mul(beta2).add(Vb * Vb, alpha=1.0 - beta2), v))
+    b1, b2 = (b.reshape(b.shape + (1,) * (m.dim() - b.dim())) for b in (bias1, bias2))
+    return ((m / b1) / (v.sqrt() / b2 + eps)).to(m.dtype)
+
+
 def newton_schulz_fixed(M: Tensor, X0: Tensor, iterations: int, tol: float) -> tuple[Tensor, Tensor]:
     """(X, ok): ``iterations`` steps of X <- X (2I - M X) for SPD M (batched over leading dims).
 

@@ -528,3 +528,46 @@ define(OpSpec(
     symmetric=(0,),
     output_names=("P", "ok"),
 ))
+
+
+#: Adam's decays and eps of an adam_moments_masked case, and the step count t of each block
+ADAM_CASE = (0.9, 0.999, 1e-8)
+ADAM_STEPS = (3.0, 1.0, 40.0)
+
+
+def _masked_adam_inputs(n: int, dtype: torch.dtype, device: torch.device, seed: int,
+                        variant: str) -> tuple:
+    g = _gen(seed)
+    batch = (len(ADAM_STEPS),) if variant == "batched" else ()
+    shape = (*batch, n, n + 1)  # a weight with its bias column: odd widths
+    Vb, m = _randn(g, *shape), 0.1 * _randn(g, *shape)
+    v = 0.01 * _randn(g, *shape) ** 2 + 1e-4  # positive, as an EMA of squares
+    if variant == "skip_nonfinite":  # a non-finite gradient under a False flag: m, v stay
+        Vb[..., n // 2, 0] = math.nan
+    beta1, beta2, eps = ADAM_CASE
+    t = torch.tensor(ADAM_STEPS if batch else ADAM_STEPS[0], dtype=F64)
+    bias1, bias2 = 1.0 - beta1 ** t, (1.0 - beta2 ** t).sqrt()
+    target, read = _layouts(variant)
+    ok = torch.tensor(not variant.startswith("skip"), device=device)
+    return (place(Vb, dtype, device, read), place(m, dtype, device, target),
+            place(v, dtype, device, target), beta1, beta2, place(bias1, wide(dtype), device),
+            place(bias2, wide(dtype), device), eps, ok)
+
+
+define(OpSpec(
+    name="adam_moments_masked",
+    signature="adam_moments_masked(Vb, m, v, beta1, beta2, bias1, bias2, eps, ok) -> N",
+    math=("where ok: m <- b1 m + (1 - b1) Vb, v <- b2 v + (1 - b2) Vb^2 in place (untouched "
+          "otherwise); N = (m / bias1) / (sqrt(v) / bias2 + eps)"),
+    reference=masked.adam_moments_masked,
+    make_inputs=_masked_adam_inputs,
+    outputs=lambda args, out: (args[1], args[2], out),
+    dtypes=LOW_AND_DOUBLE,
+    dtype_role="Vb, m and v (bias1, bias2: float32, float64 for float64; ok: a 0-dim bool)",
+    shape=lambda n: f"Vb, m, v {n}x{n + 1}",
+    reduction=lambda n: 1,  # elementwise
+    flops=lambda n: 12.0 * n * (n + 1),
+    bytes=lambda n, dt: 6.0 * n * (n + 1) * size_of(dt),
+    variants=("contiguous", "strided", "batched", "skip", "skip_nonfinite"),
+    output_names=("m", "v", "N"),
+))

@@ -309,9 +309,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._refresh()
             gate.restore_statistics()
             self._bound += self.comm.gather_gradients(blocks)
-            gate.keep_per_step([*held, *diagonal])
-            self.block.update(held)
-            self.diagonal.update(diagonal)
+            flag = gate.per_step_flag()  # None, or the device gate's flag for masked updates
+            gate.keep_per_step([u for pre, units in ((self.block, held), (self.diagonal, diagonal))
+                                if flag is None or not pre.masks_per_step for u in units])
+            for pre, units in ((self.block, held), (self.diagonal, diagonal)):
+                if flag is not None and pre.masks_per_step:
+                    pre.update(units, flag)
+                else:
+                    pre.update(units)
             directions = self._directions(blocks, diagonal)
         if not gate.accept(directions) or not gate.commit(self._update_groups(), directions):
             return loss

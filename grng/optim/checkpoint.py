@@ -3,7 +3,7 @@
 ``state_dict()`` is torch.optim's dict whose per-parameter entries also hold each unit's
 curvature tensors under the names of docs/algorithms.md (a Kronecker block's on its weight:
 ``A``, ``G``, ``QG``/``lG``/``QA``/``lA`` or ``XG``/``XA``, R-Kalman's ``PA``/``PG``, EKFAC's
-``A``, ``G``, ``QG``/``QA``, ``exp_avg``, ``exp_avg_sq``, ``step``; a diagonal unit's ``D`` or
+``A``, ``G``, ``QG``/``QA``, ``exp_avg_basis``, ``exp_avg_sq``, ``step``; a diagonal unit's ``D`` or
 ``PD`` on its parameter, or EKFAC's Adam moments), and a ``"grng"`` entry with the step
 counters -- the format grng has always written, so older checkpoints load. Loading checks
 every saved tensor against the shape its unit's preconditioner expects, and every saved

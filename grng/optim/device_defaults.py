@@ -10,6 +10,8 @@ Cholesky refreshes (cuSOLVER, no eigh, sync-free through ``cholesky_inverse_mask
 steps with TF32 factor and apply GEMMs, and folds every 4 steps: the fold is the model's largest
 curvature term at F = 2, and F = 4 kept the steps to target of F = 2 on the demo's three tasks
 (``bench/cuda_intervals.py``, ``bench/results/cuda_intervals.md``: 3 seeds each).
+EKFAC has its own (:data:`EKFAC_CPU`, :data:`EKFAC_CUDA`), chosen the same way
+(``bench/ekfac_cuda_intervals.py``, ``bench/ekfac_qr.py``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,43 @@ CPU = DeviceDefaults(inverse="eigen", inverse_every=10, precision="fp32", factor
 CUDA = DeviceDefaults(inverse="cholesky", inverse_every=20, precision="tf32", factor_every=4)
 
 
+@dataclass(frozen=True)
+class EigenbasisDefaults:
+    """EKFAC's: how its subspace refresh orthonormalizes (``qr``), the refresh period T, the
+    optimizer's matmul precision and the fold period F."""
+
+    qr: str
+    inverse_every: int
+    precision: str
+    factor_every: int
+
+
+#: measured on the CPU (bench/results/defaults_ekfac.csv; F = 2: ekfac_intervals.md, the
+#: demo's three tasks kept their steps to target)
+EKFAC_CPU = EigenbasisDefaults(qr="householder", inverse_every=10, precision="fp32",
+                               factor_every=2)
+#: chosen from the cost model for CUDA (docs/performance.md "EKFAC's CUDA defaults"): TF32
+#: GEMMs, the refresh's orthonormalization by CholeskyQR3 (GEMMs, no per-matrix Householder
+#: latency), F = 4 and T = 100: 1.58x AdamW on GPT-2 small (T = 50: 1.69x). No longer interval
+#: keeps the CPU defaults' steps on the demo transformer (bench/results/ekfac_cuda_intervals.md: 160
+#: steps to 3.7 bpc at T = 100, 150 at T = 50, 120 at F = 1, T = 10; the digits tasks keep
+#: theirs), but steps x the model's step time, the predicted time to target, is lowest at
+#: T = 50 and T = 100 alike (6.2 against 9.1 at F = 1, T = 10, in s x ms units)
+EKFAC_CUDA = EigenbasisDefaults(qr="cholesky", inverse_every=100, precision="tf32",
+                                factor_every=4)
+
+
+def on_cuda(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is on a CUDA device."""
+    return any(p.is_cuda for p in model.parameters())
+
+
 def for_model(model: nn.Module) -> DeviceDefaults:
     """:data:`CUDA` when any parameter of ``model`` is on a CUDA device, else :data:`CPU`."""
-    return CUDA if any(p.is_cuda for p in model.parameters()) else CPU
+    return CUDA if on_cuda(model) else CPU
+
+
+def ekfac_for_model(model: nn.Module) -> EigenbasisDefaults:
+    """:data:`EKFAC_CUDA` when any parameter of ``model`` is on a CUDA device, else
+    :data:`EKFAC_CPU`."""
+    return EKFAC_CUDA if on_cuda(model) else EKFAC_CPU

@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from grng.curvature.options import MAX_FACTOR_DIM
+from grng.optim import device_defaults
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition.adam import AdamSettings, DiagonalAdam
-from grng.precondition.eigenbasis import BASES, CARRIES, SCALINGS, EigenbasisPreconditioner
+from grng.precondition.eigenbasis import BASES, CARRIES, QRS, SCALINGS, EigenbasisPreconditioner
 
 
 def _betas(betas: tuple[float, float]) -> tuple[float, float]:
@@ -29,19 +30,23 @@ class EKFAC(CurvatureOptimizer):
 
     ``EKFAC(model, lr)`` then ``loss.backward(); opt.step()`` (or ``opt.step(closure)``).
     Per step, for a block with gradient matrix V and factor eigenbases Q_G, Q_A:
-    m <- beta1 m + (1 - beta1) V, v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 and
-    d = Q_G [(Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T,
+    P = Q_G^T V Q_A, m_b <- beta1 m_b + (1 - beta1) P, v <- beta2 v + (1 - beta2) P^2 and
+    d = Q_G [(m_b / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)] Q_A^T,
     d' = d + rho_rel (||d|| / ||V||) V (below); then theta <- (1 - lr weight_decay) theta - lr d'
-    (AdamW's decoupled decay). The first moment is
-    kept in parameter space, so a change of basis leaves it exact. Parameters without a
-    Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
+    (AdamW's decoupled decay). Both moments live in the eigenbasis; a change of basis rotates
+    the first exactly, m_b <- (Q_G,new^T Q_G,old) m_b (Q_A,old^T Q_A,new), so m_b is always
+    Q_G^T m Q_A for m the EMA of V (grng 0.3.0 kept m itself; its checkpoints load). Parameters
+    without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
-    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``). The bases
+    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; the default
+    per device below, every step with ``scaling="fisher"``). The bases
     are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
-    time (``basis="eigh"``). ``carry`` says how the second moment follows a new basis:
-    "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
+    time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
+    or "cholesky" (shifted CholeskyQR3 of the column-normalized M Q_prev in float64: GEMMs and
+    triangular solves; where a Cholesky fails, the QR's fallback). ``carry`` says how the
+    second moment follows a new basis: "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
     of the captured rows; it needs ``factor_every=1``, and under a process group the comm-opt
@@ -53,6 +58,11 @@ class EKFAC(CurvatureOptimizer):
     The default lr (1e-2) is the one the defaults sweep picked on the demo's three tasks
     (bench/results/defaults_ekfac.csv); betas (0.9, 0.95), rho_rel 0.2 and Adam's scaling are
     what bench/results/ekfac_scaling.md and ekfac_gr.md picked (docs/algorithms.md "EKFAC").
+    ``factor_every``, ``inverse_every``, ``precision`` and ``qr`` default per device
+    (:mod:`grng.optim.device_defaults`): on the CPU F = 2, T = 10, fp32 and Householder (as
+    measured: F = 2 kept the steps to target on the demo's three tasks,
+    bench/results/ekfac_intervals.md); on CUDA the cost model's choice (TF32, CholeskyQR3,
+    F = 4, T = 100: docs/performance.md "EKFAC's CUDA defaults").
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
@@ -66,14 +76,15 @@ class EKFAC(CurvatureOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
-        factor_every: int = 1,
-        inverse_every: int = 10,
+        factor_every: int | None = None,
+        inverse_every: int | None = None,
         basis: str = "subspace",
         carry: str = "reproject",
         kl_clip: float | None = None,
         backend: str = "auto",
         *,
         scaling: str = "adam",
+        qr: str | None = None,
         damping: float = 1e-3,
         rho_rel: float = 0.2,
         param_groups: Iterable[dict] | None = None,
@@ -85,15 +96,24 @@ class EKFAC(CurvatureOptimizer):
         max_grad_norm: float | None = None,
         max_factor_dim: int | None = MAX_FACTOR_DIM,
         sync_free: bool | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         **unknown: object,
     ) -> None:
         reject_unknown(type(self), unknown, optimizer_classes())
+        # None: the default of the model's device (grng.optim.device_defaults)
+        chosen = (device_defaults.ekfac_for_model(model) if isinstance(model, nn.Module)
+                  else device_defaults.EKFAC_CPU)
+        if factor_every is None:  # the fisher scaling reads the rows every step
+            factor_every = 1 if scaling == "fisher" else chosen.factor_every
+        inverse_every = chosen.inverse_every if inverse_every is None else inverse_every
+        precision = chosen.precision if precision is None else precision
+        qr = chosen.qr if qr is None else qr
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
         check.choice("scaling", scaling, SCALINGS)
+        check.choice("qr", qr, QRS)
         if scaling == "fisher" and factor_every != 1:
             raise ValueError("scaling='fisher' reads the captured rows every step: it needs "
                              f"factor_every=1, got factor_every={factor_every!r}")
@@ -118,7 +138,7 @@ class EKFAC(CurvatureOptimizer):
                 raise ValueError("momentum must be 0 in every param group of EKFAC (its first "
                                  f"moment is Adam's, betas[0]); got {group['momentum']!r}")
         self.adam = adam
-        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling),
+        self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling, qr),
                    DiagonalAdam(self.config, adam, self.comm.sum_over_shards
                                 if self.comm.shards_parameters else None))
 

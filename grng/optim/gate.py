@@ -15,7 +15,9 @@ factors folded only where its flag says so: ``comm.masked_folds``; the host gate
 the fold), and each unit's
 per-step fields (``StateView.PER_STEP``, written by a preconditioner's ``update`` phase), which
 both gates keep (the device gate also before the refresh of a block due, which may carry them
-into a new basis); a state type that declares none costs nothing.
+into a new basis), except that the device gate hands its flag to a preconditioner that
+``masks_per_step`` (EKFAC's Adam moments, through ``adam_moments_masked``) instead of copying;
+a state type that declares none costs nothing.
 """
 from __future__ import annotations
 
@@ -120,6 +122,10 @@ class HostGate:
         """Copy the per-step fields before the update phase writes them."""
         self.per_step = keep_per_step(units)
 
+    def per_step_flag(self) -> Tensor | None:
+        """None: the update phase runs only on finite inputs; a skip puts the copies back."""
+        return None
+
     def accept(self, directions: dict[int, Tensor]) -> bool:
         """Whether every direction is finite (else the per-step fields are put back, skipped)."""
         if self.opt.comm.all_true_sharded(all_finite(directions.values())):
@@ -185,8 +191,15 @@ class DeviceGate:
         select(self.statistics, self.ok)
 
     def keep_per_step(self, units: Iterable[Unit]) -> None:
-        """Copy the per-step fields before the update phase writes them."""
+        """Copy the per-step fields before the update phase writes them (of the units whose
+        preconditioner does not mask its update by :meth:`per_step_flag`)."""
         self.per_step = keep_per_step(units)
+
+    def per_step_flag(self) -> Tensor | None:
+        """The inputs' flag, for a preconditioner that writes its per-step fields only where it
+        is True (``masks_per_step``): no copy of them. A step skipped later (a non-finite
+        direction or update) keeps their advance, finite since the inputs were."""
+        return self.ok
 
     def accept(self, directions: dict[int, Tensor]) -> bool:
         """ok <- ok and every direction finite; the step always goes on."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from grng import ops
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import AdamMoments, StateView
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
@@ -38,14 +39,23 @@ class AdamSettings:
     beta2: float = 0.999
     eps: float = 1e-8
 
-    def update(self, state: StateView, g: Tensor, s: Tensor) -> None:
-        """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, on the
-        state's ``exp_avg``, ``exp_avg_sq`` and ``step`` (zeros before the first update)."""
-        if state.step is None:
-            self.start(state, g, s)
-        state.step.add_(1.0)
-        state.exp_avg.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
-        state.exp_avg_sq.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
+    def advance(self, step: Tensor, m: Tensor, v: Tensor, g: Tensor, s: Tensor) -> None:
+        """t <- t + 1, m <- beta1 m + (1 - beta1) g, v <- beta2 v + (1 - beta2) s, in place."""
+        step.add_(1.0)
+        m.mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+        v.mul_(self.beta2).add_(s, alpha=1.0 - self.beta2)
+
+    def masked_step(self, step: Tensor, m: Tensor, v: Tensor, Vb: Tensor, ok: Tensor | None,
+                    backend: str) -> Tensor:
+        """Where ``ok`` (a device flag; None: always): t <- t + 1, m <- beta1 m + (1 - beta1) Vb,
+        v <- beta2 v + (1 - beta2) Vb^2, in place; returns Adam's ratio of the moments as they
+        end up (one ``adam_moments_masked`` call: nothing read on the host, nothing copied)."""
+        ok = torch.ones((), dtype=torch.bool, device=Vb.device) if ok is None else ok
+        step.add_(ok.to(step.dtype))
+        bias1 = 1.0 - torch.pow(self.beta1, step)
+        bias2 = (1.0 - torch.pow(self.beta2, step)).sqrt()
+        return ops.adam_moments_masked(Vb, m, v, self.beta1, self.beta2, bias1, bias2, self.eps,
+                                       ok, backend=backend)
 
     @staticmethod
     def start(state: StateView, g: Tensor, s: Tensor) -> None:
@@ -136,9 +146,45 @@ def stack_of(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.stack(tensors)
 
 
+class StepRatios:
+    """What this step's update phase hands to the apply phase, per unit key: Adam's ratio N
+    (``AdamSettings.masked_step``) and the gradient it was formed from, kept from the update's
+    batched calls (a unit's tensors, or stacks with a unit per row), each taken once."""
+
+    def __init__(self) -> None:
+        self._of: dict[int, tuple[tuple[Tensor, ...], int | None]] = {}
+
+    def clear(self) -> None:
+        self._of.clear()
+
+    def put(self, keys: list[int], *tensors: Tensor) -> None:
+        """The tensors of the units ``keys`` (one unit's, or stacks with a unit per row)."""
+        for k, key in enumerate(keys):
+            self._of[key] = (tensors, None if len(keys) == 1 else k)
+
+    def take(self, keys: list[int]) -> tuple[Tensor, ...] | None:
+        """The tensors of these units, each as one tensor (stacked where several: the update's
+        own stacks when it is the same batch), None when one unit has none."""
+        got = [self._of.pop(key, None) for key in keys]
+        if any(g is None for g in got):
+            return None
+        first = got[0][0]  # type: ignore[index]
+        if len(keys) == 1:
+            k = got[0][1]  # type: ignore[index]
+            return first if k is None else tuple(t[k] for t in first)
+        if all(ts is first and k == i for i, (ts, k) in enumerate(got)) \
+                and len(first[0]) == len(keys):  # type: ignore[misc]
+            return first
+        return tuple(torch.stack([ts[j] if k is None else ts[j][k]  # type: ignore[index]
+                                  for ts, k in got]) for j in range(len(first)))
+
+
 class DiagonalAdam(Preconditioner):
     """Adam for a parameter without a Kronecker block: ``update`` writes the moments (the
-    per-step fields of :class:`~grng.curvature.state.AdamMoments`), ``apply`` is the ratio."""
+    per-step fields of :class:`~grng.curvature.state.AdamMoments`, only where the device
+    gate's flag says: ``adam_moments_masked``) and forms the ratio, which ``apply`` returns."""
+
+    masks_per_step = True
 
     def __init__(self, config: CurvatureConfig, adam: AdamSettings,
                  over_shards: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -148,6 +194,7 @@ class DiagonalAdam(Preconditioner):
         self.adam = adam
         self.over_shards = over_shards
         self.stacks = Stacks()
+        self.ratios = StepRatios()
 
     def new_state(self, unit_params, layer) -> AdamMoments:
         return AdamMoments()
@@ -168,15 +215,20 @@ class DiagonalAdam(Preconditioner):
     def _state(self, batch: list[Unit]) -> StateView:
         return stacked(self.stacks, batch, AdamMoments.PER_STEP, AdamMoments())
 
-    def update(self, units) -> None:
+    def update(self, units, ok: Tensor | None = None) -> None:
+        """Adam's moments of each unit (batched by layout), written only where ``ok``; the
+        ratios kept for :meth:`apply_many`."""
         grads = {id(u.like): u.like.grad.to(compute_dtype(u.like)) for u in units}
         for unit in units:
             if unit.state.step is None:
                 g = grads[id(unit.like)]
                 self.adam.start(unit.state, g, g)
+        self.ratios.clear()
         for batch in batches(units, self._layout):
             g = stack_of([grads[id(u.like)] for u in batch])
-            self.adam.update(self._state(batch), g, g * g)
+            st = self._state(batch)
+            self.ratios.put([id(u.like) for u in batch], self.adam.masked_step(
+                st.step, st.exp_avg, st.exp_avg_sq, g, ok, self.config.backend), g)
 
     def apply(self, unit, V, group) -> Tensor:
         return self.apply_many([(unit, V, group)])[0]
@@ -190,8 +242,13 @@ class DiagonalAdam(Preconditioner):
                              lambda unit: items[at[id(unit)]][2].get("rho_rel", 0.0)):
             ks = [at[id(u)] for u in batch]
             st = self._state(batch)
-            g = stack_of([items[k][1] for k in ks])
-            D = with_relative_gr(self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step), g,
+            kept = self.ratios.take([id(u.like) for u in batch])
+            if kept is None:  # no update this step (an apply on its own): the stored moments
+                g = stack_of([items[k][1] for k in ks])
+                N = self.adam.ratio(st.exp_avg, st.exp_avg_sq, st.step)
+            else:  # the update's ratio and gradient (stack)
+                N, g = kept
+            D = with_relative_gr(N, g,
                                  items[ks[0]][2].get("rho_rel", 0.0),
                                  dims=g.dim() - (len(batch) > 1), over_shards=self.over_shards)
             for k, d in zip(ks, D.unbind(0) if len(batch) > 1 else [D]):

@@ -71,6 +71,11 @@ class Unit:
 class Preconditioner:
     """One family of curvature (Kronecker eigen/newton/cholesky, Kalman, diagonal)."""
 
+    #: whether ``update(units, ok)`` takes the device gate's flag and writes its per-step fields
+    #: only where it is True (a masked op: the gate then keeps no copy of them); False: the
+    #: pipeline calls ``update(units)`` and the gate copies and selects the fields back
+    masks_per_step: bool = False
+
     def __init__(self, config: CurvatureConfig) -> None:
         self.config = config
 
@@ -107,7 +112,8 @@ class Preconditioner:
         """The per-step phase: run every step whose inputs are finite, after fold and refresh
         and before :meth:`apply`, on the units with a gradient (it may read ``p.grad`` or a
         layer's ``grad_matrix()``); it writes only the fields its state type declares in
-        ``PER_STEP``, which a skipped step restores. No-op by default."""
+        ``PER_STEP``, which a skipped step restores (or, with :attr:`masks_per_step`, that it
+        writes only where its ``ok`` argument says). No-op by default."""
 
     def apply(self, unit: Unit, V: Tensor, group: dict) -> Tensor:
         """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit);

@@ -3,13 +3,18 @@
 fold:    A, G as K-FAC's (:func:`grng.precondition.kronecker.fold_factors`);
 refresh: every ``inverse_every`` steps the eigenbases Q_A, Q_G (columns by decreasing
          eigenvalue): by eigh at a block's first refresh, then by one step of warm-started
-         subspace iteration Q <- orth(M Q_prev) (a GEMM, then QR; eigh where the result is not
-         finite, or on the device the previous basis); the second moment is carried into the
-         new basis (``carry``: "reproject" v <- W_G v W_A^T with W = (Q_new^T Q_old)^2
-         elementwise, or "keep" v as it is);
-update:  t += 1, m <- beta1 m + (1 - beta1) V (parameter space),
-         v <- beta2 v + (1 - beta2) (Q_G^T V Q_A)^2 (eigenbasis);
-apply:   Q_G [ (Q_G^T m Q_A / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) ] Q_A^T.
+         subspace iteration Q <- orth(M Q_prev) (a GEMM, then Householder QR or CholeskyQR3;
+         eigh where the result is not finite, or on the device the previous basis); the first
+         moment is rotated into the new basis exactly, m_b <- R_G m_b R_A^T with
+         R = Q_new^T Q_old, and the second is carried (``carry``: "reproject"
+         v <- W_G v W_A^T with W = R * R elementwise, or "keep" v as it is);
+update:  t += 1, P = Q_G^T V Q_A, m_b <- beta1 m_b + (1 - beta1) P,
+         v <- beta2 v + (1 - beta2) P^2 (both moments in the eigenbasis);
+apply:   Q_G [ (m_b / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) ] Q_A^T.
+
+m_b = Q_G^T m Q_A for m the parameter-space EMA of V (the bases are orthogonal, so the rotation
+is exact): two GEMMs per side and step fewer than projecting m every step. A checkpoint of grng
+0.3.0, whose ``exp_avg`` is m, is converted on load.
 
 ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
 Fisher's eigenvalue correction, the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^T^2
@@ -24,6 +29,7 @@ basis.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -36,7 +42,7 @@ from grng.curvature.pieces import Piece
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import EigenbasisBlock
 from grng.distributed.communicator import Communicator
-from grng.precondition.adam import (AdamSettings, batches, stack_of, stacked,
+from grng.precondition.adam import (AdamSettings, StepRatios, batches, stack_of, stacked,
                                    with_relative_gr)
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 from grng.precondition.kronecker import fold_factors
@@ -47,6 +53,8 @@ BASES: tuple[str, ...] = ("subspace", "eigh")
 CARRIES: tuple[str, ...] = ("reproject", "keep")
 #: the per-direction scaling in the eigenbasis: Adam's, or EKFAC's original (the Fisher's)
 SCALINGS: tuple[str, ...] = ("adam", "fisher")
+#: how the subspace step orthonormalizes M Q: Householder QR, or shifted CholeskyQR3 (GEMMs)
+QRS: tuple[str, ...] = ("householder", "cholesky")
 
 
 def _mm(X: Tensor, Y: Tensor) -> Tensor:
@@ -72,14 +80,35 @@ def from_basis(N: Tensor, QG: Tensor | None, QA: Tensor | None) -> Tensor:
     return N
 
 
-def subspace_step(M: Tensor, Q: Tensor) -> Tensor:
+def subspace_step(M: Tensor, Q: Tensor, qr: str = "householder") -> Tensor:
     """One step of warm-started subspace (orthogonal) iteration: the columns of Q sorted by
-    decreasing Rayleigh quotient q^T M q, then Q' R = M Q by QR; batched over a leading
+    decreasing Rayleigh quotient q^T M q, then Q' R = M Q by QR (``qr``: Householder, or
+    :func:`cholesky_qr3`, non-finite where a Cholesky fails); batched over a leading
     dimension. Q' spans M Q; for Q an eigenbasis of M, Q' = Q up to column signs."""
     MQ = M @ Q
     order = (Q * MQ).sum(-2).argsort(dim=-1, descending=True)
     MQ = MQ.gather(-1, order.unsqueeze(-2).expand_as(MQ))
-    return torch.linalg.qr(MQ).Q
+    return cholesky_qr3(MQ) if qr == "cholesky" else torch.linalg.qr(MQ).Q
+
+
+def cholesky_qr3(Y: Tensor) -> Tensor:
+    """Q of Y = Q R by shifted CholeskyQR3 (three passes of R^T R = Y^T Y, Y <- Y R^-1, the
+    first on Y^T Y + n eps I so that it factors even where Y is numerically rank-deficient;
+    GEMMs and triangular solves, no Householder reflections), in float64 whatever Y's dtype
+    (a TF32 Gram matrix would lose the orthogonality), after scaling Y's columns to unit norm
+    (the same Q: Y D^-1 = Q (R D^-1)); batched; NaN where a Cholesky fails (the caller's
+    non-finite fallback)."""
+    X = Y.double()
+    X = X / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
+    n = X.shape[-1]
+    shift = n * torch.finfo(X.dtype).eps * torch.eye(n, dtype=X.dtype, device=X.device)
+    failed = torch.zeros(X.shape[:-2], dtype=torch.bool, device=X.device)
+    for k in range(3):
+        gram = X.transpose(-2, -1) @ X
+        L, info = torch.linalg.cholesky_ex(gram + shift if k == 0 else gram)
+        failed = failed | (info != 0)
+        X = torch.linalg.solve_triangular(L, X.transpose(-2, -1), upper=False).transpose(-2, -1)
+    return torch.where(failed[..., None, None], math.nan, X).to(Y.dtype)
 
 
 def first_basis(structure: FactorStructure, M: Tensor, previous: Tensor | None,
@@ -142,24 +171,29 @@ def kronecker_eigenvalues(G: Tensor, A: Tensor, QG: Tensor | None, QA: Tensor | 
     return lG.unsqueeze(-1) * lA.to(lG.dtype).unsqueeze(-2)
 
 
-def carry_weights(new: Tensor | None, old: Tensor | None) -> Tensor | None:
-    """W = (Q_new^T Q_old)^2 elementwise (None when the basis did not change from none)."""
-    if new is None:
+def rotation(new: Tensor | None, old: Tensor | None) -> Tensor | None:
+    """R = Q_new^T Q_old, which takes coordinates in the old basis to the new one (None when
+    the side has no basis, or kept the same tensor: the identity); batched."""
+    if new is None or new is old:
         return None
-    R = new.transpose(-2, -1) if old is None else new.transpose(-2, -1) @ old.to(new.dtype)
-    return R * R
+    return new.transpose(-2, -1) if old is None else new.transpose(-2, -1) @ old.to(new.dtype)
 
 
 class EigenbasisPreconditioner(Preconditioner):
     """Adam's moments in each block's Kronecker eigenbasis (module docstring)."""
 
     def __init__(self, config: CurvatureConfig, adam: AdamSettings, basis: str = "subspace",
-                 carry: str = "reproject", scaling: str = "adam") -> None:
+                 carry: str = "reproject", scaling: str = "adam", qr: str = "householder") -> None:
         super().__init__(config)
         self.adam = adam
         self.basis = basis
+        self.qr = qr
         self.carry = carry
         self.scaling = scaling
+        # Adam's scaling updates the moments by adam_moments_masked: only where the device
+        # gate's flag says (no copies), its ratios kept for apply; the fisher ratio is copied
+        self.masks_per_step = scaling == "adam"
+        self.ratios = StepRatios()
         self.stacks = Stacks()
         # the fisher scaling's rows of this step (from fold to update) and the communicator
         self._rows: dict[int, tuple[Rows, Rows]] = {}
@@ -192,8 +226,9 @@ class EigenbasisPreconditioner(Preconditioner):
                    for side, s in self._sides(unit.layer))
 
     def _pieces(self, layer: KroneckerLayer) -> list[tuple[str, Piece]]:
-        """The bases of the dense sides and how each travels (comm-opt broadcast)."""
-        return [("Q" + side, Piece("full", (s.dim, s.dim)))
+        """The bases of the dense sides (a block-diagonal side: one per group) and how each
+        travels (comm-opt broadcast)."""
+        return [("Q" + side, Piece("full", tuple(s.shape)))
                 for side, s in self._sides(layer) if not s.diagonal]
 
     def _storage(self, unit: Unit) -> torch.dtype:
@@ -221,9 +256,8 @@ class EigenbasisPreconditioner(Preconditioner):
                     setattr(todo[i].state, n, fields[n])
 
         comm.refresh(list(todo), refresh_owned, exchange, receive)
-        if self.carry == "reproject":
-            for i, unit in todo.items():
-                self._reproject(unit, *old[i])
+        for i, unit in todo.items():
+            self._carry(unit, *old[i])
 
     def _refresh_bases(self, units: list[Unit]) -> None:
         """New bases of the dense sides: eigh for a side without one (or every time with
@@ -243,7 +277,7 @@ class EigenbasisPreconditioner(Preconditioner):
                         (unit, side, structure, M, Q.to(compute)))
         for entries in batches.values():
             prev = torch.stack([e[4] for e in entries])
-            new = subspace_step(torch.stack([e[3] for e in entries]), prev)
+            new = subspace_step(torch.stack([e[3] for e in entries]), prev, self.qr)
             ok = torch.isfinite(new).flatten(1).all(1)
             if self.config.sync_free:  # no host read: a failed basis keeps the previous one
                 new = torch.where(ok.view(-1, *[1] * (new.dim() - 1)), new, prev)
@@ -257,19 +291,26 @@ class EigenbasisPreconditioner(Preconditioner):
     def _set(self, unit: Unit, side: str, Q: Tensor | None) -> None:
         setattr(unit.state, "Q" + side, None if Q is None else Q.to(self._storage(unit)))
 
-    def _reproject(self, unit: Unit, QG_old: Tensor | None, QA_old: Tensor | None) -> None:
-        """v <- W_G v W_A^T, W = (Q_new^T Q_old)^2: the EMA of the squared projections as it
-        would read in the new basis if the old coordinates were uncorrelated."""
+    def _carry(self, unit: Unit, QG_old: Tensor | None, QA_old: Tensor | None) -> None:
+        """The moments into the new bases: m_b <- R_G m_b R_A^T (exact), and with
+        ``carry="reproject"`` v <- W_G v W_A^T, W = R * R: the EMA of the squared projections
+        as it would read in the new basis if the old coordinates were uncorrelated."""
         st = unit.state
-        if st.exp_avg_sq is None:
+        if st.step is None:
             return
-        v = st.exp_avg_sq
-        WG = carry_weights(st.QG, QG_old)
-        WA = carry_weights(st.QA, QA_old)
-        if WG is not None:
-            v = WG.to(v.dtype) @ v
-        if WA is not None:
-            v = v @ WA.to(v.dtype).transpose(-2, -1)
+        RG, RA = rotation(st.QG, QG_old), rotation(st.QA, QA_old)
+        m, v = st.exp_avg_basis, st.exp_avg_sq
+        if RG is not None:
+            m = _mm(RG.to(m.dtype), m)
+        if RA is not None:
+            m = _mm(m, RA.to(m.dtype).transpose(-2, -1))
+        st.exp_avg_basis = m
+        if self.carry != "reproject":
+            return
+        if RG is not None:
+            v = (RG * RG).to(v.dtype) @ v
+        if RA is not None:
+            v = v @ (RA * RA).to(v.dtype).transpose(-2, -1)
         st.exp_avg_sq = v
 
     # ------------------------------------------------------------------------ update
@@ -315,37 +356,54 @@ class EigenbasisPreconditioner(Preconditioner):
             out = self._comm.average(out, out)
         return {u.index: s for u, s in zip(units, out)}
 
-    def update(self, units) -> None:
+    def update(self, units, ok: Tensor | None = None) -> None:
+        """P = Q_G^T V Q_A and the moments of each block (batched by layout); with Adam's
+        scaling one ``adam_moments_masked`` call per batch, written only where ``ok``, whose
+        ratios :meth:`apply_many` takes."""
         grads = {u.index: u.grad_matrix().to(compute_dtype(u.like)) for u in units}
         fisher = self._corrections(units, grads) if self.scaling == "fisher" else None
         for unit in units:
             if unit.state.step is None:
                 V = grads[unit.index]
-                self.adam.start(unit.state, V, V)
+                unit.state.exp_avg_basis = torch.zeros_like(V)
+                unit.state.exp_avg_sq = torch.zeros_like(V)
+                unit.state.step = torch.zeros((), dtype=V.dtype, device=V.device)
+        self.ratios.clear()
         for batch in batches(units, self._layout):
             state, QG, QA = self._stacked(batch)
             V = stack_of([grads[u.index] for u in batch])
+            P = to_basis(V, QG, QA)
             if fisher is not None:
                 s = stack_of([fisher[u.index] for u in batch])
+                self.adam.advance(state.step, state.exp_avg_basis, state.exp_avg_sq, P, s)
             else:
-                P = to_basis(V, QG, QA)
-                s = P * P
-            self.adam.update(state, V, s)
+                self.ratios.put([u.index for u in batch], self.adam.masked_step(
+                    state.step, state.exp_avg_basis, state.exp_avg_sq, P, ok,
+                    self.config.backend), V)
 
-    def _direction(self, state: EigenbasisBlock, QG: Tensor | None, QA: Tensor | None,
-                   group: dict) -> Tensor:
-        """Q_G [ratio(Q_G^T m Q_A, v)] Q_A^T, Adam's or the fisher ratio."""
-        M = to_basis(state.exp_avg, QG, QA)
-        if self.scaling == "fisher":
-            N = self.adam.fisher_ratio(M, state.exp_avg_sq, state.step, group["damping"])
+    def _direction(self, batch: list[Unit], vs: list[Tensor], group: dict) -> Tensor:
+        """Q_G [ratio(m_b, v)] Q_A^T + the relative GR term for a batch of one layout (``vs``:
+        its gradient matrices; a stack out where several): Adam's ratio of this step's update
+        with the update's own stack of V when it ran, else the fisher (or Adam's) ratio of the
+        stored moments."""
+        state, QG, QA = self._stacked(batch)
+        kept = self.ratios.take([u.index for u in batch]) if self.masks_per_step else None
+        if kept is not None:
+            N, V = kept
         else:
-            N = self.adam.ratio(M, state.exp_avg_sq, state.step)
-        return from_basis(N, QG, QA)
+            N, V = self._stored_ratio(state, group), stack_of(vs)
+        return with_relative_gr(from_basis(N, QG, QA), V, group.get("rho_rel", 0.0),
+                                dims=None if len(batch) == 1 else V.dim() - 1)
+
+    def _stored_ratio(self, state: EigenbasisBlock, group: dict) -> Tensor:
+        """Adam's or the fisher ratio of the stored moments."""
+        M, v = state.exp_avg_basis, state.exp_avg_sq
+        if self.scaling == "fisher":
+            return self.adam.fisher_ratio(M, v, state.step, group["damping"])
+        return self.adam.ratio(M, v, state.step)
 
     def apply(self, unit, V, group) -> Tensor:
-        state, QG, QA = self._stacked([unit])
-        return with_relative_gr(self._direction(state, QG, QA, group), V,
-                                group.get("rho_rel", 0.0))
+        return self._direction([unit], [V], group)
 
     def apply_many(self, items) -> list[Tensor]:
         """The direction of each (unit, V, group); blocks of one layout and one group's
@@ -362,21 +420,18 @@ class EigenbasisPreconditioner(Preconditioner):
             if len(batch) == 1:
                 out[ks[0]] = self.apply(*items[ks[0]])
                 continue
-            group = items[ks[0]][2]
-            state, QG, QA = self._stacked(batch)
-            V = torch.stack([items[k][1] for k in ks])
-            D = with_relative_gr(self._direction(state, QG, QA, group), V,
-                                 group.get("rho_rel", 0.0), dims=V.dim() - 1)
+            D = self._direction(batch, [items[k][1] for k in ks], items[ks[0]][2])
             for k, d in zip(ks, D.unbind(0)):
                 out[k] = d
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------- checkpoints
     def expected_shapes(self, unit) -> dict[str, tuple[int, ...]]:
-        dims = tuple(unit.layer.dims())
+        dims = tuple(unit.layer.matrix_shape())  # the moments' (grouped: per group)
         shapes = {"A": unit.layer.a_factor.shape, "G": unit.layer.g_factor.shape}
         shapes.update({name: piece.shape for name, piece in self._pieces(unit.layer)})
-        shapes.update({"exp_avg": dims, "exp_avg_sq": dims, "step": ()})
+        shapes.update({"exp_avg_basis": dims, "exp_avg_sq": dims, "step": ()})
+        shapes["exp_avg"] = dims  # grng 0.3.0's first moment (parameter space), read by load
         return shapes
 
     def storage_dtype(self, unit, name) -> torch.dtype:
@@ -387,6 +442,12 @@ class EigenbasisPreconditioner(Preconditioner):
         return compute_dtype(unit.like)
 
     def load(self, unit, tensors) -> None:
+        """The saved fields; a grng 0.3.0 first moment m (``exp_avg``, parameter space) as
+        m_b = Q_G^T m Q_A in the saved bases."""
         st = unit.state
         for name in ("A", "G", "QG", "QA", *st.PER_STEP):
             setattr(st, name, tensors.get(name))
+        m = tensors.get("exp_avg")
+        if st.exp_avg_basis is None and m is not None:
+            st.exp_avg_basis = to_basis(m, *(None if Q is None else Q.to(m.dtype)
+                                             for Q in (st.QG, st.QA)))

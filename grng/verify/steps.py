@@ -29,7 +29,7 @@ _STEP_CASES: dict[str, tuple[str, dict[str, float], int]] = {
     # layer's G has a null direction whose projected gradient is pure rounding, which
     # V' / (sqrt(v) + 1e-8) would blow up to a full-size step component in float32 (the float32
     # reference itself then errs by ~10%, and the check could catch nothing smaller)
-    "ekfac_step": ("ekfac", dict(lr=0.05, inverse_every=1, eps=1e-2), 2),
+    "ekfac_step": ("ekfac", dict(lr=0.05, factor_every=1, inverse_every=1, eps=1e-2), 2),
 }
 STEP_CHECKS: tuple[str, ...] = tuple(_STEP_CASES)
 _IN, _HIDDEN, _OUT, _BATCH = 7, 13, 5, 19
