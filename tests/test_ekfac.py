@@ -243,12 +243,9 @@ def test_a_skipped_step_leaves_the_state_bit_for_bit(sync_free: bool, at: int,
     assert int(opt._blocks[0].state.step) == at + 1
 
 
-@pytest.mark.parametrize("sync_free", [False, True])
-def test_a_non_finite_direction_puts_the_moments_back(monkeypatch, sync_free: bool) -> None:
-    """Finite inputs, so the update phase runs, but a NaN direction: the parameters are
-    unchanged and the step counted as skipped; the host gate puts the moments back bit for bit,
-    the device gate (no copy of them: the update wrote them where its inputs' flag said) keeps
-    their advance, finite (docs/architecture.md "Phases and the gate")."""
+def _nan_direction_run(monkeypatch, sync_free: bool) -> tuple[list[dict], list[dict], bool, int]:
+    """Three steps, then one whose direction is NaN from finite inputs: the per-step fields
+    before and after it, whether the parameters are unchanged, and the skip count."""
     torch.manual_seed(0)
     model = small_mlp(torch.float32)
     opt = grng.EKFAC(model, lr=0.01, inverse_every=2, sync_free=sync_free)
@@ -258,20 +255,33 @@ def test_a_non_finite_direction_puts_the_moments_back(monkeypatch, sync_free: bo
                for u, _ in opt._curvature_units()]
     params = [p.detach().clone() for p in model.parameters()]
     real = eigenbasis.EigenbasisPreconditioner.apply
-    monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "apply",
-                        lambda self, unit, V, group: real(self, unit, V, group) * float("nan"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _train(model, opt, batches[3:])
-    now = [{k: t for k, t in u.state.per_step().items()} for u, _ in opt._curvature_units()]
-    if sync_free:
-        assert not _same(now, moments)
+    with monkeypatch.context() as patch:
+        patch.setattr(eigenbasis.EigenbasisPreconditioner, "apply",
+                      lambda self, unit, V, group: real(self, unit, V, group) * float("nan"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            _train(model, opt, batches[3:])
+    now = [{k: t.clone() for k, t in u.state.per_step().items()}
+           for u, _ in opt._curvature_units()]
+    unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    return moments, now, unchanged, opt.skipped_steps
+
+
+def test_a_non_finite_direction_keeps_the_moments_advance_on_both_gates(monkeypatch) -> None:
+    """Finite inputs, so the update phase runs, but a NaN direction: the parameters are
+    unchanged and the step counted as skipped; the moments (no copy of them on either gate: the
+    update wrote them where its inputs' flag said) keep their advance, finite, and the host and
+    device gates end equal (docs/architecture.md "Phases and the gate")."""
+    runs = {sync_free: _nan_direction_run(monkeypatch, sync_free) for sync_free in (False, True)}
+    for before, now, unchanged, skipped in runs.values():
+        assert not _same(now, before)
         assert all(bool(torch.isfinite(t).all()) for fields in now for t in fields.values())
         assert all(int(fields["step"]) == 4 for fields in now)
-    else:
-        assert _same(now, moments)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
-    assert opt.skipped_steps == 1
+        assert unchanged and skipped == 1
+    for host, device in zip(runs[False][1], runs[True][1]):
+        assert host.keys() == device.keys()
+        for key in host:
+            torch.testing.assert_close(device[key], host[key], rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -311,7 +311,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._bound += self.comm.gather_gradients(blocks)
             flag = gate.per_step_flag()  # None, or the device gate's flag for masked updates
             gate.keep_per_step([u for pre, units in ((self.block, held), (self.diagonal, diagonal))
-                                if flag is None or not pre.masks_per_step for u in units])
+                                if not pre.masks_per_step for u in units])
             for pre, units in ((self.block, held), (self.diagonal, diagonal)):
                 if flag is not None and pre.masks_per_step:
                     pre.update(units, flag)

@@ -15,9 +15,10 @@ factors folded only where its flag says so: ``comm.masked_folds``; the host gate
 the fold), and each unit's
 per-step fields (``StateView.PER_STEP``, written by a preconditioner's ``update`` phase), which
 both gates keep (the device gate also before the refresh of a block due, which may carry them
-into a new basis), except that the device gate hands its flag to a preconditioner that
-``masks_per_step`` (EKFAC's Adam moments, through ``adam_moments_masked``) instead of copying;
-a state type that declares none costs nothing.
+into a new basis), except those of a preconditioner that ``masks_per_step`` (EKFAC's Adam
+moments, through ``adam_moments_masked``): no copy of them on either gate; the device gate hands
+it its flag, and a step refused after the update phase (a non-finite direction from finite
+inputs) keeps their advance on both gates alike; a state type that declares none costs nothing.
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ class HostGate:
         """Nothing to restore (see :meth:`keep_statistics`)."""
 
     def keep_per_step(self, units: Iterable[Unit]) -> None:
-        """Copy the per-step fields before the update phase writes them."""
+        """Copy the per-step fields before the update phase writes them (of the units whose
+        preconditioner does not ``masks_per_step``: as on the device gate)."""
         self.per_step = keep_per_step(units)
 
     def per_step_flag(self) -> Tensor | None:
