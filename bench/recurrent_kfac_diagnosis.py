@@ -15,9 +15,9 @@ thread.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,21 +31,21 @@ import recurrent_tuning as rt  # noqa: E402
 import time_to_target as ttt  # noqa: E402
 from grng import register_layer  # noqa: E402
 from grng.curvature.recurrent import RecurrentProjection  # noqa: E402
-from grng.optim.cases import CASES  # noqa: E402
 
 SPECTRA_AT = (1, 5, 10, 20, 30)
 
 
 def _spectrum(M: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a dense factor, of every group of a block-diagonal (groups, b, b) one, or
+    a diagonal factor's entries."""
     M = M.double()
-    return torch.linalg.eigvalsh(M) if M.dim() == 2 else M
+    return torch.linalg.eigvalsh(M) if M.dim() >= 2 else M
 
 
-def trace(task: str, seed: int, settings: dict, steps: int) -> None:
-    model, batch_loss, evaluate, _ = ttt._task(task, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opt = CASES["kfac-eigen"].make(model, **dict(ttt.KFAC, **settings))
+def trace(task: str, seed: int, settings: dict, steps: int, off: bool = False) -> None:
+    model, batch_loss, evaluate, lrs = ttt._task(task, seed)
+    names = {m: n for n, m in model.named_modules()}
+    opt = ttt.make(model, "K-FAC", lrs, off, settings)
     lr = settings["lr"]
     for step in range(1, steps + 1):
         opt.zero_grad()
@@ -65,11 +65,57 @@ def trace(task: str, seed: int, settings: dict, steps: int) -> None:
                 if unit.state.A is None:
                     continue
                 la, lg = _spectrum(unit.state.A), _spectrum(unit.state.G)
-                name = getattr(unit.layer, "role", type(unit.layer.module).__name__)
+                name = getattr(unit.layer, "role", names.get(unit.layer.module, "?"))
                 print(f"      {name:10s} A [max {float(la.max()):.2e} mean {float(la.mean()):.2e}]"
                       f"  G [max {float(lg.max()):.2e} mean {float(lg.mean()):.2e}]")
         if not math.isfinite(float(loss)):
             break
+
+
+def _bn_eval(model: nn.Module, batch_stats: bool) -> float:
+    """Validation loss of the digits CNN on a copy of ``model``: BatchNorm with its running
+    statistics (the bench's eval) or with the validation set's own (one batch)."""
+    m = copy.deepcopy(model).train(batch_stats)
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(m(ttt._DIGITS.val.x.reshape(-1, 1, 8, 8)),
+                                                 ttt._DIGITS.val.y))
+
+
+def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool = True) -> None:
+    """Digits CNN: steps to AdamW's 50-step validation loss under both BatchNorm evals (running
+    statistics, the bench's; the validation batch's own), and the drift of the conv biases
+    that feed a BatchNorm (their gradient is 0: the BatchNorm removes the channel mean);
+    ``conv_bias=False``: those biases removed (for every optimizer, AdamW's target included)."""
+    runs = [("AdamW", False)] + [(o, off) for o in optimizers for off in (False, True)]
+    targets: tuple[float, float] | None = None
+    for optimizer, off in runs:
+        model, batch_loss, _, lrs = ttt._task("digits CNN", seed)
+        convs = [m for m, nxt in zip(model, list(model)[1:]) if isinstance(nxt, nn.BatchNorm2d)]
+        if not conv_bias:
+            for c in convs:
+                c.register_parameter("bias", None)
+        opt = ttt.make(model, optimizer, lrs, off, None if optimizer == "AdamW"
+                       else settings if optimizer == "K-FAC" else {})
+        b0 = [c.bias.detach().clone() if conv_bias else None for c in convs]
+        curve: dict[int, tuple[float, float]] = {}
+        for step in range(1, (ttt.TARGET_STEP if optimizer == "AdamW" else ttt.MAX_STEPS) + 1):
+            opt.zero_grad()
+            batch_loss(model).backward()
+            opt.step()
+            if step % ttt.EVAL_EVERY == 0:
+                curve[step] = (_bn_eval(model, False), _bn_eval(model, True))
+        if targets is None:
+            targets = curve[ttt.TARGET_STEP]
+        hit = [next((s for s, v in sorted(curve.items()) if v[k] <= targets[k]), None)
+               for k in (0, 1)]
+        drift = " ".join(f"{float((c.bias.detach() - b).norm()):.3f}" if conv_bias else "-"
+                         for c, b in zip(convs, b0))
+        name = optimizer if optimizer == "AdamW" else f"{optimizer} {'diagonal' if off else 'blocks'}"
+        print(f"digits CNN seed {seed} {name:15s} steps (running BN / batch BN) "
+              f"{hit[0] or '> 100'} / {hit[1] or '> 100'}; eval@50 {curve[50][0]:.4f} / "
+              f"{curve[50][1]:.4f}; targets {targets[0]:.4f} / {targets[1]:.4f}; conv-bias "
+              f"drift at the end (stem, dw1, pw1, dw2, pw2) {drift}; curve "
+              + " ".join(f"{s}:{a:.3f}/{b:.3f}" for s, (a, b) in sorted(curve.items())), flush=True)
 
 
 def roles(task: str, seed: int, settings: dict) -> None:
@@ -94,18 +140,24 @@ def roles(task: str, seed: int, settings: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("trace", "roles"))
-    parser.add_argument("task", choices=("LSTM", "GRU"))
+    parser.add_argument("stage", choices=("trace", "roles", "bn"))
+    parser.add_argument("task", choices=("LSTM", "GRU", "digits CNN"))
     parser.add_argument("seed", type=int)
     parser.add_argument("--lr", type=float, required=True)
     parser.add_argument("--damping", type=float, required=True)
     parser.add_argument("--kl-clip", type=float)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--off", action="store_true",
+                        help="trace: the diagonal fallback for the recurrent / grouped layers")
+    parser.add_argument("--no-conv-bias", action="store_true",
+                        help="bn: remove the biases of the convolutions that feed a BatchNorm")
     args = parser.parse_args(argv)
     rt._load()
     settings = dict(lr=args.lr, damping=args.damping, kl_clip=args.kl_clip)
     if args.stage == "trace":
-        trace(args.task, args.seed, settings, args.steps)
+        trace(args.task, args.seed, settings, args.steps, args.off)
+    elif args.stage == "bn":
+        batchnorm(args.seed, settings, ["K-FAC", "EKFAC"], not args.no_conv_bias)
     else:
         roles(args.task, args.seed, settings)
 

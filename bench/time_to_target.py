@@ -102,13 +102,11 @@ def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callab
     return model, batch_loss, evaluate, {"AdamW": 1e-2, "K-FAC": _KFAC_LR[0] or 0.05}
 
 
-def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict | None = None,
-        until: float | None = None) -> dict[int, float]:
-    """Eval loss every EVAL_EVERY steps (AdamW: up to TARGET_STEP). ``optimizer``: "AdamW",
-    "K-FAC" (eigen, ``KFAC`` settings) or "EKFAC"; ``settings`` override its keyword arguments
-    (``lr`` included); ``until``: stop once the eval loss is at or below it (at TARGET_STEP at
-    the earliest)."""
-    model, batch_loss, evaluate, lrs = _task(task, seed)
+def make(model: nn.Module, optimizer: str, lrs: dict, off: bool = False,
+         settings: dict | None = None) -> torch.optim.Optimizer:
+    """``optimizer`` ("AdamW", "K-FAC": eigen at ``KFAC``, "EKFAC") for ``model``, ``settings``
+    overriding its keyword arguments; ``off``: the recurrent and grouped layers' helpers
+    switched off (the diagonal fallback)."""
     if off:
         register_layer(nn.LSTM, _RecurrentOff)
         register_layer(nn.GRU, _RecurrentOff)
@@ -117,17 +115,26 @@ def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if optimizer == "AdamW":
-                opt = CASES["adamw"].make(model, lr=lrs["AdamW"])
-            elif optimizer == "EKFAC":
-                opt = CASES["ekfac"].make(model, **(settings or {}))
-            else:
-                kwargs = dict(KFAC, lr=lrs["K-FAC"])
-                kwargs.update(settings or {})
-                opt = CASES["kfac-eigen"].make(model, **kwargs)
+                return CASES["adamw"].make(model, lr=lrs["AdamW"])
+            if optimizer == "EKFAC":
+                return CASES["ekfac"].make(model, **(settings or {}))
+            kwargs = dict(KFAC, lr=lrs["K-FAC"])
+            kwargs.update(settings or {})
+            return CASES["kfac-eigen"].make(model, **kwargs)
     finally:
         register_layer(nn.LSTM, RecurrentProjection)
         register_layer(nn.GRU, RecurrentProjection)
         register_layer(nn.Conv2d, Conv2dLayer)
+
+
+def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict | None = None,
+        until: float | None = None) -> dict[int, float]:
+    """Eval loss every EVAL_EVERY steps (AdamW: up to TARGET_STEP). ``optimizer``: "AdamW",
+    "K-FAC" (eigen, ``KFAC`` settings) or "EKFAC"; ``settings`` override its keyword arguments
+    (``lr`` included); ``until``: stop once the eval loss is at or below it (at TARGET_STEP at
+    the earliest)."""
+    model, batch_loss, evaluate, lrs = _task(task, seed)
+    opt = make(model, optimizer, lrs, off, settings)
     out = {}
     for step in range(1, (TARGET_STEP if optimizer == "AdamW" else MAX_STEPS) + 1):
         opt.zero_grad()
