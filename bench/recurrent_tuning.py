@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> None:
                         'defaults \'{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}\')')
     parser.add_argument("--eval-every", type=int, default=ttt.EVAL_EVERY,
                         help="steps between evals (the target's resolution; default %(default)s)")
+    parser.add_argument("--bn-eval", choices=("running", "batch"), default="running",
+                        help="digits CNN: BatchNorm on its running statistics in the eval (the "
+                        "default) or on the validation batch's own")
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     if args.stage == "report":
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     _load()
     ttt.EVAL_EVERY = args.eval_every
+    ttt.BN_EVAL[0] = args.bn_eval
     if args.stage == "sweep":
         sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers, args.sweep_csv or [])
     else:

@@ -17,6 +17,7 @@ One thread.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import warnings
@@ -94,9 +95,11 @@ def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callab
         return nn.functional.cross_entropy(m(image(digits.train.x[idx])), digits.train.y[idx])
 
     def evaluate(m: nn.Module) -> float:
-        m.eval()
+        """Validation loss, BatchNorm on its running statistics (``BN_EVAL`` "running") or on
+        the validation set's own ("batch": a copy in train mode, the model's statistics kept)."""
+        net = copy.deepcopy(m).train() if BN_EVAL[0] == "batch" else m.eval()
         with torch.no_grad():
-            out = float(nn.functional.cross_entropy(m(image(digits.val.x)), digits.val.y))
+            out = float(nn.functional.cross_entropy(net(image(digits.val.x)), digits.val.y))
         m.train()
         return out
     return model, batch_loss, evaluate, {"AdamW": 1e-2, "K-FAC": _KFAC_LR[0] or 0.05}
@@ -155,6 +158,9 @@ def steps_to(curve: dict[int, float], target: float) -> int | None:
 
 
 _KFAC_LR: list[float | None] = [None]  # --kfac-lr
+# the digits CNN's eval: BatchNorm on its running statistics ("running", the default) or on the
+# validation batch's own ("batch"; bench/results/recurrent_kfac_diagnosis.md, depthwise CNN)
+BN_EVAL: list[str] = ["running"]
 _TEXT: dict[str, Tensor] = {}
 _EVAL = torch.empty(0)
 _DIGITS = None
