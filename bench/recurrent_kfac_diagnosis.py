@@ -1,16 +1,24 @@
 """Issue 25: why K-FAC with the recurrent Kronecker blocks diverges (LSTM) or is slow (GRU) on
-the byte-level language models of ``bench/time_to_target.py``
-(bench/results/recurrent_kfac_diagnosis.md).
+the byte-level language models of ``bench/time_to_target.py``, and why the depthwise CNN's
+blocks reach the target later at K-FAC's defaults (bench/results/recurrent_kfac_diagnosis.md).
 
 ``trace``: one K-FAC run (eigen, inverse_every 5, the bench's settings), per step the loss, the
 KL-clip quantity lr^2 <d, g> in total and for the parameters that contribute most (with the
 norm of their update), the eval loss every 5 steps, and at a few steps the eigenvalue range of
-every block's A and G. ``roles``: steps to AdamW's 50-step eval loss with the blocks of only
-some weights of the LSTM / GRU (``ih``, ``hh``; the others on the diagonal fallback). One
-thread.
+every block's A and G (``--off``: the diagonal fallback, with its D of the grouped convs'
+weights). ``roles``: steps to AdamW's 50-step eval loss with the blocks of only
+some weights of the LSTM / GRU (``ih``, ``hh``; the others on the diagonal fallback). ``bn``
+(digits CNN): AdamW, K-FAC and EKFAC (blocks, diagonal) with the validation loss under
+BatchNorm's running statistics (the bench's eval) and the validation batch's own, the steps to
+AdamW's 50-step value under each, the conv biases' drift and the BatchNorm input variance
+against the running variance. One thread.
 
     python bench/recurrent_kfac_diagnosis.py trace LSTM 2 --lr 0.01 --damping 1e-3 [--kl-clip C]
     python bench/recurrent_kfac_diagnosis.py roles LSTM 2 --lr 0.01 --damping 1e-3
+    python bench/recurrent_kfac_diagnosis.py trace "digits CNN" 0 --lr 0.01 --damping 1e-3 \
+        --kl-clip 1e-3 --steps 50 [--off]
+    python bench/recurrent_kfac_diagnosis.py bn "digits CNN" 0 --lr 0.01 --damping 1e-3 \
+        --kl-clip 1e-3 [--no-conv-bias]
 """
 from __future__ import annotations
 
@@ -68,6 +76,13 @@ def trace(task: str, seed: int, settings: dict, steps: int, off: bool = False) -
                 name = getattr(unit.layer, "role", names.get(unit.layer.module, "?"))
                 print(f"      {name:10s} A [max {float(la.max()):.2e} mean {float(la.mean()):.2e}]"
                       f"  G [max {float(lg.max()):.2e} mean {float(lg.mean()):.2e}]")
+            for unit in (opt._diagonal_units.values() if off else ()):
+                module = next((m for m in model.modules() if getattr(m, "weight", None) is unit.like
+                               and getattr(m, "groups", 1) > 1), None)
+                if module is not None and unit.state.value is not None:
+                    D = unit.state.value.double()
+                    print(f"      {names[module]:10s} diagonal D of the weight [max {float(D.max()):.2e} "
+                          f"mean {float(D.mean()):.2e} median {float(D.median()):.2e}]")
         if not math.isfinite(float(loss)):
             break
 
@@ -79,6 +94,19 @@ def _bn_eval(model: nn.Module, batch_stats: bool) -> float:
     with torch.no_grad():
         return float(nn.functional.cross_entropy(m(ttt._DIGITS.val.x.reshape(-1, 1, 8, 8)),
                                                  ttt._DIGITS.val.y))
+
+
+def _bn_variances(model: nn.Module) -> str:
+    """Per BatchNorm: the channel-mean variance of its input on the validation set / the mean
+    of its running variance (which starts at 1 and moves 10% per step)."""
+    net, seen = copy.deepcopy(model).eval(), {}
+    bns = [(n, m) for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for n, m in bns:
+        m.register_forward_hook(lambda mod, inp, out, n=n: seen.__setitem__(n, inp[0]))
+    with torch.no_grad():
+        net(ttt._DIGITS.val.x.reshape(-1, 1, 8, 8))
+    return " ".join(f"bn{n} {float(seen[n].var((0, 2, 3)).mean()):.3g}/{float(m.running_var.mean()):.3g}"
+                    for n, m in bns)
 
 
 def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool = True) -> None:
@@ -98,12 +126,15 @@ def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool 
                        else settings if optimizer == "K-FAC" else {})
         b0 = [c.bias.detach().clone() if conv_bias else None for c in convs]
         curve: dict[int, tuple[float, float]] = {}
+        variances: list[str] = []
         for step in range(1, (ttt.TARGET_STEP if optimizer == "AdamW" else ttt.MAX_STEPS) + 1):
             opt.zero_grad()
             batch_loss(model).backward()
             opt.step()
             if step % ttt.EVAL_EVERY == 0:
                 curve[step] = (_bn_eval(model, False), _bn_eval(model, True))
+            if step in (10, 20, 30):
+                variances.append(f"step {step}: {_bn_variances(model)}")
         if targets is None:
             targets = curve[ttt.TARGET_STEP]
         hit = [next((s for s, v in sorted(curve.items()) if v[k] <= targets[k]), None)
@@ -116,6 +147,7 @@ def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool 
               f"{curve[50][1]:.4f}; targets {targets[0]:.4f} / {targets[1]:.4f}; conv-bias "
               f"drift at the end (stem, dw1, pw1, dw2, pw2) {drift}; curve "
               + " ".join(f"{s}:{a:.3f}/{b:.3f}" for s, (a, b) in sorted(curve.items())), flush=True)
+        print("    BatchNorm input variance / running variance, " + "; ".join(variances), flush=True)
 
 
 def roles(task: str, seed: int, settings: dict) -> None:
