@@ -15,7 +15,9 @@ diagonal fallback, each variant at its own tuned settings?
    (e.g. K-FAC's library defaults).
 
 One thread; steps, not seconds, are compared. The data, models, AdamW settings and the eval
-are those of ``bench/time_to_target.py``.
+are those of ``bench/time_to_target.py`` (``--bn-eval batch``: the digits CNN evaluated with
+BatchNorm on the validation batch's statistics instead of its running ones, AdamW's target
+included; bench/results/recurrent_kfac_diagnosis.md).
 
     python bench/recurrent_tuning.py sweep --csv bench/results/recurrent_tuning_sweep.csv
     python bench/recurrent_tuning.py final --sweep-csv bench/results/recurrent_tuning_sweep.csv \
