@@ -18,7 +18,7 @@ against the running variance. One thread.
     python bench/recurrent_kfac_diagnosis.py trace "digits CNN" 0 --lr 0.01 --damping 1e-3 \
         --kl-clip 1e-3 --steps 50 [--off]
     python bench/recurrent_kfac_diagnosis.py bn "digits CNN" 0 --lr 0.01 --damping 1e-3 \
-        --kl-clip 1e-3 [--no-conv-bias]
+        --kl-clip 1e-3 [--no-conv-bias] [--bn-momentum M]
 """
 from __future__ import annotations
 
@@ -109,11 +109,13 @@ def _bn_variances(model: nn.Module) -> str:
                     for n, m in bns)
 
 
-def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool = True) -> None:
+def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool = True,
+              momentum: float | None = None) -> None:
     """Digits CNN: steps to AdamW's 50-step validation loss under both BatchNorm evals (running
     statistics, the bench's; the validation batch's own), and the drift of the conv biases
     that feed a BatchNorm (their gradient is 0: the BatchNorm removes the channel mean);
-    ``conv_bias=False``: those biases removed (for every optimizer, AdamW's target included)."""
+    ``conv_bias=False``: those biases removed; ``momentum``: the BatchNorms' running-statistics
+    momentum (PyTorch's default 0.1); both for every optimizer, AdamW's target included."""
     runs = [("AdamW", False)] + [(o, off) for o in optimizers for off in (False, True)]
     targets: tuple[float, float] | None = None
     for optimizer, off in runs:
@@ -122,6 +124,9 @@ def batchnorm(seed: int, settings: dict, optimizers: list[str], conv_bias: bool 
         if not conv_bias:
             for c in convs:
                 c.register_parameter("bias", None)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and momentum is not None:
+                m.momentum = momentum
         opt = ttt.make(model, optimizer, lrs, off, None if optimizer == "AdamW"
                        else settings if optimizer == "K-FAC" else {})
         b0 = [c.bias.detach().clone() if conv_bias else None for c in convs]
@@ -181,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--off", action="store_true",
                         help="trace: the diagonal fallback for the recurrent / grouped layers")
+    parser.add_argument("--bn-momentum", type=float,
+                        help="bn: the BatchNorms' running-statistics momentum (default 0.1)")
     parser.add_argument("--no-conv-bias", action="store_true",
                         help="bn: remove the biases of the convolutions that feed a BatchNorm")
     args = parser.parse_args(argv)
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "trace":
         trace(args.task, args.seed, settings, args.steps, args.off)
     elif args.stage == "bn":
-        batchnorm(args.seed, settings, ["K-FAC", "EKFAC"], not args.no_conv_bias)
+        batchnorm(args.seed, settings, ["K-FAC", "EKFAC"], not args.no_conv_bias, args.bn_momentum)
     else:
         roles(args.task, args.seed, settings)
 
