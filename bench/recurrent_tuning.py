@@ -15,7 +15,9 @@ diagonal fallback, each variant at its own tuned settings?
    (e.g. K-FAC's library defaults).
 
 One thread; steps, not seconds, are compared. The data, models, AdamW settings and the eval
-are those of ``bench/time_to_target.py``.
+are those of ``bench/time_to_target.py`` (``--bn-eval batch``: the digits CNN evaluated with
+BatchNorm on the validation batch's statistics instead of its running ones, AdamW's target
+included; bench/results/recurrent_kfac_diagnosis.md).
 
     python bench/recurrent_tuning.py sweep --csv bench/results/recurrent_tuning_sweep.csv
     python bench/recurrent_tuning.py final --sweep-csv bench/results/recurrent_tuning_sweep.csv \
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                         'defaults \'{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}\')')
     parser.add_argument("--eval-every", type=int, default=ttt.EVAL_EVERY,
                         help="steps between evals (the target's resolution; default %(default)s)")
+    parser.add_argument("--bn-eval", choices=("running", "batch"), default="running",
+                        help="digits CNN: BatchNorm on its running statistics in the eval (the "
+                        "default) or on the validation batch's own")
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     if args.stage == "report":
@@ -213,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     _load()
     ttt.EVAL_EVERY = args.eval_every
+    ttt.BN_EVAL[0] = args.bn_eval
     if args.stage == "sweep":
         sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers, args.sweep_csv or [])
     else:

@@ -17,6 +17,7 @@ One thread.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import warnings
@@ -94,12 +95,39 @@ def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callab
         return nn.functional.cross_entropy(m(image(digits.train.x[idx])), digits.train.y[idx])
 
     def evaluate(m: nn.Module) -> float:
-        m.eval()
+        """Validation loss, BatchNorm on its running statistics (``BN_EVAL`` "running") or on
+        the validation set's own ("batch": a copy in train mode, the model's statistics kept)."""
+        net = copy.deepcopy(m).train() if BN_EVAL[0] == "batch" else m.eval()
         with torch.no_grad():
-            out = float(nn.functional.cross_entropy(m(image(digits.val.x)), digits.val.y))
+            out = float(nn.functional.cross_entropy(net(image(digits.val.x)), digits.val.y))
         m.train()
         return out
     return model, batch_loss, evaluate, {"AdamW": 1e-2, "K-FAC": _KFAC_LR[0] or 0.05}
+
+
+def make(model: nn.Module, optimizer: str, lrs: dict, off: bool = False,
+         settings: dict | None = None) -> torch.optim.Optimizer:
+    """``optimizer`` ("AdamW", "K-FAC": eigen at ``KFAC``, "EKFAC") for ``model``, ``settings``
+    overriding its keyword arguments; ``off``: the recurrent and grouped layers' helpers
+    switched off (the diagonal fallback)."""
+    if off:
+        register_layer(nn.LSTM, _RecurrentOff)
+        register_layer(nn.GRU, _RecurrentOff)
+        register_layer(nn.Conv2d, _GroupedConvOff)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if optimizer == "AdamW":
+                return CASES["adamw"].make(model, lr=lrs["AdamW"])
+            if optimizer == "EKFAC":
+                return CASES["ekfac"].make(model, **(settings or {}))
+            kwargs = dict(KFAC, lr=lrs["K-FAC"])
+            kwargs.update(settings or {})
+            return CASES["kfac-eigen"].make(model, **kwargs)
+    finally:
+        register_layer(nn.LSTM, RecurrentProjection)
+        register_layer(nn.GRU, RecurrentProjection)
+        register_layer(nn.Conv2d, Conv2dLayer)
 
 
 def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict | None = None,
@@ -109,25 +137,7 @@ def run(task: str, seed: int, optimizer: str, off: bool = False, settings: dict 
     (``lr`` included); ``until``: stop once the eval loss is at or below it (at TARGET_STEP at
     the earliest)."""
     model, batch_loss, evaluate, lrs = _task(task, seed)
-    if off:
-        register_layer(nn.LSTM, _RecurrentOff)
-        register_layer(nn.GRU, _RecurrentOff)
-        register_layer(nn.Conv2d, _GroupedConvOff)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if optimizer == "AdamW":
-                opt = CASES["adamw"].make(model, lr=lrs["AdamW"])
-            elif optimizer == "EKFAC":
-                opt = CASES["ekfac"].make(model, **(settings or {}))
-            else:
-                kwargs = dict(KFAC, lr=lrs["K-FAC"])
-                kwargs.update(settings or {})
-                opt = CASES["kfac-eigen"].make(model, **kwargs)
-    finally:
-        register_layer(nn.LSTM, RecurrentProjection)
-        register_layer(nn.GRU, RecurrentProjection)
-        register_layer(nn.Conv2d, Conv2dLayer)
+    opt = make(model, optimizer, lrs, off, settings)
     out = {}
     for step in range(1, (TARGET_STEP if optimizer == "AdamW" else MAX_STEPS) + 1):
         opt.zero_grad()
@@ -148,6 +158,9 @@ def steps_to(curve: dict[int, float], target: float) -> int | None:
 
 
 _KFAC_LR: list[float | None] = [None]  # --kfac-lr
+# the digits CNN's eval: BatchNorm on its running statistics ("running", the default) or on the
+# validation batch's own ("batch"; bench/results/recurrent_kfac_diagnosis.md, depthwise CNN)
+BN_EVAL: list[str] = ["running"]
 _TEXT: dict[str, Tensor] = {}
 _EVAL = torch.empty(0)
 _DIGITS = None

@@ -376,6 +376,27 @@ def test_grouped_conv_step_is_the_dense_block_diagonal_solve(inverse: str, sync_
         _close(W1, W0 - lr * torch.stack(D), **tol)
 
 
+def test_depthwise_conv_eigen_step_is_the_dense_block_diagonal_solve() -> None:
+    """A depthwise conv (G_c a scalar per channel, A_c (k k + 1)^2) at K-FAC's default damping,
+    the whole block laid out as one dense float64 matrix diag_c(G_c (x) A_c): the eigen step is
+    (that matrix + damping I)^-1 vec(V), every channel's damping exact whatever its G_c's scale."""
+    torch.manual_seed(2)
+    damping, lr, c = 1e-3, 0.01, 5
+    conv = nn.Conv2d(c, c, 3, padding=1, groups=c).double()
+    opt = KFAC(conv, lr=lr, damping=damping, inverse="eigen", inverse_every=1, kl_clip=None)
+    x = torch.randn(4, c, 6, 6, dtype=DT) * torch.logspace(-2, 1, c, dtype=DT)[:, None, None]
+    layer = opt.layers[0]
+    W0 = layer.to_matrix([p.detach() for p in layer.params]).clone()
+    _fit_once(opt, conv, x, torch.randn(4, c, 6, 6, dtype=DT))
+    st = opt.layer_state(layer)
+    assert st["G"].shape == (c, 1, 1) and st["A"].shape == (c, 10, 10)
+    V = layer.grad_matrix()
+    K = torch.block_diag(*(torch.kron(st["G"][j], st["A"][j]) for j in range(c)))
+    D = torch.linalg.solve(K + damping * torch.eye(K.shape[0], dtype=DT), V.reshape(-1))
+    _close(layer.to_matrix([p.detach() for p in layer.params]), W0 - lr * D.reshape(V.shape),
+           rtol=1e-8, atol=1e-10)
+
+
 def test_grouped_conv_rkalman_is_the_kalman_filter_per_group() -> None:
     """R-Kalman on a block-diagonal factor: P_j <- Kalman(P_j, rows of group j) per group."""
     from grng.ops import reference
