@@ -201,26 +201,6 @@ def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeyp
     assert refreshed == sorted({*range(warmup), 0, 3, 6, 9})
 
 
-@pytest.mark.parametrize("debias", [False, True])
-def test_factor_debias_folds_with_the_bias_corrected_decay(monkeypatch, debias: bool) -> None:
-    """factor_debias: the t-th fold's decay is 1 - (1 - beta) / (1 - beta^t) (factor_every 2:
-    folds at steps 0, 2, 4); off: the configured decay."""
-    decays: list[float | None] = []
-    real = eigenbasis.fold_factors
-
-    def recording(units, comm, config, decay=None):
-        decays.append(decay)
-        return real(units, comm, config, decay)
-
-    monkeypatch.setattr(eigenbasis, "fold_factors", recording)
-    torch.manual_seed(0)
-    model = small_mlp(F64)
-    opt = grng.EKFAC(model, lr=0.01, factor_decay=0.9, factor_every=2, factor_debias=debias)
-    _train(model, opt, classification_batches(6, 8, dtype=F64, seed=1))
-    want = [1.0 - 0.1 / (1.0 - 0.9 ** t) for t in (1, 2, 3)] if debias else [None] * 3
-    assert decays == pytest.approx(want) if debias else decays == want
-
-
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_non_finite_subspace_step_falls_back(monkeypatch, sync_free: bool) -> None:
     """A non-finite subspace step: eigh on the host path, the previous basis on the device."""
@@ -253,7 +233,7 @@ def _twin_mlp(dtype: torch.dtype = F64) -> nn.Module:
 
 #: (model, EKFAC keywords): the defaults on blocks of distinct shapes, and the original scaling
 #: with the relative GR term on a model whose equal-shape blocks batch
-VARIANTS = {"adam": (small_mlp, {}), "adam-debias": (small_mlp, {"factor_debias": True}),
+VARIANTS = {"adam": (small_mlp, {}),
             "fisher-batched": (_twin_mlp, dict(scaling="fisher", rho_rel=0.1))}
 
 
@@ -349,7 +329,6 @@ def test_case_coverage_and_arguments() -> None:
                       (dict(basis="qr"), "basis"), (dict(carry="rotate"), "carry"),
                       (dict(refresh_warmup=-1), "refresh_warmup"),
                       (dict(refresh_warmup=2.0), "refresh_warmup"),
-                      (dict(factor_debias=1), "factor_debias"),
                       (dict(param_groups=[{"params": list(model.parameters()),
                                            "momentum": 0.9}]), "momentum")):
         with pytest.raises(ValueError, match=name):

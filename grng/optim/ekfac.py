@@ -36,11 +36,7 @@ class EKFAC(CurvatureOptimizer):
     kept in parameter space, so a change of basis leaves it exact. Parameters without a
     Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
-    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; with
-    ``factor_debias=True`` the EMA is bias-corrected as SOAP's: the t-th fold's decay is
-    1 - (1 - beta) / (1 - beta^t), so the first folds weigh their batches about equally instead
-    of keeping the first one's weight beta^(t-1); a Python float that changes at every fold, so a
-    compiled step retraces: off by default). The bases
+    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``). The bases
     are refreshed at every step of the first ``refresh_warmup`` (default 30: the factors, and
     so the bases, move most there; bench/results/hf_lm_diagnosis.md), then every
     ``inverse_every`` steps: by eigh at a block's first refresh, then
@@ -80,7 +76,6 @@ class EKFAC(CurvatureOptimizer):
         backend: str = "auto",
         *,
         refresh_warmup: int = 30,
-        factor_debias: bool = False,
         scaling: str = "adam",
         damping: float = 1e-3,
         rho_rel: float = 0.2,
@@ -99,9 +94,6 @@ class EKFAC(CurvatureOptimizer):
         reject_unknown(type(self), unknown, optimizer_classes())
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         self.refresh_warmup = check.non_negative_int("refresh_warmup", refresh_warmup)
-        if not isinstance(factor_debias, bool):
-            raise ValueError(f"factor_debias must be True or False, got {factor_debias!r}")
-        self.factor_debias = factor_debias
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
@@ -133,14 +125,6 @@ class EKFAC(CurvatureOptimizer):
         self._bind(EigenbasisPreconditioner(self.config, adam, basis, carry, scaling),
                    DiagonalAdam(self.config, adam, self.comm.sum_over_shards
                                 if self.comm.shards_parameters else None))
-
-    def _fold(self, diagonal) -> None:
-        """K-FAC's fold; with ``factor_debias`` the t-th fold's decay is
-        1 - (1 - beta) / (1 - beta^t) (t counted from the step, so a checkpoint resumes it)."""
-        if self.factor_debias:
-            beta, t = self.config.factor_decay, self._steps // self.factor_every + 1
-            self.block.fold_decay = 1.0 - (1.0 - beta) / (1.0 - beta ** t)
-        super()._fold(diagonal)
 
     def _inverse_due(self) -> list[bool]:
         """Every block at each of the first ``refresh_warmup`` steps, then every

@@ -164,15 +164,12 @@ class EigenbasisPreconditioner(Preconditioner):
         # the fisher scaling's rows of this step (from fold to update) and the communicator
         self._rows: dict[int, tuple[Rows, Rows]] = {}
         self._comm: Communicator | None = None
-        #: the factors' EMA decay of the next fold when not ``config.factor_decay`` (EKFAC's
-        #: ``factor_debias`` sets it before each fold)
-        self.fold_decay: float | None = None
 
     def new_state(self, unit_params, layer) -> EigenbasisBlock:
         return EigenbasisBlock()
 
     def fold(self, units, comm) -> None:
-        fold_factors(units, comm, self.config, self.fold_decay)
+        fold_factors(units, comm, self.config)
         if self.scaling == "fisher":  # kept for this step's update (then dropped)
             self._rows = {u.index: rows for u, rows in units if rows is not None}
             self._comm = comm

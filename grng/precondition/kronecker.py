@@ -26,10 +26,9 @@ from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, comput
 
 
 def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Communicator,
-                 config: CurvatureConfig, decay: float | None = None) -> None:
+                 config: CurvatureConfig) -> None:
     """A <- beta A + (1 - beta) A_batch and G likewise for each unit's state (fields ``A``,
-    ``G``; the first fold sets them), all units in one call of the communicator; beta is
-    ``decay`` where given, else ``config.factor_decay``."""
+    ``G``; the first fold sets them), all units in one call of the communicator."""
     folds: list[tuple[StateView, str, FactorFold]] = []
     for unit, rows in units:
         block = unit.state
@@ -39,8 +38,7 @@ def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Commu
                                    ("G", unit.layer.g_factor, g_rows)):
             folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
                                                   compute, config.factor_dtype, block=unit.index)))
-    comm.fold_factors([f for _, _, f in folds],
-                      config.factor_decay if decay is None else decay, config.backend)
+    comm.fold_factors([f for _, _, f in folds], config.factor_decay, config.backend)
     for block, side, f in folds:
         setattr(block, side, f.result)
 
