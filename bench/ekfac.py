@@ -7,6 +7,7 @@
     python bench/ekfac.py tasks --set gr --split test --tasks transformer mlp cnn --name ekfac_gr
     python bench/ekfac.py tasks --set levers --tasks transformer --name ekfac_levers
     python bench/ekfac.py tasks --set time --tasks transformer --seeds 5 --name ekfac_time
+    python bench/ekfac.py tasks --set warmup --tasks transformer mlp cnn --name ekfac_warmup
     python bench/ekfac.py step                    # ms per step: batched vs one block at a time
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
     python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
@@ -105,6 +106,13 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                   for task in ("transformer", "mlp", "cnn")},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
+    # the bases refreshed at every step of the first 30 (the default, refresh_warmup=30; picked
+    # on the Hugging Face GPT-2 and Llama, bench/results/hf_lm_diagnosis.md) against no warmup
+    # (the earlier default) on the demo's tasks (bench/results/ekfac_warmup.md)
+    "warmup": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
+                      ("EKFAC defaults, refresh_warmup 0", "ekfac",
+                       {**_SHIPPED, "refresh_warmup": 0})]
+               for task in ("transformer", "mlp", "cnn")},
 }
 
 

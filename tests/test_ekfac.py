@@ -180,6 +180,27 @@ def test_default_refresh_runs_eigh_only_at_the_first_refresh(monkeypatch) -> Non
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeypatch,
+                                                                         warmup: int) -> None:
+    """The steps whose refresh runs: 0, 1, ..., warmup - 1, then the multiples of
+    inverse_every (here 3) among 0..9."""
+    refreshed: list[int] = []
+    real = eigenbasis.EigenbasisPreconditioner._refresh_bases
+
+    def counting(self, units):
+        if units:
+            refreshed.append(opt._steps)
+        return real(self, units)
+
+    monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "_refresh_bases", counting)
+    torch.manual_seed(0)
+    model = small_mlp(F64)
+    opt = grng.EKFAC(model, lr=0.01, inverse_every=3, refresh_warmup=warmup)
+    _train(model, opt, classification_batches(10, 8, dtype=F64, seed=1))
+    assert refreshed == sorted({*range(warmup), 0, 3, 6, 9})
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_non_finite_subspace_step_falls_back(monkeypatch, sync_free: bool) -> None:
     """A non-finite subspace step: eigh on the host path, the previous basis on the device."""
@@ -217,7 +238,7 @@ VARIANTS = {"adam": (small_mlp, {}),
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("at", [3, 4])  # 4: a refresh step (inverse_every=2)
+@pytest.mark.parametrize("at", [3, 4])  # 4: a refresh step (inverse_every=2, no warmup)
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_skipped_step_leaves_the_state_bit_for_bit(sync_free: bool, at: int,
                                                      variant: str) -> None:
@@ -226,7 +247,8 @@ def test_a_skipped_step_leaves_the_state_bit_for_bit(sync_free: bool, at: int,
     torch.manual_seed(0)
     make, kwargs = VARIANTS[variant]
     model = make(torch.float32)
-    opt = grng.EKFAC(model, lr=0.01, inverse_every=2, sync_free=sync_free, **kwargs)
+    opt = grng.EKFAC(model, lr=0.01, inverse_every=2, refresh_warmup=0, sync_free=sync_free,
+                     **kwargs)
     batches = classification_batches(at + 2, 8, dtype=torch.float32, seed=1)
     _train(model, opt, batches[:at])
     state, params = _state(opt), [p.detach().clone() for p in model.parameters()]
@@ -248,9 +270,9 @@ def _nan_direction_run(monkeypatch, sync_free: bool) -> tuple[list[dict], list[d
     before and after it, whether the parameters are unchanged, and the skip count."""
     torch.manual_seed(0)
     model = small_mlp(torch.float32)
-    opt = grng.EKFAC(model, lr=0.01, inverse_every=2, sync_free=sync_free)
+    opt = grng.EKFAC(model, lr=0.01, inverse_every=2, refresh_warmup=0, sync_free=sync_free)
     batches = classification_batches(4, 8, dtype=torch.float32, seed=1)
-    _train(model, opt, batches[:3])
+    _train(model, opt, batches[:3])  # step 3 refreshes no basis (no warmup)
     moments = [{k: t.clone() for k, t in u.state.per_step().items()}
                for u, _ in opt._curvature_units()]
     params = [p.detach().clone() for p in model.parameters()]
@@ -322,6 +344,8 @@ def test_case_coverage_and_arguments() -> None:
     assert "kronecker" in text and "diagonal" in text
     for bad, name in ((dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1.0), "eps"),
                       (dict(basis="qr"), "basis"), (dict(carry="rotate"), "carry"),
+                      (dict(refresh_warmup=-1), "refresh_warmup"),
+                      (dict(refresh_warmup=2.0), "refresh_warmup"),
                       (dict(param_groups=[{"params": list(model.parameters()),
                                            "momentum": 0.9}]), "momentum")):
         with pytest.raises(ValueError, match=name):

@@ -39,8 +39,10 @@ class EKFAC(CurvatureOptimizer):
     without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
     Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; the default
-    per device below, every step with ``scaling="fisher"``). The bases
-    are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then
+    per device below, every step with ``scaling="fisher"``). The bases are refreshed at every
+    step of the first ``refresh_warmup`` (default 30: the factors, and so the bases, move most
+    there; bench/results/hf_lm_diagnosis.md), then every ``inverse_every`` steps: by eigh at a
+    block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
@@ -83,6 +85,7 @@ class EKFAC(CurvatureOptimizer):
         kl_clip: float | None = None,
         backend: str = "auto",
         *,
+        refresh_warmup: int = 30,
         scaling: str = "adam",
         qr: str | None = None,
         damping: float = 1e-3,
@@ -109,6 +112,7 @@ class EKFAC(CurvatureOptimizer):
         precision = chosen.precision if precision is None else precision
         qr = chosen.qr if qr is None else qr
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
+        self.refresh_warmup = check.non_negative_int("refresh_warmup", refresh_warmup)
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
@@ -143,5 +147,7 @@ class EKFAC(CurvatureOptimizer):
                                 if self.comm.shards_parameters else None))
 
     def _inverse_due(self) -> list[bool]:
-        """Every block every ``inverse_every`` steps (all in the same step)."""
-        return [self._steps % self.inverse_every == 0] * len(self._blocks)
+        """Every block at each of the first ``refresh_warmup`` steps, then every
+        ``inverse_every`` steps (all in the same step)."""
+        due = self._steps < self.refresh_warmup or self._steps % self.inverse_every == 0
+        return [due] * len(self._blocks)

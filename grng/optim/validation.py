@@ -41,6 +41,13 @@ def positive_int(name: str, value: int) -> int:
     return value
 
 
+def non_negative_int(name: str, value: int) -> int:
+    """An integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def choice(name: str, value: str, options: tuple[str, ...]) -> str:
     """One of ``options``."""
     if value not in options:
