@@ -489,18 +489,3 @@ def test_block_diagonal_and_dense_sides_refresh_in_separate_batches(sync_free: b
         torch.testing.assert_close(Q.transpose(-2, -1) @ Q, eye, rtol=0, atol=1e-10)
     assert all(bool(p.isfinite().all()) for p in model.parameters())
 
-
-def test_fold_period_default_by_device_and_scaling() -> None:
-    """factor_every defaults to 2 on the CPU (bench/results/ekfac_intervals.md), 1 with the
-    fisher scaling (which reads every step's rows); an explicit value is kept, and the fisher
-    scaling refuses another than 1, naming the argument."""
-    from grng.optim.ekfac import FACTOR_EVERY
-
-    assert FACTOR_EVERY == {"cpu": 2, "cuda": 1}
-    for kwargs, want in (({}, 2), (dict(scaling="fisher"), 1), (dict(factor_every=1), 1),
-                         (dict(factor_every=3), 3)):
-        opt = grng.EKFAC(small_mlp(F64), **kwargs)
-        assert opt.factor_every == want, kwargs
-        opt.close()
-    with pytest.raises(ValueError, match="factor_every"):
-        grng.EKFAC(small_mlp(F64), scaling="fisher", factor_every=2)

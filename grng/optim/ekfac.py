@@ -8,19 +8,11 @@ import torch
 from torch import nn
 
 from grng.curvature.layers import MAX_FACTOR_DIM
-from grng.optim import device_defaults
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition.adam import AdamSettings, DiagonalAdam
 from grng.precondition.eigenbasis import BASES, CARRIES, SCALINGS, EigenbasisPreconditioner
-
-
-#: the fold period by where the model lives: every 2 steps on the CPU, where the fold is the
-#: largest curvature term of the step and folding half as often kept the steps to target on
-#: the demo's three tasks (bench/results/ekfac_intervals.md, 3 seeds); every step on CUDA (not
-#: measured there) and with ``scaling="fisher"``, which reads each step's rows
-FACTOR_EVERY: dict[str, int] = {"cpu": 2, "cuda": 1}
 
 
 def _betas(betas: tuple[float, float]) -> tuple[float, float]:
@@ -45,9 +37,9 @@ class EKFAC(CurvatureOptimizer):
     Q_G^T m Q_A for m the EMA of V (grng 0.3.0 kept m itself; its checkpoints load). Parameters
     without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
-    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; by default
-    every 2 steps on the CPU, every step on CUDA and with ``scaling="fisher"``:
-    :data:`FACTOR_EVERY`). The bases
+    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; every step by
+    default: folding every 2 steps lost steps to target on the demo transformer,
+    bench/results/ekfac_intervals5.md). The bases
     are refreshed every ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
@@ -77,7 +69,7 @@ class EKFAC(CurvatureOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
-        factor_every: int | None = None,
+        factor_every: int = 1,
         inverse_every: int = 10,
         basis: str = "subspace",
         carry: str = "reproject",
@@ -105,9 +97,6 @@ class EKFAC(CurvatureOptimizer):
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
         check.choice("scaling", scaling, SCALINGS)
-        if factor_every is None:
-            on = "cuda" if device_defaults.for_model(model) is device_defaults.CUDA else "cpu"
-            factor_every = 1 if scaling == "fisher" else FACTOR_EVERY[on]
         if scaling == "fisher" and factor_every != 1:
             raise ValueError("scaling='fisher' reads the captured rows every step: it needs "
                              f"factor_every=1, got factor_every={factor_every!r}")
