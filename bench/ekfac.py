@@ -108,6 +108,10 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                                     {"lr": 1e-2, "factor_every": 1}),
                                    ("EKFAC factor_every 2", "ekfac",
                                     {"lr": 1e-2, "factor_every": 2})]},
+    # bases every 20 steps (half the refreshes) at factor_every 1 (bench/results/
+    # ekfac_inverse20.md; the defaults' steps are in ekfac_intervals.md and ekfac_intervals5.md)
+    "inverse20": {task: [("EKFAC inverse_every 20", "ekfac", {"lr": 1e-2, "inverse_every": 20})]
+                  for task in ("transformer", "mlp", "cnn")},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
 }
