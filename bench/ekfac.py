@@ -104,6 +104,15 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                          ("EKFAC factor_every 2, inverse_every 20", "ekfac",
                           {"lr": 1e-2, "factor_every": 2, "inverse_every": 20})]
                   for task in ("transformer", "mlp", "cnn")},
+    # factor_every 2 against 1 on the time set's five seeds (bench/results/ekfac_intervals5.md)
+    "intervals5": {"transformer": [("EKFAC factor_every 1", "ekfac",
+                                    {"lr": 1e-2, "factor_every": 1}),
+                                   ("EKFAC factor_every 2", "ekfac",
+                                    {"lr": 1e-2, "factor_every": 2})]},
+    # bases every 20 steps (half the refreshes) at factor_every 1 (bench/results/
+    # ekfac_inverse20.md; the defaults' steps are in ekfac_intervals.md and ekfac_intervals5.md)
+    "inverse20": {task: [("EKFAC inverse_every 20", "ekfac", {"lr": 1e-2, "inverse_every": 20})]
+                  for task in ("transformer", "mlp", "cnn")},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
     # the bases refreshed at every step of the first 30 (the default, refresh_warmup=30; picked
@@ -298,7 +307,7 @@ def step(args: argparse.Namespace) -> None:
 
     setups = {"AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
               "EKFAC (defaults, batched)": lambda m: grng.EKFAC(m),
-              "EKFAC (defaults, factor_every 1)": lambda m: grng.EKFAC(m, factor_every=1),
+              "EKFAC (defaults, factor_every 2)": lambda m: grng.EKFAC(m, factor_every=2),
               "EKFAC (one unit at a time)": lambda m: grng.EKFAC(m)}
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     runs = {}

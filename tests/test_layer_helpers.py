@@ -1095,3 +1095,26 @@ def _world_one_equals_local(make, model: nn.Module, data, tmp_path, warns: bool 
             _close(q, p, rtol=1e-10)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("calls", [1, 3])
+def test_linear_rows_are_the_concatenated_calls_written_once(bias: bool, calls: int) -> None:
+    """A Linear's A rows are [a 1] (a without a bias) and its G rows g, over every call's
+    leading dimensions, contiguous, equal to the plain concatenation (one call, no bias: the
+    captured tensor itself, not a copy)."""
+    from grng.curvature.layers import LinearLayer
+
+    layer = LinearLayer(nn.Linear(5, 3, bias=bias).double())
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 1 + k, 5, generator=g, dtype=torch.float64) for k in range(calls)]
+    grads = [torch.randn(2, 1 + k, 3, generator=g, dtype=torch.float64) for k in range(calls)]
+    a, gr = layer.a_rows(inputs), layer.g_rows(inputs, grads)
+    flat = torch.cat([x.reshape(-1, 5) for x in inputs])
+    want_a = torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1) if bias else flat
+    assert torch.equal(a.X, want_a) and a.X.is_contiguous() and a.n == flat.shape[0]
+    assert torch.equal(gr.X, torch.cat([x.reshape(-1, 3) for x in grads]))
+    assert gr.X.is_contiguous() and gr.n == flat.shape[0]
+    if calls == 1:
+        assert gr.X.data_ptr() == grads[0].data_ptr()
+        assert (a.X.data_ptr() == inputs[0].data_ptr()) == (not bias)

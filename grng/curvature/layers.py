@@ -265,10 +265,19 @@ class KroneckerLayer:
             return mat.reshape(self.weight.shape)
         return mat.transpose(0, 1).reshape(self.weight.shape)
 
-    def _with_ones(self, rows: Tensor) -> Tensor:
+    def _with_ones(self, parts: list[Tensor]) -> Tensor:
+        """The row blocks ``parts`` stacked, with a ones column where the layer has a bias, in
+        one contiguous (rows x d [+ 1]) tensor written once (one block without a bias: itself
+        where already contiguous, no copy)."""
         if not self.has_bias:
-            return rows
-        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            return _stacked_rows(parts)
+        out = parts[0].new_empty(sum(p.shape[0] for p in parts), parts[0].shape[1] + 1)
+        start = 0
+        for p in parts:
+            out[start:start + p.shape[0], :-1].copy_(p)
+            start += p.shape[0]
+        out[:, -1] = 1
+        return out
 
     def _patch_rows(self, inputs: list[Tensor], unfold: Callable[[Tensor], Tensor]) -> Rows:
         """Rows of a_bar from patches: ``unfold(x)`` gives the (k, d, T) patches of k batched
@@ -290,15 +299,21 @@ class KroneckerLayer:
         return Rows(out, total)
 
 
+def _stacked_rows(parts: list[Tensor]) -> Tensor:
+    """Row blocks stacked into one contiguous tensor: one block as it is where contiguous (the
+    fold only reads it), several concatenated."""
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts)
+
+
 class LinearLayer(KroneckerLayer):
     """nn.Linear with any number of leading dimensions: every row is an example (N = rows)."""
 
     def a_rows(self, inputs: list[Tensor]) -> Rows:
-        rows = torch.cat([a.reshape(-1, a.shape[-1]) for a in inputs])
-        return Rows(self._with_ones(rows), rows.shape[0])
+        parts = [a.reshape(-1, a.shape[-1]) for a in inputs]
+        return Rows(self._with_ones(parts), sum(p.shape[0] for p in parts))
 
     def g_rows(self, inputs: list[Tensor], grads: list[Tensor]) -> Rows:
-        rows = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads])
+        rows = _stacked_rows([g.reshape(-1, g.shape[-1]) for g in grads])
         return Rows(rows, rows.shape[0], float(rows.shape[0]))
 
 

@@ -48,10 +48,11 @@ class EigenbasisDefaults:
     factor_every: int
 
 
-#: measured on the CPU (bench/results/defaults_ekfac.csv; F = 2: ekfac_intervals.md, the
-#: demo's three tasks kept their steps to target)
+#: measured on the CPU (bench/results/defaults_ekfac.csv; F = 1: F = 2 kept the demo's three
+#: tasks' 3-seed medians (ekfac_intervals.md) but needed 150 steps to 3.7 bpc against 125 on the
+#: time set's five seeds (ekfac_intervals5.md))
 EKFAC_CPU = EigenbasisDefaults(qr="householder", inverse_every=10, precision="fp32",
-                               factor_every=2)
+                               factor_every=1)
 #: chosen from the cost model for CUDA (docs/performance.md "EKFAC's CUDA defaults"): TF32
 #: GEMMs, the refresh's orthonormalization by CholeskyQR3 (GEMMs, no per-matrix Householder
 #: latency), F = 4 and T = 100: 1.58x AdamW on GPT-2 small (T = 50: 1.69x). No longer interval

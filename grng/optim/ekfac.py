@@ -39,7 +39,8 @@ class EKFAC(CurvatureOptimizer):
     without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
     Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; the default
-    per device below, every step with ``scaling="fisher"``). The bases are refreshed at every
+    per device below: every step on the CPU, where folding every 2 steps lost steps to target on
+    the demo transformer, bench/results/ekfac_intervals5.md; every step with ``scaling="fisher"``). The bases are refreshed at every
     step of the first ``refresh_warmup`` (default 30: the factors, and so the bases, move most
     there; bench/results/hf_lm_diagnosis.md), then every ``inverse_every`` steps: by eigh at a
     block's first refresh, then

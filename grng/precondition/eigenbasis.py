@@ -13,7 +13,7 @@ update:  t += 1, P = Q_G^T V Q_A, m_b <- beta1 m_b + (1 - beta1) P,
 apply:   Q_G [ (m_b / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps) ] Q_A^T.
 
 m_b = Q_G^T m Q_A for m the parameter-space EMA of V (the bases are orthogonal, so the rotation
-is exact): two GEMMs per side and step fewer than projecting m every step. A checkpoint of grng
+is exact): two GEMMs per block and step fewer than projecting m every step. A checkpoint of grng
 0.3.0, whose ``exp_avg`` is m, is converted on load.
 
 ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
