@@ -35,6 +35,8 @@ F64 = torch.float64
 DATA = Path(__file__).parent / "data"
 SAVED_AT, RESUMED = 5, 6
 RTOL = 1e-12  # relative to the largest parameter entry
+#: grng 0.3.0's refresh schedule (it had no refresh warmup), for the runs compared with its fixture
+V0_3_SCHEDULE = dict(refresh_warmup=0)
 
 #: name -> EKFAC keywords (with inverse_every=3 the resumed steps hold two refreshes; folds
 #: every step, grng 0.3.0's default)
@@ -144,7 +146,7 @@ def test_trajectory_equals_the_parameter_space_formulation(name: str) -> None:
     run = torch.load(DATA / "checkpoint_ekfac_v0_3.pt", weights_only=False)["runs"][name]
     torch.manual_seed(0)
     net = TokenNet()
-    opt = grng.EKFAC(net, **CONFIGS[name])
+    opt = grng.EKFAC(net, **CONFIGS[name], **V0_3_SCHEDULE)
     start = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     for (x, y), want in zip(batches(SAVED_AT + RESUMED), run["trajectory"], strict=True):
         step(net, opt, x, y)
@@ -163,7 +165,7 @@ def test_a_v0_3_checkpoint_converts_and_resumes(name: str) -> None:
     run = fixture["runs"][name]
     net = TokenNet()
     net.load_state_dict(run["model"])
-    opt = grng.EKFAC(net, **CONFIGS[name])
+    opt = grng.EKFAC(net, **CONFIGS[name], **V0_3_SCHEDULE)
     opt.load_state_dict(run["optimizer"])
     saved_state = run["optimizer"]["state"]
     for unit in opt._blocks:
