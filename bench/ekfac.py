@@ -119,8 +119,8 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
     # on the Hugging Face GPT-2 and Llama, bench/results/hf_lm_diagnosis.md) against no warmup
     # (the earlier default) on the demo's tasks (bench/results/ekfac_warmup.md)
     "warmup": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
-                      ("EKFAC defaults, refresh_warmup 0", "ekfac",
-                       {**_SHIPPED, "refresh_warmup": 0})]
+                      *[(f"EKFAC defaults, refresh_warmup {w}", "ekfac",
+                         {**_SHIPPED, "refresh_warmup": w}) for w in (0, 10, 30)]]
                for task in ("transformer", "mlp", "cnn")},
 }
 
