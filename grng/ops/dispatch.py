@@ -119,16 +119,18 @@ def _load(backend: str) -> str:
 
 def backends() -> dict[str, str]:
     """Say which backends are live and, for the others, why not."""
-    report = {}
-    for name in BACKENDS[1:]:
-        status = _load(name)
-        if name == "triton" and status == "live" and not torch.cuda.is_available():
-            status = ("live (TRITON_INTERPRET=1: kernels run on CPU tensors)"
-                      if interpreter_enabled() else "live on CUDA tensors only (no CUDA device here)")
-        elif status == "live" and _NOTES.get(name):
-            status = f"live ({_NOTES[name]})"
-        report[name] = status
-    return report
+    return {name: backend_status(name) for name in BACKENDS[1:]}
+
+
+def backend_status(name: str) -> str:
+    """One backend's line of :func:`backends` (loading only that backend)."""
+    status = _load(name)
+    if name == "triton" and status == "live" and not torch.cuda.is_available():
+        status = ("live (TRITON_INTERPRET=1: kernels run on CPU tensors)"
+                  if interpreter_enabled() else "live on CUDA tensors only (no CUDA device here)")
+    elif status == "live" and _NOTES.get(name):
+        status = f"live ({_NOTES[name]})"
+    return status
 
 
 def interpreter_enabled() -> bool:

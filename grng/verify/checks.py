@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,11 +63,14 @@ class Check:
         return out
 
 
-def live_backends(device: str | torch.device) -> tuple[list[str], dict[str, str]]:
-    """(backends that can run on ``device``, {backend: why not} for the others)."""
+def live_backends(device: str | torch.device, among: Iterable[str] | None = None
+                  ) -> tuple[list[str], dict[str, str]]:
+    """(backends that can run on ``device``, {backend: why not} for the others), of ``among``
+    (default: every backend; only those are loaded)."""
     dev = torch.device(device)
     live, not_live = [], {}
-    for name, status in dispatch.backends().items():
+    names = dispatch.BACKENDS[1:] if among is None else among
+    for name, status in ((n, dispatch.backend_status(n)) for n in names):
         if not status.startswith("live"):
             not_live[name] = status
         elif name == "triton" and dev.type == "cpu" and not dispatch.interpreter_enabled():

@@ -74,7 +74,7 @@ def check_auto_order(device: str | torch.device,
     order = dispatch.AUTO_ORDER.get(dev.type, {})
     if not order:
         return []
-    live = set(live_backends(dev)[0])
+    live = set(live_backends(dev, {b for backends in order.values() for b in backends})[0])
     floating = [dt for dt in dtypes if dt.is_floating_point]
     failures = []
     for op, backends in order.items():
