@@ -72,7 +72,8 @@ def _as_dispatched(config: cm.StepConfig) -> tuple[str, cm.StepConfig]:
     return f"as dispatched (AUTO_ORDER['cuda']: {what})", cfg
 
 
-_CUDA_AUTO, _EKFAC_AUTO = _as_dispatched(cm.StepConfig(**_CUDA)), _as_dispatched(cm.StepConfig(**_EKFAC))
+_CUDA_AUTO = _as_dispatched(cm.StepConfig(**_CUDA))
+_EKFAC_AUTO = _as_dispatched(cm.StepConfig(**_EKFAC))
 
 #: the configurations compared on the GPU (name -> StepConfig)
 GPU_CONFIGS: dict[str, cm.StepConfig] = {

@@ -7,11 +7,11 @@ backend is always live. ``triton`` (``grng.kernels``) and ``ext`` (the compiled
 by :func:`backends`, never raised at ``import grng``.
 
 ``backend="auto"`` walks :data:`AUTO_ORDER` for the tensors' device type and takes the first
-backend that implements the op and accepts the inputs; the CUDA order per op is the one the
-cost model predicts fastest until a GPU measures it (``AUTO_ORDER`` says which entry is
-which), each checked once per process by :mod:`grng.verify.selfcheck`. A forced backend that
-cannot run raises :class:`BackendUnavailable`; a forced backend that lacks one op (there is, e.g., no
-Triton eigendecomposition) uses the reference for that op.
+backend that implements the op and accepts the inputs and that the first-use self-check has
+not rejected (:func:`reject`); the CUDA order per op is the one the cost model predicts fastest
+until a GPU measures it (``AUTO_ORDER`` says which entry is which). A forced backend that
+cannot run raises :class:`BackendUnavailable`; a forced backend that lacks one op (there is,
+e.g., no Triton eigendecomposition) uses the reference for that op.
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ _BACKEND_MODULES: dict[str, str] = {"triton": "grng.kernels", "ext": "grng.ops.e
 # Each entry says where it comes from: *measured* (a benchmark on that device type showed the
 # backend faster than the reference) or *predicted* (the cost model, grng.benchmark.costmodel,
 # charges the op as grng's kernel in its rows, bench/results/costmodel.md, and no device of that
-# type has measured it yet). A predicted entry is confirmed or removed by bench/gpu_check.py's
-# AUTO_ORDER stage on a GPU. Every entry a process picks is first checked against the reference
-# on small random inputs when an optimizer is built (grng.verify.selfcheck): a backend that fails
-# is rejected for that op and device type (:func:`reject`) and the next one, then the reference,
-# runs instead.
+# type has measured it yet). A predicted entry is confirmed or removed by a GPU run of
+# bench/gpu_check.py (its kernels stage: auto_order_verdicts). When an optimizer is built with
+# backend="auto", each entry for its parameters' device type is first checked once per process
+# against the reference on small random inputs (grng.verify.selfcheck): a backend that fails is
+# rejected for that op and device type (reject) and the next one, then the reference, runs.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     # measured in bench/results/ext.csv (2-core EPYC): ext 1.2-16x faster than the reference here;
     # ext's batched Newton-Schulz and large-d batched Cholesky lose to MKL, so they stay out
@@ -70,11 +70,6 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 
-#: (device type, op, backend) -> the implementation the first-use self-check rejected there
-#: (grng.verify.selfcheck); backend="auto" skips it. Keyed by the implementation object, so a
-#: backend re-registered with another implementation is checked again.
-_REJECTED: dict[tuple[str, str, str], Impl] = {}
-
 
 @dataclass(frozen=True)
 class Impl:
@@ -85,6 +80,10 @@ class Impl:
 
 
 _IMPLS: dict[str, dict[str, Impl]] = {}
+#: (device type, op, backend) -> the implementation the first-use self-check rejected there
+#: (grng.verify.selfcheck); backend="auto" skips it. Keyed by the implementation object, so a
+#: backend re-registered with another implementation is checked again.
+_REJECTED: dict[tuple[str, str, str], Impl] = {}
 _LOADED: dict[str, str] = {"reference": "live"}
 # what a live backend's module says about how it was found (its LIVE_NOTE), shown by backends()
 _NOTES: dict[str, str] = {}
