@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import grng
-from grng.ops import dispatch, reference, registry
+from grng.ops import dispatch, masked, reference, registry
 from grng.testing import classification_batches, compare_optimizers, small_mlp
 from grng.verify import selfcheck
 
@@ -24,6 +24,11 @@ def _wrong_fold(M, X, alpha, beta):
 def _counted_fold(M, X, alpha, beta):
     CALLS.append("good")
     return reference.factor_update(M, X, alpha, beta)
+
+
+def _flag_ignoring_fold(M, X, alpha, beta, ok):
+    """The masked fold written everywhere, whatever the device gate's flag says."""
+    return masked.factor_update_masked(M, X, alpha, beta, torch.ones_like(ok))
 
 
 def _raising_fold(M, X, alpha, beta):
@@ -113,6 +118,22 @@ def test_a_correct_backend_stays_picked_and_the_check_stays_out_of_step(
         opt.step()
     assert CALLS  # picked by auto
     assert len(checked) == n_checked  # no check inside step()
+
+
+def test_a_flag_ignoring_masked_fold_is_rejected_and_sync_free_training_falls_back(
+        fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Right on every finite case, wrong only where the flag is False: the spec's "skip"
+    variants catch it, and the sync-free optimizer folds through the reference instead."""
+    registry.implement("factor_update_masked", "broken", _flag_ignoring_fold)
+    monkeypatch.setitem(dispatch.AUTO_ORDER["cpu"], "factor_update_masked", ("broken",))
+    with pytest.warns(RuntimeWarning, match=r"'broken' failed its first-use check of "
+                                            r"factor_update_masked .*skip"):
+        grng.KFAC(small_mlp(), sync_free=True)
+    assert dispatch.rejected("factor_update_masked", "broken", "cpu")
+    result = compare_optimizers(lambda m: grng.KFAC(m, lr=0.1, sync_free=True),
+                                lambda m: grng.KFAC(m, lr=0.1, sync_free=True, backend="reference"),
+                                small_mlp(), classification_batches(3))
+    assert max(result.param_diff) < 1e-12
 
 
 def test_a_forced_backend_is_not_checked(fresh: None, monkeypatch: pytest.MonkeyPatch) -> None:
