@@ -179,3 +179,20 @@ def test_the_cuda_order_names_registered_ops_and_backends() -> None:
             assert backend in dispatch.BACKENDS[2:], (op, backend)
             if dispatch._load(backend) == "live":
                 assert dispatch.implementation(op, backend) is not None, (op, backend)
+
+
+def test_a_backend_whose_supports_raises_is_rejected(fresh: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception outside the op itself (its ``supports`` on the check's inputs) rejects it too."""
+    def supports(*args) -> bool:
+        raise TypeError("supports() cannot read these inputs")
+
+    registry.implement("factor_update", "raising", _counted_fold, supports)
+    monkeypatch.setitem(dispatch.AUTO_ORDER["cpu"], "factor_update", ("raising",))
+    with pytest.warns(RuntimeWarning, match="raised TypeError: supports"):
+        _kfac(small_mlp())
+    assert dispatch.rejected("factor_update", "raising", "cpu")
+    CALLS.clear()  # a rejected backend is not even asked whether it supports the inputs
+    result = compare_optimizers(_kfac, lambda m: _kfac(m, "reference"), small_mlp(),
+                                classification_batches(2))
+    assert max(result.param_diff) < 1e-12 and not CALLS

@@ -161,8 +161,9 @@ def resolve(op: str, backend: str, *args) -> Callable:
     if backend == "auto":
         device_type = _device_type(args)
         for name in AUTO_ORDER.get(device_type, {}).get(op, ()):
-            if (_load(name) == "live" and name in impls and impls[name].supports(*args)
-                    and _REJECTED.get((device_type, op, name)) is not impls[name]):
+            if (_load(name) == "live" and name in impls
+                    and _REJECTED.get((device_type, op, name)) is not impls[name]
+                    and impls[name].supports(*args)):
                 return impls[name].fn
         return impls["reference"].fn
     status = _load(validate_backend(backend))

@@ -29,7 +29,7 @@ import torch
 
 from grng.ops import dispatch, registry
 from grng.ops.dispatch import Impl
-from grng.verify.checks import Check, check_case, live_backends
+from grng.verify.checks import Check, check_case, dtype_name, live_backends, shape_label
 
 #: the matrix side of the self-check's inputs: odd, so that no tile divides it
 SIZE = 17
@@ -57,8 +57,8 @@ def _first_failure(spec: registry.OpSpec, backend: str, dtypes: list[torch.dtype
             try:
                 row = check_case(spec, backend, dt, SIZE, variant, device)
             except Exception as err:  # noqa: BLE001 - inputs the backend's supports() fails on
-                row = Check(spec.name, backend, str(dt), variant, passed=False,
-                            note=f"raised {type(err).__name__}: {err}")
+                row = Check(spec.name, backend, dtype_name(dt), shape_label(SIZE, variant),
+                            passed=False, note=f"raised {type(err).__name__}: {err}")
             if row.passed is False:
                 return row
     return None
