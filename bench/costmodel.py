@@ -45,9 +45,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
 BAR = 0.30
 
 #: the CUDA defaults (grng.optim.device_defaults.CUDA) as the model sees them: sync-free, and
-#: either as CUDA's auto dispatch runs them today (the reference ops: AUTO_ORDER["cuda"] is
-#: empty until bench/gpu_check.py measures a kernel faster) or with grng's kernels for the fold
-#: (Triton / extension one-triangle fold, masked under the device gate) and the update
+#: either as CUDA's auto dispatch runs them (cm.dispatched: the kernel flags read off
+#: grng.ops.dispatch.AUTO_ORDER["cuda"]), with the reference ops (backend="reference"), or with
+#: grng's kernels for the fold (Triton / extension one-triangle fold, masked under the device
+#: gate), the update and EKFAC's moment step
 _CUDA = dict(inverse=device_defaults.CUDA.inverse, inverse_every=device_defaults.CUDA.inverse_every,
              precision=device_defaults.CUDA.precision,
              factor_every=device_defaults.CUDA.factor_every, sync_free=True)
@@ -61,10 +62,24 @@ _E, _C = device_defaults.EKFAC_CUDA, device_defaults.EKFAC_CPU
 _EKFAC_NAME = (f"EKFAC CUDA defaults (CholeskyQR3 refresh, {_E.precision}, T={_E.inverse_every}, "
                f"F={_E.factor_every}, sync-free)")
 
+
+def _as_dispatched(config: cm.StepConfig) -> tuple[str, cm.StepConfig]:
+    """A row label's tail and the configuration as CUDA's auto dispatch runs ``config``."""
+    cfg = cm.dispatched(config, "cuda")
+    on = [flag for flag in cm.KERNEL_OPS if getattr(cfg, flag)]
+    what = ("grng's kernels" if len(on) == len(cm.KERNEL_OPS)
+            else "reference ops" if not on else f"kernels: {', '.join(on)}")
+    return f"as dispatched (AUTO_ORDER['cuda']: {what})", cfg
+
+
+_CUDA_AUTO = _as_dispatched(cm.StepConfig(**_CUDA))
+_EKFAC_AUTO = _as_dispatched(cm.StepConfig(**_EKFAC))
+
 #: the configurations compared on the GPU (name -> StepConfig)
 GPU_CONFIGS: dict[str, cm.StepConfig] = {
     "0.3 defaults (eigen, fp32, T=10, F=2), reference ops": cm.StepConfig(),
-    "CUDA defaults (cholesky, tf32, T=20, F=4, sync-free), reference ops (the dispatch today)":
+    f"CUDA defaults (cholesky, tf32, T=20, F=4, sync-free), {_CUDA_AUTO[0]}": _CUDA_AUTO[1],
+    "CUDA defaults, reference ops (backend='reference'; the dispatch before)":
         cm.StepConfig(**_CUDA),
     "CUDA defaults, grng's kernels (masked one-triangle fold, fused update)":
         cm.StepConfig(**_CUDA, **_KERNELS),
@@ -86,7 +101,9 @@ GPU_CONFIGS: dict[str, cm.StepConfig] = {
     "EKFAC before (Householder QR refresh, tf32, T=20, F=2, sync-free), kernels": cm.StepConfig(
         family="ekfac", iterations=1, inverse_every=20, precision="tf32", sync_free=True,
         **_KERNELS),
-    f"{_EKFAC_NAME}, reference ops (the dispatch today)": cm.StepConfig(**_EKFAC),
+    f"{_EKFAC_NAME}, {_EKFAC_AUTO[0]}": _EKFAC_AUTO[1],
+    "EKFAC CUDA defaults, reference ops (backend='reference'; the dispatch before)":
+        cm.StepConfig(**_EKFAC),
     f"{_EKFAC_NAME}, grng's kernels (masked fold and moment step, fused update)":
         cm.StepConfig(**_EKFAC, **_KERNELS),
     "EKFAC CUDA defaults with the Householder QR refresh, kernels": cm.StepConfig(

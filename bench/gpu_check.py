@@ -21,7 +21,8 @@ Stages, in this order (``--stages`` takes a comma list of them):
 5. ``kernels``: each op x provider (reference, triton, ext) x size x dtype: median time (CUDA
    events, warm-up, rotating random inputs), TFLOP/s, fraction of stage 3's GEMM rate, speed-up
    over the reference, and which backends win at every size of a dtype (the AUTO_ORDER rule,
-   decided per dtype); then the inverse candidates at n = 768, 2304, 3072 and 4096 (eigh, the
+   decided per dtype), and for each entry of ``AUTO_ORDER['cuda']`` (predicted by the cost
+   model, never measured) "confirmed" or "REMOVE" per dtype (:func:`auto_order_verdicts`); then the inverse candidates at n = 768, 2304, 3072 and 4096 (eigh, the
    Cholesky inverse, warm-started Newton-Schulz to convergence and in 3 fixed sync-free steps);
 6. ``step``: a whole training step on a GPT-2-small-sized model (12 layers, width 768, tied
    head, vocabulary 50257, bf16 autocast, sequence 512), in the order a short window must keep:
@@ -756,10 +757,31 @@ def auto_order_wins(speed: dict[tuple[str, str, int, str], float]) -> list[str]:
     return wins
 
 
+def auto_order_verdicts(speed: dict[tuple[str, str, int, str], float],
+                        order: dict[str, tuple[str, ...]]) -> list[str]:
+    """For each (op, backend) that ``order`` (grng.ops.dispatch.AUTO_ORDER['cuda'], whose
+    entries the cost model predicted) lists, per measured dtype: "confirmed" where the backend
+    beats the reference at every measured size of that dtype (:func:`auto_order_wins`' rule),
+    "REMOVE" where it does not (take the entry out of AUTO_ORDER['cuda'], or restrict its
+    ``supports`` to the dtypes it wins), "not timed" where no point was measured."""
+    out = []
+    for op, backends in order.items():
+        for backend in backends:
+            dtypes = sorted({t for (o, p, _, t) in speed if (o, p) == (op, backend)})
+            if not dtypes:
+                out.append(f"{op}/{backend}: not timed")
+            for dtype in dtypes:
+                pts = [v for (o, p, _, t), v in speed.items() if (o, p, t) == (op, backend, dtype)]
+                verdict = "confirmed" if min(pts) > 1.0 else "REMOVE"
+                out.append(f"{op}/{backend}/{dtype}: {verdict} (x{min(pts):.2f}-{max(pts):.2f})")
+    return out
+
+
 def summarize_kernels(ctx: Ctx, rows: list) -> None:
     """Details: the time and speed-up table; notes: which backends beat the reference at every
-    measured point of a dtype (:func:`auto_order_wins`, the only evidence on which
-    grng.ops.dispatch.AUTO_ORDER['cuda'] may list them, after the correct stage passed them)."""
+    measured point of a dtype (:func:`auto_order_wins`: the measurement by which
+    grng.ops.dispatch.AUTO_ORDER['cuda'] lists them, after the correct stage passed them), and
+    whether each entry the cost model put there is confirmed (:func:`auto_order_verdicts`)."""
     def key(r: Any) -> tuple[str, str, int, str]:
         return r.name, r.provider, int(r.x_value), r.dtype
 
@@ -773,6 +795,10 @@ def summarize_kernels(ctx: Ctx, rows: list) -> None:
     wins = auto_order_wins(speed)
     ctx.report.notes.append(f"{len(times)} timings; faster than the reference at every measured "
                             f"point of a dtype: {', '.join(wins) or 'none'}")
+    from grng.ops.dispatch import AUTO_ORDER
+    verdicts = auto_order_verdicts(speed, AUTO_ORDER["cuda"])
+    ctx.report.notes.append("AUTO_ORDER['cuda'] (predicted by the cost model) against these "
+                            f"timings: {', '.join(verdicts) or 'no entries'}")
 
 
 #: fixed Newton-Schulz steps of the sync-free warm-started inverse timed beside eigh

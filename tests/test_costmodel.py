@@ -3,6 +3,7 @@ the formulas of docs/performance.md on hand-sized blocks and against a model's r
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -179,3 +180,25 @@ def test_docs_block_is_what_the_script_writes() -> None:
     text = (root / "docs" / "performance.md").read_text()
     block = text.split(bench.BEGIN)[1].split(bench.END)[0]
     assert block == "\n" + bench.gpu_section()
+
+
+def test_as_dispatched_follows_the_auto_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "as dispatched" rows read AUTO_ORDER: a kernel flag is on exactly where the table
+    lists a backend for its op (the masked op under the device gate), and the prediction moves
+    with it."""
+    from grng.ops import dispatch
+
+    shape = cm.gpt_shape(*cm.PRESETS["gpt2-small"])
+    base = cm.StepConfig(inverse="cholesky", precision="tf32", inverse_every=20, factor_every=4,
+                         sync_free=True)
+    kernels = replace(base, fold_kernel=True, fused_update=True, moments_kernel=True)
+    assert cm.dispatched(base, "cuda") == kernels  # today's table: every kernel row
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cuda", {})
+    assert cm.dispatched(base, "cuda") == base
+    monkeypatch.setitem(dispatch.AUTO_ORDER, "cuda", {"factor_update_masked": ("triton",)})
+    only_fold = cm.dispatched(base, "cuda")
+    assert only_fold == replace(base, fold_kernel=True)
+    assert cm.dispatched(replace(base, sync_free=False), "cuda").fold_kernel is False
+    h100 = cm.DEVICES["h100"]
+    assert (cm.predict(shape, kernels, h100).seconds < cm.predict(shape, only_fold, h100).seconds
+            < cm.predict(shape, base, h100).seconds)

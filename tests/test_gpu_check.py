@@ -138,3 +138,24 @@ def test_auto_order_rule_is_decided_per_dtype(monkeypatch: pytest.MonkeyPatch) -
              ("eigen_apply", "ext", 769, "float32"): 1.2,
              ("eigen_apply", "ext", 3072, "float32"): 0.9}
     assert gpu_check.auto_order_wins(speed) == ["eigen_apply/bfloat16: triton (x1.80-2.50)"]
+
+
+def test_auto_order_verdicts_confirm_or_remove_the_predicted_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each AUTO_ORDER['cuda'] entry (predicted by the cost model) is confirmed per dtype where
+    it wins every measured size, marked REMOVE where it loses one, and "not timed" without points."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    speed = {("factor_update_masked", "triton", 769, "float32"): 1.5,
+             ("factor_update_masked", "triton", 3073, "float32"): 1.9,
+             ("factor_update_masked", "triton", 769, "bfloat16"): 2.0,
+             ("factor_update_masked", "triton", 3073, "bfloat16"): 0.8,
+             ("factor_update_masked", "ext", 769, "float32"): 1.1}
+    order = {"factor_update_masked": ("triton", "ext"), "adam_moments_masked": ("ext",)}
+    assert gpu_check.auto_order_verdicts(speed, order) == [
+        "factor_update_masked/triton/bfloat16: REMOVE (x0.80-2.00)",
+        "factor_update_masked/triton/float32: confirmed (x1.50-1.90)",
+        "factor_update_masked/ext/float32: confirmed (x1.10-1.10)",
+        "adam_moments_masked/ext: not timed"]

@@ -24,12 +24,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from grng.ops.dispatch import AUTO_ORDER
 
 #: bytes per element of a precision's operands
 ELEMENT_BYTES = {"fp32": 4, "tf32": 4, "bf16": 2, "fp64": 8}
@@ -123,8 +125,8 @@ class StepConfig:
     ``fold_kernel``: the fold through grng's one-triangle kernel (Triton ``sym_update`` or the
     extension; under the device gate its masked form, written only where ok) instead of the
     reference (a full X^T X GEMM, then passes that mirror, blend and, under the device gate,
-    copy and select); both kernels are what CUDA's auto dispatch runs once ``bench/gpu_check.py``
-    measures them faster (``grng.ops.dispatch.AUTO_ORDER``), the reference until then;
+    copy and select); :func:`dispatched` sets these kernel flags from what a device type's auto
+    dispatch runs (``grng.ops.dispatch.AUTO_ORDER``);
     ``batched``: equal-shape blocks share one launch (the fold: where the rows are small,
     ``grng.distributed.communicator.FOLD_BATCH_MAX_ELEMENTS``); ``kalman_rank``: R-Kalman's k;
     ``sync_free``: the device gate (the CUDA default): the copies it keeps and selects back
@@ -147,6 +149,25 @@ class StepConfig:
     sync_free: bool = False
     qr: str = "householder"
     moments_kernel: bool = False
+
+
+#: the kernel flags of :class:`StepConfig` -> the op each charges as grng's kernel (the host
+#: gate's, the device gate's): a flag is on where ``backend="auto"`` lists a backend for it
+KERNEL_OPS: dict[str, tuple[str, str]] = {
+    "fold_kernel": ("factor_update", "factor_update_masked"),
+    "fused_update": ("fused_update", "fused_update_masked"),
+    "moments_kernel": ("adam_moments_masked", "adam_moments_masked"),
+}
+
+
+def dispatched(config: StepConfig, device_type: str = "cuda") -> StepConfig:
+    """``config`` with its kernel flags as ``backend="auto"`` runs it on ``device_type``: a flag
+    is on where ``grng.ops.dispatch.AUTO_ORDER[device_type]`` lists a backend for its op (the
+    masked one under the device gate), so an "as dispatched" prediction follows that table."""
+    order = AUTO_ORDER.get(device_type, {})
+    flags = {flag: bool(order.get(ops[1] if config.sync_free else ops[0]))
+             for flag, ops in KERNEL_OPS.items()}
+    return replace(config, **flags)
 
 
 @dataclass

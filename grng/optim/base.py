@@ -54,6 +54,23 @@ def _own_arithmetic(precision: str) -> contextlib.ExitStack:
     return stack
 
 
+def _devices(params: Iterable[Tensor]) -> dict[torch.device, set[torch.dtype]]:
+    """The devices the parameters live on, each with its parameters' dtypes."""
+    out: dict[torch.device, set[torch.dtype]] = {}
+    for p in params:
+        out.setdefault(p.device, set()).add(p.dtype)
+    return out
+
+
+def _check_auto_order(params: Iterable[Tensor]) -> None:
+    """The first-use self-check of ``backend="auto"``'s picks on the parameters' devices
+    (grng.verify.selfcheck; imported here: grng.verify imports the optimizers' cases)."""
+    from grng.verify.selfcheck import check_auto_order
+
+    for device, dtypes in _devices(params).items():
+        check_auto_order(device, sorted(dtypes, key=str))
+
+
 @dataclass
 class StepCounters:
     """A curvature optimizer's step bookkeeping: steps taken (the fold/refresh schedule counts
@@ -133,6 +150,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("model has no parameters that require a gradient")
+        if self.backend == "auto":  # once per process and device: AUTO_ORDER's picks vs the reference
+            _check_auto_order(trainable)
         groups = [{"params": trainable}] if param_groups is None else list(param_groups)
         super().__init__(groups, defaults)
         for group in self.param_groups:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,11 +63,14 @@ class Check:
         return out
 
 
-def live_backends(device: str | torch.device) -> tuple[list[str], dict[str, str]]:
-    """(backends that can run on ``device``, {backend: why not} for the others)."""
+def live_backends(device: str | torch.device, among: Iterable[str] | None = None
+                  ) -> tuple[list[str], dict[str, str]]:
+    """(backends that can run on ``device``, {backend: why not} for the others), of ``among``
+    (default: every backend; only those are loaded)."""
     dev = torch.device(device)
     live, not_live = [], {}
-    for name, status in dispatch.backends().items():
+    names = dispatch.BACKENDS[1:] if among is None else among
+    for name, status in ((n, dispatch.backend_status(n)) for n in names):
         if not status.startswith("live"):
             not_live[name] = status
         elif name == "triton" and dev.type == "cpu" and not dispatch.interpreter_enabled():
@@ -108,6 +112,16 @@ def _to_f64(t: Tensor) -> Tensor:
     return t.to(torch.float64, copy=True) if t.is_floating_point() else t.clone()
 
 
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index of element ``flat`` of a row-major tensor of ``shape`` (torch.unravel_index
+    without its import of sympy: half a second on the first check of a process)."""
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
 def compare(got: Tensor, same: Tensor, truth: Tensor, reduction: int) -> dict[str, object]:
     """Errors of one output: relative max-abs error, the reference's, the floor, worst index."""
     truth64 = truth.detach().to(torch.float64)
@@ -126,7 +140,7 @@ def compare(got: Tensor, same: Tensor, truth: Tensor, reduction: int) -> dict[st
         flat = int(torch.argmax(diff.reshape(-1)))
         err = float(diff.reshape(-1)[flat]) / scale
     ref_err = float((same.detach().to(torch.float64) - truth64).abs().max()) / scale
-    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), got.shape)) if got.dim() else ()
+    worst = _unravel(flat, tuple(got.shape))
     return dict(error=err, ref_error=ref_err, floor=floor, worst=worst,
                 got=float(g.reshape(-1)[flat]), want=float(truth64.reshape(-1)[flat]))
 
