@@ -58,9 +58,10 @@ class AdamSettings:
                                        ok, backend=backend)
 
     @staticmethod
-    def start(state: StateView, g: Tensor, s: Tensor) -> None:
-        """Zero moments shaped as ``g`` and ``s`` and a zero count, on ``state``."""
-        state.exp_avg = torch.zeros_like(g)
+    def start(state: StateView, g: Tensor, s: Tensor, first: str = "exp_avg") -> None:
+        """Zero moments shaped as ``g`` and ``s`` and a zero count, on ``state`` (the first
+        moment under the field ``first``)."""
+        setattr(state, first, torch.zeros_like(g))
         state.exp_avg_sq = torch.zeros_like(s)
         state.step = torch.zeros((), dtype=g.dtype, device=g.device)
 

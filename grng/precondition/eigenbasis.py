@@ -365,9 +365,7 @@ class EigenbasisPreconditioner(Preconditioner):
         for unit in units:
             if unit.state.step is None:
                 V = grads[unit.index]
-                unit.state.exp_avg_basis = torch.zeros_like(V)
-                unit.state.exp_avg_sq = torch.zeros_like(V)
-                unit.state.step = torch.zeros((), dtype=V.dtype, device=V.device)
+                self.adam.start(unit.state, V, V, first="exp_avg_basis")
         self.ratios.clear()
         for batch in batches(units, self._layout):
             state, QG, QA = self._stacked(batch)
