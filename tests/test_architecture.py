@@ -53,7 +53,7 @@ def test_distributed_holds_only_the_communicator_and_the_assignment() -> None:
 #: "The communicator"); the policy of fold, refresh and directions is grng/distributed/plan.py's
 COMMUNICATOR_VERBS = {"all_true", "all_true_flag", "sync_context", "average", "reduce_sum",
                       "masked_folds", "broadcast_from", "scatter_directions", "gather_gradients",
-                      "all_gather", "sum_to_all", "all_gather_rows"}
+                      "all_gather", "all_gather_rows"}
 COMMUNICATOR_LAYOUT = {"owner_of", "owns", "holder", "holds", "keeps_inverse", "shares_inverse",
                        "sum_over_shards", "any_rank", "all_true_sharded", "all_true_sharded_flag",
                        "local", "bind_local", "update_arguments"}

@@ -9,7 +9,7 @@ Verbs: ``reduce_sum`` (sums to an owner or to every rank, bucketed, upper triang
 symmetric pieces), ``broadcast_from`` (owners' values to every rank), ``scatter_directions``
 (directions from where they were computed to the ranks that apply them), ``gather_gradients``
 (gradients to where they are preconditioned), ``all_true`` / ``all_true_flag``, ``average``
-(gradients), ``all_gather`` (small host tables), ``sum_to_all``, ``all_gather_rows``.
+(gradients), ``all_gather`` (small host tables), ``all_gather_rows``.
 Layout: ``owns``, ``owner_of``, ``holder``, ``holds``, ``keeps_inverse``, ``shares_inverse``,
 ``local``, ``bind_local``, ``update_arguments``, ``sum_over_shards``, ``any_rank``,
 ``all_true_sharded(_flag)``; the layout verbs default here to replicated parameters, where they
@@ -132,12 +132,6 @@ class Communicator:
     def all_gather(self, table: list[tuple[float, ...]]) -> list[list[tuple[float, ...]]]:
         """Every rank's ``table`` (a few host numbers per row, rows of equal length on every
         rank), in rank order."""
-        raise NotImplementedError
-
-    def sum_to_all(self) -> Any:
-        """A reducer (``add(piece, value, count, dtype, device)`` -> slot; ``finish()`` ->
-        (sum over ranks, count) per slot) whose sums every rank receives; None values are
-        zeros."""
         raise NotImplementedError
 
     def all_gather_rows(self, parts: list[tuple[Tensor | None, int, torch.dtype, list[int]]]
@@ -264,28 +258,8 @@ class LocalCommunicator(Communicator):
     def all_gather(self, table):
         return [table]
 
-    def sum_to_all(self):
-        return _OwnSum()
-
     def all_gather_rows(self, parts):
         return [E for E, _, _, _ in parts]
-
-
-class _OwnSum:
-    """The one-process :meth:`Communicator.sum_to_all`: each value is its own sum."""
-
-    def __init__(self) -> None:
-        self._values: list[tuple[Tensor, float]] = []
-
-    def add(self, piece: Piece, value: Tensor | None, count: float, dtype: torch.dtype,
-            device: torch.device) -> int:
-        self._values.append((torch.zeros(piece.shape, dtype=dtype, device=device)
-                             if value is None else value.to(dtype), count))
-        return len(self._values) - 1
-
-    def finish(self) -> list[tuple[Tensor, float]]:
-        out, self._values = self._values, []
-        return out
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -409,9 +383,6 @@ class ProcessGroupCommunicator(Communicator):
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
         return [[tuple(row) for row in part.tolist()] for part in parts]
-
-    def sum_to_all(self):
-        return self.reducer
 
     def all_gather_rows(self, parts):
         """One all-gather per dtype of every part's rows, padded to the largest rank's count."""

@@ -137,6 +137,32 @@ class SummedStatistic:
         return None
 
 
+@dataclass
+class TensorSum:
+    """This rank's part of a sum that every rank (or ``comm.reduce_sum``'s destination)
+    receives, already formed (None: zeros); :meth:`value` is the sum (the part itself where it
+    is the only rank's)."""
+
+    piece: Piece
+    part: Tensor | None
+    dtype: torch.dtype
+    device: torch.device
+    count: float = 0.0
+    ok: Tensor | None = None
+
+    def total(self) -> Tensor | None:
+        return self.part
+
+    def summed(self, total: Tensor, count: float) -> TensorSum:
+        return TensorSum(self.piece, total, self.dtype, self.device, count)
+
+    def value(self) -> Tensor:
+        """The sum, in ``dtype``."""
+        if self.part is None:
+            return torch.zeros(self.piece.shape, dtype=self.dtype, device=self.device)
+        return self.part.to(self.dtype)
+
+
 def fold_factors(folds: list[FactorFold], comm: Any, beta: float, backend: str,
                  stacks: Stacks) -> None:
     """Set every ``fold.result``: this rank's statistic reduced to the ranks that keep the

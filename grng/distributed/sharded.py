@@ -89,7 +89,7 @@ class ShardedCommunicator(ProcessGroupCommunicator):
         self.owner = assign_layers(list(costs), self.world_size)
         self.model = model
         self.bucket_cap_mb = bucket_cap_mb
-        self.reducer = FactorReducer(self.group, bucket_cap_mb)  # sums every rank receives
+        self.reducer = FactorReducer(self.group, bucket_cap_mb)  # reduce_sum to every rank
         # host decisions (which gate a sync-free step takes) travel over gloo, never the device
         self.host_group = host_group(self.group)
 
