@@ -94,18 +94,24 @@ def test_the_communicator_method_finder_finds_a_policy_method(tmp_path: Path) ->
 
 
 def test_the_distributed_policy_is_written_on_verbs_only() -> None:
-    """grng/distributed/plan.py never imports torch.distributed nor the communicator classes,
-    and never asks the world size or whether it is distributed."""
+    """grng/distributed/plan.py never imports torch.distributed nor an implementation of the
+    communicator (only the interface), and never asks the world size, the strategy or whether
+    it is distributed."""
     path = ROOT / "grng" / "distributed" / "plan.py"
     tree = ast.parse(path.read_text())
+    implementations = {"LocalCommunicator", "ProcessGroupCommunicator", "ShardedCommunicator"}
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            assert not any(n.startswith(("torch.distributed", "grng.distributed")) for n in names)
+            assert not any(n.startswith("torch.distributed") for n in names), node.lineno
+            assert not implementations & set(names), node.lineno
+            assert not any(n.startswith("grng.distributed.sharded") for n in names), node.lineno
         if isinstance(node, ast.Attribute):
-            assert node.attr not in ("world_size", "shards_parameters", "strategy"), node.lineno
+            assert node.attr not in ("world_size", "shards_parameters", "strategy",
+                                     "masks_folds"), node.lineno
         if isinstance(node, ast.Name):
             assert "distributed" not in node.id.lower(), node.lineno
+            assert node.id not in implementations, node.lineno
 
 
 def test_no_code_asks_a_layer_whether_its_a_is_diagonal() -> None:

@@ -43,6 +43,9 @@ from grng.distributed.comm import FactorReducer, allreduce_mean, broadcast_packe
 
 STRATEGIES: tuple[str, ...] = ("comm-opt", "mem-opt")
 
+#: (shape, dtype, device) of block i's direction matrix
+Layout = Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]]
+
 
 class Contribution(Protocol):
     """What :meth:`Communicator.reduce_sum` takes (grng.distributed.plan.RowsStatistic): this
@@ -115,7 +118,7 @@ class Communicator:
         raise NotImplementedError
 
     def scatter_directions(self, units: list[Any], directions: dict[int, Tensor],
-                           layout: Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]],
+                           layout: Layout,
                            split: Callable[[int, Tensor], list[Tensor]]) -> dict[int, list[Tensor]]:
         """Block index -> its direction per parameter of ``unit.layer.params`` as this rank
         stores them, from the ``directions`` (index -> matrix) computed on the ranks that keep

@@ -19,7 +19,8 @@ block's state.
   and its direction is sent to the ranks that apply it, as they store the parameters
   (``comm.scatter_directions``).
 
-Nothing here imports torch.distributed or asks whether the run is distributed.
+Nothing here imports torch.distributed, names a communicator class or asks whether the run is
+distributed.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from torch import Tensor
 from grng import ops
 from grng.curvature.pieces import Piece
 from grng.curvature.stacks import Stacks
+from grng.distributed.communicator import Communicator
 
 #: dense factors whose rows have at most this many elements (m d) are folded in one batched
 #: factor_update with the other blocks of the same shape; larger rows cost more to stack than
@@ -163,7 +165,7 @@ class TensorSum:
         return self.part.to(self.dtype)
 
 
-def fold_factors(folds: list[FactorFold], comm: Any, beta: float, backend: str,
+def fold_factors(folds: list[FactorFold], comm: Communicator, beta: float, backend: str,
                  stacks: Stacks) -> None:
     """Set every ``fold.result``: this rank's statistic reduced to the ranks that keep the
     block, folded there (``stacks``: the persistent stacks of batched equal-shape folds)."""
@@ -197,7 +199,7 @@ def fold_factors(folds: list[FactorFold], comm: Any, beta: float, backend: str,
 Exchanged = list[tuple[str, Piece, Tensor | None, torch.dtype, torch.device]]
 
 
-def refresh_inverses(comm: Any, due: list[int], refresh_owned: Callable[[list[int]], None],
+def refresh_inverses(comm: Communicator, due: list[int], refresh_owned: Callable[[list[int]], None],
                      exchange: Callable[[int], Exchanged],
                      receive: Callable[[int, dict[str, Tensor]], None]) -> None:
     """Refresh the inverses of blocks ``due``: ``refresh_owned`` on this rank's share; then each
@@ -218,7 +220,8 @@ def refresh_inverses(comm: Any, due: list[int], refresh_owned: Callable[[list[in
         receive(i, received.get(i, {}))
 
 
-def block_directions(comm: Any, units: list[Any], compute: Callable[[list[int]], dict[int, Tensor]],
+def block_directions(comm: Communicator, units: list[Any],
+                     compute: Callable[[list[int]], dict[int, Tensor]],
                      layout: Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]],
                      split: Callable[[int, Tensor], list[Tensor]]) -> dict[int, list[Tensor]]:
     """Each block's direction per parameter of ``unit.layer.params`` (as this rank stores

@@ -188,7 +188,6 @@ class ShardedCommunicator(ProcessGroupCommunicator):
         """Each parameter's direction rows go from the block's owner back to the rank holding
         them (one scatter per owner and dtype)."""
         per_owner = self._per_owner(units)
-        mine = directions
         out: dict[int, list[Tensor]] = {}
         for q, us in sorted(per_owner.items()):
             by_dtype: dict[torch.dtype, list[Any]] = {}
@@ -201,7 +200,7 @@ class ShardedCommunicator(ProcessGroupCommunicator):
                 if q == self.rank:
                     per_rank: list[list[Tensor]] = [[] for _ in range(self.world_size)]
                     for u in group:
-                        for p, d in zip(u.layer.params, split(u.index, mine[u.index])):
+                        for p, d in zip(u.layer.params, split(u.index, directions[u.index])):
                             chunk = -(-p.shape[0] // self.world_size)
                             for r in range(self.world_size):
                                 start, rows = rows_of(p, r, self.world_size)
