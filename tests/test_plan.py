@@ -6,7 +6,6 @@ and must end where one process's fused fold ends, to rounding. No process group 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from grng.distributed.communicator import Communicator, LocalCommunicator
 from grng.optim.cases import make_optimizer

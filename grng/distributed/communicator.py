@@ -48,8 +48,10 @@ Layout = Callable[[int], tuple[tuple[int, ...], torch.dtype, torch.device]]
 
 
 class Contribution(Protocol):
-    """What :meth:`Communicator.reduce_sum` takes (grng.distributed.plan.RowsStatistic): this
-    rank's part of a sum, formed only if it travels."""
+    """What :meth:`Communicator.reduce_sum` takes (:mod:`grng.distributed.plan`'s
+    ``RowsStatistic``, a factor's rows formed only if they travel, and ``TensorSum``): this
+    rank's part of a sum; ``summed`` builds the sum over ranks from the reduced total and count,
+    ``ok`` carries :meth:`Communicator.masked_folds`' flag."""
 
     piece: Piece
     count: float
