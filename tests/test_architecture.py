@@ -46,7 +46,72 @@ def test_optimizers_and_preconditioners_do_not_touch_torch_distributed(folder: s
 def test_distributed_holds_only_the_communicator_and_the_assignment() -> None:
     files = sorted(p.name for p in (ROOT / "grng" / "distributed").glob("*.py"))
     assert files == ["__init__.py", "assignment.py", "checkpoint.py", "comm.py", "communicator.py",
-                     "sharded.py"]
+                     "plan.py", "sharded.py"]
+
+
+#: what a communicator may define: the plain verbs and the parameter layout (docs/architecture.md
+#: "The communicator"); the policy of fold, refresh and directions is grng/distributed/plan.py's
+COMMUNICATOR_VERBS = {"all_true", "all_true_flag", "sync_context", "average", "reduce_sum",
+                      "masked_folds", "broadcast_from", "scatter_directions", "gather_gradients",
+                      "all_gather", "all_gather_rows"}
+COMMUNICATOR_LAYOUT = {"owner_of", "owns", "holder", "holds", "keeps_inverse", "shares_inverse",
+                       "sum_over_shards", "any_rank", "all_true_sharded", "all_true_sharded_flag",
+                       "local", "bind_local", "update_arguments"}
+
+
+def _communicator_methods(path: Path) -> dict[str, set[str]]:
+    """Public methods defined by each class whose name ends in Communicator in ``path``."""
+    out = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Communicator"):
+            out[node.name] = {f.name for f in node.body
+                              if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                              and not f.name.startswith("_")}
+    return out
+
+
+def test_communicators_define_only_verbs_and_layout() -> None:
+    """Local, DDP and FSDP2 implement one small interface; no communicator folds, refreshes or
+    computes directions (the policy lives once in grng/distributed/plan.py, on the verbs)."""
+    found = {}
+    for name in ("communicator.py", "sharded.py"):
+        found.update(_communicator_methods(ROOT / "grng" / "distributed" / name))
+    assert set(found) == {"Communicator", "LocalCommunicator", "ProcessGroupCommunicator",
+                          "ShardedCommunicator"}
+    for cls, methods in found.items():
+        assert methods <= COMMUNICATOR_VERBS | COMMUNICATOR_LAYOUT, (cls, methods - (
+            COMMUNICATOR_VERBS | COMMUNICATOR_LAYOUT))
+    assert found["Communicator"] == COMMUNICATOR_VERBS | COMMUNICATOR_LAYOUT
+
+
+def test_the_communicator_method_finder_finds_a_policy_method(tmp_path: Path) -> None:
+    src = tmp_path / "c.py"
+    src.write_text("class XCommunicator:\n    def fold_factors(self): ...\n"
+                   "    def _helper(self): ...\n")
+    methods = _communicator_methods(src)["XCommunicator"]
+    assert methods == {"fold_factors"}
+    assert not methods <= COMMUNICATOR_VERBS | COMMUNICATOR_LAYOUT
+
+
+def test_the_distributed_policy_is_written_on_verbs_only() -> None:
+    """grng/distributed/plan.py never imports torch.distributed nor an implementation of the
+    communicator (only the interface), and never asks the world size, the strategy or whether
+    it is distributed."""
+    path = ROOT / "grng" / "distributed" / "plan.py"
+    tree = ast.parse(path.read_text())
+    implementations = {"LocalCommunicator", "ProcessGroupCommunicator", "ShardedCommunicator"}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            assert not any(n.startswith("torch.distributed") for n in names), node.lineno
+            assert not implementations & set(names), node.lineno
+            assert not any(n.startswith("grng.distributed.sharded") for n in names), node.lineno
+        if isinstance(node, ast.Attribute):
+            assert node.attr not in ("world_size", "shards_parameters", "strategy",
+                                     "masks_folds"), node.lineno
+        if isinstance(node, ast.Name):
+            assert "distributed" not in node.id.lower(), node.lineno
+            assert node.id not in implementations, node.lineno
 
 
 def test_no_code_asks_a_layer_whether_its_a_is_diagonal() -> None:

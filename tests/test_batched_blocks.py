@@ -11,7 +11,7 @@ from torch import nn
 
 import grng
 from grng.curvature.inverse import EigenInverse, InverseStrategy, _TikhonovInverse
-from grng.distributed import communicator
+from grng.distributed import plan
 from grng.optim.cases import optimizer_factory
 from grng.ops import dispatch
 from grng.precondition.kronecker import KroneckerPreconditioner
@@ -45,7 +45,7 @@ _TIKHONOV_ON_DEVICE = _TikhonovInverse._refresh_all_on_device
 
 def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(KroneckerPreconditioner, "_batch_key", lambda self, unit, V, d: None)
-    monkeypatch.setattr(communicator, "FOLD_BATCH_MAX_ELEMENTS", -1)
+    monkeypatch.setattr(plan, "FOLD_BATCH_MAX_ELEMENTS", -1)
     monkeypatch.setattr(EigenInverse, "refresh_many", InverseStrategy.refresh_many)
     monkeypatch.setattr(_TikhonovInverse, "_refresh_all_on_device",
                         lambda self, items, backend: [

@@ -128,7 +128,7 @@ class StepConfig:
     copy and select); :func:`dispatched` sets these kernel flags from what a device type's auto
     dispatch runs (``grng.ops.dispatch.AUTO_ORDER``);
     ``batched``: equal-shape blocks share one launch (the fold: where the rows are small,
-    ``grng.distributed.communicator.FOLD_BATCH_MAX_ELEMENTS``); ``kalman_rank``: R-Kalman's k;
+    ``grng.distributed.plan.FOLD_BATCH_MAX_ELEMENTS``); ``kalman_rank``: R-Kalman's k;
     ``sync_free``: the device gate (the CUDA default): the copies it keeps and selects back
     (statistics the communicator does not fold in place where ok, the state of the blocks due,
     per-step fields); ``qr``: EKFAC's orthonormalization in its subspace refresh (householder:
@@ -307,7 +307,7 @@ COPY_BYTES, COPY_LAUNCHES = 28.0, 3.0
 def _fold_calls(dense: list[tuple[BlockShape, int]], config: StepConfig) -> float:
     """Launches of one fold: the local communicator batches equal-shape factors only where the
     rows are small (m d <= FOLD_BATCH_MAX_ELEMENTS), else one call per factor."""
-    from grng.distributed.communicator import FOLD_BATCH_MAX_ELEMENTS
+    from grng.distributed.plan import FOLD_BATCH_MAX_ELEMENTS
 
     small = [d for b, d in dense if b.rows * d <= FOLD_BATCH_MAX_ELEMENTS]
     return float(_groups(small, config.batched) + len(dense) - len(small))

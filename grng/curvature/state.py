@@ -23,9 +23,10 @@ class StateView(Mapping):
     #: the fields a preconditioner's per-step ``update`` phase writes (moments, step counts):
     #: the step's gate keeps them and restores them on a skipped step (none by default)
     PER_STEP: tuple[str, ...] = ()
-    #: the FOLDED fields are folded by the communicator's ``fold_factors`` (Kronecker factors
-    #: A, G), which under ``comm.masked_folds(ok)`` writes them only where the device gate's flag
-    #: says so: the gate keeps no copy of them then
+    #: the FOLDED fields are folded on the communicator's verbs (``grng.distributed.plan``
+    #: ``fold_factors``: Kronecker factors A, G), which under ``comm.masked_folds(ok)`` (a
+    #: communicator that ``masks_folds``) writes them only where the device gate's flag says so:
+    #: the gate keeps no copy of them then
     FOLDS_THROUGH_COMMUNICATOR = False
 
     def tensors(self) -> dict[str, Tensor]:

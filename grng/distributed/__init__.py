@@ -5,6 +5,8 @@ docs/distributed.md.
   process group (:mod:`grng.distributed.communicator`), or FSDP2's when the parameters are
   DTensor row shards (:mod:`grng.distributed.sharded`); the optimizers call it and never
   branch on distributed.
+- :mod:`grng.distributed.plan`: the policy of fold, refresh and directions, written once on
+  the communicators' plain verbs.
 - :func:`resolve_group`: which process group an optimizer communicates over (None = one process).
 - :func:`refuse_sharded`: the sharded layouts that are not supported (FSDP1, 2-D meshes, ...)
   are refused at construction.

@@ -89,13 +89,13 @@ class ShardedCommunicator(ProcessGroupCommunicator):
         self.owner = assign_layers(list(costs), self.world_size)
         self.model = model
         self.bucket_cap_mb = bucket_cap_mb
-        self.reducer = FactorReducer(self.group, bucket_cap_mb)  # R-Kalman's observations
+        self.reducer = FactorReducer(self.group, bucket_cap_mb)  # reduce_sum to every rank
         # host decisions (which gate a sync-free step takes) travel over gloo, never the device
         self.host_group = host_group(self.group)
 
     # --------------------------------------------------------------- parameter layout
-    def holds(self, index: int) -> bool:
-        return self.owns(index)
+    def holder(self, index: int) -> int | None:
+        return self.owner[index]
 
     def sum_over_shards(self, t: Tensor) -> Tensor:
         t = t.clone()
@@ -132,31 +132,6 @@ class ShardedCommunicator(ProcessGroupCommunicator):
 
     def _device(self) -> torch.device:
         return torch.device("cuda") if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-
-    # ---------------------------------------------------------------------- factors
-    def fold_factors(self, folds, beta, backend):
-        reducers: dict[int, FactorReducer] = {}
-        slots = []
-        for f in folds:
-            q = self.owner[f.block]
-            if q not in reducers:
-                reducers[q] = FactorReducer(self.group, self.bucket_cap_mb, dst=q)
-            total = f.structure.batch_sum(f.rows, f.compute, f.like.device, backend)
-            slots.append((q, reducers[q].add(f.structure.piece(), total,
-                                              0.0 if f.rows is None else f.rows.n, f.compute,
-                                              f.like.device)))
-        results = {q: r.finish() for q, r in sorted(reducers.items())}
-        for f, (q, slot) in zip(folds, slots):
-            if q != self.rank:
-                f.result = None  # another rank keeps this block's factors
-                continue
-            total, n = results[q][slot]
-            f.result = f.current if n <= 0 else f.structure.blend(f.current, total.div_(n), beta,
-                                                                  f.storage)
-
-    # ---------------------------------------------------------------------- inverses
-    def refresh(self, due, refresh_owned, exchange, receive):
-        refresh_owned([i for i in due if self.owns(i)])
 
     # -------------------------------------------------------------------- gradients
     def _per_owner(self, units: list[Any]) -> dict[int, list[Any]]:
@@ -209,11 +184,10 @@ class ShardedCommunicator(ProcessGroupCommunicator):
                     gathered.append(u)
         return gathered
 
-    def directions(self, units, compute, layout, split):
-        """The owners precondition their blocks; each parameter's direction rows go back to
-        the rank holding them (one scatter per owner and dtype)."""
+    def scatter_directions(self, units, directions, layout, split):
+        """Each parameter's direction rows go from the block's owner back to the rank holding
+        them (one scatter per owner and dtype)."""
         per_owner = self._per_owner(units)
-        mine = compute([u.index for u in per_owner.get(self.rank, [])])
         out: dict[int, list[Tensor]] = {}
         for q, us in sorted(per_owner.items()):
             by_dtype: dict[torch.dtype, list[Any]] = {}
@@ -226,7 +200,7 @@ class ShardedCommunicator(ProcessGroupCommunicator):
                 if q == self.rank:
                     per_rank: list[list[Tensor]] = [[] for _ in range(self.world_size)]
                     for u in group:
-                        for p, d in zip(u.layer.params, split(u.index, mine[u.index])):
+                        for p, d in zip(u.layer.params, split(u.index, directions[u.index])):
                             chunk = -(-p.shape[0] // self.world_size)
                             for r in range(self.world_size):
                                 start, rows = rows_of(p, r, self.world_size)

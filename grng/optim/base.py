@@ -31,6 +31,7 @@ from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_con
 from grng.curvature.options import MAX_FACTOR_DIM, BlockOptions
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
+from grng.distributed.plan import block_directions
 from grng.finite import all_finite, finite_flag
 from grng.optim import checkpoint
 from grng.optim import validation as check
@@ -436,7 +437,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         def split(i: int, D: Tensor) -> list[Tensor]:
             return self._blocks[i].layer.split(D)
 
-        block_dirs = self.comm.directions(self._blocks, compute, layout, split)
+        block_dirs = block_directions(self.comm, self._blocks, compute, layout, split)
         out: dict[int, Tensor] = {}
         for unit in units:
             ds = block_dirs.get(unit.index)

@@ -5,8 +5,9 @@ this step's statistics in (on fold steps), refresh when due, ``update`` the per-
 A *unit* is what one preconditioner instance acts on: a Kronecker block (a layer's [W b],
 gradient laid out as the d_G x d_A matrix V) or one parameter without a block (diagonal). Each
 unit's state is a typed structure (:mod:`grng.curvature.state`) owned by the optimizer and
-handed to the preconditioner; the communicator (:mod:`grng.distributed.communicator`) makes the
-statistics global and places the inverse work.
+handed to the preconditioner; the communicator's verbs (:mod:`grng.distributed.communicator`),
+through the policy written on them (:mod:`grng.distributed.plan`), make the statistics global
+and place the inverse work.
 """
 from __future__ import annotations
 

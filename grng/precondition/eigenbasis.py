@@ -42,6 +42,7 @@ from grng.curvature.pieces import Piece
 from grng.curvature.stacks import Stacks
 from grng.curvature.state import EigenbasisBlock
 from grng.distributed.communicator import Communicator
+from grng.distributed.plan import refresh_inverses
 from grng.precondition.adam import (AdamSettings, StepRatios, batches, stack_of, stacked,
                                    with_relative_gr)
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
@@ -203,7 +204,7 @@ class EigenbasisPreconditioner(Preconditioner):
         return EigenbasisBlock()
 
     def fold(self, units, comm) -> None:
-        fold_factors(units, comm, self.config)
+        fold_factors(units, comm, self.config, self.stacks)
         if self.scaling == "fisher":  # kept for this step's update (then dropped)
             self._rows = {u.index: rows for u, rows in units if rows is not None}
             self._comm = comm
@@ -255,7 +256,7 @@ class EigenbasisPreconditioner(Preconditioner):
                 for n in names:
                     setattr(todo[i].state, n, fields[n])
 
-        comm.refresh(list(todo), refresh_owned, exchange, receive)
+        refresh_inverses(comm, list(todo), refresh_owned, exchange, receive)
         for i, unit in todo.items():
             self._carry(unit, *old[i])
 

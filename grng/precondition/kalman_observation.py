@@ -1,5 +1,5 @@
 """R-Kalman's observations of the global batch, planned by the Kalman preconditioner and carried
-by the communicator's plain verbs (``all_gather``, ``sum_to_all``, ``all_gather_rows``; the
+by the communicator's plain verbs (``all_gather``, ``reduce_sum``, ``all_gather_rows``; the
 identity in one process), docs/distributed.md "R-Kalman observations".
 
 Per covariance factor P with rows X_r (m_r rows, n_r examples, scale s_r) on rank r:
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from grng.curvature.pieces import Piece
 from grng.distributed.communicator import Communicator
+from grng.distributed.plan import TensorSum
 
 __all__ = ["KalmanItem", "Observation", "global_observations"]
 
@@ -54,7 +55,7 @@ def global_observations(items: list[KalmanItem], comm: Communicator, beta: float
              else (float(it.rows.X.shape[0]), float(it.rows.n), float(it.rows.scale))
              for it in items]
     every = comm.all_gather(table)  # [rank][item] -> (m, n, s), host numbers
-    summed = comm.sum_to_all()
+    sums: list[TensorSum] = []  # summed to every rank
     plan: list[tuple[str, int, int, float] | None] = []
     gathers: list[tuple[Tensor | None, int, torch.dtype, list[int]]] = []
     for i, it in enumerate(items):
@@ -66,8 +67,8 @@ def global_observations(items: list[KalmanItem], comm: Communicator, beta: float
         P = it.P
         if it.structure.diagonal:
             counts = None if it.rows is None else it.structure.diag_sum(it.rows, P.dtype)
-            slot = summed.add(Piece("vec", (P.shape[0],)), counts, 0.0, P.dtype, P.device)
-            plan.append(("diag", slot, n_total, 1.0))
+            sums.append(TensorSum(Piece("vec", (P.shape[0],)), counts, P.dtype, P.device))
+            plan.append(("diag", len(sums) - 1, n_total, 1.0))
             continue
         s = every[next(r for r, m in enumerate(m_r) if m > 0)][i][2]
         E = None if it.rows is None else _relative_rows(it.rows, P.dtype, s)
@@ -75,13 +76,13 @@ def global_observations(items: list[KalmanItem], comm: Communicator, beta: float
             omega = sketch(sum(m_r), P)  # the same draws on every rank
             offset = sum(m_r[:comm.rank])
             H = None if E is None else omega[:, offset:offset + E.shape[0]] @ E
-            slot = summed.add(Piece("full", (rank, P.shape[0])), H, 0.0, P.dtype, P.device)
-            plan.append(("sketch", slot, n_total, s))
+            sums.append(TensorSum(Piece("full", (rank, P.shape[0])), H, P.dtype, P.device))
+            plan.append(("sketch", len(sums) - 1, n_total, s))
         else:
             plan.append(("rows", len(gathers), n_total, s))
             gathers.append((E, P.shape[0], P.dtype, m_r))
+    reduced = [t.value() for t in comm.reduce_sum(sums, [None] * len(sums))]
     gathered = comm.all_gather_rows(gathers)
-    reduced = summed.finish()
     out: list[Observation | None] = []
     for entry in plan:
         if entry is None:
@@ -89,9 +90,9 @@ def global_observations(items: list[KalmanItem], comm: Communicator, beta: float
             continue
         kind, ref, n_total, s = entry
         if kind == "diag":
-            out.append(Observation(diag=reduced[ref][0].div_(n_total)))
+            out.append(Observation(diag=reduced[ref].div_(n_total)))
             continue
-        H = reduced[ref][0] if kind == "sketch" else gathered[ref]
+        H = reduced[ref] if kind == "sketch" else gathered[ref]
         out.append(Observation(H=H, r=n_total / ((1.0 - beta) * s ** 2)))
     return out
 

@@ -21,14 +21,17 @@ from grng.curvature.stacks import Stacks
 from grng.curvature.factors import Rows
 from grng.curvature.state import KroneckerBlock, StateView
 from grng.curvature.pieces import Piece
-from grng.distributed.communicator import Communicator, FactorFold
+from grng.distributed.communicator import Communicator
+from grng.distributed.plan import FactorFold, refresh_inverses
+from grng.distributed.plan import fold_factors as fold_on_verbs
 from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, compute_dtype
 
 
 def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Communicator,
-                 config: CurvatureConfig) -> None:
+                 config: CurvatureConfig, stacks: Stacks) -> None:
     """A <- beta A + (1 - beta) A_batch and G likewise for each unit's state (fields ``A``,
-    ``G``; the first fold sets them), all units in one call of the communicator."""
+    ``G``; the first fold sets them), all units in one fold on the communicator's verbs
+    (:func:`grng.distributed.plan.fold_factors`; ``stacks``: those of batched folds)."""
     folds: list[tuple[StateView, str, FactorFold]] = []
     for unit, rows in units:
         block = unit.state
@@ -38,7 +41,7 @@ def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Commu
                                    ("G", unit.layer.g_factor, g_rows)):
             folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
                                                   compute, config.factor_dtype, block=unit.index)))
-    comm.fold_factors([f for _, _, f in folds], config.factor_decay, config.backend)
+    fold_on_verbs([f for _, _, f in folds], comm, config.factor_decay, config.backend, stacks)
     for block, side, f in folds:
         setattr(block, side, f.result)
 
@@ -56,7 +59,7 @@ class KroneckerPreconditioner(Preconditioner):
 
     # ------------------------------------------------------------------------- fold
     def fold(self, units, comm: Communicator) -> None:
-        fold_factors(units, comm, self.config)
+        fold_factors(units, comm, self.config, self.stacks)
 
     def needs_first_use(self, unit, folding) -> bool:
         """Rows folded into a block without factors, or factors without an inverse yet (the
@@ -100,7 +103,7 @@ class KroneckerPreconditioner(Preconditioner):
             if names <= set(fields):
                 todo[i][0].state.inverse = self.inverse.state_type(**kwargs)
 
-        comm.refresh(order, refresh_owned, exchange, receive)
+        refresh_inverses(comm, order, refresh_owned, exchange, receive)
 
     def _field_names(self) -> tuple[str, ...]:
         return ("QG", "lG", "QA", "lA") if self.inverse.state_type is EigenBasis else ("XG", "XA")
