@@ -11,8 +11,8 @@ eigen inverse every 5 steps; EKFAC at its defaults; "blocks": the depthwise conv
   ``model.eval()`` after the running statistics are recalibrated at the current weights (reset,
   then one train-mode pass over the training set with a cumulative average; no parameter
   changes; AdamW's target recomputed the same way); per run the depthwise convs' share of the
-  KL-clip quantity lr^2 <d, g> (<dW, g> summed per layer, over all; steps 1-10 / 11-50), dw1's weight norm and bn4's input variance
-  over its running variance.
+  KL-clip quantity lr^2 <d, g> (<dW, g> summed per layer, over all; steps 1-10 / 11-50), dw1's
+  weight norm and bn4's input variance over its running variance.
 - ``steps``: per step, for each conv (dw1, pw1 = 6, dw2, pw2 = 12), the update norm |dW|, its
   radial part (per output channel along w_c: the direction the following BatchNorm makes the
   loss invariant to) and tangential part, and the bias update |db| (also loss-invariant), means
@@ -163,7 +163,8 @@ def steps_stage(seeds: list[int], optimizers: list[str]) -> None:
 
                     def mean(name, k):
                         return sum(r[name][k] for r in stats[:30]) / 30
-                    label = f"{optimizer} {'diagonal' if off else 'blocks'}{' +proj' if project else ''}"
+                    variant = ("diagonal" if off else "blocks") + (" +proj" if project else "")
+                    label = f"{optimizer} {variant}"
                     print(f"seed {seed} {label:22s} steps {_hit(curve, target, 0)} (at 50: "
                           f"{curve[50][0]:.3f}, target {target:.3f}) | " + "; ".join(
                               f"{n} |dW| {mean(n, 0):.3f} radial {mean(n, 1):.3f} tangential "
@@ -200,7 +201,8 @@ def fisher_stage(seed: int, damping: float = 1e-3) -> None:
             ratio = exact.diagonal(dim1=1, dim2=2).sum(1) / kfc.diagonal(dim1=1, dim2=2).sum(1)
             cos = float((s_exact * s_kfc).sum() / (s_exact.norm() * s_kfc.norm()))
             print(f"step {step:2d} {'dw1' if i == 3 else 'dw2'}: tr F_c / tr(A_c G_c) median "
-                  f"{float(ratio.median()):.2f} [{float(ratio.min()):.2f}, {float(ratio.max()):.2f}]"
+                  f"{float(ratio.median()):.2f} "
+                  f"[{float(ratio.min()):.2f}, {float(ratio.max()):.2f}]"
                   f"; mean eigenvalue F_c {float(exact.diagonal(dim1=1, dim2=2).mean()):.2e}, "
                   f"A_c G_c {float(kfc.diagonal(dim1=1, dim2=2).mean()):.2e}, g^2 "
                   f"{float((g * g).mean()):.2e}; |step exact| / |step KFC| "

@@ -390,7 +390,8 @@ class _SplitConv(nn.Module):
 
     def __init__(self, grouped: nn.Conv2d) -> None:
         super().__init__()
-        g, c, o = grouped.groups, grouped.in_channels // grouped.groups, grouped.out_channels // grouped.groups
+        g = grouped.groups
+        c, o = grouped.in_channels // g, grouped.out_channels // g
         self.convs = nn.ModuleList(
             nn.Conv2d(c, o, grouped.kernel_size, padding=grouped.padding).to(grouped.weight.dtype)
             for _ in range(g))
@@ -400,7 +401,8 @@ class _SplitConv(nn.Module):
                 conv.bias.copy_(grouped.bias[j * o:(j + 1) * o])
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([conv(part) for conv, part in zip(self.convs, x.chunk(len(self.convs), 1))], 1)
+        parts = x.chunk(len(self.convs), 1)
+        return torch.cat([conv(part) for conv, part in zip(self.convs, parts)], 1)
 
 
 @pytest.mark.parametrize("inverse", ["eigen", "newton", "cholesky"])
@@ -411,7 +413,8 @@ def test_grouped_conv_steps_like_its_groups_as_separate_layers(inverse: str) -> 
     torch.manual_seed(2)
     grouped = nn.Conv2d(4, 6, 3, groups=2, padding=1).double()
     split = _SplitConv(grouped)
-    kw = dict(lr=0.3, damping=0.05, inverse=inverse, inverse_every=1, kl_clip=None, factor_decay=0.9)
+    kw = dict(lr=0.3, damping=0.05, inverse=inverse, inverse_every=1, kl_clip=None,
+              factor_decay=0.9)
     opt_grouped = KFAC(grouped, **kw)
     opt_split = KFAC(split, **kw)
     scale = torch.tensor([1.0, 1.0, 30.0, 30.0], dtype=DT).view(1, 4, 1, 1)
