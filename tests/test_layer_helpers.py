@@ -344,14 +344,16 @@ def test_grouped_conv_step_is_the_dense_block_diagonal_solve(inverse: str, sync_
                                                              ) -> None:
     """Two steps (the second from a previous inverse) against the dense float64 solve of the
     block-diagonal Kronecker matrix, group by group: eigen (A_j (x) G_j + damping I)^-1 V_j;
-    factored Tikhonov with one pi from the whole block's traces."""
+    factored Tikhonov with pi_j from group j's own traces (the groups' inputs are scaled apart,
+    so that one pi from the whole block's traces gives another step; checked)."""
     torch.manual_seed(1)
     damping, lr = 0.05, 0.3
     conv = nn.Conv2d(4, 6, 3, groups=2, padding=1).double()
     opt = KFAC(conv, lr=lr, damping=damping, inverse=inverse, inverse_every=1, kl_clip=None,
                sync_free=sync_free, factor_decay=0.9)
+    scale = torch.tensor([1.0, 1.0, 10.0, 10.0], dtype=DT).view(1, 4, 1, 1)  # group 1 x 10
     for _ in range(2):
-        x = torch.randn(3, 4, 4, 4, dtype=DT)
+        x = torch.randn(3, 4, 4, 4, dtype=DT) * scale
         w = torch.randn(3, 6, 4, 4, dtype=DT)
         opt.zero_grad()
         W0 = opt.layers[0].to_matrix([p.detach() for p in opt.layers[0].params]).clone()
@@ -360,20 +362,71 @@ def test_grouped_conv_step_is_the_dense_block_diagonal_solve(inverse: str, sync_
         V = layer.grad_matrix()
         st = opt.layer_state(layer)
         A, G = st["A"], st["G"]
-        pi = math.sqrt((A.diagonal(dim1=-2, dim2=-1).sum() / (A.shape[0] * A.shape[1]))
-                       / (G.diagonal(dim1=-2, dim2=-1).sum() / (G.shape[0] * G.shape[1])))
+        pis = [math.sqrt((A[j].trace() / A.shape[1]) / (G[j].trace() / G.shape[1]))
+               for j in range(conv.groups)]
+        whole = math.sqrt((A.diagonal(dim1=-2, dim2=-1).sum() / (A.shape[0] * A.shape[1]))
+                          / (G.diagonal(dim1=-2, dim2=-1).sum() / (G.shape[0] * G.shape[1])))
         rd = math.sqrt(damping)
-        D = []
-        for j in range(conv.groups):
-            if inverse == "eigen":
-                D.append(_dense_eigen_step(A[j], G[j], V[j], damping))
-            else:
-                eg, ea = torch.eye(G.shape[1], dtype=DT), torch.eye(A.shape[1], dtype=DT)
-                D.append(torch.linalg.solve(G[j] + rd / pi * eg, V[j])
-                         @ torch.linalg.inv(A[j] + pi * rd * ea))
+        eg, ea = torch.eye(G.shape[1], dtype=DT), torch.eye(A.shape[1], dtype=DT)
+
+        def tikhonov(j: int, pi: float) -> Tensor:
+            return torch.linalg.solve(G[j] + rd / pi * eg, V[j]) @ torch.linalg.inv(
+                A[j] + pi * rd * ea)
+        if inverse == "eigen":
+            D = torch.stack([_dense_eigen_step(A[j], G[j], V[j], damping)
+                             for j in range(conv.groups)])
+        else:
+            D = torch.stack([tikhonov(j, pis[j]) for j in range(conv.groups)])
+            other = torch.stack([tikhonov(j, whole) for j in range(conv.groups)])
+            assert not torch.allclose(D, other, rtol=1e-3, atol=0)  # the test tells them apart
         W1 = layer.to_matrix([p.detach() for p in layer.params])
         tol = dict(rtol=1e-6, atol=1e-8) if inverse == "newton" else dict(rtol=1e-8, atol=1e-10)
-        _close(W1, W0 - lr * torch.stack(D), **tol)
+        _close(W1, W0 - lr * D, **tol)
+
+
+class _SplitConv(nn.Module):
+    """g dense convolutions, conv j on input channels j C/g .. (j + 1) C/g, outputs concatenated:
+    a grouped convolution written as g separate layers."""
+
+    def __init__(self, grouped: nn.Conv2d) -> None:
+        super().__init__()
+        g = grouped.groups
+        c, o = grouped.in_channels // g, grouped.out_channels // g
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c, o, grouped.kernel_size, padding=grouped.padding).to(grouped.weight.dtype)
+            for _ in range(g))
+        with torch.no_grad():
+            for j, conv in enumerate(self.convs):
+                conv.weight.copy_(grouped.weight[j * o:(j + 1) * o])
+                conv.bias.copy_(grouped.bias[j * o:(j + 1) * o])
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = x.chunk(len(self.convs), 1)
+        return torch.cat([conv(part) for conv, part in zip(self.convs, parts)], 1)
+
+
+@pytest.mark.parametrize("inverse", ["eigen", "newton", "cholesky"])
+def test_grouped_conv_steps_like_its_groups_as_separate_layers(inverse: str) -> None:
+    """K-FAC on a grouped convolution takes the steps it takes on the same groups written as g
+    separate dense convolutions (each group its own Kronecker block, damping split included),
+    with the groups' inputs on scales 1 and 30."""
+    torch.manual_seed(2)
+    grouped = nn.Conv2d(4, 6, 3, groups=2, padding=1).double()
+    split = _SplitConv(grouped)
+    kw = dict(lr=0.3, damping=0.05, inverse=inverse, inverse_every=1, kl_clip=None,
+              factor_decay=0.9)
+    opt_grouped = KFAC(grouped, **kw)
+    opt_split = KFAC(split, **kw)
+    scale = torch.tensor([1.0, 1.0, 30.0, 30.0], dtype=DT).view(1, 4, 1, 1)
+    for _ in range(3):
+        x, w = torch.randn(5, 4, 4, 4, dtype=DT) * scale, torch.randn(5, 6, 4, 4, dtype=DT)
+        opt_grouped.zero_grad()
+        _fit_once(opt_grouped, grouped, x, w)
+        opt_split.zero_grad()
+        _fit_once(opt_split, split, x, w)
+    tol = dict(rtol=1e-6, atol=1e-9) if inverse == "newton" else dict(rtol=1e-9, atol=1e-12)
+    _close(grouped.weight.detach(), torch.cat([c.weight.detach() for c in split.convs]), **tol)
+    _close(grouped.bias.detach(), torch.cat([c.bias.detach() for c in split.convs]), **tol)
 
 
 def test_depthwise_conv_eigen_step_is_the_dense_block_diagonal_solve() -> None:

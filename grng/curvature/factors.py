@@ -16,7 +16,8 @@ by it (docs/algorithms.md sections 1 and 2):
 
 Per-side algebra: eigendecomposition (a diagonal factor is its own eigenvalues, no Q), the
 damped matrix M + extra I and its inverse (elementwise for a diagonal), tr(M) / dim (the
-Tikhonov pi-split), X V and V X (row / column scaling by a diagonal X); :func:`sandwich` is the
+Tikhonov pi-split; tr(M_j) / b per group of a block-diagonal factor), X V and V X (row / column
+scaling by a diagonal X); :func:`sandwich` is the
 Kronecker application X_G V X_A of both sides.
 """
 from __future__ import annotations
@@ -135,6 +136,16 @@ class FactorStructure:
     def trace_mean_on_device(self, M: Tensor) -> Tensor:
         """tr(M) / dim as a float64 0-dim tensor on M's device (no host read)."""
         return self.trace(M).double() / self.dim
+
+    def block_extra(self, extra: float | Tensor, j: int | None) -> float | Tensor:
+        """The damping part of block j of :meth:`blocks` (``extra`` as the Tikhonov split gave
+        it): here ``extra`` itself."""
+        return extra
+
+    def block_trace_means(self, M: Tensor) -> Tensor:
+        """tr(M_j) / b of each of :meth:`blocks`, float64 on M's device (no host read): here
+        the one block's tr(M) / dim, 0-dim."""
+        return self.trace_mean_on_device(M)
 
     def left(self, X: Tensor, V: Tensor) -> Tensor:
         """X V (X on the rows of V; batched over a leading dimension of stacked X and V)."""
@@ -328,7 +339,11 @@ class BlockDiagonalFactor(FactorStructure):
         return ops.eigh(M, backend=backend)
 
     def damped(self, M, extra):
+        """M_j + extra_j I per group (``extra`` a float, a 0-dim tensor, or one per group: the
+        per-group Tikhonov split)."""
         Md = M.clone()
+        if isinstance(extra, Tensor) and extra.dim() == 1:
+            extra = extra.to(M.dtype).unsqueeze(-1)
         Md.diagonal(dim1=-2, dim2=-1).add_(extra)
         return Md
 
@@ -337,6 +352,14 @@ class BlockDiagonalFactor(FactorStructure):
 
     def trace(self, M):
         return M.diagonal(dim1=-2, dim2=-1).sum()
+
+    def block_extra(self, extra, j):
+        """extra_j of a per-group split (a (groups,) tensor), else ``extra``."""
+        return extra[j] if isinstance(extra, Tensor) and extra.dim() == 1 else extra
+
+    def block_trace_means(self, M: Tensor) -> Tensor:
+        """tr(M_j) / b per group, a (groups,) float64 tensor on M's device."""
+        return M.diagonal(dim1=-2, dim2=-1).sum(-1).double() / self.block
 
     def left(self, X, V):
         return X @ V

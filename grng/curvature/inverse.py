@@ -28,9 +28,19 @@ from grng.curvature.factors import DenseFactor, FactorStructure, sandwich
 INVERSES: tuple[str, ...] = ("eigen", "newton", "cholesky")
 
 
+def _per_group(a_factor: FactorStructure, g_factor: FactorStructure) -> bool:
+    """Whether both sides are block-diagonal over the same groups (a grouped convolution): the
+    block is then g independent Kronecker blocks A_j (x) G_j, each split with its own pi_j."""
+    return a_factor.batched and g_factor.batched and a_factor.shape[0] == g_factor.shape[0]
+
+
 def tikhonov_split(A: Tensor, G: Tensor, damping: float, a_factor: FactorStructure,
-                   g_factor: FactorStructure) -> tuple[float, float]:
-    """(pi sqrt(damping), sqrt(damping) / pi) with pi = sqrt((tr A / dim A) / (tr G / dim G))."""
+                   g_factor: FactorStructure) -> tuple[float | Tensor, float | Tensor]:
+    """(pi sqrt(damping), sqrt(damping) / pi) with pi = sqrt((tr A / dim A) / (tr G / dim G));
+    for a block-diagonal block (both sides over the same groups) one pi_j per group from A_j and
+    G_j, as (groups,) float64 tensors on A's device (:func:`tikhonov_split_on_device`)."""
+    if _per_group(a_factor, g_factor):
+        return tikhonov_split_on_device(A, G, damping, a_factor, g_factor)
     tr_a = a_factor.trace_mean(A)
     tr_g = g_factor.trace_mean(G)
     pi = math.sqrt(tr_a / tr_g) if tr_a > 0.0 and tr_g > 0.0 else 1.0
@@ -40,9 +50,13 @@ def tikhonov_split(A: Tensor, G: Tensor, damping: float, a_factor: FactorStructu
 
 def tikhonov_split_on_device(A: Tensor, G: Tensor, damping: float, a_factor: FactorStructure,
                              g_factor: FactorStructure) -> tuple[Tensor, Tensor]:
-    """:func:`tikhonov_split` as float64 device scalars (no host read)."""
-    tr_a = a_factor.trace_mean_on_device(A)
-    tr_g = g_factor.trace_mean_on_device(G)
+    """:func:`tikhonov_split` as float64 device tensors (no host read): 0-dim, or (groups,) with
+    pi_j^2 = (tr A_j / b_A) / (tr G_j / b_G) for a block-diagonal block."""
+    if _per_group(a_factor, g_factor):
+        tr_a, tr_g = a_factor.block_trace_means(A), g_factor.block_trace_means(G)
+    else:
+        tr_a = a_factor.trace_mean_on_device(A)
+        tr_g = g_factor.trace_mean_on_device(G)
     pi = torch.where((tr_a > 0.0) & (tr_g > 0.0), (tr_a / tr_g.clamp(min=1e-300)).sqrt(), 1.0)
     root = math.sqrt(damping)
     return pi * root, root / pi
@@ -98,7 +112,7 @@ class RefreshItem:
         """The structure of side "A" or "G"."""
         return self.a_factor if side == "A" else self.g_factor
 
-    def split(self) -> tuple[float, float]:
+    def split(self) -> tuple[float | Tensor, float | Tensor]:
         """:func:`tikhonov_split` of this block."""
         return tikhonov_split(self.A, self.G, self.damping, self.a_factor, self.g_factor)
 
@@ -277,12 +291,13 @@ class _TikhonovInverse(InverseStrategy):
         for side, Md, extra in self._damped(item, out):
             for j, Mj in blocked.parts(item.structure(side), Md):
                 previous = blocked.previous(item.previous, j, side)
-                blocked.put(out, j, ("X" + side,
-                                     self._invert_or_keep(Mj, extra, previous, side, backend)))
+                blocked.put(out, j, ("X" + side, self._invert_or_keep(
+                    Mj, item.structure(side).block_extra(extra, j), previous, side, backend)))
         return TikhonovInverses(**blocked.stacked(out))
 
     @staticmethod
-    def _damped(item: RefreshItem, out: dict[str, Tensor]) -> list[tuple[str, Tensor, float]]:
+    def _damped(item: RefreshItem, out: dict[str, Tensor]
+                ) -> list[tuple[str, Tensor, float | Tensor]]:
         """(side, M + damping_part I, damping_part) for each factor to factorize (dense); a
         factor whose structure inverts it elementwise (diagonal) goes into ``out`` on the spot."""
         da, dg = item.split()
@@ -296,7 +311,7 @@ class _TikhonovInverse(InverseStrategy):
                 todo.append((side, structure.damped(M, extra), extra))
         return todo
 
-    def _invert_or_keep(self, Md: Tensor, extra: float, previous: TikhonovInverses | None,
+    def _invert_or_keep(self, Md: Tensor, extra: float | Tensor, previous: TikhonovInverses | None,
                         side: str, backend: str) -> Tensor:
         """Md^-1; on failure the previous inverse, else I / damping_part."""
         prev = None if previous is None else getattr(previous, "X" + side)
@@ -383,17 +398,19 @@ class CholeskyInverse(_TikhonovInverse):
         if on_device:
             return super().refresh_many(items, backend, on_device=True)
         outs: list[dict[str, Tensor]] = [{} for _ in items]
-        batches: dict[tuple, list[tuple[int, str, int | None, Tensor, float]]] = {}
+        batches: dict[tuple, list[tuple[int, str, int | None, Tensor, float | Tensor]]] = {}
         blocked = _Blocked()
         for i, item in enumerate(items):
             for side, Md, extra in self._damped(item, outs[i]):
-                for j, Mj in blocked.parts(item.structure(side), Md):
+                structure = item.structure(side)
+                for j, Mj in blocked.parts(structure, Md):
                     if Mj.shape[0] <= self.BATCH_MAX_DIM:
                         batches.setdefault((Mj.shape[0], Mj.dtype, Mj.device), []).append(
-                            (i, side, j, Mj, extra))
+                            (i, side, j, Mj, structure.block_extra(extra, j)))
                     else:
                         blocked.put(outs[i], j, ("X" + side, self._invert_or_keep(
-                            Mj, extra, blocked.previous(item.previous, j, side), side, backend)))
+                            Mj, structure.block_extra(extra, j),
+                            blocked.previous(item.previous, j, side), side, backend)))
         for entries in batches.values():
             inverses, ok = ops.batched_spd_inverse(torch.stack([e[3] for e in entries]),
                                                    "cholesky", backend=backend)
