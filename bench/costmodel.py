@@ -137,14 +137,20 @@ REFRESHES: dict[str, cm.StepConfig] = {
 REFRESH_SIZES = (768, 3072)
 
 
+def refresh_predictions(device_key: str = "h100") -> dict[str, list[float]]:
+    """The predicted ms of one refresh of one dense d x d factor on a device, per way of
+    :data:`REFRESHES` (label -> ms per d of :data:`REFRESH_SIZES`)."""
+    device = cm.DEVICES[device_key]
+    return {label: [1e3 * cm._refresh([(cm.BlockShape("factor", d, d, True, False, 0), d)], cfg,
+                                      device).seconds for d in REFRESH_SIZES]
+            for label, cfg in REFRESHES.items()}
+
+
 def refresh_section(device_key: str = "h100") -> list[str]:
-    """Markdown lines: the predicted ms of one refresh of one dense d x d factor on a device,
-    per way of :data:`REFRESHES` and d of :data:`REFRESH_SIZES` (measured on the CPU by
+    """Markdown lines: :func:`refresh_predictions` as a table (measured on the CPU by
     ``python bench/ekfac.py refresh``)."""
     device = cm.DEVICES[device_key]
-    ms = {label: [1e3 * cm._refresh([(cm.BlockShape("factor", d, d, True, False, 0), d)], cfg,
-                                    device).seconds for d in REFRESH_SIZES]
-          for label, cfg in REFRESHES.items()}
+    ms = refresh_predictions(device_key)
     eigh = next(iter(ms.values()))
     lines = [f"EKFAC's basis refresh, one dense d x d factor on the {device.name} (the model's "
              "refresh term at T = 1; measured on the CPU in bench/results/ekfac_refresh.md):", "",
