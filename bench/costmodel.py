@@ -122,6 +122,46 @@ def shape_of(name: str) -> cm.StepShape:
                          lambda m, b: cpu_targets.loss_of(m, *b))
 
 
+#: one EKFAC basis refresh of one dense d x d factor (the model's refresh term at T = 1): eigh
+#: (the first refresh, and the host path's fallback) against one warm-started subspace step
+_REFRESH = dict(family="ekfac", inverse_every=1)
+REFRESHES: dict[str, cm.StepConfig] = {
+    "eigh (the first refresh; the fallback)": cm.StepConfig(**_REFRESH, iterations=0),
+    "subspace step, Householder QR, fp32 (the CPU default)": cm.StepConfig(**_REFRESH,
+                                                                           iterations=1),
+    "subspace step, Householder QR, tf32": cm.StepConfig(**_REFRESH, iterations=1,
+                                                         precision="tf32"),
+    f"subspace step, CholeskyQR3, {_E.precision} (the CUDA default)": cm.StepConfig(
+        **_REFRESH, iterations=1, precision=_E.precision, qr="cholesky"),
+}
+REFRESH_SIZES = (768, 3072)
+
+
+def refresh_predictions(device_key: str = "h100") -> dict[str, list[float]]:
+    """The predicted ms of one refresh of one dense d x d factor on a device, per way of
+    :data:`REFRESHES` (label -> ms per d of :data:`REFRESH_SIZES`)."""
+    device = cm.DEVICES[device_key]
+    return {label: [1e3 * cm._refresh([(cm.BlockShape("factor", d, d, True, False, 0), d)], cfg,
+                                      device).seconds for d in REFRESH_SIZES]
+            for label, cfg in REFRESHES.items()}
+
+
+def refresh_section(device_key: str = "h100") -> list[str]:
+    """Markdown lines: :func:`refresh_predictions` as a table (measured on the CPU by
+    ``python bench/ekfac.py refresh``)."""
+    device = cm.DEVICES[device_key]
+    ms = refresh_predictions(device_key)
+    eigh = next(iter(ms.values()))
+    lines = [f"EKFAC's basis refresh, one dense d x d factor on the {device.name} (the model's "
+             "refresh term at T = 1; measured on the CPU in bench/results/ekfac_refresh.md):", "",
+             "| refresh | " + " | ".join(f"d = {d} ms | eigh / it" for d in REFRESH_SIZES) + " |",
+             "|---|" + "---|---|" * len(REFRESH_SIZES)]
+    for label, row in ms.items():
+        lines.append(f"| {label} | " + " | ".join(f"{t:.3g} | {e / t:.1f}x"
+                                                  for t, e in zip(row, eigh)) + " |")
+    return lines + [""]
+
+
 def gpu_section() -> str:
     """The GPU predictions as markdown (deterministic: no measurement): GPT-2 small on every
     device of the model for every configuration of :data:`GPU_CONFIGS`, and the H100 component
@@ -139,7 +179,8 @@ def gpu_section() -> str:
                          f"{pred.adamw_seconds * 1e3:.3g} | {pred.ratio:.2f} |")
             if key == "h100":
                 tables.append(f"#### {label}\n\n{cm.table(pred)}\n")
-    return "\n".join(lines + ["", "Component tables on the H100:", "", *tables]).rstrip() + "\n"
+    return "\n".join(lines + ["", *refresh_section(), "Component tables on the H100:", "",
+                              *tables]).rstrip() + "\n"
 
 
 BEGIN, END = "<!-- costmodel:begin (bench/costmodel.py) -->", "<!-- costmodel:end -->"

@@ -8,13 +8,15 @@
     python bench/ekfac.py tasks --set levers --tasks transformer --name ekfac_levers
     python bench/ekfac.py tasks --set time --tasks transformer --seeds 5 --name ekfac_time
     python bench/ekfac.py tasks --set warmup --tasks transformer mlp cnn --name ekfac_warmup
+    python bench/ekfac.py tasks --set grid --tasks transformer mlp cnn --name ekfac_grid
     python bench/ekfac.py step                    # ms per step: batched vs one block at a time
     python bench/ekfac.py hparams                 # EKFAC's defaults sweep into hparams.json
     python bench/ekfac.py hparams --optimizers muon   # Muon's (added with EKFAC)
 
 ``refresh``: per factor size d, the time of one refresh of one dense factor M (float32, SPD
 with a decaying spectrum) by eigh and by one step of warm-started subspace iteration (the basis
-of the factor one refresh earlier, M_prev = M with a 5% EMA drift, as start), and the second
+of the factor one refresh earlier, M_prev = M with a 5% EMA drift, as start; Householder QR and
+CholeskyQR3, EKFAC's ``qr`` choices), and the second
 moment's re-projection into the new basis (W = (Q_new^T Q_old)^2, then W v for a d x d v); and
 how far each result is from diagonalizing M: ||offdiag(Q^T M Q)||_F / ||M||_F.
 ``tasks``: runs of grng.demo.train.train_run evaluated on the validation split (``--split
@@ -122,6 +124,17 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                       *[(f"EKFAC defaults, refresh_warmup {w}", "ekfac",
                          {**_SHIPPED, "refresh_warmup": w}) for w in (0, 10)]]
                for task in ("transformer", "mlp", "cnn")},
+    # issue 21's step targets at the current defaults (bench/results/ekfac_grid.md, read
+    # by bench/ekfac_targets.py): EKFAC's defaults against AdamW and SOAP (and Muon on the
+    # language task) at each lr of 3e-3, 1e-2, 3e-2, so their best lr is a row
+    "grid": {task: [("EKFAC defaults", "ekfac", {"lr": 1e-2}),
+                    *[(f"{label} lr {lr:g}", key, {**fixed, "lr": lr})
+                      for label, key, fixed in
+                      [("AdamW", "adamw", {}), ("SOAP", "soap", {})] +
+                      ([("Muon", "muon", {"adjust_lr_fn": "match_rms_adamw"})]
+                       if task == "transformer" else [])
+                      for lr in (3e-3, 1e-2, 3e-2)]]
+             for task in ("transformer", "mlp", "cnn")},
 }
 
 
@@ -183,12 +196,14 @@ def refresh(args: argparse.Namespace) -> None:
         v = torch.rand(d, d)
         t_eigh, Q_eigh = _timed(lambda: torch.linalg.eigh(M).eigenvectors.flip(-1), reps)
         t_sub, Q_sub = _timed(lambda: subspace_step(M, Q_prev), reps)
+        t_chol, Q_chol = _timed(lambda: subspace_step(M, Q_prev, "cholesky"), reps)
         t_carry, _ = _timed(lambda: rotation(Q_sub, Q_prev) ** 2 @ v, reps)
         base = dict(suite="ekfac_refresh", x_name="d", x_value=str(d), dtype="float32", **env)
         cfg = (f"one dense factor, SPD, spectrum decaying 1e4; warm start: the basis of the "
                f"factor before a 5% EMA drift; torch threads {torch.get_num_threads()}; "
                "machine shared")
         for provider, times, Q in (("eigh", t_eigh, Q_eigh), ("subspace", t_sub, Q_sub),
+                                   ("subspace cholesky", t_chol, Q_chol),
                                    ("reproject v", t_carry, None)):
             rows.append(Row(name=f"refresh/d{d}", provider=provider, metric="time", unit="ms",
                             config=cfg, **_stats(times), **base))
@@ -197,10 +212,12 @@ def refresh(args: argparse.Namespace) -> None:
                                 unit="||offdiag(Q^T M Q)||/||M||", p50=_off_diagonal(M, Q),
                                 config=cfg, **base))
         start = _off_diagonal(M, Q_prev)
-        lines.append(f"| {d} | {statistics.median(t_eigh):.0f} | {statistics.median(t_sub):.0f} "
-                     f"| {statistics.median(t_eigh) / statistics.median(t_sub):.1f}x | "
+        eigh_ms, sub_ms, chol_ms = (statistics.median(t) for t in (t_eigh, t_sub, t_chol))
+        lines.append(f"| {d} | {eigh_ms:.0f} | {sub_ms:.0f} | {eigh_ms / sub_ms:.1f}x | "
+                     f"{chol_ms:.0f} | {eigh_ms / chol_ms:.1f}x | "
                      f"{statistics.median(t_carry):.0f} | {start:.1e} | "
-                     f"{_off_diagonal(M, Q_sub):.1e} | {_off_diagonal(M, Q_eigh):.1e} |")
+                     f"{_off_diagonal(M, Q_sub):.1e} | {_off_diagonal(M, Q_chol):.1e} | "
+                     f"{_off_diagonal(M, Q_eigh):.1e} |")
         print(lines[-1], flush=True)
     loads = load_text(load_start, os.getloadavg())
     replace_rows(RESULTS / "ekfac_refresh.csv", rows)
@@ -208,11 +225,15 @@ def refresh(args: argparse.Namespace) -> None:
     text = ["# EKFAC basis refresh: eigh vs one warm-started subspace step "
             "(`python bench/ekfac.py refresh`)", "",
             *[f"- {k}: {v}" for k, v in head.items()], f"- {loads} (machine shared)", "",
-            "Per refresh of one dense d x d factor, float32, median ms. off-diagonal: "
+            "Per refresh of one dense d x d factor, float32, median ms: eigh, one subspace "
+            "step with Householder QR (the CPU default, `qr=\"householder\"`) and with shifted "
+            "CholeskyQR3 in float64 (`qr=\"cholesky\"`, the CUDA default). off-diagonal: "
             "||offdiag(Q^T M Q)||_F / ||M||_F of the previous basis (the start), one subspace "
-            "step from it, and eigh.", "",
-            "| d | eigh ms | subspace step ms | eigh / subspace | re-project v ms | "
-            "off-diag start | after subspace | eigh |", "|---|---|---|---|---|---|---|---|",
+            "step from it (each QR), and eigh.", "",
+            "| d | eigh ms | subspace step (Householder) ms | eigh / it | subspace step "
+            "(CholeskyQR3) ms | eigh / it | re-project v ms | off-diag start | after "
+            "Householder step | after CholeskyQR3 step | eigh |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *lines]
     (RESULTS / "ekfac_refresh.md").write_text("\n".join(text) + "\n")
 

@@ -180,6 +180,52 @@ def test_default_refresh_runs_eigh_only_at_the_first_refresh(monkeypatch) -> Non
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("qr", ["householder", "cholesky"])
+def test_no_eigh_after_the_first_refresh_at_the_defaults(monkeypatch, sync_free: bool,
+                                                         qr: str) -> None:
+    """The default schedule (refresh_warmup 30, then every inverse_every) over 45 steps: 32
+    refreshes, eigh only in the first (one call per dense side, four), none in the warmup's
+    other 29 or after it; no eigh outside grng.ops either (torch.linalg.eigh counted where
+    grng.ops.eigh is not on the stack)."""
+    eigh_steps: list[int] = []
+    refresh_steps: list[int] = []
+    direct = [0]
+    inside = [False]
+    real_ops, real_linalg = ops.eigh, torch.linalg.eigh
+    real_refresh = eigenbasis.EigenbasisPreconditioner._refresh_bases
+
+    def counting_ops(*args, **kwargs):
+        eigh_steps.append(opt._steps)
+        inside[0] = True
+        try:
+            return real_ops(*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def counting_linalg(*args, **kwargs):
+        direct[0] += not inside[0]
+        return real_linalg(*args, **kwargs)
+
+    def counting_refresh(self, units):
+        if units:
+            refresh_steps.append(opt._steps)
+        return real_refresh(self, units)
+
+    monkeypatch.setattr(ops, "eigh", counting_ops)
+    monkeypatch.setattr(torch.linalg, "eigh", counting_linalg)
+    monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "_refresh_bases", counting_refresh)
+    torch.manual_seed(0)
+    model = small_mlp(F64)
+    opt = grng.EKFAC(model, sync_free=sync_free, qr=qr)
+    assert (opt.refresh_warmup, opt.inverse_every) == (30, 10)  # the CPU defaults
+    _train(model, opt, classification_batches(45, 8, dtype=F64, seed=1))
+    assert refresh_steps == [*range(30), 30, 40]
+    assert eigh_steps == [0] * 4
+    assert direct[0] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("warmup", [0, 4])
 def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeypatch,
                                                                          warmup: int) -> None:
