@@ -381,6 +381,12 @@ class EigenbasisPreconditioner(Preconditioner):
                     state.step, state.exp_avg_basis, state.exp_avg_sq, P, ok,
                     self.config.backend), V)
 
+    def gradient_matrix(self, unit: Unit) -> Tensor | None:
+        """The V this step's update laid out (and its ratio was formed from; :meth:`_direction`
+        reads it from there), else the layer's: no second copy of the gradient matrix."""
+        kept = self.ratios.get(unit.index, 1) if self.masks_per_step else None
+        return unit.grad_matrix() if kept is None else kept
+
     def _direction(self, batch: list[Unit], vs: list[Tensor], group: dict) -> Tensor:
         """Q_G [ratio(m_b, v)] Q_A^T + the relative GR term for a batch of one layout (``vs``:
         its gradient matrices; a stack out where several): Adam's ratio of this step's update
