@@ -46,6 +46,7 @@ _TIKHONOV_ON_DEVICE = _TikhonovInverse._refresh_all_on_device
 def _unbatched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(KroneckerPreconditioner, "_batch_key", lambda self, unit, V, d: None)
     monkeypatch.setattr(plan, "FOLD_BATCH_MAX_ELEMENTS", -1)
+    monkeypatch.setattr(plan, "FOLD_BATCH_MAX_ELEMENTS_CPU", -1)
     monkeypatch.setattr(EigenInverse, "refresh_many", InverseStrategy.refresh_many)
     monkeypatch.setattr(_TikhonovInverse, "_refresh_all_on_device",
                         lambda self, items, backend: [

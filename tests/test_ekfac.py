@@ -155,6 +155,17 @@ def test_subspace_step_keeps_an_eigenbasis_and_converges_to_one() -> None:
     torch.testing.assert_close((start.T @ Q).abs(), torch.eye(7, dtype=F64), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (17, 17), (123, 123), (3, 65, 65), (2, 257, 257)])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_householder_q_is_linalg_qr_bit_for_bit(shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """The refresh's Q (geqrf then orgqr on the CPU, no R) is torch.linalg.qr's Q exactly, on
+    contiguous and transposed (non-contiguous) inputs."""
+    g = torch.Generator().manual_seed(len(shape) * 1000 + shape[-1])
+    Y = torch.randn(*shape, generator=g, dtype=dtype)
+    for inp in (Y, Y.transpose(-2, -1)):
+        assert torch.equal(eigenbasis.householder_q(inp), torch.linalg.qr(inp).Q)
+
+
 def _count_eigh(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls = [0]
     real = ops.eigh

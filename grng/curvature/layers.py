@@ -271,6 +271,8 @@ class KroneckerLayer:
         where already contiguous, no copy)."""
         if not self.has_bias:
             return _stacked_rows(parts)
+        if len(parts) == 1:  # one pass: constant padding writes each row once
+            return F.pad(parts[0], (0, 1), value=1.0)
         out = parts[0].new_empty(sum(p.shape[0] for p in parts), parts[0].shape[1] + 1)
         start = 0
         for p in parts:

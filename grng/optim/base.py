@@ -425,7 +425,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             items = []
             for i in indices:
                 unit = self._blocks[i]
-                V = unit.grad_matrix()
+                V = self.block.gradient_matrix(unit)
                 if V is not None:
                     items.append((unit, V, self.param_groups[group_of[id(unit.layer.weight)]]))
             return {u.index: D for (u, _, _), D in zip(items, self.block.apply_many(items))}

@@ -163,6 +163,15 @@ class StepRatios:
         for k, key in enumerate(keys):
             self._of[key] = (tensors, None if len(keys) == 1 else k)
 
+    def get(self, key: int, j: int) -> Tensor | None:
+        """The ``j``-th tensor of unit ``key`` (its row of a stack), left in place; None when
+        the unit has none."""
+        got = self._of.get(key)
+        if got is None:
+            return None
+        tensors, k = got
+        return tensors[j] if k is None else tensors[j][k]
+
     def take(self, keys: list[int]) -> tuple[Tensor, ...] | None:
         """The tensors of these units, each as one tensor (stacked where several: the update's
         own stacks when it is the same batch), None when one unit has none."""

@@ -116,6 +116,12 @@ class Preconditioner:
         ``PER_STEP``, which a skipped step restores (or, with :attr:`masks_per_step`, that it
         writes only where its ``ok`` argument says). No-op by default."""
 
+    def gradient_matrix(self, unit: Unit) -> Tensor | None:
+        """The block's gradient matrix V that :meth:`apply` is given this step: by default
+        ``unit.grad_matrix()`` (None without a gradient); a preconditioner whose update phase
+        already laid V out may return that."""
+        return unit.grad_matrix()
+
     def apply(self, unit: Unit, V: Tensor, group: dict) -> Tensor:
         """The unit's direction from its gradient (V for a block, p.grad for a diagonal unit);
         pure: reads the unit's state, writes none."""
