@@ -124,6 +124,14 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                       *[(f"EKFAC defaults, refresh_warmup {w}", "ekfac",
                          {**_SHIPPED, "refresh_warmup": w}) for w in (0, 10)]]
                for task in ("transformer", "mlp", "cnn")},
+    # sparser warmups: 20 steps, or the 30 at geometric gaps (11 refreshes; bench/results/
+    # ekfac_warmup_screen.md, with the Hugging Face models' losses)
+    "warmup_screen": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
+                             ("EKFAC defaults, refresh_warmup 20", "ekfac",
+                              {**_SHIPPED, "refresh_warmup": 20}),
+                             ("EKFAC defaults, geometric warmup", "ekfac",
+                              {**_SHIPPED, "refresh_warmup_schedule": "geometric"})]
+                      for task in ("transformer", "mlp", "cnn")},
     # issue 21's step targets at the current defaults (bench/results/ekfac_grid.md, read
     # by bench/ekfac_targets.py): EKFAC's defaults against AdamW and SOAP (and Muon on the
     # language task) at each lr of 3e-3, 1e-2, 3e-2, so their best lr is a row

@@ -81,6 +81,9 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
     ("EKFAC refresh_warmup 0", "ekfac", {"refresh_warmup": 0}),
     ("EKFAC refresh_warmup 10", "ekfac", {"refresh_warmup": 10}),
+    # sparser warmups (bench/results/ekfac_warmup_screen.md): 20 steps, or 30 at geometric gaps
+    ("EKFAC refresh_warmup 20", "ekfac", {"refresh_warmup": 20}),
+    ("EKFAC geometric warmup", "ekfac", {"refresh_warmup_schedule": "geometric"}),
 ]
 
 

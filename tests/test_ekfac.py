@@ -258,6 +258,33 @@ def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeyp
     assert refreshed == sorted({*range(warmup), 0, 3, 6, 9})
 
 
+@pytest.mark.parametrize("warmup", [0, 12])
+def test_a_geometric_warmup_refreshes_at_growing_gaps_then_every_inverse_every(
+        monkeypatch, warmup: int) -> None:
+    """refresh_warmup_schedule="geometric": the warmup's refreshes at 0, 1, 2, 3, 4, 6, 8, 11
+    (gaps max(1, ceil(0.3 s))), not at its other steps (5, 9, 10), then the multiples of
+    inverse_every (here 4) from the warmup's end; the rule's steps below 30."""
+    refreshed: list[int] = []
+    real = eigenbasis.EigenbasisPreconditioner._refresh_bases
+
+    def counting(self, units):
+        if units:
+            refreshed.append(opt._steps)
+        return real(self, units)
+
+    monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "_refresh_bases", counting)
+    torch.manual_seed(0)
+    model = small_mlp(F64)
+    opt = grng.EKFAC(model, lr=0.01, inverse_every=4, refresh_warmup=warmup,
+                     refresh_warmup_schedule="geometric")
+    _train(model, opt, classification_batches(20, 8, dtype=F64, seed=1))
+    assert refreshed == ([0, 1, 2, 3, 4, 6, 8, 11, 12, 16] if warmup else [0, 4, 8, 12, 16])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sorted(grng.optim.ekfac.warmup_refresh_steps(30, "geometric")) == [
+        0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26]
+    assert grng.optim.ekfac.warmup_refresh_steps(5, "every") == frozenset(range(5))
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_non_finite_subspace_step_falls_back(monkeypatch, sync_free: bool) -> None:
     """A non-finite subspace step: eigh on the host path, the previous basis on the device."""
@@ -403,6 +430,7 @@ def test_case_coverage_and_arguments() -> None:
                       (dict(basis="qr"), "basis"), (dict(carry="rotate"), "carry"),
                       (dict(refresh_warmup=-1), "refresh_warmup"),
                       (dict(refresh_warmup=2.0), "refresh_warmup"),
+                      (dict(refresh_warmup_schedule="log"), "refresh_warmup_schedule"),
                       (dict(param_groups=[{"params": list(model.parameters()),
                                            "momentum": 0.9}]), "momentum")):
         with pytest.raises(ValueError, match=name):

@@ -2,6 +2,7 @@
 gradient, the eigenbasis preconditioner, Adam for the parameters without a block."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -24,6 +25,23 @@ def _betas(betas: tuple[float, float]) -> tuple[float, float]:
     return float(betas[0]), float(betas[1])
 
 
+#: the refresh warmup's schedules: a refresh at every warmup step, or geometric gaps
+WARMUP_SCHEDULES = ("every", "geometric")
+
+
+def warmup_refresh_steps(warmup: int, schedule: str) -> frozenset[int]:
+    """The steps s < ``warmup`` whose bases refresh: all (``"every"``), or (``"geometric"``)
+    s_0 = 0, s_(k+1) = s_k + max(1, ceil(0.3 s_k)): 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26 below 30."""
+    check.choice("refresh_warmup_schedule", schedule, WARMUP_SCHEDULES)
+    if schedule == "every":
+        return frozenset(range(warmup))
+    steps, s = set(), 0
+    while s < warmup:
+        steps.add(s)
+        s += max(1, math.ceil(0.3 * s))
+    return frozenset(steps)
+
+
 class EKFAC(CurvatureOptimizer):
     """Adam whose second moment lives in each block's Kronecker eigenbasis (eigenvalue-
     corrected K-FAC with Adam's scaling, as SOAP does with Shampoo's factors).
@@ -42,7 +60,9 @@ class EKFAC(CurvatureOptimizer):
     per device below: every step on the CPU, where folding every 2 steps lost steps to target on
     the demo transformer, bench/results/ekfac_intervals5.md; every step with ``scaling="fisher"``). The bases are refreshed at every
     step of the first ``refresh_warmup`` (default 30: the factors, and so the bases, move most
-    there; bench/results/hf_lm_diagnosis.md), then every ``inverse_every`` steps: by eigh at a
+    there; bench/results/hf_lm_diagnosis.md; ``refresh_warmup_schedule="geometric"`` refreshes
+    only at steps 0, 1, 2, 3, 4, 6, 8, 11, ... of it, gaps of 30% of the step:
+    bench/results/ekfac_warmup_screen.md), then every ``inverse_every`` steps: by eigh at a
     block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
@@ -87,6 +107,7 @@ class EKFAC(CurvatureOptimizer):
         backend: str = "auto",
         *,
         refresh_warmup: int = 30,
+        refresh_warmup_schedule: str = "every",
         scaling: str = "adam",
         qr: str | None = None,
         damping: float = 1e-3,
@@ -114,6 +135,8 @@ class EKFAC(CurvatureOptimizer):
         qr = chosen.qr if qr is None else qr
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         self.refresh_warmup = check.non_negative_int("refresh_warmup", refresh_warmup)
+        self._warmup_refreshes = warmup_refresh_steps(self.refresh_warmup,
+                                                      refresh_warmup_schedule)
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
@@ -148,7 +171,9 @@ class EKFAC(CurvatureOptimizer):
                                 if self.comm.shards_parameters else None))
 
     def _inverse_due(self) -> list[bool]:
-        """Every block at each of the first ``refresh_warmup`` steps, then every
-        ``inverse_every`` steps (all in the same step)."""
-        due = self._steps < self.refresh_warmup or self._steps % self.inverse_every == 0
+        """Every block at the warmup's refresh steps (each of the first ``refresh_warmup``
+        by default), then every ``inverse_every`` steps (all in the same step)."""
+        steps = self._steps
+        due = (steps in self._warmup_refreshes if steps < self.refresh_warmup
+               else steps % self.inverse_every == 0)
         return [due] * len(self._blocks)
