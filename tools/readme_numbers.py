@@ -322,15 +322,16 @@ def _best_per_family(configs: dict[str, dict], keys: dict[str, str],
 def hf_lm_block() -> str:
     """Per model of ``bench/results/hf_lm.csv`` (``python bench/hf_lm.py``) each optimizer at
     the lr of its grid with the lowest median validation loss at the last step shown (among
-    its configurations run on the most seeds): its losses at :data:`HF_STEPS`, ms per step and
-    runs; the lowest loss at each step in bold."""
+    its configurations run on the most seeds): its losses at :data:`HF_STEPS` and runs; the
+    lowest loss at each step in bold. No ms/step: the rows ran at different loads (the grids
+    many processes at once), so their times do not compare."""
     cells, keys, meta = _cells(RESULTS / "hf_lm.csv")
     last = f"val_loss@{HF_STEPS[-1]}"
     text = [f"From [bench/results/hf_lm.md](bench/results/hf_lm.md) ({meta}; validation loss in "
             "nats per character, medians over the seeds; each optimizer at the best lr of its "
-            "grid, the whole grid in the file; ms/step on a shared machine):", "",
+            "grid, the whole grid in the file; no times: its rows ran at different loads):", "",
             "| model | optimizer | " + " | ".join(f"val loss @{s}" for s in HF_STEPS)
-            + " | ms/step | runs finished |", "|---|---|" + "---|" * (len(HF_STEPS) + 2)]
+            + " | runs finished |", "|---|---|" + "---|" * (len(HF_STEPS) + 1)]
     for model, configs in cells.items():
         best = _best_per_family(configs, keys, lambda c: _lowest(_most_runs(c), last))
         lowest = {s: _lowest({best[k]: configs[best[k]] for k in best}, f"val_loss@{s}")
@@ -341,7 +342,7 @@ def hf_lm_block() -> str:
                       else f"{float(m[f'val_loss@{s}']['p50']):.3f}" for s in HF_STEPS]
             done = int(m["failed_runs"]["n"]) - int(float(m["failed_runs"]["p50"]))
             text.append(f"| {model} | {label} | " + " | ".join(losses)
-                        + f" | {float(m['step_time']['p50']):.0f} | {done}/{m['failed_runs']['n']} |")
+                        + f" | {done}/{m['failed_runs']['n']} |")
     return "\n".join(text) + "\n"
 
 
