@@ -202,3 +202,18 @@ def test_as_dispatched_follows_the_auto_order(monkeypatch: pytest.MonkeyPatch) -
     h100 = cm.DEVICES["h100"]
     assert (cm.predict(shape, kernels, h100).seconds < cm.predict(shape, only_fold, h100).seconds
             < cm.predict(shape, base, h100).seconds)
+
+
+def test_fold_launches_follow_the_devices_batching_bound() -> None:
+    """Two equal blocks with 512 x 65 rows: one batched fold per side where the device batches
+    rows of that size (the general bound, 2^16 elements), one call per factor on a device whose
+    bound is below them (the CPU's, 2^14), as grng.distributed.plan folds them."""
+    from grng.distributed import plan
+
+    blocks = [cm.BlockShape(f"b{i}", 64, 48, True, True, 512) for i in range(2)]
+    cpu = replace(FLAT, fold_batch_max_elements=plan.FOLD_BATCH_MAX_ELEMENTS_CPU)
+    cfg = cm.StepConfig(factor_every=1)
+    general = cm.predict(_shape(*blocks), cfg, FLAT).components["fold"].launches
+    on_cpu = cm.predict(_shape(*blocks), cfg, cpu).components["fold"].launches
+    assert 512 * 64 > plan.FOLD_BATCH_MAX_ELEMENTS_CPU and 512 * 64 <= plan.FOLD_BATCH_MAX_ELEMENTS
+    assert on_cpu == 4 and general < on_cpu

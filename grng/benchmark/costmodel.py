@@ -52,6 +52,9 @@ class Device:
     #: AdamW's step as torch runs it here: multi-tensor (foreach, CUDA's default) or a loop of
     #: about 12 ops per parameter tensor (the CPU's default)
     adamw_foreach: bool = True
+    #: the local fold batches equal-shape factors whose rows have at most this many elements
+    #: (None: grng.distributed.plan.FOLD_BATCH_MAX_ELEMENTS; a CPU: FOLD_BATCH_MAX_ELEMENTS_CPU)
+    fold_batch_max_elements: int | None = None
 
     def rate(self, precision: str) -> float:
         """FLOP/s at ``precision`` (fp32, tf32, bf16, fp64)."""
@@ -304,12 +307,15 @@ REFERENCE_FOLD_PASSES, MASKED_REFERENCE_PASSES = 5.0, 3.0
 COPY_BYTES, COPY_LAUNCHES = 28.0, 3.0
 
 
-def _fold_calls(dense: list[tuple[BlockShape, int]], config: StepConfig) -> float:
-    """Launches of one fold: the local communicator batches equal-shape factors only where the
-    rows are small (m d <= FOLD_BATCH_MAX_ELEMENTS), else one call per factor."""
+def _fold_calls(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Device
+                ) -> float:
+    """Launches of one fold: the local fold batches equal-shape factors only where the rows are
+    small (m d <= the device's ``fold_batch_max_elements``), else one call per factor."""
     from grng.distributed.plan import FOLD_BATCH_MAX_ELEMENTS
 
-    small = [d for b, d in dense if b.rows * d <= FOLD_BATCH_MAX_ELEMENTS]
+    limit = device.fold_batch_max_elements
+    limit = FOLD_BATCH_MAX_ELEMENTS if limit is None else limit
+    small = [d for b, d in dense if b.rows * d <= limit]
     return float(_groups(small, config.batched) + len(dense) - len(small))
 
 
@@ -320,7 +326,7 @@ def _fold(dense: list[tuple[BlockShape, int]], config: StepConfig, device: Devic
     reference: a full GEMM (2 m d^2) and then its elementwise passes (a second component)."""
     F, p = config.factor_every, config.precision
     eb = ELEMENT_BYTES[p]
-    calls = _fold_calls(dense, config)
+    calls = _fold_calls(dense, config, device)
     rows = sum(eb * b.rows * d for b, d in dense)
     sq = sum(float(d) * d for _, d in dense)
     if config.fold_kernel:
@@ -645,9 +651,11 @@ def measure_cpu(threads: int = 1, sizes: Sequence[int] = (256, 512), gemm_size: 
         (d0, d1), (t0, t1) = sizes, t
         per = max((t1 - t0) / (9.0 * (d1 ** 3 - d0 ** 3)), 1e-15)
         latency = max(t0 - 9.0 * d0 ** 3 * per, 0.0)
+        from grng.distributed.plan import FOLD_BATCH_MAX_ELEMENTS_CPU
+
         return Device(f"cpu ({threads} thread{'s' if threads > 1 else ''})", rates, bandwidth,
                       launch, latency * 1e3, 1.0 / per / 1e12, "measured by measure_cpu",
-                      adamw_foreach=False)
+                      adamw_foreach=False, fold_batch_max_elements=FOLD_BATCH_MAX_ELEMENTS_CPU)
     finally:
         torch.set_num_threads(before)
 
