@@ -29,17 +29,18 @@ def _betas(betas: tuple[float, float]) -> tuple[float, float]:
 WARMUP_SCHEDULES = ("every", "geometric")
 
 
-def warmup_refresh_steps(warmup: int, schedule: str) -> frozenset[int]:
-    """The steps s < ``warmup`` whose bases refresh: all (``"every"``), or (``"geometric"``)
-    s_0 = 0, s_(k+1) = s_k + max(1, ceil(0.3 s_k)): 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26 below 30."""
-    check.choice("refresh_warmup_schedule", schedule, WARMUP_SCHEDULES)
+def warmup_refresh_due(step: int, warmup: int, schedule: str) -> bool:
+    """Whether step ``step`` < ``warmup`` refreshes the bases: every such step (``"every"``), or
+    (``"geometric"``) s_0 = 0, s_(k+1) = s_k + max(1, ceil(0.3 s_k)): 0, 1, 2, 3, 4, 6, 8, 11,
+    15, 20, 26 below 30 (O(log step) work; nothing is stored, so any ``warmup`` is cheap)."""
+    if step >= warmup:
+        return False
     if schedule == "every":
-        return frozenset(range(warmup))
-    steps, s = set(), 0
-    while s < warmup:
-        steps.add(s)
+        return True
+    s = 0
+    while s < step:
         s += max(1, math.ceil(0.3 * s))
-    return frozenset(steps)
+    return s == step
 
 
 class EKFAC(CurvatureOptimizer):
@@ -135,8 +136,8 @@ class EKFAC(CurvatureOptimizer):
         qr = chosen.qr if qr is None else qr
         self.inverse_every = check.positive_int("inverse_every", inverse_every)
         self.refresh_warmup = check.non_negative_int("refresh_warmup", refresh_warmup)
-        self._warmup_refreshes = warmup_refresh_steps(self.refresh_warmup,
-                                                      refresh_warmup_schedule)
+        self.refresh_warmup_schedule = check.choice("refresh_warmup_schedule",
+                                                    refresh_warmup_schedule, WARMUP_SCHEDULES)
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
@@ -174,6 +175,6 @@ class EKFAC(CurvatureOptimizer):
         """Every block at the warmup's refresh steps (each of the first ``refresh_warmup``
         by default), then every ``inverse_every`` steps (all in the same step)."""
         steps = self._steps
-        due = (steps in self._warmup_refreshes if steps < self.refresh_warmup
-               else steps % self.inverse_every == 0)
+        due = (warmup_refresh_due(steps, self.refresh_warmup, self.refresh_warmup_schedule)
+               if steps < self.refresh_warmup else steps % self.inverse_every == 0)
         return [due] * len(self._blocks)
