@@ -237,11 +237,8 @@ def test_no_eigh_after_the_first_refresh_at_the_defaults(monkeypatch, sync_free:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("warmup", [0, 4])
-def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeypatch,
-                                                                         warmup: int) -> None:
-    """The steps whose refresh runs: 0, 1, ..., warmup - 1, then the multiples of
-    inverse_every (here 3) among 0..9."""
+def _refreshed_steps(monkeypatch, steps: int, **kwargs) -> list[int]:
+    """The steps whose bases refresh over ``steps`` steps of EKFAC(small_mlp, **kwargs)."""
     refreshed: list[int] = []
     real = eigenbasis.EigenbasisPreconditioner._refresh_bases
 
@@ -253,8 +250,18 @@ def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeyp
     monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "_refresh_bases", counting)
     torch.manual_seed(0)
     model = small_mlp(F64)
-    opt = grng.EKFAC(model, lr=0.01, inverse_every=3, refresh_warmup=warmup)
-    _train(model, opt, classification_batches(10, 8, dtype=F64, seed=1))
+    opt = grng.EKFAC(model, lr=0.01, **kwargs)
+    _train(model, opt, classification_batches(steps, 8, dtype=F64, seed=1))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return refreshed
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeypatch,
+                                                                         warmup: int) -> None:
+    """The steps whose refresh runs: 0, 1, ..., warmup - 1, then the multiples of
+    inverse_every (here 3) among 0..9."""
+    refreshed = _refreshed_steps(monkeypatch, 10, inverse_every=3, refresh_warmup=warmup)
     assert refreshed == sorted({*range(warmup), 0, 3, 6, 9})
 
 
@@ -264,22 +271,9 @@ def test_a_geometric_warmup_refreshes_at_growing_gaps_then_every_inverse_every(
     """refresh_warmup_schedule="geometric": the warmup's refreshes at 0, 1, 2, 3, 4, 6, 8, 11
     (gaps max(1, ceil(0.3 s))), not at its other steps (5, 9, 10), then the multiples of
     inverse_every (here 4) from the warmup's end; the rule's steps below 30."""
-    refreshed: list[int] = []
-    real = eigenbasis.EigenbasisPreconditioner._refresh_bases
-
-    def counting(self, units):
-        if units:
-            refreshed.append(opt._steps)
-        return real(self, units)
-
-    monkeypatch.setattr(eigenbasis.EigenbasisPreconditioner, "_refresh_bases", counting)
-    torch.manual_seed(0)
-    model = small_mlp(F64)
-    opt = grng.EKFAC(model, lr=0.01, inverse_every=4, refresh_warmup=warmup,
-                     refresh_warmup_schedule="geometric")
-    _train(model, opt, classification_batches(20, 8, dtype=F64, seed=1))
+    refreshed = _refreshed_steps(monkeypatch, 20, inverse_every=4, refresh_warmup=warmup,
+                                 refresh_warmup_schedule="geometric")
     assert refreshed == ([0, 1, 2, 3, 4, 6, 8, 11, 12, 16] if warmup else [0, 4, 8, 12, 16])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
     due = grng.optim.ekfac.warmup_refresh_due
     assert [s for s in range(40) if due(s, 30, "geometric")] == [
         0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26]
