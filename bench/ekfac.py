@@ -132,6 +132,13 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                              ("EKFAC defaults, geometric warmup", "ekfac",
                               {**_SHIPPED, "refresh_warmup_schedule": "geometric"})]
                       for task in ("transformer", "mlp", "cnn")},
+    # EKFAC's original (Fisher) scaling on the digits models at each lr of the grid, with
+    # K-FAC's defaults (bench/results/ekfac_fisher.md; the scaling the README's table names
+    # for them, read by bench/ekfac_targets.py)
+    "fisher": {task: [*[(f"EKFAC fisher lr {lr:g}", "ekfac", {"lr": lr, "scaling": "fisher"})
+                        for lr in (3e-3, 1e-2, 3e-2)],
+                      ("K-FAC defaults", "kfac", {"lr": 1e-2})]
+               for task in ("mlp", "cnn")},
     # issue 21's step targets at the current defaults (bench/results/ekfac_grid.md, read
     # by bench/ekfac_targets.py): EKFAC's defaults against AdamW and SOAP (and Muon on the
     # language task) at each lr of 3e-3, 1e-2, 3e-2, so their best lr is a row

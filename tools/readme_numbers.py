@@ -293,7 +293,7 @@ def ekfac_block(name: str = "ekfac_tasks") -> str:
 
 HF_STEPS = ("100", "300")  # the steps of bench/results/hf_lm.csv the README shows
 #: the models' names in the "which" table (others as their group name)
-MODEL_NAMES = {"mlp": "digits MLP (demo)", "transformer": "character transformer (demo)",
+MODEL_NAMES = {"mlp": "digits MLP (demo)", "cnn": "digits CNN (demo)", "transformer": "character transformer (demo)",
                "gpt2": "GPT-2 (Hugging Face)", "llama": "Llama (Hugging Face)"}
 #: the optimizers' order in the README's tables, by key of grng.demo.optimizers
 FAMILIES = {"ekfac": "EKFAC", "kfac": "K-FAC", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP",
@@ -346,11 +346,35 @@ def hf_lm_block() -> str:
     return "\n".join(text) + "\n"
 
 
+#: the demo tasks' result files of the "which" table, oldest first: per task, an optimizer's
+#: configurations come from the last of them that ran it (bench/ekfac.py's sets "peers",
+#: "grid", and "fisher": EKFAC's Fisher scaling on the digits models)
+WHICH_DEMO_FILES = ("ekfac_tasks.csv", "ekfac_grid.csv", "ekfac_fisher.csv")
+
+
+def _newest_per_family(files: tuple[str, ...]) -> tuple[Cells, dict[str, str]]:
+    """The cells of several result files, each task's configurations of one optimizer taken
+    from the last file that ran that optimizer on that task."""
+    cells: Cells = {}
+    keys: dict[str, str] = {}
+    for name in files:
+        found, found_keys, _ = _cells(RESULTS / name)
+        keys.update(found_keys)
+        for task, configs in found.items():
+            mine = cells.setdefault(task, {})
+            for key in {found_keys[label] for label in configs}:
+                for label in [lab for lab in mine if keys[lab] == key]:
+                    del mine[label]
+            mine.update(configs)
+    return cells, keys
+
+
 def which_block() -> str:
-    """Which optimizer for which model: per model of ``ekfac_tasks.csv`` and ``hf_lm.csv``
-    each optimizer's best configuration (fewest median steps to the target; lowest median
-    validation loss at the last step of :data:`HF_STEPS`) and the best of them."""
-    tasks, task_keys, _ = _cells(RESULTS / "ekfac_tasks.csv")
+    """Which optimizer for which model: per model of the demo's result files
+    (:data:`WHICH_DEMO_FILES`) and ``hf_lm.csv`` each optimizer's best configuration (fewest
+    median steps to the target; lowest median validation loss at the last step of
+    :data:`HF_STEPS`) and the best of them."""
+    tasks, task_keys = _newest_per_family(WHICH_DEMO_FILES)
     lms, lm_keys, _ = _cells(RESULTS / "hf_lm.csv")
     last = f"val_loss@{HF_STEPS[-1]}"
     rows = []
@@ -380,8 +404,10 @@ def which_block() -> str:
         text.append(f"| {model} | {what} | **{winner or 'none'}** | "
                     + " | ".join(cell.get(k, "—") for k in shown) + " |")
     return ("Each optimizer at its best measured configuration (in brackets; lower is better), "
-            f"medians over {'/'.join(sorted(seeds, key=int))} seeds, from [bench/results/ekfac_tasks.csv](bench/results/ekfac_tasks.csv) "
-            "and [bench/results/hf_lm.csv](bench/results/hf_lm.csv):\n\n" + "\n".join(text) + "\n")
+            f"medians over {'/'.join(sorted(seeds, key=int))} seeds, from "
+            + ", ".join(f"[bench/results/{f}](bench/results/{f})" for f in WHICH_DEMO_FILES)
+            + " (each optimizer's newest runs on a task) and [bench/results/hf_lm.csv]"
+            "(bench/results/hf_lm.csv):\n\n" + "\n".join(text) + "\n")
 
 
 BLOCKS: dict[str, Callable[[], str]] = {
