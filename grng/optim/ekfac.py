@@ -36,8 +36,8 @@ def warmup_refresh_due(step: int, warmup: int, schedule: str,
     """Whether step ``step`` < ``warmup`` refreshes the bases: every such step (``"every"``), or
     (``"geometric"``) s_0 = 0, s_(k+1) = s_k + max(1, ceil(r s_k)) with r = ``growth`` (None:
     :data:`GEOMETRIC_GROWTH`; in float64, as ``math.ceil(r * s)``): 0, 1, 2, 3, 4, 6, 8, 11, 15,
-    20, 26 below 30 at r = 0.3. The sequence is walked one gap size at a time (a run of equal gaps is one
-    arithmetic jump), so the work is O(log step) for a fixed r and nothing is stored."""
+    20, 26 below 30 at r = 0.3. The sequence is walked one gap size at a time (a run of equal
+    gaps is one arithmetic jump), so the work is O(log step) for a fixed r; nothing is stored."""
     if step >= warmup:
         return False
     if schedule == "every":
@@ -91,8 +91,8 @@ class EKFAC(CurvatureOptimizer):
     there; bench/results/hf_lm_diagnosis.md; ``refresh_warmup_schedule="geometric"`` refreshes
     only at steps 0, 1, 2, 3, 4, 6, 8, 11, ... of it, gaps of 30% of the step, s_(k+1) =
     s_k + max(1, ceil(r s_k)) with r = ``refresh_warmup_growth`` (default None: 0.3; only with
-    "geometric"): bench/results/ekfac_warmup_screen.md, ekfac_growth_screen.md), then every ``inverse_every`` steps: by eigh at a
-    block's first refresh, then
+    "geometric"): bench/results/ekfac_warmup_screen.md, ekfac_growth_screen.md), then every
+    ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
