@@ -139,6 +139,19 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                         for lr in (3e-3, 1e-2, 3e-2)],
                       ("K-FAC defaults", "kfac", {"lr": 1e-2})]
                for task in ("mlp", "cnn")},
+    # denser geometric warmups: gaps of 10% / 15% of the step (19 / 16 of the first 30 steps;
+    # bench/results/ekfac_growth_screen.md, with the Hugging Face models' losses)
+    "growth_screen": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
+                             *[(f"EKFAC defaults, geometric warmup growth {r:g}", "ekfac",
+                                {**_SHIPPED, "refresh_warmup_schedule": "geometric",
+                                 "refresh_warmup_growth": r}) for r in (0.1, 0.15)]]
+                      for task in ("transformer", "mlp", "cnn")},
+    # the time set's A/B for growth 0.1: EKFAC's defaults and the denser geometric warmup
+    # against AdamW, interleaved on a quiet machine (bench/results/ekfac_time_growth.md)
+    "time_growth": {"transformer": [("EKFAC defaults", "ekfac", {"lr": 1e-2}),
+                                    ("EKFAC geometric warmup growth 0.1", "ekfac",
+                                     {"lr": 1e-2, "refresh_warmup_schedule": "geometric",
+                                      "refresh_warmup_growth": 0.1}), _PEERS[0]]},
     # issue 21's step targets at the current defaults (bench/results/ekfac_grid.md, read
     # by bench/ekfac_targets.py): EKFAC's defaults against AdamW and SOAP (and Muon on the
     # language task) at each lr of 3e-3, 1e-2, 3e-2, so their best lr is a row

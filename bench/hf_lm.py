@@ -84,6 +84,10 @@ CONFIGS: list[tuple[str, str, dict]] = [
     # sparser warmups (bench/results/ekfac_warmup_screen.md): 20 steps, or 30 at geometric gaps
     ("EKFAC refresh_warmup 20", "ekfac", {"refresh_warmup": 20}),
     ("EKFAC geometric warmup", "ekfac", {"refresh_warmup_schedule": "geometric"}),
+    # denser geometric warmups, gaps of 10% / 15% of the step (bench/results/
+    # ekfac_growth_screen.md)
+    *[(f"EKFAC geometric warmup growth {r:g}", "ekfac",
+       {"refresh_warmup_schedule": "geometric", "refresh_warmup_growth": r}) for r in (0.1, 0.15)],
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 
 import pytest
@@ -282,6 +283,48 @@ def test_a_geometric_warmup_refreshes_at_growing_gaps_then_every_inverse_every(
     assert due(10**6, 10**12, "every") and not due(10**6 + 1, 10**12, "geometric")
 
 
+def _geometric_steps(growth: float, below: int) -> list[int]:
+    """The rule written as a plain loop: s_0 = 0, s_(k+1) = s_k + max(1, ceil(growth s_k))."""
+    steps, s = [], 0
+    while s < below:
+        steps.append(s)
+        s += max(1, math.ceil(growth * s))
+    return steps
+
+
+def test_refresh_warmup_growth_sets_the_geometric_gaps(monkeypatch) -> None:
+    """refresh_warmup_growth=0.1: gaps max(1, ceil(0.1 s)), i.e. every step to 11, then gaps of
+    2 (13, ..., 21) and 3 (24, 27), then every inverse_every (10) from the warmup's end (30);
+    warmup_refresh_due agrees with the plain loop at other rates, and stays cheap."""
+    refreshed = _refreshed_steps(monkeypatch, 41, refresh_warmup_growth=0.1,
+                                 refresh_warmup_schedule="geometric")
+    assert refreshed == [*range(12), 13, 15, 17, 19, 21, 24, 27, 30, 40]
+    due = grng.optim.ekfac.warmup_refresh_due
+    for growth in (0.1, 0.15, 0.3, 1e-3, 0.5, 1.0, 2.5, 1e-7):
+        assert [s for s in range(3000) if due(s, 3000, "geometric", growth)] == (
+            _geometric_steps(growth, 3000)), growth
+    assert [s for s in range(30) if due(s, 30, "geometric", 0.15)] == [
+        *range(8), 9, 11, 13, 15, 18, 21, 25, 29]
+    # a run of equal gaps is one jump: a 10**12-step warmup at a small rate costs nothing
+    assert due(10**6, 10**12, "geometric", 1e-9) and not due(10**6 + 1, 10**12, "geometric", 1e-3)
+
+
+def test_refresh_warmup_growth_none_is_the_geometric_default_bit_for_bit() -> None:
+    """refresh_warmup_growth=None (the default) and 0.3 train the same parameters exactly."""
+    params = []
+    for growth in (None, 0.3):
+        torch.manual_seed(0)
+        model = small_mlp(F64)
+        opt = grng.EKFAC(model, lr=0.01, inverse_every=4, refresh_warmup=12,
+                         refresh_warmup_schedule="geometric", refresh_warmup_growth=growth)
+        _train(model, opt, classification_batches(16, 8, dtype=F64, seed=1))
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*params))
+    due = grng.optim.ekfac.warmup_refresh_due
+    assert all(due(s, 10**4, "geometric") == due(s, 10**4, "geometric", 0.3)
+               for s in range(10**4))
+
+
 @pytest.mark.parametrize("sync_free", [False, True])
 def test_a_non_finite_subspace_step_falls_back(monkeypatch, sync_free: bool) -> None:
     """A non-finite subspace step: eigh on the host path, the previous basis on the device."""
@@ -428,6 +471,9 @@ def test_case_coverage_and_arguments() -> None:
                       (dict(refresh_warmup=-1), "refresh_warmup"),
                       (dict(refresh_warmup=2.0), "refresh_warmup"),
                       (dict(refresh_warmup_schedule="log"), "refresh_warmup_schedule"),
+                      *[(dict(refresh_warmup_schedule="geometric", refresh_warmup_growth=g),
+                         "refresh_warmup_growth")
+                        for g in (0.0, -0.1, float("nan"), float("inf"), "0.1", True)],
                       (dict(param_groups=[{"params": list(model.parameters()),
                                            "momentum": 0.9}]), "momentum")):
         with pytest.raises(ValueError, match=name):
@@ -437,6 +483,9 @@ def test_case_coverage_and_arguments() -> None:
                       (dict(scaling="fisher", factor_every=2), "factor_every")):
         with pytest.raises(ValueError, match=name):
             grng.EKFAC(small_mlp(F64), **bad)
+    # a growth without the geometric schedule would be ignored: refused, naming both
+    with pytest.raises(ValueError, match="refresh_warmup_growth.*refresh_warmup_schedule"):
+        grng.EKFAC(small_mlp(F64), refresh_warmup_growth=0.1)
     with pytest.raises(TypeError, match="inverse"):  # K-FAC's, not EKFAC's
         grng.EKFAC(small_mlp(F64), inverse="eigen")
 

@@ -27,20 +27,47 @@ def _betas(betas: tuple[float, float]) -> tuple[float, float]:
 
 #: the refresh warmup's schedules: a refresh at every warmup step, or geometric gaps
 WARMUP_SCHEDULES = ("every", "geometric")
+#: the geometric schedule's growth rate r when ``refresh_warmup_growth`` is None
+GEOMETRIC_GROWTH = 0.3
 
 
-def warmup_refresh_due(step: int, warmup: int, schedule: str) -> bool:
+def warmup_refresh_due(step: int, warmup: int, schedule: str,
+                       growth: float | None = None) -> bool:
     """Whether step ``step`` < ``warmup`` refreshes the bases: every such step (``"every"``), or
-    (``"geometric"``) s_0 = 0, s_(k+1) = s_k + max(1, ceil(0.3 s_k)): 0, 1, 2, 3, 4, 6, 8, 11,
-    15, 20, 26 below 30 (O(log step) work; nothing is stored, so any ``warmup`` is cheap)."""
+    (``"geometric"``) s_0 = 0, s_(k+1) = s_k + max(1, ceil(r s_k)) with r = ``growth`` (None:
+    :data:`GEOMETRIC_GROWTH`; in float64, as ``math.ceil(r * s)``): 0, 1, 2, 3, 4, 6, 8, 11, 15,
+    20, 26 below 30 at r = 0.3. The sequence is walked one gap size at a time (a run of equal
+    gaps is one arithmetic jump), so the work is O(log step) for a fixed r; nothing is stored."""
     if step >= warmup:
         return False
     if schedule == "every":
         return True
+    growth = GEOMETRIC_GROWTH if growth is None else growth
     s = 0
     while s < step:
-        s += max(1, math.ceil(0.3 * s))
+        gap = max(1, math.ceil(growth * s))
+        # s + j gap keeps this gap while growth (s + j gap) <= gap, which is monotone in j
+        ahead = -(-(step - s) // gap)  # the first j with s + j gap >= step
+        if growth * (s + (ahead - 1) * gap) <= gap:
+            return (step - s) % gap == 0
+        last = min(ahead - 2, max(0, int((gap / growth - s) // gap)))  # the run's last j
+        while last > 0 and growth * (s + last * gap) > gap:
+            last -= 1
+        while growth * (s + (last + 1) * gap) <= gap:
+            last += 1
+        s += (last + 1) * gap  # the first point with a larger gap
     return s == step
+
+
+def _warmup_growth(growth: float | None, schedule: str) -> float | None:
+    """``refresh_warmup_growth`` checked: None or a finite number > 0, and None unless the
+    schedule is "geometric" (under "every" it would be ignored: a ValueError naming both)."""
+    growth = check.optional_positive("refresh_warmup_growth", growth)
+    if growth is not None and schedule != "geometric":
+        raise ValueError(f"refresh_warmup_growth={growth!r} sets the gaps of "
+                         "refresh_warmup_schedule='geometric'; it has no effect with "
+                         f"refresh_warmup_schedule={schedule!r}")
+    return growth
 
 
 class EKFAC(CurvatureOptimizer):
@@ -62,9 +89,10 @@ class EKFAC(CurvatureOptimizer):
     the demo transformer, bench/results/ekfac_intervals5.md; every step with ``scaling="fisher"``). The bases are refreshed at every
     step of the first ``refresh_warmup`` (default 30: the factors, and so the bases, move most
     there; bench/results/hf_lm_diagnosis.md; ``refresh_warmup_schedule="geometric"`` refreshes
-    only at steps 0, 1, 2, 3, 4, 6, 8, 11, ... of it, gaps of 30% of the step:
-    bench/results/ekfac_warmup_screen.md), then every ``inverse_every`` steps: by eigh at a
-    block's first refresh, then
+    only at steps 0, 1, 2, 3, 4, 6, 8, 11, ... of it, gaps of 30% of the step, s_(k+1) =
+    s_k + max(1, ceil(r s_k)) with r = ``refresh_warmup_growth`` (default None: 0.3; only with
+    "geometric"): bench/results/ekfac_warmup_screen.md, ekfac_growth_screen.md), then every
+    ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
@@ -111,6 +139,7 @@ class EKFAC(CurvatureOptimizer):
         *,
         refresh_warmup: int = 30,
         refresh_warmup_schedule: str = "every",
+        refresh_warmup_growth: float | None = None,
         scaling: str = "adam",
         qr: str | None = None,
         damping: float = 1e-3,
@@ -140,6 +169,8 @@ class EKFAC(CurvatureOptimizer):
         self.refresh_warmup = check.non_negative_int("refresh_warmup", refresh_warmup)
         self.refresh_warmup_schedule = check.choice("refresh_warmup_schedule",
                                                     refresh_warmup_schedule, WARMUP_SCHEDULES)
+        self.refresh_warmup_growth = _warmup_growth(refresh_warmup_growth,
+                                                    self.refresh_warmup_schedule)
         adam = AdamSettings(*_betas(betas), check.non_negative("eps", eps))
         check.choice("basis", basis, BASES)
         check.choice("carry", carry, CARRIES)
@@ -177,6 +208,7 @@ class EKFAC(CurvatureOptimizer):
         """Every block at the warmup's refresh steps (each of the first ``refresh_warmup``
         by default), then every ``inverse_every`` steps (all in the same step)."""
         steps = self._steps
-        due = (warmup_refresh_due(steps, self.refresh_warmup, self.refresh_warmup_schedule)
+        due = (warmup_refresh_due(steps, self.refresh_warmup, self.refresh_warmup_schedule,
+                                  self.refresh_warmup_growth)
                if steps < self.refresh_warmup else steps % self.inverse_every == 0)
         return [due] * len(self._blocks)
