@@ -117,20 +117,23 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                   for task in ("transformer", "mlp", "cnn")},
     "gr": {task: [(f"EKFAC defaults, rho_rel {r:g}", "ekfac", {**_SHIPPED, "rho_rel": r})
                   for r in (0.0, 0.1, 0.2, 0.4)] for task in ("transformer", "mlp", "cnn")},
-    # the bases refreshed at every step of the first 30 (the default, refresh_warmup=30; picked
+    # the bases refreshed at every step of the first 30 (the default then, refresh_warmup=30; picked
     # on the Hugging Face GPT-2 and Llama, bench/results/hf_lm_diagnosis.md) against no warmup
     # (the earlier default) on the demo's tasks (bench/results/ekfac_warmup.md)
     "warmup": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
                       *[(f"EKFAC defaults, refresh_warmup {w}", "ekfac",
-                         {**_SHIPPED, "refresh_warmup": w}) for w in (0, 10)]]
+                         {**_SHIPPED, "refresh_warmup": w, "refresh_warmup_schedule": "every"})
+                        for w in (0, 10)]]
                for task in ("transformer", "mlp", "cnn")},
     # sparser warmups: 20 steps, or the 30 at geometric gaps (11 refreshes; bench/results/
     # ekfac_warmup_screen.md, with the Hugging Face models' losses)
     "warmup_screen": {task: [("EKFAC defaults", "ekfac", _SHIPPED),
                              ("EKFAC defaults, refresh_warmup 20", "ekfac",
-                              {**_SHIPPED, "refresh_warmup": 20}),
+                              {**_SHIPPED, "refresh_warmup": 20,
+                               "refresh_warmup_schedule": "every"}),
                              ("EKFAC defaults, geometric warmup", "ekfac",
-                              {**_SHIPPED, "refresh_warmup_schedule": "geometric"})]
+                              {**_SHIPPED, "refresh_warmup_schedule": "geometric",
+                               "refresh_warmup_growth": 0.3})]
                       for task in ("transformer", "mlp", "cnn")},
     # EKFAC's original (Fisher) scaling on the digits models at each lr of the grid, with
     # K-FAC's defaults (bench/results/ekfac_fisher.md; the scaling the README's table names
@@ -146,9 +149,11 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                                 {**_SHIPPED, "refresh_warmup_schedule": "geometric",
                                  "refresh_warmup_growth": r}) for r in (0.1, 0.15)]]
                       for task in ("transformer", "mlp", "cnn")},
-    # the time set's A/B for growth 0.1: EKFAC's defaults and the denser geometric warmup
-    # against AdamW, interleaved on a quiet machine (bench/results/ekfac_time_growth.md)
-    "time_growth": {"transformer": [("EKFAC defaults", "ekfac", {"lr": 1e-2}),
+    # the time set's A/B of the refresh warmups: every step of the 30 (the default before) and
+    # the geometric gaps of 10% of the step (the default now), against AdamW, interleaved on a
+    # quiet machine (bench/results/ekfac_time_growth.md)
+    "time_growth": {"transformer": [("EKFAC every-step warmup", "ekfac",
+                                     {"lr": 1e-2, "refresh_warmup_schedule": "every"}),
                                     ("EKFAC geometric warmup growth 0.1", "ekfac",
                                      {"lr": 1e-2, "refresh_warmup_schedule": "geometric",
                                       "refresh_warmup_growth": 0.1}), _PEERS[0]]},

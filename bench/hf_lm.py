@@ -80,10 +80,13 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("EKFAC defaults", "ekfac", {}),
     ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
     ("EKFAC refresh_warmup 0", "ekfac", {"refresh_warmup": 0}),
-    ("EKFAC refresh_warmup 10", "ekfac", {"refresh_warmup": 10}),
+    ("EKFAC refresh_warmup 10", "ekfac",
+     {"refresh_warmup": 10, "refresh_warmup_schedule": "every"}),
     # sparser warmups (bench/results/ekfac_warmup_screen.md): 20 steps, or 30 at geometric gaps
-    ("EKFAC refresh_warmup 20", "ekfac", {"refresh_warmup": 20}),
-    ("EKFAC geometric warmup", "ekfac", {"refresh_warmup_schedule": "geometric"}),
+    ("EKFAC refresh_warmup 20", "ekfac",
+     {"refresh_warmup": 20, "refresh_warmup_schedule": "every"}),
+    ("EKFAC geometric warmup", "ekfac",
+     {"refresh_warmup_schedule": "geometric", "refresh_warmup_growth": 0.3}),
     # denser geometric warmups, gaps of 10% / 15% of the step (bench/results/
     # ekfac_growth_screen.md)
     *[(f"EKFAC geometric warmup growth {r:g}", "ekfac",

@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimizers", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     args = parser.parse_args(argv)
     if args.stage == "report":
-        print(report(args.sweep_csv, args.csv))
+        print(report(args.sweep_csv or [], args.csv))
         return
     _load()
     ttt.EVAL_EVERY = args.eval_every

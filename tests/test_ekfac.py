@@ -196,9 +196,9 @@ def test_default_refresh_runs_eigh_only_at_the_first_refresh(monkeypatch) -> Non
 @pytest.mark.parametrize("qr", ["householder", "cholesky"])
 def test_no_eigh_after_the_first_refresh_at_the_defaults(monkeypatch, sync_free: bool,
                                                          qr: str) -> None:
-    """The default schedule (refresh_warmup 30, then every inverse_every) over 45 steps: 32
-    refreshes, eigh only in the first (one call per dense side, four), none in the warmup's
-    other 29 or after it; no eigh outside grng.ops either (torch.linalg.eigh counted where
+    """The default schedule (refresh_warmup 30 at geometric gaps of 10% of the step, then every
+    inverse_every) over 45 steps: 21 refreshes, eigh only in the first (one call per dense side,
+    four), none in the warmup's other 18 or after it; no eigh outside grng.ops either (torch.linalg.eigh counted where
     grng.ops.eigh is not on the stack)."""
     eigh_steps: list[int] = []
     refresh_steps: list[int] = []
@@ -232,7 +232,7 @@ def test_no_eigh_after_the_first_refresh_at_the_defaults(monkeypatch, sync_free:
     opt = grng.EKFAC(model, sync_free=sync_free, qr=qr)
     assert (opt.refresh_warmup, opt.inverse_every) == (30, 10)  # the CPU defaults
     _train(model, opt, classification_batches(45, 8, dtype=F64, seed=1))
-    assert refresh_steps == [*range(30), 30, 40]
+    assert refresh_steps == [*range(12), 13, 15, 17, 19, 21, 24, 27, 30, 40]
     assert eigh_steps == [0] * 4
     assert direct[0] == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -262,25 +262,26 @@ def test_bases_refresh_every_step_of_the_warmup_then_every_inverse_every(monkeyp
                                                                          warmup: int) -> None:
     """The steps whose refresh runs: 0, 1, ..., warmup - 1, then the multiples of
     inverse_every (here 3) among 0..9."""
-    refreshed = _refreshed_steps(monkeypatch, 10, inverse_every=3, refresh_warmup=warmup)
+    refreshed = _refreshed_steps(monkeypatch, 10, inverse_every=3, refresh_warmup=warmup,
+                                 refresh_warmup_schedule="every")
     assert refreshed == sorted({*range(warmup), 0, 3, 6, 9})
 
 
 @pytest.mark.parametrize("warmup", [0, 12])
 def test_a_geometric_warmup_refreshes_at_growing_gaps_then_every_inverse_every(
         monkeypatch, warmup: int) -> None:
-    """refresh_warmup_schedule="geometric": the warmup's refreshes at 0, 1, 2, 3, 4, 6, 8, 11
-    (gaps max(1, ceil(0.3 s))), not at its other steps (5, 9, 10), then the multiples of
-    inverse_every (here 4) from the warmup's end; the rule's steps below 30."""
+    """refresh_warmup_schedule="geometric", growth 0.3: the warmup's refreshes at 0, 1, 2, 3,
+    4, 6, 8, 11 (gaps max(1, ceil(0.3 s))), not at its other steps (5, 9, 10), then the
+    multiples of inverse_every (here 4) from the warmup's end; the rule's steps below 30."""
     refreshed = _refreshed_steps(monkeypatch, 20, inverse_every=4, refresh_warmup=warmup,
-                                 refresh_warmup_schedule="geometric")
+                                 refresh_warmup_schedule="geometric", refresh_warmup_growth=0.3)
     assert refreshed == ([0, 1, 2, 3, 4, 6, 8, 11, 12, 16] if warmup else [0, 4, 8, 12, 16])
     due = grng.optim.ekfac.warmup_refresh_due
-    assert [s for s in range(40) if due(s, 30, "geometric")] == [
+    assert [s for s in range(40) if due(s, 30, "geometric", 0.3)] == [
         0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26]
     assert [s for s in range(9) if due(s, 5, "every")] == [0, 1, 2, 3, 4]
     # nothing is materialized: a warmup of 10**12 steps costs nothing to build or ask
-    assert due(10**6, 10**12, "every") and not due(10**6 + 1, 10**12, "geometric")
+    assert due(10**6, 10**12, "every") and not due(10**6 + 1, 10**12, "geometric", 0.3)
 
 
 def _geometric_steps(growth: float, below: int) -> list[int]:
@@ -309,19 +310,22 @@ def test_refresh_warmup_growth_sets_the_geometric_gaps(monkeypatch) -> None:
     assert due(10**6, 10**12, "geometric", 1e-9) and not due(10**6 + 1, 10**12, "geometric", 1e-3)
 
 
-def test_refresh_warmup_growth_none_is_the_geometric_default_bit_for_bit() -> None:
-    """refresh_warmup_growth=None (the default) and 0.3 train the same parameters exactly."""
+def test_the_default_warmup_is_geometric_with_growth_0_1_bit_for_bit(monkeypatch) -> None:
+    """EKFAC's defaults refresh at growth 0.1's steps (0-11, 13, ..., 27, then every 10), and
+    refresh_warmup_growth=None, the geometric schedule named or not, trains the same parameters
+    as 0.1 exactly."""
+    assert _refreshed_steps(monkeypatch, 41) == [*range(12), 13, 15, 17, 19, 21, 24, 27, 30, 40]
     params = []
-    for growth in (None, 0.3):
+    for kwargs in ({}, dict(refresh_warmup_growth=None), dict(refresh_warmup_growth=0.1),
+                   dict(refresh_warmup_schedule="geometric", refresh_warmup_growth=0.1)):
         torch.manual_seed(0)
         model = small_mlp(F64)
-        opt = grng.EKFAC(model, lr=0.01, inverse_every=4, refresh_warmup=12,
-                         refresh_warmup_schedule="geometric", refresh_warmup_growth=growth)
-        _train(model, opt, classification_batches(16, 8, dtype=F64, seed=1))
+        opt = grng.EKFAC(model, lr=0.01, inverse_every=4, refresh_warmup=24, **kwargs)
+        _train(model, opt, classification_batches(26, 8, dtype=F64, seed=1))
         params.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(p, q) for p, q in zip(*params))
+    assert all(torch.equal(p, q) for other in params[1:] for p, q in zip(params[0], other))
     due = grng.optim.ekfac.warmup_refresh_due
-    assert all(due(s, 10**4, "geometric") == due(s, 10**4, "geometric", 0.3)
+    assert all(due(s, 10**4, "geometric") == due(s, 10**4, "geometric", 0.1)
                for s in range(10**4))
 
 
@@ -485,7 +489,7 @@ def test_case_coverage_and_arguments() -> None:
             grng.EKFAC(small_mlp(F64), **bad)
     # a growth without the geometric schedule would be ignored: refused, naming both
     with pytest.raises(ValueError, match="refresh_warmup_growth.*refresh_warmup_schedule"):
-        grng.EKFAC(small_mlp(F64), refresh_warmup_growth=0.1)
+        grng.EKFAC(small_mlp(F64), refresh_warmup_schedule="every", refresh_warmup_growth=0.1)
     with pytest.raises(TypeError, match="inverse"):  # K-FAC's, not EKFAC's
         grng.EKFAC(small_mlp(F64), inverse="eigen")
 

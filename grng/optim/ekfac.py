@@ -27,16 +27,18 @@ def _betas(betas: tuple[float, float]) -> tuple[float, float]:
 
 #: the refresh warmup's schedules: a refresh at every warmup step, or geometric gaps
 WARMUP_SCHEDULES = ("every", "geometric")
-#: the geometric schedule's growth rate r when ``refresh_warmup_growth`` is None
-GEOMETRIC_GROWTH = 0.3
+#: the geometric schedule's growth rate r when ``refresh_warmup_growth`` is None (the default
+#: schedule: 19 refreshes in a 30-step warmup; bench/results/ekfac_growth_screen.md,
+#: ekfac_time_growth.md)
+GEOMETRIC_GROWTH = 0.1
 
 
 def warmup_refresh_due(step: int, warmup: int, schedule: str,
                        growth: float | None = None) -> bool:
     """Whether step ``step`` < ``warmup`` refreshes the bases: every such step (``"every"``), or
     (``"geometric"``) s_0 = 0, s_(k+1) = s_k + max(1, ceil(r s_k)) with r = ``growth`` (None:
-    :data:`GEOMETRIC_GROWTH`; in float64, as ``math.ceil(r * s)``): 0, 1, 2, 3, 4, 6, 8, 11, 15,
-    20, 26 below 30 at r = 0.3. The sequence is walked one gap size at a time (a run of equal
+    :data:`GEOMETRIC_GROWTH`; in float64, as ``math.ceil(r * s)``): 0, 1, ..., 11, 13, 15, 17,
+    19, 21, 24, 27 below 30 at r = 0.1; 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26 at r = 0.3. The sequence is walked one gap size at a time (a run of equal
     gaps is one arithmetic jump), so the work is O(log step) for a fixed r; nothing is stored."""
     if step >= warmup:
         return False
@@ -86,12 +88,15 @@ class EKFAC(CurvatureOptimizer):
 
     Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; the default
     per device below: every step on the CPU, where folding every 2 steps lost steps to target on
-    the demo transformer, bench/results/ekfac_intervals5.md; every step with ``scaling="fisher"``). The bases are refreshed at every
-    step of the first ``refresh_warmup`` (default 30: the factors, and so the bases, move most
-    there; bench/results/hf_lm_diagnosis.md; ``refresh_warmup_schedule="geometric"`` refreshes
-    only at steps 0, 1, 2, 3, 4, 6, 8, 11, ... of it, gaps of 30% of the step, s_(k+1) =
-    s_k + max(1, ceil(r s_k)) with r = ``refresh_warmup_growth`` (default None: 0.3; only with
-    "geometric"): bench/results/ekfac_warmup_screen.md, ekfac_growth_screen.md), then every
+    the demo transformer, bench/results/ekfac_intervals5.md; every step with ``scaling="fisher"``).
+    The bases are refreshed densely in the first ``refresh_warmup`` steps (default 30: the
+    factors, and so the bases, move most there; bench/results/hf_lm_diagnosis.md): with
+    ``refresh_warmup_schedule="geometric"`` (the default) at s_0 = 0,
+    s_(k+1) = s_k + max(1, ceil(r s_k)), r = ``refresh_warmup_growth`` (default None: 0.1, so
+    steps 0-11, 13, 15, 17, 19, 21, 24, 27; 0.3 gives 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26), or at
+    each of them with "every" (the default before; 11 more refreshes in the first 125 steps,
+    more time to 3.7 bpc on the demo transformer for the same steps:
+    bench/results/ekfac_growth_screen.md, ekfac_time_growth.md, ekfac_warmup_screen.md), then every
     ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
@@ -138,7 +143,7 @@ class EKFAC(CurvatureOptimizer):
         backend: str = "auto",
         *,
         refresh_warmup: int = 30,
-        refresh_warmup_schedule: str = "every",
+        refresh_warmup_schedule: str = "geometric",
         refresh_warmup_growth: float | None = None,
         scaling: str = "adam",
         qr: str | None = None,
