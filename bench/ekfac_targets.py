@@ -230,8 +230,11 @@ def default_scaling_note() -> list[str]:
     """What EKFAC's default (Adam) scaling takes on the tasks for which :data:`FAMILY_CONFIG`
     names the Fisher scaling (ekfac_grid.csv), so that the choice is visible."""
     cells, _, _ = rn._cells(RESULTS / "ekfac_grid.csv")
-    parts = [f"{task} {_steps(cells[task], EKFAC if _reached(cells[task][EKFAC]) < float('inf') else None)}"
-             for task, (file, _) in FAMILY_CONFIG.items() if file != "ekfac_grid.csv"]
+    parts = []
+    for task, (file, _) in FAMILY_CONFIG.items():
+        if file != "ekfac_grid.csv":
+            reached = _reached(cells[task][EKFAC]) < float("inf")
+            parts.append(f"{task} {_steps(cells[task], EKFAC if reached else None)}")
     return ["The digits rows take EKFAC's original (Fisher) scaling, which the README's table "
             "names for those models; at its default (Adam) scaling EKFAC takes: "
             + "; ".join(parts) + " (ekfac_grid.csv)."]

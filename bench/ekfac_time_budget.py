@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             if key == "ekfac":
                 due = refreshing(opt, steps)
                 steady = statistics.median([t for s, t in enumerate(ms) if s >= 30 and not due[s]])
-                extra = statistics.median([t for s, t in enumerate(ms) if s > 0 and due[s]]) - steady
+                refresh = [t for s, t in enumerate(ms) if s > 0 and due[s]]
+                extra = statistics.median(refresh) - steady
                 row.update(steady=steady, extra=extra, refreshes=sum(due))
             per[label].append(row)
     loads = load_text(start, __import__("os").getloadavg())

@@ -198,8 +198,8 @@ def test_no_eigh_after_the_first_refresh_at_the_defaults(monkeypatch, sync_free:
                                                          qr: str) -> None:
     """The default schedule (refresh_warmup 30 at geometric gaps of 10% of the step, then every
     inverse_every) over 45 steps: 21 refreshes, eigh only in the first (one call per dense side,
-    four), none in the warmup's other 18 or after it; no eigh outside grng.ops either (torch.linalg.eigh counted where
-    grng.ops.eigh is not on the stack)."""
+    four), none in the warmup's other 18 or after it; no eigh outside grng.ops either
+    (torch.linalg.eigh counted where grng.ops.eigh is not on the stack)."""
     eigh_steps: list[int] = []
     refresh_steps: list[int] = []
     direct = [0]

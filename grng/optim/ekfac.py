@@ -38,8 +38,9 @@ def warmup_refresh_due(step: int, warmup: int, schedule: str,
     """Whether step ``step`` < ``warmup`` refreshes the bases: every such step (``"every"``), or
     (``"geometric"``) s_0 = 0, s_(k+1) = s_k + max(1, ceil(r s_k)) with r = ``growth`` (None:
     :data:`GEOMETRIC_GROWTH`; in float64, as ``math.ceil(r * s)``): 0, 1, ..., 11, 13, 15, 17,
-    19, 21, 24, 27 below 30 at r = 0.1; 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26 at r = 0.3. The sequence is walked one gap size at a time (a run of equal
-    gaps is one arithmetic jump), so the work is O(log step) for a fixed r; nothing is stored."""
+    19, 21, 24, 27 below 30 at r = 0.1; 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26 at r = 0.3. The
+    sequence is walked one gap size at a time (a run of equal gaps is one arithmetic jump), so
+    the work is O(log step) for a fixed r; nothing is stored."""
     if step >= warmup:
         return False
     if schedule == "every":
@@ -96,8 +97,8 @@ class EKFAC(CurvatureOptimizer):
     steps 0-11, 13, 15, 17, 19, 21, 24, 27; 0.3 gives 0, 1, 2, 3, 4, 6, 8, 11, 15, 20, 26), or at
     each of them with "every" (the default before; 11 more refreshes in the first 125 steps,
     more time to 3.7 bpc on the demo transformer for the same steps:
-    bench/results/ekfac_growth_screen.md, ekfac_time_growth.md, ekfac_warmup_screen.md), then every
-    ``inverse_every`` steps: by eigh at a block's first refresh, then
+    bench/results/ekfac_growth_screen.md, ekfac_time_growth.md, ekfac_warmup_screen.md), then
+    every ``inverse_every`` steps: by eigh at a block's first refresh, then
     (``basis="subspace"``, the default) by one step of warm-started subspace iteration
     Q <- orth(M Q_prev) (a GEMM and a QR; eigh only where that is not finite), or by eigh every
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
@@ -210,8 +211,8 @@ class EKFAC(CurvatureOptimizer):
                                 if self.comm.shards_parameters else None))
 
     def _inverse_due(self) -> list[bool]:
-        """Every block at the warmup's refresh steps (each of the first ``refresh_warmup``
-        by default), then every ``inverse_every`` steps (all in the same step)."""
+        """Every block at the warmup's refresh steps (:func:`warmup_refresh_due`: geometric
+        gaps by default), then every ``inverse_every`` steps (all in the same step)."""
         steps = self._steps
         due = (warmup_refresh_due(steps, self.refresh_warmup, self.refresh_warmup_schedule,
                                   self.refresh_warmup_growth)
