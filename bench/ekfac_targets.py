@@ -68,7 +68,9 @@ def _peer(configs: dict[str, dict], keys: dict[str, str], key: str,
 
 
 def _steps(configs: dict[str, dict], label: str | None) -> str:
-    if label is None:
+    """Median steps and final metric of ``label`` ("never" for None, or where a seed did not
+    reach the target)."""
+    if label is None or _reached(configs[label]) == float("inf"):
         return "never (no lr with every seed there)"
     m = configs[label]
     final = m[rn._final_key(m)]
@@ -95,7 +97,7 @@ def step_targets() -> list[Row]:
         mine = family[label]
         steps = _reached(mine)
         where = src if file == "ekfac_grid.csv" else f"{file}, {src}"
-        ekfac = f"EKFAC {_steps(family, label if steps < float('inf') else None)}"
+        ekfac = f"EKFAC {_steps(family, label)}"
         final_key = rn._final_key(mine)
         peers = ("soap", "muon") if task == "transformer" else ("soap", "adamw")
         for key in peers:
@@ -233,8 +235,7 @@ def default_scaling_note() -> list[str]:
     parts = []
     for task, (file, _) in FAMILY_CONFIG.items():
         if file != "ekfac_grid.csv":
-            reached = _reached(cells[task][EKFAC]) < float("inf")
-            parts.append(f"{task} {_steps(cells[task], EKFAC if reached else None)}")
+            parts.append(f"{task} {_steps(cells[task], EKFAC)}")
     return ["The digits rows take EKFAC's original (Fisher) scaling, which the README's table "
             "names for those models; at its default (Adam) scaling EKFAC takes: "
             + "; ".join(parts) + " (ekfac_grid.csv)."]

@@ -7,19 +7,21 @@ Each round trains, from the same initialization and batches (the demo's loop, se
 torch thread, CPU time of each ``stepper.step``), EKFAC at its defaults for the 125 steps it
 needs to reach 3.7 bpc, EKFAC with the every-step refresh warmup (the default before) for the
 same 125, and AdamW at lr 1e-2 for its 225 (bench/results/ekfac_time.md). An EKFAC step is a
-refresh step when its schedule refreshes the bases (:func:`grng.optim.ekfac.warmup_refresh_due`,
-then every ``inverse_every``). Reported, medians over the rounds: the steady step (the median
-of the other steps from step 30), the refresh's extra cost (the median refresh step after step
-0 minus the steady step), their counts, the totals, the total without the refreshes' extra cost
-(total - refreshes x extra), and the refreshes the 1.3x bar leaves at that extra cost:
-(1.3 x AdamW's total - the total without them) / extra.
+refresh step when its schedule refreshes the bases (``EKFAC.refresh_due``). Reported, medians
+over the rounds: the steady step (the median of the other steps from step 30), the refresh's
+extra cost (the median refresh step after step 0 minus the steady step), their counts, the
+totals, the total without the refreshes' extra cost (total - refreshes x extra), and the
+refreshes the 1.3x bar leaves at that extra cost: (1.3 x AdamW's total - the total without
+them) / extra.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,15 +64,6 @@ def step_times(key: str, hp: dict, steps: int) -> tuple[list[float], object]:
     return out, stepper.optimizer
 
 
-def refreshing(opt, steps: int) -> list[bool]:
-    """Whether each step refreshes the bases under ``opt``'s schedule."""
-    from grng.optim.ekfac import warmup_refresh_due
-
-    return [warmup_refresh_due(s, opt.refresh_warmup, opt.refresh_warmup_schedule,
-                               opt.refresh_warmup_growth) if s < opt.refresh_warmup
-            else s % opt.inverse_every == 0 for s in range(steps)]
-
-
 def _spread(mine: list[dict], adamw: list[dict]) -> str:
     """min-max over the rounds of each round's total over that round's AdamW total."""
     ratios = [m["total"] / a["total"] for m, a in zip(mine, adamw)]
@@ -82,23 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    import warnings
-
     warnings.simplefilter("ignore")
-    start = __import__("os").getloadavg()
+    start = os.getloadavg()
     per: dict[str, list[dict]] = {label: [] for label, *_ in RUNS}
     for _ in range(args.rounds):
         for label, key, hp, steps in RUNS:
             ms, opt = step_times(key, hp, steps)
             row = {"total": sum(ms)}
             if key == "ekfac":
-                due = refreshing(opt, steps)
+                due = [opt.refresh_due(s) for s in range(steps)]
                 steady = statistics.median([t for s, t in enumerate(ms) if s >= 30 and not due[s]])
                 refresh = [t for s, t in enumerate(ms) if s > 0 and due[s]]
                 extra = statistics.median(refresh) - steady
                 row.update(steady=steady, extra=extra, refreshes=sum(due))
             per[label].append(row)
-    loads = load_text(start, __import__("os").getloadavg())
+    loads = load_text(start, os.getloadavg())
     med = {label: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
            for label, rows in per.items()}
     adamw = med["AdamW lr 1e-2"]["total"]

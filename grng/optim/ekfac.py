@@ -210,11 +210,14 @@ class EKFAC(CurvatureOptimizer):
                    DiagonalAdam(self.config, adam, self.comm.sum_over_shards
                                 if self.comm.shards_parameters else None))
 
+    def refresh_due(self, step: int) -> bool:
+        """Whether step ``step`` refreshes the bases: the warmup's refresh steps
+        (:func:`warmup_refresh_due`: geometric gaps by default), then every ``inverse_every``."""
+        if step < self.refresh_warmup:
+            return warmup_refresh_due(step, self.refresh_warmup, self.refresh_warmup_schedule,
+                                      self.refresh_warmup_growth)
+        return step % self.inverse_every == 0
+
     def _inverse_due(self) -> list[bool]:
-        """Every block at the warmup's refresh steps (:func:`warmup_refresh_due`: geometric
-        gaps by default), then every ``inverse_every`` steps (all in the same step)."""
-        steps = self._steps
-        due = (warmup_refresh_due(steps, self.refresh_warmup, self.refresh_warmup_schedule,
-                                  self.refresh_warmup_growth)
-               if steps < self.refresh_warmup else steps % self.inverse_every == 0)
-        return [due] * len(self._blocks)
+        """Every block at :meth:`refresh_due` of this step (all in the same step)."""
+        return [self.refresh_due(self._steps)] * len(self._blocks)
