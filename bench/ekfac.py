@@ -157,6 +157,10 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
                                     ("EKFAC geometric warmup growth 0.1", "ekfac",
                                      {"lr": 1e-2, "refresh_warmup_schedule": "geometric",
                                       "refresh_warmup_growth": 0.1}), _PEERS[0]]},
+    # the fold period F at the fold's per-step decay (factor_decay ** F per fold, every step of
+    # the refresh warmup): F = 3 is the CPU default (bench/results/ekfac_factor_every.md)
+    "factor_every": {task: [(f"EKFAC factor_every {f}", "ekfac", {"lr": 1e-2, "factor_every": f})
+                            for f in (1, 2, 3, 4)] for task in ("transformer", "mlp", "cnn")},
     # issue 21's step targets at the current defaults (bench/results/ekfac_grid.md, read
     # by bench/ekfac_targets.py): EKFAC's defaults against AdamW and SOAP (and Muon on the
     # language task) at each lr of 3e-3, 1e-2, 3e-2, so their best lr is a row

@@ -25,6 +25,7 @@ included; bench/results/recurrent_kfac_diagnosis.md).
     python bench/recurrent_tuning.py final --optimizers K-FAC --csv FINAL.csv \
         --settings '{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}'
     python bench/recurrent_tuning.py report --sweep-csv SWEEP.csv ... --csv FINAL.csv ...
+    python bench/recurrent_tuning.py resolutions --csv FINAL.csv FINAL_EVAL1.csv  # side by side
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import argparse
 import csv
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -193,9 +195,52 @@ def report(sweep_paths: list[Path], final_paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(pairs: list[tuple[int, int]]) -> str:
+    """'blocks fewer on a, more on b, tied on c of n seeds' over (blocks, diagonal) steps."""
+    fewer = sum(b < d for b, d in pairs)
+    more = sum(b > d for b, d in pairs)
+    return (f"blocks fewer on {fewer}, more on {more}, tied on {len(pairs) - fewer - more} of "
+            f"{len(pairs)} seeds")
+
+
+def resolutions(coarse: Path, fine: Path) -> str:
+    """Two ``final`` CSVs of one optimizer at two eval resolutions (the bench's, every step) side
+    by side, per task and seed, and what they say (counted, medians): the blocks against the
+    diagonal fallback in steps to the target and in the eval loss at step 50."""
+    runs = {(r["task"], r["seed"], r["variant"], which): r
+            for which, path in (("coarse", coarse), ("fine", fine)) for r in _read(path)}
+    keys = sorted({(t, s) for t, s, _, _ in runs}, key=lambda k: (k[0] != "LSTM", k[0], int(k[1])))
+    lines = ["| model | seed | blocks: steps (bench's eval) | diagonal: steps (bench's eval) | "
+             "blocks: steps (eval every step) | diagonal: steps (every step) | blocks eval @50 | "
+             "diagonal eval @50 |", "|---|---|---|---|---|---|---|---|"]
+    for task, seed in keys:
+        r = {(v, w): runs[(task, seed, v, w)] for v in ("blocks", "diagonal")
+             for w in ("coarse", "fine")}
+        lines.append(f"| {task} | {seed} | {_steps(r['blocks', 'coarse'])} | "
+                     f"{_steps(r['diagonal', 'coarse'])} | {_steps(r['blocks', 'fine'])} | "
+                     f"{_steps(r['diagonal', 'fine'])} | {r['blocks', 'coarse']['eval_at_50']} | "
+                     f"{r['diagonal', 'coarse']['eval_at_50']} |")
+    lines += ["", "Reading (counted from the CSVs): steps to the target, blocks against the "
+              "diagonal fallback,"]
+    lower = total = 0
+    for which, name in (("coarse", "the bench's eval"), ("fine", "eval every step")):
+        for task in dict.fromkeys(t for t, _ in keys):
+            seeds = [s for t, s in keys if t == task]
+            pairs = [(int(runs[(task, s, "blocks", which)]["steps"] or 101),
+                      int(runs[(task, s, "diagonal", which)]["steps"] or 101)) for s in seeds]
+            med = [statistics.median(x) for x in zip(*pairs)]
+            lines.append(f"- {task}, {name}: median {med[0]:g} vs {med[1]:g}; {_count(pairs)}.")
+    for task, seed in keys:
+        total += 1
+        lower += (float(runs[(task, seed, "blocks", "coarse")]["eval_at_50"])
+                  < float(runs[(task, seed, "diagonal", "coarse")]["eval_at_50"]))
+    lines.append(f"- Eval loss at step 50 lower with the blocks on {lower} of {total} runs.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("sweep", "final", "report"))
+    parser.add_argument("stage", choices=("sweep", "final", "report", "resolutions"))
     parser.add_argument("--csv", type=Path, nargs="+", required=True,
                         help="the output CSV (report: the final CSVs)")
     parser.add_argument("--sweep-csv", type=Path, nargs="+",
@@ -215,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.stage == "report":
         print(report(args.sweep_csv or [], args.csv))
+        return
+    if args.stage == "resolutions":
+        print(resolutions(*args.csv), end="")
         return
     _load()
     ttt.EVAL_EVERY = args.eval_every

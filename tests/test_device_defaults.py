@@ -64,10 +64,10 @@ def _ekfac_defaults(opt) -> tuple:
 
 
 def test_ekfac_defaults_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """EKFAC: the CPU defaults as measured (Householder, T = 10, fp32, F = 1); a model seen as
+    """EKFAC: the CPU defaults as measured (Householder, T = 10, fp32, F = 3); a model seen as
     on CUDA (simulated) gets EKFAC_CUDA (CholeskyQR3, TF32, its intervals); explicit arguments
     win; the fisher scaling, which reads the rows every step, folds every step."""
-    assert _ekfac_defaults(make_optimizer("ekfac", _model())) == ("householder", 10, "fp32", 1)
+    assert _ekfac_defaults(make_optimizer("ekfac", _model())) == ("householder", 10, "fp32", 3)
     cuda = device_defaults.EKFAC_CUDA
     monkeypatch.setattr(device_defaults, "ekfac_for_model", lambda model: cuda)
     with warnings.catch_warnings():

@@ -704,16 +704,90 @@ def test_cholesky_refresh_takes_the_householder_steps(sync_free: bool) -> None:
 
 
 def test_fold_period_default_by_device_and_scaling() -> None:
-    """factor_every defaults to the device's (the CPU's: 1, bench/results/ekfac_intervals5.md),
+    """factor_every defaults to the device's (the CPU's: 3, bench/results/ekfac_factor_every.md),
     1 with the fisher scaling (which reads every step's rows); an explicit value is kept, and
     the fisher scaling refuses another than 1, naming the argument."""
     from grng.optim import device_defaults
 
     cpu = device_defaults.EKFAC_CPU.factor_every
     for kwargs, want in (({}, cpu), (dict(scaling="fisher"), 1), (dict(factor_every=2), 2),
-                         (dict(factor_every=3), 3)):
+                         (dict(factor_every=1), 1)):
         opt = grng.EKFAC(small_mlp(F64), **kwargs)
         assert opt.factor_every == want, kwargs
         opt.close()
     with pytest.raises(ValueError, match="factor_every"):
         grng.EKFAC(small_mlp(F64), scaling="fisher", factor_every=2)
+
+
+def _fold_reference(lin: nn.Linear, beta: float, folds: set[int], steps: int,
+                    seed: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The factors of ``lin`` folded by hand at the steps ``folds``: set at the first, then
+    M <- beta^k M + (1 - beta^k) M_batch, k the steps since the previous fold; also the inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(5 + s % 3, 3, dtype=F64, generator=gen) for s in range(steps)]
+    A = G = None
+    last = None
+    for s, x in enumerate(xs):
+        if s not in folds:
+            continue
+        out = lin(x)
+        out.retain_grad()
+        F.mse_loss(out, torch.zeros_like(out)).backward()
+        n = x.shape[0]
+        abar = torch.cat([x, torch.ones(n, 1, dtype=F64)], 1)
+        e = n * out.grad
+        Ab, Gb = abar.T @ abar / n, e.T @ e / n
+        if A is None:
+            A, G = Ab, Gb
+        else:
+            b = beta ** (s - last)
+            A, G = b * A + (1 - b) * Ab, b * G + (1 - b) * Gb
+        last = s
+        lin.zero_grad()
+    return A, G, xs
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_folds_every_warmup_step_then_every_factor_every_at_the_per_step_decay(
+        sync_free: bool) -> None:
+    """factor_every=3, refresh_warmup=4: the factors fold at steps 0-3 (the warmup), then 6, 9;
+    each fold decays by factor_decay ** (steps since the previous fold), so the EMA spans the
+    same steps at any F. lr=0 keeps the layer fixed, so the factors are checked against a fold
+    by hand in float64; a checkpoint taken between two folds resumes bit for bit."""
+    beta, steps, folds = 0.8, 11, {0, 1, 2, 3, 6, 9}
+    lin = nn.Linear(3, 2).double()
+    A, G, xs = _fold_reference(lin, beta, folds, steps, seed=3)
+
+    def make() -> grng.EKFAC:
+        return grng.EKFAC(lin, lr=0.0, factor_every=3, refresh_warmup=4, factor_decay=beta,
+                          sync_free=sync_free)
+
+    def train(opt: grng.EKFAC, span: range) -> None:
+        for s in span:
+            opt.zero_grad()
+            out = lin(xs[s])
+            F.mse_loss(out, torch.zeros_like(out)).backward()
+            opt.step()
+
+    opt = make()
+    assert [s for s in range(steps) if opt._fold_due(s)] == sorted(folds)
+    assert [opt.fold_gap(s) for s in sorted(folds)] == [1, 1, 1, 1, 3, 3]
+    train(opt, range(5))
+    saved = copy.deepcopy(opt.state_dict())
+    train(opt, range(5, steps))
+    st = opt.layer_state(opt.layers[0])
+    torch.testing.assert_close(st["A"], A, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st["G"], G, rtol=1e-12, atol=1e-12)
+    opt.close()
+    resumed = make()
+    resumed.load_state_dict(saved)
+    train(resumed, range(5, steps))
+    assert _same(_state(resumed), _state(opt))
+
+
+def test_factor_every_1_folds_every_step_at_factor_decay() -> None:
+    """At F = 1 the per-step decay is the fold's: factor_decay ** 1, every step (the fold
+    every other member makes)."""
+    opt = grng.EKFAC(small_mlp(F64), factor_every=1, refresh_warmup=0)
+    assert all(opt._fold_due(s) and opt.fold_gap(s) == 1 for s in range(12))
+    opt.close()

@@ -473,8 +473,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _end_step(self) -> None:
         self._release_views()
         self.capture.clear()
-        self.capture.armed = self._steps % self.factor_every == 0
+        self.capture.armed = self._fold_due(self._steps)
         self.counters.plan = None
+
+    def _fold_due(self, step: int) -> bool:
+        """Whether step ``step`` folds its captured rows into the factors: every
+        ``factor_every`` steps."""
+        return step % self.factor_every == 0
 
     def _release_views(self) -> None:
         """Drop what the communicator bound for this step (sharded parameters: the diagonal
@@ -490,7 +495,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         computed once per step."""
         counters = self.counters
         if counters.plan is None:
-            counters.plan = (counters.steps % self.factor_every == 0, tuple(self._inverse_due()))
+            counters.plan = (self._fold_due(counters.steps), tuple(self._inverse_due()))
         return counters.plan
 
     # the counters under the names the checkpoint and the subclasses use

@@ -48,18 +48,18 @@ class EigenbasisDefaults:
     factor_every: int
 
 
-#: measured on the CPU (bench/results/defaults_ekfac.csv; F = 1: F = 2 kept the demo's three
-#: tasks' 3-seed medians (ekfac_intervals.md) but needed 150 steps to 3.7 bpc against 125 on the
-#: time set's five seeds (ekfac_intervals5.md))
+#: measured on the CPU (bench/results/defaults_ekfac.csv; F = 3, folding every step of the
+#: refresh warmup and at decay factor_decay ** 3 after it: the steps to target and the losses
+#: of F = 1 on the demo's tasks and the Hugging Face models, bench/results/ekfac_factor_every.md)
 EKFAC_CPU = EigenbasisDefaults(qr="householder", inverse_every=10, precision="fp32",
-                               factor_every=1)
+                               factor_every=3)
 #: chosen from the cost model for CUDA (docs/performance.md "EKFAC's CUDA defaults"): TF32
 #: GEMMs, the refresh's orthonormalization by CholeskyQR3 (GEMMs, no per-matrix Householder
-#: latency), F = 4 and T = 100: 1.58x AdamW on GPT-2 small (T = 50: 1.69x). No longer interval
-#: keeps the CPU defaults' steps on the demo transformer (bench/results/ekfac_cuda_intervals.md: 160
-#: steps to 3.7 bpc at T = 100, 150 at T = 50, 120 at F = 1, T = 10; the digits tasks keep
-#: theirs), but steps x the model's step time, the predicted time to target, is lowest at
-#: T = 50 and T = 100 alike (6.2 against 9.1 at F = 1, T = 10, in s x ms units)
+#: latency), F = 4 and T = 100: 1.58x AdamW on GPT-2 small (T = 50: 1.69x). At the per-step fold
+#: decay these intervals keep the CPU defaults' 120 steps to 3.7 bpc on the demo transformer but
+#: end higher (bench/results/ekfac_cuda_intervals.md: 3.328 bpc at F = 4, T = 100 against 3.243;
+#: the digits tasks take 2-4 steps more); steps x the model's step time, the predicted time to
+#: target, is lowest at T = 100
 EKFAC_CUDA = EigenbasisDefaults(qr="cholesky", inverse_every=100, precision="tf32",
                                 factor_every=4)
 

@@ -14,6 +14,7 @@ from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
 from grng.optim.base import CurvatureOptimizer
 from grng.precondition.adam import AdamSettings, DiagonalAdam
+from grng.precondition.base import Unit
 from grng.precondition.eigenbasis import BASES, CARRIES, QRS, SCALINGS, EigenbasisPreconditioner
 
 
@@ -87,9 +88,12 @@ class EKFAC(CurvatureOptimizer):
     Q_G^T m Q_A for m the EMA of V (grng 0.3.0 kept m itself; its checkpoints load). Parameters
     without a Kronecker block (norms, lone biases) take AdamW with the same betas and eps.
 
-    Factors A, G are K-FAC's (every ``factor_every`` steps, EMA ``factor_decay``; the default
-    per device below: every step on the CPU, where folding every 2 steps lost steps to target on
-    the demo transformer, bench/results/ekfac_intervals5.md; every step with ``scaling="fisher"``).
+    Factors A, G are K-FAC's, folded at every step of the refresh warmup (below) and then every
+    ``factor_every`` steps (F; the default per device below; every step with
+    ``scaling="fisher"``); ``factor_decay`` is per step, so a fold k steps after the previous one
+    decays by factor_decay^k: A <- beta^k A + (1 - beta^k) A_batch, and the EMA spans the same
+    steps at any F (:meth:`fold_gap`; a fold every F steps at decay 0.95 instead lost steps to
+    target, bench/results/ekfac_intervals5.md).
     The bases are refreshed densely in the first ``refresh_warmup`` steps (default 30: the
     factors, and so the bases, move most there; bench/results/hf_lm_diagnosis.md): with
     ``refresh_warmup_schedule="geometric"`` (the default) at s_0 = 0,
@@ -119,10 +123,10 @@ class EKFAC(CurvatureOptimizer):
     the language models; on small vision models (the digits MLP and CNN) ``scaling="fisher"``
     reaches a target accuracy in fewer steps (bench/results/ekfac_fisher.md; README's table).
     ``factor_every``, ``inverse_every``, ``precision`` and ``qr`` default per device
-    (:mod:`grng.optim.device_defaults`): on the CPU F = 1, T = 10, fp32 and Householder (as
-    measured: F = 2 needed 150 steps to 3.7 bpc against 125 on five seeds,
-    bench/results/ekfac_intervals5.md); on CUDA the cost model's choice (TF32, CholeskyQR3,
-    F = 4, T = 100: docs/performance.md "EKFAC's CUDA defaults").
+    (:mod:`grng.optim.device_defaults`): on the CPU F = 3, T = 10, fp32 and Householder (as
+    measured: F = 3 kept F = 1's steps to target and losses on the demo's tasks and the Hugging
+    Face models, bench/results/ekfac_factor_every.md); on CUDA the cost model's choice (TF32,
+    CholeskyQR3, F = 4, T = 100: docs/performance.md "EKFAC's CUDA defaults").
     The other keywords (``factor_dtype``, ``inverse_dtype`` for the bases, ``grad_scaler``,
     ``max_grad_norm``, ``max_factor_dim``, ``sync_free``, ``precision``, ``process_group``,
     ``distributed_strategy``) are K-FAC's.
@@ -221,3 +225,22 @@ class EKFAC(CurvatureOptimizer):
     def _inverse_due(self) -> list[bool]:
         """Every block at :meth:`refresh_due` of this step (all in the same step)."""
         return [self.refresh_due(self._steps)] * len(self._blocks)
+
+    def _fold_due(self, step: int) -> bool:
+        """Every step of the refresh warmup (the bases follow the factors there), then every
+        ``factor_every`` steps."""
+        return step < self.refresh_warmup or step % self.factor_every == 0
+
+    def fold_gap(self, step: int) -> int:
+        """Steps since the fold before the one at ``step`` (1 at the first fold): the fold
+        decays the factors by ``factor_decay ** fold_gap(step)``, so their EMA spans the same
+        steps whatever ``factor_every``."""
+        return next(k for k in range(1, self.factor_every + 1)
+                    if step - k < 0 or self._fold_due(step - k))
+
+    def _fold(self, diagonal: list[Unit]) -> None:
+        """A <- beta^k A + (1 - beta^k) A_batch (G likewise), k = :meth:`fold_gap`, beta =
+        ``factor_decay``; the diagonal units as the base class folds them."""
+        self.block.fold([(u, self.capture.rows(u.layer)) for u in self._blocks], self.comm,
+                        decay=self.factor_decay ** self.fold_gap(self._steps))
+        self.diagonal.fold([(u, None) for u in diagonal], self.comm)

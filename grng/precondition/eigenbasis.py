@@ -214,8 +214,9 @@ class EigenbasisPreconditioner(Preconditioner):
     def new_state(self, unit_params, layer) -> EigenbasisBlock:
         return EigenbasisBlock()
 
-    def fold(self, units, comm) -> None:
-        fold_factors(units, comm, self.config, self.stacks)
+    def fold(self, units, comm, decay: float | None = None) -> None:
+        """K-FAC's fold of the factors, at EMA decay ``decay`` (None: the config's)."""
+        fold_factors(units, comm, self.config, self.stacks, decay)
         if self.scaling == "fisher":  # kept for this step's update (then dropped)
             self._rows = {u.index: rows for u, rows in units if rows is not None}
             self._comm = comm

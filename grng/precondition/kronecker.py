@@ -28,10 +28,11 @@ from grng.precondition.base import CurvatureConfig, Preconditioner, Unit, comput
 
 
 def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Communicator,
-                 config: CurvatureConfig, stacks: Stacks) -> None:
+                 config: CurvatureConfig, stacks: Stacks, decay: float | None = None) -> None:
     """A <- beta A + (1 - beta) A_batch and G likewise for each unit's state (fields ``A``,
     ``G``; the first fold sets them), all units in one fold on the communicator's verbs
-    (:func:`grng.distributed.plan.fold_factors`; ``stacks``: those of batched folds)."""
+    (:func:`grng.distributed.plan.fold_factors`; ``stacks``: those of batched folds); beta =
+    ``decay``, or the config's ``factor_decay`` when None."""
     folds: list[tuple[StateView, str, FactorFold]] = []
     for unit, rows in units:
         block = unit.state
@@ -41,7 +42,8 @@ def fold_factors(units: list[tuple[Unit, tuple[Rows, Rows] | None]], comm: Commu
                                    ("G", unit.layer.g_factor, g_rows)):
             folds.append((block, side, FactorFold(structure, r, getattr(block, side), unit.like,
                                                   compute, config.factor_dtype, block=unit.index)))
-    fold_on_verbs([f for _, _, f in folds], comm, config.factor_decay, config.backend, stacks)
+    beta = config.factor_decay if decay is None else decay
+    fold_on_verbs([f for _, _, f in folds], comm, beta, config.backend, stacks)
     for block, side, f in folds:
         setattr(block, side, f.result)
 
