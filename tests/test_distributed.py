@@ -182,6 +182,11 @@ RUNS.update({
                                                distributed_strategy="mem-opt"), True),
     "ekfac_embed_comm": ("embed", optimizer_factory("ekfac", **_EKFAC), True),
     "ekfac_sync_free": ("branchy", optimizer_factory("ekfac", **_EKFAC, sync_free=True), True),
+    # folds at steps 0, 1 (the warmup), then 3 (of STEPS = 4), decaying by factor_decay ** 2
+    "ekfac_fold_period_mem": ("branchy", optimizer_factory("ekfac", **_EKFAC, factor_every=3,
+                                                           refresh_warmup=2,
+                                                           distributed_strategy="mem-opt"),
+                              True),
     # the original scaling: each rank's eigenvalue correction averaged (equal local batches;
     # comm-opt only: mem-opt keeps a block's bases on its owner and is refused)
     "ekfac_fisher_comm": ("branchy", optimizer_factory("ekfac", **_EKFAC, scaling="fisher",
