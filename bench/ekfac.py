@@ -161,6 +161,10 @@ CONFIGS: dict[str, dict[str, list[tuple[str, str, dict]]]] = {
     # the refresh warmup): F = 3 is the CPU default (bench/results/ekfac_factor_every.md)
     "factor_every": {task: [(f"EKFAC factor_every {f}", "ekfac", {"lr": 1e-2, "factor_every": f})
                             for f in (1, 2, 3, 4)] for task in ("transformer", "mlp", "cnn")},
+    # how the second moment follows a new basis at the current defaults: reprojected (the
+    # default) or kept (bench/results/ekfac_carry.md; the recurrent models' in issue 25's)
+    "carry": {task: [(f"EKFAC carry {c}", "ekfac", {"lr": 1e-2, "carry": c})
+                     for c in ("reproject", "keep")] for task in ("transformer", "mlp", "cnn")},
     # issue 21's step targets at the current defaults (bench/results/ekfac_grid.md, read
     # by bench/ekfac_targets.py): EKFAC's defaults against AdamW and SOAP (and Muon on the
     # language task) at each lr of 3e-3, 1e-2, 3e-2, so their best lr is a row

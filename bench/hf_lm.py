@@ -81,6 +81,9 @@ CONFIGS: list[tuple[str, str, dict]] = [
     ("EKFAC lr 3e-3", "ekfac", {"lr": 3e-3}),
     # folds every step, the CPU default before F = 3 (bench/results/ekfac_factor_every.md)
     ("EKFAC factor_every 1", "ekfac", {"factor_every": 1}),
+    # the second moment kept, not reprojected, at a basis change (better on the recurrent LMs:
+    # bench/results/recurrent_ekfac_keep.md)
+    ("EKFAC carry keep", "ekfac", {"carry": "keep"}),
     ("EKFAC refresh_warmup 0", "ekfac", {"refresh_warmup": 0}),
     ("EKFAC refresh_warmup 10", "ekfac",
      {"refresh_warmup": 10, "refresh_warmup_schedule": "every"}),

@@ -108,7 +108,10 @@ class EKFAC(CurvatureOptimizer):
     time (``basis="eigh"``); ``qr`` says how the step orthonormalizes: "householder" (default)
     or "cholesky" (shifted CholeskyQR3 of the column-normalized M Q_prev in float64: GEMMs and
     triangular solves; where a Cholesky fails, the QR's fallback). ``carry`` says how the
-    second moment follows a new basis: "reproject" (default: v <- (Q_new^T Q_old)^2 v ((Q_A,new^T Q_A,old)^2)^T) or "keep".
+    second moment follows a new basis: "reproject" (default: v <- (Q_new^T Q_old)^2 v
+    ((Q_A,new^T Q_A,old)^2)^T) or "keep" (v as it is: fewer steps on the recurrent LMs,
+    bench/results/recurrent_ekfac_keep.md; more on the Hugging Face models at step 100 and the
+    digits CNN, hf_lm.md and ekfac_carry.md).
     ``scaling="fisher"`` is EKFAC's original scaling (George et al. 2018): v is the EMA of the
     Fisher's eigenvalue correction (the per-row squared projections (Q_G^T g_r)^2 (Q_A^T a_r)^2
     of the captured rows; it needs ``factor_every=1``, and under a process group the comm-opt
