@@ -18,6 +18,20 @@ from grng.testing import classification_batches, small_mlp
 F64 = torch.float64
 
 
+def with_ones(rows: Tensor) -> Tensor:
+    """[rows, 1]: the rows with the bias column K-FAC's A factor appends."""
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+
+
+def linear_factors(lin: nn.Linear, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, G) of one Linear call from its input and its retained output gradient:
+    A = abar^T abar / n, G = e^T e / n with abar = [x, 1] and e = n dL/d out."""
+    n = x.shape[0]
+    abar = with_ones(x.detach())
+    e = n * out.grad
+    return abar.T @ abar / n, e.T @ e / n
+
+
 
 def _mlp(dtype: torch.dtype = F64) -> nn.Module:
     """Two Kronecker blocks and a LayerNorm (diagonal fallback)."""

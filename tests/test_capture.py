@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, vmap
 from grng import KFAC
 from grng.curvature.blocks import find_blocks
 from grng.curvature.capture import CurvatureCapture
+from optimizer_helpers import linear_factors, with_ones
 
 DT = torch.float64
 
@@ -34,10 +35,6 @@ def _state_of(opt: KFAC, module: nn.Module) -> dict:
         if layer.weight is module.weight:
             return opt.layer_state(layer)
     raise KeyError(f"{module} has no Kronecker block")
-
-
-def _with_ones(rows: Tensor) -> Tensor:
-    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
 
 
 def _per_example_grads(model: nn.Module, loss_one, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -101,7 +98,7 @@ def test_linear_factors_equal_per_example_gradient_moments() -> None:
     pg = _per_example_grads(lin, _sq_loss, x, y)
     e = pg["bias"]                                         # (n, o): e_n = d l_n / d s_n
     _close(pg["weight"], e[:, :, None] * x[:, None, :])    # grad W_n = e_n a_n^T (sanity)
-    abar = _with_ones(x)
+    abar = with_ones(x)
     A_exp, G_exp = abar.T @ abar / n, e.T @ e / n
 
     opt = KFAC(lin, lr=0.0)
@@ -129,7 +126,7 @@ def test_one_example_kronecker_is_outer_product_of_gradient(bias: bool) -> None:
     opt.step()
     st = opt.layer_state(opt.layers[0])
     e = out.grad[0]                              # N = 1: e = g_hat
-    abar = _with_ones(x)[0] if bias else x[0]
+    abar = with_ones(x)[0] if bias else x[0]
     _close(st["G"], torch.outer(e, e))
     _close(st["A"], torch.outer(abar, abar))
     assert st["A"].shape == ((4, 4) if bias else (3, 3))
@@ -149,7 +146,7 @@ def test_linear_three_dim_input_rows_are_tokens() -> None:
     pg = _per_example_grads(lin, _sq_loss, rows_x, rows_y)   # every token is an example
     e = pg["bias"]
     n = b * t
-    abar = _with_ones(rows_x)
+    abar = with_ones(rows_x)
 
     opt = KFAC(lin, lr=0.0)
     _sq_loss(lin(x), y).backward()
@@ -190,7 +187,7 @@ def test_weight_sharing_accumulates_every_call() -> None:
     opt.step()
     st = opt.layer_state(opt.layers[0])
     rows = 2 * n                                        # both calls' rows are examples
-    abar = _with_ones(torch.cat([x, a2.detach()]))
+    abar = with_ones(torch.cat([x, a2.detach()]))
     e = rows * torch.cat([h1.grad, h2.grad])
     _close(st["A"], abar.T @ abar / rows)
     _close(st["G"], e.T @ e / rows)
@@ -213,7 +210,7 @@ def test_conv2d_factors_match_manual_unfold() -> None:
     patches = _manual_patches(x, conv)                     # (n, T, C*kh*kw)
     t = out.shape[2] * out.shape[3]
     assert patches.shape == (n, t, 3 * 2 * 3)
-    abar = _with_ones(patches.reshape(n * t, -1))
+    abar = with_ones(patches.reshape(n * t, -1))
     g_hat = out.grad.permute(0, 2, 3, 1).reshape(n * t, -1)
     # the manual patch order agrees with autograd's weight gradient: sum_t g_hat a_bar^T = [dW db]
     _close((g_hat.T @ abar).reshape(-1), _row_vec_grad(conv))
@@ -303,14 +300,6 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
 
 
-def _linear_factors(lin: nn.Linear, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """(A, G) of one Linear call from its input and its retained output gradient."""
-    n = x.shape[0]
-    abar = _with_ones(x.detach())
-    e = n * out.grad
-    return abar.T @ abar / n, e.T @ e / n
-
-
 def test_no_grad_forward_records_nothing() -> None:
     lin = nn.Linear(3, 2).double()
     opt = KFAC(lin, lr=0.0)
@@ -323,7 +312,7 @@ def test_no_grad_forward_records_nothing() -> None:
     out.retain_grad()
     _sq_loss(out, torch.randn(6, 2, dtype=DT)).backward()
     opt.step()
-    A, G = _linear_factors(lin, x, out)
+    A, G = linear_factors(lin, x, out)
     st = opt.layer_state(opt.layers[0])
     _close(st["A"], A)
     _close(st["G"], G)
@@ -342,7 +331,7 @@ def test_first_update_sets_then_blends_with_factor_decay() -> None:
         _sq_loss(out, torch.randn(5, 2, dtype=DT)).backward()
         opt.step()
         opt.zero_grad()
-        expected.append(_linear_factors(lin, x, out))
+        expected.append(linear_factors(lin, x, out))
         if len(expected) == 1:   # set, not blended with anything (e.g. not beta * 0 + ...)
             _close(st["A"], expected[0][0])
             _close(st["G"], expected[0][1])
@@ -366,7 +355,7 @@ def test_factors_untouched_when_not_due() -> None:
             assert opt.capture.rows(opt.layers[0]) is None     # not armed off-step
         opt.step()
         opt.zero_grad()
-        seen.append(_linear_factors(lin, x, out))
+        seen.append(linear_factors(lin, x, out))
         if k == 0:
             A0, G0 = st["A"].clone(), st["G"].clone()
         if k == 1:
@@ -399,7 +388,7 @@ def test_paused_records_nothing() -> None:
     out.retain_grad()
     (_sq_loss(model[2](model[1](out)), torch.randn(6, 2, dtype=DT)) + 0.0 * probe).backward()
     opt.step()
-    A, G = _linear_factors(lin1, x_rec, out)
+    A, G = linear_factors(lin1, x_rec, out)
     _close(_state_of(opt, lin1)["A"], A)
     _close(_state_of(opt, lin1)["G"], G)
 
@@ -424,7 +413,7 @@ def test_double_backward_records_once() -> None:
     out.retain_grad()
     loss = _sq_loss(out, torch.randn(5, 2, dtype=DT))
     loss.backward(create_graph=True)
-    A, G = _linear_factors(lin, x, out)          # out.grad = g_hat of the plain loss
+    A, G = linear_factors(lin, x, out)          # out.grad = g_hat of the plain loss
     gnorm = sum(p.grad.square().sum() for p in lin.parameters())
     for p in lin.parameters():
         p.grad = None

@@ -24,6 +24,7 @@ from grng import ops
 from grng.optim.cases import make_optimizer
 from grng.precondition import eigenbasis
 from grng.testing import classification_batches, small_mlp
+from optimizer_helpers import linear_factors
 
 F64 = torch.float64
 
@@ -733,10 +734,7 @@ def _fold_reference(lin: nn.Linear, beta: float, folds: set[int], steps: int,
         out = lin(x)
         out.retain_grad()
         F.mse_loss(out, torch.zeros_like(out)).backward()
-        n = x.shape[0]
-        abar = torch.cat([x, torch.ones(n, 1, dtype=F64)], 1)
-        e = n * out.grad
-        Ab, Gb = abar.T @ abar / n, e.T @ e / n
+        Ab, Gb = linear_factors(lin, x, out)
         if A is None:
             A, G = Ab, Gb
         else:

@@ -28,6 +28,7 @@ from grng import ops
 from grng.curvature.blocks import Block, find_blocks
 from grng.curvature.capture import CurvatureCapture
 from grng.curvature.coverage import CoverageReport, coverage_report, warn_at_construction
+from grng.curvature.factors import Rows
 from grng.curvature.options import MAX_FACTOR_DIM, BlockOptions
 from grng.curvature.state import StateView
 from grng.distributed import STRATEGIES, make_communicator, refuse_sharded
@@ -367,8 +368,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _fold(self, diagonal: list[Unit]) -> None:
         """Fold this step's captured rows into the blocks and the gradients into the
         ``diagonal`` units."""
-        self.block.fold([(u, self.capture.rows(u.layer)) for u in self._blocks], self.comm)
+        self._fold_blocks([(u, self.capture.rows(u.layer)) for u in self._blocks])
         self.diagonal.fold([(u, None) for u in diagonal], self.comm)
+
+    def _fold_blocks(self, units: list[tuple[Unit, tuple[Rows, Rows] | None]]) -> None:
+        """The blocks' fold, M <- beta M + (1 - beta) M_batch at the config's decay."""
+        self.block.fold(units, self.comm)
 
     def _update_groups(self) -> Iterator[tuple[dict[str, Any], list[Tensor], list[Tensor] | None]]:
         """(group, its parameters with a gradient, their momentum buffers or None) per group."""

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from grng.curvature.factors import Rows
 from grng.curvature.options import MAX_FACTOR_DIM
 from grng.optim import device_defaults
 from grng.optim import validation as check
@@ -241,9 +242,7 @@ class EKFAC(CurvatureOptimizer):
         return next(k for k in range(1, self.factor_every + 1)
                     if step - k < 0 or self._fold_due(step - k))
 
-    def _fold(self, diagonal: list[Unit]) -> None:
+    def _fold_blocks(self, units: list[tuple[Unit, tuple[Rows, Rows] | None]]) -> None:
         """A <- beta^k A + (1 - beta^k) A_batch (G likewise), k = :meth:`fold_gap`, beta =
-        ``factor_decay``; the diagonal units as the base class folds them."""
-        self.block.fold([(u, self.capture.rows(u.layer)) for u in self._blocks], self.comm,
-                        decay=self.factor_decay ** self.fold_gap(self._steps))
-        self.diagonal.fold([(u, None) for u in diagonal], self.comm)
+        ``factor_decay``."""
+        self.block.fold(units, self.comm, decay=self.factor_decay ** self.fold_gap(self._steps))
