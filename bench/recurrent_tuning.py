@@ -13,6 +13,9 @@ diagonal fallback, each variant at its own tuned settings?
    1 and 2 were not seen by the sweep; a task without sweep rows: K-FAC at the settings of
    ``bench/time_to_target.py``, EKFAC at its defaults), or every variant at ``--settings``
    (e.g. K-FAC's library defaults).
+3. ``grid``: every setting of ``PAIRED`` (K-FAC's grid; EKFAC's lrs at both carries) at every
+   given seed, the two variants at the same setting and seed: the comparison that depends on no
+   one chosen setting (``bench/issue25_targets.py`` counts the pairs).
 
 One thread; steps, not seconds, are compared. The data, models, AdamW settings and the eval
 are those of ``bench/time_to_target.py`` (``--bn-eval batch``: the digits CNN evaluated with
@@ -24,6 +27,7 @@ included; bench/results/recurrent_kfac_diagnosis.md).
         --csv bench/results/recurrent_tuning_final.csv
     python bench/recurrent_tuning.py final --optimizers K-FAC --csv FINAL.csv \
         --settings '{"lr": 0.01, "damping": 0.001, "kl_clip": 0.001}'
+    python bench/recurrent_tuning.py grid --tasks LSTM --seeds 0 1 2 3 4 --csv GRID.csv
     python bench/recurrent_tuning.py report --sweep-csv SWEEP.csv ... --csv FINAL.csv ...
     python bench/recurrent_tuning.py resolutions --csv FINAL.csv FINAL_EVAL1.csv  # side by side
 """
@@ -69,6 +73,10 @@ GRIDS = {
     "EKFAC": [dict(lr=0.003), dict(lr=0.01),
               dict(lr=0.03)],  # added after the first pass: 0.01 was the best, at the edge
 }
+#: the ``grid`` stage's settings: K-FAC's whole grid; EKFAC's lrs at both carries ("keep" is the
+#: one the README names for recurrent models)
+PAIRED = {"K-FAC": GRIDS["K-FAC"],
+          "EKFAC": [dict(s, carry=carry) for carry in ("reproject", "keep") for s in GRIDS["EKFAC"]]}
 FIELDS = ["stage", "task", "seed", "optimizer", "variant", "settings", "target", "steps",
           "eval_at_50", "curve", "error"]
 
@@ -158,6 +166,25 @@ def final(path: Path, sweep_paths: list[Path], tasks: list[str], seeds: list[int
             _write(path, rows)
 
 
+def grid(path: Path, tasks: list[str], seeds: list[int], optimizers: list[str]) -> None:
+    """Every ``PAIRED`` setting at every seed, both variants at the same setting (rows already
+    in ``path`` are kept, not rerun)."""
+    rows = _read(path)
+    done = {(r["task"], r["seed"], r["optimizer"], r["variant"], r["settings"]) for r in rows}
+    for task, seed in itertools.product(tasks, seeds):
+        target = None
+        for optimizer in optimizers:
+            for settings, variant in itertools.product(PAIRED[optimizer], ("blocks", "diagonal")):
+                if (task, str(seed), optimizer, variant, repr(settings)) in done:
+                    continue
+                if target is None:
+                    target = ttt.run(task, seed, "AdamW")[ttt.TARGET_STEP]
+                rows.append(_row("grid", task, seed, optimizer, variant, settings, target))
+                print(task, seed, optimizer, variant, settings, rows[-1]["steps"],
+                      rows[-1]["eval_at_50"], flush=True)
+                _write(path, rows)
+
+
 def _steps(row: dict) -> str:
     if row.get("error"):
         return f"error: {row['error']}"
@@ -240,7 +267,7 @@ def resolutions(coarse: Path, fine: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("sweep", "final", "report", "resolutions"))
+    parser.add_argument("stage", choices=("sweep", "final", "grid", "report", "resolutions"))
     parser.add_argument("--csv", type=Path, nargs="+", required=True,
                         help="the output CSV (report: the final CSVs)")
     parser.add_argument("--sweep-csv", type=Path, nargs="+",
@@ -267,7 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     _load()
     ttt.EVAL_EVERY = args.eval_every
     ttt.BN_EVAL[0] = args.bn_eval
-    if args.stage == "sweep":
+    if args.stage == "grid":
+        grid(args.csv[0], args.tasks or ["LSTM", "GRU", "digits CNN"], args.seeds,
+             args.optimizers)
+    elif args.stage == "sweep":
         sweep(args.csv[0], args.tasks or ["LSTM", "GRU"], args.optimizers, args.sweep_csv or [])
     else:
         final(args.csv[0], args.sweep_csv, args.tasks or ["LSTM", "GRU", "digits CNN"],
