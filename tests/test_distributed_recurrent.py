@@ -2,9 +2,10 @@
 DDP on gloo with two real processes on 127.0.0.1 equals one process on the whole batch.
 
 The model has an LSTM (2 layers, proj_size), a bidirectional GRU and a relu RNN, so the
-recurrent blocks (ih, hh, hr per layer and direction, rows over time steps) go through the factor all-reduce,
-the inverse assignment and the broadcasts. Every rank gets half of the sequences (all of
-length T, so the mean loss over tokens is the mean of the ranks' means). float64.
+recurrent blocks (ih, hh, hr per layer and direction, rows over time steps) go through the
+factor all-reduce, the inverse assignment and the broadcasts. Every rank gets half of the
+sequences (all of length T, so the mean loss over tokens is the mean of the ranks' means).
+float64.
 """
 from __future__ import annotations
 

@@ -217,8 +217,8 @@ def construction_warnings(report: CoverageReport, owner: str) -> list[str]:
                    "parameters get a Kronecker block; supported: Linear, Conv1d/2d, Embedding, "
                    "transformers' Conv1D, nn.MultiheadAttention's projections, nn.LSTM / "
                    "GRU / RNN), so every parameter gets only the diagonal fallback and the "
-                   "optimizer is a diagonal method. See opt.coverage() and docs/algorithms.md 'Layer helpers' "
-                   "(grng.register_layer adds a helper).")
+                   "optimizer is a diagonal method. See opt.coverage() and docs/algorithms.md "
+                   "'Layer helpers' (grng.register_layer adds a helper).")
     degraded = report.degraded()
     if degraded:
         listed = "; ".join(f"{e.name} {tuple(e.shape)}: {e.note}" for e in degraded)

@@ -91,8 +91,8 @@ def _weight_names(module: nn.Module) -> list[str]:
 
 
 def _forward(self: nn.Module, input: Tensor | PackedSequence, hx=None):
-    """The forward of an attached LSTM/GRU/RNN: :func:`recurrent_forward` reporting to the captures
-    that record this call, else the module's own (fused) forward."""
+    """The forward of an attached LSTM/GRU/RNN: :func:`recurrent_forward` reporting to the
+    captures that record this call, else the module's own (fused) forward."""
     report = recording_report(self)
     if report is None:
         return type(self).forward(self, input, hx)
