@@ -541,7 +541,6 @@ def _gru_reference(steps: _Steps, gi: Tensor, bh: Tensor, w_hh: Tensor,
     return torch.cat(outs), h
 
 
-register_layer(nn.LSTM, RecurrentProjection)
 def _rnn_reference(steps: _Steps, pre: Tensor, w_hh: Tensor, h0: Tensor,
                    nonlinearity: str) -> tuple[Tensor, Tensor]:
     """The recurrence of :class:`_RNNRecurrence` in plain differentiable ops (y, h_n)."""
@@ -557,5 +556,6 @@ def _rnn_reference(steps: _Steps, pre: Tensor, w_hh: Tensor, h0: Tensor,
     return torch.cat(outs), h
 
 
+register_layer(nn.LSTM, RecurrentProjection)
 register_layer(nn.GRU, RecurrentProjection)
 register_layer(nn.RNN, RecurrentProjection)
