@@ -1,10 +1,11 @@
 """Data-parallel K-FAC and EKFAC on a recurrent language model (issue 25; docs/distributed.md):
 DDP on gloo with two real processes on 127.0.0.1 equals one process on the whole batch.
 
-The model has an LSTM (2 layers, proj_size) and a bidirectional GRU, so the recurrent blocks
-(ih, hh, hr per layer and direction, rows over time steps) go through the factor all-reduce,
-the inverse assignment and the broadcasts. Every rank gets half of the sequences (all of
-length T, so the mean loss over tokens is the mean of the ranks' means). float64.
+The model has an LSTM (2 layers, proj_size), a bidirectional GRU and a relu RNN, so the
+recurrent blocks (ih, hh, hr per layer and direction, rows over time steps) go through the
+factor all-reduce, the inverse assignment and the broadcasts. Every rank gets half of the
+sequences (all of length T, so the mean loss over tokens is the mean of the ranks' means).
+float64.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ class RecurrentLM(nn.Module):
         self.emb = nn.Embedding(VOCAB, 4)
         self.lstm = nn.LSTM(4, 6, num_layers=2, proj_size=3, batch_first=True)
         self.gru = nn.GRU(3, 5, bidirectional=True, batch_first=True)
-        self.head = nn.Linear(10, VOCAB)
+        self.rnn = nn.RNN(10, 4, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(4, VOCAB)
 
     def forward(self, tokens):
-        return self.head(self.gru(self.lstm(self.emb(tokens))[0])[0])
+        return self.head(self.rnn(self.gru(self.lstm(self.emb(tokens))[0])[0])[0])
 
 
 def _model() -> nn.Module:
@@ -89,7 +91,7 @@ def test_recurrent_model_on_two_processes_equals_one_process() -> None:
         model = _model()
         opt = factory(model)
         _train(model, opt, 0, 1)
-        assert sum(n.startswith(("lstm.", "gru.")) for n in opt.capture.names) == 10
+        assert sum(n.startswith(("lstm.", "gru.", "rnn.")) for n in opt.capture.names) == 12
         refs[name] = [p.detach().clone() for p in model.parameters()]
     world = 2
     reports = spawn_ranks(_worker, world, refs, timeout_s=TIMEOUT_S)

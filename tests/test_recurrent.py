@@ -1,4 +1,4 @@
-"""Kronecker blocks of nn.LSTM and nn.GRU (docs/algorithms.md "Recurrent layers"): the
+"""Kronecker blocks of nn.LSTM, nn.GRU and nn.RNN (docs/algorithms.md "Recurrent layers"): the
 written-out forward equals the fused one in float64 over the option grid; the captured rows
 reproduce autograd's gradient of every block (rows stacked over time steps); for one sequence of
 one step A (x) G is the outer product of the torch.func gradient; the fused forward runs on the
@@ -21,6 +21,15 @@ from grng.curvature.recurrent import RecurrentProjection, recurrent_forward
 from grng.optim.cases import optimizer_factory
 
 DT = torch.float64
+#: the recurrent modules under test: "RNN" is tanh, "RNN-relu" nonlinearity="relu"
+KINDS = ["LSTM", "GRU", "RNN", "RNN-relu"]
+
+
+def _module(kind: str, *args, **kw) -> nn.Module:
+    """nn.LSTM / nn.GRU / nn.RNN (tanh or relu) of ``kind`` (one of KINDS)."""
+    if kind == "RNN-relu":
+        return nn.RNN(*args, nonlinearity="relu", **kw)
+    return getattr(nn, kind)(*args, **kw)
 
 
 def _flat(out) -> list[Tensor]:
@@ -32,9 +41,9 @@ def _flat(out) -> list[Tensor]:
 
 
 GRID = [c for c in itertools.product(
-    ["LSTM", "GRU"], [1, 2], [False, True], [False, True], [0, 2], [0.0, 0.4],
+    KINDS, [1, 2], [False, True], [False, True], [0, 2], [0.0, 0.4],
     ["padded", "packed", "unbatched"], [False, True])
-    if not (c[0] == "GRU" and c[4]) and not (c[5] and c[1] == 1)]
+    if not (c[0] != "LSTM" and c[4]) and not (c[5] and c[1] == 1)]
 
 
 @pytest.mark.parametrize("kind, layers, bidirectional, batch_first, proj, dropout, form, hx",
@@ -46,8 +55,8 @@ def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, b
     kernel."""
     torch.manual_seed(0)
     kw = dict(proj_size=proj) if proj else {}
-    m = getattr(nn, kind)(3, 4, num_layers=layers, bidirectional=bidirectional,
-                          batch_first=batch_first, dropout=dropout, **kw).double().train()
+    m = _module(kind, 3, 4, num_layers=layers, bidirectional=bidirectional,
+                batch_first=batch_first, dropout=dropout, **kw).double().train()
     T, N = 5, 3
     x = torch.randn(*((N, T) if batch_first else (T, N)), 3, dtype=DT)
     dirs = 2 if bidirectional else 1
@@ -80,13 +89,15 @@ def test_written_out_forward_equals_the_fused_one(kind, layers, bidirectional, b
 
 
 @pytest.mark.parametrize("kind, kw", [("LSTM", dict(proj_size=5, bidirectional=True)),
-                                      ("GRU", dict(num_layers=2))])
+                                      ("GRU", dict(num_layers=2)),
+                                      ("RNN", dict(num_layers=2, bidirectional=True)),
+                                      ("RNN-relu", dict(num_layers=2))])
 def test_written_out_forward_in_float32_is_as_accurate_as_the_fused_one(kind, kw) -> None:
     """float32 (17 x 9 input, hidden 13, packed sequences of lengths 1 to 9): the error (2-norm)
     of every output and gradient against the fused float64 computation is at most 2x the fused
     float32 forward's own error."""
     torch.manual_seed(8)
-    m64 = getattr(nn, kind)(17, 13, **kw).double()
+    m64 = _module(kind, 17, 13, **kw).double()
     x64 = torch.randn(9, 6, 17, dtype=DT)
     lengths = torch.tensor([9, 1, 4, 9, 7, 2])
 
@@ -101,7 +112,7 @@ def test_written_out_forward_in_float32_is_as_accurate_as_the_fused_one(kind, kw
         return [t.double() for t in out + list(grads)]
 
     truth = run(m64, x64, False)
-    m32 = getattr(nn, kind)(17, 13, **kw)
+    m32 = _module(kind, 17, 13, **kw)
     m32.load_state_dict(m64.state_dict())
     fused, written = run(m32, x64.float(), False), run(m32, x64.float(), True)
     for t, f, w in zip(truth, fused, written):
@@ -109,13 +120,15 @@ def test_written_out_forward_in_float32_is_as_accurate_as_the_fused_one(kind, kw
 
 
 @pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", dict(bidirectional=True)),
-                                      ("LSTM", dict(proj_size=2, num_layers=2))])
+                                      ("LSTM", dict(proj_size=2, num_layers=2)),
+                                      ("RNN", dict(bidirectional=True)),
+                                      ("RNN-relu", dict(num_layers=2))])
 def test_double_backward_through_the_written_out_forward_equals_the_fused_one(kind, kw) -> None:
     """create_graph=True (exact gradient regularization): the Hessian-vector product through
     the written-out recurrence (which then recomputes through its plain reference) equals the
     fused forward's."""
     torch.manual_seed(6)
-    m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    m = _module(kind, 3, 4, batch_first=True, **kw).double()
     x = pack_padded_sequence(torch.randn(3, 5, 3, dtype=DT), torch.tensor([5, 2, 4]),
                              batch_first=True, enforce_sorted=False)
     params = list(m.parameters())
@@ -135,7 +148,7 @@ def _lm(kind: str, **kw) -> nn.Module:
         def __init__(self) -> None:
             super().__init__()
             self.emb = nn.Embedding(11, 5)
-            self.rnn = getattr(nn, kind)(5, 6, batch_first=True, **kw)
+            self.rnn = _module(kind, 5, 6, batch_first=True, **kw)
             self.head = nn.Linear(6 * (2 if kw.get("bidirectional") else 1)
                                   if not kw.get("proj_size") else kw["proj_size"]
                                   * (2 if kw.get("bidirectional") else 1), 11)
@@ -148,7 +161,8 @@ def _lm(kind: str, **kw) -> nn.Module:
 
 @pytest.mark.parametrize("kind, kw", [
     ("LSTM", {}), ("GRU", dict(num_layers=2, bidirectional=True)),
-    ("LSTM", dict(proj_size=3, num_layers=2))])
+    ("LSTM", dict(proj_size=3, num_layers=2)), ("RNN", dict(num_layers=2, bidirectional=True)),
+    ("RNN-relu", {})])
 def test_recurrent_language_models_are_fully_covered(kind, kw) -> None:
     model = _lm(kind, **kw)
     with warnings.catch_warnings():
@@ -165,13 +179,15 @@ def test_recurrent_language_models_are_fully_covered(kind, kw) -> None:
     ("LSTM", {}, False, ()), ("GRU", {}, False, ()), ("LSTM", dict(bidirectional=True), True, ()),
     ("GRU", dict(num_layers=2, bidirectional=True), True, ()),
     ("LSTM", dict(proj_size=2), True, ()),
-    ("LSTM", {}, False, ("weight_ih_l0", "bias_ih_l0")), ("GRU", {}, True, ("bias_hh_l0",))])
+    ("LSTM", {}, False, ("weight_ih_l0", "bias_ih_l0")), ("GRU", {}, True, ("bias_hh_l0",)),
+    ("RNN", {}, False, ()), ("RNN-relu", dict(num_layers=2, bidirectional=True), True, ()),
+    ("RNN", {}, True, ("weight_ih_l0", "bias_ih_l0", "bias_hh_l0"))])
 def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed, frozen) -> None:
     """sum over the stacked rows of g_hat a_bar^T = [dW db] for every block (rows over time
     steps, both directions, packed sequences of different lengths; a frozen input-hidden
-    weight or hidden bias: the hh rows still come)."""
+    weight or hidden bias, or both biases too: the hh rows still come)."""
     torch.manual_seed(2)
-    m = getattr(nn, kind)(3, 4, batch_first=True, **kw).double()
+    m = _module(kind, 3, 4, batch_first=True, **kw).double()
     for name in frozen:
         getattr(m, name).requires_grad_(False)
     opt = KFAC(m, lr=0.0)
@@ -190,12 +206,12 @@ def test_captured_rows_reproduce_every_blocks_gradient(kind, kw, packed, frozen)
     opt.step()
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_one_step_one_sequence_is_the_outer_product_of_the_gradient(kind) -> None:
     """T = 1, N = 1 (a nonzero h0, so hh sees a nonzero input): A (x) G = v v^T per block,
     v from torch.func."""
     torch.manual_seed(3)
-    m = getattr(nn, kind)(3, 4).double()
+    m = _module(kind, 3, 4).double()
     x = torch.randn(1, 1, 3, dtype=DT)
     h0 = torch.randn(1, 1, 4, dtype=DT)
     hx = (h0, torch.randn(1, 1, 4, dtype=DT)) if kind == "LSTM" else h0
@@ -252,8 +268,10 @@ def test_steps_that_fold_no_factors_run_the_fused_forward(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("make", [optimizer_factory("kfac-eigen", lr=0.05),
-                                  optimizer_factory("rkalman", lr=0.05)], ids=["kfac", "rkalman"])
-@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+                                  optimizer_factory("ekfac", lr=0.05),
+                                  optimizer_factory("rkalman", lr=0.05)],
+                         ids=["kfac", "ekfac", "rkalman"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_recurrent_language_model_trains_and_checkpoints(make, kind) -> None:
     torch.manual_seed(4)
     model = _lm(kind)
@@ -276,12 +294,13 @@ def test_recurrent_language_model_trains_and_checkpoints(make, kind) -> None:
             assert torch.equal(v, other.layer_state(twin)[k]), k
 
 
-def test_lstm_subclass_with_its_own_forward_gets_the_diagonal_with_the_reason() -> None:
-    class Mine(nn.LSTM):
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_recurrent_subclass_with_its_own_forward_gets_the_diagonal_with_the_reason(kind) -> None:
+    class Mine(getattr(nn, kind)):
         def forward(self, x, hx=None):
             return super().forward(x, hx)
 
-    with pytest.warns(UserWarning, match="overrides LSTM.forward.*grng.register_layer"):
+    with pytest.warns(UserWarning, match=f"overrides {kind}.forward.*grng.register_layer"):
         opt = KFAC(nn.Sequential(Mine(3, 4)))
     assert opt.coverage()["0.weight_ih_l0"].treatment == "diagonal"
     assert isinstance(RecurrentProjection.unsupported(Mine(3, 4)), str)

@@ -20,7 +20,7 @@ from typing import Protocol
 from torch import Tensor, nn
 
 from grng.curvature import attention  # noqa: F401  (registers nn.MultiheadAttention's helper)
-from grng.curvature import recurrent  # noqa: F401  (registers nn.LSTM and nn.GRU helpers)
+from grng.curvature import recurrent  # noqa: F401  (registers nn.LSTM, nn.GRU, nn.RNN helpers)
 from grng.curvature.factors import FactorStructure
 from grng.curvature.layers import KroneckerLayer, make_layers
 from grng.curvature.options import BlockOptions

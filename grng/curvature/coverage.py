@@ -214,11 +214,11 @@ def construction_warnings(report: CoverageReport, owner: str) -> list[str]:
     out = []
     if not report.blocks() and report.fraction(DIAGONAL) > 0:
         out.append(f"{owner}: the model has no Kronecker-capable layer (0% of the trainable "
-                   "parameters get a Kronecker block; supported: Linear, Conv1d/2d, Embedding, "
-                   "transformers' Conv1D, nn.MultiheadAttention's projections), so every "
-                   "parameter gets only the diagonal fallback and the optimizer is a diagonal "
-                   "method. See opt.coverage() and docs/algorithms.md 'Layer helpers' "
-                   "(grng.register_layer adds a helper).")
+                   "parameters get a Kronecker block; supported: Linear, Conv1d/2d/3d, Embedding, "
+                   "transformers' Conv1D, nn.MultiheadAttention's projections, nn.LSTM / "
+                   "GRU / RNN), so every parameter gets only the diagonal fallback and the "
+                   "optimizer is a diagonal method. See opt.coverage() and docs/algorithms.md "
+                   "'Layer helpers' (grng.register_layer adds a helper).")
     degraded = report.degraded()
     if degraded:
         listed = "; ".join(f"{e.name} {tuple(e.shape)}: {e.note}" for e in degraded)

@@ -1,4 +1,5 @@
-"""Kronecker blocks of ``nn.LSTM`` and ``nn.GRU`` (docs/algorithms.md "Recurrent layers").
+"""Kronecker blocks of ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (docs/algorithms.md "Recurrent
+layers").
 
 The fused recurrent kernel hides the gate pre-activations, so while a capture is attached the
 module's forward is replaced (:mod:`grng.curvature.replacement`): a call that a capture records
@@ -16,7 +17,8 @@ time steps of every sequence (A = (1/n) sum a_bar a_bar^T, G = (1/n) sum e e^T, 
 - ``hr_l{k}`` (LSTM with ``proj_size``): W_hr on o_t * tanh(c_t), h_t = W_hr (o_t * tanh(c_t)).
 
 Gates (torch's order): LSTM i, f, g, o: c_t = f c_{t-1} + i g, h_t = o tanh(c_t); GRU r, z, n:
-n = tanh(gi_n + r gh_n), h_t = (1 - z) n + z h_{t-1}.
+n = tanh(gi_n + r gh_n), h_t = (1 - z) n + z h_{t-1}; RNN (one gate): h_t = act(gi + gh), act
+tanh or relu (``nonlinearity``).
 
 These blocks' G grows by orders of magnitude in the first steps of training, faster than the
 running factors follow: keep K-FAC's KL clip on (its default; docs/algorithms.md "Early
@@ -39,9 +41,9 @@ __all__ = ["RecurrentProjection", "recurrent_forward"]
 
 
 class RecurrentProjection(LinearLayer):
-    """One weight of an ``nn.LSTM`` / ``nn.GRU`` (with its bias) as a Linear block named by
-    ``role`` (``ih_l0``, ``hh_l0_reverse``, ``hr_l1``, ...); registered for both modules, whose
-    blocks it builds (:meth:`blocks`) and observes (:meth:`attach`)."""
+    """One weight of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (with its bias) as a Linear block
+    named by ``role`` (``ih_l0``, ``hh_l0_reverse``, ``hr_l1``, ...); registered for the three
+    modules, whose blocks it builds (:meth:`blocks`) and observes (:meth:`attach`)."""
 
     def __init__(self, module: nn.Module, role: str, weight: Tensor, bias: Tensor | None,
                  options: BlockOptions = BlockOptions()) -> None:
@@ -52,7 +54,7 @@ class RecurrentProjection(LinearLayer):
 
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
-        base = nn.LSTM if isinstance(module, nn.LSTM) else nn.GRU
+        base = next(b for b in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(module, b))
         if type(module).forward is not base.forward:
             return f"{type(module).__name__} overrides {base.__name__}.forward"
         if replaced_by_another(module):
@@ -89,8 +91,8 @@ def _weight_names(module: nn.Module) -> list[str]:
 
 
 def _forward(self: nn.Module, input: Tensor | PackedSequence, hx=None):
-    """The forward of an attached LSTM/GRU: :func:`recurrent_forward` reporting to the captures
-    that record this call, else the module's own (fused) forward."""
+    """The forward of an attached LSTM/GRU/RNN: :func:`recurrent_forward` reporting to the
+    captures that record this call, else the module's own (fused) forward."""
     report = recording_report(self)
     if report is None:
         return type(self).forward(self, input, hx)
@@ -101,7 +103,7 @@ _forward.__name__ = "forward"  # a pickled module's bound method unpickles as th
 
 
 def recurrent_forward(m: nn.Module, report: Report, input: Tensor | PackedSequence, hx=None):
-    """``m(input, hx)`` of an nn.LSTM / nn.GRU step by step (layers, directions, batch_first,
+    """``m(input, hx)`` of an nn.LSTM / GRU / RNN step by step (layers, directions, batch_first,
     unbatched input, PackedSequence, proj_size, inter-layer dropout as the fused CPU kernel
     draws it), reporting (role, block input, block output) for every block product."""
     lstm = isinstance(m, nn.LSTM)
@@ -154,7 +156,7 @@ def recurrent_forward(m: nn.Module, report: Report, input: Tensor | PackedSequen
 def _initial_state(m: nn.Module, hx, n: int, out_size: int, like: Tensor, unbatched: bool,
                    sorted_idx: Tensor | None, lstm: bool) -> tuple[Tensor, Tensor | None]:
     """(h0, c0) as (layers * directions, n, size) in the sorted order of a packed batch (zeros
-    when ``hx`` is None; c0 None for a GRU)."""
+    when ``hx`` is None; c0 None for a GRU or RNN)."""
     layers = m.num_layers * (2 if m.bidirectional else 1)
     if hx is None:
         h0 = like.new_zeros(layers, n, out_size)
@@ -176,10 +178,10 @@ def _direction(m: nn.Module, report: Report, k: int, sfx: str, data: Tensor, siz
 
     The input-hidden products of every step are one GEMM before the recurrence (the ih block's
     rows are the whole sequence at once); the recurrence is one autograd node
-    (:class:`_LSTMRecurrence`, :class:`_GRURecurrence`) that returns the stacked h_{t-1} of
-    every row, so the hh block is reported once: its G rows are the gradient of the per-row
-    gates input (LSTM: gi + b_hh, whose gradient is every step's dL/dgh_t; GRU: b_hh broadcast
-    over the rows)."""
+    (:class:`_LSTMRecurrence`, :class:`_GRURecurrence`, :class:`_RNNRecurrence`) that returns
+    the stacked h_{t-1} of every row, so the hh block is reported once: its G rows are the
+    gradient of the per-row gates input (LSTM, RNN: gi + b_hh, whose gradient is every step's
+    dL/dgh_t; GRU: b_hh broadcast over the rows)."""
     role = f"l{k}{sfx}"
     w_hh = getattr(m, "weight_hh_" + role)
     b_hh = getattr(m, "bias_hh_" + role) if m.bias else None
@@ -188,29 +190,33 @@ def _direction(m: nn.Module, report: Report, k: int, sfx: str, data: Tensor, siz
     report("ih_" + role, data, gi)
     steps = _Steps(sizes, reverse)
     h = h.to(gi.dtype)  # one working dtype (an autocast GEMM's) for the recurrence node
-    if c is not None:
-        pre = gi if b_hh is None else gi + b_hh.to(gi.dtype)
-        if not pre.requires_grad:  # a frozen W_ih and input: the hh rows still need dL/dgh
-            pre = pre.detach().requires_grad_(w_hh.requires_grad)
-        w_hr = getattr(m, "weight_hr_" + role) if m.proj_size > 0 else None
-        tap = None if w_hr is None else gi.new_zeros(gi.shape[0], w_hr.shape[0],
-                                                    requires_grad=True)
-        y, h_n, c_n, h_prev, inner = _LSTMRecurrence.apply(
-            steps, pre, w_hh.to(pre.dtype), h, c.to(pre.dtype),
-            None if w_hr is None else w_hr.to(pre.dtype), tap)
+    if isinstance(m, nn.GRU):
+        rows = gi.shape[0]
+        if b_hh is not None and b_hh.requires_grad:
+            bh = b_hh.to(gi.dtype).expand(rows, b_hh.shape[0])
+        else:  # a zero (or frozen-bias) input that carries the hh block's gradient rows
+            bh = gi.new_zeros(rows, w_hh.shape[0], requires_grad=True)
+            bh = bh if b_hh is None else bh + b_hh.to(gi.dtype)
+        y, h_n, h_prev = _GRURecurrence.apply(steps, gi, bh, w_hh.to(gi.dtype), h)
+        report("hh_" + role, h_prev, bh)
+        return y, h_n, None
+    pre = gi if b_hh is None else gi + b_hh.to(gi.dtype)
+    if not pre.requires_grad:  # a frozen W_ih and input: the hh rows still need dL/dgh
+        pre = pre.detach().requires_grad_(w_hh.requires_grad)
+    if c is None:  # nn.RNN
+        y, h_n, h_prev = _RNNRecurrence.apply(steps, pre, w_hh.to(pre.dtype), h,
+                                              m.nonlinearity)
         report("hh_" + role, h_prev, pre)
-        if w_hr is not None:  # h_t = W_hr (o_t tanh(c_t)); tap's gradient is every dL/dh_t
-            report("hr_" + role, inner, tap)
-        return y, h_n, c_n
-    rows = gi.shape[0]
-    if b_hh is not None and b_hh.requires_grad:
-        bh = b_hh.to(gi.dtype).expand(rows, b_hh.shape[0])
-    else:  # a zero (or frozen-bias) input that carries the hh block's gradient rows
-        bh = gi.new_zeros(rows, w_hh.shape[0], requires_grad=True)
-        bh = bh if b_hh is None else bh + b_hh.to(gi.dtype)
-    y, h_n, h_prev = _GRURecurrence.apply(steps, gi, bh, w_hh.to(gi.dtype), h)
-    report("hh_" + role, h_prev, bh)
-    return y, h_n, None
+        return y, h_n, None
+    w_hr = getattr(m, "weight_hr_" + role) if m.proj_size > 0 else None
+    tap = None if w_hr is None else gi.new_zeros(gi.shape[0], w_hr.shape[0], requires_grad=True)
+    y, h_n, c_n, h_prev, inner = _LSTMRecurrence.apply(
+        steps, pre, w_hh.to(pre.dtype), h, c.to(pre.dtype),
+        None if w_hr is None else w_hr.to(pre.dtype), tap)
+    report("hh_" + role, h_prev, pre)
+    if w_hr is not None:  # h_t = W_hr (o_t tanh(c_t)); tap's gradient is every dL/dh_t
+        report("hr_" + role, inner, tap)
+    return y, h_n, c_n
 
 
 class _Steps:
@@ -435,6 +441,54 @@ class _GRURecurrence(torch.autograd.Function):
         return None, dgi, dgh, d_w, dh
 
 
+class _RNNRecurrence(torch.autograd.Function):
+    """The Elman recurrence of one layer and direction as one autograd node: in ``pre`` (rows x
+    H, gi_t + b_hh), W_hh, h_0 and the nonlinearity ("tanh" or "relu"); out (y, h_n, the stacked
+    h_{t-1}), the last not differentiable.
+
+    Forward: h_t = act(pre_t + W_hh h_{t-1}). Backward: dpre_t = (dy_t + dh) act'(.), with
+    act' from the output (1 - h_t^2, or [h_t > 0]) for all rows at once, dh_{t-1} = dpre_t W_hh;
+    dW_hh = dpre^T [h_{t-1}] one GEMM. A double backward recomputes through
+    :func:`_rnn_reference`."""
+
+    @staticmethod
+    def forward(ctx, steps: _Steps, pre: Tensor, w_hh: Tensor, h0: Tensor, nonlinearity: str):
+        y = torch.empty_like(pre)
+        w_t = w_hh.t()
+        ys, pres = steps.split(y), steps.split(pre)
+        activate = torch.tanh_ if nonlinearity == "tanh" else torch.relu_
+        hp_steps: list[Tensor | None] = [None] * len(ys)
+        for t in steps.order:
+            hp = hp_steps[t] = steps.previous(t, ys, h0)
+            activate(torch.addmm(pres[t], hp, w_t, out=ys[t]))
+        h, h_prev = steps.last(ys), torch.cat(hp_steps)
+        ctx.steps, ctx.nonlinearity = steps, nonlinearity
+        ctx.save_for_backward(pre, w_hh, h0, y, h_prev)
+        ctx.mark_non_differentiable(h_prev)
+        return y, h, h_prev
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, _dh_prev):
+        pre, w_hh, h0, y, h_prev = ctx.saved_tensors
+        steps, nonlinearity = ctx.steps, ctx.nonlinearity
+        if torch.is_grad_enabled():  # create_graph: differentiate the reference recurrence
+            return (None,) + _regrad(ctx, (pre, w_hh, h0), lambda *a: _rnn_reference(
+                steps, *a, nonlinearity), (dy, dh_n)) + (None,)
+        slope = 1 - y * y if nonlinearity == "tanh" else (y > 0).to(y.dtype)  # act'(.)
+        dpre = torch.empty_like(y)
+        dh = torch.zeros_like(h0) if dh_n is None else dh_n.clone()
+        dhs = _prefixes(dh, steps.sizes)
+        dy = torch.zeros_like(y) if dy is None else dy
+        per_step = list(zip(*(steps.split(t) for t in (dy, dpre, slope))))
+        for t in reversed(steps.order):
+            dy_t, dp_t, slope_t = per_step[t]
+            b = dy_t.shape[0]
+            torch.add(dhs[b], dy_t, out=dp_t).mul_(slope_t)
+            torch.mm(dp_t, w_hh, out=dhs[b])
+        d_w = dpre.t().mm(h_prev) if ctx.needs_input_grad[2] else None
+        return None, dpre, d_w, dh, None
+
+
 def _regrad(ctx, inputs: tuple, reference, grads: tuple) -> tuple:
     """The input gradients of ``reference(*inputs)`` (its first outputs matched with ``grads``)
     as a differentiable graph: a double backward through a recurrence node."""
@@ -487,5 +541,21 @@ def _gru_reference(steps: _Steps, gi: Tensor, bh: Tensor, w_hh: Tensor,
     return torch.cat(outs), h
 
 
+def _rnn_reference(steps: _Steps, pre: Tensor, w_hh: Tensor, h0: Tensor,
+                   nonlinearity: str) -> tuple[Tensor, Tensor]:
+    """The recurrence of :class:`_RNNRecurrence` in plain differentiable ops (y, h_n)."""
+    activate = torch.tanh if nonlinearity == "tanh" else torch.relu
+    h = h0
+    outs: list[Tensor | None] = [None] * len(steps.sizes)
+    for t in steps.order:
+        p = steps.split(pre)[t]
+        b = p.shape[0]
+        h_new = activate(p + h[:b] @ w_hh.t())
+        h = torch.cat([h_new, h[b:]])
+        outs[t] = h_new
+    return torch.cat(outs), h
+
+
 register_layer(nn.LSTM, RecurrentProjection)
 register_layer(nn.GRU, RecurrentProjection)
+register_layer(nn.RNN, RecurrentProjection)

@@ -1,7 +1,7 @@
 """Replacing a module's forward while a capture observes it (docs/algorithms.md "Layer helpers").
 
 Some layers compute their products inside one fused op (``nn.MultiheadAttention``'s
-``F.multi_head_attention_forward``, the fused LSTM/GRU kernels), so no hook sees a block's input
+``F.multi_head_attention_forward``, the fused LSTM/GRU/RNN kernels), so no hook sees a block's input
 and output. Their helpers set the module's ``forward`` to an equivalent written-out computation
 that reports each block's input and output; a call that no capture records runs the module's own
 forward. Each attached capture is one *tap* (recorder, {role: block}); the last tap removed
