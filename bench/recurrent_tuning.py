@@ -76,7 +76,8 @@ GRIDS = {
 #: the ``grid`` stage's settings: K-FAC's whole grid; EKFAC's lrs at both carries ("keep" is the
 #: one the README names for recurrent models)
 PAIRED = {"K-FAC": GRIDS["K-FAC"],
-          "EKFAC": [dict(s, carry=carry) for carry in ("reproject", "keep") for s in GRIDS["EKFAC"]]}
+          "EKFAC": [dict(s, carry=carry) for carry in ("reproject", "keep")
+                    for s in GRIDS["EKFAC"]]}
 FIELDS = ["stage", "task", "seed", "optimizer", "variant", "settings", "target", "steps",
           "eval_at_50", "curve", "error"]
 
