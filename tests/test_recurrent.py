@@ -317,3 +317,28 @@ def test_a_deep_copy_of_an_attached_lstm_runs_its_own_forward() -> None:
     out.sum().backward()
     assert not any(opt.capture.has_rows(layer) for layer in opt.layers)  # the copy reports nothing
     torch.testing.assert_close(out, m(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def _kl_clip_warnings(model: nn.Module, **kw) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        KFAC(model, **kw)
+    return [str(w.message) for w in caught if "kl_clip=None" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_kl_clip_off_on_recurrent_blocks_warns_once_naming_them(kind) -> None:
+    """docs/algorithms.md "Early training and the KL clip": without the clip the recurrent blocks'
+    first steps overshoot, so turning it off for their group says so, once; the default, or the
+    clip off only for a group without recurrent blocks, says nothing."""
+    model = _lm(kind, num_layers=2)
+    assert _kl_clip_warnings(model) == []
+    (message,) = _kl_clip_warnings(model, kl_clip=None)
+    for role in ("ih_l0", "hh_l0", "ih_l1", "hh_l1"):
+        assert f"{kind}.{role}" in message
+    rnn = list(model.rnn.parameters())
+    others = [p for p in model.parameters() if all(p is not q for q in rnn)]
+    assert _kl_clip_warnings(model, param_groups=[{"params": rnn},
+                                                  {"params": others, "kl_clip": None}]) == []
+    assert len(_kl_clip_warnings(model, param_groups=[{"params": rnn, "kl_clip": None},
+                                                      {"params": others}])) == 1

@@ -37,7 +37,7 @@ from grng.curvature.options import BlockOptions
 from grng.curvature.replacement import (Report, attach_forward, recording_report,
                                         replaced_by_another)
 
-__all__ = ["RecurrentProjection", "recurrent_forward"]
+__all__ = ["RecurrentProjection", "recurrent_block_names", "recurrent_forward"]
 
 
 class RecurrentProjection(LinearLayer):
@@ -78,6 +78,13 @@ class RecurrentProjection(LinearLayer):
                recorder: Recorder) -> list[Handle]:
         """Route the module's recorded calls through :func:`recurrent_forward`."""
         return [attach_forward(module, {b.role: b for b in blocks}, recorder, _forward)]
+
+
+def recurrent_block_names(layers: list[KroneckerLayer], weights: set[int]) -> list[str]:
+    """``LSTM.hh_l0``, ... of the recurrent blocks among ``layers`` whose weight's ``id`` is in
+    ``weights``, sorted."""
+    return sorted({f"{type(b.module).__name__}.{b.role}" for b in layers
+                   if isinstance(b, RecurrentProjection) and id(b.weight) in weights})
 
 
 def _weight_names(module: nn.Module) -> list[str]:

@@ -2,6 +2,7 @@
 2, 4): the plain gradient, the Kronecker preconditioner, the diagonal Fisher."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from grng.curvature.inverse import INVERSES, make_inverse
 from grng.curvature.options import MAX_FACTOR_DIM
+from grng.curvature.recurrent import recurrent_block_names
 from grng.optim import device_defaults
 from grng.optim import validation as check
 from grng.optim.arguments import optimizer_classes, reject_unknown
@@ -100,6 +102,19 @@ class KFAC(CurvatureOptimizer):
                          max_grad_norm=max_grad_norm, max_factor_dim=max_factor_dim,
                          sync_free=sync_free, precision=precision)
         self._bind(KroneckerPreconditioner(self.config, strategy), DiagonalFisher(self.config))
+        self._warn_unclipped_recurrent()
+
+    def _warn_unclipped_recurrent(self) -> None:
+        """One warning when a recurrent block's parameter group has ``kl_clip=None``: its G
+        grows ~10^3 in the first steps, faster than the factors follow, and the unclipped step
+        (lr / damping) g overshoots (docs/algorithms.md "Early training and the KL clip")."""
+        unclipped = {id(p) for g in self.param_groups if g["kl_clip"] is None for p in g["params"]}
+        names = recurrent_block_names([u.layer for u in self._blocks], unclipped)
+        if names:
+            warnings.warn(f"{type(self).__name__}: kl_clip=None for the recurrent blocks "
+                          f"{', '.join(names)}: their first steps overshoot without the KL clip "
+                          "(LSTM/GRU runs that diverge: docs/algorithms.md 'Early training and "
+                          "the KL clip'); keep it on (the default kl_clip=1e-3)", stacklevel=3)
 
     @property
     def inverse(self):
