@@ -12,7 +12,9 @@ Nothing is trained or timed here; the numbers are read from:
 - ``issue25_grid_{LSTM,GRU,CNN}.csv`` (``python bench/recurrent_tuning.py grid --tasks T --seeds
   0 1 2 3 4``): K-FAC (eigen, ``inverse_every`` 5) over its whole tuning grid and EKFAC over its
   lrs at both carries, each setting with the Kronecker blocks and with the diagonal fallback,
-  at the same seed: steps to AdamW's 50-step eval loss (eval every 5 steps, at most 100).
+  at the same seed: steps to AdamW's 50-step eval loss (eval every 5 steps, at most 100);
+  ``issue25_grid_*_eval1.csv`` (``--optimizers EKFAC --eval-every 1``): EKFAC's, evaluated
+  every step.
 
 Steps to the target are compared three ways, each treating the two variants alike:
 
@@ -94,9 +96,10 @@ def capture() -> list[Row]:
     return rows
 
 
-def _grid(short: str) -> dict[tuple[str, str, int, str], dict]:
-    """(optimizer, settings repr, seed, variant) -> the row, of ``issue25_grid_<short>.csv``."""
-    with (RESULTS / f"issue25_grid_{short}.csv").open() as f:
+def _grid(short: str, tail: str = "") -> dict[tuple[str, str, int, str], dict]:
+    """(optimizer, settings repr, seed, variant) -> the row, of
+    ``issue25_grid_<short><tail>.csv``."""
+    with (RESULTS / f"issue25_grid_{short}{tail}.csv").open() as f:
         return {(r["optimizer"], r["settings"], int(r["seed"]), r["variant"]): r
                 for r in csv.DictReader(f)}
 
@@ -189,6 +192,17 @@ def steps_rows(task: str) -> list[Row]:
         measured, met = _paired(grid, optimizer, seeds, lambda st: True)
         rows.append((f"{task}, {optimizer}: fewer steps with the blocks (grid, the verdict)",
                      measured, f"issue25_grid_{MODELS[task][0]}.csv", met))
+        if optimizer == "EKFAC":  # the bench's 5-step eval ties half the pairs
+            fine = _grid(MODELS[task][0], "_eval1")
+            default = DEFAULTS["EKFAC"]["lr"]
+            for label, keep in (("", lambda st: True),
+                                (f", lr below the default {default:g}",
+                                 lambda st: ast.literal_eval(st)["lr"] < default),
+                                (f", lr at or above {default:g}",
+                                 lambda st: ast.literal_eval(st)["lr"] >= default)):
+                rows.append((f"{task}, EKFAC, the same grid evaluated every step{label} (run "
+                             "after the verdict's)", _paired(fine, optimizer, seeds, keep)[0],
+                             f"issue25_grid_{MODELS[task][0]}_eval1.csv", None))
     return rows
 
 

@@ -60,7 +60,8 @@ def _grid(path: Path, blocks: list[int | None], fallback: list[int | None]) -> N
 def test_grid_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks: list[int | None],
                       fallback: list[int | None], met: bool) -> None:
     monkeypatch.setattr(it, "RESULTS", tmp_path)
-    _grid(tmp_path / "issue25_grid_CNN.csv", blocks, fallback)
+    for tail in ("", "_eval1"):
+        _grid(tmp_path / f"issue25_grid_CNN{tail}.csv", blocks, fallback)
     verdicts = [r for r in it.steps_rows("digits CNN") if r[3] is not None]
     assert [r[0].split(":")[0] for r in verdicts] == ["digits CNN, K-FAC", "digits CNN, EKFAC"]
     assert all(r[3] is met for r in verdicts)
