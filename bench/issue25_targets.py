@@ -230,7 +230,9 @@ def table() -> str:
              "three ways steps are compared; per-seed cells are blocks vs fallback, steps to "
              "AdamW's 50-step eval loss, `-`: not within 100). Rows marked (shown) are not "
              "verdicts.", "",
-             f"**{met} of {len(verdicts)} targets met.**", "",
+             f"**{met} of {len(verdicts)} targets met.**"
+             + (" Not met: " + "; ".join(r[0].split(":")[0] for r in verdicts if not r[3]) + "."
+                if met < len(verdicts) else ""), "",
              "| target | measured | source | met |", "|---|---|---|---|"]
     lines += [f"| {t} | {m} | `{s}` | {_yes(ok)} |" for t, m, s, ok in rows]
     return "\n".join(lines) + "\n"
