@@ -24,8 +24,12 @@ Subcommands (one thread; steps and losses do not depend on the machine's load):
     python bench/ekfac_smalllr_diagnosis.py steps --variants blocks diagonal --no-bias ...
     python bench/ekfac_smalllr_diagnosis.py steps --variants blocks diagonal \
         --settings '{"refresh_warmup": 0}' ...       # any EKFAC keyword, on top of lr / carry
+    python bench/ekfac_smalllr_diagnosis.py steps --variants blocks \
+        --settings '{"delay_bases": 10}' ...  # recurrent blocks' first basis at step 10
     python bench/ekfac_smalllr_diagnosis.py trace --variants blocks diagonal --seeds 0 1 2 \
         --steps 40 --csv TRACE.csv                     # per-step update norms and directions
+    python bench/ekfac_smalllr_diagnosis.py rotated --seeds 0 1 2 --carry keep --csv ROT.csv
+    python bench/ekfac_smalllr_diagnosis.py spectra --seeds 0 1 2 --csv SPECTRA.md  # (markdown)
     python bench/ekfac_smalllr_diagnosis.py table --csv OUT.csv ...   # markdown of steps CSVs
     python bench/ekfac_smalllr_diagnosis.py summary --csv TRACE.csv   # markdown of a trace
     python bench/ekfac_smalllr_diagnosis.py regime --csv TRACE.csv    # first-order regime
@@ -142,6 +146,22 @@ def make(model: nn.Module, variant: str, settings: dict) -> torch.optim.Optimize
         register_layer(nn.GRU, RecurrentProjection)
 
 
+def delay_bases(opt: torch.optim.Optimizer, k: int) -> None:
+    """The recurrent blocks get no basis before optimizer step ``k`` (0-based; plain Adam on
+    [W b] there, the identity being their basis), their first at step k (the moments carried
+    into it as at any basis change); the other blocks refresh as usual. Bench-local: wraps
+    this optimizer's preconditioner's ``refresh``."""
+    block = opt.block
+    refresh = block.refresh
+
+    def delayed(units, comm, due, dampings):
+        keep = [i for i, u in enumerate(units)
+                if opt._steps >= k or not isinstance(u.layer, RecurrentProjection)]
+        refresh([units[i] for i in keep], comm, [due[i] for i in keep],
+                [dampings[i] for i in keep])
+    block.refresh = delayed
+
+
 def _evaluate(model: nn.Module) -> float:
     with torch.no_grad():
         return statistics.fmean(float(_next_byte_loss(model, b)) for b in ttt._EVAL.split(16))
@@ -176,7 +196,11 @@ def steps_run(task: str, seed: int, bias: bool, variant: str, settings: dict) ->
     or MAX_STEPS."""
     goal = target(task, seed, bias)
     model = model_of(task, seed, bias)
+    settings = dict(settings)
+    delay = settings.pop("delay_bases", 0)
     opt = make(model, variant, settings)
+    if delay:
+        delay_bases(opt, delay)
     curve: dict[int, float] = {}
     for step, batch in zip(range(1, MAX_STEPS + 1), _batches(seed)):
         opt.zero_grad()
@@ -189,6 +213,8 @@ def steps_run(task: str, seed: int, bias: bool, variant: str, settings: dict) ->
         if step >= ttt.TARGET_STEP and min(curve.values()) <= goal:
             break
     steps = next((s for s, v in sorted(curve.items()) if v <= goal), None)
+    if delay:
+        settings["delay_bases"] = delay
     return dict(task=task, bias=bias, seed=seed, variant=variant, settings=json.dumps(settings),
                 target=f"{goal:.4f}", steps=steps or "",
                 eval_at_50=f"{curve.get(ttt.TARGET_STEP, math.nan):.4f}",
@@ -271,7 +297,7 @@ def _l1_ratios(opt: torch.optim.Optimizer, grads: dict[int, Tensor]) -> dict[str
         if not isinstance(unit.layer, RecurrentProjection):
             continue
         V = unit.layer.to_matrix([grads[id(p)] for p in unit.layer.params])
-        QG, QA = unit.state.QG, unit.state.QA
+        QG, QA = unit.state.QG, unit.state.QA  # None before a delayed first basis
         P = V if QG is None else QG.T.to(V.dtype) @ V
         P = P if QA is None else P @ QA.to(V.dtype)
         out[unit.layer.role] = float(P.abs().sum() / V.abs().sum())
@@ -285,7 +311,10 @@ def _cos(x: Tensor, y: Tensor) -> float:
 def trace_run(task: str, seed: int, variant: str, settings: dict, n_steps: int) -> list[dict]:
     """Per-step rows (one per recurrent parameter group) of ``n_steps`` steps."""
     model = model_of(task, seed, True)
-    opt = make(model, variant, settings)
+    delay = settings.get("delay_bases", 0)
+    opt = make(model, variant, {k: v for k, v in settings.items() if k != "delay_bases"})
+    if delay:
+        delay_bases(opt, delay)
     groups = _groups(model)
     flat = {name: p for ps in groups.values() for name, p in ps}
     lr = opt.param_groups[0]["lr"]
@@ -385,6 +414,96 @@ def summary(paths: list[Path], steps_shown: tuple[int, ...]) -> str:
     return "\n".join(lines)
 
 
+def rotated_check(task: str, seed: int, settings: dict, n_steps: int,
+                  double: bool = False) -> list[dict]:
+    """The blocks' recurrent updates against a shadow written from the docstring's formulas:
+    coordinate Adam on P = Q_G^T V Q_A in the optimizer's own bases (m rotated by
+    R = Q_new^T Q_old at a basis change, v kept index for index: ``carry="keep"``), bias
+    corrections, eps, then Q_G N Q_A^T + rho_rel (||d|| / ||V||) V per block. Per step and
+    block: ||dtheta / lr + d_shadow|| / ||d_shadow|| (0 up to rounding: nothing but the rotation
+    distinguishes the blocks' Adam from coordinate Adam). ``double``: the model in float64."""
+    if settings.get("carry") != "keep":
+        raise ValueError("rotated_check's shadow carries v as carry='keep' does")
+    model = model_of(task, seed, True).to(torch.float64 if double else torch.float32)
+    opt = make(model, "blocks", settings)
+    b1, b2, eps = opt.adam.beta1, opt.adam.beta2, opt.adam.eps
+    lr, rho = opt.param_groups[0]["lr"], opt.param_groups[0]["rho_rel"]
+    units = [u for u in opt._blocks if isinstance(u.layer, RecurrentProjection)]
+    shadow: dict[str, list] = {}  # role -> [m, v, QG, QA]
+    rows = []
+    for step, batch in zip(range(1, n_steps + 1), _batches(seed)):
+        opt.zero_grad()
+        _next_byte_loss(model, batch).backward()
+        grads = {u.layer.role: u.layer.grad_matrix().detach().double() for u in units}
+        before = {u.layer.role: u.layer.to_matrix([p.detach() for p in u.layer.params]).double()
+                  for u in units}
+        opt.step()
+        for u in units:
+            role, V = u.layer.role, grads[u.layer.role]
+            # copies: a batched block's bases are views of a stack that the next step overwrites
+            QG, QA = u.state.QG.double().clone(), u.state.QA.double().clone()
+            if role not in shadow:
+                shadow[role] = [torch.zeros_like(V), torch.zeros_like(V), QG, QA]
+            m, v, QG0, QA0 = shadow[role]
+            m = (QG.T @ QG0) @ m @ (QA.T @ QA0).T  # the first moment into the new bases
+            P = QG.T @ V @ QA
+            m = b1 * m + (1 - b1) * P
+            v = b2 * v + (1 - b2) * P * P
+            shadow[role] = [m, v, QG, QA]
+            N = (m / (1 - b1 ** step)) / (v.sqrt() / math.sqrt(1 - b2 ** step) + eps)
+            d = QG @ N @ QA.T
+            d = d + rho * d.norm() / V.norm() * V
+            after = u.layer.to_matrix([p.detach() for p in u.layer.params]).double()
+            err = float(((after - before[role]) / lr + d).norm() / d.norm())
+            rows.append(dict(task=task, seed=seed, settings=json.dumps(settings), double=double,
+                             step=step,
+                             block=role, rel_diff=f"{err:.3e}"))
+    return rows
+
+
+def _effective_rank(M: Tensor) -> float:
+    """exp(entropy) of the normalized eigenvalues of the PSD ``M`` (1: rank one; d: flat)."""
+    lam = torch.linalg.eigvalsh(M.double()).clamp_min(0.0)
+    p = lam / lam.sum()
+    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+def spectra(task: str, seeds: list[int], settings: dict, at: tuple[int, ...]) -> str:
+    """Per recurrent block after the steps ``at`` of the blocks' run: the factors' effective
+    ranks (of d_G, d_A), the top eigenvalue's share of A's trace, and the gradient's L1 ratio
+    ||Q_G^T V Q_A||_1 / ||V||_1 (sign-like Adam's first-order decrease in the eigenbasis over
+    that in coordinates; |P_ij| <= sqrt(l_G,i l_A,j) by Cauchy-Schwarz over the rows, so steep
+    factor spectra concentrate P); means over seeds."""
+    acc: dict[tuple[int, str], list[tuple[float, ...]]] = {}
+    for seed in seeds:
+        model = model_of(task, seed, True)
+        opt = make(model, "blocks", settings)
+        for step, batch in zip(range(1, max(at) + 1), _batches(seed)):
+            opt.zero_grad()
+            _next_byte_loss(model, batch).backward()
+            opt.step()
+            if step not in at:
+                continue
+            for unit in opt._blocks:
+                if not isinstance(unit.layer, RecurrentProjection):
+                    continue
+                V = unit.layer.grad_matrix().double()
+                QG, QA = unit.state.QG.double(), unit.state.QA.double()
+                A = unit.state.A.double()
+                lam = torch.linalg.eigvalsh(A)
+                acc.setdefault((step, unit.layer.role), []).append((
+                    _effective_rank(unit.state.G), unit.state.G.shape[0],
+                    _effective_rank(A), A.shape[0], float(lam[-1] / lam.sum()),
+                    float((QG.T @ V @ QA).abs().sum() / V.abs().sum())))
+    lines = ["| step | block | eff. rank G (of d_G) | eff. rank A (of d_A) | A's top share | "
+             "L1 ratio |", "|---|---|---|---|---|---|"]
+    for (step, role), vals in sorted(acc.items()):
+        mean = [statistics.fmean(v[k] for v in vals) for k in range(6)]
+        lines.append(f"| {step} | {role} | {mean[0]:.1f} ({mean[1]:.0f}) | {mean[2]:.1f} "
+                     f"({mean[3]:.0f}) | {mean[4]:.2f} | {mean[5]:.3f} |")
+    return "\n".join(lines)
+
+
 WINDOWS = ((1, 5), (6, 15), (16, 40))
 
 
@@ -431,7 +550,7 @@ def regime(paths: list[Path]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("steps", "trace"):
+    for name in ("steps", "trace", "rotated", "spectra"):
         p = sub.add_parser(name)
         p.add_argument("--task", default="GRU", choices=["GRU", "LSTM"])
         p.add_argument("--variants", nargs="+", default=["blocks", "diagonal"],
@@ -443,6 +562,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--csv", type=Path, required=True)
     sub.choices["steps"].add_argument("--no-bias", action="store_true")
     sub.choices["trace"].add_argument("--steps", type=int, default=40)
+    sub.choices["rotated"].add_argument("--steps", type=int, default=40)
+    sub.choices["rotated"].add_argument("--double", action="store_true")
+    sub.choices["spectra"].add_argument("--at", type=int, nargs="+", default=[1, 5, 10, 30])
     for name in ("table", "summary", "regime"):
         p = sub.add_parser(name)
         p.add_argument("--csv", type=Path, nargs="+", required=True)
@@ -462,7 +584,23 @@ def main(argv: list[str] | None = None) -> None:
     extra = json.loads(args.settings)
     settings_list = [dict(lr=lr, carry=carry, **extra)
                      for lr, carry in itertools.product(args.lr, args.carry)]
-    if args.command == "steps":
+    if args.command == "spectra":
+        text = "\n\n".join(f"`{json.dumps(s)}`\n\n" + spectra(args.task, args.seeds, s,
+                                                                 tuple(args.at))
+                            for s in settings_list)
+        args.csv.write_text(text + "\n")
+        print(text)
+    elif args.command == "rotated":
+        rows = [r for s, seed in itertools.product(settings_list, args.seeds)
+                for r in rotated_check(args.task, seed, s, args.steps, args.double)]
+        _write(args.csv, rows, list(rows[0]))
+        worst: dict[tuple, float] = {}
+        for r in rows:
+            key = (r["settings"], r["block"])
+            worst[key] = max(worst.get(key, 0.0), float(r["rel_diff"]))
+        for (s, block), err in sorted(worst.items()):
+            print(f"{s} {block}: max relative difference over steps and seeds {err:.2e}")
+    elif args.command == "steps":
         steps(args.csv, args.task, not args.no_bias, args.variants, args.seeds, settings_list)
     else:
         trace(args.csv, args.task, args.variants, args.seeds, settings_list, args.steps)
