@@ -334,14 +334,13 @@ def trace_run(task: str, seed: int, variant: str, settings: dict, n_steps: int) 
         with torch.no_grad():
             after = float(_next_byte_loss(model, batch))
         first_all = -sum(float((g * (p.detach() - b)).sum())
-                         for (p, g), b in zip(all_grads, before)) / lr
-        ratios = _l1_ratios(opt, {id(p): grads[n] for n, p in flat.items()}) \
-            if variant != "diagonal" else {}
+                         for (p, g), b in zip(all_grads, before))  # -g.dtheta
+        ratios = _l1_ratios(opt, {id(p): grads[n] for n, p in flat.items()})
         common = dict(task=task, seed=seed, variant=variant, settings=json.dumps(settings),
-                      step=step, loss_before=f"{float(loss.detach()):.5f}", loss_after=f"{after:.5f}",
-                      eval=f"{_evaluate(model):.5f}",
+                      step=step, loss_before=f"{float(loss.detach()):.5f}",
+                      loss_after=f"{after:.5f}", eval=f"{_evaluate(model):.5f}",
                       decrease_all=f"{float(loss.detach()) - after:.6f}",
-                      first_order_all=f"{first_all * lr:.6f}")
+                      first_order_all=f"{first_all:.6f}")
         for kind, params in groups.items():
             names = [n for n, _ in params]
             d = torch.cat([delta["rnn." + n].flatten() for n in names]) / lr
