@@ -469,8 +469,8 @@ def _effective_rank(M: Tensor) -> float:
 
 def spectra(task: str, seeds: list[int], settings: dict, at: tuple[int, ...]) -> str:
     """Per recurrent block after the steps ``at`` of the blocks' run: the factors' effective
-    ranks (of d_G, d_A), the top eigenvalue's share of A's trace, and the gradient's L1 ratio
-    ||Q_G^T V Q_A||_1 / ||V||_1 (sign-like Adam's first-order decrease in the eigenbasis over
+    ranks (of d_G, d_A), the top eigenvalue's share of A's trace, the median |entry| of V and
+    of P = Q_G^T V Q_A (against Adam's eps), and the gradient's L1 ratio ||P||_1 / ||V||_1 (sign-like Adam's first-order decrease in the eigenbasis over
     that in coordinates; |P_ij| <= sqrt(l_G,i l_A,j) by Cauchy-Schwarz over the rows, so steep
     factor spectra concentrate P); means over seeds."""
     acc: dict[tuple[int, str], list[tuple[float, ...]]] = {}
@@ -490,16 +490,19 @@ def spectra(task: str, seeds: list[int], settings: dict, at: tuple[int, ...]) ->
                 QG, QA = unit.state.QG.double(), unit.state.QA.double()
                 A = unit.state.A.double()
                 lam = torch.linalg.eigvalsh(A)
+                P = QG.T @ V @ QA
                 acc.setdefault((step, unit.layer.role), []).append((
                     _effective_rank(unit.state.G), unit.state.G.shape[0],
                     _effective_rank(A), A.shape[0], float(lam[-1] / lam.sum()),
-                    float((QG.T @ V @ QA).abs().sum() / V.abs().sum())))
+                    float(V.abs().median()), float(P.abs().median()),
+                    float(P.abs().sum() / V.abs().sum())))
     lines = ["| step | block | eff. rank G (of d_G) | eff. rank A (of d_A) | A's top share | "
-             "L1 ratio |", "|---|---|---|---|---|---|"]
+             "median abs V | median abs P | L1 ratio |", "|---|---|---|---|---|---|---|---|"]
     for (step, role), vals in sorted(acc.items()):
-        mean = [statistics.fmean(v[k] for v in vals) for k in range(6)]
+        mean = [statistics.fmean(v[k] for v in vals) for k in range(8)]
         lines.append(f"| {step} | {role} | {mean[0]:.1f} ({mean[1]:.0f}) | {mean[2]:.1f} "
-                     f"({mean[3]:.0f}) | {mean[4]:.2f} | {mean[5]:.3f} |")
+                     f"({mean[3]:.0f}) | {mean[4]:.2f} | {mean[5]:.2e} | {mean[6]:.2e} | "
+                     f"{mean[7]:.3f} |")
     return "\n".join(lines)
 
 
