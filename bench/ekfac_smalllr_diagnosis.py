@@ -28,7 +28,8 @@ Subcommands (one thread; steps and losses do not depend on the machine's load):
         --settings '{"delay_bases": 10}' ...  # recurrent blocks' first basis at step 10
     python bench/ekfac_smalllr_diagnosis.py trace --variants blocks diagonal --seeds 0 1 2 \
         --steps 40 --csv TRACE.csv                     # per-step update norms and directions
-    python bench/ekfac_smalllr_diagnosis.py rotated --seeds 0 1 2 --carry keep --csv ROT.csv
+    python bench/ekfac_smalllr_diagnosis.py rotated --seeds 0 1 2 --carry keep --double \
+        --csv ROT.csv                                  # the blocks' update vs rotated Adam
     python bench/ekfac_smalllr_diagnosis.py spectra --seeds 0 1 2 --csv SPECTRA.md  # (markdown)
     python bench/ekfac_smalllr_diagnosis.py table --csv OUT.csv ...   # markdown of steps CSVs
     python bench/ekfac_smalllr_diagnosis.py summary --csv TRACE.csv   # markdown of a trace
@@ -40,7 +41,8 @@ cosine with -g, the first-order decrease -g.dtheta / lr, the cosine with the ste
 coordinate Adam (a shadow AdamW with EKFAC's betas, eps and rho_rel per parameter, fed the same
 gradients) would take at the same point, and for the blocks the ratio ||Q_G^T V Q_A||_1 /
 ||V||_1 of the gradient in the block's eigenbasis; for the whole model the train loss before
-and after the step on the step's own batch and the eval loss.
+and after the step on the step's own batch, its first-order prediction -g.dtheta (dtheta the
+step's parameter change) and the eval loss.
 """
 from __future__ import annotations
 
@@ -511,7 +513,7 @@ WINDOWS = ((1, 5), (6, 15), (16, 40))
 
 def regime(paths: list[Path]) -> str:
     """Per (settings, variant), means over seeds: the whole model's same-batch loss decrease
-    and its first-order prediction -lr g.dtheta summed over step windows (their ratio: 1 in
+    and its first-order prediction -g.dtheta summed over step windows (their ratio: 1 in
     the first-order regime, below 1 where curvature eats the step), the eval loss at some
     steps; and per seed the first step from which the blocks' eval loss stays at or below the
     diagonal fallback's."""
