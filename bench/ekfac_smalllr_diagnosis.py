@@ -472,9 +472,10 @@ def _effective_rank(M: Tensor) -> float:
 def spectra(task: str, seeds: list[int], settings: dict, at: tuple[int, ...]) -> str:
     """Per recurrent block after the steps ``at`` of the blocks' run: the factors' effective
     ranks (of d_G, d_A), the top eigenvalue's share of A's trace, the median |entry| of V and
-    of P = Q_G^T V Q_A (against Adam's eps), and the gradient's L1 ratio ||P||_1 / ||V||_1 (sign-like Adam's first-order decrease in the eigenbasis over
-    that in coordinates; |P_ij| <= sqrt(l_G,i l_A,j) by Cauchy-Schwarz over the rows, so steep
-    factor spectra concentrate P); means over seeds."""
+    of P = Q_G^T V Q_A (against Adam's eps), and the gradient's L1 ratio ||P||_1 / ||V||_1
+    (sign-like Adam's first-order decrease in the eigenbasis over that in coordinates;
+    |P_ij| <= sqrt(l_G,i l_A,j) by Cauchy-Schwarz over the rows, so steep factor spectra
+    concentrate P); means over seeds."""
     acc: dict[tuple[int, str], list[tuple[float, ...]]] = {}
     for seed in seeds:
         model = model_of(task, seed, True)
