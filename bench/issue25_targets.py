@@ -177,9 +177,9 @@ def steps_rows(task: str) -> list[Row]:
     rows: list[Row] = []
     for optimizer in ("K-FAC", "EKFAC"):
         named = RECURRENT_EKFAC if optimizer == "EKFAC" and task != "digits CNN" else None
-        default = ("library defaults but inverse_every 5, as the whole grid"
-                   if optimizer == "K-FAC" else "defaults")
-        for label, settings in ((default, DEFAULTS[optimizer]),
+        defaults_label = ("library defaults but inverse_every 5, as the whole grid"
+                          if optimizer == "K-FAC" else "defaults")
+        for label, settings in ((defaults_label, DEFAULTS[optimizer]),
                                 ("the README's recurrent setting", named)):
             if settings is not None:
                 rows.append(_fixed_row(task, grid, optimizer,
