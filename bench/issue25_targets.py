@@ -9,6 +9,7 @@ Nothing is trained or timed here; the numbers are read from:
   parameters in Kronecker blocks;
 - ``recurrent_capture_quiet.md`` (``python bench/recurrent_capture.py``, three quiet runs): the
   unrolled capture forward+backward against the fused one;
+- ``issue25_kfac_library_defaults.csv``: K-FAC at the library's CPU defaults (``LIBRARY_DEFAULTS``);
 - ``issue25_grid_{LSTM,GRU,CNN}.csv`` (``python bench/recurrent_tuning.py grid --tasks T --seeds
   0 1 2 3 4``): K-FAC (eigen, ``inverse_every`` 5) over its whole tuning grid and EKFAC over its
   lrs at both carries, each setting with the Kronecker blocks and with the diagonal fallback,
@@ -55,6 +56,11 @@ ALPHA = 0.05
 UNREACHED = 10 ** 6  # a run that misses the target: more steps than any that reaches it
 DEFAULTS = {"K-FAC": {"lr": 0.01, "damping": 0.001, "kl_clip": 0.001},
             "EKFAC": {"lr": 0.01, "carry": "reproject"}}
+#: K-FAC at the library's CPU defaults, refresh every 10 steps included: ``python
+#: bench/recurrent_tuning.py final --optimizers K-FAC --seeds 0 1 2 3 4 --settings '{"lr": 0.01,
+#: "damping": 0.001, "kl_clip": 0.001, "inverse_every": 10}' --csv <this>.csv``
+LIBRARY_DEFAULTS = "issue25_kfac_library_defaults"
+LIBRARY_KFAC = dict(DEFAULTS["K-FAC"], inverse_every=10)
 #: the EKFAC setting the README names for recurrent models
 RECURRENT_EKFAC = {"lr": 0.01, "carry": "keep"}
 
@@ -96,12 +102,14 @@ def capture() -> list[Row]:
     return rows
 
 
-def _grid(short: str, tail: str = "") -> dict[tuple[str, str, int, str], dict]:
+def _grid(short: str, tail: str = "", task: str | None = None
+          ) -> dict[tuple[str, str, int, str], dict]:
     """(optimizer, settings repr, seed, variant) -> the row, of
-    ``issue25_grid_<short><tail>.csv``."""
-    with (RESULTS / f"issue25_grid_{short}{tail}.csv").open() as f:
+    ``issue25_grid_<short><tail>.csv`` (or of ``<short>.csv``'s rows of ``task``)."""
+    path = RESULTS / (f"{short}.csv" if task else f"issue25_grid_{short}{tail}.csv")
+    with path.open() as f:
         return {(r["optimizer"], r["settings"], int(r["seed"]), r["variant"]): r
-                for r in csv.DictReader(f)}
+                for r in csv.DictReader(f) if task is None or r["task"] == task}
 
 
 def _steps(row: dict) -> int:
@@ -142,7 +150,7 @@ def _per_seed(grid: dict, optimizer: str, settings: dict[str, str], seeds: list[
 
 
 def _fixed_row(task: str, grid: dict, optimizer: str, settings: dict[str, dict], what: str,
-               seeds: list[int]) -> Row:
+               seeds: list[int], source: str | None = None) -> Row:
     """Both variants at ``settings`` (per variant) over ``seeds``: counted, medians, per seed."""
     reprs = {v: repr(s) for v, s in settings.items()}
     pairs = [(_steps(grid[optimizer, reprs["blocks"], s, "blocks"]),
@@ -157,7 +165,8 @@ def _fixed_row(task: str, grid: dict, optimizer: str, settings: dict[str, dict],
                 f"{_shown(int(med[0]))} vs {_shown(int(med[1]))}); fewer on {fewer}, more on "
                 f"{more}, tied on {tied}; eval @ 50 lower on {lower} of {len(seeds)} "
                 f"[{chosen}]")
-    return (f"{task}, {optimizer}, {what}", measured, f"issue25_grid_{MODELS[task][0]}.csv", None)
+    return (f"{task}, {optimizer}, {what}", measured,
+            source or f"issue25_grid_{MODELS[task][0]}.csv", None)
 
 
 def _tuned(grid: dict, optimizer: str) -> dict[str, dict]:
@@ -187,6 +196,10 @@ def steps_rows(task: str) -> list[Row]:
         rows.append(_fixed_row(task, grid, optimizer, _tuned(grid, optimizer),
                                "each tuned on seed 0, counted on seeds 1-4", seeds[1:]))
         if optimizer == "K-FAC":
+            library = _grid(LIBRARY_DEFAULTS, task=task)
+            rows.append(_fixed_row(task, library, optimizer, {v: LIBRARY_KFAC for v in (
+                "blocks", "diagonal")}, "the library's defaults (inverse_every 10)", seeds,
+                f"{LIBRARY_DEFAULTS}.csv"))
             clipped = _paired(grid, optimizer, seeds, lambda st: "kl_clip" in st)
             rows.append((f"{task}, K-FAC, the grid's settings with the KL clip (the docs "
                          "prescribe it for recurrent blocks; counted after the verdict's run)",

@@ -33,8 +33,9 @@ def test_count_leaves_out_pairs_where_neither_reached() -> None:
     assert it._count([(30, 35), (40, 40), (45, 40), (u, 50), (50, u), (u, u)]) == (2, 2, 1)
 
 
-def _grid(path: Path, blocks: list[int | None], fallback: list[int | None]) -> None:
-    """A grid CSV of one K-FAC and one EKFAC setting (the defaults) over seeds 0..n-1."""
+def _grid(path: Path, blocks: list[int | None], fallback: list[int | None],
+          settings: dict[str, dict] = it.DEFAULTS) -> None:
+    """A grid CSV of one K-FAC and one EKFAC setting (``settings``) over seeds 0..n-1."""
     fields = ["stage", "task", "seed", "optimizer", "variant", "settings", "target", "steps",
               "eval_at_50", "curve", "error"]
     with path.open("w", newline="") as f:
@@ -45,7 +46,7 @@ def _grid(path: Path, blocks: list[int | None], fallback: list[int | None]) -> N
                 for variant, steps in (("blocks", b), ("diagonal", d)):
                     w.writerow(dict(stage="grid", task="digits CNN", seed=seed,
                                     optimizer=optimizer, variant=variant,
-                                    settings=repr(it.DEFAULTS[optimizer]), target="0.5",
+                                    settings=repr(settings[optimizer]), target="0.5",
                                     steps=steps or "", eval_at_50="0.4", curve="", error=""))
 
 
@@ -62,6 +63,8 @@ def test_grid_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blocks: l
     monkeypatch.setattr(it, "RESULTS", tmp_path)
     for tail in ("", "_eval1"):
         _grid(tmp_path / f"issue25_grid_CNN{tail}.csv", blocks, fallback)
+    _grid(tmp_path / f"{it.LIBRARY_DEFAULTS}.csv", blocks, fallback,
+          dict(it.DEFAULTS, **{"K-FAC": it.LIBRARY_KFAC}))
     verdicts = [r for r in it.steps_rows("digits CNN") if r[3] is not None]
     assert [r[0].split(":")[0] for r in verdicts] == ["digits CNN, K-FAC", "digits CNN, EKFAC"]
     assert all(r[3] is met for r in verdicts)
