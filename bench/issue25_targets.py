@@ -10,6 +10,8 @@ Nothing is trained or timed here; the numbers are read from:
 - ``recurrent_capture_quiet.md`` (``python bench/recurrent_capture.py``, three quiet runs): the
   unrolled capture forward+backward against the fused one;
 - ``issue25_kfac_library_defaults.csv``: K-FAC at the library's CPU defaults (``LIBRARY_DEFAULTS``);
+- ``issue25_kfac_unclipped_fresh.csv``: K-FAC on the LMs without the KL clip, refreshed every
+  step (``FRESH``);
 - ``issue25_grid_{LSTM,GRU,CNN}.csv`` (``python bench/recurrent_tuning.py grid --tasks T --seeds
   0 1 2 3 4``): K-FAC (eigen, ``inverse_every`` 5) over its whole tuning grid and EKFAC over its
   lrs at both carries, each setting with the Kronecker blocks and with the diagonal fallback,
@@ -61,6 +63,12 @@ DEFAULTS = {"K-FAC": {"lr": 0.01, "damping": 0.001, "kl_clip": 0.001},
 #: "damping": 0.001, "kl_clip": 0.001, "inverse_every": 10}' --csv <this>.csv``
 LIBRARY_DEFAULTS = "issue25_kfac_library_defaults"
 LIBRARY_KFAC = dict(DEFAULTS["K-FAC"], inverse_every=10)
+#: K-FAC without the KL clip but with the factors and the inverse refreshed every step, on the
+#: LMs (the same command with ``--tasks GRU LSTM --settings '{"lr": 0.01, "damping": 0.001,
+#: "inverse_every": 1, "factor_every": 1}'``): whether the unclipped blocks' divergence in the
+#: grid is the stale inverse
+FRESH = "issue25_kfac_unclipped_fresh"
+FRESH_KFAC = {"lr": 0.01, "damping": 0.001, "inverse_every": 1, "factor_every": 1}
 #: the EKFAC setting the README names for recurrent models
 RECURRENT_EKFAC = {"lr": 0.01, "carry": "keep"}
 
@@ -200,6 +208,11 @@ def steps_rows(task: str) -> list[Row]:
             rows.append(_fixed_row(task, library, optimizer, {v: LIBRARY_KFAC for v in (
                 "blocks", "diagonal")}, "the library's defaults (inverse_every 10)", seeds,
                 f"{LIBRARY_DEFAULTS}.csv"))
+            if task != "digits CNN":
+                fresh = _grid(FRESH, task=task)
+                rows.append(_fixed_row(task, fresh, optimizer, {v: FRESH_KFAC for v in (
+                    "blocks", "diagonal")}, "no KL clip, factors and inverse every step (the "
+                    "grid's same setting refreshes every 5)", seeds, f"{FRESH}.csv"))
             clipped = _paired(grid, optimizer, seeds, lambda st: "kl_clip" in st)
             rows.append((f"{task}, K-FAC, the grid's settings with the KL clip (the docs "
                          "prescribe it for recurrent blocks; counted after the verdict's run)",
