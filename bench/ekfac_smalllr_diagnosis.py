@@ -47,7 +47,6 @@ step's parameter change) and the eval loss.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import json
 import math
@@ -66,7 +65,7 @@ from torch import Tensor, nn  # noqa: E402
 
 import recurrent_tuning as rt  # noqa: E402
 import time_to_target as ttt  # noqa: E402
-from coverage import RecurrentLM, _next_byte_loss, windows  # noqa: E402
+from coverage import RecurrentLM, _next_byte_loss  # noqa: E402
 from grng import register_layer  # noqa: E402
 from grng.curvature.factors import DiagonalFactor, FactorStructure  # noqa: E402
 from grng.curvature.layers import KroneckerLayer  # noqa: E402
@@ -164,18 +163,6 @@ def delay_bases(opt: torch.optim.Optimizer, k: int) -> None:
     block.refresh = delayed
 
 
-def _evaluate(model: nn.Module) -> float:
-    with torch.no_grad():
-        return statistics.fmean(float(_next_byte_loss(model, b)) for b in ttt._EVAL.split(16))
-
-
-def _batches(seed: int):
-    """time_to_target's training batches of ``seed`` (16 windows of 64 bytes per step)."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    while True:
-        yield windows(ttt._TEXT["train"], 16, g)
-
-
 _TARGETS: dict[tuple[str, int, bool], float] = {}
 
 
@@ -185,11 +172,11 @@ def target(task: str, seed: int, bias: bool) -> float:
     if key not in _TARGETS:
         model = model_of(task, seed, bias)
         opt = make(model, "AdamW", {})
-        for _, batch in zip(range(ttt.TARGET_STEP), _batches(seed)):
+        for _, batch in zip(range(ttt.TARGET_STEP), ttt.lm_batches(seed)):
             opt.zero_grad()
             _next_byte_loss(model, batch).backward()
             opt.step()
-        _TARGETS[key] = _evaluate(model)
+        _TARGETS[key] = ttt.lm_eval(model)
     return _TARGETS[key]
 
 
@@ -204,14 +191,14 @@ def steps_run(task: str, seed: int, bias: bool, variant: str, settings: dict) ->
     if delay:
         delay_bases(opt, delay)
     curve: dict[int, float] = {}
-    for step, batch in zip(range(1, MAX_STEPS + 1), _batches(seed)):
+    for step, batch in zip(range(1, MAX_STEPS + 1), ttt.lm_batches(seed)):
         opt.zero_grad()
         loss = _next_byte_loss(model, batch)
         loss.backward()
         opt.step()
         if not torch.isfinite(loss):
             break
-        curve[step] = _evaluate(model)
+        curve[step] = ttt.lm_eval(model)
         if step >= ttt.TARGET_STEP and min(curve.values()) <= goal:
             break
     steps = next((s for s, v in sorted(curve.items()) if v <= goal), None)
@@ -223,25 +210,10 @@ def steps_run(task: str, seed: int, bias: bool, variant: str, settings: dict) ->
                 curve=" ".join(f"{s}:{v:.4f}" for s, v in sorted(curve.items())))
 
 
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
-
-
-def _write(path: Path, rows: list[dict], fields: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
-
-
 def steps(path: Path, task: str, bias: bool, variants: list[str], seeds: list[int],
           settings_list: list[dict]) -> None:
     """Steps to the target of every (settings, seed, variant); rows already in ``path`` kept."""
-    rows = _read(path)
+    rows = rt._read(path)
     done = {(r["task"], r["bias"], r["seed"], r["variant"], r["settings"]) for r in rows}
     for settings, seed, variant in itertools.product(settings_list, seeds, variants):
         key = (task, str(bias), str(seed), variant, json.dumps(settings))
@@ -250,7 +222,7 @@ def steps(path: Path, task: str, bias: bool, variants: list[str], seeds: list[in
         rows.append(steps_run(task, seed, bias, variant, settings))
         print(task, "bias" if bias else "no-bias", seed, variant, settings, rows[-1]["steps"],
               rows[-1]["eval_at_50"], flush=True)
-        _write(path, rows, FIELDS)
+        rt._write(path, rows, FIELDS)
 
 
 # ------------------------------------------------------------------------------ trace
@@ -323,7 +295,7 @@ def trace_run(task: str, seed: int, variant: str, settings: dict, n_steps: int) 
     shadow = _ShadowAdam(flat, (opt.adam.beta1, opt.adam.beta2),
                          opt.adam.eps, opt.param_groups[0]["rho_rel"])
     rows = []
-    for step, batch in zip(range(1, n_steps + 1), _batches(seed)):
+    for step, batch in zip(range(1, n_steps + 1), ttt.lm_batches(seed)):
         opt.zero_grad()
         loss = _next_byte_loss(model, batch)
         loss.backward()
@@ -340,7 +312,7 @@ def trace_run(task: str, seed: int, variant: str, settings: dict, n_steps: int) 
         ratios = _l1_ratios(opt, {id(p): grads[n] for n, p in flat.items()})
         common = dict(task=task, seed=seed, variant=variant, settings=json.dumps(settings),
                       step=step, loss_before=f"{float(loss.detach()):.5f}",
-                      loss_after=f"{after:.5f}", eval=f"{_evaluate(model):.5f}",
+                      loss_after=f"{after:.5f}", eval=f"{ttt.lm_eval(model):.5f}",
                       decrease_all=f"{float(loss.detach()) - after:.6f}",
                       first_order_all=f"{first_all:.6f}")
         for kind, params in groups.items():
@@ -362,20 +334,20 @@ def trace_run(task: str, seed: int, variant: str, settings: dict, n_steps: int) 
 
 def trace(path: Path, task: str, variants: list[str], seeds: list[int],
           settings_list: list[dict], n_steps: int) -> None:
-    rows = _read(path)
+    rows = rt._read(path)
     done = {(r["task"], r["seed"], r["variant"], r["settings"]) for r in rows}
     for settings, seed, variant in itertools.product(settings_list, seeds, variants):
         if (task, str(seed), variant, json.dumps(settings)) in done:
             continue
         rows += trace_run(task, seed, variant, settings, n_steps)
         print("traced", task, seed, variant, settings, flush=True)
-        _write(path, rows, TRACE_FIELDS)
+        rt._write(path, rows, TRACE_FIELDS)
 
 
 # ------------------------------------------------------------------------------ reports
 def table(paths: list[Path]) -> str:
     """Steps per seed (and their sum) per (model bias, settings, variant)."""
-    rows = [r for p in paths for r in _read(p)]
+    rows = [r for p in paths for r in rt._read(p)]
     out: dict[tuple, dict[str, str]] = {}
     for r in rows:
         out.setdefault((r["task"], r["bias"], r["settings"], r["variant"]), {})[r["seed"]] = \
@@ -392,7 +364,7 @@ def table(paths: list[Path]) -> str:
 
 def summary(paths: list[Path], steps_shown: tuple[int, ...]) -> str:
     """Means over seeds of the trace's columns at chosen steps, per variant and group."""
-    rows = [r for p in paths for r in _read(p)]
+    rows = [r for p in paths for r in rt._read(p)]
     cols = ["step_norm", "sqrt_n", "cos_neg_grad", "first_order", "cos_shadow", "shadow_norm",
             "l1_ratio"]
     lines = ["| settings | variant | group | step | " + " | ".join(cols)
@@ -432,7 +404,7 @@ def rotated_check(task: str, seed: int, settings: dict, n_steps: int,
     units = [u for u in opt._blocks if isinstance(u.layer, RecurrentProjection)]
     shadow: dict[str, list] = {}  # role -> [m, v, QG, QA]
     rows = []
-    for step, batch in zip(range(1, n_steps + 1), _batches(seed)):
+    for step, batch in zip(range(1, n_steps + 1), ttt.lm_batches(seed)):
         opt.zero_grad()
         _next_byte_loss(model, batch).backward()
         grads = {u.layer.role: u.layer.grad_matrix().detach().double() for u in units}
@@ -480,7 +452,7 @@ def spectra(task: str, seeds: list[int], settings: dict, at: tuple[int, ...]) ->
     for seed in seeds:
         model = model_of(task, seed, True)
         opt = make(model, "blocks", settings)
-        for step, batch in zip(range(1, max(at) + 1), _batches(seed)):
+        for step, batch in zip(range(1, max(at) + 1), ttt.lm_batches(seed)):
             opt.zero_grad()
             _next_byte_loss(model, batch).backward()
             opt.step()
@@ -518,7 +490,7 @@ def regime(paths: list[Path]) -> str:
     the first-order regime, below 1 where curvature eats the step), the eval loss at some
     steps; and per seed the first step from which the blocks' eval loss stays at or below the
     diagonal fallback's."""
-    rows = [r for p in paths for r in _read(p) if r["group"] == "weight_ih"]  # one per step
+    rows = [r for p in paths for r in rt._read(p) if r["group"] == "weight_ih"]  # one per step
     by: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in rows:
         by.setdefault((r["settings"], r["variant"]), {}).setdefault(r["seed"], {})[
@@ -598,7 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "rotated":
         rows = [r for s, seed in itertools.product(settings_list, args.seeds)
                 for r in rotated_check(args.task, seed, s, args.steps, args.double)]
-        _write(args.csv, rows, list(rows[0]))
+        rt._write(args.csv, rows, list(rows[0]))
         worst: dict[tuple, float] = {}
         for r in rows:
             key = (r["settings"], r["block"])

@@ -109,9 +109,9 @@ def _score(row: dict) -> tuple[float, float]:
     return steps, float(row["eval_at_50"]) if row["eval_at_50"] != "nan" else float("inf")
 
 
-def _write(path: Path, rows: list[dict]) -> None:
+def _write(path: Path, rows: list[dict], fields: list[str] = FIELDS) -> None:
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
+        w = csv.DictWriter(f, fields)
         w.writeheader()
         w.writerows(rows)
 

@@ -21,7 +21,7 @@ import copy
 import statistics
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,21 +68,29 @@ def digits_cnn(seed: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def lm_batches(seed: int) -> Iterator[Tensor]:
+    """The language models' training batches of ``seed``: 16 windows of 64 bytes per step."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    while True:
+        yield windows(_TEXT["train"], 16, g)
+
+
+def lm_eval(m: nn.Module) -> float:
+    """The language models' eval loss: mean next-byte loss over the fixed eval windows."""
+    with torch.no_grad():
+        return statistics.fmean(float(_next_byte_loss(m, b)) for b in _EVAL.split(16))
+
+
 def _task(name: str, seed: int) -> tuple[nn.Module, Callable[[], Tensor], Callable[[nn.Module],
                                                                               float], dict]:
     """(model, batch loss closure factory, eval, learning rates) of a task."""
     if name in ("LSTM", "GRU"):
-        data = _TEXT
-        g = torch.Generator().manual_seed(1000 + seed)
+        batches = lm_batches(seed)
         model = recurrent_lm(name, seed)
 
         def batch_loss(m: nn.Module) -> Tensor:
-            return _next_byte_loss(m, windows(data["train"], 16, g))
-
-        def evaluate(m: nn.Module) -> float:
-            with torch.no_grad():
-                return statistics.fmean(float(_next_byte_loss(m, b)) for b in _EVAL.split(16))
-        return model, batch_loss, evaluate, {"AdamW": 2e-3, "K-FAC": _KFAC_LR[0] or 0.02}
+            return _next_byte_loss(m, next(batches))
+        return model, batch_loss, lm_eval, {"AdamW": 2e-3, "K-FAC": _KFAC_LR[0] or 0.02}
     digits = _DIGITS
     g = torch.Generator().manual_seed(1000 + seed)
     model = digits_cnn(seed)

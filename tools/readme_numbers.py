@@ -294,7 +294,8 @@ def ekfac_block(name: str = "ekfac_tasks") -> str:
 HF_STEPS = ("100", "300")  # the steps of bench/results/hf_lm.csv the README shows
 #: the models' names in the "which" table (others as their group name)
 MODEL_NAMES = {"mlp": "digits MLP (demo)", "cnn": "digits CNN (demo)",
-               "transformer": "character transformer (demo)", "gpt2": "GPT-2 (Hugging Face)", "llama": "Llama (Hugging Face)"}
+               "transformer": "character transformer (demo)", "gpt2": "GPT-2 (Hugging Face)",
+               "llama": "Llama (Hugging Face)"}
 #: the optimizers' order in the README's tables, by key of grng.demo.optimizers
 FAMILIES = {"ekfac": "EKFAC", "kfac": "K-FAC", "adamw": "AdamW", "muon": "Muon", "soap": "SOAP",
             "psgd": "PSGD-Kron", "sophia": "Sophia"}
