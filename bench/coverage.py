@@ -69,12 +69,12 @@ def gpt2(seed: int) -> nn.Module:
 
 class RecurrentLM(nn.Module):
     """Byte-level language model: embedding 256 x 64, a 2-layer ``kind`` (LSTM or GRU) of
-    hidden size 128, a linear head to 256 bytes."""
+    hidden size 128 (``bias``: its biases), a linear head to 256 bytes."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, bias: bool = True) -> None:
         super().__init__()
         self.emb = nn.Embedding(256, 64)
-        self.rnn = getattr(nn, kind)(64, 128, num_layers=2, batch_first=True)
+        self.rnn = getattr(nn, kind)(64, 128, num_layers=2, batch_first=True, bias=bias)
         self.head = nn.Linear(128, 256)
 
     def forward(self, tokens: Tensor) -> Tensor:

@@ -120,14 +120,7 @@ FIELDS = ["task", "bias", "seed", "variant", "settings", "target", "steps", "eva
 def model_of(task: str, seed: int, bias: bool) -> nn.Module:
     """``coverage.recurrent_lm(task, seed)``, with ``bias`` in the recurrent layer."""
     torch.manual_seed(seed)
-    if bias:
-        return RecurrentLM(task)
-    lm = RecurrentLM.__new__(RecurrentLM)
-    nn.Module.__init__(lm)
-    lm.emb = nn.Embedding(256, 64)
-    lm.rnn = getattr(nn, task)(64, 128, num_layers=2, batch_first=True, bias=False)
-    lm.head = nn.Linear(128, 256)
-    return lm
+    return RecurrentLM(task, bias)
 
 
 def make(model: nn.Module, variant: str, settings: dict) -> torch.optim.Optimizer:
