@@ -32,6 +32,11 @@ from grng.curvature.pieces import Piece
 from grng.ops import masked
 
 
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """Curvature arithmetic runs in the tensor's dtype, but at least float32."""
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
 @dataclass
 class Rows:
     """Observation rows of one factor: factor = (scale^2 / n) X^T X."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from grng.curvature.factors import compute_dtype
 from grng.curvature.layers import (Handle, KroneckerLayer, LinearLayer, Recorder,
                                    register_layer)
 from grng.curvature.options import BlockOptions
@@ -196,34 +197,37 @@ def _direction(m: nn.Module, report: Report, k: int, sfx: str, data: Tensor, siz
                   getattr(m, "bias_ih_" + role) if m.bias else None)
     report("ih_" + role, data, gi)
     steps = _Steps(sizes, reverse)
-    h = h.to(gi.dtype)  # one working dtype (an autocast GEMM's) for the recurrence node
+    # one working dtype for the recurrence node, at least float32 (the state is carried through
+    # every step: bfloat16 rounding of h, c and their gradients compounds over time); the
+    # outputs return in gi's (the module's, or an autocast GEMM's)
+    acc = compute_dtype(gi)
+    h = h.to(acc)
     if isinstance(m, nn.GRU):
         rows = gi.shape[0]
         if b_hh is not None and b_hh.requires_grad:
-            bh = b_hh.to(gi.dtype).expand(rows, b_hh.shape[0])
+            bh = b_hh.to(acc).expand(rows, b_hh.shape[0])
         else:  # a zero (or frozen-bias) input that carries the hh block's gradient rows
-            bh = gi.new_zeros(rows, w_hh.shape[0], requires_grad=True)
-            bh = bh if b_hh is None else bh + b_hh.to(gi.dtype)
-        y, h_n, h_prev = _GRURecurrence.apply(steps, gi, bh, w_hh.to(gi.dtype), h)
+            bh = gi.new_zeros(rows, w_hh.shape[0], dtype=acc, requires_grad=True)
+            bh = bh if b_hh is None else bh + b_hh.to(acc)
+        y, h_n, h_prev = _GRURecurrence.apply(steps, gi.to(acc), bh, w_hh.to(acc), h)
         report("hh_" + role, h_prev, bh)
-        return y, h_n, None
-    pre = gi if b_hh is None else gi + b_hh.to(gi.dtype)
+        return y.to(gi.dtype), h_n.to(gi.dtype), None
+    pre = gi.to(acc) if b_hh is None else gi.to(acc) + b_hh.to(acc)
     if not pre.requires_grad:  # a frozen W_ih and input: the hh rows still need dL/dgh
         pre = pre.detach().requires_grad_(w_hh.requires_grad)
     if c is None:  # nn.RNN
-        y, h_n, h_prev = _RNNRecurrence.apply(steps, pre, w_hh.to(pre.dtype), h,
-                                              m.nonlinearity)
+        y, h_n, h_prev = _RNNRecurrence.apply(steps, pre, w_hh.to(acc), h, m.nonlinearity)
         report("hh_" + role, h_prev, pre)
-        return y, h_n, None
+        return y.to(gi.dtype), h_n.to(gi.dtype), None
     w_hr = getattr(m, "weight_hr_" + role) if m.proj_size > 0 else None
-    tap = None if w_hr is None else gi.new_zeros(gi.shape[0], w_hr.shape[0], requires_grad=True)
+    tap = None if w_hr is None else gi.new_zeros(gi.shape[0], w_hr.shape[0], dtype=acc,
+                                                requires_grad=True)
     y, h_n, c_n, h_prev, inner = _LSTMRecurrence.apply(
-        steps, pre, w_hh.to(pre.dtype), h, c.to(pre.dtype),
-        None if w_hr is None else w_hr.to(pre.dtype), tap)
+        steps, pre, w_hh.to(acc), h, c.to(acc), None if w_hr is None else w_hr.to(acc), tap)
     report("hh_" + role, h_prev, pre)
     if w_hr is not None:  # h_t = W_hr (o_t tanh(c_t)); tap's gradient is every dL/dh_t
         report("hr_" + role, inner, tap)
-    return y, h_n, c_n
+    return y.to(gi.dtype), h_n.to(gi.dtype), c_n.to(gi.dtype)
 
 
 class _Steps:

@@ -16,15 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from grng.curvature.factors import Rows
+from grng.curvature.factors import Rows, compute_dtype
 from grng.curvature.blocks import Block
 from grng.curvature.state import StateView
 from grng.distributed.communicator import Communicator
-
-
-def compute_dtype(p: Tensor) -> torch.dtype:
-    """Curvature arithmetic runs in the parameter's dtype, but at least float32."""
-    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
 
 
 @dataclass(frozen=True)
